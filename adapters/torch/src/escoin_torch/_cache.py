@@ -1,0 +1,88 @@
+"""Caches keyed by tensor contents' identity, for objects that are expensive to derive from tensors.
+
+A custom op only receives tensors, yet escoin needs a built ``SparseFilter`` (host CSR, device
+copy, stretched offsets). Rebuilding it on every call would cost a host round trip, so derived
+objects are cached by *which memory holds the tensor and how often it was written*:
+storage identity, view geometry and the autograd version counter (bumped by every in-place op).
+
+Keys never keep tensors alive: a ``StorageWeakRef`` tells when the storage died, so a new tensor
+that happens to reuse a freed address (common with the CUDA caching allocator) is never mistaken
+for the old one.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, Generic, Hashable, List, Sequence, Tuple, TypeVar
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+T = TypeVar("T")
+
+
+class TensorStamp:
+    """The identity and version of one tensor's contents, held without keeping the tensor alive.
+
+    Neither copyable nor picklable (see ``__reduce_ex__``); owners drop stamps when copied.
+    """
+
+    __slots__ = ("_ref", "key")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._ref = StorageWeakRef(tensor.untyped_storage())
+        self.key = _contents_key(tensor, self._ref.cdata)
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        """True while ``tensor`` is the same memory, unmodified since the stamp was taken."""
+        if self._ref.expired():
+            return False
+        return self.key == _contents_key(tensor, tensor.untyped_storage()._cdata)
+
+    @property
+    def expired(self) -> bool:
+        return self._ref.expired()
+
+    def __reduce_ex__(self, protocol: object) -> None:
+        # copy and pickle both come here; a copied weak reference would be released twice.
+        raise TypeError("TensorStamp cannot be copied or pickled; take a new one instead")
+
+
+class TensorCache(Generic[T]):
+    """A thread-safe map from (tensors, extra hashable data) to a derived value.
+
+    Entries whose tensors died are purged whenever a new entry is inserted, so the cache does not
+    grow with the number of tensors that ever passed through, only with the number alive.
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[Hashable, Tuple[List[TensorStamp], T]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable,
+            build: Callable[[], T]) -> T:
+        """The cached value for these tensors' current contents, built with ``build()`` if absent
+        or stale."""
+        key = (tuple(_contents_key(t, t.untyped_storage()._cdata) for t in tensors), extra)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and not any(stamp.expired for stamp in entry[0]):
+                return entry[1]
+        value = build()  # outside the lock: building may launch device work or take long
+        stamps = [TensorStamp(t) for t in tensors]
+        with self._lock:
+            for stale in [k for k, (s, _) in self._entries.items() if any(x.expired for x in s)]:
+                del self._entries[stale]
+            self._entries[key] = (stamps, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _contents_key(tensor: torch.Tensor, storage_id: int) -> Hashable:
+    return (storage_id, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device, tensor._version)

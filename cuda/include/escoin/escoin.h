@@ -1,0 +1,157 @@
+/*
+ * escoin.h -- the C contract of the escoin core: direct sparse convolution from CSR weights.
+ *
+ * This header is the only door into the core. Everything behind it is framework-agnostic C++/CUDA.
+ *
+ * Conventions
+ * -----------
+ * - Every entry returns an escoin_status_t. On failure, escoin_last_error() returns a thread-local,
+ *   human-readable text naming the offending argument. No C++ exception ever crosses this boundary.
+ * - Tensors are dense, C-contiguous, NCHW. Sizes and element counts are int64_t.
+ * - Weights are a CSR matrix with one row per output channel (M rows) and, per row, column indices
+ *   into the (in_channel_within_group, kh, kw) window of that channel's group:
+ *       col = (c_local * kernel_h + r) * kernel_w + s,   0 <= col < (C / groups) * kernel_h * kernel_w.
+ *   Output channel m belongs to group m / (M / groups), so the CSR is the per-group CSRs stacked.
+ *   row_ptr is int64_t (M + 1 entries), col_idx is int32_t.
+ * - Before a forward call, columns are "stretched" (escoin_stretch_offsets) into int32 offsets into
+ *   the padded, stride-phase-split copy of one image's group of channels (see escoin_layout_t). The
+ *   offsets depend on the geometry only (not on the batch or the values); callers compute them once
+ *   per geometry and cache them.
+ * - Compute entries never allocate and never synchronise: the caller passes a workspace of at least
+ *   escoin_workspace_size() bytes (and, on CUDA, a stream). That keeps the CUDA entry legal inside
+ *   CUDA graph capture. The CUDA entry switches to the given device and restores the caller's.
+ * - Semantics are exactly torch.nn.functional.conv2d (cross-correlation) with stride, zero padding,
+ *   dilation and groups, plus an optional bias and a fused ReLU.
+ */
+#ifndef ESCOIN_ESCOIN_H
+#define ESCOIN_ESCOIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  ESCOIN_SUCCESS = 0,
+  ESCOIN_ERROR_INVALID_ARGUMENT = 1, /* a bad shape, pointer, size or index; the text names it */
+  ESCOIN_ERROR_CUDA = 2,             /* the CUDA runtime reported an error; the text carries it */
+  ESCOIN_ERROR_NOT_COMPILED = 3,     /* the entry needs CUDA and this build has none */
+  ESCOIN_ERROR_INTERNAL = 4          /* an unexpected failure (e.g. out of host memory) */
+} escoin_status_t;
+
+typedef enum { ESCOIN_FLOAT32 = 0, ESCOIN_FLOAT64 = 1 } escoin_dtype_t;
+
+/* Geometry of one convolution: input (batch, in_channels, in_height, in_width), weight
+ * (out_channels, in_channels / groups, kernel_h, kernel_w). Zero padding per side, so that
+ * padding="same" with an even dilated kernel (one more row/column at the end, as PyTorch does)
+ * is expressible. */
+typedef struct {
+  int64_t batch, in_channels, in_height, in_width;
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right;
+  int64_t dilation_h, dilation_w;
+  int64_t groups;
+} escoin_conv_desc_t;
+
+/* The stretched input layout derived from a geometry. For one image and one group, the workspace
+ * holds, per input channel of the group, stride_h * stride_w "phase planes" of plane_h x plane_w
+ * elements: phase (a, b) row i column j holds padded_input[i * stride_h + a][j * stride_w + b]
+ * (zero outside the real input). Output (oh, ow) then reads tap (r, s) at
+ *     image_group_base + offset(c, r, s) + oh * plane_w + ow,
+ * a unit-stride access for every stride and dilation. Kernels walk q = oh * plane_w + ow in
+ * tiles and may read up to 128 + plane_w elements past the last image, so the workspace ends
+ * with that much zeroed slack. */
+typedef struct {
+  int64_t out_height, out_width;
+  int64_t plane_h, plane_w;
+  int64_t channel_stride; /* elements per input channel: stride_h * stride_w * plane_h * plane_w */
+  int64_t image_stride;   /* elements per image: in_channels * channel_stride */
+} escoin_layout_t;
+
+/* Thread-local text of the last failure in this thread ("" if none). Valid until the next call. */
+const char* escoin_last_error(void);
+
+/* Version string, e.g. "0.1.0". */
+const char* escoin_version(void);
+
+/* 1 if CUDA kernels were compiled into this build, else 0; the architectures, e.g. "80-real,86-real,89-real,90". */
+int escoin_cuda_compiled(void);
+const char* escoin_cuda_architectures(void);
+/* 1 if the CPU kernels were built with OpenMP; the number of threads they would use. */
+int escoin_openmp_enabled(void);
+int escoin_openmp_max_threads(void);
+
+/* Validates the geometry (positive sizes, divisibility by groups, output at least 1x1, the
+ * stretched layout addressable with 32-bit offsets) and fills the layout. */
+escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc, escoin_layout_t* layout);
+
+/* Workspace bytes a forward call needs for this geometry and dtype (the stretched input). */
+escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                      size_t* bytes);
+
+/* ---- CSR construction (host memory) ---- */
+
+/* Counts entries with |w| > threshold in a dense rows x cols matrix (row-major). */
+escoin_status_t escoin_csr_count(const void* dense, escoin_dtype_t dtype, int64_t rows,
+                                 int64_t cols, double threshold, int64_t* nnz);
+
+/* Compresses a dense rows x cols matrix: keeps |w| > threshold. row_ptr has rows + 1 entries,
+ * col_idx and values have room for the count escoin_csr_count returned with the same threshold. */
+escoin_status_t escoin_csr_compress(const void* dense, escoin_dtype_t dtype, int64_t rows,
+                                    int64_t cols, double threshold, int64_t* row_ptr,
+                                    int32_t* col_idx, void* values);
+
+/* Checks a CSR matrix: row_ptr[0] == 0, non-decreasing, row_ptr[rows] == nnz, and every column in
+ * [0, cols). Columns need not be sorted. */
+escoin_status_t escoin_csr_validate(int64_t rows, int64_t cols, const int64_t* row_ptr,
+                                    const int32_t* col_idx, int64_t nnz);
+
+/* Stretches nnz column indices (validated against the geometry's window) into offsets for the
+ * layout of escoin_conv_layout. Only the geometry's channel/kernel/stride/padding/dilation/input
+ * size matter; batch and out_channels are ignored beyond validation. */
+escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int32_t* col_idx,
+                                       int64_t nnz, int32_t* offsets);
+
+/* ---- Forward convolution ----
+ * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; relu: nonzero applies max(0, .)
+ * after the bias. row_ptr/offsets/values: the CSR with stretched offsets for this geometry.
+ * The CPU entry runs on host memory with OpenMP; it checks row_ptr and offsets before use. */
+escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                          const void* x, const int64_t* row_ptr,
+                                          const int32_t* offsets, const void* values,
+                                          const void* bias, int relu, void* y, void* workspace,
+                                          size_t workspace_bytes);
+
+/* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
+ * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays are trusted
+ * (they live on the device; build them with the functions above). Launch errors are reported;
+ * errors of the asynchronous execution surface at the caller's next synchronisation. */
+escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                           const void* x, const int64_t* row_ptr,
+                                           const int32_t* offsets, const void* values,
+                                           const void* bias, int relu, void* y, void* workspace,
+                                           size_t workspace_bytes, int device, void* stream);
+
+/* ---- CUDA memory helpers (not compute entries: these may allocate and synchronise) ---- */
+
+/* Number of usable CUDA devices (0 when CUDA is not compiled in or no driver/device). */
+int escoin_cuda_device_count(void);
+escoin_status_t escoin_cuda_malloc(int device, size_t bytes, void** ptr);
+escoin_status_t escoin_cuda_free(int device, void* ptr);
+/* Stream-ordered allocation (legal inside graph capture). */
+escoin_status_t escoin_cuda_malloc_async(int device, size_t bytes, void* stream, void** ptr);
+escoin_status_t escoin_cuda_free_async(int device, void* ptr, void* stream);
+/* Synchronous copies: kind 0 host->device, 1 device->host, 2 device->device. */
+escoin_status_t escoin_cuda_memcpy(int device, void* dst, const void* src, size_t bytes, int kind);
+escoin_status_t escoin_cuda_stream_synchronize(int device, void* stream);
+/* The device a pointer lives on (error if it is not device memory). */
+escoin_status_t escoin_cuda_pointer_device(const void* ptr, int* device);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ESCOIN_ESCOIN_H */

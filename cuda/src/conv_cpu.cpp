@@ -1,0 +1,87 @@
+// conv_cpu.cpp -- the CPU forward entry: validate, stretch the input, run the best kernel variant.
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels.hpp"
+#include "error.hpp"
+#include "forward_checks.hpp"
+#include "stretch.hpp"
+
+namespace escoin {
+namespace {
+
+template <typename T>
+void stretch_input(const Geometry& g, const T* x, T* ws) {
+  const StretchRows rows = stretch_rows(g);
+  const int64_t plane_w = g.layout.plane_w, stride_w = g.d.stride_w, width = g.d.in_width;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows.rows; ++r) {
+    const StretchRow row = rows.row(r);
+    T* dst = ws + r * plane_w;
+    for (int64_t j = 0; j < plane_w; ++j) {
+      const int64_t iw = row.first_column + j * stride_w;
+      dst[j] = (row.source >= 0 && iw >= 0 && iw < width) ? x[row.source + iw] : T(0);
+    }
+  }
+  std::memset(ws + rows.rows * plane_w, 0, g.tail_slack * sizeof(T));
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(ESCOIN_HAVE_X86_VARIANTS)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(ESCOIN_HAVE_X86_VARIANTS)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void run_kernel(const CpuConvArgs<T>& args) {
+#if defined(ESCOIN_HAVE_X86_VARIANTS)
+  static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2();
+  if (avx512) return avx512::sparse_conv(args);
+  if (avx2) return avx2::sparse_conv(args);
+#endif
+  portable::sparse_conv(args);
+}
+
+template <typename T>
+void forward(const Geometry& g, const T* x, const int64_t* row_ptr, const int32_t* offsets,
+             const T* values, const T* bias, bool relu, T* y, T* ws) {
+  stretch_input(g, x, ws);
+  run_kernel(CpuConvArgs<T>{&g, ws, row_ptr, offsets, values, bias, relu, y});
+}
+
+}  // namespace
+}  // namespace escoin
+
+extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc,
+                                                     escoin_dtype_t dtype, const void* x,
+                                                     const int64_t* row_ptr,
+                                                     const int32_t* offsets, const void* values,
+                                                     const void* bias, int relu, void* y,
+                                                     void* workspace, size_t workspace_bytes) {
+  return escoin::guarded([&] {
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    escoin::check_forward_operands(g, dtype, x, row_ptr, offsets, values, y, workspace,
+                                   workspace_bytes);
+    if (g.d.batch == 0) return;
+    // Host arrays can be checked cheaply, so the CPU path never trusts them.
+    escoin::check_csr_for_geometry(g, row_ptr, offsets);
+    if (dtype == ESCOIN_FLOAT32)
+      escoin::forward(g, static_cast<const float*>(x), row_ptr, offsets,
+                      static_cast<const float*>(values), static_cast<const float*>(bias),
+                      relu != 0, static_cast<float*>(y), static_cast<float*>(workspace));
+    else
+      escoin::forward(g, static_cast<const double*>(x), row_ptr, offsets,
+                      static_cast<const double*>(values), static_cast<const double*>(bias),
+                      relu != 0, static_cast<double*>(y), static_cast<double*>(workspace));
+  });
+}

@@ -1,0 +1,178 @@
+// conv_cuda.cu -- the CUDA forward entry: stretch the input into the workspace, then run the
+// direct sparse convolution kernel on the caller's stream. Nothing here allocates or synchronises.
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda_check.cuh"
+#include "error.hpp"
+#include "forward_checks.hpp"
+#include "stretch.hpp"
+
+namespace escoin {
+namespace {
+
+// ---- stretch: x (N, C, H, W) -> the padded, stride-phase-split rows of the workspace ----
+
+// threadIdx.x walks a row's columns, threadIdx.y and the grid walk rows, so the row arithmetic
+// (divisions) is done once per row rather than once per element.
+__global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ ws,
+                               StretchRows rows, int64_t plane_w, int64_t stride_w,
+                               int64_t in_width) {
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows.rows;
+       r += int64_t(gridDim.x) * blockDim.y) {
+    const StretchRow row = rows.row(r);
+    float* dst = ws + r * plane_w;
+    for (int64_t j = threadIdx.x; j < plane_w; j += blockDim.x) {
+      const int64_t iw = row.first_column + j * stride_w;
+      dst[j] = (row.source >= 0 && iw >= 0 && iw < in_width) ? __ldg(x + row.source + iw) : 0.f;
+    }
+  }
+}
+
+__global__ void zero_kernel(float* __restrict__ p, int64_t count) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = 0.f;
+}
+
+// ---- the direct sparse convolution ----
+
+constexpr int kThreads = 128;       // output positions per block (consecutive q: coalesced reads)
+constexpr int kChannelsPerBlock = 8;
+constexpr int kStage = 512;         // CSR entries staged in shared memory at a time
+
+struct ConvParams {
+  int64_t batch, out_channels, group_out, groups, channel_blocks;
+  int64_t plane_q, plane_w, out_width, out_plane, image_stride, group_span;
+  int relu;
+};
+
+// Block (x: a run of kThreads positions q, y: a block of output channels of one group, z: a run
+// of IMAGES images). Each thread keeps IMAGES accumulators: one staged (value, offset) pair feeds
+// IMAGES FMAs, the feature-map batching of Escoin.
+template <int IMAGES>
+__global__ void __launch_bounds__(kThreads)
+sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row_ptr,
+                   const int32_t* __restrict__ offsets, const float* __restrict__ values,
+                   const float* __restrict__ bias, float* __restrict__ y, ConvParams p) {
+  __shared__ float stage_values[kStage];
+  __shared__ int32_t stage_offsets[kStage];
+  const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t oh = q / p.plane_w, ow = q % p.plane_w;
+  const bool writes = q < p.plane_q && ow < p.out_width;
+  const int64_t channel_items = p.groups * p.channel_blocks;
+  const int64_t image_items = (p.batch + IMAGES - 1) / IMAGES;
+
+  for (int64_t item = blockIdx.y; item < channel_items; item += gridDim.y) {
+    const int64_t group = item / p.channel_blocks;
+    const int64_t m_begin = group * p.group_out + (item % p.channel_blocks) * kChannelsPerBlock;
+    const int64_t m_end = min(m_begin + kChannelsPerBlock, (group + 1) * p.group_out);
+    for (int64_t image_item = blockIdx.z; image_item < image_items; image_item += gridDim.z) {
+      const int64_t n0 = image_item * IMAGES;
+      const float* in = ws + n0 * p.image_stride + group * p.group_span + q;
+      for (int64_t m = m_begin; m < m_end; ++m) {
+        float acc[IMAGES] = {};
+        const int64_t row_begin = row_ptr[m], row_end = row_ptr[m + 1];
+        for (int64_t chunk = row_begin; chunk < row_end; chunk += kStage) {
+          const int count = int(row_end - chunk < kStage ? row_end - chunk : kStage);
+          __syncthreads();  // the previous chunk is consumed
+          for (int i = threadIdx.x; i < count; i += kThreads) {
+            stage_values[i] = values[chunk + i];
+            stage_offsets[i] = offsets[chunk + i];
+          }
+          __syncthreads();
+          if (q < p.plane_q) {
+            for (int i = 0; i < count; ++i) {
+              const float v = stage_values[i];
+              const float* src = in + stage_offsets[i];
+#pragma unroll
+              for (int b = 0; b < IMAGES; ++b)
+                if (n0 + b < p.batch) acc[b] = fmaf(v, __ldg(src + b * p.image_stride), acc[b]);
+            }
+          }
+        }
+        if (writes) {
+          const float b0 = bias ? bias[m] : 0.f;
+#pragma unroll
+          for (int b = 0; b < IMAGES; ++b) {
+            if (n0 + b >= p.batch) continue;
+            const float r = acc[b] + b0;
+            y[((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow] =
+                (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+          }
+        }
+      }
+    }
+  }
+}
+
+unsigned grid_limit(int64_t wanted, int64_t limit) {
+  return unsigned(std::max<int64_t>(1, std::min(wanted, limit)));
+}
+
+void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
+  const StretchRows rows = stretch_rows(g);
+  int columns = 32;
+  while (columns < g.layout.plane_w && columns < 256) columns *= 2;
+  const dim3 block(columns, 256 / columns);
+  const unsigned grid = grid_limit((rows.rows + block.y - 1) / block.y, 1 << 20);
+  stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.layout.plane_w, g.d.stride_w,
+                                             g.d.in_width);
+  check_launch("stretch_kernel");
+  zero_kernel<<<1, 256, 0, stream>>>(ws + rows.rows * g.layout.plane_w, g.tail_slack);
+  check_launch("zero_kernel");
+}
+
+template <int IMAGES>
+void launch_conv(const Geometry& g, const float* ws, const int64_t* row_ptr,
+                 const int32_t* offsets, const float* values, const float* bias, bool relu,
+                 float* y, cudaStream_t stream) {
+  ConvParams p;
+  p.batch = g.d.batch;
+  p.out_channels = g.d.out_channels;
+  p.group_out = g.group_out;
+  p.groups = g.d.groups;
+  p.channel_blocks = (g.group_out + kChannelsPerBlock - 1) / kChannelsPerBlock;
+  p.plane_w = g.layout.plane_w;
+  p.plane_q = g.layout.out_height * g.layout.plane_w;
+  p.out_width = g.layout.out_width;
+  p.out_plane = g.out_plane;
+  p.image_stride = g.layout.image_stride;
+  p.group_span = g.group_span;
+  p.relu = relu ? 1 : 0;
+  const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
+  if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
+  const dim3 grid(unsigned(position_blocks), grid_limit(p.groups * p.channel_blocks, 65535),
+                  grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
+  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(ws, row_ptr, offsets, values, bias,
+                                                            y, p);
+  check_launch("sparse_conv_kernel");
+}
+
+}  // namespace
+}  // namespace escoin
+
+extern "C" escoin_status_t escoin_conv2d_forward_cuda(
+    const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x, const int64_t* row_ptr,
+    const int32_t* offsets, const void* values, const void* bias, int relu, void* y,
+    void* workspace, size_t workspace_bytes, int device, void* stream) {
+  return escoin::guarded([&] {
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    if (dtype != ESCOIN_FLOAT32)
+      escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 on CUDA, got ", static_cast<int>(dtype));
+    escoin::check_forward_operands(g, dtype, x, row_ptr, offsets, values, y, workspace,
+                                   workspace_bytes);
+    if (g.d.batch == 0) return;
+    escoin::DeviceScope scope(device);
+    auto s = static_cast<cudaStream_t>(stream);
+    auto ws = static_cast<float*>(workspace);
+    escoin::launch_stretch(g, static_cast<const float*>(x), ws, s);
+    const auto* v = static_cast<const float*>(values);
+    const auto* b = static_cast<const float*>(bias);
+    auto* out = static_cast<float*>(y);
+    if (g.d.batch >= 4)
+      escoin::launch_conv<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+    else
+      escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+  });
+}

@@ -1,0 +1,103 @@
+// cpu_kernels.cpp -- the CPU direct sparse convolution (compiled once per ISA; see the header).
+//
+// The output plane of one (image, output channel) is walked in the stretched coordinates
+// q = oh * plane_w + ow, where every tap (c, r, s) of the filter reads the stretched input at
+// offset(c, r, s) + q: a unit-stride run for every stride and dilation. A tile of TILE
+// consecutive q stays in vector registers while the loop runs over the channel's nonzeros:
+//     acc[0..TILE) += value[j] * stretched[offset[j] + q0 .. + TILE)
+// one load per FMA, no stores inside the loop. Columns q with ow >= out_width are computed and
+// dropped (a (kernel_w - 1) / out_width share of the work).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels.hpp"
+
+#ifndef ESCOIN_CPU_ISA
+#error "ESCOIN_CPU_ISA must name the variant being compiled"
+#endif
+#ifndef ESCOIN_VECTOR_BYTES
+#error "ESCOIN_VECTOR_BYTES must give the variant's vector register width"
+#endif
+
+namespace escoin {
+namespace ESCOIN_CPU_ISA {
+namespace {
+
+// Output channels handled per work item: enough to amortise the tile's index bookkeeping while
+// the item's input rows stay in cache, few enough to give two cores work at batch 1.
+constexpr int64_t kChannelsPerItem = 16;
+
+// Where each lane of a tile lands in the output plane, or -1 for a dropped column.
+template <int TILE>
+void tile_destinations(const Geometry& g, int64_t q0, int64_t dest[TILE]) {
+  const int64_t plane_w = g.layout.plane_w;
+  for (int t = 0; t < TILE; ++t) {
+    const int64_t q = q0 + t, oh = q / plane_w, ow = q % plane_w;
+    dest[t] = (oh < g.layout.out_height && ow < g.layout.out_width)
+                  ? oh * g.layout.out_width + ow : -1;
+  }
+}
+
+template <typename T, int TILE>
+void run_tiles(const CpuConvArgs<T>& a) {
+  const Geometry& g = *a.geometry;
+  const int64_t groups = g.d.groups, out_channels = g.d.out_channels;
+  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  const int64_t tiles = (plane_q + TILE - 1) / TILE;
+  const int64_t channel_blocks = (g.group_out + kChannelsPerItem - 1) / kChannelsPerItem;
+  // Items ordered (image, group, tile, channel block): neighbours share input rows in cache.
+  const int64_t items = g.d.batch * groups * tiles * channel_blocks;
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t block = item % channel_blocks;
+    const int64_t tile = (item / channel_blocks) % tiles;
+    const int64_t group = (item / (channel_blocks * tiles)) % groups;
+    const int64_t n = item / (channel_blocks * tiles * groups);
+    const int64_t q0 = tile * TILE;
+    int64_t dest[TILE];
+    tile_destinations<TILE>(g, q0, dest);
+    const T* in = a.stretched + n * g.layout.image_stride + group * g.group_span + q0;
+    const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
+    const int64_t m_end = std::min(m_begin + kChannelsPerItem, (group + 1) * g.group_out);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      alignas(64) T acc[TILE] = {};
+      for (int64_t j = a.row_ptr[m]; j < a.row_ptr[m + 1]; ++j) {
+        const T v = a.values[j];
+        const T* src = in + a.offsets[j];
+#pragma omp simd
+        for (int t = 0; t < TILE; ++t) acc[t] += v * src[t];
+      }
+      const T b = a.bias ? a.bias[m] : T(0);
+      T* out = a.y + (n * out_channels + m) * g.out_plane;
+      for (int t = 0; t < TILE; ++t) {
+        if (dest[t] < 0) continue;
+        const T r = acc[t] + b;
+        out[dest[t]] = (a.relu && r < T(0)) ? T(0) : r;  // NaN passes, as in torch
+      }
+    }
+  }
+}
+
+// Eight vector registers of accumulators keep both FMA pipes busy through the FMA latency; a
+// smaller tile serves small output planes, where a wide tile would mostly compute dropped lanes.
+template <typename T>
+void dispatch_tile(const CpuConvArgs<T>& a) {
+  constexpr int kWide = 8 * ESCOIN_VECTOR_BYTES / int(sizeof(T));
+  const int64_t plane_q = a.geometry->layout.out_height * a.geometry->layout.plane_w;
+  if (plane_q >= 2 * kWide)
+    run_tiles<T, kWide>(a);
+  else if (plane_q >= kWide / 2)
+    run_tiles<T, kWide / 2>(a);
+  else
+    run_tiles<T, kWide / 4>(a);
+}
+
+}  // namespace
+
+void sparse_conv(const CpuConvArgs<float>& args) { dispatch_tile(args); }
+void sparse_conv(const CpuConvArgs<double>& args) { dispatch_tile(args); }
+
+}  // namespace ESCOIN_CPU_ISA
+}  // namespace escoin

@@ -1,0 +1,21 @@
+// forward_checks.hpp -- operand checks shared by the CPU and CUDA forward entries.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "escoin/escoin.h"
+#include "geometry.hpp"
+
+namespace escoin {
+
+// Pointers present where the batch is non-empty, dtype known, workspace large enough.
+void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
+                            const int64_t* row_ptr, const int32_t* offsets, const void* values,
+                            const void* y, const void* workspace, size_t workspace_bytes);
+
+// Host-side CSR check against the geometry: row_ptr well formed and every stretched offset inside
+// the stretched group span, so no read can leave the workspace.
+void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets);
+
+}  // namespace escoin

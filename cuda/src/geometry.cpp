@@ -1,0 +1,150 @@
+// geometry.cpp -- descriptor validation, the stretched layout, workspace size, stretched offsets.
+#include "geometry.hpp"
+
+#include <limits>
+
+#include "error.hpp"
+
+namespace escoin {
+namespace {
+
+void require_at_least(int64_t value, int64_t minimum, const char* name) {
+  if (value < minimum) fail_invalid("desc.", name, " must be >= ", minimum, ", got ", value);
+}
+
+// Output extent of one axis, as torch.nn.functional.conv2d computes it.
+int64_t out_extent(int64_t in, int64_t padded, int64_t dilation, int64_t kernel, int64_t stride) {
+  const int64_t span = in + padded - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+}  // namespace
+
+size_t element_size(escoin_dtype_t dtype) {
+  switch (dtype) {
+    case ESCOIN_FLOAT32: return 4;
+    case ESCOIN_FLOAT64: return 8;
+  }
+  fail_invalid("dtype must be ESCOIN_FLOAT32 or ESCOIN_FLOAT64, got ", static_cast<int>(dtype));
+}
+
+Geometry make_geometry(const escoin_conv_desc_t* desc) {
+  require_pointer(desc, "desc");
+  const escoin_conv_desc_t& d = *desc;
+  require_at_least(d.batch, 0, "batch");
+  require_at_least(d.in_channels, 1, "in_channels");
+  require_at_least(d.in_height, 1, "in_height");
+  require_at_least(d.in_width, 1, "in_width");
+  require_at_least(d.out_channels, 1, "out_channels");
+  require_at_least(d.kernel_h, 1, "kernel_h");
+  require_at_least(d.kernel_w, 1, "kernel_w");
+  require_at_least(d.stride_h, 1, "stride_h");
+  require_at_least(d.stride_w, 1, "stride_w");
+  require_at_least(d.pad_top, 0, "pad_top");
+  require_at_least(d.pad_bottom, 0, "pad_bottom");
+  require_at_least(d.pad_left, 0, "pad_left");
+  require_at_least(d.pad_right, 0, "pad_right");
+  require_at_least(d.dilation_h, 1, "dilation_h");
+  require_at_least(d.dilation_w, 1, "dilation_w");
+  require_at_least(d.groups, 1, "groups");
+  if (d.in_channels % d.groups != 0)
+    fail_invalid("desc.in_channels (", d.in_channels, ") must be divisible by desc.groups (",
+                 d.groups, ")");
+  if (d.out_channels % d.groups != 0)
+    fail_invalid("desc.out_channels (", d.out_channels, ") must be divisible by desc.groups (",
+                 d.groups, ")");
+  // Generous caps keep every product below int64 overflow before the finer checks run.
+  const int64_t cap = int64_t(1) << 31;
+  const int64_t fields[] = {d.batch, d.in_channels, d.in_height, d.in_width, d.out_channels,
+                            d.kernel_h, d.kernel_w, d.stride_h, d.stride_w, d.pad_top, d.pad_bottom,
+                            d.pad_left, d.pad_right,
+                            d.dilation_h, d.dilation_w};
+  for (int64_t f : fields)
+    if (f >= cap) fail_invalid("desc field ", f, " exceeds the supported size 2^31 - 1");
+
+  Geometry g;
+  g.d = d;
+  escoin_layout_t& L = g.layout;
+  L.out_height = out_extent(d.in_height, d.pad_top + d.pad_bottom, d.dilation_h, d.kernel_h,
+                            d.stride_h);
+  L.out_width = out_extent(d.in_width, d.pad_left + d.pad_right, d.dilation_w, d.kernel_w,
+                           d.stride_w);
+  if (L.out_height < 1 || L.out_width < 1)
+    fail_invalid("the dilated kernel (", d.dilation_h * (d.kernel_h - 1) + 1, "x",
+                 d.dilation_w * (d.kernel_w - 1) + 1, ") is larger than the padded input (",
+                 d.in_height + d.pad_top + d.pad_bottom, "x",
+                 d.in_width + d.pad_left + d.pad_right, ")");
+  // Phase planes: output row oh reads plane row oh + (r * dilation_h) / stride_h, so a plane needs
+  // out_height + the largest tap shift rows; columns likewise.
+  L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
+  L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  L.channel_stride = d.stride_h * d.stride_w * L.plane_h * L.plane_w;
+  g.group_in = d.in_channels / d.groups;
+  g.group_out = d.out_channels / d.groups;
+  g.window = g.group_in * d.kernel_h * d.kernel_w;
+  g.out_plane = L.out_height * L.out_width;
+  if (L.channel_stride > std::numeric_limits<int32_t>::max() / g.group_in)
+    fail_invalid("one group of one image needs ", g.group_in, " x ", L.channel_stride,
+                 " stretched elements, over the 2^31 that 32-bit offsets address; split the"
+                 " input spatially or use more groups");
+  if (g.window > std::numeric_limits<int32_t>::max())
+    fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
+  g.group_span = g.group_in * L.channel_stride;
+  g.tail_slack = kMaxTile + L.plane_w;
+  L.image_stride = d.in_channels * L.channel_stride;
+  return g;
+}
+
+}  // namespace escoin
+
+using escoin::Geometry;
+
+extern "C" escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc,
+                                              escoin_layout_t* layout) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(layout, "layout");
+    *layout = escoin::make_geometry(desc).layout;
+  });
+}
+
+extern "C" escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc,
+                                                 escoin_dtype_t dtype, size_t* bytes) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(bytes, "bytes");
+    const Geometry g = escoin::make_geometry(desc);
+    const size_t elem = escoin::element_size(dtype);
+    const double total =
+        (double(g.d.batch) * double(g.layout.image_stride) + double(g.tail_slack)) * double(elem);
+    if (total > double(std::numeric_limits<int64_t>::max() / 2))
+      escoin::fail_invalid("the workspace would need ", total, " bytes");
+    *bytes = (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack)) * elem;
+  });
+}
+
+extern "C" escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc,
+                                                  const int32_t* col_idx, int64_t nnz,
+                                                  int32_t* offsets) {
+  return escoin::guarded([&] {
+    const Geometry g = escoin::make_geometry(desc);
+    if (nnz < 0) escoin::fail_invalid("nnz must be >= 0, got ", nnz);
+    if (nnz > 0) {
+      escoin::require_pointer(col_idx, "col_idx");
+      escoin::require_pointer(offsets, "offsets");
+    }
+    const escoin_conv_desc_t& d = g.d;
+    const int64_t taps = d.kernel_h * d.kernel_w;
+    const int64_t plane = g.layout.plane_h * g.layout.plane_w;
+    for (int64_t j = 0; j < nnz; ++j) {
+      const int64_t col = col_idx[j];
+      if (col < 0 || col >= g.window)
+        escoin::fail_invalid("col_idx[", j, "] = ", col, " is outside the filter window [0, ",
+                             g.window, ")");
+      const int64_t c = col / taps, r = (col % taps) / d.kernel_w, s = col % d.kernel_w;
+      const int64_t row_shift = r * d.dilation_h, col_shift = s * d.dilation_w;
+      const int64_t phase = (row_shift % d.stride_h) * d.stride_w + col_shift % d.stride_w;
+      offsets[j] = static_cast<int32_t>(c * g.layout.channel_stride + phase * plane +
+                                        (row_shift / d.stride_h) * g.layout.plane_w +
+                                        col_shift / d.stride_w);
+    }
+  });
+}

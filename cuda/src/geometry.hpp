@@ -1,0 +1,34 @@
+// geometry.hpp -- validated convolution geometry and the stretched input layout, shared by the
+// CPU and CUDA forward paths.
+#pragma once
+
+#include <cstdint>
+
+#include "escoin/escoin.h"
+
+namespace escoin {
+
+// Kernels walk the output plane flattened in the stretched coordinates (q = oh * plane_w + ow)
+// in tiles of up to kMaxTile elements. Dropped columns (ow >= out_width) of the last row, shifted
+// by a tap's column offset, and a tile's overrun read past the last group's data: the workspace
+// ends with Geometry::tail_slack zeroed elements so those reads stay inside it.
+constexpr int64_t kMaxTile = 128;
+
+// Everything a forward pass derives from a descriptor, validated once.
+struct Geometry {
+  escoin_conv_desc_t d;
+  escoin_layout_t layout;
+  int64_t group_in;     // input channels per group
+  int64_t group_out;    // output channels per group
+  int64_t window;       // CSR columns per row: group_in * kernel_h * kernel_w
+  int64_t group_span;   // stretched elements of one group of one image (< 2^31)
+  int64_t out_plane;    // out_height * out_width
+  int64_t tail_slack;   // zeroed elements after the batch's stretched input: kMaxTile + plane_w
+};
+
+// Validates desc (throws escoin::Error naming the bad field) and derives the layout.
+Geometry make_geometry(const escoin_conv_desc_t* desc);
+
+size_t element_size(escoin_dtype_t dtype);
+
+}  // namespace escoin

@@ -1,0 +1,27 @@
+"""escoin: direct sparse convolution for pruned CNNs, from CSR weights, on CPUs and NVIDIA GPUs.
+
+    import escoin
+    filt = escoin.SparseFilter.from_dense(pruned_weight)          # (M, C/groups, kh, kw)
+    y = escoin.conv2d(x, filt, bias, stride=1, padding="same")    # == F.conv2d semantics
+"""
+from escoin._errors import EscoinError
+from escoin.conv import conv2d, output_shape, sconv, stretch_offsets, workspace_size
+from escoin.cuda_arrays import DeviceArray
+from escoin.filter import SparseFilter
+from escoin.info import build_info, cuda_available, cuda_device_count
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "DeviceArray",
+    "EscoinError",
+    "SparseFilter",
+    "build_info",
+    "conv2d",
+    "cuda_available",
+    "cuda_device_count",
+    "output_shape",
+    "sconv",
+    "stretch_offsets",
+    "workspace_size",
+]

@@ -1,0 +1,211 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The C API of the escoin core, one Python function per entry.
+
+Pointers travel as Python ints (from NumPy's ``__array_interface__`` or a CUDA array's interface):
+the Python layer above checks shapes, dtypes and contiguity and keeps the arrays alive. Every
+call releases the GIL; a failed status raises :class:`escoin.EscoinError` with the core's text.
+"""
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+
+from escoin._errors import EscoinError
+
+DESC_FIELDS = ("batch", "in_channels", "in_height", "in_width", "out_channels", "kernel_h",
+               "kernel_w", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left",
+               "pad_right", "dilation_h", "dilation_w", "groups")
+
+
+cdef int check(escoin_status_t status) except -1:
+    if status != ESCOIN_SUCCESS:
+        raise EscoinError(escoin_last_error().decode("utf-8", "replace"))
+    return 0
+
+
+cdef escoin_conv_desc_t make_desc(tuple d) except *:
+    if len(d) != len(DESC_FIELDS):
+        raise EscoinError("a descriptor needs %d fields, got %d" % (len(DESC_FIELDS), len(d)))
+    cdef escoin_conv_desc_t desc
+    desc.batch, desc.in_channels, desc.in_height, desc.in_width = d[0], d[1], d[2], d[3]
+    desc.out_channels, desc.kernel_h, desc.kernel_w = d[4], d[5], d[6]
+    desc.stride_h, desc.stride_w = d[7], d[8]
+    desc.pad_top, desc.pad_bottom, desc.pad_left, desc.pad_right = d[9], d[10], d[11], d[12]
+    desc.dilation_h, desc.dilation_w, desc.groups = d[13], d[14], d[15]
+    return desc
+
+
+cdef inline void* ptr(object address):
+    return <void*><uintptr_t>address
+
+
+cdef escoin_dtype_t dtype_code(str name) except *:
+    if name == "float32":
+        return ESCOIN_FLOAT32
+    if name == "float64":
+        return ESCOIN_FLOAT64
+    raise EscoinError("dtype must be float32 or float64, got %s" % name)
+
+
+def version() -> str:
+    return escoin_version().decode()
+
+
+def cuda_compiled() -> bool:
+    return escoin_cuda_compiled() != 0
+
+
+def cuda_architectures() -> str:
+    return escoin_cuda_architectures().decode()
+
+
+def openmp_enabled() -> bool:
+    return escoin_openmp_enabled() != 0
+
+
+def openmp_max_threads() -> int:
+    return escoin_openmp_max_threads()
+
+
+def cuda_device_count() -> int:
+    return escoin_cuda_device_count()
+
+
+def conv_layout(tuple desc) -> dict:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef escoin_layout_t layout
+    check(escoin_conv_layout(&d, &layout))
+    return dict(out_height=layout.out_height, out_width=layout.out_width,
+                plane_h=layout.plane_h, plane_w=layout.plane_w,
+                channel_stride=layout.channel_stride, image_stride=layout.image_stride)
+
+
+def workspace_size(tuple desc, str dtype) -> int:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef size_t nbytes = 0
+    check(escoin_workspace_size(&d, dtype_code(dtype), &nbytes))
+    return nbytes
+
+
+def csr_count(object dense, str dtype, int64_t rows, int64_t cols, double threshold) -> int:
+    cdef int64_t nnz = 0
+    cdef void* p = ptr(dense)
+    cdef escoin_dtype_t code = dtype_code(dtype)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_csr_count(p, code, rows, cols, threshold, &nnz)
+    check(status)
+    return nnz
+
+
+def csr_compress(object dense, str dtype, int64_t rows, int64_t cols, double threshold,
+                 object row_ptr, object col_idx, object values) -> None:
+    cdef void* p = ptr(dense)
+    cdef int64_t* rp = <int64_t*>ptr(row_ptr)
+    cdef int32_t* ci = <int32_t*>ptr(col_idx)
+    cdef void* v = ptr(values)
+    cdef escoin_dtype_t code = dtype_code(dtype)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_csr_compress(p, code, rows, cols, threshold, rp, ci, v)
+    check(status)
+
+
+def csr_validate(int64_t rows, int64_t cols, object row_ptr, object col_idx, int64_t nnz) -> None:
+    cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* ci = <const int32_t*>ptr(col_idx)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_csr_validate(rows, cols, rp, ci, nnz)
+    check(status)
+
+
+def stretch_offsets(tuple desc, object col_idx, int64_t nnz, object offsets) -> None:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef const int32_t* ci = <const int32_t*>ptr(col_idx)
+    cdef int32_t* out = <int32_t*>ptr(offsets)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_stretch_offsets(&d, ci, nnz, out)
+    check(status)
+
+
+def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
+                object bias, bint relu, object y, object workspace,
+                size_t workspace_bytes) -> None:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef escoin_dtype_t code = dtype_code(dtype)
+    cdef const void* px = ptr(x)
+    cdef const int64_t* prp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* poff = <const int32_t*>ptr(offsets)
+    cdef const void* pv = ptr(values)
+    cdef const void* pb = ptr(bias)
+    cdef void* py = ptr(y)
+    cdef void* pws = ptr(workspace)
+    cdef int r = relu
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_conv2d_forward_cpu(&d, code, px, prp, poff, pv, pb, r, py, pws,
+                                           workspace_bytes)
+    check(status)
+
+
+def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
+                 object bias, bint relu, object y, object workspace, size_t workspace_bytes,
+                 int device, object stream) -> None:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef escoin_dtype_t code = dtype_code(dtype)
+    cdef const void* px = ptr(x)
+    cdef const int64_t* prp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* poff = <const int32_t*>ptr(offsets)
+    cdef const void* pv = ptr(values)
+    cdef const void* pb = ptr(bias)
+    cdef void* py = ptr(y)
+    cdef void* pws = ptr(workspace)
+    cdef void* ps = ptr(stream)
+    cdef int r = relu
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pb, r, py, pws,
+                                            workspace_bytes, device, ps)
+    check(status)
+
+
+def cuda_malloc(int device, size_t nbytes) -> int:
+    cdef void* p = NULL
+    check(escoin_cuda_malloc(device, nbytes, &p))
+    return <uintptr_t>p
+
+
+def cuda_free(int device, object address) -> None:
+    check(escoin_cuda_free(device, ptr(address)))
+
+
+def cuda_malloc_async(int device, size_t nbytes, object stream) -> int:
+    cdef void* p = NULL
+    check(escoin_cuda_malloc_async(device, nbytes, ptr(stream), &p))
+    return <uintptr_t>p
+
+
+def cuda_free_async(int device, object address, object stream) -> None:
+    check(escoin_cuda_free_async(device, ptr(address), ptr(stream)))
+
+
+def cuda_memcpy(int device, object dst, object src, size_t nbytes, int kind) -> None:
+    cdef void* pd = ptr(dst)
+    cdef const void* ps = ptr(src)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_cuda_memcpy(device, pd, ps, nbytes, kind)
+    check(status)
+
+
+def cuda_stream_synchronize(int device, object stream) -> None:
+    cdef void* ps = ptr(stream)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_cuda_stream_synchronize(device, ps)
+    check(status)
+
+
+def cuda_pointer_device(object address) -> int:
+    cdef int device = -1
+    check(escoin_cuda_pointer_device(ptr(address), &device))
+    return device

@@ -1,0 +1,218 @@
+"""conv2d and its helpers: torch.nn.functional.conv2d semantics, computed from a SparseFilter
+on the CPU (NumPy arrays) or on a GPU (CUDA arrays), plus the raw-pointer call sconv."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from escoin import _core
+from escoin._errors import EscoinError
+from escoin.cuda_arrays import (CudaView, DeviceArray, DeviceBuffer, cuda_view, is_cuda_array,
+                                stream_handle)
+from escoin.filter import SparseFilter
+from escoin.geometry import IntPair, Padding, descriptor
+
+_HOST_TO_DEVICE = 0
+
+
+def output_shape(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair = 1,
+                 padding: Padding = 0, dilation: IntPair = 1) -> Tuple[int, int, int, int]:
+    """(N, M, OH, OW) of conv2d for an NCHW input shape."""
+    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    layout = _core.conv_layout(desc)
+    return desc[0], desc[4], layout["out_height"], layout["out_width"]
+
+
+def workspace_size(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair = 1,
+                   padding: Padding = 0, dilation: IntPair = 1, dtype: object = np.float32) -> int:
+    """Bytes of workspace a conv2d with this geometry needs (the stretched input)."""
+    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    return _core.workspace_size(desc, np.dtype(dtype).name)
+
+
+def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntPair = 1,
+                    padding: Padding = 0, dilation: IntPair = 1) -> np.ndarray:
+    """The filter's columns stretched for this geometry (int32, one per nonzero), as sconv takes.
+
+    Cached on the filter: computing them again for the same geometry costs nothing.
+    """
+    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    return filt._store.offsets(desc)
+
+
+def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,
+           padding: Padding = 0, dilation: IntPair = 1, relu: bool = False,
+           out: Optional[object] = None, workspace: Optional[object] = None,
+           stream: Optional[object] = None) -> object:
+    """torch.nn.functional.conv2d(x, filt.to_dense(), bias, stride, padding, dilation,
+    filt.groups), optionally followed by ReLU, computed from the nonzeros only.
+
+    A NumPy x (float32 or float64) runs on the CPU and returns a NumPy array. A CUDA array x
+    (float32, C-contiguous) runs on its device on `stream` and returns `out` or an escoin
+    DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does.
+    """
+    if not isinstance(filt, SparseFilter):
+        raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+    if is_cuda_array(x):
+        return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
+                            stream_handle(stream))
+    if isinstance(x, np.ndarray):
+        return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out)
+    raise EscoinError(f"x must be a NumPy array or a CUDA array (__cuda_array_interface__ or "
+                      f"__dlpack__), got {type(x).__name__}")
+
+
+def _batched_shape(shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], bool]:
+    if len(shape) == 3:
+        return (1,) + tuple(shape), True
+    if len(shape) != 4:
+        raise EscoinError(f"x must have 3 (C, H, W) or 4 (N, C, H, W) dimensions, got shape "
+                          f"{tuple(shape)}")
+    return tuple(shape), False
+
+
+def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], stride: IntPair,
+                padding: Padding, dilation: IntPair, relu: bool,
+                out: Optional[object]) -> np.ndarray:
+    if x.dtype not in (np.float32, np.float64):
+        raise EscoinError(f"x must be float32 or float64, got {x.dtype}")
+    shape, unbatched = _batched_shape(x.shape)
+    desc = descriptor(shape, filt.shape, filt.groups, stride, padding, dilation)
+    layout = _core.conv_layout(desc)
+    y_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
+    result_shape = y_shape[1:] if unbatched else y_shape
+    if out is None:
+        y = np.empty(result_shape, x.dtype)
+    else:
+        y = out
+        if not isinstance(y, np.ndarray) or y.shape != result_shape or y.dtype != x.dtype:
+            raise EscoinError(f"out must be a NumPy array of shape {result_shape} and dtype "
+                              f"{x.dtype}, got {_describe(y)}")
+        if not y.flags.c_contiguous or not y.flags.writeable:
+            raise EscoinError("out must be C-contiguous and writeable")
+    # A strided NumPy input is copied once: the kernels read it as dense NCHW.
+    x_dense = np.ascontiguousarray(x)
+    values = filt._store.values_as(x.dtype)
+    offsets = filt._store.offsets(desc)
+    bias_array = _host_bias(bias, desc[4], x.dtype)
+    nbytes = _core.workspace_size(desc, x.dtype.name)
+    workspace = np.empty(nbytes, np.uint8)
+    _core.forward_cpu(desc, x.dtype.name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
+                      offsets.ctypes.data, values.ctypes.data,
+                      0 if bias_array is None else bias_array.ctypes.data, relu, y.ctypes.data,
+                      workspace.ctypes.data, nbytes)
+    return y
+
+
+def _host_bias(bias: Optional[object], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
+    if bias is None:
+        return None
+    if is_cuda_array(bias):
+        raise EscoinError("bias is a CUDA array but x is a NumPy array; put both on one device")
+    array = np.asarray(bias)
+    if array.shape != (channels,):
+        raise EscoinError(f"bias must have shape ({channels},), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise EscoinError(f"bias must be floating point, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype)
+
+
+def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: IntPair,
+                 padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
+                 workspace: Optional[object], stream: int) -> object:
+    xv = cuda_view(x, "x", stream)
+    if xv.dtype != np.float32:
+        raise EscoinError(f"x must be float32 on CUDA, got {xv.dtype}")
+    if not xv.contiguous:
+        raise EscoinError("x must be C-contiguous (NCHW); make it contiguous first")
+    device = xv.device
+    if filt._device is not None and filt._device != device:
+        raise EscoinError(f"the filter lives on {filt.device} but x is on cuda:{device}; use "
+                          f"filt.cuda({device}) or move x")
+    shape, unbatched = _batched_shape(xv.shape)
+    desc = descriptor(shape, filt.shape, filt.groups, stride, padding, dilation)
+    layout = _core.conv_layout(desc)
+    y_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
+    result_shape = y_shape[1:] if unbatched else y_shape
+    if out is None:
+        y = DeviceArray(result_shape, np.float32, device, stream)
+        y_ptr = y.ptr
+    else:
+        y = out
+        yv = cuda_view(out, "out", stream)
+        if yv.shape != result_shape or yv.dtype != np.float32 or not yv.contiguous:
+            raise EscoinError(f"out must be a C-contiguous float32 CUDA array of shape "
+                              f"{result_shape}, got shape {yv.shape} {yv.dtype}"
+                              f"{'' if yv.contiguous else ' (not contiguous)'}")
+        if yv.device != device:
+            raise EscoinError(f"out is on cuda:{yv.device} but x is on cuda:{device}")
+        y_ptr = yv.ptr
+    nbytes = _core.workspace_size(desc, "float32")
+    ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
+    row_ptr, values, offsets = filt._store.device_arrays(device, desc)
+    bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
+    _core.forward_cuda(desc, "float32", xv.ptr, row_ptr, offsets, values, bias_ptr, relu, y_ptr,
+                       ws_ptr, nbytes, device, stream)
+    del ws_owner, bias_owner  # stream-ordered frees: safe right after the launch
+    return y
+
+
+def _cuda_workspace(workspace: Optional[object], nbytes: int, device: int,
+                    stream: int) -> Tuple[int, object]:
+    if workspace is None:
+        buffer = DeviceBuffer(nbytes, device, stream)
+        return buffer.ptr, buffer
+    view = cuda_view(workspace, "workspace", stream)
+    size = int(np.prod(view.shape)) * view.dtype.itemsize if view.shape else view.dtype.itemsize
+    if size < nbytes or not view.contiguous or view.device != device:
+        raise EscoinError(f"workspace must be a contiguous CUDA array on cuda:{device} of at least "
+                          f"{nbytes} bytes, got {size} bytes on cuda:{view.device}")
+    return view.ptr, view
+
+
+def _cuda_bias(bias: Optional[object], channels: int, device: int,
+               stream: int) -> Tuple[int, object]:
+    if bias is None:
+        return 0, None
+    if is_cuda_array(bias):
+        view = cuda_view(bias, "bias", stream)
+        if view.shape != (channels,) or view.dtype != np.float32 or not view.contiguous:
+            raise EscoinError(f"bias must be a contiguous float32 array of shape ({channels},), "
+                              f"got {view.shape} {view.dtype}")
+        if view.device != device:
+            raise EscoinError(f"bias is on cuda:{view.device} but x is on cuda:{device}")
+        return view.ptr, view
+    host = _host_bias(bias, channels, np.dtype(np.float32))
+    buffer = DeviceBuffer(host.nbytes, device, stream)
+    _core.cuda_memcpy(device, buffer.ptr, host.ctypes.data, host.nbytes, _HOST_TO_DEVICE)
+    return buffer.ptr, buffer
+
+
+def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr: int,
+          bias_ptr: int, workspace_ptr: int, workspace_bytes: int, input_shape: Sequence[int],
+          weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
+          dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
+          device: Optional[int] = None) -> None:
+    """The low-level GPU call on raw device pointers (float32), for callers that own their memory.
+
+    row_ptr (int64, M+1), offsets (int32, from :func:`stretch_offsets` for this geometry) and
+    values (float32) must be device arrays on `device` (default: the device of x_ptr); bias_ptr
+    may be 0. The workspace needs :func:`workspace_size` bytes. Work is queued on `stream`.
+    """
+    desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
+    for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),
+                        ("offsets_ptr", offsets_ptr), ("values_ptr", values_ptr),
+                        ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise EscoinError(f"{name} must be a non-negative int device pointer, got {value!r}")
+    if device is None:
+        device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
+    _core.forward_cuda(desc, "float32", x_ptr, row_ptr_ptr, offsets_ptr, values_ptr, bias_ptr,
+                       relu, y_ptr, workspace_ptr, workspace_bytes, device, stream_handle(stream))
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, np.ndarray):
+        return f"shape {obj.shape} dtype {obj.dtype}"
+    return type(obj).__name__

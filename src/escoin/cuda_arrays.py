@@ -1,0 +1,197 @@
+"""CUDA memory without a framework: reading other libraries' device arrays (the CUDA array
+interface, DLPack), owning device memory, and the stream handles callers pass in."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from escoin import _core
+from escoin._errors import EscoinError
+
+
+@dataclass(frozen=True)
+class CudaView:
+    """A borrowed view of a device array: where it is and what it holds."""
+    ptr: int
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    device: int
+    contiguous: bool
+    owner: Any  # keeps the producer (and any DLPack capsule) alive while the view is used
+
+
+def is_cuda_array(obj: object) -> bool:
+    """True for objects that expose device memory through the CUDA array interface or DLPack."""
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    if hasattr(obj, "__dlpack_device__"):
+        try:
+            device_type, _ = obj.__dlpack_device__()
+        except Exception:  # a producer that cannot say is not a CUDA array to us
+            return False
+        return int(device_type) in (_DL_CUDA, _DL_CUDA_MANAGED)
+    return False
+
+
+def cuda_view(obj: object, name: str, stream: int = 0) -> CudaView:
+    """Reads obj's device pointer, shape and dtype; `name` is used in error messages."""
+    if hasattr(obj, "__cuda_array_interface__"):
+        return _from_cai(obj, name)
+    if hasattr(obj, "__dlpack__"):
+        return _from_dlpack(obj, name, stream)
+    raise EscoinError(f"{name} must be a CUDA array (__cuda_array_interface__ or __dlpack__)")
+
+
+def stream_handle(stream: object) -> int:
+    """A cudaStream_t as an int from None (legacy default stream), an int, or an object with
+    .cuda_stream (PyTorch) or .ptr (CuPy)."""
+    if stream is None:
+        return 0
+    for attribute in ("cuda_stream", "ptr"):
+        if hasattr(stream, attribute):
+            stream = getattr(stream, attribute)
+            break
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and stream >= 0:
+        return int(stream)
+    raise EscoinError(
+        f"stream must be None, a non-negative int handle, or an object with .cuda_stream or .ptr, "
+        f"got {stream!r}")
+
+
+class DeviceBuffer:
+    """Device memory owned by escoin: allocated stream-ordered on `stream` and freed on it."""
+
+    def __init__(self, nbytes: int, device: int, stream: int = 0) -> None:
+        self.nbytes = int(nbytes)
+        self.device = int(device)
+        self.stream = int(stream)
+        self.ptr = _core.cuda_malloc_async(self.device, self.nbytes, self.stream)
+
+    @classmethod
+    def from_host(cls, array: np.ndarray, device: int) -> "DeviceBuffer":
+        """A device copy of a host array (synchronous)."""
+        host = np.ascontiguousarray(array)
+        buffer = cls(host.nbytes, device)
+        _core.cuda_memcpy(device, buffer.ptr, host.ctypes.data, host.nbytes, _HOST_TO_DEVICE)
+        _core.cuda_stream_synchronize(device, 0)
+        return buffer
+
+    def __del__(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", 0), 0
+        if ptr:
+            try:
+                _core.cuda_free_async(self.device, ptr, self.stream)
+            except EscoinError:
+                pass  # the context is being torn down at exit; nothing left to free into
+
+
+class DeviceArray:
+    """An escoin-allocated device array (returned by conv2d when no `out` is given).
+
+    Any framework can adopt it without a copy through __cuda_array_interface__ (version 3), e.g.
+    torch.as_tensor(arr, device="cuda") or cupy.asarray(arr); numpy() copies it to the host.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], dtype: np.dtype, device: int, stream: int) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = np.dtype(dtype)
+        self.device = int(device)
+        self._stream = int(stream)
+        self._buffer = DeviceBuffer(int(np.prod(self.shape)) * self.dtype.itemsize, device, stream)
+
+    @property
+    def ptr(self) -> int:
+        return self._buffer.ptr
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False),
+                "version": 3, "strides": None,
+                "stream": self._stream or 1}  # 1 names the legacy default stream
+
+    def numpy(self) -> np.ndarray:
+        """A host copy; waits for the work queued on the array's stream."""
+        host = np.empty(self.shape, self.dtype)
+        _core.cuda_stream_synchronize(self.device, self._stream)
+        _core.cuda_memcpy(self.device, host.ctypes.data, self.ptr, host.nbytes, _DEVICE_TO_HOST)
+        return host
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device='cuda:{self.device}')"
+
+
+_HOST_TO_DEVICE, _DEVICE_TO_HOST = 0, 1
+_DL_CUDA, _DL_CUDA_MANAGED = 2, 13
+
+
+def _from_cai(obj: object, name: str) -> CudaView:
+    cai = obj.__cuda_array_interface__
+    shape = tuple(int(v) for v in cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    ptr = int(cai["data"][0])
+    strides = cai.get("strides")
+    contiguous = strides is None or _c_contiguous(shape, tuple(strides), dtype.itemsize)
+    device = _core.cuda_pointer_device(ptr) if ptr else 0
+    return CudaView(ptr, shape, dtype, device, contiguous, obj)
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+_get_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_get_capsule_pointer.restype = ctypes.c_void_p
+_get_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_DL_FLOAT = 2
+
+
+def _from_dlpack(obj: object, name: str, stream: int) -> CudaView:
+    # The legacy (unversioned) capsule: every producer still offers it. We only read the tensor
+    # and leave the capsule unconsumed, so its destructor releases the producer's reference.
+    try:
+        capsule = obj.__dlpack__(stream=stream if stream else 1)
+    except TypeError:
+        capsule = obj.__dlpack__()
+    tensor = _DLTensor.from_address(_get_capsule_pointer(capsule, b"dltensor"))
+    if tensor.device.device_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
+        raise EscoinError(f"{name} is a DLPack tensor on device type {tensor.device.device_type},"
+                          " not a CUDA device")
+    if tensor.dtype.code != _DL_FLOAT or tensor.dtype.lanes != 1:
+        raise EscoinError(f"{name} must hold floating-point values (DLPack dtype code "
+                          f"{tensor.dtype.code}, {tensor.dtype.bits} bits)")
+    shape = tuple(tensor.shape[i] for i in range(tensor.ndim))
+    dtype = np.dtype(f"float{tensor.dtype.bits}")
+    contiguous = not tensor.strides or _c_contiguous(
+        shape, tuple(tensor.strides[i] * dtype.itemsize for i in range(tensor.ndim)),
+        dtype.itemsize)
+    ptr = (tensor.data or 0) + tensor.byte_offset
+    return CudaView(ptr, shape, dtype, tensor.device.device_id, contiguous, (obj, capsule))
+
+
+def _c_contiguous(shape: Tuple[int, ...], strides: Tuple[int, ...], itemsize: int) -> bool:
+    """Row-major without gaps; the stride of an axis of extent 1 does not matter."""
+    if any(v == 0 for v in shape):
+        return True
+    step = itemsize
+    for extent, stride in zip(reversed(shape), reversed(strides)):
+        if extent != 1 and stride != step:
+            return False
+        step *= extent
+    return True
+
+
+def optional_view(obj: Optional[object], name: str, stream: int) -> Optional[CudaView]:
+    return None if obj is None else cuda_view(obj, name, stream)

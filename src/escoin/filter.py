@@ -1,0 +1,258 @@
+"""SparseFilter: a pruned convolution weight in CSR form, with its per-geometry caches."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from escoin import _core
+from escoin._errors import EscoinError
+from escoin.cuda_arrays import DeviceBuffer
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _CsrStore:
+    """The CSR arrays and every cache derived from them, shared by a filter and its device copies.
+
+    Caches (stretched offsets per geometry, device copies per device, cast values per dtype) are
+    filled under a lock so two threads may use one filter.
+    """
+
+    def __init__(self, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray,
+                 shape: Tuple[int, int, int, int], groups: int) -> None:
+        self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values
+        self.shape, self.groups = shape, groups
+        self.lock = threading.Lock()
+        self.host_offsets: Dict[tuple, np.ndarray] = {}
+        self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
+        self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
+        self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
+
+    def offsets(self, desc: tuple) -> np.ndarray:
+        key = _offsets_key(desc)
+        with self.lock:
+            found = self.host_offsets.get(key)
+            if found is None:
+                found = np.empty(self.col_idx.size, np.int32)
+                _core.stretch_offsets(desc, self.col_idx.ctypes.data, self.col_idx.size,
+                                      found.ctypes.data)
+                self.host_offsets[key] = found
+            return found
+
+    def values_as(self, dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            found = self.host_values.get(dtype)
+            if found is None:
+                found = self.host_values[dtype] = self.values.astype(dtype)
+            return found
+
+    def device_arrays(self, device: int, desc: tuple) -> Tuple[int, int, int]:
+        """Device pointers of (row_ptr, float32 values, offsets for desc), uploaded once."""
+        offsets = self.offsets(desc)
+        values32 = self.values_as(np.dtype(np.float32))
+        with self.lock:
+            csr = self.device_csr.get(device)
+            if csr is None:
+                csr = self.device_csr[device] = (DeviceBuffer.from_host(self.row_ptr, device),
+                                                 DeviceBuffer.from_host(values32, device))
+            key = (device, _offsets_key(desc))
+            device_offsets = self.device_offsets.get(key)
+            if device_offsets is None:
+                device_offsets = self.device_offsets[key] = DeviceBuffer.from_host(offsets, device)
+            return csr[0].ptr, csr[1].ptr, device_offsets.ptr
+
+
+def _offsets_key(desc: tuple) -> tuple:
+    # Offsets depend on everything but the batch (field 0) and the output channels (field 4).
+    return desc[1:4] + desc[5:]
+
+
+class SparseFilter:
+    """A pruned conv weight of shape (M, C/groups, kh, kw) stored as CSR.
+
+    Rows are output channels; columns index (c_local, kh, kw) within the channel's group. Build
+    one with :meth:`from_dense` or :meth:`from_csr`; pass it to :func:`escoin.conv2d`.
+    """
+
+    def __init__(self, store: _CsrStore, device: Optional[int] = None) -> None:
+        self._store = store
+        self._device = device
+
+    # ---- construction ----
+    @classmethod
+    def from_dense(cls, weight: object, groups: int = 1, threshold: float = 0.0) -> "SparseFilter":
+        """Compresses a dense weight, keeping entries with |w| > threshold."""
+        dense = np.asarray(weight)
+        if dense.ndim != 4:
+            raise EscoinError(f"weight must have 4 dimensions (M, C/groups, kh, kw), got shape "
+                              f"{dense.shape}")
+        if dense.dtype not in _FLOAT_DTYPES:
+            raise EscoinError(f"weight must be float32 or float64, got {dense.dtype}")
+        groups = _check_groups(groups, dense.shape[0])
+        if not (threshold >= 0):
+            raise EscoinError(f"threshold must be >= 0, got {threshold!r}")
+        dense = np.ascontiguousarray(dense)
+        rows, cols = dense.shape[0], int(np.prod(dense.shape[1:]))
+        name = dense.dtype.name
+        nnz = _core.csr_count(dense.ctypes.data, name, rows, cols, float(threshold))
+        row_ptr = np.empty(rows + 1, np.int64)
+        col_idx = np.empty(nnz, np.int32)
+        values = np.empty(nnz, dense.dtype)
+        _core.csr_compress(dense.ctypes.data, name, rows, cols, float(threshold),
+                           row_ptr.ctypes.data, col_idx.ctypes.data, values.ctypes.data)
+        return cls(_CsrStore(row_ptr, col_idx, values, _shape4(dense.shape), groups))
+
+    @classmethod
+    def from_csr(cls, row_ptr: object, col_idx: object, values: object,
+                 shape: Tuple[int, int, int, int], groups: int = 1) -> "SparseFilter":
+        """Wraps existing CSR arrays (copied), after checking them against the shape."""
+        shape = _shape4(shape)
+        groups = _check_groups(groups, shape[0])
+        row_ptr = _as_1d(row_ptr, np.int64, "row_ptr")
+        col_idx = _as_1d(col_idx, np.int32, "col_idx")
+        values = np.array(values, copy=True)
+        if values.ndim != 1 or values.dtype not in _FLOAT_DTYPES:
+            raise EscoinError(f"values must be a 1-d float32 or float64 array, got "
+                              f"{values.ndim}-d {values.dtype}")
+        if row_ptr.size != shape[0] + 1:
+            raise EscoinError(f"row_ptr must have M + 1 = {shape[0] + 1} entries, got "
+                              f"{row_ptr.size}")
+        if col_idx.size != values.size:
+            raise EscoinError(f"col_idx and values must have the same length, got "
+                              f"{col_idx.size} and {values.size}")
+        _core.csr_validate(shape[0], shape[1] * shape[2] * shape[3], row_ptr.ctypes.data,
+                           col_idx.ctypes.data, col_idx.size)
+        return cls(_CsrStore(row_ptr, col_idx, values, shape, groups))
+
+    # ---- description ----
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return self._store.shape
+
+    @property
+    def groups(self) -> int:
+        return self._store.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return self.shape[2], self.shape[3]
+
+    @property
+    def nnz(self) -> int:
+        return int(self._store.col_idx.size)
+
+    @property
+    def density(self) -> float:
+        total = int(np.prod(self.shape))
+        return self.nnz / total if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the CSR arrays (row_ptr, col_idx, values)."""
+        s = self._store
+        return s.row_ptr.nbytes + s.col_idx.nbytes + s.values.nbytes
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._store.values.dtype
+
+    @property
+    def row_ptr(self) -> np.ndarray:
+        return self._store.row_ptr
+
+    @property
+    def col_idx(self) -> np.ndarray:
+        return self._store.col_idx
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._store.values
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._device is None else f"cuda:{self._device}"
+
+    def __repr__(self) -> str:
+        return (f"SparseFilter(shape={self.shape}, groups={self.groups}, nnz={self.nnz}, "
+                f"density={self.density:.4f}, dtype={self.dtype}, device='{self.device}')")
+
+    # ---- conversion ----
+    def to_dense(self) -> np.ndarray:
+        s = self._store
+        dense = np.zeros((self.shape[0], int(np.prod(self.shape[1:]))), self.dtype)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(s.row_ptr))
+        dense[rows, s.col_idx] = s.values
+        return dense.reshape(self.shape)
+
+    def astype(self, dtype: Union[str, np.dtype, type]) -> "SparseFilter":
+        dtype = np.dtype(dtype)
+        if dtype not in _FLOAT_DTYPES:
+            raise EscoinError(f"dtype must be float32 or float64, got {dtype}")
+        s = self._store
+        return SparseFilter(_CsrStore(s.row_ptr, s.col_idx, s.values.astype(dtype), s.shape,
+                                      s.groups), self._device)
+
+    def cuda(self, device: int = 0) -> "SparseFilter":
+        """This filter, living on CUDA device `device` (the CSR is uploaded on first use)."""
+        from escoin.info import cuda_device_count
+
+        count = cuda_device_count()
+        if not isinstance(device, int) or not 0 <= device < count:
+            raise EscoinError(f"device must be a CUDA device index in [0, {count}), got {device!r}")
+        return SparseFilter(self._store, device)
+
+    def cpu(self) -> "SparseFilter":
+        return SparseFilter(self._store, None)
+
+    # ---- persistence ----
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the CSR arrays, shape and groups to an .npz file."""
+        s = self._store
+        np.savez(path, row_ptr=s.row_ptr, col_idx=s.col_idx, values=s.values,
+                 shape=np.array(s.shape, np.int64), groups=np.array(s.groups, np.int64),
+                 format=np.array("escoin-csr-1"))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SparseFilter":
+        """Reads a filter written by :meth:`save`, validating it."""
+        with np.load(path, allow_pickle=False) as data:
+            if "format" not in data or str(data["format"]) != "escoin-csr-1":
+                raise EscoinError(f"{path} is not an escoin filter file")
+            return cls.from_csr(data["row_ptr"], data["col_idx"], data["values"],
+                                tuple(int(v) for v in data["shape"]), int(data["groups"]))
+
+
+def _shape4(shape: object) -> Tuple[int, int, int, int]:
+    items = tuple(shape) if isinstance(shape, (tuple, list, np.ndarray)) else ()
+    if len(items) != 4 or any(int(v) < 1 for v in items):
+        raise EscoinError(f"shape must be 4 positive ints (M, C/groups, kh, kw), got {shape!r}")
+    return tuple(int(v) for v in items)  # type: ignore[return-value]
+
+
+def _check_groups(groups: object, out_channels: int) -> int:
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise EscoinError(f"groups must be a positive int, got {groups!r}")
+    if out_channels % groups:
+        raise EscoinError(f"groups ({groups}) must divide the out_channels ({out_channels})")
+    return int(groups)
+
+
+def _as_1d(array: object, dtype: type, name: str) -> np.ndarray:
+    result = np.asarray(array)
+    if result.ndim != 1 or not np.issubdtype(result.dtype, np.integer):
+        raise EscoinError(f"{name} must be a 1-d integer array, got {result.ndim}-d {result.dtype}")
+    converted = result.astype(dtype)
+    if not np.array_equal(converted, result):
+        raise EscoinError(f"{name} has values outside the {np.dtype(dtype).name} range")
+    return np.ascontiguousarray(converted)
