@@ -39,8 +39,26 @@ void tile_destinations(const Geometry& g, int64_t q0, int64_t dest[TILE]) {
   }
 }
 
+// A vector of ESCOIN_VECTOR_BYTES (GCC/Clang vector extension): the accumulators are explicit
+// registers, so the compiler cannot interchange the loops or keep the tile in memory (it did both
+// when the tile was a plain array).
+template <typename T>
+struct Vector {
+  typedef T type __attribute__((vector_size(ESCOIN_VECTOR_BYTES)));
+  static constexpr int lanes = ESCOIN_VECTOR_BYTES / int(sizeof(T));
+  static type load(const T* p) {
+    type v;
+    __builtin_memcpy(&v, p, sizeof v);  // one unaligned vector load
+    return v;
+  }
+};
+
 template <typename T, int TILE>
 void run_tiles(const CpuConvArgs<T>& a) {
+  using V = typename Vector<T>::type;
+  constexpr int kLanes = Vector<T>::lanes;
+  constexpr int kRegisters = TILE / kLanes;
+  static_assert(TILE % kLanes == 0, "a tile is a whole number of vectors");
   const Geometry& g = *a.geometry;
   const int64_t groups = g.d.groups, out_channels = g.d.out_channels;
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
@@ -62,18 +80,21 @@ void run_tiles(const CpuConvArgs<T>& a) {
     const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
     const int64_t m_end = std::min(m_begin + kChannelsPerItem, (group + 1) * g.group_out);
     for (int64_t m = m_begin; m < m_end; ++m) {
-      alignas(64) T acc[TILE] = {};
+      V acc[kRegisters];
+      for (int r = 0; r < kRegisters; ++r) acc[r] = V{};
       for (int64_t j = a.row_ptr[m]; j < a.row_ptr[m + 1]; ++j) {
-        const T v = a.values[j];
+        const V v = V{} + a.values[j];
         const T* src = in + a.offsets[j];
-#pragma omp simd
-        for (int t = 0; t < TILE; ++t) acc[t] += v * src[t];
+#pragma GCC unroll 16
+        for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<T>::load(src + r * kLanes);
       }
+      T sums[TILE];
+      __builtin_memcpy(sums, acc, sizeof sums);
       const T b = a.bias ? a.bias[m] : T(0);
       T* out = a.y + (n * out_channels + m) * g.out_plane;
       for (int t = 0; t < TILE; ++t) {
         if (dest[t] < 0) continue;
-        const T r = acc[t] + b;
+        const T r = sums[t] + b;
         out[dest[t]] = (a.relu && r < T(0)) ? T(0) : r;  // NaN passes, as in torch
       }
     }

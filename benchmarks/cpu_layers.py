@@ -1,0 +1,93 @@
+"""CPU layer benchmark: escoin against torch's CPU conv2d (oneDNN) on pruned layers.
+
+    python benchmarks/cpu_layers.py --sparsity 0.9 --batches 1 8
+
+Prints a table of per-layer times and speed-ups and their geometric mean; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import escoin  # noqa: E402
+from suite import LAYERS, geomean, layers, pruned_weight, sparse_flops  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety
+    def tqdm(items, **_):  # type: ignore[no-redef]
+        return items
+
+
+def median_seconds(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3) -> float:
+    fn()  # warm-up: caches, thread pool, stretched offsets
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--json", default="benchmarks/results/cpu_layers.json")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_grad_enabled(False)
+    rng = np.random.default_rng(0)
+    rows: List[Dict] = []
+    cases = [(layer, n) for layer in layers(args.nets) for n in args.batches]
+    print(f"escoin {escoin.__version__} CPU, {escoin.build_info()['openmp_threads']} threads; "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"sparsity {args.sparsity}")
+    for layer, n in tqdm(cases, desc="layers", file=sys.stderr):
+        weight = pruned_weight(layer, args.sparsity, rng)
+        x = rng.standard_normal((n, layer.in_channels, layer.size, layer.size), dtype=np.float32)
+        filt = escoin.SparseFilter.from_dense(weight)
+        xt, wt = torch.from_numpy(x), torch.from_numpy(weight)
+        out = escoin.conv2d(x, filt, stride=layer.stride, padding=layer.padding)
+        ref = F.conv2d(xt.double(), wt.double(), stride=layer.stride, padding=layer.padding)
+        err = float(np.linalg.norm(out - ref.numpy()) / ref.norm().item())
+        t_torch = median_seconds(lambda: F.conv2d(xt, wt, stride=layer.stride,
+                                                  padding=layer.padding))
+        t_escoin = median_seconds(lambda: escoin.conv2d(x, filt, stride=layer.stride,
+                                                        padding=layer.padding, out=out))
+        flops = sparse_flops(filt.nnz, n, layer)
+        rows.append(dict(layer=layer.name, batch=n, torch_ms=t_torch * 1e3,
+                         escoin_ms=t_escoin * 1e3, speedup=t_torch / t_escoin,
+                         escoin_gflops=flops / t_escoin / 1e9, rel_err=err))
+    print(f"{'layer':<14}{'N':>3}{'torch ms':>11}{'escoin ms':>11}{'speed-up':>10}"
+          f"{'GFLOP/s':>9}{'rel err':>10}")
+    for r in rows:
+        print(f"{r['layer']:<14}{r['batch']:>3}{r['torch_ms']:>11.2f}{r['escoin_ms']:>11.2f}"
+              f"{r['speedup']:>9.2f}x{r['escoin_gflops']:>9.1f}{r['rel_err']:>10.1e}")
+    for n in args.batches:
+        g = geomean(r["speedup"] for r in rows if r["batch"] == n)
+        print(f"geometric-mean speed-up over torch CPU conv2d, batch {n}: {g:.2f}x")
+    print(f"geometric-mean speed-up, all: {geomean(r['speedup'] for r in rows):.2f}x; "
+          f"max rel err {max(r['rel_err'] for r in rows):.1e}")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(dict(sparsity=args.sparsity, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""escoin.conv2d on the CPU against the float64 NumPy reference, over random geometry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import escoin
+from geometry_strategies import ConvCase, conv_cases
+from reference import conv2d_reference, relative_error
+
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def run_case(case: ConvCase, dtype: type) -> float:
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(dtype), groups=case.groups)
+    expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
+                                case.dilation, case.groups, case.relu)
+    out = np.full(expected.shape, np.nan, dtype)  # poison: an unwritten element stays NaN
+    result = escoin.conv2d(case.x.astype(dtype), filt, case.bias, stride=case.stride,
+                           padding=case.padding, dilation=case.dilation, relu=case.relu, out=out)
+    assert result is out
+    return relative_error(out, expected)
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=conv_cases())
+def test_random_geometry_float32(case: ConvCase) -> None:
+    assert run_case(case, np.float32) <= TOLERANCE[np.float32]
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases())
+def test_random_geometry_float64(case: ConvCase) -> None:
+    assert run_case(case, np.float64) <= TOLERANCE[np.float64]
+
+
+def test_network_sized_layer_float32() -> None:
+    """A VGG-like layer at 90% sparsity: large planes exercise the widest vector tiles."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((32, 24, 3, 3)) * (rng.random((32, 24, 3, 3)) < 0.1)
+    x = rng.standard_normal((2, 24, 40, 37))
+    bias = rng.standard_normal(32)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    y = escoin.conv2d(x.astype(np.float32), filt, bias, padding=1, relu=True)
+    expected = conv2d_reference(x, filt.to_dense(), bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, True)
+    assert relative_error(y, expected) <= 1e-5
+
+
+def test_unbatched_input_like_torch() -> None:
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((4, 3, 3, 3))
+    x = rng.standard_normal((3, 9, 8))
+    filt = escoin.SparseFilter.from_dense(weight)
+    y = escoin.conv2d(x, filt, padding="same")
+    assert y.shape == (4, 9, 8)
+    expected = conv2d_reference(x[None], weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)[0]
+    assert relative_error(y, expected) <= 1e-12
+
+
+def test_empty_batch_returns_empty_output() -> None:
+    filt = escoin.SparseFilter.from_dense(np.ones((5, 2, 3, 3), np.float32))
+    y = escoin.conv2d(np.zeros((0, 2, 8, 8), np.float32), filt, padding=1)
+    assert y.shape == (0, 5, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_zero_filter_gives_bias(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    filt = escoin.SparseFilter.from_dense(np.zeros((3, 2, 3, 3), dtype))
+    bias = rng.standard_normal(3)
+    y = escoin.conv2d(rng.standard_normal((2, 2, 6, 7)).astype(dtype), filt, bias)
+    assert filt.nnz == 0
+    np.testing.assert_allclose(y, np.broadcast_to(bias[None, :, None, None], y.shape), rtol=1e-6)
+
+
+def test_strided_numpy_input_is_read_correctly() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 8, 10, 12))[:, ::2, :, ::-1]  # non-contiguous view
+    weight = rng.standard_normal((5, 4, 3, 3)) * (rng.random((5, 4, 3, 3)) < 0.4)
+    filt = escoin.SparseFilter.from_dense(weight)
+    y = escoin.conv2d(x, filt, stride=2, padding=1)
+    expected = conv2d_reference(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(y, expected) <= 1e-12
+
+
+def test_filter_dtype_follows_input() -> None:
+    """A float64 filter applied to float32 input computes in float32 and returns float32."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((4, 3, 3, 3))
+    x = rng.standard_normal((1, 3, 7, 7))
+    filt = escoin.SparseFilter.from_dense(weight)
+    y = escoin.conv2d(x.astype(np.float32), filt)
+    assert y.dtype == np.float32
+    expected = conv2d_reference(x, weight, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    assert relative_error(y, expected) <= 1e-5

@@ -1,0 +1,203 @@
+"""escoin on a GPU: the same random geometries as on the CPU, through CUDA arrays (PyTorch or
+CuPy tensors), the raw-pointer API, streams, and the errors specific to device memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import escoin
+from escoin import EscoinError
+from geometry_strategies import ConvCase, conv_cases
+from reference import conv2d_reference, relative_error
+
+pytestmark = pytest.mark.cuda
+
+
+class DeviceArrays:
+    """Moves NumPy arrays to the GPU and back with whichever framework is installed."""
+
+    def __init__(self) -> None:
+        try:
+            import torch
+
+            self.torch = torch
+        except ImportError:
+            self.torch = None
+            self.cupy = pytest.importorskip("cupy")
+
+    def put(self, array: np.ndarray) -> object:
+        if self.torch is not None:
+            return self.torch.from_numpy(np.ascontiguousarray(array)).cuda()
+        return self.cupy.asarray(array)
+
+    def full(self, shape: tuple, value: float) -> object:
+        return self.put(np.full(shape, value, np.float32))
+
+    def get(self, array: object) -> np.ndarray:
+        if isinstance(array, escoin.DeviceArray):
+            return array.numpy()
+        if self.torch is not None:
+            return array.cpu().numpy()
+        return self.cupy.asnumpy(array)
+
+    def synchronize(self) -> None:
+        if self.torch is not None:
+            self.torch.cuda.synchronize()
+        else:
+            self.cupy.cuda.Device().synchronize()
+
+
+@pytest.fixture(scope="module")
+def dev() -> DeviceArrays:
+    return DeviceArrays()
+
+
+def gpu_error(dev: DeviceArrays, case: ConvCase) -> float:
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
+                                case.dilation, case.groups, case.relu)
+    out = dev.full(expected.shape, np.nan)  # poison
+    bias = None if case.bias is None else dev.put(case.bias.astype(np.float32))
+    escoin.conv2d(dev.put(case.x.astype(np.float32)), filt, bias, stride=case.stride,
+                  padding=case.padding, dilation=case.dilation, relu=case.relu, out=out)
+    return relative_error(dev.get(out), expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=conv_cases(max_batch=9))
+def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
+    assert gpu_error(dev, case) <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 32])
+def test_stride_two_every_image_computed(dev, batch: int) -> None:
+    """The PyTorch port computed only the first image at stride > 1; every image must be right."""
+    rng = np.random.default_rng(batch)
+    weight = rng.standard_normal((16, 8, 3, 3)) * (rng.random((16, 8, 3, 3)) < 0.1)
+    x = rng.standard_normal((batch, 8, 23, 23))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    y = dev.get(escoin.conv2d(dev.put(x.astype(np.float32)), filt, stride=2, padding=1))
+    expected = conv2d_reference(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    for n in range(batch):
+        assert relative_error(y[n], expected[n]) <= 1e-5
+
+
+def test_returns_device_array_without_out(dev) -> None:
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    y = escoin.conv2d(dev.put(x), escoin.SparseFilter.from_dense(weight), padding=1)
+    assert isinstance(y, escoin.DeviceArray) and y.shape == (2, 6, 9, 9)
+    assert "cuda:" in repr(y) and y.__cuda_array_interface__["shape"] == (2, 6, 9, 9)
+    expected = conv2d_reference(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(y.numpy(), expected) <= 1e-5
+
+
+def test_torch_stream_and_caller_workspace(dev) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((8, 4, 3, 3)) * (rng.random((8, 4, 3, 3)) < 0.3)
+    x = rng.standard_normal((3, 4, 12, 10))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
+    stream = torch.cuda.Stream()
+    xs = dev.put(x.astype(np.float32))
+    nbytes = escoin.workspace_size(x.shape, filt, padding=1)
+    with torch.cuda.stream(stream):
+        ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        out = torch.full((3, 8, 12, 10), float("nan"), device="cuda")
+        escoin.conv2d(xs, filt, padding=1, out=out, workspace=ws, stream=stream)
+    stream.synchronize()
+    expected = conv2d_reference(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(out.cpu().numpy(), expected) <= 1e-5
+
+
+def test_sconv_raw_pointers(dev) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((5, 3, 3, 2)) * (rng.random((5, 3, 3, 2)) < 0.5)
+    x = rng.standard_normal((4, 3, 11, 13))
+    bias = rng.standard_normal(5)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    geometry = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    offsets = escoin.stretch_offsets(filt, x.shape, **geometry)
+    n, m, oh, ow = escoin.output_shape(x.shape, filt, **geometry)
+    xs = torch.from_numpy(x.astype(np.float32)).cuda()
+    ys = torch.full((n, m, oh, ow), float("nan"), device="cuda")
+    row_ptr = torch.from_numpy(filt.row_ptr).cuda()
+    offs = torch.from_numpy(offsets).cuda()
+    vals = torch.from_numpy(filt.values).cuda()
+    b = torch.from_numpy(bias.astype(np.float32)).cuda()
+    nbytes = escoin.workspace_size(x.shape, filt, **geometry)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    escoin.sconv(xs.data_ptr(), ys.data_ptr(), row_ptr.data_ptr(), offs.data_ptr(),
+                 vals.data_ptr(), b.data_ptr(), ws.data_ptr(), nbytes, x.shape, filt.shape,
+                 relu=True, stream=torch.cuda.current_stream(), **geometry)
+    torch.cuda.synchronize()
+    expected = conv2d_reference(x, weight, bias, (2, 1), (1, 1, 0, 0), (1, 2), 1, relu=True)
+    assert relative_error(ys.cpu().numpy(), expected) <= 1e-5
+
+
+def test_dlpack_input(dev) -> None:
+    """A producer offering only DLPack (as JAX does) is read through __dlpack__."""
+    torch = pytest.importorskip("torch")
+
+    class DLPackOnly:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __dlpack__(self, stream=None):
+            return self.tensor.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.tensor.__dlpack_device__()
+
+    rng = np.random.default_rng(10)
+    weight = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 2, 8, 8)).astype(np.float32)
+    y = escoin.conv2d(DLPackOnly(torch.from_numpy(x).cuda()),
+                      escoin.SparseFilter.from_dense(weight))
+    expected = conv2d_reference(x, weight, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    assert relative_error(y.numpy(), expected) <= 1e-5
+
+
+def test_float64_input_is_rejected_on_gpu(dev) -> None:
+    torch = pytest.importorskip("torch")
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
+    with pytest.raises(EscoinError, match="x must be float32 on CUDA"):
+        escoin.conv2d(torch.ones(1, 2, 5, 5, dtype=torch.float64, device="cuda"), filt)
+
+
+def test_non_contiguous_gpu_input_is_rejected(dev) -> None:
+    torch = pytest.importorskip("torch")
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
+    x = torch.ones(1, 2, 6, 10, device="cuda")[..., ::2]
+    with pytest.raises(EscoinError, match="x must be C-contiguous"):
+        escoin.conv2d(x, filt)
+
+
+def test_out_of_wrong_shape_on_gpu(dev) -> None:
+    torch = pytest.importorskip("torch")
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
+    x = torch.ones(1, 2, 5, 5, device="cuda")
+    with pytest.raises(EscoinError, match=r"out must be a C-contiguous float32 CUDA array of shape"):
+        escoin.conv2d(x, filt, out=torch.empty(1, 2, 5, 5, device="cuda"))
+
+
+def test_workspace_too_small(dev) -> None:
+    torch = pytest.importorskip("torch")
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
+    x = torch.ones(1, 2, 5, 5, device="cuda")
+    with pytest.raises(EscoinError, match="workspace must be a contiguous CUDA array"):
+        escoin.conv2d(x, filt, workspace=torch.empty(8, dtype=torch.uint8, device="cuda"))
+
+
+def test_cuda_error_becomes_exception() -> None:
+    with pytest.raises(EscoinError, match="device must be in"):
+        escoin.sconv(1, 1, 1, 1, 1, 0, 1, 10**9, (1, 1, 4, 4), (1, 1, 3, 3), device=999)
+
+
+def test_filter_device_index_checked() -> None:
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
+    with pytest.raises(EscoinError, match="device must be a CUDA device index"):
+        filt.cuda(escoin.cuda_device_count())

@@ -1,0 +1,199 @@
+"""Every kind of bad input raises EscoinError naming the argument; nothing crashes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import escoin
+from escoin import EscoinError
+
+
+@pytest.fixture
+def filt() -> escoin.SparseFilter:
+    rng = np.random.default_rng(0)
+    return escoin.SparseFilter.from_dense(rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+
+
+@pytest.fixture
+def x() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+
+def test_wrong_rank(filt, x) -> None:
+    with pytest.raises(EscoinError, match="x must have 3 .* or 4 .* dimensions"):
+        escoin.conv2d(x[0, 0], filt)
+
+
+def test_channel_mismatch(filt) -> None:
+    with pytest.raises(EscoinError, match="x has 5 channels but the filter expects 3"):
+        escoin.conv2d(np.ones((1, 5, 8, 8), np.float32), filt)
+
+
+def test_integer_input(filt) -> None:
+    with pytest.raises(EscoinError, match="x must be float32 or float64"):
+        escoin.conv2d(np.ones((1, 3, 8, 8), np.int32), filt)
+
+
+def test_not_an_array(filt) -> None:
+    with pytest.raises(EscoinError, match="x must be a NumPy array or a CUDA array"):
+        escoin.conv2d([[1.0]], filt)
+
+
+def test_not_a_filter(x) -> None:
+    with pytest.raises(EscoinError, match="filt must be an escoin.SparseFilter"):
+        escoin.conv2d(x, np.ones((4, 3, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("stride", [0, -1, (1, 0), (1, 2, 3), 1.5, "2"])
+def test_bad_stride(filt, x, stride) -> None:
+    with pytest.raises(EscoinError, match="stride"):
+        escoin.conv2d(x, filt, stride=stride)
+
+
+@pytest.mark.parametrize("dilation", [0, -2, (0, 1)])
+def test_bad_dilation(filt, x, dilation) -> None:
+    with pytest.raises(EscoinError, match="dilation"):
+        escoin.conv2d(x, filt, dilation=dilation)
+
+
+@pytest.mark.parametrize("padding", [-1, (0, -1), "full", 1.0])
+def test_bad_padding(filt, x, padding) -> None:
+    with pytest.raises(EscoinError, match="padding"):
+        escoin.conv2d(x, filt, padding=padding)
+
+
+def test_same_padding_needs_stride_one(filt, x) -> None:
+    with pytest.raises(EscoinError, match="padding='same' needs stride 1"):
+        escoin.conv2d(x, filt, padding="same", stride=2)
+
+
+def test_kernel_larger_than_padded_input(filt) -> None:
+    with pytest.raises(EscoinError, match="larger than the padded input"):
+        escoin.conv2d(np.ones((1, 3, 2, 2), np.float32), filt, dilation=2)
+
+
+def test_padding_too_large_for_32_bit_offsets(filt) -> None:
+    with pytest.raises(EscoinError, match="32-bit offsets"):
+        escoin.conv2d(np.ones((1, 3, 4, 4), np.float32), filt, padding=40000)
+
+
+def test_out_wrong_shape(filt, x) -> None:
+    with pytest.raises(EscoinError, match=r"out must be a NumPy array of shape \(2, 4, 6, 6\)"):
+        escoin.conv2d(x, filt, out=np.empty((2, 4, 8, 8), np.float32))
+
+
+def test_out_wrong_dtype(filt, x) -> None:
+    with pytest.raises(EscoinError, match="out must be .* dtype float32"):
+        escoin.conv2d(x, filt, out=np.empty((2, 4, 6, 6), np.float64))
+
+
+def test_out_not_contiguous(filt, x) -> None:
+    out = np.empty((2, 4, 6, 12), np.float32)[..., ::2]
+    with pytest.raises(EscoinError, match="out must be C-contiguous"):
+        escoin.conv2d(x, filt, out=out)
+
+
+def test_bias_wrong_shape(filt, x) -> None:
+    with pytest.raises(EscoinError, match=r"bias must have shape \(4,\)"):
+        escoin.conv2d(x, filt, bias=np.ones(3, np.float32))
+
+
+def test_weight_wrong_rank() -> None:
+    with pytest.raises(EscoinError, match="weight must have 4 dimensions"):
+        escoin.SparseFilter.from_dense(np.ones((4, 3, 3), np.float32))
+
+
+def test_weight_wrong_dtype() -> None:
+    with pytest.raises(EscoinError, match="weight must be float32 or float64"):
+        escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.int64))
+
+
+def test_groups_must_divide_out_channels() -> None:
+    with pytest.raises(EscoinError, match=r"groups \(3\) must divide the out_channels \(4\)"):
+        escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.float32), groups=3)
+
+
+def test_negative_threshold() -> None:
+    with pytest.raises(EscoinError, match="threshold must be >= 0"):
+        escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.float32), threshold=-1.0)
+
+
+def test_csr_column_out_of_range() -> None:
+    with pytest.raises(EscoinError, match=r"col_idx\[1\] = 27 is outside \[0, 27\)"):
+        escoin.SparseFilter.from_csr([0, 1, 2], [0, 27], [1.0, 2.0], (2, 3, 3, 3))
+
+
+def test_csr_negative_column() -> None:
+    with pytest.raises(EscoinError, match=r"col_idx\[0\] = -1"):
+        escoin.SparseFilter.from_csr([0, 1, 1], [-1], [1.0], (2, 3, 3, 3))
+
+
+def test_csr_row_ptr_decreasing() -> None:
+    with pytest.raises(EscoinError, match="row_ptr must be non-decreasing"):
+        escoin.SparseFilter.from_csr([0, 2, 1], [0, 1], [1.0, 2.0], (2, 3, 3, 3))
+
+
+def test_csr_row_ptr_wrong_end() -> None:
+    with pytest.raises(EscoinError, match=r"row_ptr\[2\] must equal nnz \(2\)"):
+        escoin.SparseFilter.from_csr([0, 1, 1], [0, 1], [1.0, 2.0], (2, 3, 3, 3))
+
+
+def test_csr_row_ptr_wrong_length() -> None:
+    with pytest.raises(EscoinError, match=r"row_ptr must have M \+ 1 = 3 entries"):
+        escoin.SparseFilter.from_csr([0, 1], [0], [1.0], (2, 3, 3, 3))
+
+
+def test_csr_lengths_differ() -> None:
+    with pytest.raises(EscoinError, match="col_idx and values must have the same length"):
+        escoin.SparseFilter.from_csr([0, 1, 2], [0, 1], [1.0], (2, 3, 3, 3))
+
+
+def test_csr_column_beyond_int32() -> None:
+    with pytest.raises(EscoinError, match="col_idx has values outside the int32 range"):
+        escoin.SparseFilter.from_csr([0, 1, 1], [2**40], [1.0], (2, 3, 3, 3))
+
+
+def test_load_rejects_foreign_file(tmp_path) -> None:
+    path = tmp_path / "other.npz"
+    np.savez(path, a=np.ones(3))
+    with pytest.raises(EscoinError, match="is not an escoin filter file"):
+        escoin.SparseFilter.load(path)
+
+
+def test_bad_stream_handle(filt, x) -> None:
+    with pytest.raises(EscoinError, match="stream must be None, a non-negative int handle"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, stream=-5)
+
+
+def test_sconv_rejects_non_int_pointer(filt, x) -> None:
+    with pytest.raises(EscoinError, match="x_ptr must be a non-negative int device pointer"):
+        escoin.sconv("0x10", 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device=0)
+
+
+def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:
+    """The C entry checks host offsets itself: a caller passing bad ones gets an error."""
+    from escoin import _core
+
+    desc = escoin.geometry.descriptor(x.shape, filt.shape, 1)
+    offsets = np.array(escoin.stretch_offsets(filt, x.shape))
+    offsets[0] = 10**8
+    y = np.empty((2, 4, 6, 6), np.float32)
+    nbytes = _core.workspace_size(desc, "float32")
+    ws = np.empty(nbytes, np.uint8)
+    with pytest.raises(EscoinError, match=r"offsets\[0\] = 100000000 is outside"):
+        _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
+                          offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
+                          ws.ctypes.data, nbytes)
+
+
+def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
+    from escoin import _core
+
+    desc = escoin.geometry.descriptor(x.shape, filt.shape, 1)
+    offsets = escoin.stretch_offsets(filt, x.shape)
+    y = np.empty((2, 4, 6, 6), np.float32)
+    ws = np.empty(16, np.uint8)
+    with pytest.raises(EscoinError, match="workspace_bytes is 16 but this geometry needs"):
+        _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
+                          offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
+                          ws.ctypes.data, 16)

@@ -1,0 +1,90 @@
+"""SparseFilter: compression, description, conversion, persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import escoin
+
+
+def pruned(shape, density, seed=0, dtype=np.float32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(dtype)
+
+
+def test_from_dense_round_trip_and_description() -> None:
+    weight = pruned((8, 6, 3, 5), 0.25)
+    filt = escoin.SparseFilter.from_dense(weight, groups=2)
+    np.testing.assert_array_equal(filt.to_dense(), weight)
+    assert filt.shape == (8, 6, 3, 5)
+    assert (filt.out_channels, filt.in_channels, filt.kernel_size, filt.groups) == (8, 12, (3, 5), 2)
+    assert filt.nnz == np.count_nonzero(weight)
+    assert filt.density == pytest.approx(filt.nnz / weight.size)
+    assert filt.nbytes == 9 * 8 + filt.nnz * (4 + 4)
+    assert filt.dtype == np.float32
+    assert filt.device == "cpu"
+    assert filt.row_ptr.dtype == np.int64 and filt.col_idx.dtype == np.int32
+
+
+def test_threshold_drops_small_weights() -> None:
+    weight = np.array([0.5, -0.05, 0.0, 2.0, -1.0, 0.1], np.float64).reshape(1, 1, 2, 3)
+    filt = escoin.SparseFilter.from_dense(weight, threshold=0.1)
+    assert filt.nnz == 3
+    np.testing.assert_array_equal(filt.col_idx, [0, 3, 4])
+
+
+def test_nan_weights_are_kept() -> None:
+    weight = np.array([np.nan, 0.0, 1.0], np.float32).reshape(1, 1, 1, 3)
+    assert escoin.SparseFilter.from_dense(weight, threshold=0.5).nnz == 2
+
+
+def test_from_csr_matches_from_dense() -> None:
+    weight = pruned((5, 3, 3, 3), 0.3, seed=3, dtype=np.float64)
+    ref = escoin.SparseFilter.from_dense(weight)
+    filt = escoin.SparseFilter.from_csr(ref.row_ptr, ref.col_idx, ref.values, weight.shape)
+    np.testing.assert_array_equal(filt.to_dense(), weight)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_save_load_round_trip(tmp_path, dtype) -> None:
+    weight = pruned((6, 2, 3, 3), 0.4, seed=4, dtype=dtype)
+    filt = escoin.SparseFilter.from_dense(weight, groups=3)
+    path = tmp_path / "layer.npz"
+    filt.save(path)
+    loaded = escoin.SparseFilter.load(path)
+    assert (loaded.shape, loaded.groups, loaded.dtype, loaded.nnz) == (
+        filt.shape, filt.groups, filt.dtype, filt.nnz)
+    np.testing.assert_array_equal(loaded.to_dense(), weight)
+    x = np.random.default_rng(5).standard_normal((2, 6, 7, 7)).astype(dtype)
+    np.testing.assert_array_equal(escoin.conv2d(x, loaded), escoin.conv2d(x, filt))
+
+
+def test_astype() -> None:
+    filt = escoin.SparseFilter.from_dense(pruned((3, 3, 3, 3), 0.5, seed=6))
+    doubled = filt.astype(np.float64)
+    assert doubled.dtype == np.float64
+    np.testing.assert_array_equal(doubled.to_dense(), filt.to_dense().astype(np.float64))
+
+
+def test_stretch_offsets_are_cached_per_geometry() -> None:
+    filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=7))
+    a = escoin.stretch_offsets(filt, (1, 3, 10, 10), padding=1)
+    assert escoin.stretch_offsets(filt, (8, 3, 10, 10), padding=1) is a  # batch does not matter
+    b = escoin.stretch_offsets(filt, (1, 3, 10, 10), padding=1, stride=2)
+    assert b is not a and b.shape == a.shape == (filt.nnz,)
+
+
+def test_output_and_workspace_size() -> None:
+    filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=8))
+    assert escoin.output_shape((2, 3, 11, 9), filt, stride=2, padding=1) == (2, 4, 6, 5)
+    assert escoin.workspace_size((2, 3, 11, 9), filt, padding="same") > 2 * 3 * 11 * 9 * 4
+
+
+def test_build_info() -> None:
+    info = escoin.build_info()
+    assert info["version"] == escoin.__version__
+    assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+    assert info["openmp_threads"] >= 1
+    if info["cuda"]:
+        assert info["cuda_architectures"]
+    assert isinstance(escoin.cuda_available(), bool)
