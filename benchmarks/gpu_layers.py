@@ -1,0 +1,200 @@
+"""GPU layer benchmark: escoin against cuDNN (fp32 strict, TF32, fp16 channels_last), cuSPARSE
+lowered (im2col + CSR SpMM) and the arithmetic floor, measured side by side in one run.
+
+    python benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32
+
+Every case is checked against a float64 reference in the same run. Times are medians of CUDA
+events around CUDA-graph replays (eager where a path cannot be captured), after warm-up.
+Writes JSON and a PNG (speed-up over TF32 cuDNN per layer and sparsity); prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Callable, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import escoin  # noqa: E402
+from suite import LAYERS, Layer, geomean, layers, output_size, pruned_weight, sparse_flops  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety
+    def tqdm(items, **_):  # type: ignore[no-redef]
+        return items
+
+ANCHORS = ["fp32", "tf32", "fp16", "cusparse"]
+
+
+def event_median_ms(torch, fn: Callable[[], object], reps: int = 30) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def time_ms(torch, fn: Callable[[], object], graph: bool = True) -> float:
+    """Median time of fn on the GPU: replays of a captured graph (launch gaps removed)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            for _ in range(3):
+                g.replay()
+            return event_median_ms(torch, g.replay)
+        except RuntimeError:
+            torch.cuda.synchronize()
+    return event_median_ms(torch, fn)
+
+
+def fp32_rate(torch) -> float:
+    """Measured strict-fp32 FLOP/s of a large matmul (TF32 off): the floor's denominator."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(8192, 8192, device="cuda")
+    b = torch.randn(8192, 8192, device="cuda")
+    ms = time_ms(torch, lambda: a @ b, graph=False)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def cusparse_lowered(torch, F, x, w, layer: Layer) -> Callable[[], object]:
+    n = x.shape[0]
+    m, k = w.shape[0], layer.kernel
+    oh = output_size(layer)
+    csr = w.reshape(m, -1).to_sparse_csr()
+
+    def run():
+        cols = F.unfold(x, k, padding=layer.padding, stride=layer.stride)
+        b = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        return torch.sparse.mm(csr, b).view(m, n, oh, oh).transpose(0, 1).contiguous()
+    return run
+
+
+def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
+            rng: np.random.Generator) -> Dict:
+    weight = pruned_weight(layer, sparsity, rng)
+    x_host = rng.standard_normal((batch, layer.in_channels, layer.size, layer.size),
+                                 dtype=np.float32)
+    x, w = torch.from_numpy(x_host).cuda(), torch.from_numpy(weight).cuda()
+    s, p = layer.stride, layer.padding
+    filt = escoin.SparseFilter.from_dense(weight).cuda(x.device.index or 0)
+    oh = output_size(layer)
+    out = torch.full((batch, layer.out_channels, oh, oh), float("nan"), device="cuda")
+    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p), dtype=torch.uint8, device="cuda")
+
+    def run_escoin():
+        escoin.conv2d(x, filt, stride=s, padding=p, out=out, workspace=ws,
+                      stream=torch.cuda.current_stream().cuda_stream)
+
+    run_escoin()
+    ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
+    err = float((out.double() - ref).norm() / ref.norm())
+    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=filt.nnz, rel_err=err)
+    row["escoin"] = time_ms(torch, run_escoin)
+    torch.backends.cudnn.allow_tf32 = False
+    row["fp32"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
+    torch.backends.cudnn.allow_tf32 = True
+    row["tf32"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
+    torch.backends.cudnn.allow_tf32 = False
+    xh = x.half().to(memory_format=torch.channels_last)
+    wh = w.half().to(memory_format=torch.channels_last)
+    row["fp16"] = time_ms(torch, lambda: F.conv2d(xh, wh, stride=s, padding=p))
+    try:
+        row["cusparse"] = time_ms(torch, cusparse_lowered(torch, F, x, w, layer), graph=False)
+    except RuntimeError:  # out of memory on the largest lowered matrices
+        row["cusparse"] = float("nan")
+    row["floor"] = sparse_flops(filt.nnz, batch, layer) / rate * 1e3
+    return row
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    batches = sorted({r["batch"] for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows})
+    fig, axes = plt.subplots(len(batches), 1, figsize=(12, 4 * len(batches)), squeeze=False)
+    for ax, batch in zip(axes[:, 0], batches):
+        names = [r["layer"] for r in rows if r["batch"] == batch and r["sparsity"] == sparsities[0]]
+        width = 0.8 / len(sparsities)
+        for i, sp in enumerate(sparsities):
+            sel = {r["layer"]: r for r in rows if r["batch"] == batch and r["sparsity"] == sp}
+            ax.bar(np.arange(len(names)) + i * width, [sel[n]["tf32"] / sel[n]["escoin"]
+                                                       for n in names], width, label=f"{sp:.0%}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
+        ax.set_ylabel("speed-up over cuDNN TF32")
+        ax.set_title(f"escoin fp32 vs cuDNN TF32 (PyTorch default), batch {batch}")
+        ax.legend(title="sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_grad_enabled(False)
+    torch.backends.cudnn.benchmark = True
+    rate = fp32_rate(torch)
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN "
+          f"{torch.backends.cudnn.version()}; escoin {escoin.__version__}; strict fp32 matmul "
+          f"{rate / 1e12:.1f} TFLOP/s")
+    rng = np.random.default_rng(0)
+    cases = [(l, n, sp) for sp in args.sparsities for l in layers(args.nets) for n in args.batches]
+    rows = [measure(torch, F, l, n, sp, rate, rng)
+            for l, n, sp in tqdm(cases, desc="cases", file=sys.stderr)]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_layers.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate, rows=rows), f,
+                  indent=1)
+    plot(rows, os.path.join(args.out, "gpu_layers.png"))
+
+    cols = ["escoin"] + ANCHORS + ["floor"]
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'err':>9}")
+    for r in rows:
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}"
+              + "".join(f"{r[c]:>9.4f}" for c in cols) + f"{r['rel_err']:>9.1e}")
+    print("\ngeometric means of time / floor (lower is better), and escoin's speed-up over each")
+    print(f"{'sp':>5}{'N':>4}" + "".join(f"{c:>9}" for c in cols[:-1])
+          + "".join(f"{'x' + c:>9}" for c in ANCHORS) + f"{'worst/tf32':>16}")
+    for sp in args.sparsities:
+        for n in args.batches:
+            sel = [r for r in rows if r["batch"] == n and r["sparsity"] == sp]
+            ratios = [geomean(r[c] / r["floor"] for r in sel) for c in cols[:-1]]
+            speedups = [geomean(r[c] / r["escoin"] for r in sel) for c in ANCHORS]
+            worst = min(sel, key=lambda r: r["tf32"] / r["escoin"])
+            print(f"{sp:>5.2f}{n:>4}" + "".join(f"{v:>9.2f}" for v in ratios)
+                  + "".join(f"{v:>9.2f}" for v in speedups)
+                  + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
+    worst_err = max(r["rel_err"] for r in rows)
+    print(f"max relative error vs float64: {worst_err:.2e} "
+          f"({'PASS' if worst_err <= 1e-5 else 'FAIL'} at 1e-5)")
+
+
+if __name__ == "__main__":
+    main()

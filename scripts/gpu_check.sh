@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
+# GPU layer benchmark; prints the benchmark table last. Usage:
+#   bash scripts/gpu_check.sh [--quick] [--sanitize]     (results go to $OUT or benchmarks/results)
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+quick=0; sanitize=0
+for arg in "$@"; do
+  case "$arg" in --quick) quick=1 ;; --sanitize) sanitize=1 ;; esac
+done
+# Test-only packages may be carried as wheels in .whl/ where the machine has no network.
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/escoin-site .whl/*.whl
+  export PYTHONPATH=/tmp/escoin-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+echo "== build"
+ESCOIN_CUDA=ON ESCOIN_CUDA_ARCHITECTURES="${ESCOIN_CUDA_ARCHITECTURES:-90}" \
+  python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
+python3 -m pip install -q --no-build-isolation --no-deps ./adapters/torch 2>&1 | tail -3
+python3 -c "import escoin; print(escoin.build_info(), 'cuda_available:', escoin.cuda_available())"
+echo "== tests"
+python3 -m pytest -q tests adapters/torch/tests -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -15
+if [ "$sanitize" = 1 ]; then
+  echo "== compute-sanitizer (memcheck) on the GPU tests"
+  compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
+    -p no:cacheprovider -k "not random_geometry" 2>&1 | tail -5
+fi
+echo "== benchmark"
+if [ "$quick" = 1 ]; then
+  python3 benchmarks/gpu_layers.py --sparsities 0.9 --batches 1 32 --out "$out" 2>/dev/null
+else
+  python3 benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32 --out "$out" 2>/dev/null
+fi
