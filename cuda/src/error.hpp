@@ -5,9 +5,9 @@
 // buffer (read back by escoin_last_error) and returns the status. No exception crosses the C API.
 #pragma once
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "escoin/escoin.h"
@@ -24,17 +24,27 @@ class Error : public std::runtime_error {
   escoin_status_t status_;
 };
 
-// Builds a message from streamable parts: fail_invalid("stride_h must be >= 1, got ", s).
+// Message parts: text and numbers. Formatting avoids iostreams on purpose: inserting a number
+// into a std::ostringstream crashed inside the CUDA translation units on an H100 host (a locale
+// facet that was never initialised), while std::to_string needs no locale object.
+inline void append_part(std::string& out, const char* text) { out += text; }
+inline void append_part(std::string& out, const std::string& text) { out += text; }
+template <typename Number, typename = std::enable_if_t<std::is_arithmetic_v<Number>>>
+void append_part(std::string& out, Number value) {
+  out += std::to_string(value);
+}
+
+// Builds a message: fail_invalid("stride_h must be >= 1, got ", s).
 template <typename... Parts>
-std::string concat(Parts&&... parts) {
-  std::ostringstream out;
-  (out << ... << std::forward<Parts>(parts));
-  return out.str();
+std::string concat(const Parts&... parts) {
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
 }
 
 template <typename... Parts>
-[[noreturn]] void fail_invalid(Parts&&... parts) {
-  throw Error(ESCOIN_ERROR_INVALID_ARGUMENT, concat(std::forward<Parts>(parts)...));
+[[noreturn]] void fail_invalid(const Parts&... parts) {
+  throw Error(ESCOIN_ERROR_INVALID_ARGUMENT, concat(parts...));
 }
 
 void set_last_error(const std::string& message);
