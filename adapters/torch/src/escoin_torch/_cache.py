@@ -8,11 +8,17 @@ storage identity, view geometry and the autograd version counter (bumped by ever
 Keys never keep tensors alive: a ``StorageWeakRef`` tells when the storage died, so a new tensor
 that happens to reuse a freed address (common with the CUDA caching allocator) is never mistaken
 for the old one.
+
+Writes that bypass the version counter (through ``tensor.data``, as ``gradcheck`` perturbs its
+inputs, or through NumPy/DLPack aliases) are invisible to such keys. Where comparing contents is
+cheap (host memory: O(nnz) next to the O(nnz * output) convolution) callers ask for
+``verify=True`` and a hit is also checked against a snapshot; on a GPU that check would cost a
+synchronisation per call and is not made.
 """
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Generic, Hashable, List, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Generic, Hashable, List, Optional, Sequence, TypeVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -55,24 +61,24 @@ class TensorCache(Generic[T]):
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[Hashable, Tuple[List[TensorStamp], T]] = {}
+        self._entries: Dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
 
-    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable,
-            build: Callable[[], T]) -> T:
+    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, build: Callable[[], T],
+            verify: bool = False) -> T:
         """The cached value for these tensors' current contents, built with ``build()`` if absent
-        or stale."""
+        or stale. ``verify`` also compares the contents with a snapshot taken at build time."""
         key = (tuple(_contents_key(t, t.untyped_storage()._cdata) for t in tensors), extra)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and not any(stamp.expired for stamp in entry[0]):
-                return entry[1]
+        if entry is not None and entry.valid(tensors):
+            return entry.value
         value = build()  # outside the lock: building may launch device work or take long
-        stamps = [TensorStamp(t) for t in tensors]
+        snapshot = [t.detach().clone() for t in tensors] if verify else None
         with self._lock:
-            for stale in [k for k, (s, _) in self._entries.items() if any(x.expired for x in s)]:
+            for stale in [k for k, e in self._entries.items() if e.expired]:
                 del self._entries[stale]
-            self._entries[key] = (stamps, value)
+            self._entries[key] = _Entry([TensorStamp(t) for t in tensors], snapshot, value)
         return value
 
     def clear(self) -> None:
@@ -81,6 +87,24 @@ class TensorCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class _Entry:
+    __slots__ = ("stamps", "snapshot", "value")
+
+    def __init__(self, stamps: List[TensorStamp], snapshot: Optional[List[torch.Tensor]],
+                 value: object) -> None:
+        self.stamps, self.snapshot, self.value = stamps, snapshot, value
+
+    @property
+    def expired(self) -> bool:
+        return any(stamp.expired for stamp in self.stamps)
+
+    def valid(self, tensors: Sequence[torch.Tensor]) -> bool:
+        if self.expired:
+            return False
+        return self.snapshot is None or all(torch.equal(old, new)
+                                            for old, new in zip(self.snapshot, tensors))
 
 
 def _contents_key(tensor: torch.Tensor, storage_id: int) -> Hashable:

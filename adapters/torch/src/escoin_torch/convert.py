@@ -1,0 +1,154 @@
+"""Model-wide conversion: ``sparsify`` swaps sparse-enough convolutions for ``SparseConv2d``;
+``calibrate`` keeps, per layer, whichever path is faster on the real input."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+
+import torch
+from torch import nn
+
+from escoin_torch.layer import Path, SparseConv2d, folded, pruned_names
+from escoin_torch.ops import SUPPORTED_DTYPES
+from escoin_torch.timing import time_paths
+
+__all__ = ["LayerReport", "LayerTiming", "sparsify", "calibrate"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What :func:`sparsify` did with one ``nn.Conv2d``."""
+
+    name: str
+    shape: Tuple[int, ...]
+    density: float
+    path: Path           # "sparse": now a SparseConv2d; "dense": left as it was
+    reason: str = ""     # why a layer stayed dense
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """What :func:`calibrate` measured for one ``SparseConv2d`` (median milliseconds)."""
+
+    name: str
+    sparse_ms: float
+    dense_ms: float
+    path: Path
+
+
+def sparsify(model: nn.Module, min_sparsity: float = 0.5,
+             filter_fn: Optional[Callable[[str, nn.Conv2d], bool]] = None,
+             inplace: bool = False) -> Tuple[nn.Module, List[LayerReport]]:
+    """Replaces every ``nn.Conv2d`` whose fraction of zero weights is at least ``min_sparsity``
+    (and that ``filter_fn(name, conv)`` accepts) by an equivalent :class:`SparseConv2d`.
+
+    ``torch.nn.utils.prune`` masks are folded into the weight, so the new layers have a plain
+    ``weight`` and the same ``state_dict`` keys as an unpruned ``nn.Conv2d``. Hooks, device,
+    dtype and training flag are kept; parameters of converted layers are shared with the input
+    model when ``inplace=True`` (otherwise the model is deep-copied first). Only exact
+    ``nn.Conv2d`` instances are converted: a subclass may compute something else in ``forward``.
+    A module reachable under several names is converted once and replaced everywhere.
+
+    Returns the model and a report with one entry per ``nn.Conv2d`` considered.
+    """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    if not inplace:
+        model = _deepcopy(model)
+    report: List[LayerReport] = []
+    replacements: Dict[int, SparseConv2d] = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Conv2d:
+            continue
+        weight = folded(module, "weight")
+        density = float(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
+        reason = _reason_to_keep_dense(name, module, weight, density, min_sparsity, filter_fn)
+        if reason:
+            report.append(LayerReport(name, tuple(weight.shape), density, "dense", reason))
+            continue
+        replacements[id(module)] = SparseConv2d.from_dense(module)
+        report.append(LayerReport(name, tuple(weight.shape), density, "sparse"))
+    if id(model) in replacements:
+        return replacements[id(model)], report
+    for parent in model.modules():
+        # _modules, not named_children(): the latter skips a module's second occurrence.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    return model, report
+
+
+def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
+              warmup: int = 3) -> List[LayerTiming]:
+    """Times each ``SparseConv2d``'s sparse and dense forward on the input it receives when
+    ``model`` runs ``example_input`` (a tensor, or a tuple of positional arguments), and sets its
+    ``inference_path`` to the faster one.
+
+    Timing runs on the layer's real input because the answer depends on batch, resolution and
+    device, not only on the weight. Layers that the example forward does not reach are left as
+    they are and not reported.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseConv2d)]
+    inputs: Dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(name)) for name, m in layers]
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = []
+    for name, layer in _progress([(n, m) for n, m in layers if n in inputs], "calibrating"):
+        times = time_paths(layer, inputs[name], repeats, warmup)
+        layer.inference_path = times.faster
+        results.append(LayerTiming(name, times.sparse_s * 1e3, times.dense_s * 1e3,
+                                   times.faster))
+    return results
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on pruned models.
+
+    A pruned module's ``weight`` is ``weight_orig * weight_mask``, a non-leaf tensor that
+    deepcopy refuses; pre-seeding the memo with detached copies sidesteps that (pruning recomputes
+    the attribute at the next forward anyway, and :func:`folded` never reads it).
+    """
+    memo: Dict[int, Any] = {}
+    for module in model.modules():
+        for name in pruned_names(module):
+            tensor = getattr(module, name)
+            if not tensor.is_leaf:
+                memo[id(tensor)] = tensor.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _reason_to_keep_dense(name: str, conv: nn.Conv2d, weight: torch.Tensor, density: float,
+                          min_sparsity: float,
+                          filter_fn: Optional[Callable[[str, nn.Conv2d], bool]]) -> str:
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (escoin pads with zeros only)"
+    if weight.dtype not in SUPPORTED_DTYPES.get(weight.device.type, ()):
+        return f"escoin has no {weight.dtype} kernels on {weight.device.type}"
+    if 1.0 - density < min_sparsity:
+        return f"sparsity {1.0 - density:.3f} < min_sparsity {min_sparsity}"
+    if filter_fn is not None and not filter_fn(name, conv):
+        return "rejected by filter_fn"
+    return ""
+
+
+def _progress(items: List[T], description: str) -> Iterable[T]:
+    """A tqdm progress bar when tqdm is installed (it is optional), else the items as they are."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit="layer")

@@ -1,0 +1,231 @@
+"""``SparseConv2d``: an ``nn.Conv2d`` that runs inference from a compressed copy of its weight.
+
+It *is* an ``nn.Conv2d`` (same constructor, parameters and ``state_dict`` keys), so checkpoints,
+optimisers, pruning utilities and code that checks ``isinstance(m, nn.Conv2d)`` keep working. The
+dense ``weight`` stays the source of truth; the CSR copy is derived from it, rebuilt on the weight's
+device whenever the weight changes, and never saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from escoin_torch import csr as csr_lib
+from escoin_torch._cache import TensorStamp
+from escoin_torch.csr import CSRWeight
+from escoin_torch.ops import SUPPORTED_DTYPES, sparse_conv2d
+
+__all__ = ["SparseConv2d", "folded", "pruned_names"]
+
+Path = Literal["sparse", "dense"]
+_IntOrPair = Union[int, Tuple[int, int]]
+
+
+@dataclass
+class _Compressed:
+    csr: CSRWeight
+    flat_index: torch.Tensor  # where each stored value sits in weight.reshape(-1)
+    stamp: TensorStamp        # the weight contents it was built from
+
+
+class SparseConv2d(nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` computed by escoin from the CSR of its (pruned) weight.
+
+    Which path runs:
+      * training mode: dense ``F.conv2d`` (fast backward, weights change every step), unless
+        ``sparse_training=True``, which runs the sparse op and trains only the stored nonzeros;
+      * eval mode: ``inference_path`` -- ``"sparse"`` by default, ``"dense"`` where
+        :func:`escoin_torch.calibrate` measured dense to be faster.
+
+    ``relu=True`` fuses a ReLU into the convolution (on both paths, so they stay comparable).
+
+    The CSR is rebuilt lazily when the weight's memory or version counter changes (a cheap check
+    per call, not a recompression). Under ``torch.compile`` that check cannot be traced: the CSR
+    in use is the one built before compiling (by :meth:`from_dense`, :func:`escoin_torch.sparsify`
+    or one eager forward); after changing weights of a compiled model call
+    :meth:`refresh_csr` (or run one eager forward) before using it again.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1, padding: Union[str, _IntOrPair] = 0,
+                 dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device: Any = None, dtype: Any = None, *,
+                 relu: bool = False, sparse_training: bool = False,
+                 inference_path: Path = "sparse") -> None:
+        if padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only (escoin pads with "
+                             f"zeros inside the kernel), got {padding_mode!r}; keep this layer "
+                             "an nn.Conv2d")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self.relu = relu
+        self.sparse_training = sparse_training
+        self.inference_path = inference_path
+        self._compressed: Optional[_Compressed] = None
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, relu: bool = False, sparse_training: bool = False,
+                   inference_path: Path = "sparse") -> "SparseConv2d":
+        """A SparseConv2d computing what ``conv`` computes, sharing its parameters.
+
+        The Parameter objects are shared (not copied), so optimiser state and memory stay as
+        they were. A ``torch.nn.utils.prune`` reparametrisation is folded instead: the new layer
+        owns a plain ``weight`` equal to ``weight_orig * weight_mask``. Hooks are copied (except
+        pruning's), as are the training flag; the CSR is built right away.
+        """
+        if type(conv) is not nn.Conv2d and not isinstance(conv, SparseConv2d):
+            raise TypeError(f"from_dense converts an nn.Conv2d, got {type(conv).__name__} (a "
+                            "subclass may compute something else in forward)")
+        layer = cls(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                    kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device="meta", relu=relu,
+                    sparse_training=sparse_training, inference_path=inference_path)
+        pruned = pruned_names(conv)
+        for name in ("weight", "bias"):
+            value = folded(conv, name)
+            if name in pruned:
+                value = nn.Parameter(value.detach(),
+                                     requires_grad=getattr(conv, name + "_orig").requires_grad)
+            setattr(layer, name, value)
+        _copy_hooks(conv, layer)
+        layer.train(conv.training)
+        if layer.weight.dtype in SUPPORTED_DTYPES.get(layer.weight.device.type, ()):
+            layer.refresh_csr()
+        return layer
+
+    @property
+    def density(self) -> float:
+        """Fraction of nonzero weights (what the sparse path's cost is proportional to)."""
+        return float(torch.count_nonzero(self.weight.detach())) / max(1, self.weight.numel())
+
+    def refresh_csr(self) -> CSRWeight:
+        """The CSR of the current weight, recompressed only if the weight changed since."""
+        weight = self.weight
+        state = self._compressed
+        if state is None or not state.stamp.matches(weight):
+            csr = csr_lib.from_dense(weight, self.groups)
+            state = _Compressed(csr, csr.flat_index(), TensorStamp(weight))
+            self._compressed = state
+        return state.csr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_sparse = self.sparse_training if self.training else self.inference_path == "sparse"
+        return self.sparse_forward(x) if use_sparse else self.dense_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``nn.Conv2d`` computes (plus the optional ReLU)."""
+        y = self._conv_forward(x, self.weight, self.bias)
+        return F.relu(y) if self.relu else y
+
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The escoin path; gradients reach the weight's stored nonzeros, the input and bias."""
+        if torch.compiler.is_compiling():
+            if self._compressed is None:
+                raise RuntimeError("SparseConv2d has no CSR yet; build it before torch.compile "
+                                   "with layer.refresh_csr() or one eager forward")
+            csr = self._compressed.csr
+        else:
+            csr = self.refresh_csr()
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            assert self._compressed is not None
+            csr = csr._replace(values=_AttachToWeight.apply(csr.values, self.weight,
+                                                            self._compressed.flat_index))
+        return sparse_conv2d(x, csr, self.bias, self.stride, self.padding, self.dilation,
+                             self.relu)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
+        # .to()/.cuda()/.double() may replace the weight; rebuild the CSR for the new one.
+        self._compressed = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Copies and pickles get a fresh CSR on first use: the stamp refers to this weight.
+        state = super().__getstate__()
+        state = dict(state)
+        state["_compressed"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        extras = [f"relu={self.relu}"] if self.relu else []
+        if self.sparse_training:
+            extras.append("sparse_training=True")
+        if self.inference_path != "sparse":
+            extras.append(f"inference_path={self.inference_path!r}")
+        return ", ".join([super().extra_repr()] + extras)
+
+
+class _AttachToWeight(torch.autograd.Function):
+    """Returns the cached CSR values unchanged, but routes their gradient into the dense weight.
+
+    Gathering ``weight.reshape(-1)[flat_index]`` on every call would work too, but it creates new
+    values each call and so a new escoin filter (a host round trip) each call. The cached values
+    equal that gather because the CSR is rebuilt whenever the weight changes.
+    """
+
+    @staticmethod
+    def forward(values: torch.Tensor, weight: torch.Tensor,
+                flat_index: torch.Tensor) -> torch.Tensor:
+        return values.view_as(values)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, weight, flat_index = inputs
+        ctx.save_for_backward(flat_index)
+        ctx.weight_shape = weight.shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (flat_index,) = ctx.saved_tensors
+        grad_weight = grad.new_zeros(ctx.weight_shape).reshape(-1).index_put((flat_index,), grad)
+        return None, grad_weight.reshape(ctx.weight_shape), None
+
+
+def folded(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>`` with any torch.nn.utils.prune mask applied.
+
+    Recomputed as ``<name>_orig * <name>_mask`` rather than read from ``module.<name>``: pruning
+    refreshes that attribute only in its pre-forward hook, so it lags any update of ``_orig``.
+    """
+    if name in pruned_names(module):
+        return getattr(module, name + "_orig") * getattr(module, name + "_mask")
+    return getattr(module, name)
+
+
+def pruned_names(module: nn.Module) -> set:
+    """Tensor names that torch.nn.utils.prune reparametrised on ``module``."""
+    from torch.nn.utils import prune
+
+    names = set()
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.PruningContainer):
+            names.update(h._tensor_name for h in hook)
+        elif isinstance(hook, prune.BasePruningMethod):
+            names.add(hook._tensor_name)
+    return names
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Copies every hook registry of ``source`` into ``target``, minus pruning's pre-hooks
+    (the pruning is folded into the weight)."""
+    from torch.nn.utils import prune
+
+    for name in _HOOK_DICTS:
+        if not hasattr(source, name):
+            continue  # registries this torch version does not have
+        hooks = getattr(source, name).copy()
+        if name == "_forward_pre_hooks":
+            hooks = type(hooks)((k, h) for k, h in hooks.items()
+                                if not isinstance(h, prune.BasePruningMethod))
+        setattr(target, name, hooks)
+    target._is_full_backward_hook = source._is_full_backward_hook

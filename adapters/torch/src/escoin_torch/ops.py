@@ -1,0 +1,286 @@
+"""The ``escoin::sparse_conv2d`` custom op: CPU and CUDA kernels, fake kernel, autograd.
+
+Being a ``torch.library`` op (rather than a Python function calling escoin) is what makes the
+convolution an opaque node that torch.compile can trace through, that CUDA graphs can capture
+(escoin neither allocates nor synchronises inside a compute call and we pass the current stream),
+and that ``torch.library.opcheck`` can verify.
+
+Semantics are ``torch.nn.functional.conv2d`` (zero padding, NCHW or channels_last input), with the
+weight given as escoin CSR tensors, plus an optional fused ReLU.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import escoin
+import torch
+import torch.nn.functional as F
+
+from escoin_torch._cache import TensorCache
+from escoin_torch.csr import CSRWeight, transpose
+
+__all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
+
+#: What escoin computes in, per device type (its CUDA kernels are float32 only).
+SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+
+_SCHEMA = ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int[4] weight_shape, "
+           "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) "
+           "-> Tensor")
+
+# escoin.SparseFilter per CSR contents (and hence per device): building one costs a host copy of
+# the CSR and, on CUDA, an upload; both must stay out of the steady state and of graph capture.
+_filters: TensorCache[escoin.SparseFilter] = TensorCache()
+# The input-gradient CSR per forward CSR, so eval-mode input gradients (saliency, adversarial
+# examples) transpose the weight once per weight version rather than once per backward.
+_transposes: TensorCache[CSRWeight] = TensorCache()
+
+
+def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
+                  stride: Union[int, Sequence[int]] = 1,
+                  padding: Union[int, Sequence[int], str] = 0,
+                  dilation: Union[int, Sequence[int]] = 1, relu: bool = False) -> torch.Tensor:
+    """``F.conv2d(x, weight.to_dense(), bias, stride, padding, dilation, weight.groups)``, computed
+    by escoin from the CSR weight, optionally followed by a fused ReLU.
+
+    Accepts what F.conv2d accepts: (N, C, H, W) or unbatched (C, H, W) input, int or pair
+    arguments, and ``padding='same'`` / ``'valid'``.
+    """
+    if x.dim() == 3:
+        return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation,
+                             relu).squeeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"sparse_conv2d expects a (N, C, H, W) or (C, H, W) input, got shape "
+                         f"{tuple(x.shape)}")
+    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        x, padding_ = _explicit_padding(x, padding, weight.shape[2:], stride_, dilation_)
+    else:
+        padding_ = _pair(padding, "padding")
+    return torch.ops.escoin.sparse_conv2d(x, weight.row_ptr, weight.col_idx, weight.values,
+                                          list(weight.shape), bias, stride_, padding_, dilation_,
+                                          weight.groups, relu)
+
+
+@torch.library.custom_op("escoin::sparse_conv2d", mutates_args=(), device_types="cpu",
+                         schema=_SCHEMA)
+def _sparse_conv2d_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                       values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
+                       stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                       relu: bool) -> torch.Tensor:
+    """CPU kernel: escoin's OpenMP kernels write straight into a torch-allocated output."""
+    out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
+                        dilation, groups)
+    if out.numel() == 0:
+        return _like_input_format(out, x)
+    filt = _filter(row_ptr, col_idx, values, weight_shape, groups)
+    escoin.conv2d(x.detach().contiguous().numpy(), filt,
+                  bias=None if bias is None else bias.detach().contiguous().numpy(),
+                  stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                  relu=relu, out=out.numpy())
+    return _like_input_format(out, x)
+
+
+@_sparse_conv2d_cpu.register_kernel("cuda")
+def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                        values: torch.Tensor, weight_shape: List[int],
+                        bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                        dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+    """CUDA kernel: output and workspace come from torch's caching allocator and the launch goes
+    on torch's current stream, so the call is stream-ordered and legal inside graph capture."""
+    out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
+                        dilation, groups)
+    if out.numel() == 0:
+        return _like_input_format(out, x)
+    x_c = x.detach().contiguous()
+    filt = _filter(row_ptr, col_idx, values, weight_shape, groups)
+    geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
+    workspace = torch.empty(escoin.workspace_size(tuple(x_c.shape), filt, **geometry),
+                            dtype=torch.uint8, device=x.device)
+    escoin.conv2d(x_c, filt, bias=None if bias is None else bias.detach().contiguous(),
+                  relu=relu, out=out, workspace=workspace,
+                  stream=torch.cuda.current_stream(x.device).cuda_stream, **geometry)
+    return _like_input_format(out, x)
+
+
+@_sparse_conv2d_cpu.register_fake
+def _sparse_conv2d_fake(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                        values: torch.Tensor, weight_shape: List[int],
+                        bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                        dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+    """Shape, dtype, device and memory format of the result, with the same argument checks as
+    the real kernels so that a bad call fails at trace time, not first run."""
+    out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
+                        dilation, groups)
+    return _like_input_format(out, x)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                   output: torch.Tensor) -> None:
+    x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups, relu = \
+        inputs
+    ctx.save_for_backward(x, row_ptr, col_idx, values, output if relu else None)
+    ctx.geometry = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+                    relu)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    """Gradients for x (a sparse conv with the transposed weight), for the stored weight values
+    only (the sparsity pattern is fixed) and for the bias."""
+    x, row_ptr, col_idx, values, output = ctx.saved_tensors
+    weight_shape, stride, padding, dilation, groups, relu = ctx.geometry
+    csr = CSRWeight(row_ptr, col_idx, values, weight_shape, groups)
+    if relu:
+        grad = grad * (output > 0)
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _input_grad(grad, csr, x.shape, stride, padding, dilation)
+    if ctx.needs_input_grad[3]:
+        # The dense weight gradient is one cuDNN/oneDNN call; only its entries on the pattern
+        # are kept. A sparse (SDDMM-style) kernel would be cheaper but escoin has none.
+        dense = torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding, dilation,
+                                            groups)
+        grad_values = dense.reshape(-1)[csr.flat_index()]
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_x, None, None, grad_values, None, grad_bias, None, None, None, None, None
+
+
+_sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride: Tuple[int, int],
+                padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """``conv_transpose2d(grad, W)`` as a stride-1 sparse conv: zeros inserted between grad
+    elements (stride), the result padded (or cropped, when padding exceeds the kernel extent) so
+    that the output is exactly (H, W), and the transposed, flipped CSR weight."""
+    n, m, out_h, out_w = grad.shape
+    if stride != (1, 1):
+        spread = grad.new_zeros(n, m, (out_h - 1) * stride[0] + 1, (out_w - 1) * stride[1] + 1)
+        spread[:, :, ::stride[0], ::stride[1]] = grad
+        grad = spread
+    sides = []  # (low, high) per axis; high >= low always, by the output-size formula
+    for size, out_size, k, s, p, d in ((x_shape[2], out_h, csr.shape[2], stride[0], padding[0],
+                                        dilation[0]),
+                                       (x_shape[3], out_w, csr.shape[3], stride[1], padding[1],
+                                        dilation[1])):
+        sides.append((d * (k - 1) - p, size - 1 - (out_size - 1) * s + p))
+    common = [max(0, low) for low, _ in sides]  # the symmetric part is padded by the kernel
+    residual = (sides[1][0] - common[1], sides[1][1] - common[1],
+                sides[0][0] - common[0], sides[0][1] - common[0])
+    if any(v != 0 for v in residual):
+        grad = F.pad(grad, residual)
+    flipped = _transposed(csr)
+    return torch.ops.escoin.sparse_conv2d(grad, flipped.row_ptr, flipped.col_idx, flipped.values,
+                                          list(flipped.shape), None, [1, 1], common,
+                                          list(dilation), flipped.groups, False)
+
+
+def _transposed(csr: CSRWeight) -> CSRWeight:
+    tensors = (csr.row_ptr, csr.col_idx, csr.values)
+    # Traced tensors (torch.compile's fake/functional tensors) have no stable identity, and a
+    # double backward needs the transposed values attached to the autograd graph: compute then.
+    if torch.is_grad_enabled() or any(type(t) is not torch.Tensor for t in tensors):
+        return transpose(csr)
+    return _transposes.get(tensors, (csr.shape, csr.groups), lambda: transpose(csr),
+                           verify=csr.values.device.type == "cpu")
+
+
+def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+            weight_shape: Sequence[int], groups: int) -> escoin.SparseFilter:
+    """The escoin filter for these CSR tensors, on their device; built once per contents."""
+    def build() -> escoin.SparseFilter:
+        filt = escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
+                                            values.detach().cpu().numpy(), tuple(weight_shape),
+                                            groups=groups)
+        return filt.cuda(values.device.index) if values.device.type == "cuda" else filt
+
+    return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
+                        verify=values.device.type == "cpu")
+
+
+def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  values: torch.Tensor, weight_shape: Sequence[int], bias: Optional[torch.Tensor],
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  groups: int) -> torch.Tensor:
+    """Checks every argument (message names it) and allocates the contiguous NCHW output."""
+    if x.dim() != 4:
+        raise ValueError(f"escoin::sparse_conv2d: x must be (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    supported = SUPPORTED_DTYPES.get(x.device.type)
+    if supported is None:
+        raise ValueError(f"escoin::sparse_conv2d: no escoin kernels for device {x.device}")
+    if x.dtype not in supported:
+        raise TypeError(f"escoin::sparse_conv2d: on {x.device.type} escoin computes in "
+                        f"{', '.join(str(d) for d in supported)}; x is {x.dtype}")
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"escoin::sparse_conv2d: x ({x.dtype}), values ({values.dtype}) and bias "
+                        f"({None if bias is None else bias.dtype}) must have one dtype")
+    if row_ptr.dtype != torch.int64 or col_idx.dtype != torch.int32:
+        raise TypeError(f"escoin::sparse_conv2d: row_ptr must be int64 and col_idx int32, got "
+                        f"{row_ptr.dtype} and {col_idx.dtype}")
+    others = [t for t in (row_ptr, col_idx, values, bias) if t is not None]
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"escoin::sparse_conv2d: x is on {x.device} but the weight/bias are on "
+                         f"{sorted({str(t.device) for t in others})}")
+    if len(weight_shape) != 4 or min(weight_shape) < 1 or groups < 1 \
+            or weight_shape[0] % groups:
+        raise ValueError(f"escoin::sparse_conv2d: weight_shape {list(weight_shape)} with groups "
+                         f"{groups} is not an (M, C/groups, kh, kw) shape with M divisible by "
+                         "groups")
+    m, c_group, kh, kw = weight_shape
+    if x.shape[1] != c_group * groups:
+        raise ValueError(f"escoin::sparse_conv2d: x has {x.shape[1]} channels, the weight "
+                         f"expects {c_group * groups} ({c_group} per group x {groups} groups)")
+    if row_ptr.shape != (m + 1,) or col_idx.dim() != 1 or values.shape != col_idx.shape:
+        raise ValueError(f"escoin::sparse_conv2d: CSR shapes row_ptr {tuple(row_ptr.shape)}, "
+                         f"col_idx {tuple(col_idx.shape)}, values {tuple(values.shape)} do not "
+                         f"fit {m} rows")
+    if bias is not None and bias.shape != (m,):
+        raise ValueError(f"escoin::sparse_conv2d: bias must have shape ({m},), got "
+                         f"{tuple(bias.shape)}")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2 or min(stride) < 1 \
+            or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"escoin::sparse_conv2d: need stride >= 1, padding >= 0, dilation >= 1 "
+                         f"as pairs; got {list(stride)}, {list(padding)}, {list(dilation)}")
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+              zip(x.shape[2:], (kh, kw), stride, padding, dilation)]
+    if min(out_hw) < 1:
+        raise ValueError(f"escoin::sparse_conv2d: input {tuple(x.shape[2:])} padded by "
+                         f"{list(padding)} is smaller than the dilated kernel; output would be "
+                         f"{out_hw}")
+    return x.new_empty((x.shape[0], m, out_hw[0], out_hw[1]))
+
+
+def _like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output in the input's memory format, as F.conv2d returns it: escoin writes NCHW, so a
+    channels_last input gets a channels_last copy (never a silently mislaid layout)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _explicit_padding(x: torch.Tensor, padding: str, kernel: Sequence[int],
+                      stride: List[int], dilation: List[int]) -> Tuple[torch.Tensor, List[int]]:
+    """Turns 'valid'/'same' into symmetric padding; an odd 'same' total puts the extra row and
+    column at the end, as PyTorch does, by padding the input once."""
+    if padding == "valid":
+        return x, [0, 0]
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    if stride != [1, 1]:
+        raise ValueError(f"padding='same' needs stride 1 (as in F.conv2d), got stride {stride}")
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    extra = [t % 2 for t in total]
+    if any(extra):
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    return x, [t // 2 for t in total]
+
+
+def _pair(value: Union[int, Sequence[int]], name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    items = list(value)
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return [int(v) for v in items]

@@ -1,0 +1,95 @@
+"""sparsify (prune-mask folding, hooks, thresholds, report) and calibrate."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from torch_helpers import SmallCNN, pruned_small_cnn, relative_error, sparse_conv
+from escoin_torch import SparseConv2d, calibrate, sparsify
+
+
+def test_sparsify_folds_prune_masks() -> None:
+    model = pruned_small_cnn(0.7)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    converted, report = sparsify(model.eval())
+    assert [r.path for r in report] == ["sparse"] * 4
+    assert all(abs(r.density - 0.3) < 0.05 for r in report)
+    assert report[0].name == "features.0" and report[0].shape == (8, 3, 3, 3)
+    for module in converted.modules():
+        if isinstance(module, nn.Conv2d):
+            assert type(module) is SparseConv2d and not hasattr(module, "weight_orig")
+            assert isinstance(module.weight, nn.Parameter) and not module._forward_pre_hooks
+    assert not any(k.endswith(("_orig", "_mask")) for k in converted.state_dict())
+    assert relative_error(converted(x), expected) < 1e-5
+    assert hasattr(model.features[0], "weight_orig")  # not inplace: the input model is intact
+    plain = SmallCNN()
+    plain.load_state_dict(converted.state_dict())
+    assert relative_error(plain.eval()(x), expected) < 1e-5
+
+
+def test_fold_uses_current_orig() -> None:
+    model = pruned_small_cnn(0.5)
+    with torch.no_grad():  # after a training step, before the next forward
+        model.features[0].weight_orig.mul_(2)
+    converted, _ = sparsify(model)
+    folded = model.features[0].weight_orig * model.features[0].weight_mask
+    assert torch.equal(converted.features[0].weight, folded)
+
+
+def test_thresholds_filter_and_padding_mode() -> None:
+    model = nn.Sequential(sparse_conv(3, 4, 3, density=0.3), sparse_conv(4, 4, 3, density=0.9),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          sparse_conv(4, 4, 1, density=0.2))
+    with torch.no_grad():
+        model[2].weight.mul_(model[2].weight.abs() > 0.3)
+    converted, report = sparsify(model, min_sparsity=0.5, filter_fn=lambda name, m: name != "3")
+    paths = {r.name: (r.path, r.reason) for r in report}
+    assert paths["0"][0] == "sparse"
+    assert paths["1"][0] == "dense" and "min_sparsity" in paths["1"][1]
+    assert paths["2"][0] == "dense" and "padding_mode" in paths["2"][1]
+    assert paths["3"] == ("dense", "rejected by filter_fn")
+    assert [type(m) for m in converted] == [SparseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+
+
+def test_hooks_inplace_shared_and_device_kept() -> None:
+    shared = sparse_conv(3, 3, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    seen = []
+    handle = shared.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    converted, report = sparsify(model, inplace=True)
+    assert converted is model and len(report) == 1
+    assert model[0] is model[2] and type(model[0]) is SparseConv2d
+    assert model[0].weight is shared.weight and model[0].weight.device == shared.weight.device
+    model.eval()(torch.randn(1, 3, 5, 5))
+    assert len(seen) == 2
+    handle.remove()  # removal by the old handle is not guaranteed; the copy stays registered
+    assert len(model[0]._forward_hooks) == 1
+
+
+def test_sparsify_single_conv_model() -> None:
+    conv = sparse_conv(3, 4, 3)
+    converted, report = sparsify(conv)
+    assert type(converted) is SparseConv2d and report[0].name == ""
+
+
+@pytest.mark.parametrize("have_tqdm", [True, False])
+def test_calibrate(have_tqdm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not have_tqdm:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    model, _ = sparsify(pruned_small_cnn(0.8).eval())
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    results = calibrate(model, x, repeats=3, warmup=1)
+    assert [r.name for r in results] == ["features.0", "features.2", "features.4", "features.6"]
+    layers = dict(model.named_modules())
+    for r in results:
+        assert r.sparse_ms > 0 and r.dense_ms > 0
+        assert r.path == ("sparse" if r.sparse_ms <= r.dense_ms else "dense")
+        assert layers[r.name].inference_path == r.path
+    assert relative_error(model(x), expected) < 1e-5

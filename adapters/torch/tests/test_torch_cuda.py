@@ -1,0 +1,119 @@
+"""The CUDA kernel: results, streams, channels_last, CUDA graphs, torch.compile, dtype errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_helpers import pruned_small_cnn, reference_conv, relative_error, sparse_conv
+from escoin_torch import SparseConv2d, sparse_conv2d, sparsify
+from escoin_torch import csr as csr_lib
+
+pytestmark = pytest.mark.cuda
+
+
+def _layer() -> SparseConv2d:
+    return SparseConv2d.from_dense(sparse_conv(8, 16, 3, stride=2, padding=1, groups=2)).cuda()
+
+
+def test_matches_conv2d_cuda() -> None:
+    layer = _layer().eval()
+    x = torch.randn(4, 8, 17, 15, device="cuda")
+    y = layer(x)
+    assert y.device == x.device
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, stride=2, padding=1,
+                                            groups=2)) < 1e-5
+
+
+def test_hypothesis_geometries_cuda() -> None:
+    from test_torch_ops import check_against_reference, geometries
+    from hypothesis import given, settings
+
+    @settings(max_examples=60, deadline=None)
+    @given(geometries())
+    def run(g: dict) -> None:
+        if g["dtype"] == torch.float32:
+            check_against_reference(g, "cuda")
+
+    run()
+
+
+def test_side_stream_and_channels_last() -> None:
+    layer = _layer().eval()
+    x = torch.randn(2, 8, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = layer(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, stride=2, padding=1,
+                                            groups=2)) < 1e-5
+
+
+def test_cuda_graph_capture_and_replay() -> None:
+    layer = _layer().eval()
+    static_x = torch.randn(2, 8, 16, 16, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(static_x)  # warm-up: CSR, filter upload and stretched offsets exist
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(static_y, reference_conv(static_x, layer.weight, layer.bias,
+                                                       stride=2, padding=1, groups=2)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compile_fullgraph_cuda(mode: str) -> None:
+    model, _ = sparsify(pruned_small_cnn().cuda().eval())
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True, mode=mode)
+        for _ in range(3):
+            y = compiled(x)
+    assert relative_error(y, expected) < 1e-5
+
+
+def test_backward_cuda() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(4, 6, 3, padding=1), sparse_training=True)
+    layer = layer.cuda().train()
+    x = torch.randn(2, 4, 9, 9, device="cuda", requires_grad=True)
+    layer(x).square().sum().backward()
+    x_ref = x.detach().double().cpu().requires_grad_()
+    w_ref = layer.weight.detach().double().cpu().requires_grad_()
+    torch.nn.functional.conv2d(x_ref, w_ref, layer.bias.detach().double().cpu(),
+                               padding=1).square().sum().backward()
+    mask = (layer.weight != 0).cpu()
+    assert relative_error(x.grad, x_ref.grad) < 1e-5
+    assert relative_error(layer.weight.grad.cpu()[mask], w_ref.grad[mask]) < 1e-5
+
+
+def test_opcheck_cuda() -> None:
+    layer = _layer()
+    csr = layer.refresh_csr()
+    x = torch.randn(2, 8, 10, 10, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.escoin.sparse_conv2d.default,
+                          (x, csr.row_ptr, csr.col_idx, csr.values.clone().requires_grad_(),
+                           list(csr.shape), layer.bias.detach().clone().requires_grad_(),
+                           [2, 2], [1, 1], [1, 1], csr.groups, True))
+
+
+def test_float64_on_cuda_is_a_clear_error() -> None:
+    weight = sparse_conv(3, 4, 3).weight.detach().double().cuda()
+    with pytest.raises(TypeError, match="on cuda escoin computes in torch.float32"):
+        sparse_conv2d(torch.randn(1, 3, 5, 5, device="cuda", dtype=torch.float64),
+                      csr_lib.from_dense(weight))
+
+
+def test_device_mismatch_is_a_clear_error() -> None:
+    csr = csr_lib.from_dense(sparse_conv(3, 4, 3).weight.detach())
+    with pytest.raises(ValueError, match="x is on cuda"):
+        sparse_conv2d(torch.randn(1, 3, 5, 5, device="cuda"), csr)

@@ -1,0 +1,195 @@
+"""SparseConv2d as a drop-in nn.Conv2d: results, paths, state_dict, CSR refresh, compile."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from torch_helpers import pruned_small_cnn, reference_conv, relative_error, sparse_conv
+from escoin_torch import SparseConv2d, sparsify
+
+
+def test_from_dense_matches_and_shares_parameters() -> None:
+    conv = sparse_conv(4, 6, 3, stride=2, padding=1, groups=2)
+    layer = SparseConv2d.from_dense(conv).eval()
+    assert layer.weight is conv.weight and layer.bias is conv.bias
+    x = torch.randn(3, 4, 11, 9)
+    assert relative_error(layer(x), reference_conv(x, conv.weight, conv.bias, stride=2,
+                                                   padding=1, groups=2)) < 1e-5
+
+
+def test_constructor_like_conv2d_and_padding_mode_error() -> None:
+    layer = SparseConv2d(3, 4, (3, 5), stride=(1, 2), padding=1, bias=False)
+    assert isinstance(layer, nn.Conv2d) and layer.bias is None
+    with pytest.raises(ValueError, match="padding_mode='zeros' only"):
+        SparseConv2d(3, 4, 3, padding_mode="reflect")
+
+
+def test_training_dense_eval_sparse(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1))
+    calls = []
+    monkeypatch.setattr(torch.ops.escoin, "sparse_conv2d",
+                        _spy(torch.ops.escoin.sparse_conv2d, calls), raising=False)
+    x = torch.randn(2, 3, 6, 6)
+    layer.train()(x)
+    assert calls == []
+    layer.eval()(x)
+    assert len(calls) == 1
+    layer.inference_path = "dense"
+    layer(x)
+    assert len(calls) == 1
+
+
+def _spy(op, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return op(*args, **kwargs)
+    return wrapper
+
+
+def test_state_dict_round_trip() -> None:
+    conv = sparse_conv(3, 5, 3, padding=1)
+    layer = SparseConv2d.from_dense(copy.deepcopy(conv))
+    assert list(layer.state_dict()) == list(conv.state_dict()) == ["weight", "bias"]
+    plain = nn.Conv2d(3, 5, 3, padding=1)
+    plain.load_state_dict(layer.state_dict())
+    fresh = SparseConv2d(3, 5, 3, padding=1).eval()
+    fresh.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 7, 7)
+    assert relative_error(fresh(x), reference_conv(x, conv.weight, conv.bias, padding=1)) < 1e-5
+
+
+def test_csr_follows_weight_changes() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = layer.refresh_csr()
+    assert layer.refresh_csr() is before  # unchanged weight: no recompression
+    with torch.no_grad():
+        layer.weight.mul_(-3)
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    layer.load_state_dict({"weight": torch.randn(4, 3, 3, 3), "bias": torch.randn(4)})
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    layer.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    layer.double()
+    y = layer(x.double())
+    assert y.dtype == torch.float64
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias)) < 1e-12
+
+
+def test_fused_relu_both_paths() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3), relu=True)
+    x = torch.randn(2, 3, 6, 6)
+    expected = reference_conv(x, layer.weight, layer.bias).relu()
+    assert relative_error(layer.eval()(x), expected) < 1e-5
+    assert relative_error(layer.train()(x), expected) < 1e-5
+
+
+def test_sparse_training_gradients() -> None:
+    """Sparse training updates only stored nonzeros, with the gradient dense conv would give."""
+    conv = sparse_conv(4, 6, 3, stride=2, padding=1, groups=2).double()
+    layer = SparseConv2d.from_dense(copy.deepcopy(conv), sparse_training=True).train()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    y, y_ref = layer(x), conv(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    (y_ref * g).sum().backward()
+    mask = conv.weight != 0
+    assert relative_error(gx, x.grad) < 1e-12
+    assert relative_error(layer.weight.grad[mask], conv.weight.grad[mask]) < 1e-12
+    assert torch.all(layer.weight.grad[~mask] == 0)
+    assert relative_error(layer.bias.grad, conv.bias.grad) < 1e-12
+
+
+def test_sparse_training_step_keeps_pattern() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3), sparse_training=True).train()
+    zeros = layer.weight == 0
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    assert torch.all(layer.weight[zeros] == 0)
+    assert relative_error(layer.eval()(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+
+
+def test_eval_input_gradient() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1).double()).eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_unbatched_and_same_padding() -> None:
+    conv = sparse_conv(3, 4, 4, padding="same", dilation=1)
+    layer = SparseConv2d.from_dense(conv).eval()
+    x = torch.randn(3, 9, 8)
+    assert relative_error(layer(x), conv(x)) < 1e-5
+
+
+def test_deepcopy_and_pickle() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        clone.weight.mul_(2)
+    assert relative_error(clone(x), reference_conv(x, clone.weight, clone.bias)) < 1e-5
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert relative_error(loaded(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+
+
+def test_channels_last_layer() -> None:
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 7, 7).contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, padding=1)) < 1e-5
+
+
+def test_unsupported_dtype_is_a_clear_error() -> None:
+    layer = SparseConv2d(3, 4, 3).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        layer.half()(x.half())
+    with pytest.raises(TypeError, match="one dtype"):
+        layer.float()(x.double())
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_compile_fullgraph_cpu(inference_mode: bool) -> None:
+    model, _ = sparsify(pruned_small_cnn().eval())
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode(inference_mode):
+        y = compiled(x)
+    assert relative_error(y, expected) < 1e-5
+
+
+def test_compile_fullgraph_backward_cpu() -> None:
+    model, _ = sparsify(pruned_small_cnn())
+    for layer in model.modules():
+        if isinstance(layer, SparseConv2d):
+            layer.sparse_training = True
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(x).sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    assert relative_error(gx, x.grad) < 1e-5
+
+
+def test_compile_needs_a_csr() -> None:
+    layer = SparseConv2d(3, 4, 3).eval()
+    with pytest.raises(Exception, match="no CSR yet"):
+        torch.compile(layer, fullgraph=True)(torch.randn(1, 3, 5, 5))

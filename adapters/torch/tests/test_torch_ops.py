@@ -1,0 +1,225 @@
+"""The op against F.conv2d (float64 reference), its memory formats, errors, opcheck, gradcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from torch_helpers import reference_conv, relative_error, sparse_weight, tolerance
+from escoin_torch import csr as csr_lib
+from escoin_torch import sparse_conv2d
+
+
+@st.composite
+def geometries(draw: st.DrawFn) -> dict:
+    groups = draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    # Inputs at least as large as the padded dilated kernel needs, so the output is >= 1x1.
+    height = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 12))
+    width = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 12))
+    return dict(batch=draw(st.integers(1, 3)), groups=groups,
+                in_per_group=draw(st.integers(1, 4)), out_per_group=draw(st.integers(1, 4)),
+                kernel=(kh, kw), stride=stride, padding=padding, dilation=dilation,
+                size=(height, width), density=draw(st.sampled_from([0.05, 0.3, 0.7, 1.0])),
+                bias=draw(st.booleans()), relu=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _case(g: dict, device: str = "cpu") -> tuple:
+    gen = torch.Generator().manual_seed(g["seed"])
+    weight = sparse_weight((g["groups"] * g["out_per_group"], g["in_per_group"], *g["kernel"]),
+                           g["density"], gen, g["dtype"])
+    x = torch.randn(g["batch"], g["groups"] * g["in_per_group"], *g["size"], generator=gen,
+                    dtype=g["dtype"])
+    bias = torch.randn(weight.shape[0], generator=gen, dtype=g["dtype"]) if g["bias"] else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x), to(weight), to(bias)
+
+
+def check_against_reference(g: dict, device: str = "cpu") -> None:
+    x, weight, bias = _case(g, device)
+    geometry = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"])
+    y = sparse_conv2d(x, csr_lib.from_dense(weight, g["groups"]), bias, relu=g["relu"],
+                      **geometry)
+    expected = reference_conv(x, weight, bias, groups=g["groups"], **geometry)
+    if g["relu"]:
+        expected = expected.relu()
+    assert y.shape == expected.shape and y.dtype == x.dtype and y.device == x.device
+    if expected.abs().max() > 0:
+        assert relative_error(y, expected) < tolerance(g["dtype"])
+    else:
+        assert y.abs().max() == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(geometries())
+def test_matches_conv2d_cpu(g: dict) -> None:
+    check_against_reference(g)
+
+
+@pytest.fixture
+def case() -> tuple:
+    gen = torch.Generator().manual_seed(1)
+    weight = sparse_weight((6, 2, 3, 3), 0.3, gen)
+    return (torch.randn(2, 4, 9, 7, generator=gen), csr_lib.from_dense(weight, groups=2), weight,
+            torch.randn(6, generator=gen))
+
+
+def test_channels_last_in_channels_last_out(case: tuple) -> None:
+    x, csr, weight, bias = case
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y = sparse_conv2d(x_cl, csr, bias, padding=1, stride=2)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    expected = reference_conv(x, weight, bias, padding=1, stride=2, groups=2)
+    assert relative_error(y, expected) < tolerance(torch.float32)
+
+
+def test_non_contiguous_input(case: tuple) -> None:
+    x, csr, weight, bias = case
+    wide = torch.randn(2, 4, 9, 14)
+    y = sparse_conv2d(wide[..., ::2], csr, bias)
+    assert relative_error(y, reference_conv(wide[..., ::2], weight, bias, groups=2)) < 1e-5
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (4, 1), (2, 3), (4, 2)])
+def test_padding_same_and_valid(kernel: int, dilation: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = sparse_weight((5, 3, kernel, kernel), 0.5, gen)
+    x = torch.randn(2, 3, 10, 11, generator=gen)
+    csr = csr_lib.from_dense(weight)
+    for padding in ("same", "valid"):
+        y = sparse_conv2d(x, csr, padding=padding, dilation=dilation)
+        expected = reference_conv(x, weight, None, padding=padding, dilation=dilation)
+        assert y.shape == expected.shape
+        assert relative_error(y, expected) < tolerance(torch.float32)
+
+
+def test_unbatched_input(case: tuple) -> None:
+    x, csr, weight, bias = case
+    y = sparse_conv2d(x[0], csr, bias, padding=(1, 2))
+    expected = reference_conv(x[:1], weight, bias, padding=(1, 2), groups=2)[0]
+    assert y.shape == expected.shape and relative_error(y, expected) < 1e-5
+
+
+def test_empty_batch(case: tuple) -> None:
+    x, csr, _, bias = case
+    y = sparse_conv2d(x[:0], csr, bias, padding=1)
+    assert y.shape == (0, 6, 9, 7)
+
+
+def test_csr_round_trip_and_transpose(case: tuple) -> None:
+    _, csr, weight, _ = case
+    dense = torch.zeros(weight.numel()).index_put((csr.flat_index(),), csr.values)
+    assert torch.equal(dense.view_as(weight), weight)
+    flipped = csr_lib.transpose(csr)
+    expected = weight.view(2, 3, 2, 3, 3).transpose(1, 2).flip(-1, -2).reshape(4, 3, 3, 3)
+    dense_t = torch.zeros(expected.numel()).index_put((flipped.flat_index(),), flipped.values)
+    assert torch.equal(dense_t.view_as(expected), expected)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, c, b: (x.half(), c, b.half()), "computes in"),
+    (lambda x, c, b: (x.int(), c, b), "computes in"),
+    (lambda x, c, b: (x.double(), c, b), "one dtype"),
+    (lambda x, c, b: (x[:, :3], c, b), "channels"),
+    (lambda x, c, b: (x, c, b[:4]), "bias must have shape"),
+    (lambda x, c, b: (x, c._replace(col_idx=c.col_idx.long()), b), "int32"),
+    (lambda x, c, b: (x, c._replace(values=c.values[:-1]), b), "CSR shapes"),
+])
+def test_clear_errors(case: tuple, bad, match: str) -> None:
+    x, csr, _, bias = case
+    x, csr, bias = bad(x, csr, bias)
+    with pytest.raises((TypeError, ValueError), match=match):
+        sparse_conv2d(x, csr, bias)
+
+
+def test_clear_errors_geometry(case: tuple) -> None:
+    x, csr, _, _ = case
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        sparse_conv2d(x[..., :2, :2], csr)
+    with pytest.raises(ValueError, match="needs stride 1"):
+        sparse_conv2d(x, csr, padding="same", stride=2)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        sparse_conv2d(x[None], csr)
+    with pytest.raises(ValueError, match="stride >= 1"):
+        sparse_conv2d(x, csr, stride=0)
+
+
+def test_sees_in_place_and_data_writes(case: tuple) -> None:
+    """The filter cache must never serve stale values: in-place ops bump the version counter,
+    writes through .data do not (gradcheck perturbs that way) and are caught by the content
+    check on the CPU."""
+    x, csr, weight, _ = case
+    values = csr.values.clone()
+    csr = csr._replace(values=values)
+    y0 = sparse_conv2d(x, csr)
+    values.mul_(2)
+    assert relative_error(sparse_conv2d(x, csr), 2 * y0) < 1e-6
+    values.data[0] += 1.0
+    expected = reference_conv(x, torch.zeros(weight.numel()).index_put(
+        (csr.flat_index(),), values).view_as(weight), None, groups=2)
+    assert relative_error(sparse_conv2d(x, csr), expected) < 1e-5
+
+
+def _op_args(case: tuple, dtype: torch.dtype, relu: bool, requires_grad: bool) -> tuple:
+    x, csr, _, bias = case
+    t = lambda v: v.to(dtype).detach().requires_grad_(requires_grad)  # noqa: E731
+    return (t(x), csr.row_ptr, csr.col_idx, t(csr.values), list(csr.shape), t(bias), [2, 1],
+            [1, 2], [1, 2], csr.groups, relu)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(case: tuple, relu: bool, requires_grad: bool) -> None:
+    torch.library.opcheck(torch.ops.escoin.sparse_conv2d.default,
+                          _op_args(case, torch.float32, relu, requires_grad))
+
+
+def test_opcheck_channels_last(case: tuple) -> None:
+    args = list(_op_args(case, torch.float32, False, True))
+    args[0] = args[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.escoin.sparse_conv2d.default, tuple(args))
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1]),
+    dict(stride=[2, 3], padding=[1, 0], dilation=[1, 1]),
+    dict(stride=[2, 2], padding=[3, 4], dilation=[1, 1]),   # padding beyond the kernel extent
+    dict(stride=[1, 2], padding=[2, 1], dilation=[2, 1]),
+    dict(stride=[3, 1], padding=[0, 2], dilation=[2, 2]),
+])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck(geometry: dict, relu: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = sparse_weight((4, 3, 3, 2), 0.4, gen, torch.float64)
+    csr = csr_lib.from_dense(weight, groups=2)
+    x = torch.randn(2, 6, 8, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    values = csr.values.clone().requires_grad_()
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, values,
+                                              list(csr.shape), bias, groups=2, relu=relu,
+                                              **geometry)
+
+    assert torch.autograd.gradcheck(fn, (x, values, bias))
+
+
+def test_gradients_match_dense_conv(case: tuple) -> None:
+    """Against F.conv2d's autograd; the weight gradient is compared at the stored entries only."""
+    x, csr, weight, bias = case
+    x = x.double().requires_grad_()
+    values = csr.values.double().requires_grad_()
+    w_dense = weight.double().requires_grad_()
+    y = sparse_conv2d(x, csr._replace(values=values), bias.double(), stride=2, padding=1)
+    y_ref = F.conv2d(x, w_dense, bias.double(), stride=2, padding=1, groups=2)
+    g = torch.randn_like(y)
+    gx, gv = torch.autograd.grad(y, (x, values), g)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w_dense), g)
+    assert relative_error(gx, gx_ref) < 1e-12
+    assert relative_error(gv, gw_ref.reshape(-1)[csr.flat_index()]) < 1e-12

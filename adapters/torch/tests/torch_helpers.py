@@ -1,0 +1,77 @@
+"""Helpers shared by the escoin-torch tests: sparse random weights, the float64 reference and the
+relative-norm check. (A uniquely named module, not conftest.py, so that importing it cannot pick
+up another test suite's conftest when several run in one pytest session.)"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import escoin_torch  # noqa: F401  -- registers torch.ops.escoin
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; expected must not be all zero."""
+    expected = expected.double()
+    scale = torch.linalg.vector_norm(expected).item()
+    assert scale > 0, "reference is all zero: the comparison would prove nothing"
+    return torch.linalg.vector_norm(actual.double() - expected).item() / scale
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-12
+
+
+def sparse_weight(shape: tuple, density: float, generator: Optional[torch.Generator] = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random normal weight with about `density` of its entries kept and at least one nonzero."""
+    weight = torch.randn(shape, generator=generator, dtype=torch.float64)
+    keep = torch.rand(shape, generator=generator, dtype=torch.float64) < density
+    keep.view(-1)[0] = True
+    return (weight * keep).to(dtype)
+
+
+def sparse_conv(in_channels: int, out_channels: int, kernel_size: int, density: float = 0.3,
+                **kwargs: object) -> nn.Conv2d:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, **kwargs)
+    with torch.no_grad():
+        conv.weight.copy_(sparse_weight(tuple(conv.weight.shape), density,
+                                        dtype=conv.weight.dtype))
+    return conv
+
+
+def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   **geometry: object) -> torch.Tensor:
+    """F.conv2d in float64 on the CPU: the ground truth every escoin result is held to."""
+    return F.conv2d(x.double().cpu(), weight.double().cpu(),
+                    None if bias is None else bias.double().cpu(), **geometry)
+
+
+class SmallCNN(nn.Module):
+    """Strided, grouped, dilated and padded convolutions, as in real networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(16, 8, 1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def pruned_small_cnn(amount: float = 0.7) -> SmallCNN:
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            prune.l1_unstructured(module, "weight", amount=amount)
+    return model
