@@ -13,8 +13,10 @@ import escoin_torch  # noqa: F401  -- registers torch.ops.escoin
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; expected must not be all zero."""
-    expected = expected.double()
+    """||actual - expected|| / ||expected|| in float64 on the CPU (the two may live on different
+    devices); expected must not be all zero."""
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().cpu()
     scale = torch.linalg.vector_norm(expected).item()
     assert scale > 0, "reference is all zero: the comparison would prove nothing"
     return torch.linalg.vector_norm(actual.double() - expected).item() / scale
