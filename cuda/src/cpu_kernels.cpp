@@ -28,15 +28,30 @@ namespace {
 // the item's input rows stay in cache, few enough to give two cores work at batch 1.
 constexpr int64_t kChannelsPerItem = 16;
 
-// Where each lane of a tile lands in the output plane, or -1 for a dropped column.
+// A run of consecutive lanes of a tile that lands in one output row: lanes [lane, lane + length)
+// go to output elements [dest, dest + length) of the (image, channel) plane.
+struct Segment {
+  int lane, length;
+  int64_t dest;
+};
+
+// Splits the tile starting at q0 into its row segments, skipping dropped columns; returns how many.
 template <int TILE>
-void tile_destinations(const Geometry& g, int64_t q0, int64_t dest[TILE]) {
-  const int64_t plane_w = g.layout.plane_w;
-  for (int t = 0; t < TILE; ++t) {
-    const int64_t q = q0 + t, oh = q / plane_w, ow = q % plane_w;
-    dest[t] = (oh < g.layout.out_height && ow < g.layout.out_width)
-                  ? oh * g.layout.out_width + ow : -1;
+int tile_segments(const Geometry& g, int64_t q0, Segment segments[TILE]) {
+  const int64_t plane_w = g.layout.plane_w, out_width = g.layout.out_width;
+  int count = 0;
+  for (int lane = 0; lane < TILE;) {
+    const int64_t q = q0 + lane, oh = q / plane_w, ow = q % plane_w;
+    if (oh >= g.layout.out_height) break;
+    if (ow >= out_width) {  // dropped columns up to the next row
+      lane += int(plane_w - ow);
+      continue;
+    }
+    const int length = int(std::min<int64_t>(out_width - ow, TILE - lane));
+    segments[count++] = Segment{lane, length, oh * out_width + ow};
+    lane += length;
   }
+  return count;
 }
 
 // A vector of ESCOIN_VECTOR_BYTES (GCC/Clang vector extension): the accumulators are explicit
@@ -74,8 +89,8 @@ void run_tiles(const CpuConvArgs<T>& a) {
     const int64_t group = (item / (channel_blocks * tiles)) % groups;
     const int64_t n = item / (channel_blocks * tiles * groups);
     const int64_t q0 = tile * TILE;
-    int64_t dest[TILE];
-    tile_destinations<TILE>(g, q0, dest);
+    Segment segments[TILE];
+    const int segment_count = tile_segments<TILE>(g, q0, segments);
     const T* in = a.stretched + n * g.layout.image_stride + group * g.group_span + q0;
     const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
     const int64_t m_end = std::min(m_begin + kChannelsPerItem, (group + 1) * g.group_out);
@@ -88,15 +103,18 @@ void run_tiles(const CpuConvArgs<T>& a) {
 #pragma GCC unroll 16
         for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<T>::load(src + r * kLanes);
       }
+      // Epilogue in vectors (bias, ReLU), then one copy per output-row segment: with few
+      // nonzeros per channel, a per-lane epilogue would cost more than the products.
+      const V bias = V{} + (a.bias ? a.bias[m] : T(0));
+      for (int r = 0; r < kRegisters; ++r) acc[r] += bias;
+      if (a.relu)
+        for (int r = 0; r < kRegisters; ++r) acc[r] = acc[r] < V{} ? V{} : acc[r];  // NaN passes
       T sums[TILE];
       __builtin_memcpy(sums, acc, sizeof sums);
-      const T b = a.bias ? a.bias[m] : T(0);
       T* out = a.y + (n * out_channels + m) * g.out_plane;
-      for (int t = 0; t < TILE; ++t) {
-        if (dest[t] < 0) continue;
-        const T r = sums[t] + b;
-        out[dest[t]] = (a.relu && r < T(0)) ? T(0) : r;  // NaN passes, as in torch
-      }
+      for (int k = 0; k < segment_count; ++k)
+        __builtin_memcpy(out + segments[k].dest, sums + segments[k].lane,
+                         size_t(segments[k].length) * sizeof(T));
     }
   }
 }

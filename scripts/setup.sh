@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs escoin (CUDA kernels compiled in when nvcc is on PATH) and escoin-torch into the current
+# Python, with what the demo and the tests need. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --upgrade "scikit-build-core>=0.10" "cython>=3.0" numpy tqdm matplotlib \
+  pytest hypothesis
+# A CPU build of PyTorch for the adapter and the reference timings, unless one is installed.
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q --no-build-isolation ./ ./adapters/torch
+python3 -c "import escoin; print('escoin', escoin.build_info(), 'GPU usable:', escoin.cuda_available())"
