@@ -68,6 +68,26 @@ struct Vector {
   }
 };
 
+// Input channels per pass over a tile: the tile's input rows of that many channels (and the
+// block's partial sums) should stay in the 32-48 KiB L1 data cache while every output channel
+// of the block walks its nonzeros among them. Without this, each nonzero's load came from L2.
+template <typename T, int TILE>
+int64_t chunk_channels(const Geometry& g, int64_t nnz) {
+  const escoin_conv_desc_t& d = g.d;
+  const int64_t phases = d.stride_h * d.stride_w;
+  const int64_t row_shift = (d.kernel_h - 1) * d.dilation_h / d.stride_h;
+  const int64_t column_shift = (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  const int64_t per_channel =
+      phases * (TILE + row_shift * g.layout.plane_w + column_shift) * int64_t(sizeof(T));
+  const int64_t fits_l1 = (24 << 10) / per_channel;
+  // A pass also reloads and stores each channel's partial sums: keep a few dozen nonzeros per
+  // row and pass so that this stays small against the products.
+  const double nnz_per_row_channel =
+      double(nnz) / double(std::max<int64_t>(1, d.out_channels * g.group_in));
+  const int64_t enough_work = int64_t(24.0 / std::max(nnz_per_row_channel, 1e-3));
+  return std::max<int64_t>(1, std::min(g.group_in, std::max(fits_l1, enough_work)));
+}
+
 template <typename T, int TILE>
 void run_tiles(const CpuConvArgs<T>& a) {
   using V = typename Vector<T>::type;
@@ -81,6 +101,12 @@ void run_tiles(const CpuConvArgs<T>& a) {
   const int64_t channel_blocks = (g.group_out + kChannelsPerItem - 1) / kChannelsPerItem;
   // Items ordered (image, group, tile, channel block): neighbours share input rows in cache.
   const int64_t items = g.d.batch * groups * tiles * channel_blocks;
+  // Offsets grow with the input channel (offset / channel_stride), so "offset < limit" selects
+  // a row's nonzeros of the channels below a chunk boundary. Rows need not be sorted: whatever a
+  // pass leaves is taken by a later one, and the last limit exceeds every legal offset.
+  const int64_t chunk_span =
+      chunk_channels<T, TILE>(g, a.row_ptr[out_channels]) * g.layout.channel_stride;
+  const int64_t last_limit = g.group_span + g.layout.plane_w;
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
@@ -89,29 +115,53 @@ void run_tiles(const CpuConvArgs<T>& a) {
     const int64_t group = (item / (channel_blocks * tiles)) % groups;
     const int64_t n = item / (channel_blocks * tiles * groups);
     const int64_t q0 = tile * TILE;
-    Segment segments[TILE];
-    const int segment_count = tile_segments<TILE>(g, q0, segments);
     const T* in = a.stretched + n * g.layout.image_stride + group * g.group_span + q0;
     const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
-    const int64_t m_end = std::min(m_begin + kChannelsPerItem, (group + 1) * g.group_out);
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      V acc[kRegisters];
-      for (int r = 0; r < kRegisters; ++r) acc[r] = V{};
-      for (int64_t j = a.row_ptr[m]; j < a.row_ptr[m + 1]; ++j) {
-        const V v = V{} + a.values[j];
-        const T* src = in + a.offsets[j];
+    const int channels = int(std::min(kChannelsPerItem, (group + 1) * g.group_out - m_begin));
+
+    V partial[kChannelsPerItem][kRegisters];
+    int64_t cursor[kChannelsPerItem];
+    for (int i = 0; i < channels; ++i) {
+      cursor[i] = a.row_ptr[m_begin + i];
+      for (int r = 0; r < kRegisters; ++r) partial[i][r] = V{};
+    }
+    for (int64_t limit = chunk_span;; limit += chunk_span) {
+      for (int i = 0; i < channels; ++i) {
+        const int64_t row_end = a.row_ptr[m_begin + i + 1];
+        int64_t j = cursor[i];
+        if (j == row_end || a.offsets[j] >= limit) continue;
+        V acc[kRegisters];
+        for (int r = 0; r < kRegisters; ++r) acc[r] = partial[i][r];
+        for (; j < row_end && a.offsets[j] < limit; ++j) {
+          const V v = a.values[j] - V{};  // broadcast (x - 0 folds to x, unlike 0 + x)
+          const T* src = in + a.offsets[j];
 #pragma GCC unroll 16
-        for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<T>::load(src + r * kLanes);
+          for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<T>::load(src + r * kLanes);
+        }
+        for (int r = 0; r < kRegisters; ++r) partial[i][r] = acc[r];
+        cursor[i] = j;
       }
-      // Epilogue in vectors (bias, ReLU), then one copy per output-row segment: with few
-      // nonzeros per channel, a per-lane epilogue would cost more than the products.
-      const V bias = V{} + (a.bias ? a.bias[m] : T(0));
-      for (int r = 0; r < kRegisters; ++r) acc[r] += bias;
-      if (a.relu)
-        for (int r = 0; r < kRegisters; ++r) acc[r] = acc[r] < V{} ? V{} : acc[r];  // NaN passes
+      if (limit >= last_limit) break;
+    }
+
+    // Epilogue in vectors (bias, ReLU), then one copy per output-row segment: with few
+    // nonzeros per channel, a per-lane epilogue would cost more than the products.
+    Segment segments[TILE];
+    const int segment_count = tile_segments<TILE>(g, q0, segments);
+    for (int i = 0; i < channels; ++i) {
+      const int64_t m = m_begin + i;
+      const V bias = (a.bias ? a.bias[m] : T(0)) - V{};
       T sums[TILE];
-      __builtin_memcpy(sums, acc, sizeof sums);
+      for (int r = 0; r < kRegisters; ++r) {
+        V t = partial[i][r] + bias;
+        if (a.relu) t = t < V{} ? V{} : t;  // NaN passes, as in torch
+        __builtin_memcpy(sums + r * kLanes, &t, sizeof t);
+      }
       T* out = a.y + (n * out_channels + m) * g.out_plane;
+      if (segment_count == 1 && segments[0].length == TILE) {  // no dropped column: one store
+        __builtin_memcpy(out + segments[0].dest, sums, sizeof sums);
+        continue;
+      }
       for (int k = 0; k < segment_count; ++k)
         __builtin_memcpy(out + segments[k].dest, sums + segments[k].lane,
                          size_t(segments[k].length) * sizeof(T));
