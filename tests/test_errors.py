@@ -143,6 +143,11 @@ def test_csr_row_ptr_wrong_length() -> None:
         escoin.SparseFilter.from_csr([0, 1], [0], [1.0], (2, 3, 3, 3))
 
 
+def test_csr_repeated_column() -> None:
+    with pytest.raises(EscoinError, match="col_idx repeats column 4 in row 0"):
+        escoin.SparseFilter.from_csr([0, 2, 2], [4, 4], [1.0, 2.0], (2, 3, 3, 3))
+
+
 def test_csr_lengths_differ() -> None:
     with pytest.raises(EscoinError, match="col_idx and values must have the same length"):
         escoin.SparseFilter.from_csr([0, 1, 2], [0, 1], [1.0], (2, 3, 3, 3))

@@ -88,3 +88,9 @@ def test_build_info() -> None:
     if info["cuda"]:
         assert info["cuda_architectures"]
     assert isinstance(escoin.cuda_available(), bool)
+
+
+def test_from_csr_sorts_columns_within_rows() -> None:
+    filt = escoin.SparseFilter.from_csr([0, 3, 4], [5, 1, 3, 0], [1.0, 2.0, 3.0, 4.0], (2, 1, 2, 3))
+    np.testing.assert_array_equal(filt.col_idx, [1, 3, 5, 0])
+    np.testing.assert_array_equal(filt.values, [2.0, 3.0, 1.0, 4.0])

@@ -2,8 +2,11 @@
 // direct sparse convolution kernel on the caller's stream. Nothing here allocates or synchronises.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda_check.cuh"
+#include "cuda_tiled_kernel.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
 #include "stretch.hpp"
@@ -149,6 +152,76 @@ void launch_conv(const Geometry& g, const float* ws, const int64_t* row_ptr,
   check_launch("sparse_conv_kernel");
 }
 
+// Shared memory the tiled kernel may use per block: room for two or three blocks per SM.
+constexpr int64_t kTiledSharedBudget = 96 << 10;
+
+// Configures the tiled kernel for this geometry; false when even one input channel per chunk
+// would not fit in shared memory (very wide rows), or the batch needs too many grid rows.
+template <int IMAGES>
+bool plan_tiled(const Geometry& g, TiledParams& p, size_t& shared_bytes) {
+  const escoin_conv_desc_t& d = g.d;
+  const int64_t row_shift = (d.kernel_h - 1) * d.dilation_h / d.stride_h;
+  const int64_t column_shift = (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  p.batch = d.batch;
+  p.out_channels = d.out_channels;
+  p.group_out = g.group_out;
+  p.groups = d.groups;
+  p.channel_blocks = (g.group_out + kTiledChannels - 1) / kTiledChannels;
+  p.plane_w = g.layout.plane_w;
+  p.plane_q = g.layout.out_height * g.layout.plane_w;
+  p.position_blocks = (p.plane_q + kTiledThreads - 1) / kTiledThreads;
+  p.group_in = g.group_in;
+  p.phases = d.stride_h * d.stride_w;
+  p.plane = g.layout.plane_h * g.layout.plane_w;
+  p.out_width = g.layout.out_width;
+  p.out_plane = g.out_plane;
+  p.image_stride = g.layout.image_stride;
+  p.group_span = g.group_span;
+  p.span = kTiledThreads + row_shift * g.layout.plane_w + column_shift;
+  p.relu = 0;
+  const int64_t taps = d.kernel_h * d.kernel_w;
+  const int64_t per_channel = IMAGES * p.phases * p.span * 4 + kTiledChannels * taps * 8;
+  p.chunk_channels = std::min(g.group_in, (kTiledSharedBudget - 64) / per_channel);
+  if (p.chunk_channels < 1) return false;
+  // A row holds at most one entry per column (SparseFilter rejects duplicates), so a chunk's
+  // entries of one output channel never exceed chunk_channels * taps.
+  p.stage_capacity = p.chunk_channels * taps;
+  p.tile_floats = (IMAGES * p.chunk_channels * p.phases * p.span + 1) / 2 * 2;
+  shared_bytes = size_t(p.tile_floats * 4 + kTiledChannels * p.stage_capacity * 8 +
+                        kTiledChannels * 4);
+  const int64_t blocks = p.position_blocks * p.groups * p.channel_blocks;
+  return blocks < INT32_MAX && (p.batch + IMAGES - 1) / IMAGES <= 65535;
+}
+
+template <int IMAGES>
+bool launch_tiled(const Geometry& g, const float* ws, const int64_t* row_ptr,
+                  const int32_t* offsets, const float* values, const float* bias, bool relu,
+                  float* y, cudaStream_t stream) {
+  TiledParams p;
+  size_t shared_bytes = 0;
+  if (!plan_tiled<IMAGES>(g, p, shared_bytes)) return false;
+  p.relu = relu ? 1 : 0;
+  check_cuda(cudaFuncSetAttribute(sparse_conv_tiled_kernel<IMAGES>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)),
+             "cudaFuncSetAttribute");
+  const dim3 grid(unsigned(p.position_blocks * p.groups * p.channel_blocks),
+                  unsigned((p.batch + IMAGES - 1) / IMAGES));
+  sparse_conv_tiled_kernel<IMAGES><<<grid, kTiledThreads, shared_bytes, stream>>>(
+      ws, row_ptr, offsets, values, bias, y, p);
+  check_launch("sparse_conv_tiled_kernel");
+  return true;
+}
+
+// Which kernel runs. By default the tiled kernel takes batches of at least four images with
+// output planes of at least four blocks of positions, where it measured faster; the streaming
+// kernel takes the rest. ESCOIN_CUDA_KERNEL=tiled or =streaming forces one (for benchmarks).
+bool use_tiled(const Geometry& g) {
+  const char* forced = std::getenv("ESCOIN_CUDA_KERNEL");
+  if (forced != nullptr && std::strcmp(forced, "streaming") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "tiled") == 0) return true;
+  return g.d.batch >= 4 && g.layout.out_height * g.layout.plane_w >= 4 * kTiledThreads;
+}
+
 }  // namespace
 }  // namespace escoin
 
@@ -170,7 +243,12 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    if (g.d.batch >= 4)
+    const bool four = g.d.batch >= 4;
+    if (escoin::use_tiled(g) &&
+        (four ? escoin::launch_tiled<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s)
+              : escoin::launch_tiled<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s)))
+      return;
+    if (four)
       escoin::launch_conv<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
     else
       escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);

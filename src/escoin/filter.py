@@ -125,7 +125,17 @@ class SparseFilter:
                               f"{col_idx.size} and {values.size}")
         _core.csr_validate(shape[0], shape[1] * shape[2] * shape[3], row_ptr.ctypes.data,
                            col_idx.ctypes.data, col_idx.size)
-        return cls(_CsrStore(row_ptr, col_idx, values, shape, groups))
+        # The GPU kernel walks each row in input-channel order and sizes its staging for one
+        # entry per column: sort the columns within rows and refuse repeated ones.
+        rows = np.repeat(np.arange(shape[0]), np.diff(row_ptr))
+        order = np.lexsort((col_idx, rows))
+        col_idx, values = col_idx[order], values[order]
+        repeated = (np.diff(col_idx) == 0) & (np.diff(rows) == 0)
+        if repeated.any():
+            at = int(np.argmax(repeated))
+            raise EscoinError(f"col_idx repeats column {int(col_idx[at])} in row {int(rows[at])}")
+        return cls(_CsrStore(row_ptr, np.ascontiguousarray(col_idx),
+                             np.ascontiguousarray(values), shape, groups))
 
     # ---- description ----
     @property
