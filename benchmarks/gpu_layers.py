@@ -105,7 +105,7 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
     row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=filt.nnz, rel_err=err)
     row["escoin"] = time_ms(torch, run_escoin)
     # Each kernel forced in turn, beside the dispatcher's choice, checked like it.
-    for kernel in ("streaming", "tiled"):
+    for kernel in ("streaming", "chunked"):
         os.environ["ESCOIN_CUDA_KERNEL"] = kernel
         try:
             out.fill_(float("nan"))
@@ -184,7 +184,7 @@ def main() -> None:
                   indent=1)
     plot(rows, os.path.join(args.out, "gpu_layers.png"))
 
-    cols = ["escoin", "streaming", "tiled"] + ANCHORS + ["floor"]
+    cols = ["escoin", "streaming", "chunked"] + ANCHORS + ["floor"]
     print(f"{'layer':<13}{'N':>3}{'sp':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'err':>9}")
     for r in rows:
         print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}"
@@ -201,7 +201,7 @@ def main() -> None:
             print(f"{sp:>5.2f}{n:>4}" + "".join(f"{v:>9.2f}" for v in ratios)
                   + "".join(f"{v:>9.2f}" for v in speedups)
                   + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
-    worst_err = max(max(r["rel_err"], r["streaming_err"], r["tiled_err"]) for r in rows)
+    worst_err = max(max(r["rel_err"], r["streaming_err"], r["chunked_err"]) for r in rows)
     print(f"max relative error vs float64: {worst_err:.2e} "
           f"({'PASS' if worst_err <= 1e-5 else 'FAIL'} at 1e-5)")
 

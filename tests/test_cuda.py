@@ -81,7 +81,7 @@ def forced_kernel(kernel: str):
             os.environ["ESCOIN_CUDA_KERNEL"] = saved
 
 
-@pytest.mark.parametrize("kernel", ["auto", "streaming", "tiled"])
+@pytest.mark.parametrize("kernel", ["auto", "streaming", "chunked"])
 @settings(max_examples=150, deadline=None)
 @given(case=conv_cases(max_batch=9))
 def test_random_geometry_matches_reference(dev, kernel: str, case: ConvCase) -> None:
@@ -89,7 +89,7 @@ def test_random_geometry_matches_reference(dev, kernel: str, case: ConvCase) -> 
         assert gpu_error(dev, case) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["streaming", "tiled"])
+@pytest.mark.parametrize("kernel", ["streaming", "chunked"])
 @pytest.mark.parametrize("shape", [(5, 64, 40, 37, 48, 3, 1), (4, 96, 30, 30, 40, 3, 2),
                                    (6, 40, 33, 33, 24, 1, 1), (4, 300, 16, 16, 20, 3, 1)])
 def test_network_sized_layers(dev, kernel: str, shape: tuple) -> None:
