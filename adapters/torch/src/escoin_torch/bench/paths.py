@@ -1,0 +1,115 @@
+"""The whole-network paths a sparse model is compared with, and timing one of them end to end.
+
+On a GPU a pruned network could run dense in several ways, and escoin must be compared with each:
+fp32 with TF32 off (the same arithmetic as escoin), TF32 convolutions (PyTorch's default, less
+precise), and fp16 in channels_last (tensor cores, what a deployment would pick). On the CPU
+PyTorch has one fp32 convolution (oneDNN). Every path runs eagerly or replayed from a CUDA graph
+captured over the whole forward, which removes the per-layer launch cost that dominates small
+batches and so shows what each path's kernels alone cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from escoin_torch.seed import relative_error
+from escoin_torch.timing import time_call
+
+__all__ = ["ESCOIN", "Path", "PathResult", "measure", "network_paths", "precision"]
+
+ESCOIN = "escoin fp32"
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way of running the network: a model, its input, and the TF32 setting (GPU only)."""
+
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    tf32: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """Median milliseconds per forward of one path, and its output's error against float64."""
+
+    path: str
+    graphs: bool
+    ms: float
+    rel_error: float
+
+
+def network_paths(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> List[Path]:
+    """The dense paths of ``x``'s device, then escoin's (always last)."""
+    if x.device.type != "cuda":
+        return [Path("dense fp32", dense, x), Path(ESCOIN, sparse, x)]
+    half = copy.deepcopy(dense).half().to(memory_format=torch.channels_last)
+    return [Path("dense fp32 strict", dense, x, tf32=False),
+            Path("dense tf32", dense, x, tf32=True),
+            Path("dense fp16", half, x.half().contiguous(memory_format=torch.channels_last),
+                 tf32=True),
+            # escoin is exact fp32; the layers it does not replace (linear, BN) run strict too.
+            Path(ESCOIN, sparse, x, tf32=False)]
+
+
+@contextlib.contextmanager
+def precision(tf32: Optional[bool]) -> Iterator[None]:
+    """Allows or forbids TF32 in cuDNN convolutions and cuBLAS matmuls for the block (``None``
+    leaves the settings alone), restoring them afterwards. "TF32" means PyTorch's defaults: TF32
+    convolutions, but fp32 matmuls."""
+    if tf32 is None:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def measure(path: Path, graphs: bool, reference: torch.Tensor, repeats: int,
+            warmup: int) -> PathResult:
+    """Times ``path`` end to end (median of ``repeats`` after ``warmup`` untimed forwards) and
+    measures its output's relative-norm error against ``reference`` (the float64 dense output)."""
+    with torch.no_grad(), precision(path.tf32):
+        run, output = _graphed(path) if graphs else _eager(path)
+        run()
+        error = relative_error(output(), reference)
+        seconds = time_call(run, path.x.device, repeats, warmup)
+    return PathResult(path.name, graphs, seconds * 1e3, error)
+
+
+def _eager(path: Path) -> Tuple[Callable[[], object], Callable[[], torch.Tensor]]:
+    outputs: List[torch.Tensor] = []
+
+    def run() -> None:
+        outputs[:] = [path.model(path.x)]
+    return run, lambda: outputs[0]
+
+
+def _graphed(path: Path) -> Tuple[Callable[[], object], Callable[[], torch.Tensor]]:
+    """A CUDA graph of the whole forward on a static copy of the input.
+
+    Forwards run first on a side stream, as PyTorch requires before capture: they build what must
+    not happen inside a capture (escoin's per-geometry filter upload and stretched offsets,
+    cuDNN's algorithm choice, allocator pools).
+    """
+    static_x = path.x.clone()
+    side = torch.cuda.Stream(path.x.device)
+    side.wait_stream(torch.cuda.current_stream(path.x.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            path.model(static_x)
+    torch.cuda.current_stream(path.x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = path.model(static_x)
+    return graph.replay, lambda: static_y

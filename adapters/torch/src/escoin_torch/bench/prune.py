@@ -1,0 +1,42 @@
+"""Global unstructured pruning of a network's convolutions, the way pruned CNNs are produced.
+
+Only ``nn.Conv2d`` weights are pruned: escoin computes convolutions, and the linear layers stay
+dense in both the dense and the escoin model, so pruning them would change neither side's
+relative work. (Their time still counts in the end-to-end numbers, which is what a user sees.)
+Pruning is global, over all conv weights together, as ``torch.nn.utils.prune.global_unstructured``
+does: layers end up with different sparsities, unlike a per-layer benchmark at one sparsity.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+__all__ = ["Method", "prune_convs"]
+
+Method = Literal["magnitude", "random"]
+
+_METHODS = {"magnitude": prune.L1Unstructured, "random": prune.RandomUnstructured}
+
+
+def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0) -> nn.Module:
+    """Zeroes the fraction ``sparsity`` of all conv weights of ``model`` (in place) and returns it.
+
+    ``magnitude`` keeps the largest |w| across all convs; ``random`` keeps a uniform random subset
+    (seeded). The pruning is made permanent (``prune.remove``): a pruned module recomputes
+    ``weight_orig * weight_mask`` in a pre-forward hook, which would add to every dense forward.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if method not in _METHODS:
+        raise ValueError(f"prune method must be one of {sorted(_METHODS)}, got {method!r}")
+    convs = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no nn.Conv2d to prune")
+    torch.manual_seed(seed)
+    prune.global_unstructured(convs, pruning_method=_METHODS[method], amount=sparsity)
+    for module, name in convs:
+        prune.remove(module, name)
+    return model

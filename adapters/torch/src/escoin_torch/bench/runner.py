@@ -1,0 +1,125 @@
+"""One benchmark case: build a network, prune it, convert it with escoin, check it, time it.
+
+The check comes before any timing: a fast wrong answer is worth nothing. The reference is the
+dense network in float64, not in float32: two float32 networks differ by rounding that grows
+through the layers, which says nothing about either one's correctness, whereas float64 is exact
+enough to show each path's own error.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import escoin_torch
+from escoin_torch.layer import SparseConv2d
+
+from escoin_torch.bench.layers import LayerResult, tensor_bytes, time_layers
+from escoin_torch.bench.models import build, input_shape
+from escoin_torch.bench.paths import ESCOIN, PathResult, measure, network_paths
+from escoin_torch.bench.prune import Method, prune_convs
+
+__all__ = ["Case", "NetworkResult", "run_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """What to run: one network at one batch size, and how to prune, time and check it."""
+
+    net: str
+    batch: int
+    device: torch.device
+    sparsity: float = 0.9
+    prune: Method = "magnitude"
+    size: Optional[int] = None         # input side; None: the network's standard size
+    graphs: Tuple[bool, ...] = (False,)  # CUDA graph modes to time (GPU only)
+    repeats: int = 10
+    warmup: int = 2
+    rtol: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class NetworkResult:
+    """What one case measured; ``passed`` says whether escoin's output is within ``rtol``."""
+
+    net: str
+    batch: int
+    input_shape: Tuple[int, ...]
+    conv_density: float
+    output_norm: float  # of the float64 reference: shows the comparison was not against zeros
+    rtol: float
+    paths: List[PathResult]
+    layers: List[LayerResult]
+    weights: Dict[str, int]
+    kept_dense: Dict[str, str] = field(default_factory=dict)  # conv name -> why not converted
+
+    @property
+    def escoin_error(self) -> float:
+        return max(p.rel_error for p in self.paths if p.path == ESCOIN)
+
+    @property
+    def passed(self) -> bool:
+        return self.escoin_error <= self.rtol  # False for NaN too
+
+    def speedup(self, path: PathResult) -> float:
+        """How many times faster escoin is than ``path`` (with the same CUDA graph setting)."""
+        ours = next(p for p in self.paths if p.path == ESCOIN and p.graphs == path.graphs)
+        return path.ms / ours.ms
+
+
+def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> NetworkResult:
+    """Runs ``case``; ``step(description)`` is called before each phase (for a progress bar)."""
+    step("build and prune")
+    dense = prune_convs(build(case.net, case.seed), case.sparsity, case.prune, case.seed)
+    generator = torch.Generator().manual_seed(case.seed + 1)
+    x = torch.randn(input_shape(case.net, case.batch, case.size), generator=generator)
+    sparse, report = escoin_torch.sparsify(dense)  # a converted copy; `dense` stays dense
+    dense, sparse, x = dense.to(case.device), sparse.to(case.device), x.to(case.device)
+    step("float64 reference")
+    reference = _float64_output(dense, x)
+    paths = network_paths(dense, sparse, x)
+    results = []
+    for graphs in case.graphs:
+        for path in paths:
+            step(f"{path.name}{' graph' if graphs else ''}")
+            results.append(measure(path, graphs, reference, case.repeats, case.warmup))
+    step("per layer")
+    layers = time_layers(sparse, x, case.repeats, case.warmup)
+    convs = [m for m in dense.modules() if isinstance(m, nn.Conv2d)]
+    density = sum(int(torch.count_nonzero(c.weight)) for c in convs) / sum(c.weight.numel()
+                                                                           for c in convs)
+    return NetworkResult(
+        case.net, case.batch, tuple(x.shape), density,
+        float(torch.linalg.vector_norm(reference)), case.rtol, results, layers,
+        _weight_bytes(dense, sparse),
+        {r.name: r.reason for r in report if r.path == "dense"})
+
+
+def _float64_output(dense: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The dense network's output computed in float64 (on a temporary copy)."""
+    with torch.no_grad():
+        reference = copy.deepcopy(dense).double()(x.double())
+    if not torch.count_nonzero(reference):
+        raise RuntimeError("the float64 reference output is all zero: comparing with it would "
+                           "prove nothing")
+    return reference
+
+
+def _weight_bytes(dense: nn.Module, sparse: nn.Module) -> Dict[str, int]:
+    """Parameter memory: conv weights and all parameters, dense against escoin's deployment
+    (converted convs stored as CSR only; ``SparseConv2d`` also keeps its dense weight in memory as
+    the source of truth, which is not counted here)."""
+    conv_dense = tensor_bytes(*(m.weight for m in dense.modules() if isinstance(m, nn.Conv2d)))
+    converted = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    converted_dense = tensor_bytes(*(m.weight for m in converted))
+    converted_csr = sum(tensor_bytes(c.row_ptr, c.col_idx, c.values)
+                        for c in (m.refresh_csr() for m in converted))
+    all_dense = tensor_bytes(*dense.parameters())
+    saved = converted_dense - converted_csr
+    return {"conv_dense": conv_dense, "conv_escoin": conv_dense - saved,
+            "all_dense": all_dense, "all_escoin": all_dense - saved}
+

@@ -1,0 +1,78 @@
+"""The whole-network benchmark (``escoin_torch.bench``) and the examples, on the CPU.
+
+The benchmark is run through ``main()`` on networks small enough for a test; its JSON must show
+that escoin was checked against a non-zero float64 reference and met the tolerance. The examples
+must run as a user would run them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from escoin_torch.bench import main
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def _run_bench(out: Path, *args: str) -> Dict[str, Any]:
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    return json.loads((out / "networks.json").read_text())
+
+
+def _check_run(run: Dict[str, Any], paths: List[str]) -> None:
+    assert run["passed"] and run["output_norm"] > 0
+    assert 0 < run["escoin_rel_error"] <= run["rtol"]
+    assert [p["path"] for p in run["paths"]] == paths
+    for p in run["paths"]:
+        assert p["ms"] > 0 and math.isfinite(p["rel_error"]) and p["escoin_speedup"] > 0
+    assert run["layers"], "no layer ran on escoin"
+    for layer in run["layers"]:
+        assert layer["dense_ms"] > 0 and layer["escoin_ms"] > 0
+        assert 0 < layer["csr_bytes"] < layer["dense_bytes"]
+    weights = run["weights_bytes"]
+    assert weights["conv_escoin"] < weights["conv_dense"] <= weights["all_dense"]
+
+
+def test_lenet5(tmp_path: Path) -> None:
+    record = _run_bench(tmp_path, "--nets", "lenet5", "--batches", "1", "3", "--repeats", "2",
+                        "--warmup", "1")
+    runs = record["runs"]
+    assert [(r["net"], r["batch"], r["input_shape"]) for r in runs] == [
+        ("lenet5", 1, [1, 1, 32, 32]), ("lenet5", 3, [3, 1, 32, 32])]
+    for run in runs:
+        _check_run(run, ["dense fp32", "escoin fp32"])
+        # global magnitude pruning at 0.9 over LeNet5's two convs: 10% of their weights remain
+        assert run["conv_density"] == pytest.approx(0.1, abs=0.005)
+    assert record["meta"]["config"]["nets"] == ["lenet5"]
+    assert (tmp_path / "networks.png").stat().st_size > 0
+
+
+def test_alexnet_quick_random_pruning(tmp_path: Path) -> None:
+    record = _run_bench(tmp_path, "--nets", "alexnet", "--batches", "1", "--quick",
+                        "--prune", "random", "--repeats", "1", "--warmup", "0")
+    (run,) = record["runs"]
+    assert run["input_shape"] == [1, 3, 112, 112]
+    _check_run(run, ["dense fp32", "escoin fp32"])
+    assert len(run["layers"]) == 5  # random pruning leaves every conv ~90% sparse: all converted
+
+
+def test_exceeding_the_tolerance_fails(tmp_path: Path) -> None:
+    # float32 cannot meet 1e-12 against float64: the run must report failure, not pass silently.
+    assert main(["--nets", "lenet5", "--batches", "2", "--repeats", "1", "--warmup", "0",
+                 "--rtol", "1e-12", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    (run,) = json.loads((tmp_path / "networks.json").read_text())["runs"]
+    assert not run["passed"]
+
+
+@pytest.mark.parametrize("script", ["single_layer_check.py", "lenet5_check.py", "my_model.py"])
+def test_example(script: str) -> None:
+    done = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
