@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
-#   bash scripts/gpu_check.sh [--quick] [--sanitize]     (results go to $OUT or benchmarks/results)
+#   bash scripts/gpu_check.sh [--quick] [--sanitize] [--networks]
+# (--quick: 90% sparsity only; --networks: also the whole-network benchmark; results go to $OUT
+# or benchmarks/results)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0
+quick=0; sanitize=0; networks=0
 for arg in "$@"; do
-  case "$arg" in --quick) quick=1 ;; --sanitize) sanitize=1 ;; esac
+  case "$arg" in --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; esac
 done
 # Test-only packages may be carried as wheels in .whl/ where the machine has no network.
 if [ -d .whl ]; then
@@ -31,7 +33,11 @@ if [ "$sanitize" = 1 ]; then
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
     -p no:cacheprovider -k "not random_geometry" 2>&1 | tail -5
 fi
-echo "== benchmark"
+if [ "$networks" = 1 ]; then
+  echo "== networks"
+  python3 -m escoin_torch.bench --batches 1 32 --out "$out/networks" 2>/dev/null | tail -40
+fi
+echo "== layer benchmark"
 if [ "$quick" = 1 ]; then
   python3 benchmarks/gpu_layers.py --sparsities 0.9 --batches 1 32 --out "$out" 2>/dev/null
 else
