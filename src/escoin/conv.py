@@ -185,6 +185,10 @@ def _cuda_bias(bias: Optional[object], channels: int, device: int,
         return view.ptr, view
     host = _host_bias(bias, channels, np.dtype(np.float32))
     buffer = DeviceBuffer(host.nbytes, device, stream)
+    # The buffer is stream-ordered on `stream` (its memory may still be read by work queued
+    # there before), while cuda_memcpy is a synchronous copy outside that stream: let `stream`
+    # drain first. A host bias is a convenience; pass a CUDA array to avoid this wait.
+    _core.cuda_stream_synchronize(device, stream)
     _core.cuda_memcpy(device, buffer.ptr, host.ctypes.data, host.nbytes, _HOST_TO_DEVICE)
     return buffer.ptr, buffer
 

@@ -62,19 +62,31 @@ def stream_handle(stream: object) -> int:
 
 
 class DeviceBuffer:
-    """Device memory owned by escoin: allocated stream-ordered on `stream` and freed on it."""
+    """Device memory owned by escoin.
 
-    def __init__(self, nbytes: int, device: int, stream: int = 0) -> None:
+    Per-call memory (workspaces, outputs) is allocated stream-ordered on `stream` and freed on it.
+    Long-lived copies made by :meth:`from_host` (a filter's CSR on a device) are read by work on
+    whatever streams their users pick, so they are allocated and freed with the synchronous
+    cudaMalloc/cudaFree: cudaFree waits for the device's queued work, so a filter dropped while a
+    kernel on a side stream still reads it is not freed under that kernel.
+    """
+
+    def __init__(self, nbytes: int, device: int, stream: int = 0, *,
+                 stream_ordered: bool = True) -> None:
         self.nbytes = int(nbytes)
         self.device = int(device)
         self.stream = int(stream)
-        self.ptr = _core.cuda_malloc_async(self.device, self.nbytes, self.stream)
+        self.stream_ordered = stream_ordered
+        if stream_ordered:
+            self.ptr = _core.cuda_malloc_async(self.device, self.nbytes, self.stream)
+        else:
+            self.ptr = _core.cuda_malloc(self.device, self.nbytes)
 
     @classmethod
     def from_host(cls, array: np.ndarray, device: int) -> "DeviceBuffer":
-        """A device copy of a host array (synchronous)."""
+        """A device copy of a host array (synchronous, complete on return)."""
         host = np.ascontiguousarray(array)
-        buffer = cls(host.nbytes, device)
+        buffer = cls(host.nbytes, device, stream_ordered=False)
         _core.cuda_memcpy(device, buffer.ptr, host.ctypes.data, host.nbytes, _HOST_TO_DEVICE)
         _core.cuda_stream_synchronize(device, 0)
         return buffer
@@ -83,7 +95,10 @@ class DeviceBuffer:
         ptr, self.ptr = getattr(self, "ptr", 0), 0
         if ptr:
             try:
-                _core.cuda_free_async(self.device, ptr, self.stream)
+                if getattr(self, "stream_ordered", True):
+                    _core.cuda_free_async(self.device, ptr, self.stream)
+                else:
+                    _core.cuda_free(self.device, ptr)
             except EscoinError:
                 pass  # the context is being torn down at exit; nothing left to free into
 

@@ -4,9 +4,15 @@ It *is* an ``nn.Conv2d`` (same constructor, parameters and ``state_dict`` keys),
 optimisers, pruning utilities and code that checks ``isinstance(m, nn.Conv2d)`` keep working. The
 dense ``weight`` stays the source of truth; the CSR copy is derived from it, rebuilt on the weight's
 device whenever the weight changes, and never saved.
+
+One CSR is kept per device the layer computes on: after ``.to(device)`` the next forward builds it
+on the new device, and replicas that share this module's state (``nn.DataParallel`` /
+``torch.nn.parallel.replicate``) each keep theirs. The per-device map is filled under a lock, so
+threads (DataParallel's, or a server's) may call one layer concurrently.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
@@ -65,7 +71,8 @@ class SparseConv2d(nn.Conv2d):
         self.relu = relu
         self.sparse_training = sparse_training
         self.inference_path = inference_path
-        self._compressed: Optional[_Compressed] = None
+        self._compressed: Dict[torch.device, _Compressed] = {}
+        self._csr_lock = threading.Lock()
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, relu: bool = False, sparse_training: bool = False,
@@ -104,14 +111,28 @@ class SparseConv2d(nn.Conv2d):
         return float(torch.count_nonzero(self.weight.detach())) / max(1, self.weight.numel())
 
     def refresh_csr(self) -> CSRWeight:
-        """The CSR of the current weight, recompressed only if the weight changed since."""
+        """The CSR of the current weight on its device, recompressed only if the weight changed
+        since (a CSR per device is kept: see the module docstring)."""
+        return self._current().csr
+
+    def _current(self) -> _Compressed:
+        """The compressed state of the current weight; one object, so that ``csr`` and
+        ``flat_index`` always come from the same build even when other threads rebuild."""
         weight = self.weight
-        state = self._compressed
-        if state is None or not state.stamp.matches(weight):
-            csr = csr_lib.from_dense(weight, self.groups)
-            state = _Compressed(csr, csr.flat_index(), TensorStamp(weight))
-            self._compressed = state
-        return state.csr
+        with self._csr_lock:
+            state = self._compressed.get(weight.device)
+        if state is not None and state.stamp.matches(weight):
+            return state
+        # Built outside the lock: compression is a host round trip, and replicas on other
+        # devices (which share the lock) should not wait for it. Two threads missing at once
+        # both build the same CSR; either result is correct.
+        csr = csr_lib.from_dense(weight, self.groups)
+        state = _Compressed(csr, csr.flat_index(), TensorStamp(weight))
+        with self._csr_lock:
+            for device in [d for d, s in self._compressed.items() if s.stamp.expired]:
+                del self._compressed[device]  # e.g. a DataParallel replica's weight that died
+            self._compressed[weight.device] = state
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_sparse = self.sparse_training if self.training else self.inference_path == "sparse"
@@ -125,30 +146,38 @@ class SparseConv2d(nn.Conv2d):
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The escoin path; gradients reach the weight's stored nonzeros, the input and bias."""
         if torch.compiler.is_compiling():
-            if self._compressed is None:
+            state = self._compressed.get(self.weight.device)
+            if state is None:
                 raise RuntimeError("SparseConv2d has no CSR yet; build it before torch.compile "
                                    "with layer.refresh_csr() or one eager forward")
-            csr = self._compressed.csr
         else:
-            csr = self.refresh_csr()
+            state = self._current()
+        csr = state.csr
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            assert self._compressed is not None
             csr = csr._replace(values=_AttachToWeight.apply(csr.values, self.weight,
-                                                            self._compressed.flat_index))
+                                                            state.flat_index))
         return sparse_conv2d(x, csr, self.bias, self.stride, self.padding, self.dilation,
                              self.relu)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
-        # .to()/.cuda()/.double() may replace the weight; rebuild the CSR for the new one.
-        self._compressed = None
+        # .to()/.cuda()/.double() replace the weight; the next forward builds the CSR for the
+        # new one. A new map (not .clear()): replicas sharing the old one keep theirs.
+        self._compressed = {}
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> Dict[str, Any]:
-        # Copies and pickles get a fresh CSR on first use: the stamp refers to this weight.
-        state = super().__getstate__()
-        state = dict(state)
-        state["_compressed"] = None
+        # Copies and pickles get a fresh CSR on first use (the stamps refer to this weight) and
+        # a lock of their own (a lock can be neither copied nor pickled).
+        state = dict(super().__getstate__())
+        state["_compressed"] = {}
+        state.pop("_csr_lock", None)
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not isinstance(self.__dict__.get("_compressed"), dict):
+            self._compressed = {}  # pickles of older versions stored None
+        self._csr_lock = threading.Lock()
 
     def extra_repr(self) -> str:
         extras = [f"relu={self.relu}"] if self.relu else []

@@ -1,0 +1,129 @@
+"""One SparseConv2d called from two threads at once (CPU; CUDA with a stream per thread) gives
+exactly what serial calls give: the layer's per-device CSR, the op's filter cache and escoin's
+per-filter caches are filled under locks, and nothing else is shared."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+from typing import Callable, List
+
+import pytest
+import torch
+
+from torch_helpers import sparse_conv
+from escoin_torch import SparseConv2d
+
+THREADS = 2
+ITERATIONS = 40
+
+
+def _layer(device: str) -> SparseConv2d:
+    conv = sparse_conv(8, 16, 3, density=0.3, stride=2, padding=1, groups=2)
+    layer = SparseConv2d(8, 16, 3, stride=2, padding=1, groups=2, relu=True)
+    layer.load_state_dict(conv.state_dict())
+    return layer.to(device).eval()  # no CSR yet: the threads race to build it
+
+
+def _inputs(device: str) -> List[List[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    # Different shapes too, so the threads also fill escoin's per-geometry caches concurrently.
+    return [[torch.randn(1 + (i + t) % 3, 8, 9 + i % 4, 11, generator=generator).to(device)
+             for i in range(ITERATIONS)] for t in range(THREADS)]
+
+
+def _run_threads(work: Callable[[int], None]) -> None:
+    errors: List[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def target(index: int) -> None:
+        try:
+            start.wait()
+            work(index)
+        except BaseException as error:  # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=target, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def _check(layer: SparseConv2d, inputs: List[List[torch.Tensor]],
+           concurrent: List[List[torch.Tensor]]) -> None:
+    fresh = _layer(str(inputs[0][0].device))
+    with torch.no_grad():
+        for thread_inputs, thread_outputs in zip(inputs, concurrent):
+            assert len(thread_outputs) == len(thread_inputs)
+            for x, y in zip(thread_inputs, thread_outputs):
+                assert torch.equal(y, fresh(x))   # serial, on a layer no thread touched
+                assert torch.equal(y, layer(x))   # serial, on the layer the threads shared
+
+
+def test_two_threads_one_layer_cpu() -> None:
+    layer = _layer("cpu")
+    inputs = _inputs("cpu")
+    outputs: List[List[torch.Tensor]] = [[] for _ in range(THREADS)]
+
+    def work(index: int) -> None:
+        with torch.no_grad():
+            for x in inputs[index]:
+                outputs[index].append(layer(x))
+
+    _run_threads(work)
+    _check(layer, inputs, outputs)
+
+
+def test_two_threads_sparse_training_backward_cpu() -> None:
+    """Forward and backward of one sparsely trained layer from two threads: the gradients each
+    thread computes equal the serial ones."""
+    layer = _layer("cpu").train()
+    layer.sparse_training = True
+    inputs = [[x.requires_grad_() for x in thread] for thread in _inputs("cpu")]
+    grads: List[List[torch.Tensor]] = [[] for _ in range(THREADS)]
+
+    def work(index: int) -> None:
+        for x in inputs[index]:
+            y = layer(x)
+            grads[index].append(torch.autograd.grad(y.square().sum(), (x, layer.weight)))
+
+    _run_threads(work)
+    for thread_inputs, thread_grads in zip(inputs, grads):
+        for x, concurrent in zip(thread_inputs, thread_grads):
+            serial = torch.autograd.grad(layer(x).square().sum(), (x, layer.weight))
+            assert all(torch.equal(a, b) for a, b in zip(concurrent, serial))
+
+
+def test_copies_and_pickles_get_their_own_lock_and_csr() -> None:
+    layer = _layer("cpu")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        expected = layer(x)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone._csr_lock is not layer._csr_lock
+            assert clone._compressed is not layer._compressed
+            assert torch.equal(clone(x), expected)
+
+
+@pytest.mark.cuda
+def test_two_threads_one_layer_own_streams_cuda() -> None:
+    layer = _layer("cuda")
+    inputs = _inputs("cuda")
+    outputs: List[List[torch.Tensor]] = [[] for _ in range(THREADS)]
+    streams = [torch.cuda.Stream() for _ in range(THREADS)]
+    torch.cuda.synchronize()  # the inputs exist before any side stream reads them
+
+    def work(index: int) -> None:
+        stream = streams[index]
+        with torch.no_grad(), torch.cuda.stream(stream):
+            assert torch.cuda.current_stream() == stream
+            for x in inputs[index]:
+                outputs[index].append(layer(x))
+
+    _run_threads(work)
+    torch.cuda.synchronize()
+    _check(layer, inputs, outputs)
