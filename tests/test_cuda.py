@@ -2,9 +2,6 @@
 CuPy tensors), the raw-pointer API, streams, and the errors specific to device memory."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -67,32 +64,15 @@ def gpu_error(dev: DeviceArrays, case: ConvCase) -> float:
     return relative_error(dev.get(out), expected)
 
 
-@contextlib.contextmanager
-def forced_kernel(kernel: str):
-    """Runs the block with ESCOIN_CUDA_KERNEL set ("auto": the dispatcher decides)."""
-    saved = os.environ.pop("ESCOIN_CUDA_KERNEL", None)
-    if kernel != "auto":
-        os.environ["ESCOIN_CUDA_KERNEL"] = kernel
-    try:
-        yield
-    finally:
-        os.environ.pop("ESCOIN_CUDA_KERNEL", None)
-        if saved is not None:
-            os.environ["ESCOIN_CUDA_KERNEL"] = saved
-
-
-@pytest.mark.parametrize("kernel", ["auto", "streaming", "chunked"])
 @settings(max_examples=150, deadline=None)
 @given(case=conv_cases(max_batch=9))
-def test_random_geometry_matches_reference(dev, kernel: str, case: ConvCase) -> None:
-    with forced_kernel(kernel):
-        assert gpu_error(dev, case) <= 1e-5
+def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
+    assert gpu_error(dev, case) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["streaming", "chunked"])
 @pytest.mark.parametrize("shape", [(5, 64, 40, 37, 48, 3, 1), (4, 96, 30, 30, 40, 3, 2),
                                    (6, 40, 33, 33, 24, 1, 1), (4, 300, 16, 16, 20, 3, 1)])
-def test_network_sized_layers(dev, kernel: str, shape: tuple) -> None:
+def test_network_sized_layers(dev, shape: tuple) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
@@ -101,9 +81,8 @@ def test_network_sized_layers(dev, kernel: str, shape: tuple) -> None:
     bias = rng.standard_normal(m)
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
     out = dev.full(escoin.output_shape(x.shape, filt, stride, k // 2), np.nan)
-    with forced_kernel(kernel):
-        escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
-                      stride=stride, padding=k // 2, relu=True, out=out)
+    escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
+                  stride=stride, padding=k // 2, relu=True, out=out)
     pad = k // 2
     expected = conv2d_reference(x, weight, bias, (stride, stride), (pad,) * 4, (1, 1), 1, True)
     assert relative_error(dev.get(out), expected) <= 1e-5

@@ -2,11 +2,8 @@
 // direct sparse convolution kernel on the caller's stream. Nothing here allocates or synchronises.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda_check.cuh"
-#include "cuda_chunked_kernel.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
 #include "stretch.hpp"
@@ -152,78 +149,6 @@ void launch_conv(const Geometry& g, const float* ws, const int64_t* row_ptr,
   check_launch("sparse_conv_kernel");
 }
 
-// L1 bytes a chunk's input may occupy per block (of the ~200 KiB an H100 SM leaves to L1 when
-// blocks use little shared memory, with two blocks resident), and shared memory for staging.
-constexpr int64_t kChunkL1Budget = 96 << 10;
-constexpr int64_t kStageBudget = 32 << 10;
-
-// Configures the chunked kernel for this geometry; false when the grid would be too large.
-template <int IMAGES>
-bool plan_chunked(const Geometry& g, ChunkedParams& p, size_t& shared_bytes) {
-  const escoin_conv_desc_t& d = g.d;
-  const int64_t row_shift = (d.kernel_h - 1) * d.dilation_h / d.stride_h;
-  const int64_t column_shift = (d.kernel_w - 1) * d.dilation_w / d.stride_w;
-  const int64_t phases = d.stride_h * d.stride_w;
-  const int64_t taps = d.kernel_h * d.kernel_w;
-  p.batch = d.batch;
-  p.out_channels = d.out_channels;
-  p.group_out = g.group_out;
-  p.groups = d.groups;
-  p.channel_blocks = (g.group_out + kChunkedChannels - 1) / kChunkedChannels;
-  p.plane_w = g.layout.plane_w;
-  p.plane_q = g.layout.out_height * g.layout.plane_w;
-  p.position_blocks = (p.plane_q + kChunkedThreads - 1) / kChunkedThreads;
-  p.group_in = g.group_in;
-  p.out_width = g.layout.out_width;
-  p.out_plane = g.out_plane;
-  p.image_stride = g.layout.image_stride;
-  p.group_span = g.group_span;
-  p.relu = 0;
-  // One input channel of the block's positions and images, halo included, in bytes.
-  const int64_t footprint =
-      IMAGES * phases * (kChunkedThreads + row_shift * g.layout.plane_w + column_shift) * 4;
-  int64_t chunk = std::min(kChunkL1Budget / footprint, kStageBudget / (kChunkedChannels * taps * 8));
-  chunk = std::max<int64_t>(1, std::min(chunk, g.group_in));
-  p.chunk_span = chunk * g.layout.channel_stride;
-  // A row holds at most one entry per column (SparseFilter refuses repeats), so a chunk's
-  // entries of one output channel never exceed chunk * taps.
-  p.stage_capacity = chunk * taps;
-  shared_bytes = size_t(kChunkedChannels * p.stage_capacity * 8);
-  const int64_t blocks = p.position_blocks * p.groups * p.channel_blocks;
-  return blocks < INT32_MAX && (p.batch + IMAGES - 1) / IMAGES <= 65535;
-}
-
-template <int IMAGES>
-bool launch_chunked(const Geometry& g, const float* ws, const int64_t* row_ptr,
-                    const int32_t* offsets, const float* values, const float* bias, bool relu,
-                    float* y, cudaStream_t stream) {
-  ChunkedParams p;
-  size_t shared_bytes = 0;
-  if (!plan_chunked<IMAGES>(g, p, shared_bytes)) return false;
-  p.relu = relu ? 1 : 0;
-  if (shared_bytes > (48 << 10))
-    check_cuda(cudaFuncSetAttribute(sparse_conv_chunked_kernel<IMAGES>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(shared_bytes)),
-               "cudaFuncSetAttribute");
-  const dim3 grid(unsigned(p.position_blocks * p.groups * p.channel_blocks),
-                  unsigned((p.batch + IMAGES - 1) / IMAGES));
-  sparse_conv_chunked_kernel<IMAGES><<<grid, kChunkedThreads, shared_bytes, stream>>>(
-      ws, row_ptr, offsets, values, bias, y, p);
-  check_launch("sparse_conv_chunked_kernel");
-  return true;
-}
-
-// Which kernel runs. By default the chunked kernel takes batches of at least four images with
-// output planes of at least four blocks of positions; the streaming kernel takes the rest.
-// ESCOIN_CUDA_KERNEL=chunked or =streaming forces one (for side-by-side benchmarks).
-bool use_chunked(const Geometry& g) {
-  const char* forced = std::getenv("ESCOIN_CUDA_KERNEL");
-  if (forced != nullptr && std::strcmp(forced, "streaming") == 0) return false;
-  if (forced != nullptr && std::strcmp(forced, "chunked") == 0) return true;
-  return g.d.batch >= 4 && g.layout.out_height * g.layout.plane_w >= 4 * kChunkedThreads;
-}
-
 }  // namespace
 }  // namespace escoin
 
@@ -245,12 +170,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    const bool four = g.d.batch >= 4;
-    if (escoin::use_chunked(g) &&
-        (four ? escoin::launch_chunked<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s)
-              : escoin::launch_chunked<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s)))
-      return;
-    if (four)
+    if (g.d.batch >= 4)
       escoin::launch_conv<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
     else
       escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);

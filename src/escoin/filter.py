@@ -125,8 +125,9 @@ class SparseFilter:
                               f"{col_idx.size} and {values.size}")
         _core.csr_validate(shape[0], shape[1] * shape[2] * shape[3], row_ptr.ctypes.data,
                            col_idx.ctypes.data, col_idx.size)
-        # The GPU kernel walks each row in input-channel order and sizes its staging for one
-        # entry per column: sort the columns within rows and refuse repeated ones.
+        # A weight has one value per position, so a repeated column is a construction error.
+        # Rows are sorted so that the CPU kernel's channel chunks see each row's nonzeros in
+        # input-channel order (any order is correct; sorted is the fast one).
         rows = np.repeat(np.arange(shape[0]), np.diff(row_ptr))
         order = np.lexsort((col_idx, rows))
         col_idx, values = col_idx[order], values[order]

@@ -127,10 +127,8 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays are trusted
- * (they live on the device; build them with the functions above) and, within each row, must list
- * input channels in non-decreasing order with no column twice (sorted columns, as
- * escoin_csr_compress produces). Launch errors are reported; errors of the asynchronous
- * execution surface at the caller's next synchronisation. */
+ * (they live on the device; build them with the functions above). Launch errors are reported;
+ * errors of the asynchronous execution surface at the caller's next synchronisation. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
