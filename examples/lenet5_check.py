@@ -14,6 +14,7 @@ import escoin_torch
 from escoin_torch.bench.models import build
 from escoin_torch.bench.prune import prune_convs
 from escoin_torch.seed import relative_error
+from verdict import verdict
 
 TOLERANCE = 1e-5  # a few float32 ulps per layer, through five layers
 
@@ -28,13 +29,7 @@ def main() -> int:
     x = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         error = relative_error(sparse(x), copy.deepcopy(dense).double()(x.double()))
-    print(f"LeNet5 output: ||escoin - dense fp64|| / ||dense fp64|| = {error:.2e} "
-          f"(tolerance {TOLERANCE:.0e})")
-    if not error <= TOLERANCE:
-        print("FAILURE")
-        return 1
-    print("SUCCESS")
-    return 0
+    return 0 if verdict("LeNet5 output", error, TOLERANCE) else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Your own pruned model through escoin: replace ``my_pruned_model()`` and ``example_batch()``.
 
-    python examples/my_model.py                  # prints the reports and SUCCESS
+    python examples/my_model.py                  # prints the reports, SUCCESS, then calibration
 
 ``sparsify`` swaps every convolution that is at least half zeros for an escoin ``SparseConv2d``
 (folding ``torch.nn.utils.prune`` masks, if the model still carries them); ``calibrate`` times
@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 import escoin_torch
 from escoin_torch.seed import relative_error
+from verdict import verdict
 
 TOLERANCE = 1e-5
 
@@ -52,17 +53,13 @@ def main() -> int:
         # sparsify converted a copy, so the original (still carrying its pruning masks) can
         # become the float64 reference in place; deepcopy refuses a model with masks attached.
         error = relative_error(sparse(x), model.double()(x.double()))
-    print(f"||escoin model - dense fp64|| / ||dense fp64|| = {error:.2e} "
-          f"(tolerance {TOLERANCE:.0e})")
-    if not error <= TOLERANCE:
-        print("FAILURE")
+    if not verdict("your model", error, TOLERANCE):
         return 1
     # Calibrate only after the check: until then every converted layer ran escoin.
     print("calibrate (median ms per forward):")
     for timing in escoin_torch.calibrate(sparse, x):
         print(f"  {timing.name}: escoin {timing.sparse_ms:.3f}, dense {timing.dense_ms:.3f} "
               f"-> {timing.path}")
-    print("SUCCESS")
     return 0
 
 

@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 import escoin_torch
 from escoin_torch.bench.models import build
 from escoin_torch.seed import relative_error
+from verdict import verdict
 
 TOLERANCE = 1e-5  # float32 rounding of a 150-term dot product is ~1e-7
 
@@ -31,13 +32,7 @@ def main() -> int:
     x = torch.randn(4, 6, 14, 14, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         error = relative_error(layer(x), reference(x.double()))
-    print(f"conv 6->16 5x5, density {layer.density:.2f}: ||escoin - dense fp64|| / ||dense fp64||"
-          f" = {error:.2e} (tolerance {TOLERANCE:.0e})")
-    if not error <= TOLERANCE:
-        print("FAILURE")
-        return 1
-    print("SUCCESS")
-    return 0
+    return 0 if verdict(f"conv 6->16 5x5, density {layer.density:.2f}", error, TOLERANCE) else 1
 
 
 if __name__ == "__main__":
