@@ -32,6 +32,7 @@ def _check_run(run: Dict[str, Any], paths: List[str]) -> None:
     for p in run["paths"]:
         assert p["ms"] > 0 and math.isfinite(p["rel_error"]) and p["escoin_speedup"] > 0
     assert run["layers"], "no layer ran on escoin"
+    assert 0 <= run["calibrated_sparse"] <= len(run["layers"])
     for layer in run["layers"]:
         assert layer["dense_ms"] > 0 and layer["escoin_ms"] > 0
         assert 0 < layer["csr_bytes"] < layer["dense_bytes"]
@@ -46,7 +47,7 @@ def test_lenet5(tmp_path: Path) -> None:
     assert [(r["net"], r["batch"], r["input_shape"]) for r in runs] == [
         ("lenet5", 1, [1, 1, 32, 32]), ("lenet5", 3, [3, 1, 32, 32])]
     for run in runs:
-        _check_run(run, ["dense fp32", "escoin fp32"])
+        _check_run(run, ["dense fp32", "escoin fp32", "escoin calibrated"])
         # global magnitude pruning at 0.9 over LeNet5's two convs: 10% of their weights remain
         assert run["conv_density"] == pytest.approx(0.1, abs=0.005)
     assert record["meta"]["config"]["nets"] == ["lenet5"]
@@ -58,7 +59,7 @@ def test_alexnet_quick_random_pruning(tmp_path: Path) -> None:
                         "--prune", "random", "--repeats", "1", "--warmup", "0")
     (run,) = record["runs"]
     assert run["input_shape"] == [1, 3, 112, 112]
-    _check_run(run, ["dense fp32", "escoin fp32"])
+    _check_run(run, ["dense fp32", "escoin fp32", "escoin calibrated"])
     assert len(run["layers"]) == 5  # random pruning leaves every conv ~90% sparse: all converted
 
 

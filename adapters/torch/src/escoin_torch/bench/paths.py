@@ -20,9 +20,14 @@ from torch import nn
 from escoin_torch.seed import relative_error
 from escoin_torch.timing import time_call
 
-__all__ = ["ESCOIN", "Path", "PathResult", "measure", "network_paths", "precision"]
+__all__ = ["ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_PATHS", "Path", "PathResult", "measure",
+           "network_paths", "precision"]
 
 ESCOIN = "escoin fp32"
+# The same model after escoin_torch.calibrate kept, per layer, the faster of escoin and dense
+# (as the Escoin port's benchmarks did): what a user deploys.
+ESCOIN_CALIBRATED = "escoin calibrated"
+ESCOIN_PATHS = (ESCOIN, ESCOIN_CALIBRATED)
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,20 @@ class PathResult:
     rel_error: float
 
 
-def network_paths(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> List[Path]:
-    """The dense paths of ``x``'s device, then escoin's (always last)."""
+def network_paths(dense: nn.Module, sparse: nn.Module, calibrated: nn.Module,
+                  x: torch.Tensor) -> List[Path]:
+    """The dense paths of ``x``'s device, then escoin's two (always last)."""
     if x.device.type != "cuda":
-        return [Path("dense fp32", dense, x), Path(ESCOIN, sparse, x)]
+        return [Path("dense fp32", dense, x), Path(ESCOIN, sparse, x),
+                Path(ESCOIN_CALIBRATED, calibrated, x)]
     half = copy.deepcopy(dense).half().to(memory_format=torch.channels_last)
     return [Path("dense fp32 strict", dense, x, tf32=False),
             Path("dense tf32", dense, x, tf32=True),
             Path("dense fp16", half, x.half().contiguous(memory_format=torch.channels_last),
                  tf32=True),
             # escoin is exact fp32; the layers it does not replace (linear, BN) run strict too.
-            Path(ESCOIN, sparse, x, tf32=False)]
+            Path(ESCOIN, sparse, x, tf32=False),
+            Path(ESCOIN_CALIBRATED, calibrated, x, tf32=False)]
 
 
 @contextlib.contextmanager

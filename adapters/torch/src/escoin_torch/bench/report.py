@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from escoin_torch.bench.paths import ESCOIN
+from escoin_torch.bench.paths import ESCOIN, ESCOIN_PATHS
 from escoin_torch.bench.runner import NetworkResult
 
 __all__ = ["layer_table", "network_table", "summary_table", "to_dict", "write_chart",
@@ -24,7 +24,8 @@ def network_table(result: NetworkResult) -> str:
     converted = len(result.layers)
     lines = [f"{result.net}, batch {result.batch}, input {'x'.join(map(str, result.input_shape))}"
              f", conv density {result.conv_density:.3f}, {converted} convs on escoin"
-             + (f", {len(result.kept_dense)} kept dense" if result.kept_dense else ""),
+             + (f", {len(result.kept_dense)} kept dense" if result.kept_dense else "")
+             + f"; calibration kept {result.calibrated_sparse} of them on escoin",
              f"  {'path':<19}{'graph':<7}{'ms':>10}{'escoin speed-up':>17}{'rel err vs fp64':>17}"]
     for p in result.paths:
         lines.append(f"  {p.path:<19}{'yes' if p.graphs else 'no':<7}{p.ms:>10.3f}"
@@ -62,12 +63,13 @@ def summary_table(results: Sequence[NetworkResult]) -> str:
     """One line per case: escoin's time and speed-up over each dense path."""
     lines = []
     for r in results:
-        ours = [p for p in r.paths if p.path == ESCOIN]
+        ours = [p for p in r.paths if p.path in ESCOIN_PATHS]
         for mine in ours:
-            others = ", ".join(f"{r.speedup(p):.2f}x vs {p.path}" for p in r.paths
-                               if p.graphs == mine.graphs and p.path != ESCOIN)
+            others = ", ".join(f"{r.speedup(p, mine.path):.2f}x vs {p.path}" for p in r.paths
+                               if p.graphs == mine.graphs and p.path not in ESCOIN_PATHS)
             graph = " (graph)" if mine.graphs else ""
-            lines.append(f"  {r.net:<9} batch {r.batch:<4} escoin{graph} {mine.ms:9.3f} ms: "
+            label = "escoin" if mine.path == ESCOIN else "calibrated"
+            lines.append(f"  {r.net:<9} batch {r.batch:<4} {label}{graph} {mine.ms:9.3f} ms: "
                          f"{others}; rel err {mine.rel_error:.1e} "
                          f"{'ok' if r.passed else 'FAILED'}")
     return "\n".join(lines)
@@ -84,6 +86,7 @@ def to_dict(result: NetworkResult) -> Dict[str, Any]:
                    "escoin_speedup": result.speedup(p)} for p in result.paths],
         "weights_bytes": result.weights,
         "kept_dense": result.kept_dense,
+        "calibrated_sparse": result.calibrated_sparse,
         "layers": [{"name": r.name, "weight_shape": list(r.weight_shape),
                     "input_shape": list(r.input_shape), "density": r.density,
                     "dense_ms": r.dense_ms, "escoin_ms": r.sparse_ms, "speedup": r.speedup,
@@ -128,7 +131,7 @@ def _network_bars(ax: Any, results: Sequence[NetworkResult]) -> None:
     series: Dict[str, List[float]] = {}
     for i, r in enumerate(results):
         for p in r.paths:
-            if p.path != ESCOIN:
+            if p.path not in ESCOIN_PATHS:
                 key = f"vs {p.path}{' (graph)' if p.graphs else ''}"
                 series.setdefault(key, [math.nan] * len(results))[i] = r.speedup(p)
     width = 0.8 / max(1, len(series))

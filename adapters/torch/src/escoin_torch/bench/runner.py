@@ -19,7 +19,7 @@ from escoin_torch.layer import SparseConv2d
 
 from escoin_torch.bench.layers import LayerResult, tensor_bytes, time_layers
 from escoin_torch.bench.models import build, input_shape
-from escoin_torch.bench.paths import ESCOIN, PathResult, measure, network_paths
+from escoin_torch.bench.paths import ESCOIN, ESCOIN_PATHS, PathResult, measure, network_paths
 from escoin_torch.bench.prune import Method, prune_convs
 
 __all__ = ["Case", "NetworkResult", "run_case"]
@@ -56,18 +56,20 @@ class NetworkResult:
     layers: List[LayerResult]
     weights: Dict[str, int]
     kept_dense: Dict[str, str] = field(default_factory=dict)  # conv name -> why not converted
+    calibrated_sparse: int = 0  # converted convs that calibration kept on escoin
 
     @property
     def escoin_error(self) -> float:
-        return max(p.rel_error for p in self.paths if p.path == ESCOIN)
+        return max(p.rel_error for p in self.paths if p.path in ESCOIN_PATHS)
 
     @property
     def passed(self) -> bool:
         return self.escoin_error <= self.rtol  # False for NaN too
 
-    def speedup(self, path: PathResult) -> float:
-        """How many times faster escoin is than ``path`` (with the same CUDA graph setting)."""
-        ours = next(p for p in self.paths if p.path == ESCOIN and p.graphs == path.graphs)
+    def speedup(self, path: PathResult, ours_name: str = ESCOIN) -> float:
+        """How many times faster escoin (``ours_name``: all convs on escoin, or calibrated) is
+        than ``path``, with the same CUDA graph setting."""
+        ours = next(p for p in self.paths if p.path == ours_name and p.graphs == path.graphs)
         return path.ms / ours.ms
 
 
@@ -81,7 +83,10 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
     dense, sparse, x = dense.to(case.device), sparse.to(case.device), x.to(case.device)
     step("float64 reference")
     reference = _float64_output(dense, x)
-    paths = network_paths(dense, sparse, x)
+    step("calibrate")
+    calibrated = copy.deepcopy(sparse)
+    timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats, warmup=case.warmup)
+    paths = network_paths(dense, sparse, calibrated, x)
     results = []
     for graphs in case.graphs:
         for path in paths:
@@ -96,7 +101,8 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
         case.net, case.batch, tuple(x.shape), density,
         float(torch.linalg.vector_norm(reference)), case.rtol, results, layers,
         _weight_bytes(dense, sparse),
-        {r.name: r.reason for r in report if r.path == "dense"})
+        {r.name: r.reason for r in report if r.path == "dense"},
+        sum(t.path == "sparse" for t in timings))
 
 
 def _float64_output(dense: nn.Module, x: torch.Tensor) -> torch.Tensor:
