@@ -219,3 +219,20 @@ def test_filter_device_index_checked() -> None:
     filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
     with pytest.raises(EscoinError, match="device must be a CUDA device index"):
         filt.cuda(escoin.cuda_device_count())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None:
+    """A 7x7 plane gives too few blocks, so each channel's nonzeros are split and the partial
+    sums reduced in a fixed order: right, and bitwise the same on every run."""
+    rng = np.random.default_rng(11 + batch)
+    weight = rng.standard_normal((96, 160, 3, 3)) * (rng.random((96, 160, 3, 3)) < 0.1)
+    x = rng.standard_normal((batch, 160, 7, 7))
+    bias = rng.standard_normal(96)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    xs, bs = dev.put(x.astype(np.float32)), dev.put(bias.astype(np.float32))
+    first = dev.get(escoin.conv2d(xs, filt, bs, padding=1, relu=True))
+    second = dev.get(escoin.conv2d(xs, filt, bs, padding=1, relu=True))
+    expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, relu=True)
+    assert relative_error(first, expected) <= 1e-5
+    np.testing.assert_array_equal(first, second)

@@ -35,21 +35,40 @@ __global__ void zero_kernel(float* __restrict__ p, int64_t count) {
     p[i] = 0.f;
 }
 
+// Adds the splits' partial sums in split order (deterministic), then bias and ReLU.
+__global__ void reduce_splits_kernel(const float* __restrict__ partial,
+                                     const float* __restrict__ bias, float* __restrict__ y,
+                                     int64_t outputs, int64_t splits, int64_t out_channels,
+                                     int64_t out_plane, int relu) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float r = bias ? bias[(i / out_plane) % out_channels] : 0.f;
+    float sum = 0.f;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * outputs + i];
+    r += sum;
+    y[i] = (relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+  }
+}
+
 // ---- the direct sparse convolution ----
 
-constexpr int kThreads = 128;       // output positions per block (consecutive q: coalesced reads)
-constexpr int kChannelsPerBlock = 8;
+// Output positions per block (consecutive q: coalesced reads) and output channels per block.
+constexpr int kThreads = int(kGpuPositionsPerBlock);
+constexpr int kChannelsPerBlock = int(kGpuChannelsPerBlock);
 constexpr int kStage = 512;         // CSR entries staged in shared memory at a time
 
 struct ConvParams {
   int64_t batch, out_channels, group_out, groups, channel_blocks;
   int64_t plane_q, plane_w, out_width, out_plane, image_stride, group_span;
+  int64_t splits;  // ranges each row's nonzeros are split into (Geometry::gpu_splits)
+  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
 };
 
-// Block (x: a run of kThreads positions q, y: a block of output channels of one group, z: a run
-// of IMAGES images). Each thread keeps IMAGES accumulators: one staged (value, offset) pair feeds
-// IMAGES FMAs, the feature-map batching of Escoin.
+// Block (x: a run of kThreads positions q, y: a block of output channels of one group and one
+// split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators: one
+// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. Unsplit, the
+// block writes the output with bias and ReLU; split, it writes its partial sums.
 template <int IMAGES>
 __global__ void __launch_bounds__(kThreads)
 sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row_ptr,
@@ -60,10 +79,11 @@ sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t oh = q / p.plane_w, ow = q % p.plane_w;
   const bool writes = q < p.plane_q && ow < p.out_width;
-  const int64_t channel_items = p.groups * p.channel_blocks;
+  const int64_t channel_items = p.groups * p.channel_blocks * p.splits;
   const int64_t image_items = (p.batch + IMAGES - 1) / IMAGES;
 
-  for (int64_t item = blockIdx.y; item < channel_items; item += gridDim.y) {
+  for (int64_t split_item = blockIdx.y; split_item < channel_items; split_item += gridDim.y) {
+    const int64_t split = split_item % p.splits, item = split_item / p.splits;
     const int64_t group = item / p.channel_blocks;
     const int64_t m_begin = group * p.group_out + (item % p.channel_blocks) * kChannelsPerBlock;
     const int64_t m_end = min(m_begin + kChannelsPerBlock, (group + 1) * p.group_out);
@@ -72,7 +92,9 @@ sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row
       const float* in = ws + n0 * p.image_stride + group * p.group_span + q;
       for (int64_t m = m_begin; m < m_end; ++m) {
         float acc[IMAGES] = {};
-        const int64_t row_begin = row_ptr[m], row_end = row_ptr[m + 1];
+        const int64_t row_length = row_ptr[m + 1] - row_ptr[m];
+        const int64_t row_begin = row_ptr[m] + row_length * split / p.splits;
+        const int64_t row_end = row_ptr[m] + row_length * (split + 1) / p.splits;
         for (int64_t chunk = row_begin; chunk < row_end; chunk += kStage) {
           const int count = int(row_end - chunk < kStage ? row_end - chunk : kStage);
           __syncthreads();  // the previous chunk is consumed
@@ -96,9 +118,13 @@ sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row
 #pragma unroll
           for (int b = 0; b < IMAGES; ++b) {
             if (n0 + b >= p.batch) continue;
-            const float r = acc[b] + b0;
-            y[((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow] =
-                (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+            const int64_t out = ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+            if (p.splits > 1) {
+              p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
+            } else {
+              const float r = acc[b] + b0;
+              y[out] = (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+            }
           }
         }
       }
@@ -124,7 +150,7 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
 }
 
 template <int IMAGES>
-void launch_conv(const Geometry& g, const float* ws, const int64_t* row_ptr,
+void launch_conv(const Geometry& g, float* ws, const int64_t* row_ptr,
                  const int32_t* offsets, const float* values, const float* bias, bool relu,
                  float* y, cudaStream_t stream) {
   ConvParams p;
@@ -139,14 +165,23 @@ void launch_conv(const Geometry& g, const float* ws, const int64_t* row_ptr,
   p.out_plane = g.out_plane;
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
+  p.splits = g.gpu_splits;
+  // The partial sums follow the stretched input and its slack in the workspace.
+  p.partial = ws + g.d.batch * g.layout.image_stride + g.tail_slack;
   p.relu = relu ? 1 : 0;
   const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
   if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
-  const dim3 grid(unsigned(position_blocks), grid_limit(p.groups * p.channel_blocks, 65535),
+  const dim3 grid(unsigned(position_blocks),
+                  grid_limit(p.groups * p.channel_blocks * p.splits, 65535),
                   grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
   sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(ws, row_ptr, offsets, values, bias,
                                                             y, p);
   check_launch("sparse_conv_kernel");
+  if (p.splits == 1) return;
+  const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
+  reduce_splits_kernel<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0, stream>>>(
+      p.partial, bias, y, outputs, p.splits, g.d.out_channels, g.out_plane, p.relu);
+  check_launch("reduce_splits_kernel");
 }
 
 }  // namespace
@@ -170,8 +205,8 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    if (g.d.batch >= 4)
-      escoin::launch_conv<4>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+    if (g.d.batch >= escoin::kGpuImagesPerBlock)
+      escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
     else
       escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
   });

@@ -1,6 +1,7 @@
 // geometry.cpp -- descriptor validation, the stretched layout, workspace size, stretched offsets.
 #include "geometry.hpp"
 
+#include <algorithm>
 #include <limits>
 
 #include "error.hpp"
@@ -17,6 +18,8 @@ int64_t out_extent(int64_t in, int64_t padded, int64_t dilation, int64_t kernel,
   const int64_t span = in + padded - dilation * (kernel - 1) - 1;
   return span < 0 ? 0 : span / stride + 1;
 }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
@@ -91,6 +94,18 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
     fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
   g.group_span = g.group_in * L.channel_stride;
   g.tail_slack = kMaxTile + L.plane_w;
+  // Enough blocks to fill an H100 (132 SMs) several times over; each split keeps at least 32
+  // columns of the filter window, so a split still has work at 90% sparsity.
+  constexpr int64_t kTargetBlocks = 512, kMaxSplits = 16, kMinColumnsPerSplit = 32;
+  const int64_t images = d.batch >= kGpuImagesPerBlock ? kGpuImagesPerBlock : 1;
+  const int64_t blocks =
+      ceil_div(L.out_height * L.plane_w, kGpuPositionsPerBlock) * d.groups *
+      ceil_div(g.group_out, kGpuChannelsPerBlock) * std::max<int64_t>(1, ceil_div(d.batch, images));
+  g.gpu_splits = 1;
+  if (blocks < kTargetBlocks)
+    g.gpu_splits = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, blocks), kMaxSplits,
+                                                   g.window / kMinColumnsPerSplit}));
+  g.partial_elements = g.gpu_splits > 1 ? g.gpu_splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;
   return g;
 }
@@ -113,11 +128,12 @@ extern "C" escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc,
     escoin::require_pointer(bytes, "bytes");
     const Geometry g = escoin::make_geometry(desc);
     const size_t elem = escoin::element_size(dtype);
-    const double total =
-        (double(g.d.batch) * double(g.layout.image_stride) + double(g.tail_slack)) * double(elem);
+    const double total = (double(g.d.batch) * double(g.layout.image_stride) +
+                          double(g.tail_slack) + double(g.partial_elements)) * double(elem);
     if (total > double(std::numeric_limits<int64_t>::max() / 2))
       escoin::fail_invalid("the workspace would need ", total, " bytes");
-    *bytes = (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack)) * elem;
+    *bytes = (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack) +
+              size_t(g.partial_elements)) * elem;
   });
 }
 

@@ -14,6 +14,12 @@ namespace escoin {
 // ends with Geometry::tail_slack zeroed elements so those reads stay inside it.
 constexpr int64_t kMaxTile = 128;
 
+// The CUDA kernel's block shape (positions x output channels x images), shared here because the
+// workspace size depends on how the GPU splits small problems (see Geometry::gpu_splits).
+constexpr int64_t kGpuPositionsPerBlock = 128;
+constexpr int64_t kGpuChannelsPerBlock = 8;
+constexpr int64_t kGpuImagesPerBlock = 4;  // when the batch has at least 4 images, else 1
+
 // Everything a forward pass derives from a descriptor, validated once.
 struct Geometry {
   escoin_conv_desc_t d;
@@ -24,6 +30,11 @@ struct Geometry {
   int64_t group_span;   // stretched elements of one group of one image (< 2^31)
   int64_t out_plane;    // out_height * out_width
   int64_t tail_slack;   // zeroed elements after the batch's stretched input: kMaxTile + plane_w
+  // Small problems give the GPU too few blocks (a 7x7 plane at batch 1: 64 blocks for 132 SMs),
+  // so each output channel's nonzeros are split into gpu_splits ranges whose partial sums go to
+  // the workspace and are added in a fixed order (deterministic). 1: no split.
+  int64_t gpu_splits;
+  int64_t partial_elements;  // gpu_splits * batch * out_channels * out_plane when split, else 0
 };
 
 // Validates desc (throws escoin::Error naming the bad field) and derives the layout.

@@ -88,7 +88,9 @@ int escoin_openmp_max_threads(void);
  * stretched layout addressable with 32-bit offsets) and fills the layout. */
 escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc, escoin_layout_t* layout);
 
-/* Workspace bytes a forward call needs for this geometry and dtype (the stretched input). */
+/* Workspace bytes a forward call needs for this geometry and dtype: the stretched input and,
+ * for problems too small to fill a GPU, room for the partial sums of the CUDA entry's split
+ * over each output channel's nonzeros (the CPU entry leaves that part unused). */
 escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                       size_t* bytes);
 
