@@ -94,3 +94,21 @@ def test_filter_dtype_follows_input() -> None:
     assert y.dtype == np.float32
     expected = conv2d_reference(x, weight, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
     assert relative_error(y, expected) <= 1e-5
+
+
+def test_caller_workspace_and_reuse_across_geometries() -> None:
+    """The CPU path uses a caller's workspace, or one per thread reused across calls and
+    geometries: stale contents from a larger call must not leak into a smaller one."""
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((6, 3, 3, 3)) * (rng.random((6, 3, 3, 3)) < 0.5)
+    filt = escoin.SparseFilter.from_dense(weight)
+    big = rng.standard_normal((4, 3, 30, 30))
+    small = rng.standard_normal((1, 3, 5, 7))
+    escoin.conv2d(big, filt, padding=2)
+    y = escoin.conv2d(small, filt, padding=1)
+    expected = conv2d_reference(small, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(y, expected) <= 1e-12
+    workspace = np.full(escoin.workspace_size(small.shape, filt, padding=1, dtype=np.float64),
+                        255, np.uint8)  # garbage (NaN patterns) the call must overwrite
+    y2 = escoin.conv2d(small, filt, padding=1, workspace=workspace)
+    np.testing.assert_array_equal(y, y2)

@@ -202,3 +202,8 @@ def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
         _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
                           offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
                           ws.ctypes.data, 16)
+
+
+def test_cpu_workspace_too_small(filt, x) -> None:
+    with pytest.raises(EscoinError, match="workspace must be a writeable C-contiguous NumPy array"):
+        escoin.conv2d(x, filt, workspace=np.empty(8, np.uint8))

@@ -2,6 +2,7 @@
 on the CPU (NumPy arrays) or on a GPU (CUDA arrays), plus the raw-pointer call sconv."""
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,7 +59,7 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
                             stream_handle(stream))
     if isinstance(x, np.ndarray):
-        return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out)
+        return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out, workspace)
     raise EscoinError(f"x must be a NumPy array or a CUDA array (__cuda_array_interface__ or "
                       f"__dlpack__), got {type(x).__name__}")
 
@@ -73,8 +74,8 @@ def _batched_shape(shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], bool]:
 
 
 def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], stride: IntPair,
-                padding: Padding, dilation: IntPair, relu: bool,
-                out: Optional[object]) -> np.ndarray:
+                padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
+                workspace: Optional[object]) -> np.ndarray:
     if x.dtype not in (np.float32, np.float64):
         raise EscoinError(f"x must be float32 or float64, got {x.dtype}")
     shape, unbatched = _batched_shape(x.shape)
@@ -97,12 +98,35 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
     offsets = filt._store.offsets(desc)
     bias_array = _host_bias(bias, desc[4], x.dtype)
     nbytes = _core.workspace_size(desc, x.dtype.name)
-    workspace = np.empty(nbytes, np.uint8)
+    workspace = _host_workspace(workspace, nbytes)
     _core.forward_cpu(desc, x.dtype.name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
                       offsets.ctypes.data, values.ctypes.data,
                       0 if bias_array is None else bias_array.ctypes.data, relu, y.ctypes.data,
                       workspace.ctypes.data, nbytes)
     return y
+
+
+class _ThreadWorkspace(threading.local):
+    """Each thread's reusable host workspace. Allocating one per call cost the kernel's pages
+    afresh every time (a fresh 100 MB array is page-faulted and zeroed by the OS on first
+    touch); it only grows, like a framework's scratchpad."""
+
+    buffer: np.ndarray = np.empty(0, np.uint8)
+
+
+_thread_workspace = _ThreadWorkspace()
+
+
+def _host_workspace(workspace: Optional[object], nbytes: int) -> np.ndarray:
+    if workspace is not None:
+        if (not isinstance(workspace, np.ndarray) or not workspace.flags.c_contiguous
+                or not workspace.flags.writeable or workspace.nbytes < nbytes):
+            raise EscoinError(f"workspace must be a writeable C-contiguous NumPy array of at least "
+                              f"{nbytes} bytes for a NumPy x, got {_describe(workspace)}")
+        return workspace
+    if _thread_workspace.buffer.nbytes < nbytes:
+        _thread_workspace.buffer = np.empty(nbytes, np.uint8)
+    return _thread_workspace.buffer
 
 
 def _host_bias(bias: Optional[object], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
