@@ -207,3 +207,8 @@ def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
 def test_cpu_workspace_too_small(filt, x) -> None:
     with pytest.raises(EscoinError, match="workspace must be a writeable C-contiguous NumPy array"):
         escoin.conv2d(x, filt, workspace=np.empty(8, np.uint8))
+
+
+def test_device_pointers_need_a_device(filt, x) -> None:
+    with pytest.raises(EscoinError, match="device must be given for a filter that lives on the cpu"):
+        filt.device_pointers(x.shape, padding=1)

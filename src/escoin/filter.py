@@ -226,6 +226,23 @@ class SparseFilter:
     def cpu(self) -> "SparseFilter":
         return SparseFilter(self._store, None)
 
+    def device_pointers(self, input_shape: Tuple[int, ...], stride: object = 1,
+                        padding: object = 0, dilation: object = 1,
+                        device: Optional[int] = None) -> Tuple[int, int, int]:
+        """Device addresses of (row_ptr int64, stretched offsets int32, values float32) for an
+        input of `input_shape` and this geometry on CUDA device `device` (default: the filter's
+        device), as :func:`escoin.sconv` takes them. The first call per device and geometry
+        uploads (synchronously, so not inside graph capture); the memory lives with the filter."""
+        from escoin.geometry import descriptor
+
+        if device is None:
+            if self._device is None:
+                raise EscoinError("device must be given for a filter that lives on the cpu")
+            device = self._device
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        _core.conv_layout(desc)  # validates the geometry before anything is uploaded
+        return self._store.device_arrays(int(device), desc)
+
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the CSR arrays, shape and groups to an .npz file."""

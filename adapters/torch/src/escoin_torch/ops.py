@@ -93,13 +93,21 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     if out.numel() == 0:
         return _like_input_format(out, x)
     x_c = x.detach().contiguous()
+    bias_c = None if bias is None else bias.detach().contiguous()
     filt = _filter(row_ptr, col_idx, values, weight_shape, groups)
+    shape = tuple(x_c.shape)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    workspace = torch.empty(escoin.workspace_size(tuple(x_c.shape), filt, **geometry),
-                            dtype=torch.uint8, device=x.device)
-    escoin.conv2d(x_c, filt, bias=None if bias is None else bias.detach().contiguous(),
-                  relu=relu, out=out, workspace=workspace,
-                  stream=torch.cuda.current_stream(x.device).cuda_stream, **geometry)
+    nbytes = escoin.workspace_size(shape, filt, **geometry)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    # The raw-pointer entry: _empty_output has checked every tensor (dtype, device, shape), so
+    # reading their CUDA array interfaces again would only add per-call latency.
+    row_ptr_d, offsets_d, values_d = filt.device_pointers(shape, device=x.device.index,
+                                                          **geometry)
+    escoin.sconv(x_c.data_ptr(), out.data_ptr(), row_ptr_d, offsets_d, values_d,
+                 0 if bias_c is None else bias_c.data_ptr(), workspace.data_ptr(), nbytes,
+                 shape, tuple(weight_shape), groups=groups, relu=relu,
+                 stream=torch.cuda.current_stream(x.device).cuda_stream,
+                 device=x.device.index, **geometry)
     return _like_input_format(out, x)
 
 
