@@ -236,3 +236,21 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None
     expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, relu=True)
     assert relative_error(first, expected) <= 1e-5
     np.testing.assert_array_equal(first, second)
+
+
+def test_sconv_with_the_filters_device_pointers(dev) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((6, 4, 3, 3)) * (rng.random((6, 4, 3, 3)) < 0.4)
+    x = rng.standard_normal((3, 4, 10, 9))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
+    row_ptr, offsets, values = filt.device_pointers(x.shape, stride=2, padding=1)
+    nbytes = escoin.workspace_size(x.shape, filt, stride=2, padding=1)
+    xs = torch.from_numpy(x.astype(np.float32)).cuda()
+    ys = torch.full(escoin.output_shape(x.shape, filt, 2, 1), float("nan"), device="cuda")
+    ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    escoin.sconv(xs.data_ptr(), ys.data_ptr(), row_ptr, offsets, values, 0, ws.data_ptr(),
+                 nbytes, x.shape, filt.shape, stride=2, padding=1)
+    torch.cuda.synchronize()
+    expected = conv2d_reference(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(ys.cpu().numpy(), expected) <= 1e-5

@@ -241,7 +241,8 @@ class SparseFilter:
             device = self._device
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before anything is uploaded
-        return self._store.device_arrays(int(device), desc)
+        row_ptr, values, offsets = self._store.device_arrays(int(device), desc)
+        return row_ptr, offsets, values
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
