@@ -170,7 +170,7 @@ def _meta(args: argparse.Namespace, device: torch.device,
         models = "escoin_torch.bench.models (torchvision shapes)"
     return {"config": config, "device": str(device), "environment": _environment_line(device),
             "escoin": escoin.build_info(), "torch": torch.__version__, "models": models,
-            "machine": platform.platform(),
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
             "busy_cores_at_start": load,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
