@@ -212,3 +212,19 @@ def test_cpu_workspace_too_small(filt, x) -> None:
 def test_device_pointers_need_a_device(filt, x) -> None:
     with pytest.raises(EscoinError, match="device must be given for a filter that lives on the cpu"):
         filt.device_pointers(x.shape, padding=1)
+
+
+def test_cpu_entry_rejects_missing_values(filt, x) -> None:
+    """A caller of the C entry passing no values for a filter with nonzeros gets an error, not a
+    read through a null pointer."""
+    from escoin import _core
+
+    desc = escoin.geometry.descriptor(x.shape, filt.shape, 1)
+    offsets = escoin.stretch_offsets(filt, x.shape)
+    y = np.empty((2, 4, 6, 6), np.float32)
+    nbytes = _core.workspace_size(desc, "float32")
+    ws = np.empty(nbytes, np.uint8)
+    with pytest.raises(EscoinError, match="values must not be NULL"):
+        _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
+                          offsets.ctypes.data, 0, 0, False, y.ctypes.data, ws.ctypes.data,
+                          nbytes)

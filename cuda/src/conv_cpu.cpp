@@ -70,11 +70,10 @@ extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* d
                                                      void* workspace, size_t workspace_bytes) {
   return escoin::guarded([&] {
     const escoin::Geometry g = escoin::make_geometry(desc);
-    escoin::check_forward_operands(g, dtype, x, row_ptr, offsets, values, y, workspace,
-                                   workspace_bytes);
+    escoin::check_forward_operands(g, dtype, x, row_ptr, y, workspace, workspace_bytes);
     if (g.d.batch == 0) return;
     // Host arrays can be checked cheaply, so the CPU path never trusts them.
-    escoin::check_csr_for_geometry(g, row_ptr, offsets);
+    escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
     if (dtype == ESCOIN_FLOAT32)
       escoin::forward(g, static_cast<const float*>(x), row_ptr, offsets,
                       static_cast<const float*>(values), static_cast<const float*>(bias),

@@ -195,8 +195,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const escoin::Geometry g = escoin::make_geometry(desc);
     if (dtype != ESCOIN_FLOAT32)
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 on CUDA, got ", static_cast<int>(dtype));
-    escoin::check_forward_operands(g, dtype, x, row_ptr, offsets, values, y, workspace,
-                                   workspace_bytes);
+    escoin::check_forward_operands(g, dtype, x, row_ptr, y, workspace, workspace_bytes);
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);

@@ -6,31 +6,30 @@
 namespace escoin {
 
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const int32_t* offsets, const void* values,
-                            const void* y, const void* workspace, size_t workspace_bytes) {
-  element_size(dtype);  // rejects unknown dtypes
-  size_t needed = 0;
-  if (escoin_workspace_size(&g.d, dtype, &needed) != ESCOIN_SUCCESS)
-    fail_invalid(escoin_last_error());
+                            const int64_t* row_ptr, const void* y, const void* workspace,
+                            size_t workspace_size) {
+  const size_t needed = workspace_bytes(g, dtype);  // also rejects unknown dtypes
   if (g.d.batch == 0) return;
   require_pointer(x, "x");
   require_pointer(y, "y");
   require_pointer(row_ptr, "row_ptr");
   require_pointer(workspace, "workspace");
-  if (workspace_bytes < needed)
-    fail_invalid("workspace_bytes is ", workspace_bytes, " but this geometry needs ", needed);
-  (void)offsets;  // may be null for an all-zero filter
-  (void)values;
+  if (workspace_size < needed)
+    fail_invalid("workspace_bytes is ", workspace_size, " but this geometry needs ", needed);
 }
 
-void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets) {
+void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                            const void* values) {
   const int64_t rows = g.d.out_channels;
   if (row_ptr[0] != 0) fail_invalid("row_ptr[0] must be 0, got ", row_ptr[0]);
   for (int64_t m = 0; m < rows; ++m)
     if (row_ptr[m + 1] < row_ptr[m])
       fail_invalid("row_ptr must be non-decreasing at row ", m);
   const int64_t nnz = row_ptr[rows];
-  if (nnz > 0) require_pointer(offsets, "offsets");
+  if (nnz > 0) {  // an all-zero filter may pass NULL for both
+    require_pointer(offsets, "offsets");
+    require_pointer(values, "values");
+  }
   // A stretched offset plus the output plane (q < out_height * plane_w) stays within the group's
   // span plus one row (the column shift of the last row's dropped columns), which the workspace's
   // tail slack covers for the last group of the batch.

@@ -11,11 +11,13 @@ namespace escoin {
 
 // Pointers present where the batch is non-empty, dtype known, workspace large enough.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const int32_t* offsets, const void* values,
-                            const void* y, const void* workspace, size_t workspace_bytes);
+                            const int64_t* row_ptr, const void* y, const void* workspace,
+                            size_t workspace_size);
 
-// Host-side CSR check against the geometry: row_ptr well formed and every stretched offset inside
-// the stretched group span, so no read can leave the workspace.
-void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets);
+// Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
+// there are nonzeros, and every stretched offset inside the stretched group span, so no read can
+// leave the workspace.
+void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                            const void* values);
 
 }  // namespace escoin

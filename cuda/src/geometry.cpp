@@ -31,6 +31,16 @@ size_t element_size(escoin_dtype_t dtype) {
   fail_invalid("dtype must be ESCOIN_FLOAT32 or ESCOIN_FLOAT64, got ", static_cast<int>(dtype));
 }
 
+size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
+  const size_t elem = element_size(dtype);
+  const double total = (double(g.d.batch) * double(g.layout.image_stride) +
+                        double(g.tail_slack) + double(g.partial_elements)) * double(elem);
+  if (total > double(std::numeric_limits<int64_t>::max() / 2))
+    fail_invalid("the workspace would need ", total, " bytes");
+  return (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack) +
+          size_t(g.partial_elements)) * elem;
+}
+
 Geometry make_geometry(const escoin_conv_desc_t* desc) {
   require_pointer(desc, "desc");
   const escoin_conv_desc_t& d = *desc;
@@ -126,14 +136,7 @@ extern "C" escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc,
                                                  escoin_dtype_t dtype, size_t* bytes) {
   return escoin::guarded([&] {
     escoin::require_pointer(bytes, "bytes");
-    const Geometry g = escoin::make_geometry(desc);
-    const size_t elem = escoin::element_size(dtype);
-    const double total = (double(g.d.batch) * double(g.layout.image_stride) +
-                          double(g.tail_slack) + double(g.partial_elements)) * double(elem);
-    if (total > double(std::numeric_limits<int64_t>::max() / 2))
-      escoin::fail_invalid("the workspace would need ", total, " bytes");
-    *bytes = (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack) +
-              size_t(g.partial_elements)) * elem;
+    *bytes = escoin::workspace_bytes(escoin::make_geometry(desc), dtype);
   });
 }
 

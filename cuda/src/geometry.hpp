@@ -42,4 +42,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc);
 
 size_t element_size(escoin_dtype_t dtype);
 
+// Bytes of workspace a forward call needs (escoin_workspace_size for an already-built geometry).
+size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype);
+
 }  // namespace escoin
