@@ -32,9 +32,9 @@ def _pads(padding: Union[str, Tuple[int, int]], kernel: Tuple[int, int],
 
 
 @st.composite
-def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
+def conv_cases(draw: st.DrawFn, max_batch: int = 5, min_batch: int = 0) -> ConvCase:
     """Non-square inputs and kernels, stride 1-3, dilation 1-3, padding ints/pairs/'same'/'valid',
-    groups including depthwise, batch 0..max_batch, density 0..1 (empty rows, all-zero filters)."""
+    groups including depthwise, batch min_batch..max_batch, density 0..1 (empty rows, all-zero filters)."""
     kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -49,7 +49,7 @@ def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
     per_group_in = 1 if groups_kind == "depthwise" else draw(st.integers(1, 5))
     groups = 1 if groups_kind == "one" else draw(st.integers(2, 6))
     per_group_out = draw(st.integers(1, 4))
-    batch = draw(st.integers(0, max_batch))
+    batch = draw(st.integers(min_batch, max_batch))
     density = draw(st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0]) | st.floats(0.0, 1.0))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)

@@ -70,10 +70,21 @@ def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
     assert gpu_error(dev, case) <= 1e-5
 
 
+@settings(max_examples=100, deadline=None)
+@given(case=conv_cases(min_batch=8, max_batch=12))
+def test_random_geometry_on_the_tiled_kernel(dev, case: ConvCase) -> None:
+    """Batches of 8 or more images run the tiled kernel (tile program, 16-byte window loads)."""
+    assert gpu_error(dev, case) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", [(5, 64, 40, 37, 48, 3, 1), (4, 96, 30, 30, 40, 3, 2),
-                                   (6, 40, 33, 33, 24, 1, 1), (4, 300, 16, 16, 20, 3, 1)])
+                                   (6, 40, 33, 33, 24, 1, 1), (4, 300, 16, 16, 20, 3, 1),
+                                   (9, 64, 40, 37, 48, 3, 1), (8, 96, 30, 30, 40, 3, 2),
+                                   (8, 40, 33, 33, 24, 1, 1), (8, 300, 16, 16, 20, 3, 1),
+                                   (8, 24, 57, 61, 20, 5, 1)])
 def test_network_sized_layers(dev, shape: tuple) -> None:
-    """Planes of several thousand positions and channel counts spanning several chunks."""
+    """Planes of several thousand positions and channel counts spanning several chunks, on the
+    streaming kernel (batch < 8) and the tiled kernel (batch >= 8)."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)
@@ -221,10 +232,11 @@ def test_filter_device_index_checked() -> None:
         filt.cuda(escoin.cuda_device_count())
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 8])
 def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None:
     """A 7x7 plane gives too few blocks, so each channel's nonzeros are split and the partial
-    sums reduced in a fixed order: right, and bitwise the same on every run."""
+    sums reduced in a fixed order: right, and bitwise the same on every run (batch 8 runs the
+    tiled kernel, which splits too)."""
     rng = np.random.default_rng(11 + batch)
     weight = rng.standard_normal((96, 160, 3, 3)) * (rng.random((96, 160, 3, 3)) < 0.1)
     x = rng.standard_normal((batch, 160, 7, 7))
@@ -238,19 +250,23 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None
     np.testing.assert_array_equal(first, second)
 
 
-def test_sconv_with_the_filters_device_pointers(dev) -> None:
+@pytest.mark.parametrize("batch, tiled", [(3, True), (9, True), (9, False)])
+def test_sconv_with_the_filters_device_pointers(dev, batch: int, tiled: bool) -> None:
+    """sconv with the pointers of SparseFilter.device_pointers, with and without the tiled
+    kernel's program (without it, every batch runs the streaming kernel)."""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(12)
-    weight = rng.standard_normal((6, 4, 3, 3)) * (rng.random((6, 4, 3, 3)) < 0.4)
-    x = rng.standard_normal((3, 4, 10, 9))
+    rng = np.random.default_rng(12 + batch)
+    weight = rng.standard_normal((20, 4, 3, 3)) * (rng.random((20, 4, 3, 3)) < 0.4)
+    x = rng.standard_normal((batch, 4, 10, 9))
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
-    row_ptr, offsets, values = filt.device_pointers(x.shape, stride=2, padding=1)
+    arrays = filt.device_pointers(x.shape, stride=2, padding=1)
     nbytes = escoin.workspace_size(x.shape, filt, stride=2, padding=1)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
     ys = torch.full(escoin.output_shape(x.shape, filt, 2, 1), float("nan"), device="cuda")
     ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    escoin.sconv(xs.data_ptr(), ys.data_ptr(), row_ptr, offsets, values, 0, ws.data_ptr(),
-                 nbytes, x.shape, filt.shape, stride=2, padding=1)
+    escoin.sconv(xs.data_ptr(), ys.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values, 0,
+                 ws.data_ptr(), nbytes, x.shape, filt.shape, stride=2, padding=1,
+                 tile_program_ptr=arrays.tile_program if tiled else 0)
     torch.cuda.synchronize()
     expected = conv2d_reference(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
     assert relative_error(ys.cpu().numpy(), expected) <= 1e-5

@@ -17,13 +17,15 @@ void stretch_input(const Geometry& g, const T* x, T* ws) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows.rows; ++r) {
     const StretchRow row = rows.row(r);
-    T* dst = ws + r * plane_w;
-    for (int64_t j = 0; j < plane_w; ++j) {
+    T* dst = ws + rows.destination(r);
+    const int64_t extent = rows.extent(r);
+    for (int64_t j = 0; j < extent; ++j) {
       const int64_t iw = row.first_column + j * stride_w;
-      dst[j] = (row.source >= 0 && iw >= 0 && iw < width) ? x[row.source + iw] : T(0);
+      dst[j] = (j < plane_w && row.source >= 0 && iw >= 0 && iw < width) ? x[row.source + iw]
+                                                                        : T(0);
     }
   }
-  std::memset(ws + rows.rows * plane_w, 0, g.tail_slack * sizeof(T));
+  std::memset(ws + rows.elements(), 0, g.tail_slack * sizeof(T));
 }
 
 bool cpu_has_avx512() {

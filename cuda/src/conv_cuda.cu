@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
@@ -21,10 +22,13 @@ __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ 
   for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows.rows;
        r += int64_t(gridDim.x) * blockDim.y) {
     const StretchRow row = rows.row(r);
-    float* dst = ws + r * plane_w;
-    for (int64_t j = threadIdx.x; j < plane_w; j += blockDim.x) {
+    float* dst = ws + rows.destination(r);
+    const int64_t extent = rows.extent(r);
+    for (int64_t j = threadIdx.x; j < extent; j += blockDim.x) {
       const int64_t iw = row.first_column + j * stride_w;
-      dst[j] = (row.source >= 0 && iw >= 0 && iw < in_width) ? __ldg(x + row.source + iw) : 0.f;
+      dst[j] = (j < plane_w && row.source >= 0 && iw >= 0 && iw < in_width)
+                   ? __ldg(x + row.source + iw)
+                   : 0.f;
     }
   }
 }
@@ -145,7 +149,7 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
   stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.layout.plane_w, g.d.stride_w,
                                              g.d.in_width);
   check_launch("stretch_kernel");
-  zero_kernel<<<1, 256, 0, stream>>>(ws + rows.rows * g.layout.plane_w, g.tail_slack);
+  zero_kernel<<<1, 256, 0, stream>>>(ws + rows.elements(), g.tail_slack);
   check_launch("zero_kernel");
 }
 
@@ -166,8 +170,7 @@ void launch_conv(const Geometry& g, float* ws, const int64_t* row_ptr,
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.splits = g.gpu_splits;
-  // The partial sums follow the stretched input and its slack in the workspace.
-  p.partial = ws + g.d.batch * g.layout.image_stride + g.tail_slack;
+  p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
   const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
   if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
@@ -177,20 +180,25 @@ void launch_conv(const Geometry& g, float* ws, const int64_t* row_ptr,
   sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(ws, row_ptr, offsets, values, bias,
                                                             y, p);
   check_launch("sparse_conv_kernel");
-  if (p.splits == 1) return;
-  const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
-  reduce_splits_kernel<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0, stream>>>(
-      p.partial, bias, y, outputs, p.splits, g.d.out_channels, g.out_plane, p.relu);
-  check_launch("reduce_splits_kernel");
+  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
 
 }  // namespace
+
+void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
+                          const float* bias, bool relu, float* y, cudaStream_t stream) {
+  const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
+  reduce_splits_kernel<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0, stream>>>(
+      partial, bias, y, outputs, splits, g.d.out_channels, g.out_plane, relu ? 1 : 0);
+  check_launch("reduce_splits_kernel");
+}
+
 }  // namespace escoin
 
 extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x, const int64_t* row_ptr,
-    const int32_t* offsets, const void* values, const void* bias, int relu, void* y,
-    void* workspace, size_t workspace_bytes, int device, void* stream) {
+    const int32_t* offsets, const void* values, const void* tile_program, const void* bias,
+    int relu, void* y, void* workspace, size_t workspace_bytes, int device, void* stream) {
   return escoin::guarded([&] {
     const escoin::Geometry g = escoin::make_geometry(desc);
     if (dtype != ESCOIN_FLOAT32)
@@ -204,7 +212,13 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    if (g.d.batch >= escoin::kGpuImagesPerBlock)
+    // The tiled kernel needs its program, enough images to fill the GPU without many splits,
+    // and a 16-byte aligned workspace for its window loads.
+    if (tile_program && g.d.batch >= escoin::kTileMinBatch && escoin::tile_kernel_fits(g) &&
+        reinterpret_cast<uintptr_t>(workspace) % 16 == 0)
+      escoin::launch_tile_conv(g, ws, static_cast<const int32_t*>(tile_program), b, relu != 0,
+                               out, s);
+    else if (g.d.batch >= escoin::kGpuImagesPerBlock)
       escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
     else
       escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);

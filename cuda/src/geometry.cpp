@@ -21,6 +21,17 @@ int64_t out_extent(int64_t in, int64_t padded, int64_t dilation, int64_t kernel,
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// How many ranges to split each output channel's nonzeros into when a launch has too few blocks
+// to fill an H100 (132 SMs) several times over; each split keeps at least 32 columns of the
+// filter window, so a split still has work at 90% sparsity.
+int64_t splits_for(int64_t blocks, int64_t window) {
+  constexpr int64_t kTargetBlocks = 512, kMaxSplits = 16, kMinColumnsPerSplit = 32;
+  if (blocks >= kTargetBlocks) return 1;
+  blocks = std::max<int64_t>(blocks, 1);
+  return std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, blocks), kMaxSplits,
+                                        window / kMinColumnsPerSplit}));
+}
+
 }  // namespace
 
 size_t element_size(escoin_dtype_t dtype) {
@@ -91,7 +102,9 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   // out_height + the largest tap shift rows; columns likewise.
   L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
-  L.channel_stride = d.stride_h * d.stride_w * L.plane_h * L.plane_w;
+  // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:
+  // the tiled CUDA kernel reads its input windows with 16-byte loads.
+  L.channel_stride = ceil_div(d.stride_h * d.stride_w * L.plane_h * L.plane_w, 4) * 4;
   g.group_in = d.in_channels / d.groups;
   g.group_out = d.out_channels / d.groups;
   g.window = g.group_in * d.kernel_h * d.kernel_w;
@@ -104,18 +117,21 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
     fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
   g.group_span = g.group_in * L.channel_stride;
   g.tail_slack = kMaxTile + L.plane_w;
-  // Enough blocks to fill an H100 (132 SMs) several times over; each split keeps at least 32
-  // columns of the filter window, so a split still has work at 90% sparsity.
-  constexpr int64_t kTargetBlocks = 512, kMaxSplits = 16, kMinColumnsPerSplit = 32;
   const int64_t images = d.batch >= kGpuImagesPerBlock ? kGpuImagesPerBlock : 1;
-  const int64_t blocks =
-      ceil_div(L.out_height * L.plane_w, kGpuPositionsPerBlock) * d.groups *
-      ceil_div(g.group_out, kGpuChannelsPerBlock) * std::max<int64_t>(1, ceil_div(d.batch, images));
-  g.gpu_splits = 1;
-  if (blocks < kTargetBlocks)
-    g.gpu_splits = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, blocks), kMaxSplits,
-                                                   g.window / kMinColumnsPerSplit}));
-  g.partial_elements = g.gpu_splits > 1 ? g.gpu_splits * d.batch * d.out_channels * g.out_plane : 0;
+  const int64_t plane_q = L.out_height * L.plane_w;
+  g.gpu_splits = splits_for(ceil_div(plane_q, kGpuPositionsPerBlock) * d.groups *
+                                ceil_div(g.group_out, kGpuChannelsPerBlock) *
+                                std::max<int64_t>(1, ceil_div(d.batch, images)),
+                            g.window);
+  g.gpu_tile_splits =
+      d.batch < kTileMinBatch
+          ? 1
+          : splits_for(ceil_div(plane_q, 32 * kTilePositions) *
+                           ceil_div(d.groups * ceil_div(g.group_out, kTileChannels), kTileWarps) *
+                           d.batch,
+                       g.window);
+  const int64_t splits = std::max(g.gpu_splits, g.gpu_tile_splits);
+  g.partial_elements = splits > 1 ? splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;
   return g;
 }

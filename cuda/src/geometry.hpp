@@ -20,6 +20,14 @@ constexpr int64_t kGpuPositionsPerBlock = 128;
 constexpr int64_t kGpuChannelsPerBlock = 8;
 constexpr int64_t kGpuImagesPerBlock = 4;  // when the batch has at least 4 images, else 1
 
+// The tiled CUDA kernel's block shape (tile_kernel.cu): kTileWarps warps on the same positions,
+// each warp a tile of kTileChannels output channels, each thread kTilePositions positions. It
+// runs from kTileMinBatch images up, when the caller passes a tile program (tile_program.hpp).
+constexpr int64_t kTileChannels = 8;
+constexpr int64_t kTilePositions = 8;
+constexpr int64_t kTileWarps = 4;
+constexpr int64_t kTileMinBatch = 8;
+
 // Everything a forward pass derives from a descriptor, validated once.
 struct Geometry {
   escoin_conv_desc_t d;
@@ -34,7 +42,8 @@ struct Geometry {
   // so each output channel's nonzeros are split into gpu_splits ranges whose partial sums go to
   // the workspace and are added in a fixed order (deterministic). 1: no split.
   int64_t gpu_splits;
-  int64_t partial_elements;  // gpu_splits * batch * out_channels * out_plane when split, else 0
+  int64_t gpu_tile_splits;   // the same for the tiled kernel (1 below kTileMinBatch images)
+  int64_t partial_elements;  // max(splits) * batch * out_channels * out_plane when split, else 0
 };
 
 // Validates desc (throws escoin::Error naming the bad field) and derives the layout.

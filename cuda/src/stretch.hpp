@@ -1,8 +1,9 @@
 // stretch.hpp -- the index arithmetic of the stretched input layout, shared by the CPU loop and
 // the CUDA kernel so both fill the workspace identically.
 //
-// The workspace is a sequence of rows of plane_w elements: for each image n, channel c, phase
-// (a, b) and plane row i, one row. Row i of phase (a, b) copies input row ih = i*stride_h + a -
+// The workspace holds, for each image n and channel c, channel_stride elements: for each phase
+// (a, b) and plane row i one row of plane_w elements, then a zeroed gap of up to 3 elements
+// that keeps the next channel 16-byte aligned. Row i of phase (a, b) copies input row ih = i*stride_h + a -
 // pad_top at columns iw = j*stride_w + b - pad_left (zero where ih or iw falls outside the input).
 #pragma once
 
@@ -25,7 +26,21 @@ struct StretchRow {
 
 struct StretchRows {
   int64_t rows;  // stretched rows of the whole batch
-  int64_t rows_per_channel, plane_h, stride_h, stride_w, pad_top, pad_left, in_height, in_width;
+  int64_t rows_per_channel, plane_h, plane_w, channel_stride, stride_h, stride_w, pad_top,
+      pad_left, in_height, in_width;
+
+  // Where row r starts in the workspace.
+  ESCOIN_HOST_DEVICE int64_t destination(int64_t r) const {
+    return (r / rows_per_channel) * channel_stride + (r % rows_per_channel) * plane_w;
+  }
+  // Elements to write for row r: plane_w, and for a channel's last row also the alignment gap.
+  ESCOIN_HOST_DEVICE int64_t extent(int64_t r) const {
+    return r % rows_per_channel == rows_per_channel - 1
+               ? channel_stride - (rows_per_channel - 1) * plane_w
+               : plane_w;
+  }
+  // The workspace elements the rows cover (the batch's stretched input, gaps included).
+  ESCOIN_HOST_DEVICE int64_t elements() const { return rows / rows_per_channel * channel_stride; }
 
   ESCOIN_HOST_DEVICE StretchRow row(int64_t r) const {
     const int64_t image_channel = r / rows_per_channel;  // n * C + c
@@ -42,7 +57,8 @@ inline StretchRows stretch_rows(const Geometry& g) {
   const escoin_conv_desc_t& d = g.d;
   const int64_t per_channel = d.stride_h * d.stride_w * g.layout.plane_h;
   return StretchRows{d.batch * d.in_channels * per_channel, per_channel, g.layout.plane_h,
-                     d.stride_h, d.stride_w, d.pad_top, d.pad_left, d.in_height, d.in_width};
+                     g.layout.plane_w, g.layout.channel_stride, d.stride_h, d.stride_w,
+                     d.pad_top, d.pad_left, d.in_height, d.in_width};
 }
 
 }  // namespace escoin

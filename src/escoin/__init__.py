@@ -7,13 +7,14 @@
 from escoin._errors import EscoinError
 from escoin.conv import conv2d, output_shape, sconv, stretch_offsets, workspace_size
 from escoin.cuda_arrays import DeviceArray
-from escoin.filter import SparseFilter
+from escoin.filter import DevicePointers, SparseFilter
 from escoin.info import build_info, cuda_available, cuda_device_count
 
 __version__ = build_info()["version"]
 
 __all__ = [
     "DeviceArray",
+    "DevicePointers",
     "EscoinError",
     "SparseFilter",
     "build_info",

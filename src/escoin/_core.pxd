@@ -47,6 +47,12 @@ cdef extern from "escoin/escoin.h" nogil:
                                         const int32_t* col_idx, int64_t nnz)
     escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int32_t* col_idx,
                                            int64_t nnz, int32_t* offsets)
+    escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc,
+                                             const int64_t* row_ptr, const int32_t* offsets,
+                                             const float* values, size_t* bytes)
+    escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc,
+                                              const int64_t* row_ptr, const int32_t* offsets,
+                                              const float* values, void* program, size_t bytes)
     escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                               const void* x, const int64_t* row_ptr,
                                               const int32_t* offsets, const void* values,
@@ -55,9 +61,9 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                                const void* x, const int64_t* row_ptr,
                                                const int32_t* offsets, const void* values,
-                                               const void* bias, int relu, void* y,
-                                               void* workspace, size_t workspace_bytes,
-                                               int device, void* stream)
+                                               const void* tile_program, const void* bias,
+                                               int relu, void* y, void* workspace,
+                                               size_t workspace_bytes, int device, void* stream)
 
     int escoin_cuda_device_count()
     escoin_status_t escoin_cuda_malloc(int device, size_t bytes, void** ptr)

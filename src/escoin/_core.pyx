@@ -127,6 +127,32 @@ def stretch_offsets(tuple desc, object col_idx, int64_t nnz, object offsets) -> 
     check(status)
 
 
+def tile_program_size(tuple desc, object row_ptr, object offsets, object values) -> int:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* off = <const int32_t*>ptr(offsets)
+    cdef const float* v = <const float*>ptr(values)
+    cdef size_t nbytes = 0
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_tile_program_size(&d, rp, off, v, &nbytes)
+    check(status)
+    return nbytes
+
+
+def tile_program_build(tuple desc, object row_ptr, object offsets, object values,
+                       object program, size_t nbytes) -> None:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* off = <const int32_t*>ptr(offsets)
+    cdef const float* v = <const float*>ptr(values)
+    cdef void* out = ptr(program)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_tile_program_build(&d, rp, off, v, out, nbytes)
+    check(status)
+
+
 def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
                 object bias, bint relu, object y, object workspace,
                 size_t workspace_bytes) -> None:
@@ -148,14 +174,15 @@ def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets,
 
 
 def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
-                 object bias, bint relu, object y, object workspace, size_t workspace_bytes,
-                 int device, object stream) -> None:
+                 object tile_program, object bias, bint relu, object y, object workspace,
+                 size_t workspace_bytes, int device, object stream) -> None:
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef escoin_dtype_t code = dtype_code(dtype)
     cdef const void* px = ptr(x)
     cdef const int64_t* prp = <const int64_t*>ptr(row_ptr)
     cdef const int32_t* poff = <const int32_t*>ptr(offsets)
     cdef const void* pv = ptr(values)
+    cdef const void* pt = ptr(tile_program)
     cdef const void* pb = ptr(bias)
     cdef void* py = ptr(y)
     cdef void* pws = ptr(workspace)
@@ -163,7 +190,7 @@ def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets
     cdef int r = relu
     cdef escoin_status_t status
     with nogil:
-        status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pb, r, py, pws,
+        status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pt, pb, r, py, pws,
                                             workspace_bytes, device, ps)
     check(status)
 

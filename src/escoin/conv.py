@@ -174,10 +174,10 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
         y_ptr = yv.ptr
     nbytes = _core.workspace_size(desc, "float32")
     ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
-    row_ptr, values, offsets = filt._store.device_arrays(device, desc)
+    arrays = filt._store.device_arrays(device, desc)
     bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
-    _core.forward_cuda(desc, "float32", xv.ptr, row_ptr, offsets, values, bias_ptr, relu, y_ptr,
-                       ws_ptr, nbytes, device, stream)
+    _core.forward_cuda(desc, "float32", xv.ptr, arrays.row_ptr, arrays.offsets, arrays.values,
+                       arrays.tile_program, bias_ptr, relu, y_ptr, ws_ptr, nbytes, device, stream)
     del ws_owner, bias_owner  # stream-ordered frees: safe right after the launch
     return y
 
@@ -221,23 +221,28 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
           bias_ptr: int, workspace_ptr: int, workspace_bytes: int, input_shape: Sequence[int],
           weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
           dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
-          device: Optional[int] = None) -> None:
+          device: Optional[int] = None, tile_program_ptr: int = 0) -> None:
     """The low-level GPU call on raw device pointers (float32), for callers that own their memory.
 
     row_ptr (int64, M+1), offsets (int32, from :func:`stretch_offsets` for this geometry) and
     values (float32) must be device arrays on `device` (default: the device of x_ptr); bias_ptr
-    may be 0. The workspace needs :func:`workspace_size` bytes. Work is queued on `stream`.
+    may be 0. tile_program_ptr (0 for none) is the tiled kernel's program for this geometry,
+    which batches of 8 or more images use: take all four from
+    :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes. Work
+    is queued on `stream`.
     """
     desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),
                         ("offsets_ptr", offsets_ptr), ("values_ptr", values_ptr),
-                        ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr)):
+                        ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
+                        ("tile_program_ptr", tile_program_ptr)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise EscoinError(f"{name} must be a non-negative int device pointer, got {value!r}")
     if device is None:
         device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
-    _core.forward_cuda(desc, "float32", x_ptr, row_ptr_ptr, offsets_ptr, values_ptr, bias_ptr,
-                       relu, y_ptr, workspace_ptr, workspace_bytes, device, stream_handle(stream))
+    _core.forward_cuda(desc, "float32", x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
+                       tile_program_ptr, bias_ptr, relu, y_ptr, workspace_ptr, workspace_bytes,
+                       device, stream_handle(stream))
 
 
 def _describe(obj: object) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -14,11 +14,20 @@ from escoin.cuda_arrays import DeviceBuffer
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class DevicePointers(NamedTuple):
+    """Device addresses of a filter's arrays for one geometry, as :func:`escoin.sconv` takes them."""
+
+    row_ptr: int       # int64, out_channels + 1
+    offsets: int       # int32 stretched offsets, one per nonzero
+    values: int        # float32, one per nonzero
+    tile_program: int  # the tiled kernel's program (escoin_tile_program_build)
+
+
 class _CsrStore:
     """The CSR arrays and every cache derived from them, shared by a filter and its device copies.
 
-    Caches (stretched offsets per geometry, device copies per device, cast values per dtype) are
-    filled under a lock so two threads may use one filter.
+    Caches (stretched offsets and tile programs per geometry, device copies per device, cast
+    values per dtype) are filled under a lock so two threads may use one filter.
     """
 
     def __init__(self, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray,
@@ -29,7 +38,7 @@ class _CsrStore:
         self.host_offsets: Dict[tuple, np.ndarray] = {}
         self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
-        self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
+        self.device_geometry: Dict[Tuple[int, tuple], Tuple[DeviceBuffer, DeviceBuffer]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -49,9 +58,19 @@ class _CsrStore:
                 found = self.host_values[dtype] = self.values.astype(dtype)
             return found
 
-    def device_arrays(self, device: int, desc: tuple) -> Tuple[int, int, int]:
-        """Device pointers of (row_ptr, float32 values, offsets for desc), uploaded once."""
+    def tile_program(self, desc: tuple) -> np.ndarray:
+        """The tiled CUDA kernel's program for this geometry (host bytes)."""
         offsets = self.offsets(desc)
+        values32 = self.values_as(np.dtype(np.float32))
+        nbytes = _core.tile_program_size(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
+                                         values32.ctypes.data)
+        program = np.empty(nbytes, np.uint8)
+        _core.tile_program_build(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
+                                 values32.ctypes.data, program.ctypes.data, nbytes)
+        return program
+
+    def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
+        """The filter's device arrays for desc on `device`, uploaded once per device and geometry."""
         values32 = self.values_as(np.dtype(np.float32))
         with self.lock:
             csr = self.device_csr.get(device)
@@ -59,10 +78,14 @@ class _CsrStore:
                 csr = self.device_csr[device] = (DeviceBuffer.from_host(self.row_ptr, device),
                                                  DeviceBuffer.from_host(values32, device))
             key = (device, _offsets_key(desc))
-            device_offsets = self.device_offsets.get(key)
-            if device_offsets is None:
-                device_offsets = self.device_offsets[key] = DeviceBuffer.from_host(offsets, device)
-            return csr[0].ptr, csr[1].ptr, device_offsets.ptr
+            per_geometry = self.device_geometry.get(key)
+        if per_geometry is None:
+            # Built outside the lock (offsets() takes it); a racing thread builds the same.
+            built = (DeviceBuffer.from_host(self.offsets(desc), device),
+                     DeviceBuffer.from_host(self.tile_program(desc), device))
+            with self.lock:
+                per_geometry = self.device_geometry.setdefault(key, built)
+        return DevicePointers(csr[0].ptr, per_geometry[0].ptr, csr[1].ptr, per_geometry[1].ptr)
 
 
 def _offsets_key(desc: tuple) -> tuple:
@@ -228,11 +251,12 @@ class SparseFilter:
 
     def device_pointers(self, input_shape: Tuple[int, ...], stride: object = 1,
                         padding: object = 0, dilation: object = 1,
-                        device: Optional[int] = None) -> Tuple[int, int, int]:
-        """Device addresses of (row_ptr int64, stretched offsets int32, values float32) for an
-        input of `input_shape` and this geometry on CUDA device `device` (default: the filter's
-        device), as :func:`escoin.sconv` takes them. The first call per device and geometry
-        uploads (synchronously, so not inside graph capture); the memory lives with the filter."""
+                        device: Optional[int] = None) -> DevicePointers:
+        """Device addresses of the filter's arrays (row_ptr, stretched offsets, values, tile
+        program) for an input of `input_shape` and this geometry on CUDA device `device` (default:
+        the filter's device), as :func:`escoin.sconv` takes them. The first call per device and
+        geometry uploads (synchronously, so not inside graph capture); the memory lives with the
+        filter."""
         from escoin.geometry import descriptor
 
         if device is None:
@@ -241,8 +265,7 @@ class SparseFilter:
             device = self._device
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before anything is uploaded
-        row_ptr, values, offsets = self._store.device_arrays(int(device), desc)
-        return row_ptr, offsets, values
+        return self._store.device_arrays(int(device), desc)
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -67,7 +67,8 @@ typedef struct {
 typedef struct {
   int64_t out_height, out_width;
   int64_t plane_h, plane_w;
-  int64_t channel_stride; /* elements per input channel: stride_h * stride_w * plane_h * plane_w */
+  int64_t channel_stride; /* elements per input channel: stride_h * stride_w * plane_h * plane_w,
+                             rounded up to a multiple of 4 (the gap is zeroed) */
   int64_t image_stride;   /* elements per image: in_channels * channel_stride */
 } escoin_layout_t;
 
@@ -127,15 +128,32 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
                                           const void* bias, int relu, void* y, void* workspace,
                                           size_t workspace_bytes);
 
+/* ---- The tile program: the filter re-ordered for the tiled CUDA kernel ----
+ * Built on the host from the CSR and its stretched offsets for one geometry (batch and
+ * out_channels aside, as for the offsets), then copied to the device by the caller. It groups
+ * each block of 8 output channels' nonzeros by the input values they read, so the kernel loads
+ * each input value once for several FMAs. values is float32. size gives the bytes that build
+ * writes; both check the CSR against the geometry as the CPU forward does. */
+escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
+                                         const int32_t* offsets, const float* values,
+                                         size_t* bytes);
+escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
+                                          const int32_t* offsets, const float* values,
+                                          void* program, size_t bytes);
+
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
- * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays are trusted
- * (they live on the device; build them with the functions above). Launch errors are reported;
- * errors of the asynchronous execution surface at the caller's next synchronisation. */
+ * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays and the
+ * tile program are trusted (they live on the device; build them with the functions above for
+ * this geometry). tile_program may be NULL; given, batches of 8 or more images run the tiled
+ * kernel (the workspace must then be 16-byte aligned, or the streaming kernel runs). Launch
+ * errors are reported; errors of the asynchronous execution surface at the caller's next
+ * synchronisation. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
-                                           const void* bias, int relu, void* y, void* workspace,
-                                           size_t workspace_bytes, int device, void* stream);
+                                           const void* tile_program, const void* bias, int relu,
+                                           void* y, void* workspace, size_t workspace_bytes,
+                                           int device, void* stream);
 
 /* ---- CUDA memory helpers (not compute entries: these may allocate and synchronise) ---- */
 

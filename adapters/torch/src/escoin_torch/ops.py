@@ -101,13 +101,12 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     # The raw-pointer entry: _empty_output has checked every tensor (dtype, device, shape), so
     # reading their CUDA array interfaces again would only add per-call latency.
-    row_ptr_d, offsets_d, values_d = filt.device_pointers(shape, device=x.device.index,
-                                                          **geometry)
-    escoin.sconv(x_c.data_ptr(), out.data_ptr(), row_ptr_d, offsets_d, values_d,
+    arrays = filt.device_pointers(shape, device=x.device.index, **geometry)
+    escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
                  0 if bias_c is None else bias_c.data_ptr(), workspace.data_ptr(), nbytes,
                  shape, tuple(weight_shape), groups=groups, relu=relu,
                  stream=torch.cuda.current_stream(x.device).cuda_stream,
-                 device=x.device.index, **geometry)
+                 device=x.device.index, tile_program_ptr=arrays.tile_program, **geometry)
     return _like_input_format(out, x)
 
 

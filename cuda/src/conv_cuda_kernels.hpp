@@ -1,0 +1,28 @@
+// conv_cuda_kernels.hpp -- the CUDA launches the forward entry (conv_cuda.cu) chooses between.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "geometry.hpp"
+
+namespace escoin {
+
+// Where split partial sums go: after the stretched input and its slack in the workspace.
+inline float* partial_sums(const Geometry& g, float* ws) {
+  return ws + g.d.batch * g.layout.image_stride + g.tail_slack;
+}
+
+// Adds `splits` partial sums per output in split order (deterministic), then bias and ReLU.
+void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
+                          const float* bias, bool relu, float* y, cudaStream_t stream);
+
+// Whether the tiled kernel's grid can hold g (images and channel tiles within grid limits).
+bool tile_kernel_fits(const Geometry& g);
+
+// The tiled kernel (tile_kernel.cu) on a stretched workspace, with a tile program built for g.
+void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, const float* bias,
+                      bool relu, float* y, cudaStream_t stream);
+
+}  // namespace escoin
