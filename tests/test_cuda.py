@@ -8,7 +8,8 @@ from hypothesis import given, settings
 
 import escoin
 from escoin import EscoinError
-from geometry_strategies import ConvCase, conv_cases
+from geometry_strategies import ConvCase, conv_cases, tiled_conv_cases
+from escoin.geometry import descriptor
 from reference import conv2d_reference, relative_error
 
 pytestmark = pytest.mark.cuda
@@ -71,9 +72,13 @@ def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(case=conv_cases(min_batch=8, max_batch=12))
+@given(case=tiled_conv_cases())
 def test_random_geometry_on_the_tiled_kernel(dev, case: ConvCase) -> None:
-    """Batches of 8 or more images run the tiled kernel (tile program, 16-byte window loads)."""
+    """Batches of 8 or more images run the tiled kernel where its program pays (here always)."""
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
+                      case.dilation)
+    assert filt._store.tile_program(desc) is not None
     assert gpu_error(dev, case) <= 1e-5
 
 
@@ -232,14 +237,14 @@ def test_filter_device_index_checked() -> None:
         filt.cuda(escoin.cuda_device_count())
 
 
-@pytest.mark.parametrize("batch", [1, 2, 8])
-def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None:
-    """A 7x7 plane gives too few blocks, so each channel's nonzeros are split and the partial
-    sums reduced in a fixed order: right, and bitwise the same on every run (batch 8 runs the
-    tiled kernel, which splits too)."""
+@pytest.mark.parametrize("batch, size", [(1, 7), (2, 7), (8, 14)])
+def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: int) -> None:
+    """A small plane gives too few blocks, so each channel's nonzeros are split and the partial
+    sums reduced in a fixed order: right, and bitwise the same on every run (batch 8 on a 14x14
+    plane runs the tiled kernel, which splits too)."""
     rng = np.random.default_rng(11 + batch)
     weight = rng.standard_normal((96, 160, 3, 3)) * (rng.random((96, 160, 3, 3)) < 0.1)
-    x = rng.standard_normal((batch, 160, 7, 7))
+    x = rng.standard_normal((batch, 160, size, size))
     bias = rng.standard_normal(96)
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
     xs, bs = dev.put(x.astype(np.float32)), dev.put(bias.astype(np.float32))
@@ -250,23 +255,27 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int) -> None
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("batch, tiled", [(3, True), (9, True), (9, False)])
-def test_sconv_with_the_filters_device_pointers(dev, batch: int, tiled: bool) -> None:
+@pytest.mark.parametrize("batch, stride, tiled", [(3, 1, True), (9, 1, True), (9, 1, False),
+                                                  (9, 2, True)])
+def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
+                                                tiled: bool) -> None:
     """sconv with the pointers of SparseFilter.device_pointers, with and without the tiled
-    kernel's program (without it, every batch runs the streaming kernel)."""
+    kernel's program (without it, or below 8 images, the streaming kernel runs; stride 2 puts
+    too few nonzeros in a window for the program to pay, so it is 0)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(12 + batch)
-    weight = rng.standard_normal((20, 4, 3, 3)) * (rng.random((20, 4, 3, 3)) < 0.4)
-    x = rng.standard_normal((batch, 4, 10, 9))
+    weight = rng.standard_normal((20, 4, 3, 3)) * (rng.random((20, 4, 3, 3)) < 0.3)
+    x = rng.standard_normal((batch, 4, 30, 45))
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
-    arrays = filt.device_pointers(x.shape, stride=2, padding=1)
-    nbytes = escoin.workspace_size(x.shape, filt, stride=2, padding=1)
+    arrays = filt.device_pointers(x.shape, stride=stride, padding=1)
+    assert (arrays.tile_program != 0) == (stride == 1)
+    nbytes = escoin.workspace_size(x.shape, filt, stride=stride, padding=1)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
-    ys = torch.full(escoin.output_shape(x.shape, filt, 2, 1), float("nan"), device="cuda")
+    ys = torch.full(escoin.output_shape(x.shape, filt, stride, 1), float("nan"), device="cuda")
     ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     escoin.sconv(xs.data_ptr(), ys.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values, 0,
-                 ws.data_ptr(), nbytes, x.shape, filt.shape, stride=2, padding=1,
+                 ws.data_ptr(), nbytes, x.shape, filt.shape, stride=stride, padding=1,
                  tile_program_ptr=arrays.tile_program if tiled else 0)
     torch.cuda.synchronize()
-    expected = conv2d_reference(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    expected = conv2d_reference(x, weight, None, (stride, stride), (1, 1, 1, 1), (1, 1), 1)
     assert relative_error(ys.cpu().numpy(), expected) <= 1e-5

@@ -18,10 +18,6 @@ CHANNELS, POSITIONS, WINDOW = 8, 8, 16  # cuda/src/geometry.hpp, tile_program.hp
 SHIFTS = WINDOW - POSITIONS + 1
 
 
-def build(filt: escoin.SparseFilter, desc: tuple) -> np.ndarray:
-    return filt._store.tile_program(desc).view(np.int32)
-
-
 def decode(words: np.ndarray) -> Tuple[int, List[List[Tuple[int, int, float]]]]:
     """Per item, the (offset, channel, value) of each entry, from the windows' bases and cases."""
     magic, items, windows, entries = (int(v) for v in words[:HEADER_WORDS])
@@ -50,18 +46,21 @@ def decode(words: np.ndarray) -> Tuple[int, List[List[Tuple[int, int, float]]]]:
 
 @settings(max_examples=40, deadline=None)
 @given(out_channels=st.integers(1, 30), in_channels=st.integers(1, 12),
-       kernel=st.integers(1, 5), stride=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
-       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+       kernel=st.integers(2, 5), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]),
+       width=st.integers(24, 40), density=st.floats(0.5, 1.0), seed=st.integers(0, 2**32 - 1))
 def test_every_nonzero_appears_once_in_its_tile(out_channels: int, in_channels: int,
-                                                kernel: int, stride: int, groups: int,
-                                                density: float, seed: int) -> None:
+                                                kernel: int, dilation: int, groups: int,
+                                                width: int, density: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     shape = (out_channels * groups, in_channels, kernel, kernel)
     weight = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
+    weight[..., :2] = 1.0  # two neighbouring taps in every row: >= 2 nonzeros per window
     filt = escoin.SparseFilter.from_dense(weight, groups=groups)
-    x_shape = (2, in_channels * groups, 13, 11)
-    desc = descriptor(x_shape, filt.shape, groups, stride, kernel // 2, 1)
-    items, decoded = decode(build(filt, desc))
+    x_shape = (2, in_channels * groups, 40, width)  # >= 1000 positions: warps >= 80% busy
+    desc = descriptor(x_shape, filt.shape, groups, 1, "same", dilation)
+    program = filt._store.tile_program(desc)
+    assert program is not None  # wide planes and >= 2 nonzeros per window: the tiled kernel pays
+    items, decoded = decode(program.view(np.int32))
     tiles = -(-out_channels // CHANNELS)
     assert items == groups * tiles
     offsets = filt._store.offsets(desc)
@@ -78,10 +77,29 @@ def test_every_nonzero_appears_once_in_its_tile(out_channels: int, in_channels: 
         assert sorted(got) == sorted(expected.get(item, []))
 
 
+@pytest.mark.parametrize("kernel, stride, size", [(1, 1, 32), (3, 2, 32), (3, 1, 7)])
+def test_no_program_where_the_tiled_kernel_would_be_slower(kernel: int, stride: int,
+                                                           size: int) -> None:
+    """1x1 and stride-2 filters put about one nonzero in a window; a 7x7 plane fills a quarter
+    of a warp: the streaming kernel is faster there, so no program is built."""
+    rng = np.random.default_rng(kernel + stride + size)
+    shape = (16, 32, kernel, kernel)
+    weight = (rng.standard_normal(shape) * (rng.random(shape) < 0.1)).astype(np.float32)
+    filt = escoin.SparseFilter.from_dense(weight)
+    desc = descriptor((8, 32, size, size), filt.shape, 1, stride, kernel // 2, 1)
+    assert filt._store.tile_program(desc) is None
+    offsets = filt._store.offsets(desc)
+    values = filt.values.astype(np.float32)
+    program = np.empty(1 << 16, np.uint8)
+    with pytest.raises(EscoinError, match="does not pay"):
+        _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                 values.ctypes.data, program.ctypes.data, program.nbytes)
+
+
 def test_program_rejects_an_offset_outside_the_input() -> None:
     weight = np.ones((2, 3, 3, 3), np.float32)
     filt = escoin.SparseFilter.from_dense(weight)
-    desc = descriptor((1, 3, 8, 8), filt.shape, 1, 1, 1, 1)
+    desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
     offsets = filt._store.offsets(desc).copy()
     offsets[5] = 1 << 30
     values = filt.values.astype(np.float32)
@@ -92,7 +110,7 @@ def test_program_rejects_an_offset_outside_the_input() -> None:
 
 def test_program_buffer_too_small_is_refused() -> None:
     filt = escoin.SparseFilter.from_dense(np.ones((2, 3, 3, 3), np.float32))
-    desc = descriptor((1, 3, 8, 8), filt.shape, 1, 1, 1, 1)
+    desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
     values = filt.values.astype(np.float32)
     offsets = filt._store.offsets(desc)
     nbytes = _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,

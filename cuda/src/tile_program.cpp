@@ -70,6 +70,21 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
   return p;
 }
 
+// Whether the tiled kernel is expected to beat the streaming one (measured on an H100 over the
+// layer suite, docs/performance.md): it needs at least 2 nonzeros per window on average (a 3x3
+// stride-1 filter at 90% sparsity gives ~2.6; 1x1 and stride-2 filters ~1, and then the 16-value
+// window loads cost more than they save), and an output plane that keeps at least 70% of a
+// warp's 256 positions busy (a 7x7 plane keeps 25%).
+bool tiled_kernel_pays(const Geometry& g, const Program& p) {
+  const double windows = double(p.windows.size() / 2 - 1);
+  const double entries = double(p.entries.size() / 2 - 1);
+  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  const int64_t warp_positions = 32 * kTilePositions;
+  const double busy = double(plane_q) / double((plane_q + warp_positions - 1) / warp_positions *
+                                                warp_positions);
+  return windows > 0 && entries >= 2.0 * windows && busy >= 0.7;
+}
+
 size_t program_words(const Program& p) {
   return size_t(tile_windows_word(int64_t(p.item_first.size()) - 1)) + p.windows.size() +
          p.entries.size();
@@ -85,7 +100,8 @@ extern "C" escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* de
   return escoin::guarded([&] {
     escoin::require_pointer(bytes, "bytes");
     const escoin::Geometry g = escoin::make_geometry(desc);
-    *bytes = escoin::program_words(escoin::build(g, row_ptr, offsets, values)) * sizeof(int32_t);
+    const escoin::Program p = escoin::build(g, row_ptr, offsets, values);
+    *bytes = escoin::tiled_kernel_pays(g, p) ? escoin::program_words(p) * sizeof(int32_t) : 0;
   });
 }
 
@@ -97,6 +113,9 @@ extern "C" escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* d
     escoin::require_pointer(program, "program");
     const escoin::Geometry g = escoin::make_geometry(desc);
     const escoin::Program p = escoin::build(g, row_ptr, offsets, values);
+    if (!escoin::tiled_kernel_pays(g, p))
+      escoin::fail_invalid("the tiled kernel does not pay for this filter and geometry "
+                           "(escoin_tile_program_size gave 0 bytes); pass no tile program");
     const size_t words = escoin::program_words(p);
     if (bytes < words * sizeof(int32_t))
       escoin::fail_invalid("program has ", bytes, " bytes, the tile program needs ",

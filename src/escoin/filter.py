@@ -20,7 +20,7 @@ class DevicePointers(NamedTuple):
     row_ptr: int       # int64, out_channels + 1
     offsets: int       # int32 stretched offsets, one per nonzero
     values: int        # float32, one per nonzero
-    tile_program: int  # the tiled kernel's program (escoin_tile_program_build)
+    tile_program: int  # the tiled kernel's program, or 0 where that kernel would be slower
 
 
 class _CsrStore:
@@ -38,7 +38,8 @@ class _CsrStore:
         self.host_offsets: Dict[tuple, np.ndarray] = {}
         self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
-        self.device_geometry: Dict[Tuple[int, tuple], Tuple[DeviceBuffer, DeviceBuffer]] = {}
+        self.device_geometry: Dict[Tuple[int, tuple],
+                                   Tuple[DeviceBuffer, Optional[DeviceBuffer]]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -58,12 +59,15 @@ class _CsrStore:
                 found = self.host_values[dtype] = self.values.astype(dtype)
             return found
 
-    def tile_program(self, desc: tuple) -> np.ndarray:
-        """The tiled CUDA kernel's program for this geometry (host bytes)."""
+    def tile_program(self, desc: tuple) -> Optional[np.ndarray]:
+        """The tiled CUDA kernel's program for this geometry (host bytes), or None where that
+        kernel would be slower than the streaming one."""
         offsets = self.offsets(desc)
         values32 = self.values_as(np.dtype(np.float32))
         nbytes = _core.tile_program_size(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
                                          values32.ctypes.data)
+        if nbytes == 0:
+            return None
         program = np.empty(nbytes, np.uint8)
         _core.tile_program_build(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values32.ctypes.data, program.ctypes.data, nbytes)
@@ -81,11 +85,14 @@ class _CsrStore:
             per_geometry = self.device_geometry.get(key)
         if per_geometry is None:
             # Built outside the lock (offsets() takes it); a racing thread builds the same.
+            program = self.tile_program(desc)
             built = (DeviceBuffer.from_host(self.offsets(desc), device),
-                     DeviceBuffer.from_host(self.tile_program(desc), device))
+                     None if program is None else DeviceBuffer.from_host(program, device))
             with self.lock:
                 per_geometry = self.device_geometry.setdefault(key, built)
-        return DevicePointers(csr[0].ptr, per_geometry[0].ptr, csr[1].ptr, per_geometry[1].ptr)
+        offsets, program = per_geometry
+        return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr,
+                              0 if program is None else program.ptr)
 
 
 def _offsets_key(desc: tuple) -> tuple:

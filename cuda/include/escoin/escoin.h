@@ -133,7 +133,9 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
  * out_channels aside, as for the offsets), then copied to the device by the caller. It groups
  * each block of 8 output channels' nonzeros by the input values they read, so the kernel loads
  * each input value once for several FMAs. values is float32. size gives the bytes that build
- * writes; both check the CSR against the geometry as the CPU forward does. */
+ * writes, or 0 where the tiled kernel would be slower than the streaming one (fewer than 2
+ * nonzeros per window, as for 1x1 and stride-2 filters, or a small output plane): pass no
+ * program then. Both check the CSR against the geometry as the CPU forward does. */
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                          const int32_t* offsets, const float* values,
                                          size_t* bytes);
