@@ -260,15 +260,15 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: i
 def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
                                                 tiled: bool) -> None:
     """sconv with the pointers of SparseFilter.device_pointers, with and without the tiled
-    kernel's program (without it, or below 8 images, the streaming kernel runs; stride 2 puts
-    too few nonzeros in a window for the program to pay, so it is 0)."""
+    kernel's program (without it, or below 8 images, the streaming kernel runs)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(12 + batch)
     weight = rng.standard_normal((20, 4, 3, 3)) * (rng.random((20, 4, 3, 3)) < 0.3)
     x = rng.standard_normal((batch, 4, 30, 45))
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
     arrays = filt.device_pointers(x.shape, stride=stride, padding=1)
-    assert (arrays.tile_program != 0) == (stride == 1)
+    if stride == 1:
+        assert arrays.tile_program != 0  # 3x3 at 30% density: the tiled kernel pays
     nbytes = escoin.workspace_size(x.shape, filt, stride=stride, padding=1)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
     ys = torch.full(escoin.output_shape(x.shape, filt, stride, 1), float("nan"), device="cuda")

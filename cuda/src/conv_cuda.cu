@@ -14,8 +14,10 @@ namespace {
 
 // ---- stretch: x (N, C, H, W) -> the padded, stride-phase-split rows of the workspace ----
 
-// threadIdx.x walks a row's columns, threadIdx.y and the grid walk rows, so the row arithmetic
-// (divisions) is done once per row rather than once per element.
+// A warp per row: threadIdx.x walks the row's columns, threadIdx.y and the grid walk rows. Every
+// thread of the row repeats the row arithmetic (int64 divisions, a few hundred instructions), so
+// a row gets only 32 threads and each of them several columns: with 256 threads on a 226-wide
+// row, the divisions dominated and the stretch ran at a third of the memory bandwidth.
 __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ ws,
                                StretchRows rows, int64_t plane_w, int64_t stride_w,
                                int64_t in_width) {
@@ -142,9 +144,7 @@ unsigned grid_limit(int64_t wanted, int64_t limit) {
 
 void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
   const StretchRows rows = stretch_rows(g);
-  int columns = 32;
-  while (columns < g.layout.plane_w && columns < 256) columns *= 2;
-  const dim3 block(columns, 256 / columns);
+  const dim3 block(32, 8);
   const unsigned grid = grid_limit((rows.rows + block.y - 1) / block.y, 1 << 20);
   stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.layout.plane_w, g.d.stride_w,
                                              g.d.in_width);
