@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from torch_helpers import reference_conv, relative_error, sparse_weight, tolerance
 from escoin_torch import csr as csr_lib
@@ -46,18 +46,24 @@ def check_against_reference(g: dict, device: str = "cpu") -> None:
     geometry = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"])
     y = sparse_conv2d(x, csr_lib.from_dense(weight, g["groups"]), bias, relu=g["relu"],
                       **geometry)
-    expected = reference_conv(x, weight, bias, groups=g["groups"], **geometry)
-    if g["relu"]:
-        expected = expected.relu()
+    before_relu = reference_conv(x, weight, bias, groups=g["groups"], **geometry)
+    expected = before_relu.relu() if g["relu"] else before_relu
     assert y.shape == expected.shape and y.dtype == x.dtype and y.device == x.device
-    if expected.abs().max() > 0:
-        assert relative_error(y, expected) < tolerance(g["dtype"])
+    if before_relu.abs().max() > 0:
+        # Rounding is relative to the sums before the ReLU: when the ReLU zeroes nearly every
+        # output, the few left can be small differences of large terms, so the error is measured
+        # against the pre-ReLU norm (ReLU never increases it).
+        error = torch.linalg.vector_norm(y.double().cpu() - expected).item()
+        assert error < tolerance(g["dtype"]) * torch.linalg.vector_norm(before_relu).item()
     else:
         assert y.abs().max() == 0
 
 
 @settings(max_examples=150, deadline=None)
 @given(geometries())
+@example({"batch": 3, "groups": 1, "in_per_group": 2, "out_per_group": 1, "kernel": (3, 3),
+          "stride": (1, 1), "padding": (1, 2), "dilation": (2, 1), "size": (4, 1),
+          "density": 0.05, "bias": True, "relu": True, "dtype": torch.float32, "seed": 38722})
 def test_matches_conv2d_cpu(g: dict) -> None:
     check_against_reference(g)
 
