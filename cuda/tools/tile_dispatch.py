@@ -6,8 +6,12 @@ registers). A C++ switch compiles to a tree of compares; PTX's brx.idx jumps thr
 one step. The loop:
 
     entry = stream[0]
-    loop: prefetch stream[k + 1]; jump to case(entry)
-    case c*S + s: acc[c][p] += weight * x[p + s] for p < P; entry = prefetched; loop if more
+    loop: stop if none left; prefetch stream[k + 1]; jump to case(entry)
+    case c*S + s: acc[c][p] += weight * x[p + s] for p < P; entry = prefetched; back to loop
+
+Every case ends with one unconditional branch to the loop's single exit test: with the test
+at the end of each case (branch back or leave), the compiler added a convergence barrier per
+case and a second jump, 34 instructions per entry instead of 25 (docs/performance.md).
 
 Usage: python tile_dispatch.py CHANNELS POSITIONS WINDOW OUTPUT
 """
@@ -25,8 +29,9 @@ def ptx_body(channels: int, positions: int, window: int) -> List[str]:
         ".reg .pred %more; .reg .b32 %case, %next_case, %n, %w, %next_w; .reg .b64 %p;",
         f"mov.b64 %p, #{stream}; mov.b32 %n, #{count};",
         "ld.global.nc.v2.b32 {%case, %w}, [%p];",
-        "$LOOP: ld.global.nc.v2.b32 {%next_case, %next_w}, [%p+8]; add.u64 %p, %p, 8;"
-        " sub.s32 %n, %n, 1; setp.ne.s32 %more, %n, 0;",
+        "$LOOP: setp.eq.s32 %more, %n, 0; @%more bra.uni $DONE;",
+        "ld.global.nc.v2.b32 {%next_case, %next_w}, [%p+8]; add.u64 %p, %p, 8;"
+        " sub.s32 %n, %n, 1;",
         "$TABLE: .branchtargets "
         + ", ".join(f"$CASE{k}" for k in range(channels * shifts)) + ";",
         "brx.idx.uni %case, $TABLE;",
@@ -37,7 +42,7 @@ def ptx_body(channels: int, positions: int, window: int) -> List[str]:
             f"fma.rn.f32 #{channel * positions + p}, %w, #{x0 + p + shift}, "
             f"#{channel * positions + p};" for p in range(positions))
         lines.append(f"$CASE{k}: {fmas} mov.b32 %case, %next_case; mov.b32 %w, %next_w;"
-                     " @%more bra.uni $LOOP; bra.uni $DONE;")
+                     " bra.uni $LOOP;")
     lines.append("$DONE:")
     return lines
 
