@@ -18,9 +18,16 @@ namespace {
 // thread of the row repeats the row arithmetic (int64 divisions, a few hundred instructions), so
 // a row gets only 32 threads and each of them several columns: with 256 threads on a 226-wide
 // row, the divisions dominated and the stretch ran at a third of the memory bandwidth.
+// The same launch zeroes the workspace's tail slack (Geometry::tail_slack): one launch fewer
+// per call, which counts at batch 1.
 __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ ws,
                                StretchRows rows, int64_t plane_w, int64_t stride_w,
-                               int64_t in_width) {
+                               int64_t in_width, int64_t tail_slack) {
+  const int64_t threads = int64_t(gridDim.x) * blockDim.x * blockDim.y;
+  float* tail = ws + rows.elements();
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+       i < tail_slack; i += threads)
+    tail[i] = 0.f;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows.rows;
        r += int64_t(gridDim.x) * blockDim.y) {
     const StretchRow row = rows.row(r);
@@ -33,12 +40,6 @@ __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ 
                    : 0.f;
     }
   }
-}
-
-__global__ void zero_kernel(float* __restrict__ p, int64_t count) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = 0.f;
 }
 
 // Adds the splits' partial sums in split order (deterministic), then bias and ReLU.
@@ -147,10 +148,8 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
   const dim3 block(32, 8);
   const unsigned grid = grid_limit((rows.rows + block.y - 1) / block.y, 1 << 20);
   stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.layout.plane_w, g.d.stride_w,
-                                             g.d.in_width);
+                                             g.d.in_width, g.tail_slack);
   check_launch("stretch_kernel");
-  zero_kernel<<<1, 256, 0, stream>>>(ws + rows.elements(), g.tail_slack);
-  check_launch("zero_kernel");
 }
 
 template <int IMAGES>
