@@ -29,8 +29,8 @@ struct TileParams {
 // Block (x: 32 threads x kPositions consecutive positions, y: kWarps items (a tile of one group)
 // times splits of their windows, z: the image). Warps of a block share positions, so the input
 // windows one warp loads are in L1 for the others.
-// Four blocks per SM (at most 128 registers): the loop is latency-bound, so occupancy pays.
-__global__ void __launch_bounds__(32 * kWarps, 4)
+// Five blocks per SM (at most 102 registers): the loop is latency-bound, so occupancy pays.
+__global__ void __launch_bounds__(32 * kWarps, 5)
 tile_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ program,
                  const float* __restrict__ bias, float* __restrict__ y, TileParams p) {
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
@@ -68,15 +68,12 @@ tile_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ progr
     const int e0 = __ldg(&windows[w].y), e1 = __ldg(&windows[w + 1].y);
     run_tile_entries(acc, x, entries + e0, e1 - e0);
   };
-  // Two windows in flight: the next one loads while the current one's entries run.
-  float xa[kTileWindow], xb[kTileWindow];
-  if (begin < end) load(xa, begin);
-  for (int w = begin; w < end; w += 2) {
-    if (w + 1 < end) load(xb, w + 1);
-    apply(xa, w);
-    if (w + 1 >= end) break;
-    if (w + 2 < end) load(xa, w + 2);
-    apply(xb, w + 1);
+  // One window in registers at a time: the 16 registers a second (prefetched) window took
+  // buy a fifth block per SM, and other warps hide the window's load latency.
+  for (int w = begin; w < end; ++w) {
+    float x[kTileWindow];
+    load(x, w);
+    apply(x, w);
   }
   if (!live) return;
 #pragma unroll
