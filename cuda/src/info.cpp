@@ -1,5 +1,6 @@
-// info.cpp -- what this build contains: version, CUDA architectures, OpenMP.
+// info.cpp -- what this build contains: version, CUDA architectures, OpenMP, kernel limits.
 #include "escoin/escoin.h"
+#include "geometry.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -32,6 +33,8 @@ int escoin_openmp_enabled(void) {
   return 0;
 #endif
 }
+
+int escoin_tile_min_batch(void) { return int(escoin::kTileMinBatch); }
 
 int escoin_openmp_max_threads(void) {
 #ifdef _OPENMP

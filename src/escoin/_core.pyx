@@ -127,6 +127,10 @@ def stretch_offsets(tuple desc, object col_idx, int64_t nnz, object offsets) -> 
     check(status)
 
 
+def tile_min_batch() -> int:
+    return escoin_tile_min_batch()
+
+
 def tile_program_size(tuple desc, object row_ptr, object offsets, object values) -> int:
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)

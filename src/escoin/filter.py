@@ -20,7 +20,7 @@ class DevicePointers(NamedTuple):
     row_ptr: int       # int64, out_channels + 1
     offsets: int       # int32 stretched offsets, one per nonzero
     values: int        # float32, one per nonzero
-    tile_program: int  # the tiled kernel's program, or 0 where that kernel would be slower
+    tile_program: int  # the tiled kernel's program; 0 below 8 images or where it would be slower
 
 
 class _CsrStore:
@@ -38,8 +38,9 @@ class _CsrStore:
         self.host_offsets: Dict[tuple, np.ndarray] = {}
         self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
-        self.device_geometry: Dict[Tuple[int, tuple],
-                                   Tuple[DeviceBuffer, Optional[DeviceBuffer]]] = {}
+        self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
+        # None: the tiled kernel would be slower for that geometry, so there is no program.
+        self.device_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -74,23 +75,30 @@ class _CsrStore:
         return program
 
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
-        """The filter's device arrays for desc on `device`, uploaded once per device and geometry."""
+        """The filter's device arrays for desc on `device`, uploaded once per device and geometry.
+        The tile program is built only once a batch large enough for the tiled kernel asks:
+        batch-1 inference never pays its memory (~11 bytes per nonzero)."""
         values32 = self.values_as(np.dtype(np.float32))
+        key = (device, _offsets_key(desc))
         with self.lock:
             csr = self.device_csr.get(device)
             if csr is None:
                 csr = self.device_csr[device] = (DeviceBuffer.from_host(self.row_ptr, device),
                                                  DeviceBuffer.from_host(values32, device))
-            key = (device, _offsets_key(desc))
-            per_geometry = self.device_geometry.get(key)
-        if per_geometry is None:
-            # Built outside the lock (offsets() takes it); a racing thread builds the same.
-            program = self.tile_program(desc)
-            built = (DeviceBuffer.from_host(self.offsets(desc), device),
-                     None if program is None else DeviceBuffer.from_host(program, device))
+            offsets = self.device_offsets.get(key)
+            wants_program = desc[0] >= _core.tile_min_batch()
+            missing_program = wants_program and key not in self.device_programs
+        # Built outside the lock (offsets() takes it); a racing thread builds the same.
+        if offsets is None:
+            built = DeviceBuffer.from_host(self.offsets(desc), device)
             with self.lock:
-                per_geometry = self.device_geometry.setdefault(key, built)
-        offsets, program = per_geometry
+                offsets = self.device_offsets.setdefault(key, built)
+        if missing_program:
+            host = self.tile_program(desc)
+            built_program = None if host is None else DeviceBuffer.from_host(host, device)
+            with self.lock:
+                self.device_programs.setdefault(key, built_program)
+        program = self.device_programs.get(key) if wants_program else None
         return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr,
                               0 if program is None else program.ptr)
 

@@ -136,6 +136,9 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
  * writes, or 0 where the tiled kernel would be slower than the streaming one (fewer than 2
  * nonzeros per window, as for 1x1 and stride-2 filters, or a small output plane): pass no
  * program then. Both check the CSR against the geometry as the CPU forward does. */
+/* The smallest batch for which the CUDA forward runs the tiled kernel (8): below it a tile
+ * program is not read, so callers need not build one. */
+int escoin_tile_min_batch(void);
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                          const int32_t* offsets, const float* values,
                                          size_t* bytes);
