@@ -1,11 +1,11 @@
-"""Which CUDA kernel wins where: the streaming and the tiled kernel on the same layers, batches and
+"""Which CUDA kernel wins where: the streaming and the staged kernel on the same layers, batches and
 sparsities, through escoin.sconv with and without the filter's tile program. It checks the
-dispatcher's choices (the tiled kernel from 8 images up, where its tile program is built).
+dispatcher's choices (the staged kernel from 8 images up, where its tile program is built).
 
     python benchmarks/kernel_choice.py --batches 8 16 32 --sparsities 0.8 0.9
 
-Layers without a tile program (1x1, stride 2, small planes, very sparse filters) run the
-streaming kernel only and are listed as such. Times are CUDA-graph medians (gpu_layers.time_ms).
+Layers without a tile program (fewer than 16 output channels per group, rows too wide for
+shared memory) run the streaming kernel only and are listed as such. Times are CUDA-graph medians (gpu_layers.time_ms).
 """
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def compare(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Gen
     run(0)
     streaming_out = out.clone()
     row = dict(layer=layer.name, batch=batch, sparsity=sparsity,
-               streaming=time_ms(torch, lambda: run(0)), tiled=None, difference=None)
+               streaming=time_ms(torch, lambda: run(0)), staged=None, difference=None)
     if arrays.tile_program:
         run(arrays.tile_program)
         # The two kernels add in different orders: they agree to rounding, not bitwise.
         row["difference"] = float((out - streaming_out).norm() / streaming_out.norm())
-        row["tiled"] = time_ms(torch, lambda: run(arrays.tile_program))
+        row["staged"] = time_ms(torch, lambda: run(arrays.tile_program))
     return row
 
 
@@ -71,20 +71,20 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernel_choice.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
-    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'streaming':>11}{'tiled':>9}{'speed-up':>10}"
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'streaming':>11}{'staged':>9}{'speed-up':>10}"
           f"{'difference':>12}")
     for r in rows:
-        tiled = ("no program" if r["tiled"] is None else
-                 f"{r['tiled']:9.4f}{r['streaming'] / r['tiled']:9.2f}x{r['difference']:12.1e}")
-        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['streaming']:>11.4f} {tiled}")
+        staged = ("no program" if r["staged"] is None else
+                  f"{r['staged']:9.4f}{r['streaming'] / r['staged']:9.2f}x{r['difference']:12.1e}")
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['streaming']:>11.4f} {staged}")
     for sp in args.sparsities:
         for n in args.batches:
-            sel = [r for r in rows if r["sparsity"] == sp and r["batch"] == n and r["tiled"]]
+            sel = [r for r in rows if r["sparsity"] == sp and r["batch"] == n and r["staged"]]
             if sel:
-                print(f"sparsity {sp:.2f} batch {n}: tiled over streaming, geometric mean over "
+                print(f"sparsity {sp:.2f} batch {n}: staged over streaming, geometric mean over "
                       f"{len(sel)} layers with a program: "
-                      f"{geomean(r['streaming'] / r['tiled'] for r in sel):.2f}x, worst "
-                      f"{min(r['streaming'] / r['tiled'] for r in sel):.2f}x")
+                      f"{geomean(r['streaming'] / r['staged'] for r in sel):.2f}x, worst "
+                      f"{min(r['streaming'] / r['staged'] for r in sel):.2f}x")
     differences = [r["difference"] for r in rows if r["difference"] is not None]
     if differences:
         print(f"largest relative difference between the kernels: {max(differences):.1e}")

@@ -61,22 +61,27 @@ def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
 
 
 @st.composite
-def tiled_conv_cases(draw: st.DrawFn) -> ConvCase:
-    """Problems the GPU's tiled kernel takes: batch 8-10, output planes of >= 1000 positions and
-    at least two neighbouring taps in every kernel row (>= 2 nonzeros per window); otherwise
-    random kernels, dilation, padding, groups, channel counts (partial tiles of 8) and density."""
-    kernel = (draw(st.integers(1, 5)), draw(st.integers(2, 5)))
+def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
+    """Problems the GPU's staged kernel takes: batch 8-10 and at least 16 output channels per
+    group; otherwise random kernels, strides, dilation, padding, groups, planes from a few
+    positions to a few thousand, channel counts that leave partial blocks of 32 output channels
+    and span several shared-memory chunks, and density."""
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    pads = _pads(padding, kernel, dilation)
+    extent = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
+    h = draw(st.integers(max(1, extent[0] - 2 * pads[0]), 40))
+    w = draw(st.integers(max(1, extent[1] - 2 * pads[2]), 70))
     groups = draw(st.integers(1, 3))
-    per_group_in, per_group_out = draw(st.integers(1, 6)), draw(st.integers(1, 20))
-    batch, h, w = draw(st.integers(8, 10)), draw(st.integers(30, 40)), draw(st.integers(36, 60))
+    per_group_in = draw(st.integers(1, 8) | st.integers(40, 120))
+    per_group_out = draw(st.integers(16, 40))
+    batch = draw(st.integers(8, 10))
     density = draw(st.floats(0.05, 1.0))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     weight = rng.standard_normal((groups * per_group_out, per_group_in, *kernel))
     weight *= rng.random(weight.shape) < density
-    weight[..., :2] = rng.standard_normal(weight[..., :2].shape)
     x = rng.standard_normal((batch, groups * per_group_in, h, w))
     bias = rng.standard_normal(groups * per_group_out) if draw(st.booleans()) else None
-    return ConvCase(x, weight, bias, (1, 1), padding, _pads(padding, kernel, dilation), dilation,
-                    groups, draw(st.booleans()))
+    return ConvCase(x, weight, bias, stride, padding, pads, dilation, groups, draw(st.booleans()))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 import escoin
 from escoin import EscoinError
-from geometry_strategies import ConvCase, conv_cases, tiled_conv_cases
+from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
 from escoin.geometry import descriptor
 from reference import conv2d_reference, relative_error
 
@@ -72,9 +72,9 @@ def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(case=tiled_conv_cases())
-def test_random_geometry_on_the_tiled_kernel(dev, case: ConvCase) -> None:
-    """Batches of 8 or more images run the tiled kernel where its program pays (here always)."""
+@given(case=staged_conv_cases())
+def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
+    """Batches of 8 or more images run the staged kernel where its program pays (here always)."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
     desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
                       case.dilation)
@@ -89,7 +89,7 @@ def test_random_geometry_on_the_tiled_kernel(dev, case: ConvCase) -> None:
                                    (8, 24, 57, 61, 20, 5, 1)])
 def test_network_sized_layers(dev, shape: tuple) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks, on the
-    streaming kernel (batch < 8) and the tiled kernel (batch >= 8)."""
+    streaming kernel (batch < 8) and the staged kernel (batch >= 8)."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)
@@ -241,7 +241,7 @@ def test_filter_device_index_checked() -> None:
 def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: int) -> None:
     """A small plane gives too few blocks, so each channel's nonzeros are split and the partial
     sums reduced in a fixed order: right, and bitwise the same on every run (batch 8 on a 14x14
-    plane runs the tiled kernel, which splits too)."""
+    plane runs the staged kernel, which splits its chunks too)."""
     rng = np.random.default_rng(11 + batch)
     weight = rng.standard_normal((96, 160, 3, 3)) * (rng.random((96, 160, 3, 3)) < 0.1)
     x = rng.standard_normal((batch, 160, size, size))
@@ -255,11 +255,11 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: i
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("batch, stride, tiled", [(3, 1, True), (9, 1, True), (9, 1, False),
-                                                  (9, 2, True)])
+@pytest.mark.parametrize("batch, stride, staged", [(3, 1, True), (9, 1, True), (9, 1, False),
+                                                   (9, 2, True)])
 def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
-                                                tiled: bool) -> None:
-    """sconv with the pointers of SparseFilter.device_pointers, with and without the tiled
+                                                staged: bool) -> None:
+    """sconv with the pointers of SparseFilter.device_pointers, with and without the staged
     kernel's program (without it, or below 8 images, the streaming kernel runs)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(12 + batch)
@@ -267,15 +267,15 @@ def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
     x = rng.standard_normal((batch, 4, 30, 45))
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
     arrays = filt.device_pointers(x.shape, stride=stride, padding=1)
-    if stride == 1:  # 3x3 at 30% density: the tiled kernel pays, from 8 images up
-        assert (arrays.tile_program != 0) == (batch >= escoin._core.tile_min_batch())
+    # 20 output channels: the staged kernel pays, from 8 images up
+    assert (arrays.tile_program != 0) == (batch >= escoin._core.tile_min_batch())
     nbytes = escoin.workspace_size(x.shape, filt, stride=stride, padding=1)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
     ys = torch.full(escoin.output_shape(x.shape, filt, stride, 1), float("nan"), device="cuda")
     ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     escoin.sconv(xs.data_ptr(), ys.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values, 0,
                  ws.data_ptr(), nbytes, x.shape, filt.shape, stride=stride, padding=1,
-                 tile_program_ptr=arrays.tile_program if tiled else 0)
+                 tile_program_ptr=arrays.tile_program if staged else 0)
     torch.cuda.synchronize()
     expected = conv2d_reference(x, weight, None, (stride, stride), (1, 1, 1, 1), (1, 1), 1)
     assert relative_error(ys.cpu().numpy(), expected) <= 1e-5

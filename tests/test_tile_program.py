@@ -1,8 +1,9 @@
-"""The tiled CUDA kernel's tile program, built on the host: decoded here and checked entry by
-entry against the CSR it came from, so the layout the kernel relies on is tested without a GPU."""
+"""The staged CUDA kernel's tile program, built on the host: decoded here and checked entry by
+entry against the CSR it came from, so the layout the kernel relies on (cuda/src/tile_program.hpp)
+is tested without a GPU."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import numpy as np
 import pytest
@@ -13,80 +14,100 @@ import escoin
 from escoin import EscoinError, _core
 from escoin.geometry import descriptor
 
-MAGIC, HEADER_WORDS = 0x45534354, 4
-CHANNELS, POSITIONS, WINDOW = 8, 8, 16  # cuda/src/geometry.hpp, tile_program.hpp
-SHIFTS = WINDOW - POSITIONS + 1
+MAGIC, HEADER_WORDS = 0x45534335, 4
+ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12288  # cuda/src/geometry.hpp: kStaged*
 
 
-def decode(words: np.ndarray) -> Tuple[int, List[List[Tuple[int, int, float]]]]:
-    """Per item, the (offset, channel, value) of each entry, from the windows' bases and cases."""
-    magic, items, windows, entries = (int(v) for v in words[:HEADER_WORDS])
+class Plan(NamedTuple):
+    images: int
+    phases: int
+    phase_plane: int
+    segment: int
+    chunk_channels: int
+
+
+def staged_plan(desc: tuple) -> Plan:
+    """geometry.cpp's staged_plan, restated: the decoder must not trust the program's own view."""
+    layout = _core.conv_layout(desc)
+    _, c, _, _, _, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
+    plane_q = layout["out_height"] * layout["plane_w"]
+    padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
+    positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
+    reach = (kh - 1) * dh // sh * layout["plane_w"] + (kw - 1) * dw // sw
+    segment = -(-(32 * positions + reach) // 4) * 4
+    images, phases = PRODUCTS // positions, sh * sw
+    chunk_channels = min(c // groups, SHARED_FLOATS // (images * phases * segment))
+    return Plan(images, phases, layout["plane_h"] * layout["plane_w"], segment, chunk_channels)
+
+
+def decode(words: np.ndarray, plan: Plan, channel_stride: int
+           ) -> Tuple[int, Dict[Tuple[int, int], List[Tuple[int, float]]]]:
+    """Per (item, row of the item), the (stretched offset, value) of each entry."""
+    magic, items, chunks, entries = (int(v) for v in words[:HEADER_WORDS])
     assert magic == MAGIC
-    item_first = words[HEADER_WORDS:HEADER_WORDS + items + 1]
-    windows_at = (HEADER_WORDS + items + 2) // 2 * 2
-    window_pairs = words[windows_at:windows_at + 2 * (windows + 1)].reshape(-1, 2)
-    entry_pairs = words[windows_at + 2 * (windows + 1):].reshape(-1, 2)
-    assert entry_pairs.shape[0] == entries + 1  # one padding entry for the read-ahead
-    assert window_pairs[-1, 1] == entries
-    decoded = []
-    for item in range(items):
-        found = []
-        for w in range(item_first[item], item_first[item + 1]):
-            base, first = window_pairs[w]
-            last = window_pairs[w + 1, 1]
-            assert base % 4 == 0 and last > first  # aligned, never empty
-            for case, bits in entry_pairs[first:last]:
-                channel, shift = divmod(int(case), SHIFTS)
-                assert channel < CHANNELS
-                found.append((int(base) + shift, channel,
-                              float(np.array(bits, np.int32).view(np.float32))))
-        decoded.append(found)
+    begins = words[HEADER_WORDS:HEADER_WORDS + items * chunks * ROWS + 1]
+    entries_at = (HEADER_WORDS + begins.size + 1) // 2 * 2
+    pairs = words[entries_at:].reshape(-1, 2)
+    assert pairs.shape[0] == entries == begins[-1]
+    assert np.all(np.diff(begins) >= 0)
+    decoded: Dict[Tuple[int, int], List[Tuple[int, float]]] = {}
+    for key in range(items * chunks * ROWS):
+        item, rest = divmod(key, chunks * ROWS)
+        chunk, row = divmod(rest, ROWS)
+        for shared, bits in pairs[begins[key]:begins[key + 1]]:
+            channel, within = divmod(int(shared), plan.phases * plan.segment)
+            phase, d = divmod(within, plan.segment)
+            assert channel < plan.chunk_channels and d < plan.phase_plane
+            offset = ((chunk * plan.chunk_channels + channel) * channel_stride +
+                      phase * plan.phase_plane + d)
+            decoded.setdefault((item, row), []).append(
+                (offset, float(np.array(bits, np.int32).view(np.float32))))
     return items, decoded
 
 
 @settings(max_examples=40, deadline=None)
-@given(out_channels=st.integers(1, 30), in_channels=st.integers(1, 12),
-       kernel=st.integers(2, 5), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]),
-       width=st.integers(24, 40), density=st.floats(0.5, 1.0), seed=st.integers(0, 2**32 - 1))
-def test_every_nonzero_appears_once_in_its_tile(out_channels: int, in_channels: int,
-                                                kernel: int, dilation: int, groups: int,
-                                                width: int, density: float, seed: int) -> None:
+@given(out_channels=st.integers(16, 70), in_channels=st.integers(1, 40),
+       kernel=st.integers(1, 5), stride=st.integers(1, 2), dilation=st.integers(1, 2),
+       groups=st.sampled_from([1, 2, 3]), size=st.integers(8, 60),
+       density=st.floats(0.05, 1.0), seed=st.integers(0, 2**32 - 1))
+def test_every_nonzero_appears_once_in_its_row_and_chunk(
+        out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
+        groups: int, size: int, density: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     shape = (out_channels * groups, in_channels, kernel, kernel)
     weight = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
-    weight[..., :2] = 1.0  # two neighbouring taps in every row: >= 2 nonzeros per window
+    weight[:, 0, 0, 0] = 1.0  # never an all-zero filter
     filt = escoin.SparseFilter.from_dense(weight, groups=groups)
-    x_shape = (2, in_channels * groups, 40, width)  # >= 1000 positions: warps >= 80% busy
-    desc = descriptor(x_shape, filt.shape, groups, 1, "same", dilation)
+    x_shape = (8, in_channels * groups, size, size + 3)
+    desc = descriptor(x_shape, filt.shape, groups, stride, "same" if stride == 1 else 1,
+                      dilation)
     program = filt._store.tile_program(desc)
-    assert program is not None  # wide planes and >= 2 nonzeros per window: the tiled kernel pays
-    items, decoded = decode(program.view(np.int32))
-    tiles = -(-out_channels // CHANNELS)
-    assert items == groups * tiles
+    assert program is not None  # >= 16 output channels per group: the staged kernel pays
+    plan = staged_plan(desc)
+    channel_stride = _core.conv_layout(desc)["channel_stride"]
+    items, decoded = decode(program.view(np.int32), plan, channel_stride)
+    items_per_group = -(-out_channels // ROWS)
+    assert items == groups * items_per_group
     offsets = filt._store.offsets(desc)
-    expected: Dict[int, List[Tuple[int, int, float]]] = {}
+    expected: Dict[Tuple[int, int], List[Tuple[int, float]]] = {}
     for m in range(filt.out_channels):
         group, local = divmod(m, out_channels)
-        item = group * tiles + local // CHANNELS
+        key = (group * items_per_group + local // ROWS, local % ROWS)
         for j in range(filt.row_ptr[m], filt.row_ptr[m + 1]):
-            expected.setdefault(item, []).append(
-                (int(offsets[j]), local % CHANNELS, float(filt.values[j])))
-    for item in range(items):
-        got = decoded[item]
-        assert [e[0] for e in got] == sorted(e[0] for e in got)  # windows walk the input in order
-        assert sorted(got) == sorted(expected.get(item, []))
+            expected.setdefault(key, []).append((int(offsets[j]), float(filt.values[j])))
+    assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(1, 1, 32), (3, 2, 32), (3, 1, 7)])
-def test_no_program_where_the_tiled_kernel_would_be_slower(kernel: int, stride: int,
-                                                           size: int) -> None:
-    """1x1 and stride-2 filters put about one nonzero in a window; a 7x7 plane fills a quarter
-    of a warp: the streaming kernel is faster there, so no program is built."""
-    rng = np.random.default_rng(kernel + stride + size)
-    shape = (16, 32, kernel, kernel)
-    weight = (rng.standard_normal(shape) * (rng.random(shape) < 0.1)).astype(np.float32)
-    filt = escoin.SparseFilter.from_dense(weight)
-    desc = descriptor((8, 32, size, size), filt.shape, 1, stride, kernel // 2, 1)
+@pytest.mark.parametrize("out_channels, groups, width", [(8, 1, 32), (32, 32, 32), (32, 1, 9000)])
+def test_no_program_where_the_staged_kernel_would_not_pay(out_channels: int, groups: int,
+                                                          width: int) -> None:
+    """Fewer than 16 output channels per group leave most of a block's 32 idle (8 channels, or
+    depthwise); a 9000-wide row's segment does not fit in shared memory: no program then."""
+    rng = np.random.default_rng(out_channels + groups + width)
+    shape = (out_channels, 32 // groups, 3, 3)
+    weight = (rng.standard_normal(shape) * (rng.random(shape) < 0.5)).astype(np.float32)
+    filt = escoin.SparseFilter.from_dense(weight, groups=groups)
+    desc = descriptor((8, 32, 4, width), filt.shape, groups, 1, 1, 1)
     assert filt._store.tile_program(desc) is None
     offsets = filt._store.offsets(desc)
     values = filt.values.astype(np.float32)
@@ -97,7 +118,7 @@ def test_no_program_where_the_tiled_kernel_would_be_slower(kernel: int, stride: 
 
 
 def test_program_rejects_an_offset_outside_the_input() -> None:
-    weight = np.ones((2, 3, 3, 3), np.float32)
+    weight = np.ones((32, 3, 3, 3), np.float32)
     filt = escoin.SparseFilter.from_dense(weight)
     desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
     offsets = filt._store.offsets(desc).copy()
@@ -109,7 +130,7 @@ def test_program_rejects_an_offset_outside_the_input() -> None:
 
 
 def test_program_buffer_too_small_is_refused() -> None:
-    filt = escoin.SparseFilter.from_dense(np.ones((2, 3, 3, 3), np.float32))
+    filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
     desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
     values = filt.values.astype(np.float32)
     offsets = filt._store.offsets(desc)

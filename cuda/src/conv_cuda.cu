@@ -211,8 +211,8 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    // The tiled kernel needs its program, enough images to fill the GPU without many splits,
-    // and a 16-byte aligned workspace for its window loads.
+    // The staged kernel needs its program, enough images to fill the GPU without many splits,
+    // and a 16-byte aligned workspace for its 16-byte copies.
     if (tile_program && g.d.batch >= escoin::kTileMinBatch && escoin::tile_kernel_fits(g) &&
         reinterpret_cast<uintptr_t>(workspace) % 16 == 0)
       escoin::launch_tile_conv(g, ws, static_cast<const int32_t*>(tile_program), b, relu != 0,

@@ -18,10 +18,10 @@ inline float* partial_sums(const Geometry& g, float* ws) {
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
                           const float* bias, bool relu, float* y, cudaStream_t stream);
 
-// Whether the tiled kernel's grid can hold g (images and channel tiles within grid limits).
+// Whether the staged kernel can run g: a channel fits in shared memory and the grid holds it.
 bool tile_kernel_fits(const Geometry& g);
 
-// The tiled kernel (tile_kernel.cu) on a stretched workspace, with a tile program built for g.
+// The staged kernel (tile_kernel.cu) on a stretched workspace, with a tile program built for g.
 void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, const float* bias,
                       bool relu, float* y, cudaStream_t stream);
 

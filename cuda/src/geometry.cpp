@@ -32,6 +32,38 @@ int64_t splits_for(int64_t blocks, int64_t window) {
                                         window / kMinColumnsPerSplit}));
 }
 
+// P (positions per thread) leaves the fewest empty positions in the plane's last tile; among
+// choices within 10% of that, the largest P (fewer, longer tiles, less of the filter's reach
+// staged per position).
+int64_t staged_positions(int64_t plane_q) {
+  const int64_t choices[] = {8, 4, 2};
+  auto padded = [&](int64_t p) { return ceil_div(plane_q, 32 * p) * 32 * p; };
+  int64_t best = padded(2);
+  for (int64_t p : choices) best = std::min(best, padded(p));
+  for (int64_t p : choices)
+    if (padded(p) * 10 <= best * 11) return p;
+  return 2;
+}
+
+StagedPlan staged_plan(const Geometry& g) {
+  const escoin_conv_desc_t& d = g.d;
+  StagedPlan s;
+  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  s.positions = staged_positions(plane_q);
+  s.images = kStagedProducts / s.positions;
+  s.phases = d.stride_h * d.stride_w;
+  s.phase_plane = g.layout.plane_h * g.layout.plane_w;
+  // The largest offset of a tap inside its phase plane: the filter's reach past a position.
+  const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * g.layout.plane_w +
+                        (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  s.segment = ceil_div(32 * s.positions + reach, 4) * 4;
+  const int64_t per_channel = s.images * s.phases * s.segment;
+  s.chunk_channels = std::min(g.group_in, kStagedSharedFloats / per_channel);
+  s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;
+  s.items = d.groups * ceil_div(g.group_out, kStagedRows);
+  return s;
+}
+
 }  // namespace
 
 size_t element_size(escoin_dtype_t dtype) {
@@ -103,7 +135,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:
-  // the tiled CUDA kernel reads its input windows with 16-byte loads.
+  // the staged CUDA kernel copies the input into shared memory with 16-byte loads.
   L.channel_stride = ceil_div(d.stride_h * d.stride_w * L.plane_h * L.plane_w, 4) * 4;
   g.group_in = d.in_channels / d.groups;
   g.group_out = d.out_channels / d.groups;
@@ -116,21 +148,24 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   if (g.window > std::numeric_limits<int32_t>::max())
     fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
   g.group_span = g.group_in * L.channel_stride;
-  g.tail_slack = kMaxTile + L.plane_w;
+  // The streaming kernel overruns by up to a tile (kMaxTile) + plane_w, the staged kernel by up
+  // to its tile (kStagedMaxPositions) + plane_w.
+  g.tail_slack = std::max(kMaxTile, kStagedMaxPositions) + L.plane_w;
   const int64_t images = d.batch >= kGpuImagesPerBlock ? kGpuImagesPerBlock : 1;
   const int64_t plane_q = L.out_height * L.plane_w;
   g.gpu_splits = splits_for(ceil_div(plane_q, kGpuPositionsPerBlock) * d.groups *
                                 ceil_div(g.group_out, kGpuChannelsPerBlock) *
                                 std::max<int64_t>(1, ceil_div(d.batch, images)),
                             g.window);
-  g.gpu_tile_splits =
-      d.batch < kTileMinBatch
+  g.staged = staged_plan(g);
+  g.gpu_staged_splits =
+      d.batch < kTileMinBatch || g.staged.chunk_channels == 0
           ? 1
-          : splits_for(ceil_div(plane_q, 32 * kTilePositions) *
-                           ceil_div(d.groups * ceil_div(g.group_out, kTileChannels), kTileWarps) *
-                           d.batch,
-                       g.window);
-  const int64_t splits = std::max(g.gpu_splits, g.gpu_tile_splits);
+          : std::min(g.staged.chunks,
+                     splits_for(ceil_div(plane_q, 32 * g.staged.positions) * g.staged.items *
+                                    ceil_div(d.batch, g.staged.images),
+                                g.window));
+  const int64_t splits = std::max(g.gpu_splits, g.gpu_staged_splits);
   g.partial_elements = splits > 1 ? splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;
   return g;

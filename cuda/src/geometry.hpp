@@ -20,14 +20,31 @@ constexpr int64_t kGpuPositionsPerBlock = 128;
 constexpr int64_t kGpuChannelsPerBlock = 8;
 constexpr int64_t kGpuImagesPerBlock = 4;  // when the batch has at least 4 images, else 1
 
-// The tiled CUDA kernel's block shape (tile_kernel.cu): kTileWarps warps on the same positions,
-// each warp a tile of kTileChannels output channels, each thread kTilePositions positions. It
-// runs from kTileMinBatch images up, when the caller passes a tile program (tile_program.hpp).
-constexpr int64_t kTileChannels = 8;
-constexpr int64_t kTilePositions = 8;
-constexpr int64_t kTileWarps = 4;
+// The staged CUDA kernel (tile_kernel.cu): a block of kStagedWarps warps covers kStagedRows
+// output channels (kStagedRowsPerWarp per warp) and 32 * P positions of 8 / P images, P in
+// {8, 4, 2}; input channels go through shared memory in chunks of at most kStagedSharedFloats
+// elements. It runs from kTileMinBatch images up, when the caller passes a tile program
+// (tile_program.hpp).
+constexpr int64_t kStagedWarps = 8;
+constexpr int64_t kStagedRowsPerWarp = 4;
+constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
+constexpr int64_t kStagedProducts = 8;  // images x positions per thread
+constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
+constexpr int64_t kStagedSharedFloats = 12288;  // 48 KB: no opt-in, three blocks per SM
 constexpr int64_t kTileMinBatch = 8;
 
+// How the staged kernel cuts a geometry, a function of the descriptor without its batch (so one
+// tile program serves every batch).
+struct StagedPlan {
+  int64_t positions;       // P: positions per thread (8, 4 or 2), strided by 32 across the warp
+  int64_t images;          // NB = kStagedProducts / P images per block
+  int64_t phases;          // stride_h * stride_w phase planes per channel
+  int64_t phase_plane;     // plane_h * plane_w
+  int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach
+  int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
+  int64_t chunks;          // ceil(group_in / chunk_channels)
+  int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels
+};
 // Everything a forward pass derives from a descriptor, validated once.
 struct Geometry {
   escoin_conv_desc_t d;
@@ -37,12 +54,14 @@ struct Geometry {
   int64_t window;       // CSR columns per row: group_in * kernel_h * kernel_w
   int64_t group_span;   // stretched elements of one group of one image (< 2^31)
   int64_t out_plane;    // out_height * out_width
-  int64_t tail_slack;   // zeroed elements after the batch's stretched input: kMaxTile + plane_w
+  int64_t tail_slack;   // zeroed elements after the batch's stretched input: 256 + plane_w
   // Small problems give the GPU too few blocks (a 7x7 plane at batch 1: 64 blocks for 132 SMs),
   // so each output channel's nonzeros are split into gpu_splits ranges whose partial sums go to
   // the workspace and are added in a fixed order (deterministic). 1: no split.
   int64_t gpu_splits;
-  int64_t gpu_tile_splits;   // the same for the tiled kernel (1 below kTileMinBatch images)
+  StagedPlan staged;
+  int64_t gpu_staged_splits;  // the staged kernel splits its chunks likewise (1 below
+                              // kTileMinBatch images)
   int64_t partial_elements;  // max(splits) * batch * out_channels * out_plane when split, else 0
 };
 

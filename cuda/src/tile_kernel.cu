@@ -1,6 +1,6 @@
-// tile_kernel.cu -- the register-tiled sparse convolution kernel (the filter as a tile program,
-// tile_program.hpp): 8 output channels x 8 positions of accumulators per thread, input windows
-// of 16 values in registers, nonzeros applied through a jump table (tile_dispatch.inc, generated).
+// tile_kernel.cu -- the staged sparse convolution kernel: chunks of input channels copied into
+// shared memory, each block's output channels walking their nonzeros of the chunk as a tile
+// program lists them (tile_program.hpp).
 #include <algorithm>
 #include <cstdint>
 
@@ -12,124 +12,175 @@
 namespace escoin {
 namespace {
 
-#include "tile_dispatch.inc"
+constexpr int kWarps = int(kStagedWarps);
+constexpr int kRowsPerWarp = int(kStagedRowsPerWarp);
+constexpr int kRows = int(kStagedRows);
 
-constexpr int kChannels = int(kTileChannels);
-constexpr int kPositions = int(kTilePositions);
-constexpr int kWarps = int(kTileWarps);
-
-struct TileParams {
-  int batch, out_channels, group_out, tiles_per_group, items, splits;
-  int plane_q, plane_w, out_width, out_plane;
-  int64_t image_stride, group_span, windows_word;
+struct StagedParams {
+  int batch, out_channels, group_out, items_per_group, chunks, chunk_channels, group_in;
+  int phases, phase_plane, segment, image_shared;  // image_shared: floats per staged image
+  int plane_q, plane_w, out_width, out_plane, splits;
+  bool vector_copy;  // every segment starts 16-byte aligned: copy with 16-byte loads
+  int64_t image_stride, group_span, channel_stride, entries_word;
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
 };
 
-// Block (x: 32 threads x kPositions consecutive positions, y: kWarps items (a tile of one group)
-// times splits of their windows, z: the image). Warps of a block share positions, so the input
-// windows one warp loads are in L1 for the others.
-// Five blocks per SM (at most 102 registers): the loop is latency-bound, so occupancy pays.
-__global__ void __launch_bounds__(32 * kWarps, 5)
-tile_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ program,
-                 const float* __restrict__ bias, float* __restrict__ y, TileParams p) {
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int item_split = int(blockIdx.y) * kWarps + warp;
-  if (item_split >= p.items * p.splits) return;
-  const int item = item_split / p.splits, split = item_split % p.splits;
-  const int group = item / p.tiles_per_group, tile = item % p.tiles_per_group;
-  int q0 = (int(blockIdx.x) * 32 + lane) * kPositions;
-  const bool live = q0 < p.plane_q;
-  if (!live) q0 = 0;  // still walks the windows (uniform control flow), writes nothing
-
-  const int32_t* item_first = program + kTileHeaderWords;
-  const auto* windows = reinterpret_cast<const int2*>(program + p.windows_word);
-  const auto* entries = windows + __ldg(program + 2) + 1;
-  const int first = __ldg(item_first + item), count = __ldg(item_first + item + 1) - first;
-  const int begin = first + int(int64_t(count) * split / p.splits);
-  const int end = first + int(int64_t(count) * (split + 1) / p.splits);
-
-  const int n = int(blockIdx.z);
-  const float* in = ws + n * p.image_stride + group * p.group_span + q0;
-  float acc[kChannels][kPositions];
-#pragma unroll
-  for (int c = 0; c < kChannels; ++c)
-#pragma unroll
-    for (int i = 0; i < kPositions; ++i) acc[c][i] = 0.f;
-  auto load = [&](float (&x)[kTileWindow], int w) {
-    const auto* src = reinterpret_cast<const float4*>(in + __ldg(&windows[w].x));
-#pragma unroll
-    for (int v = 0; v < kTileWindow / 4; ++v) {
-      const float4 t = __ldg(src + v);
-      x[4 * v] = t.x; x[4 * v + 1] = t.y; x[4 * v + 2] = t.z; x[4 * v + 3] = t.w;
+// Copies chunk `chunk` of the block's images into shared memory: per image, channel and phase,
+// `segment` stretched elements from position q0 on. Images past the batch are zero-filled.
+__device__ void stage_chunk(const float* __restrict__ in, float* tile, int images, int n0,
+                            int chunk, int q0, const StagedParams& p) {
+  const int c0 = chunk * p.chunk_channels;
+  const int channels = min(p.chunk_channels, p.group_in - c0);
+  const int vectors = p.segment / 4;  // segment is a multiple of 4
+  const int segments = images * channels * p.phases;
+  for (int i = int(threadIdx.x); i < segments * vectors; i += int(blockDim.x)) {
+    const int seg = i / vectors, v = i % vectors;
+    const int b = seg / (channels * p.phases), cp = seg % (channels * p.phases);
+    float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (n0 + b < p.batch) {
+      const float* src = in + (n0 + b) * p.image_stride + (c0 + cp / p.phases) * p.channel_stride +
+                         (cp % p.phases) * p.phase_plane + q0 + 4 * v;
+      value = p.vector_copy ? __ldg(reinterpret_cast<const float4*>(src))
+                            : make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
     }
-  };
-  auto apply = [&](const float (&x)[kTileWindow], int w) {
-    const int e0 = __ldg(&windows[w].y), e1 = __ldg(&windows[w + 1].y);
-    run_tile_entries(acc, x, entries + e0, e1 - e0);
-  };
-  // One window in registers at a time: the 16 registers a second (prefetched) window took
-  // buy a fifth block per SM, and other warps hide the window's load latency.
-  for (int w = begin; w < end; ++w) {
-    float x[kTileWindow];
-    load(x, w);
-    apply(x, w);
+    reinterpret_cast<float4*>(tile + b * p.image_shared + cp * p.segment)[v] = value;
   }
-  if (!live) return;
+}
+
+// Block (x: a tile of 32 * POSITIONS positions, y: an item (kRows output channels of one group)
+// times a split of its chunks, z: IMAGES images). Thread `lane` of a warp computes positions
+// q0 + lane + 32 * i of each image for its warp's kRowsPerWarp channels; an entry's loads are
+// consecutive across the warp's lanes, so shared memory serves them without bank conflicts.
+template <int IMAGES, int POSITIONS>
+__global__ void __launch_bounds__(32 * kWarps)
+staged_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ program,
+                   const float* __restrict__ bias, float* __restrict__ y, StagedParams p) {
+  extern __shared__ float4 shared4[];
+  float* tile = reinterpret_cast<float*>(shared4);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int q0 = int(blockIdx.x) * 32 * POSITIONS;
+  const int item = int(blockIdx.y) / p.splits, split = int(blockIdx.y) % p.splits;
+  const int group = item / p.items_per_group;
+  const int n0 = int(blockIdx.z) * IMAGES;
+  const int chunk_begin = int(int64_t(p.chunks) * split / p.splits);
+  const int chunk_end = int(int64_t(p.chunks) * (split + 1) / p.splits);
+  const int32_t* begins = program + kTileHeaderWords;
+  const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
+  const float* in = ws + group * p.group_span;
+
+  float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
-  for (int c = 0; c < kChannels; ++c) {
-    const int channel = tile * kChannels + c;
-    if (channel >= p.group_out) break;
-    const int m = group * p.group_out + channel;
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int b = 0; b < IMAGES; ++b)
+#pragma unroll
+      for (int i = 0; i < POSITIONS; ++i) acc[r][b][i] = 0.f;
+
+  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    __syncthreads();  // the previous chunk is consumed
+    stage_chunk(in, tile, IMAGES, n0, chunk, q0, p);
+    __syncthreads();
+    const int32_t* row_begin =
+        begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
+    const float* lane_tile = tile + lane;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int end = __ldg(row_begin + r + 1);
+      for (int e = __ldg(row_begin + r); e < end; ++e) {
+        const int2 entry = __ldg(entries + e);
+        const float w = __int_as_float(entry.y);
+        const float* src = lane_tile + entry.x;
+#pragma unroll
+        for (int b = 0; b < IMAGES; ++b)
+#pragma unroll
+          for (int i = 0; i < POSITIONS; ++i)
+            acc[r][b][i] = fmaf(w, src[b * p.image_shared + 32 * i], acc[r][b][i]);
+      }
+    }
+  }
+
+  const int first_channel = (item % p.items_per_group) * kRows + warp * kRowsPerWarp;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (first_channel + r >= p.group_out) break;
+    const int m = group * p.group_out + first_channel + r;
     const float b0 = bias ? __ldg(bias + m) : 0.f;
-    const int64_t plane_base = (int64_t(n) * p.out_channels + m) * p.out_plane;
 #pragma unroll
-    for (int i = 0; i < kPositions; ++i) {
-      const int q = q0 + i, oh = q / p.plane_w, ow = q % p.plane_w;
-      if (q >= p.plane_q || ow >= p.out_width) continue;
-      const int64_t out = plane_base + oh * p.out_width + ow;
-      if (p.splits > 1) {
-        p.partial[split * (int64_t(p.batch) * p.out_channels * p.out_plane) + out] = acc[c][i];
-      } else {
-        const float r = acc[c][i] + b0;
-        y[out] = (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+    for (int b = 0; b < IMAGES; ++b) {
+      if (n0 + b >= p.batch) break;
+      const int64_t plane_base = (int64_t(n0 + b) * p.out_channels + m) * p.out_plane;
+#pragma unroll
+      for (int i = 0; i < POSITIONS; ++i) {
+        const int q = q0 + lane + 32 * i, oh = q / p.plane_w, ow = q % p.plane_w;
+        if (q >= p.plane_q || ow >= p.out_width) continue;
+        const int64_t out = plane_base + oh * p.out_width + ow;
+        if (p.splits > 1) {
+          p.partial[split * (int64_t(p.batch) * p.out_channels * p.out_plane) + out] = acc[r][b][i];
+        } else {
+          const float v = acc[r][b][i] + b0;
+          y[out] = (p.relu && v < 0.f) ? 0.f : v;  // NaN passes, as in torch
+        }
       }
     }
   }
 }
 
+template <int IMAGES, int POSITIONS>
+void launch(const Geometry& g, const StagedParams& p, const float* ws, const int32_t* program,
+            const float* bias, float* y, cudaStream_t stream) {
+  const size_t shared = size_t(IMAGES) * size_t(p.image_shared) * sizeof(float);
+  const int64_t position_tiles = (p.plane_q + 32 * POSITIONS - 1) / (32 * POSITIONS);
+  const dim3 grid(unsigned(position_tiles), unsigned(g.staged.items * p.splits),
+                  unsigned((g.d.batch + IMAGES - 1) / IMAGES));
+  staged_conv_kernel<IMAGES, POSITIONS><<<grid, 32 * kWarps, shared, stream>>>(ws, program, bias,
+                                                                               y, p);
+  check_launch("staged_conv_kernel");
+}
+
 }  // namespace
 
 bool tile_kernel_fits(const Geometry& g) {
-  return g.d.batch <= 65535 &&
-         (tile_items(g) * g.gpu_tile_splits + kWarps - 1) / kWarps <= 65535;
+  const StagedPlan& s = g.staged;
+  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  return s.chunk_channels > 0 && (g.d.batch + s.images - 1) / s.images <= 65535 &&
+         s.items * g.gpu_staged_splits <= 65535 && plane_q <= INT32_MAX / 2;
 }
 
 void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, const float* bias,
                       bool relu, float* y, cudaStream_t stream) {
-  TileParams p;
+  if (!tile_kernel_fits(g))  // the dispatcher checks first
+    fail_invalid("the geometry is too large for the staged CUDA kernel");
+  const StagedPlan& s = g.staged;
+  StagedParams p;
   p.batch = int(g.d.batch);
   p.out_channels = int(g.d.out_channels);
   p.group_out = int(g.group_out);
-  p.tiles_per_group = int(tiles_per_group(g));
-  p.items = int(tile_items(g));
-  p.splits = int(g.gpu_tile_splits);
-  p.plane_w = int(g.layout.plane_w);
+  p.items_per_group = int(s.items / g.d.groups);
+  p.chunks = int(s.chunks);
+  p.chunk_channels = int(s.chunk_channels);
+  p.group_in = int(g.group_in);
+  p.phases = int(s.phases);
+  p.phase_plane = int(s.phase_plane);
+  p.segment = int(s.segment);
+  p.image_shared = int(s.chunk_channels * s.phases * s.segment);
   p.plane_q = int(g.layout.out_height * g.layout.plane_w);
+  p.plane_w = int(g.layout.plane_w);
   p.out_width = int(g.layout.out_width);
   p.out_plane = int(g.out_plane);
+  p.splits = int(g.gpu_staged_splits);
+  p.vector_copy = s.phases == 1 || s.phase_plane % 4 == 0;
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
-  p.windows_word = tile_windows_word(tile_items(g));
+  p.channel_stride = g.layout.channel_stride;
+  p.entries_word = tile_entries_word(s);
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
-  const int64_t position_blocks = (p.plane_q + 32 * kPositions - 1) / (32 * kPositions);
-  const int64_t item_blocks = (int64_t(p.items) * p.splits + kWarps - 1) / kWarps;
-  if (item_blocks > 65535 || g.d.batch > 65535)  // tile_kernel_fits() keeps these out
-    fail_invalid("the geometry is too large for the tiled CUDA kernel");
-  const dim3 grid(unsigned(position_blocks), unsigned(item_blocks), unsigned(g.d.batch));
-  tile_conv_kernel<<<grid, 32 * kWarps, 0, stream>>>(ws, program, bias, y, p);
-  check_launch("tile_conv_kernel");
+  switch (s.positions) {
+    case 8: launch<1, 8>(g, p, ws, program, bias, y, stream); break;
+    case 4: launch<2, 4>(g, p, ws, program, bias, y, stream); break;
+    default: launch<4, 2>(g, p, ws, program, bias, y, stream); break;
+  }
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
 

@@ -1,21 +1,19 @@
-// tile_program.hpp -- the filter as the register-tiled CUDA kernel reads it (the "tile program"),
-// shared by its host-side builder (tile_program.cpp) and the kernel (tile_kernel.cu).
+// tile_program.hpp -- the filter as the staged CUDA kernel reads it (the "tile program"), shared
+// by its host-side builder (tile_program.cpp) and the kernel (tile_kernel.cu).
 //
-// The kernel gives each warp a tile of kTileChannels output channels and each thread
-// kTilePositions consecutive output positions, all in registers. The tile's nonzeros, sorted by
-// stretched offset, are cut into windows: runs of offsets that fit in [base, base + kTileShifts)
-// with base a multiple of 4. A thread loads a window's kTileWindow input values with four 16-byte
-// loads and applies every nonzero of the window to them from registers, so one loaded value
-// feeds several FMAs. Each nonzero is an entry (case, weight): case = channel * kTileShifts +
-// (offset - base) picks, through a jump table, the code that does kTilePositions FMAs on fixed
-// registers.
+// The kernel gives each block kStagedRows output channels of one group (an "item") and copies
+// the input it needs into shared memory a chunk of input channels at a time (StagedPlan in
+// geometry.hpp). Shared memory holds, per image b of the block, chunk channel c and phase ph, a
+// segment of StagedPlan::segment elements: stretched positions [q0, q0 + segment) of that phase
+// plane. A nonzero at stretched offset c * channel_stride + ph * phase_plane + d becomes the entry
+//   (shared offset = (c % chunk_channels) * phases * segment + ph * segment + d, weight bits)
+// so that a thread computing position q0 + i reads shared element offset + i.
 //
-// Layout, in 32-bit words (int2 = two words, 8-byte aligned):
-//   header     [kTileHeaderWords]: kTileProgramMagic, items, windows, entries
-//   item_first [items + 1]: first window of item i (item = group * tiles_per_group + tile);
-//                           padded to an even count
-//   windows    int2[windows + 1]: (base offset, first entry); the last is a sentinel
-//   entries    int2[entries + 1]: (case, weight bits); the last pads the kernel's read-ahead
+// Layout, in 32-bit words:
+//   header  [kTileHeaderWords]: kTileProgramMagic, items, chunks, entries
+//   begins  [items * chunks * kStagedRows + 1]: first entry of (item, chunk, row of the item);
+//           a row's entries end where the next begin starts
+//   entries int2[entries]: (shared offset, weight bits), starting at an even word
 #pragma once
 
 #include <cstdint>
@@ -24,18 +22,14 @@
 
 namespace escoin {
 
-// kTileChannels, kTilePositions and kTileWarps are in geometry.hpp (the workspace depends on them).
-constexpr int kTileWindow = 16;
-constexpr int kTileShifts = kTileWindow - int(kTilePositions) + 1;
-constexpr int32_t kTileProgramMagic = 0x45534354;  // "ESCT"
+constexpr int32_t kTileProgramMagic = 0x45534335;  // "ESC5"
 constexpr int64_t kTileHeaderWords = 4;
 
-inline int64_t tiles_per_group(const Geometry& g) {
-  return (g.group_out + kTileChannels - 1) / kTileChannels;
+inline int64_t tile_begin_words(const StagedPlan& s) {
+  return s.items * s.chunks * kStagedRows + 1;
 }
-inline int64_t tile_items(const Geometry& g) { return g.d.groups * tiles_per_group(g); }
-inline int64_t tile_windows_word(int64_t items) {
-  return (kTileHeaderWords + items + 1 + 1) / 2 * 2;
+inline int64_t tile_entries_word(const StagedPlan& s) {
+  return (kTileHeaderWords + tile_begin_words(s) + 1) / 2 * 2;
 }
 
 }  // namespace escoin

@@ -20,7 +20,7 @@ class DevicePointers(NamedTuple):
     row_ptr: int       # int64, out_channels + 1
     offsets: int       # int32 stretched offsets, one per nonzero
     values: int        # float32, one per nonzero
-    tile_program: int  # the tiled kernel's program; 0 below 8 images or where it would be slower
+    tile_program: int  # the staged kernel's program; 0 below 8 images or where it would not pay
 
 
 class _CsrStore:
@@ -39,7 +39,7 @@ class _CsrStore:
         self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
         self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
-        # None: the tiled kernel would be slower for that geometry, so there is no program.
+        # None: the staged kernel would not pay for that geometry, so there is no program.
         self.device_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
@@ -61,8 +61,8 @@ class _CsrStore:
             return found
 
     def tile_program(self, desc: tuple) -> Optional[np.ndarray]:
-        """The tiled CUDA kernel's program for this geometry (host bytes), or None where that
-        kernel would be slower than the streaming one."""
+        """The staged CUDA kernel's program for this geometry (host bytes), or None where that
+        kernel would not pay."""
         offsets = self.offsets(desc)
         values32 = self.values_as(np.dtype(np.float32))
         nbytes = _core.tile_program_size(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
@@ -76,8 +76,8 @@ class _CsrStore:
 
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
         """The filter's device arrays for desc on `device`, uploaded once per device and geometry.
-        The tile program is built only once a batch large enough for the tiled kernel asks:
-        batch-1 inference never pays its memory (~11 bytes per nonzero)."""
+        The tile program is built only once a batch large enough for the staged kernel asks:
+        batch-1 inference never pays its memory (~8 bytes per nonzero)."""
         values32 = self.values_as(np.dtype(np.float32))
         key = (device, _offsets_key(desc))
         with self.lock:

@@ -62,7 +62,7 @@ typedef struct {
  * (zero outside the real input). Output (oh, ow) then reads tap (r, s) at
  *     image_group_base + offset(c, r, s) + oh * plane_w + ow,
  * a unit-stride access for every stride and dilation. Kernels walk q = oh * plane_w + ow in
- * tiles and may read up to 128 + plane_w elements past the last image, so the workspace ends
+ * tiles and may read up to 256 + plane_w elements past the last image, so the workspace ends
  * with that much zeroed slack. */
 typedef struct {
   int64_t out_height, out_width;
@@ -128,15 +128,17 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
                                           const void* bias, int relu, void* y, void* workspace,
                                           size_t workspace_bytes);
 
-/* ---- The tile program: the filter re-ordered for the tiled CUDA kernel ----
+/* ---- The tile program: the filter re-ordered for the staged CUDA kernel ----
  * Built on the host from the CSR and its stretched offsets for one geometry (batch and
- * out_channels aside, as for the offsets), then copied to the device by the caller. It groups
- * each block of 8 output channels' nonzeros by the input values they read, so the kernel loads
- * each input value once for several FMAs. values is float32. size gives the bytes that build
- * writes, or 0 where the tiled kernel would be slower than the streaming one (fewer than 2
- * nonzeros per window, as for 1x1 and stride-2 filters, or a small output plane): pass no
- * program then. Both check the CSR against the geometry as the CPU forward does. */
-/* The smallest batch for which the CUDA forward runs the tiled kernel (8): below it a tile
+ * out_channels aside, as for the offsets), then copied to the device by the caller. The staged
+ * kernel copies chunks of input channels into shared memory and gives each block 32 output
+ * channels; the program lists, per block of output channels, chunk and channel, the nonzeros as
+ * (shared-memory offset, weight) pairs: about 8 bytes per nonzero. values is float32. size gives
+ * the bytes that build writes, or 0 where the staged kernel would not pay (fewer than 16 output
+ * channels per group, as in depthwise filters, or a stretched input row too wide for one
+ * channel to fit in shared memory): pass no program then. Both check the CSR against the
+ * geometry as the CPU forward does. */
+/* The smallest batch for which the CUDA forward runs the staged kernel (8): below it a tile
  * program is not read, so callers need not build one. */
 int escoin_tile_min_batch(void);
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
@@ -149,7 +151,7 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays and the
  * tile program are trusted (they live on the device; build them with the functions above for
- * this geometry). tile_program may be NULL; given, batches of 8 or more images run the tiled
+ * this geometry). tile_program may be NULL; given, batches of 8 or more images run the staged
  * kernel (the workspace must then be 16-byte aligned, or the streaming kernel runs). Launch
  * errors are reported; errors of the asynchronous execution surface at the caller's next
  * synchronisation. */
