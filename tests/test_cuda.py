@@ -86,11 +86,13 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
                                    (6, 40, 33, 33, 24, 1, 1), (4, 300, 16, 16, 20, 3, 1),
                                    (9, 64, 40, 37, 48, 3, 1), (8, 96, 30, 30, 40, 3, 2),
                                    (8, 40, 33, 33, 24, 1, 1), (8, 300, 16, 16, 20, 3, 1),
-                                   (8, 24, 57, 61, 20, 5, 1), (32, 8, 60, 60, 128, 3, 1)])
+                                   (8, 24, 57, 61, 20, 5, 1), (32, 8, 60, 60, 128, 3, 1),
+                                   (3, 48, 28, 28, 40, 1, 1), (8, 48, 28, 28, 40, 1, 1)])
 def test_network_sized_layers(dev, shape: tuple) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks, on the
-    streaming kernel (batch < 8) and the staged kernel (batch >= 8; the last case's grid is
-    large enough for two blocks of output channels per block)."""
+    streaming kernel (batch < 8) and the staged kernel (batch >= 8; (32, 8, 60, ...) has a grid
+    large enough for two blocks of output channels per block). The 28x28 1x1 cases read x
+    without stretching it, and the staged kernel's last tile runs past the end of x."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)

@@ -78,7 +78,7 @@ struct ConvParams {
 // block writes the output with bias and ReLU; split, it writes its partial sums.
 template <int IMAGES>
 __global__ void __launch_bounds__(kThreads)
-sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row_ptr,
+sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ row_ptr,
                    const int32_t* __restrict__ offsets, const float* __restrict__ values,
                    const float* __restrict__ bias, float* __restrict__ y, ConvParams p) {
   __shared__ float stage_values[kStage];
@@ -96,7 +96,7 @@ sparse_conv_kernel(const float* __restrict__ ws, const int64_t* __restrict__ row
     const int64_t m_end = min(m_begin + kChannelsPerBlock, (group + 1) * p.group_out);
     for (int64_t image_item = blockIdx.z; image_item < image_items; image_item += gridDim.z) {
       const int64_t n0 = image_item * IMAGES;
-      const float* in = ws + n0 * p.image_stride + group * p.group_span + q;
+      const float* in = input + n0 * p.image_stride + group * p.group_span + q;
       for (int64_t m = m_begin; m < m_end; ++m) {
         float acc[IMAGES] = {};
         const int64_t row_length = row_ptr[m + 1] - row_ptr[m];
@@ -153,7 +153,7 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
 }
 
 template <int IMAGES>
-void launch_conv(const Geometry& g, float* ws, const int64_t* row_ptr,
+void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t* row_ptr,
                  const int32_t* offsets, const float* values, const float* bias, bool relu,
                  float* y, cudaStream_t stream) {
   ConvParams p;
@@ -176,7 +176,7 @@ void launch_conv(const Geometry& g, float* ws, const int64_t* row_ptr,
   const dim3 grid(unsigned(position_blocks),
                   grid_limit(p.groups * p.channel_blocks * p.splits, 65535),
                   grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
-  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(ws, row_ptr, offsets, values, bias,
+  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(input, row_ptr, offsets, values, bias,
                                                             y, p);
   check_launch("sparse_conv_kernel");
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
@@ -207,19 +207,23 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
-    escoin::launch_stretch(g, static_cast<const float*>(x), ws, s);
+    // Where the stretched layout would be a plain copy of x, the kernels read x itself.
+    const bool direct = escoin::input_already_stretched(g);
+    const float* input = direct ? static_cast<const float*>(x) : ws;
+    if (!direct) escoin::launch_stretch(g, static_cast<const float*>(x), ws, s);
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
     // The staged kernel needs its program, enough images to fill the GPU without many splits,
-    // and a 16-byte aligned workspace for its 16-byte copies.
+    // and 16-byte aligned input for its 16-byte copies.
     if (tile_program && g.d.batch >= escoin::kTileMinBatch && escoin::tile_kernel_fits(g) &&
-        reinterpret_cast<uintptr_t>(workspace) % 16 == 0)
-      escoin::launch_tile_conv(g, ws, static_cast<const int32_t*>(tile_program), b, relu != 0,
-                               out, s);
+        reinterpret_cast<uintptr_t>(input) % 16 == 0)
+      escoin::launch_tile_conv(g, input, direct ? 0 : g.tail_slack, ws,
+                               static_cast<const int32_t*>(tile_program), b, relu != 0, out, s);
     else if (g.d.batch >= escoin::kGpuImagesPerBlock)
-      escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+      escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, input, ws, row_ptr, offsets, v, b,
+                                                           relu != 0, out, s);
     else
-      escoin::launch_conv<1>(g, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+      escoin::launch_conv<1>(g, input, ws, row_ptr, offsets, v, b, relu != 0, out, s);
   });
 }

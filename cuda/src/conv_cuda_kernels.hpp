@@ -21,8 +21,11 @@ void launch_reduce_splits(const Geometry& g, const float* partial, int64_t split
 // Whether the staged kernel can run g: a channel fits in shared memory and the grid holds it.
 bool tile_kernel_fits(const Geometry& g);
 
-// The staged kernel (tile_kernel.cu) on a stretched workspace, with a tile program built for g.
-void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, const float* bias,
-                      bool relu, float* y, cudaStream_t stream);
+// The staged kernel (tile_kernel.cu) on the stretched input (the workspace, or x itself where
+// input_already_stretched), of which `slack` elements past the batch may be read, with a tile
+// program built for g; ws holds the split partial sums.
+void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
+                      const int32_t* program, const float* bias, bool relu, float* y,
+                      cudaStream_t stream);
 
 }  // namespace escoin

@@ -65,6 +65,15 @@ struct Geometry {
   int64_t partial_elements;  // max(splits) * batch * out_channels * out_plane when split, else 0
 };
 
+// Whether x (N, C, H, W) already has the stretched layout: a 1x1 filter at stride 1 without
+// padding, on planes of a multiple of 4 elements (so no alignment gap between channels).
+inline bool input_already_stretched(const Geometry& g) {
+  const escoin_conv_desc_t& d = g.d;
+  return d.kernel_h == 1 && d.kernel_w == 1 && d.stride_h == 1 && d.stride_w == 1 &&
+         d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 && d.pad_right == 0 &&
+         g.layout.channel_stride == d.in_height * d.in_width;
+}
+
 // Validates desc (throws escoin::Error naming the bad field) and derives the layout.
 Geometry make_geometry(const escoin_conv_desc_t* desc);
 

@@ -22,14 +22,17 @@ struct StagedParams {
   int plane_q, plane_w, out_width, out_plane, splits;
   bool vector_copy;  // every segment starts 16-byte aligned: copy with 16-byte loads
   int64_t image_stride, group_span, channel_stride, entries_word;
+  int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
 };
 
 // Copies chunk `chunk` of the block's images into shared memory: per image, channel and phase,
-// `segment` stretched elements from position q0 on. Images past the batch are zero-filled.
-__device__ void stage_chunk(const float* __restrict__ in, float* tile, int images, int n0,
-                            int chunk, int q0, const StagedParams& p) {
+// `segment` stretched elements from position q0 on. Images past the batch, and elements past
+// the readable input (the last segment of x read directly), are zero-filled.
+__device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
+                            float* tile, int images, int n0, int chunk, int q0,
+                            const StagedParams& p) {
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int vectors = p.segment / 4;  // segment is a multiple of 4
@@ -41,8 +44,12 @@ __device__ void stage_chunk(const float* __restrict__ in, float* tile, int image
     if (n0 + b < p.batch) {
       const float* src = in + (n0 + b) * p.image_stride + (c0 + cp / p.phases) * p.channel_stride +
                          (cp % p.phases) * p.phase_plane + q0 + 4 * v;
-      value = p.vector_copy ? __ldg(reinterpret_cast<const float4*>(src))
-                            : make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
+      // Only x read directly (vector copies, a whole number of float4s) can end inside a
+      // segment; the stretched workspace has slack for every read.
+      if (!p.vector_copy)
+        value = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
+      else if (src < input + p.readable)
+        value = __ldg(reinterpret_cast<const float4*>(src));
     }
     reinterpret_cast<float4*>(tile + b * p.image_shared + cp * p.segment)[v] = value;
   }
@@ -56,7 +63,7 @@ __device__ void stage_chunk(const float* __restrict__ in, float* tile, int image
 // between twice the channels, which pays where the grid stays large (launch_tile_conv).
 template <int ITEMS, int IMAGES, int POSITIONS>
 __global__ void __launch_bounds__(32 * kWarps * ITEMS)
-staged_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ program,
+staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
                    const float* __restrict__ bias, float* __restrict__ y, StagedParams p) {
   extern __shared__ float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
@@ -70,7 +77,7 @@ staged_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ pro
   const int chunk_end = int(int64_t(p.chunks) * (split + 1) / p.splits);
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
-  const float* in = ws + group * p.group_span;
+  const float* in = input + group * p.group_span;
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
@@ -82,7 +89,7 @@ staged_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ pro
 
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed
-    stage_chunk(in, tile, IMAGES, n0, chunk, q0, p);
+    stage_chunk(input, in, tile, IMAGES, n0, chunk, q0, p);
     __syncthreads();
     const int32_t* row_begin =
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
@@ -130,8 +137,8 @@ staged_conv_kernel(const float* __restrict__ ws, const int32_t* __restrict__ pro
 }
 
 template <int IMAGES, int POSITIONS>
-void launch(const Geometry& g, const StagedParams& p, const float* ws, const int32_t* program,
-            const float* bias, float* y, cudaStream_t stream) {
+void launch(const Geometry& g, const StagedParams& p, const float* input,
+            const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
   const size_t shared = size_t(IMAGES) * size_t(p.image_shared) * sizeof(float);
   const int64_t position_tiles = (p.plane_q + 32 * POSITIONS - 1) / (32 * POSITIONS);
   const int64_t image_blocks = (g.d.batch + IMAGES - 1) / IMAGES;
@@ -144,10 +151,10 @@ void launch(const Geometry& g, const StagedParams& p, const float* ws, const int
                   unsigned(image_blocks));
   if (pairs)
     staged_conv_kernel<2, IMAGES, POSITIONS><<<grid, 64 * kWarps, shared, stream>>>(
-        ws, program, bias, y, p);
+        input, program, bias, y, p);
   else
     staged_conv_kernel<1, IMAGES, POSITIONS><<<grid, 32 * kWarps, shared, stream>>>(
-        ws, program, bias, y, p);
+        input, program, bias, y, p);
   check_launch("staged_conv_kernel");
 }
 
@@ -160,8 +167,9 @@ bool tile_kernel_fits(const Geometry& g) {
          s.items * g.gpu_staged_splits <= 65535 && plane_q <= INT32_MAX / 2;
 }
 
-void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, const float* bias,
-                      bool relu, float* y, cudaStream_t stream) {
+void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
+                      const int32_t* program, const float* bias, bool relu, float* y,
+                      cudaStream_t stream) {
   if (!tile_kernel_fits(g))  // the dispatcher checks first
     fail_invalid("the geometry is too large for the staged CUDA kernel");
   const StagedPlan& s = g.staged;
@@ -187,12 +195,13 @@ void launch_tile_conv(const Geometry& g, float* ws, const int32_t* program, cons
   p.group_span = g.group_span;
   p.channel_stride = g.layout.channel_stride;
   p.entries_word = tile_entries_word(s);
+  p.readable = g.d.batch * g.layout.image_stride + slack;
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
   switch (s.positions) {
-    case 8: launch<1, 8>(g, p, ws, program, bias, y, stream); break;
-    case 4: launch<2, 4>(g, p, ws, program, bias, y, stream); break;
-    default: launch<4, 2>(g, p, ws, program, bias, y, stream); break;
+    case 8: launch<1, 8>(g, p, input, program, bias, y, stream); break;
+    case 4: launch<2, 4>(g, p, input, program, bias, y, stream); break;
+    default: launch<4, 2>(g, p, input, program, bias, y, stream); break;
   }
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
