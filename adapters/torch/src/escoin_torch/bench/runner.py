@@ -19,7 +19,8 @@ from escoin_torch.layer import SparseConv2d
 
 from escoin_torch.bench.layers import LayerResult, tensor_bytes, time_layers
 from escoin_torch.bench.models import build, input_shape
-from escoin_torch.bench.paths import ESCOIN, ESCOIN_PATHS, PathResult, measure, network_paths
+from escoin_torch.bench.paths import (ESCOIN, ESCOIN_PATHS, PathResult, measure, network_paths,
+                                      precision)
 from escoin_torch.bench.prune import Method, prune_convs
 
 __all__ = ["Case", "NetworkResult", "run_case"]
@@ -85,7 +86,11 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
     reference = _float64_output(dense, x)
     step("calibrate")
     calibrated = copy.deepcopy(sparse)
-    timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats, warmup=case.warmup)
+    # The calibrated path runs strict fp32 (below), so its dense layers are timed that way too:
+    # under PyTorch's default TF32 convolutions, calibration kept layers dense that the strict
+    # run then made slower than escoin.
+    with precision(False):
+        timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats, warmup=case.warmup)
     paths = network_paths(dense, sparse, calibrated, x)
     results = []
     for graphs in case.graphs:
