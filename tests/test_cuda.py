@@ -107,6 +107,21 @@ def test_network_sized_layers(dev, shape: tuple) -> None:
     assert relative_error(dev.get(out), expected) <= 1e-5
 
 
+def test_grouped_filter_on_a_grid_of_paired_blocks(dev) -> None:
+    """A grid large enough for two blocks of output channels per CUDA block, with two groups:
+    each pair stays inside its group's input channels."""
+    rng = np.random.default_rng(21)
+    weight = rng.standard_normal((128, 8, 3, 3)) * (rng.random((128, 8, 3, 3)) < 0.2)
+    x = rng.standard_normal((32, 16, 60, 60))
+    bias = rng.standard_normal(128)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32), groups=2)
+    out = dev.full(escoin.output_shape(x.shape, filt, 1, 1), np.nan)
+    escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
+                  padding=1, out=out)
+    expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 2)
+    assert relative_error(dev.get(out), expected) <= 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 32])
 def test_stride_two_every_image_computed(dev, batch: int) -> None:
     """The PyTorch port computed only the first image at stride > 1; every image must be right."""
