@@ -30,7 +30,7 @@ constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
 constexpr int64_t kStagedProducts = 8;  // images x positions per thread
 constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
-constexpr int64_t kStagedSharedFloats = 12288;  // 48 KB: no opt-in, three blocks per SM
+constexpr int64_t kStagedSharedFloats = 12288;  // 48 KB: no opt-in; four blocks fit an SM
 constexpr int64_t kTileMinBatch = 8;
 
 // How the staged kernel cuts a geometry, a function of the descriptor without its batch (so one

@@ -131,7 +131,7 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
 /* ---- The tile program: the filter re-ordered for the staged CUDA kernel ----
  * Built on the host from the CSR and its stretched offsets for one geometry (batch and
  * out_channels aside, as for the offsets), then copied to the device by the caller. The staged
- * kernel copies chunks of input channels into shared memory and gives each block 32 output
+ * kernel copies chunks of input channels into shared memory and works on blocks of 32 output
  * channels; the program lists, per block of output channels, chunk and channel, the nonzeros as
  * (shared-memory offset, weight) pairs: about 8 bytes per nonzero. values is float32. size gives
  * the bytes that build writes, or 0 where the staged kernel would not pay (fewer than 16 output
