@@ -62,7 +62,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
 // Output positions per block (consecutive q: coalesced reads) and output channels per block.
 constexpr int kThreads = int(kGpuPositionsPerBlock);
 constexpr int kChannelsPerBlock = int(kGpuChannelsPerBlock);
-constexpr int kStage = 1024;  // CSR entries staged in shared memory at a time
+constexpr int kStage = 512;         // CSR entries staged in shared memory at a time
 
 struct ConvParams {
   int64_t batch, out_channels, group_out, groups, channel_blocks;
@@ -73,24 +73,16 @@ struct ConvParams {
 };
 
 // Block (x: a run of kThreads positions q, y: a block of output channels of one group and one
-// split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators per
-// channel: one staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin.
-// The block's channels' entries, concatenated, go through shared memory in windows of kStage, so
-// short channels (1x1 filters, split small problems) share one round of copies and barriers
-// instead of one each: at batch 1 that round trip is most of a block's time. Unsplit, the block
-// writes the output with bias and ReLU; split, it writes its partial sums.
-// Five blocks per SM: without a cap the 8 channels x 4 images of sums took 128 registers (four
-// blocks); at 96 nothing spills.
+// split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators: one
+// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. Unsplit, the
+// block writes the output with bias and ReLU; split, it writes its partial sums.
 template <int IMAGES>
-__global__ void __launch_bounds__(kThreads, 5)
+__global__ void __launch_bounds__(kThreads)
 sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ row_ptr,
                    const int32_t* __restrict__ offsets, const float* __restrict__ values,
                    const float* __restrict__ bias, float* __restrict__ y, ConvParams p) {
   __shared__ float stage_values[kStage];
   __shared__ int32_t stage_offsets[kStage];
-  // Channel r's entries are [first[r], first[r + 1]) of the concatenation, from CSR index
-  // begin[r] on.
-  __shared__ int64_t first[kChannelsPerBlock + 1], begin[kChannelsPerBlock];
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t oh = q / p.plane_w, ow = q % p.plane_w;
   const bool writes = q < p.plane_q && ow < p.out_width;
@@ -101,66 +93,44 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
     const int64_t split = split_item % p.splits, item = split_item / p.splits;
     const int64_t group = item / p.channel_blocks;
     const int64_t m_begin = group * p.group_out + (item % p.channel_blocks) * kChannelsPerBlock;
-    const int64_t channels = min(int64_t(kChannelsPerBlock), (group + 1) * p.group_out - m_begin);
-    __syncthreads();  // the previous item's ranges and entries are consumed
-    if (threadIdx.x == 0) {
-      first[0] = 0;
-      for (int r = 0; r < kChannelsPerBlock; ++r) {
-        const int64_t m = m_begin + r;
-        const int64_t length = r < channels ? row_ptr[m + 1] - row_ptr[m] : 0;
-        begin[r] = r < channels ? row_ptr[m] + length * split / p.splits : 0;
-        const int64_t end = r < channels ? row_ptr[m] + length * (split + 1) / p.splits : 0;
-        first[r + 1] = first[r] + (end - begin[r]);
-      }
-    }
-    __syncthreads();
-    const int64_t total = first[kChannelsPerBlock];
+    const int64_t m_end = min(m_begin + kChannelsPerBlock, (group + 1) * p.group_out);
     for (int64_t image_item = blockIdx.z; image_item < image_items; image_item += gridDim.z) {
       const int64_t n0 = image_item * IMAGES;
       const float* in = input + n0 * p.image_stride + group * p.group_span + q;
-      float acc[kChannelsPerBlock][IMAGES] = {};
-      for (int64_t window = 0; window < total; window += kStage) {
-        const int count = int(min(int64_t(kStage), total - window));
-        __syncthreads();  // the previous window is consumed
-        for (int i = threadIdx.x; i < count; i += kThreads) {
-          const int64_t at = window + i;
-          int r = 0;
-          while (at >= first[r + 1]) ++r;
-          const int64_t j = begin[r] + (at - first[r]);
-          stage_values[i] = values[j];
-          stage_offsets[i] = offsets[j];
-        }
-        __syncthreads();
-        if (q < p.plane_q) {
-#pragma unroll
-          for (int r = 0; r < kChannelsPerBlock; ++r) {
-            const int lo = int(max(first[r], window) - window);
-            const int hi = int(min(first[r + 1], window + count) - window);
-            for (int i = lo; i < hi; ++i) {
+      for (int64_t m = m_begin; m < m_end; ++m) {
+        float acc[IMAGES] = {};
+        const int64_t row_length = row_ptr[m + 1] - row_ptr[m];
+        const int64_t row_begin = row_ptr[m] + row_length * split / p.splits;
+        const int64_t row_end = row_ptr[m] + row_length * (split + 1) / p.splits;
+        for (int64_t chunk = row_begin; chunk < row_end; chunk += kStage) {
+          const int count = int(row_end - chunk < kStage ? row_end - chunk : kStage);
+          __syncthreads();  // the previous chunk is consumed
+          for (int i = threadIdx.x; i < count; i += kThreads) {
+            stage_values[i] = values[chunk + i];
+            stage_offsets[i] = offsets[chunk + i];
+          }
+          __syncthreads();
+          if (q < p.plane_q) {
+            for (int i = 0; i < count; ++i) {
               const float v = stage_values[i];
               const float* src = in + stage_offsets[i];
 #pragma unroll
               for (int b = 0; b < IMAGES; ++b)
-                if (n0 + b < p.batch) acc[r][b] = fmaf(v, __ldg(src + b * p.image_stride), acc[r][b]);
+                if (n0 + b < p.batch) acc[b] = fmaf(v, __ldg(src + b * p.image_stride), acc[b]);
             }
           }
         }
-      }
-      if (writes) {
-#pragma unroll
-        for (int r = 0; r < kChannelsPerBlock; ++r) {
-          if (r >= channels) break;
-          const int64_t m = m_begin + r;
+        if (writes) {
           const float b0 = bias ? bias[m] : 0.f;
 #pragma unroll
           for (int b = 0; b < IMAGES; ++b) {
             if (n0 + b >= p.batch) continue;
             const int64_t out = ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
             if (p.splits > 1) {
-              p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[r][b];
+              p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
-              const float sum = acc[r][b] + b0;
-              y[out] = (p.relu && sum < 0.f) ? 0.f : sum;  // NaN passes, as in torch
+              const float r = acc[b] + b0;
+              y[out] = (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
             }
           }
         }
