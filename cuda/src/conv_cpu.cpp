@@ -13,16 +13,16 @@ namespace {
 template <typename T>
 void stretch_input(const Geometry& g, const T* x, T* ws) {
   const StretchRows rows = stretch_rows(g);
-  const int64_t plane_w = g.layout.plane_w, stride_w = g.d.stride_w, width = g.d.in_width;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows.rows; ++r) {
     const StretchRow row = rows.row(r);
     T* dst = ws + rows.destination(r);
     const int64_t extent = rows.extent(r);
     for (int64_t j = 0; j < extent; ++j) {
-      const int64_t iw = row.first_column + j * stride_w;
-      dst[j] = (j < plane_w && row.source >= 0 && iw >= 0 && iw < width) ? x[row.source + iw]
-                                                                        : T(0);
+      const int64_t iw = row.first_column + j * rows.stride_w;
+      dst[j] = (j < rows.plane_w && row.source >= 0 && iw >= 0 && iw < rows.in_width)
+                   ? x[row.source + iw]
+                   : T(0);
     }
   }
   std::memset(ws + rows.elements(), 0, g.tail_slack * sizeof(T));

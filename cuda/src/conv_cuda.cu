@@ -21,8 +21,7 @@ namespace {
 // The same launch zeroes the workspace's tail slack (Geometry::tail_slack): one launch fewer
 // per call, which counts at batch 1.
 __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ ws,
-                               StretchRows rows, int64_t plane_w, int64_t stride_w,
-                               int64_t in_width, int64_t tail_slack) {
+                               StretchRows rows, int64_t tail_slack) {
   const int64_t threads = int64_t(gridDim.x) * blockDim.x * blockDim.y;
   float* tail = ws + rows.elements();
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
@@ -34,8 +33,8 @@ __global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ 
     float* dst = ws + rows.destination(r);
     const int64_t extent = rows.extent(r);
     for (int64_t j = threadIdx.x; j < extent; j += blockDim.x) {
-      const int64_t iw = row.first_column + j * stride_w;
-      dst[j] = (j < plane_w && row.source >= 0 && iw >= 0 && iw < in_width)
+      const int64_t iw = row.first_column + j * rows.stride_w;
+      dst[j] = (j < rows.plane_w && row.source >= 0 && iw >= 0 && iw < rows.in_width)
                    ? __ldg(x + row.source + iw)
                    : 0.f;
     }
@@ -49,11 +48,9 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
                                      int64_t out_plane, int relu) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
        i += int64_t(gridDim.x) * blockDim.x) {
-    float r = bias ? bias[(i / out_plane) % out_channels] : 0.f;
     float sum = 0.f;
     for (int64_t s = 0; s < splits; ++s) sum += partial[s * outputs + i];
-    r += sum;
-    y[i] = (relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+    y[i] = bias_relu(sum, bias ? bias[(i / out_plane) % out_channels] : 0.f, relu);
   }
 }
 
@@ -129,8 +126,7 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
             if (p.splits > 1) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
-              const float r = acc[b] + b0;
-              y[out] = (p.relu && r < 0.f) ? 0.f : r;  // NaN passes, as in torch
+              y[out] = bias_relu(acc[b], b0, p.relu);
             }
           }
         }
@@ -147,8 +143,7 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
   const StretchRows rows = stretch_rows(g);
   const dim3 block(32, 8);
   const unsigned grid = grid_limit((rows.rows + block.y - 1) / block.y, 1 << 20);
-  stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.layout.plane_w, g.d.stride_w,
-                                             g.d.in_width, g.tail_slack);
+  stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.tail_slack);
   check_launch("stretch_kernel");
 }
 

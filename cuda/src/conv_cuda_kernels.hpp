@@ -9,6 +9,12 @@
 
 namespace escoin {
 
+// The epilogue of one output: bias, then ReLU (NaN passes, as in torch).
+__device__ __forceinline__ float bias_relu(float sum, float bias, int relu) {
+  const float r = sum + bias;
+  return (relu && r < 0.f) ? 0.f : r;
+}
+
 // Where split partial sums go: after the stretched input and its slack in the workspace.
 inline float* partial_sums(const Geometry& g, float* ws) {
   return ws + g.d.batch * g.layout.image_stride + g.tail_slack;

@@ -3,8 +3,9 @@
 //
 // The workspace holds, for each image n and channel c, channel_stride elements: for each phase
 // (a, b) and plane row i one row of plane_w elements, then a zeroed gap of up to 3 elements
-// that keeps the next channel 16-byte aligned. Row i of phase (a, b) copies input row ih = i*stride_h + a -
-// pad_top at columns iw = j*stride_w + b - pad_left (zero where ih or iw falls outside the input).
+// that keeps the next channel 16-byte aligned. Row i of phase (a, b) copies input row
+// ih = i*stride_h + a - pad_top at columns iw = j*stride_w + b - pad_left (zero where ih or iw
+// falls outside the input).
 #pragma once
 
 #include <cstdint>

@@ -128,8 +128,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
         if (p.splits > 1) {
           p.partial[split * (int64_t(p.batch) * p.out_channels * p.out_plane) + out] = acc[r][b][i];
         } else {
-          const float v = acc[r][b][i] + b0;
-          y[out] = (p.relu && v < 0.f) ? 0.f : v;  // NaN passes, as in torch
+          y[out] = bias_relu(acc[r][b][i], b0, p.relu);
         }
       }
     }
