@@ -1,5 +1,6 @@
-// conv_cuda.cu -- the CUDA forward entry: stretch the input into the workspace, then run the
-// direct sparse convolution kernel on the caller's stream. Nothing here allocates or synchronises.
+// conv_cuda.cu -- the CUDA forward entry: stretch the input into the workspace (stretch_cuda.cu),
+// then run a direct sparse convolution kernel on the caller's stream: the streaming kernel here or
+// the staged one (tile_kernel.cu). Nothing here allocates or synchronises.
 #include <algorithm>
 #include <cstdint>
 
@@ -7,39 +8,9 @@
 #include "cuda_check.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
-#include "stretch.hpp"
 
 namespace escoin {
 namespace {
-
-// ---- stretch: x (N, C, H, W) -> the padded, stride-phase-split rows of the workspace ----
-
-// A warp per row: threadIdx.x walks the row's columns, threadIdx.y and the grid walk rows. Every
-// thread of the row repeats the row arithmetic (int64 divisions, a few hundred instructions), so
-// a row gets only 32 threads and each of them several columns: with 256 threads on a 226-wide
-// row, the divisions dominated and the stretch ran at a third of the memory bandwidth.
-// The same launch zeroes the workspace's tail slack (Geometry::tail_slack): one launch fewer
-// per call, which counts at batch 1.
-__global__ void stretch_kernel(const float* __restrict__ x, float* __restrict__ ws,
-                               StretchRows rows, int64_t tail_slack) {
-  const int64_t threads = int64_t(gridDim.x) * blockDim.x * blockDim.y;
-  float* tail = ws + rows.elements();
-  for (int64_t i = (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
-       i < tail_slack; i += threads)
-    tail[i] = 0.f;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows.rows;
-       r += int64_t(gridDim.x) * blockDim.y) {
-    const StretchRow row = rows.row(r);
-    float* dst = ws + rows.destination(r);
-    const int64_t extent = rows.extent(r);
-    for (int64_t j = threadIdx.x; j < extent; j += blockDim.x) {
-      const int64_t iw = row.first_column + j * rows.stride_w;
-      dst[j] = (j < rows.plane_w && row.source >= 0 && iw >= 0 && iw < rows.in_width)
-                   ? __ldg(x + row.source + iw)
-                   : 0.f;
-    }
-  }
-}
 
 // Adds the splits' partial sums in split order (deterministic), then bias and ReLU.
 __global__ void reduce_splits_kernel(const float* __restrict__ partial,
@@ -137,14 +108,6 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
 
 unsigned grid_limit(int64_t wanted, int64_t limit) {
   return unsigned(std::max<int64_t>(1, std::min(wanted, limit)));
-}
-
-void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
-  const StretchRows rows = stretch_rows(g);
-  const dim3 block(32, 8);
-  const unsigned grid = grid_limit((rows.rows + block.y - 1) / block.y, 1 << 20);
-  stretch_kernel<<<grid, block, 0, stream>>>(x, ws, rows, g.tail_slack);
-  check_launch("stretch_kernel");
 }
 
 template <int IMAGES>

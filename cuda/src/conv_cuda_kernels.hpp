@@ -20,6 +20,10 @@ inline float* partial_sums(const Geometry& g, float* ws) {
   return ws + g.d.batch * g.layout.image_stride + g.tail_slack;
 }
 
+// Writes x's stretched copy into the workspace (stretch.hpp's layout) and zeroes the tail slack
+// after it.
+void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream);
+
 // Adds `splits` partial sums per output in split order (deterministic), then bias and ReLU.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
                           const float* bias, bool relu, float* y, cudaStream_t stream);

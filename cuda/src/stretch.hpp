@@ -1,5 +1,6 @@
-// stretch.hpp -- the index arithmetic of the stretched input layout, shared by the CPU loop and
-// the CUDA kernel so both fill the workspace identically.
+// stretch.hpp -- the stretched input layout, and its row arithmetic for the CPU stretch (the CUDA
+// stretch, stretch_cuda.cu, maps single elements with fast divisions instead; the tests compare
+// both with the same float64 reference).
 //
 // The workspace holds, for each image n and channel c, channel_stride elements: for each phase
 // (a, b) and plane row i one row of plane_w elements, then a zeroed gap of up to 3 elements
@@ -11,12 +12,6 @@
 #include <cstdint>
 
 #include "geometry.hpp"
-
-#if defined(__CUDACC__)
-#define ESCOIN_HOST_DEVICE __host__ __device__
-#else
-#define ESCOIN_HOST_DEVICE
-#endif
 
 namespace escoin {
 
@@ -31,19 +26,19 @@ struct StretchRows {
       pad_left, in_height, in_width;
 
   // Where row r starts in the workspace.
-  ESCOIN_HOST_DEVICE int64_t destination(int64_t r) const {
+  int64_t destination(int64_t r) const {
     return (r / rows_per_channel) * channel_stride + (r % rows_per_channel) * plane_w;
   }
   // Elements to write for row r: plane_w, and for a channel's last row also the alignment gap.
-  ESCOIN_HOST_DEVICE int64_t extent(int64_t r) const {
+  int64_t extent(int64_t r) const {
     return r % rows_per_channel == rows_per_channel - 1
                ? channel_stride - (rows_per_channel - 1) * plane_w
                : plane_w;
   }
   // The workspace elements the rows cover (the batch's stretched input, gaps included).
-  ESCOIN_HOST_DEVICE int64_t elements() const { return rows / rows_per_channel * channel_stride; }
+  int64_t elements() const { return rows / rows_per_channel * channel_stride; }
 
-  ESCOIN_HOST_DEVICE StretchRow row(int64_t r) const {
+  StretchRow row(int64_t r) const {
     const int64_t image_channel = r / rows_per_channel;  // n * C + c
     const int64_t rest = r % rows_per_channel;
     const int64_t phase = rest / plane_h, i = rest % plane_h;

@@ -7,6 +7,7 @@
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "error.hpp"
+#include "fast_divide.cuh"
 #include "tile_program.hpp"
 
 namespace escoin {
@@ -25,33 +26,51 @@ struct StagedParams {
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
+  FastDivisor by_vectors, by_phases;  // segment / 4, phases
 };
 
-// Copies chunk `chunk` of the block's images into shared memory: per image, channel and phase,
-// `segment` stretched elements from position q0 on. Images past the batch, and elements past
-// the readable input (the last segment of x read directly), are zero-filled.
+// Loads each thread issues before storing them: the copy is a chain of global loads (hundreds of
+// cycles each) between two barriers, and one load in flight per thread exposed their latency.
+constexpr int kCopyBatch = 2;
+
+// Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
+// phase, `segment` stretched elements from position q0 on. Images past the batch, and elements
+// past the readable input (the last segment of x read directly), are zero-filled.
+template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
-                            float* tile, int images, int n0, int chunk, int q0,
-                            const StagedParams& p) {
+                            float4* tile, int n0, int chunk, int q0, const StagedParams& p) {
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int vectors = p.segment / 4;  // segment is a multiple of 4
-  const int segments = images * channels * p.phases;
-  for (int i = int(threadIdx.x); i < segments * vectors; i += int(blockDim.x)) {
-    const int seg = i / vectors, v = i % vectors;
-    const int b = seg / (channels * p.phases), cp = seg % (channels * p.phases);
-    float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (n0 + b < p.batch) {
-      const float* src = in + (n0 + b) * p.image_stride + (c0 + cp / p.phases) * p.channel_stride +
-                         (cp % p.phases) * p.phase_plane + q0 + 4 * v;
+  const int total = IMAGES * channels * p.phases * vectors;
+  for (int first = int(threadIdx.x); first < total; first += kCopyBatch * int(blockDim.x)) {
+    float4 value[kCopyBatch];
+    int destination[kCopyBatch];  // float4 index in the tile, or -1: past the chunk
+#pragma unroll
+    for (int k = 0; k < kCopyBatch; ++k) {
+      const int i = first + k * int(blockDim.x);
+      value[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+      destination[k] = -1;
+      if (i >= total) continue;
+      // i = ((channel * phases + phase) * IMAGES + image) * vectors + v: the image varies
+      // fastest after v, so IMAGES (a power of two) splits it off without a division.
+      const int segment = int(p.by_vectors.divide(uint32_t(i))), v = i - segment * vectors;
+      const int b = segment % IMAGES, cp = segment / IMAGES;
+      const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
+      destination[k] = (b * p.image_shared + cp * p.segment) / 4 + v;
+      if (n0 + b >= p.batch) continue;
+      const float* src = in + (n0 + b) * p.image_stride + (c0 + c) * p.channel_stride +
+                         phase * p.phase_plane + q0 + 4 * v;
       // Only x read directly (vector copies, a whole number of float4s) can end inside a
       // segment; the stretched workspace has slack for every read.
       if (!p.vector_copy)
-        value = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
+        value[k] = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
       else if (src < input + p.readable)
-        value = __ldg(reinterpret_cast<const float4*>(src));
+        value[k] = __ldg(reinterpret_cast<const float4*>(src));
     }
-    reinterpret_cast<float4*>(tile + b * p.image_shared + cp * p.segment)[v] = value;
+#pragma unroll
+    for (int k = 0; k < kCopyBatch; ++k)
+      if (destination[k] >= 0) tile[destination[k]] = value[k];
   }
 }
 
@@ -89,7 +108,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed
-    stage_chunk(input, in, tile, IMAGES, n0, chunk, q0, p);
+    stage_chunk<IMAGES>(input, in, shared4, n0, chunk, q0, p);
     __syncthreads();
     const int32_t* row_begin =
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
@@ -197,6 +216,8 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.readable = g.d.batch * g.layout.image_stride + slack;
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
+  p.by_vectors = FastDivisor::of(s.segment / 4);
+  p.by_phases = FastDivisor::of(s.phases);
   switch (s.positions) {
     case 8: launch<1, 8>(g, p, input, program, bias, y, stream); break;
     case 4: launch<2, 4>(g, p, input, program, bias, y, stream); break;
