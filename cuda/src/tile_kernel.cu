@@ -19,58 +19,84 @@ constexpr int kRows = int(kStagedRows);
 
 struct StagedParams {
   int batch, out_channels, group_out, items_per_group, chunks, chunk_channels, group_in;
-  int phases, phase_plane, segment, image_shared;  // image_shared: floats per staged image
+  int phases, phase_plane, segment, image_shared;  // image_shared: floats of a chunk per image
   int plane_q, plane_w, out_width, out_plane, splits;
   bool vector_copy;  // every segment starts 16-byte aligned: copy with 16-byte loads
-  int64_t image_stride, group_span, channel_stride, entries_word;
+  int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
+  int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
-  FastDivisor by_vectors, by_phases;  // segment / 4, phases
+  FastDivisor by_vectors, by_phases;  // segment / 4 (float4s per segment), phases
 };
 
 // Loads each thread issues before storing them: the copy is a chain of global loads (hundreds of
 // cycles each) between two barriers, and one load in flight per thread exposed their latency.
 constexpr int kCopyBatch = 2;
 
+// Where image b's part of a chunk starts in shared memory: a fixed share of it, so that an
+// entry's loads for every image use one address register and compile-time offsets (the staged
+// plan keeps a chunk's per-image part, chunk_channels * phases * segment, within the share).
+template <int IMAGES>
+constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
+
+// A thread's place in one image's part of the chunk copy: float4 v of segment `segment`, where
+// segments count (channel, phase) pairs. Threads start at their index and advance by the block
+// size, carried from v into segment instead of divided.
+struct CopyCursor {
+  int segment, v;
+};
+
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
-// phase, `segment` stretched elements from position q0 on. Images past the batch, and elements
-// past the readable input (the last segment of x read directly), are zero-filled.
+// phase, `segment` stretched elements from position q0 on. Elements past the readable input
+// (the last segment of x read directly) are zero-filled; images past the batch are not copied
+// (their sums are never written). Image by image, so that the 64-bit part of each address is
+// the block's, and a thread's own arithmetic is 32-bit (a group's stretched image is < 2^31).
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
-                            float4* tile, int n0, int chunk, int q0, const StagedParams& p) {
+                            float4* tile, int n0, int chunk, int q0, CopyCursor first,
+                            CopyCursor step, const StagedParams& p) {
   const int c0 = chunk * p.chunk_channels;
-  const int channels = min(p.chunk_channels, p.group_in - c0);
+  const int segments = min(p.chunk_channels, p.group_in - c0) * p.phases;
   const int vectors = p.segment / 4;  // segment is a multiple of 4
-  const int total = IMAGES * channels * p.phases * vectors;
-  for (int first = int(threadIdx.x); first < total; first += kCopyBatch * int(blockDim.x)) {
-    float4 value[kCopyBatch];
-    int destination[kCopyBatch];  // float4 index in the tile, or -1: past the chunk
+  const float* const readable_end = input + p.readable;
 #pragma unroll
-    for (int k = 0; k < kCopyBatch; ++k) {
-      const int i = first + k * int(blockDim.x);
-      value[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-      destination[k] = -1;
-      if (i >= total) continue;
-      // i = ((channel * phases + phase) * IMAGES + image) * vectors + v: the image varies
-      // fastest after v, so IMAGES (a power of two) splits it off without a division.
-      const int segment = int(p.by_vectors.divide(uint32_t(i))), v = i - segment * vectors;
-      const int b = segment % IMAGES, cp = segment / IMAGES;
-      const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
-      destination[k] = (b * p.image_shared + cp * p.segment) / 4 + v;
-      if (n0 + b >= p.batch) continue;
-      const float* src = in + (n0 + b) * p.image_stride + (c0 + c) * p.channel_stride +
-                         phase * p.phase_plane + q0 + 4 * v;
-      // Only x read directly (vector copies, a whole number of float4s) can end inside a
-      // segment; the stretched workspace has slack for every read.
-      if (!p.vector_copy)
-        value[k] = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
-      else if (src < input + p.readable)
-        value[k] = __ldg(reinterpret_cast<const float4*>(src));
+  for (int b = 0; b < IMAGES; ++b) {
+    if (n0 + b >= p.batch) break;
+    const float* image_in = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0;
+    float4* image_tile = tile + b * (kImageShare<IMAGES> / 4);
+    CopyCursor cursor = first;
+    while (cursor.segment < segments) {
+      float4 value[kCopyBatch];
+      int destination[kCopyBatch];  // float4 index in the image's tile, or -1: past the chunk
+#pragma unroll
+      for (int k = 0; k < kCopyBatch; ++k) {
+        value[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        destination[k] = -1;
+        if (cursor.segment < segments) {
+          const int c = int(p.by_phases.divide(uint32_t(cursor.segment)));
+          const int phase = cursor.segment - c * p.phases;
+          destination[k] = cursor.segment * vectors + cursor.v;
+          const float* src =
+              image_in + (c * p.channel_stride + phase * p.phase_plane + 4 * cursor.v);
+          // Only x read directly (vector copies, a whole number of float4s) can end inside a
+          // segment; the stretched workspace has slack for every read.
+          if (!p.vector_copy)
+            value[k] = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
+          else if (src < readable_end)
+            value[k] = __ldg(reinterpret_cast<const float4*>(src));
+        }
+        cursor.v += step.v;
+        cursor.segment += step.segment;
+        if (cursor.v >= vectors) {
+          cursor.v -= vectors;
+          ++cursor.segment;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kCopyBatch; ++k)
+        if (destination[k] >= 0) image_tile[destination[k]] = value[k];
     }
-#pragma unroll
-    for (int k = 0; k < kCopyBatch; ++k)
-      if (destination[k] >= 0) tile[destination[k]] = value[k];
   }
 }
 
@@ -97,6 +123,13 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
+  // The copy cursor's start and step (blockDim.x = 32 * kWarps * ITEMS), divided once.
+  constexpr int kThreads = 32 * kWarps * ITEMS;
+  const int vectors = p.segment / 4;
+  const int first_segment = int(p.by_vectors.divide(threadIdx.x));
+  const CopyCursor first{first_segment, int(threadIdx.x) - first_segment * vectors};
+  const int step_segments = int(p.by_vectors.divide(kThreads));
+  const CopyCursor step{step_segments, kThreads - step_segments * vectors};
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
@@ -108,7 +141,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed
-    stage_chunk<IMAGES>(input, in, shared4, n0, chunk, q0, p);
+    stage_chunk<IMAGES>(input, in, shared4, n0, chunk, q0, first, step, p);
     __syncthreads();
     const int32_t* row_begin =
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
@@ -124,7 +157,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
         for (int b = 0; b < IMAGES; ++b)
 #pragma unroll
           for (int i = 0; i < POSITIONS; ++i)
-            acc[r][b][i] = fmaf(w, src[b * p.image_shared + 32 * i], acc[r][b][i]);
+            acc[r][b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[r][b][i]);
       }
     }
   }
@@ -157,7 +190,8 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 template <int IMAGES, int POSITIONS>
 void launch(const Geometry& g, const StagedParams& p, const float* input,
             const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
-  const size_t shared = size_t(IMAGES) * size_t(p.image_shared) * sizeof(float);
+  const size_t shared =
+      (size_t(IMAGES - 1) * size_t(kImageShare<IMAGES>) + size_t(p.image_shared)) * sizeof(float);
   const int64_t position_tiles = (p.plane_q + 32 * POSITIONS - 1) / (32 * POSITIONS);
   const int64_t image_blocks = (g.d.batch + IMAGES - 1) / IMAGES;
   // Two items per block where the grid of one-item blocks fills an H100 (132 SMs, four blocks
@@ -211,7 +245,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.vector_copy = s.phases == 1 || s.phase_plane % 4 == 0;
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
-  p.channel_stride = g.layout.channel_stride;
+  p.channel_stride = int(g.layout.channel_stride);
   p.entries_word = tile_entries_word(s);
   p.readable = g.d.batch * g.layout.image_stride + slack;
   p.partial = partial_sums(g, ws);
