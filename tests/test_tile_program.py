@@ -15,7 +15,7 @@ from escoin import EscoinError, _core
 from escoin.geometry import descriptor
 
 MAGIC, HEADER_WORDS = 0x45534335, 4
-ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12288  # cuda/src/geometry.hpp: kStaged*
+ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12256  # cuda/src/geometry.hpp: kStaged*
 
 
 class Plan(NamedTuple):
@@ -34,10 +34,12 @@ def staged_plan(desc: tuple) -> Plan:
     padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
     positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
     reach = (kh - 1) * dh // sh * layout["plane_w"] + (kw - 1) * dw // sw
-    segment = -(-(32 * positions + reach) // 4) * 4
     images, phases = PRODUCTS // positions, sh * sw
+    phase_plane = layout["plane_h"] * layout["plane_w"]
+    shifted = phases > 1 and phase_plane % 4 != 0
+    segment = -(-(32 * positions + reach + (3 if shifted else 0)) // 4) * 4
     chunk_channels = min(c // groups, SHARED_FLOATS // (images * phases * segment))
-    return Plan(images, phases, layout["plane_h"] * layout["plane_w"], segment, chunk_channels)
+    return Plan(images, phases, phase_plane, segment, chunk_channels)
 
 
 def decode(words: np.ndarray, plan: Plan, channel_stride: int
@@ -56,8 +58,9 @@ def decode(words: np.ndarray, plan: Plan, channel_stride: int
         chunk, row = divmod(rest, ROWS)
         for shared, bits in pairs[begins[key]:begins[key + 1]]:
             channel, within = divmod(int(shared), plan.phases * plan.segment)
-            phase, d = divmod(within, plan.segment)
-            assert channel < plan.chunk_channels and d < plan.phase_plane
+            phase, shifted = divmod(within, plan.segment)
+            d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte boundaries
+            assert channel < plan.chunk_channels and 0 <= d < plan.phase_plane
             offset = ((chunk * plan.chunk_channels + channel) * channel_stride +
                       phase * plan.phase_plane + d)
             decoded.setdefault((item, row), []).append(

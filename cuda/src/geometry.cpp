@@ -56,7 +56,10 @@ StagedPlan staged_plan(const Geometry& g) {
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
   const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * g.layout.plane_w +
                         (d.kernel_w - 1) * d.dilation_w / d.stride_w;
-  s.segment = ceil_div(32 * s.positions + reach, 4) * 4;
+  // A segment is copied from the 16-byte boundary at or before its first element: phase planes
+  // of a strided filter need not start on one, so their segments keep room for that shift.
+  const bool shifted = s.phases > 1 && s.phase_plane % 4 != 0;
+  s.segment = ceil_div(32 * s.positions + reach + (shifted ? 3 : 0), 4) * 4;
   const int64_t per_channel = s.images * s.phases * s.segment;
   s.chunk_channels = std::min(g.group_in, kStagedSharedFloats / per_channel);
   s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;

@@ -30,7 +30,8 @@ constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
 constexpr int64_t kStagedProducts = 8;  // images x positions per thread
 constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
-constexpr int64_t kStagedSharedFloats = 12288;  // 48 KB: no opt-in; four blocks fit an SM
+// 48 KB less 128 bytes, which hold the kernel's barrier: no opt-in needed; four blocks fit an SM.
+constexpr int64_t kStagedSharedFloats = 12256;
 constexpr int64_t kTileMinBatch = 8;
 
 // How the staged kernel cuts a geometry, a function of the descriptor without its batch (so one
@@ -41,6 +42,7 @@ struct StagedPlan {
   int64_t phases;          // stride_h * stride_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w
   int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach
+                           // (+ 3 where phase planes start off a 16-byte boundary), rounded to 4
   int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
   int64_t chunks;          // ceil(group_in / chunk_channels)
   int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <cuda/ptx>
+
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "error.hpp"
@@ -19,20 +21,15 @@ constexpr int kRows = int(kStagedRows);
 
 struct StagedParams {
   int batch, out_channels, group_out, items_per_group, chunks, chunk_channels, group_in;
-  int phases, phase_plane, segment, image_shared;  // image_shared: floats of a chunk per image
+  int phases, phase_plane, segment;
   int plane_q, plane_w, out_width, out_plane, splits;
-  bool vector_copy;  // every segment starts 16-byte aligned: copy with 16-byte loads
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
-  FastDivisor by_vectors, by_phases;  // segment / 4 (float4s per segment), phases
+  FastDivisor by_phases;
 };
-
-// Loads each thread issues before storing them: the copy is a chain of global loads (hundreds of
-// cycles each) between two barriers, and one load in flight per thread exposed their latency.
-constexpr int kCopyBatch = 2;
 
 // Where image b's part of a chunk starts in shared memory: a fixed share of it, so that an
 // entry's loads for every image use one address register and compile-time offsets (the staged
@@ -40,65 +37,82 @@ constexpr int kCopyBatch = 2;
 template <int IMAGES>
 constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
 
-// A thread's place in one image's part of the chunk copy: float4 v of segment `segment`, where
-// segments count (channel, phase) pairs. Threads start at their index and advance by the block
-// size, carried from v into segment instead of divided.
-struct CopyCursor {
-  int segment, v;
-};
+// Hopper (sm_90) copies a chunk with the copy engine and an mbarrier; earlier GPUs, which have
+// neither, with their threads. The wheel carries both.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ESCOIN_BULK_COPY 1
+#else
+#define ESCOIN_BULK_COPY 0
+#endif
 
+#if ESCOIN_BULK_COPY
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
-// phase, `segment` stretched elements from position q0 on. Elements past the readable input
-// (the last segment of x read directly) are zero-filled; images past the batch are not copied
-// (their sums are never written). Image by image, so that the 64-bit part of each address is
-// the block's, and a thread's own arithmetic is 32-bit (a group's stretched image is < 2^31).
-template <int IMAGES>
+// phase, `segment` stretched elements from the 16-byte boundary at or before position q0 (the
+// tile program's offsets include that shift). Each segment goes to the copy engine as one bulk
+// copy (cp.async.bulk): a few instructions per segment instead of tens per 16 bytes, and no
+// registers held. The copy takes its operands from uniform registers, so a warp issues its
+// lanes' copies one lane at a time: segments are dealt to the warps in turn (segment s to warp
+// s mod W, lane s / W mod 32), which keeps each warp's share of that serial issue short. (One
+// lane per warp issuing every copy was 2x slower on a 1x1 layer: the waiting warps' polling
+// took the issue slots.) Every thread of the block then arrives on `landed` with the bytes it
+// started; the chunk is in shared memory once the barrier's phase completes. Images past the
+// batch are not copied, and a segment is cut at the readable input (the end of x read
+// directly, or of the workspace's slack): the elements left unwritten feed only positions past
+// the plane, whose sums are never written.
+template <int IMAGES, int THREADS>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
-                            float4* tile, int n0, int chunk, int q0, CopyCursor first,
-                            CopyCursor step, const StagedParams& p) {
+                            float* tile, int n0, int chunk, int q0, const StagedParams& p,
+                            uint64_t* landed) {
+  namespace ptx = cuda::ptx;
+  constexpr int kBlockWarps = THREADS / 32;
   const int c0 = chunk * p.chunk_channels;
-  const int segments = min(p.chunk_channels, p.group_in - c0) * p.phases;
-  const int vectors = p.segment / 4;  // segment is a multiple of 4
+  const int per_image = min(p.chunk_channels, p.group_in - c0) * p.phases;
+  const int segments = min(IMAGES, p.batch - n0) * per_image;
   const float* const readable_end = input + p.readable;
-#pragma unroll
-  for (int b = 0; b < IMAGES; ++b) {
-    if (n0 + b >= p.batch) break;
-    const float* image_in = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0;
-    float4* image_tile = tile + b * (kImageShare<IMAGES> / 4);
-    CopyCursor cursor = first;
-    while (cursor.segment < segments) {
-      float4 value[kCopyBatch];
-      int destination[kCopyBatch];  // float4 index in the image's tile, or -1: past the chunk
-#pragma unroll
-      for (int k = 0; k < kCopyBatch; ++k) {
-        value[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-        destination[k] = -1;
-        if (cursor.segment < segments) {
-          const int c = int(p.by_phases.divide(uint32_t(cursor.segment)));
-          const int phase = cursor.segment - c * p.phases;
-          destination[k] = cursor.segment * vectors + cursor.v;
-          const float* src =
-              image_in + (c * p.channel_stride + phase * p.phase_plane + 4 * cursor.v);
-          // Only x read directly (vector copies, a whole number of float4s) can end inside a
-          // segment; the stretched workspace has slack for every read.
-          if (!p.vector_copy)
-            value[k] = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
-          else if (src < readable_end)
-            value[k] = __ldg(reinterpret_cast<const float4*>(src));
-        }
-        cursor.v += step.v;
-        cursor.segment += step.segment;
-        if (cursor.v >= vectors) {
-          cursor.v -= vectors;
-          ++cursor.segment;
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kCopyBatch; ++k)
-        if (destination[k] >= 0) image_tile[destination[k]] = value[k];
-    }
+  uint32_t bytes = 0;
+  for (int s = int(threadIdx.x) / 32 + kBlockWarps * (int(threadIdx.x) % 32); s < segments;
+       s += THREADS) {
+    const int b = s / per_image, cp = s - b * per_image;
+    const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
+    const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
+    const float* src = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
+                       (start & ~3);  // channel_stride and q0 are multiples of 4
+    const int64_t readable = readable_end - src;
+    const int64_t elements = readable < p.segment ? readable : p.segment;
+    if (elements < 4) continue;
+    const uint32_t size = uint32_t(elements / 4 * 16);  // whole float4s
+    ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global,
+                       tile + b * kImageShare<IMAGES> + cp * p.segment, src, size, landed);
+    bytes += size;
+  }
+  ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, landed,
+                                 bytes);
+}
+#else
+// Before Hopper: the same copy by the block's threads, 16 bytes each per step (segments start
+// on 16-byte boundaries here too); the caller's barrier then completes the chunk.
+template <int IMAGES, int THREADS>
+__device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
+                            float* tile, int n0, int chunk, int q0, const StagedParams& p,
+                            uint64_t*) {
+  const int c0 = chunk * p.chunk_channels;
+  const int per_image = min(p.chunk_channels, p.group_in - c0) * p.phases;
+  const int vectors = p.segment / 4;
+  const int total = min(IMAGES, p.batch - n0) * per_image * vectors;
+  const float* const readable_end = input + p.readable;
+  for (int i = int(threadIdx.x); i < total; i += THREADS) {
+    const int s = i / vectors, v = i - s * vectors;
+    const int b = s / per_image, cp = s - b * per_image;
+    const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
+    const int start = c * p.channel_stride + phase * p.phase_plane;
+    const float* src = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
+                       (start & ~3) + 4 * v;
+    float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (src + 4 <= readable_end) value = __ldg(reinterpret_cast<const float4*>(src));
+    reinterpret_cast<float4*>(tile + b * kImageShare<IMAGES> + cp * p.segment)[v] = value;
   }
 }
+#endif
 
 // Block (x: a tile of 32 * POSITIONS positions, y: ITEMS consecutive items (kRows output
 // channels each, of one group) times a split of their chunks, z: IMAGES images), kWarps warps
@@ -107,11 +121,13 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 // shared memory serves them without bank conflicts. Two items per block share each copied chunk
 // between twice the channels, which pays where the grid stays large (launch_tile_conv).
 template <int ITEMS, int IMAGES, int POSITIONS>
-__global__ void __launch_bounds__(32 * kWarps * ITEMS)
+__global__ void __launch_bounds__(32 * kWarps * ITEMS, 4 / ITEMS)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
                    const float* __restrict__ bias, float* __restrict__ y, StagedParams p) {
   extern __shared__ float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
+  // Counts a chunk's bulk copies in; it lives just past the largest chunk (kStagedSharedFloats).
+  auto* landed = reinterpret_cast<uint64_t*>(tile + kStagedSharedFloats);
   const int warp = int(threadIdx.x) / 32 % kWarps, lane = int(threadIdx.x) % 32;
   const int q0 = int(blockIdx.x) * 32 * POSITIONS;
   const int item = int(blockIdx.y) / p.splits * ITEMS + int(threadIdx.x) / (32 * kWarps);
@@ -123,13 +139,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
-  // The copy cursor's start and step (blockDim.x = 32 * kWarps * ITEMS), divided once.
   constexpr int kThreads = 32 * kWarps * ITEMS;
-  const int vectors = p.segment / 4;
-  const int first_segment = int(p.by_vectors.divide(threadIdx.x));
-  const CopyCursor first{first_segment, int(threadIdx.x) - first_segment * vectors};
-  const int step_segments = int(p.by_vectors.divide(kThreads));
-  const CopyCursor step{step_segments, kThreads - step_segments * vectors};
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
@@ -139,10 +149,23 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 #pragma unroll
       for (int i = 0; i < POSITIONS; ++i) acc[r][b][i] = 0.f;
 
+#if ESCOIN_BULK_COPY
+  if (threadIdx.x == 0) {
+    cuda::ptx::mbarrier_init(landed, kThreads);  // every thread arrives once per chunk
+    cuda::ptx::fence_mbarrier_init(cuda::ptx::sem_release, cuda::ptx::scope_cluster);
+  }
+  uint32_t landed_phase = 0;
+#endif
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    __syncthreads();  // the previous chunk is consumed
-    stage_chunk<IMAGES>(input, in, shared4, n0, chunk, q0, first, step, p);
+    __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
+    stage_chunk<IMAGES, kThreads>(input, in, tile, n0, chunk, q0, p, landed);
+#if ESCOIN_BULK_COPY
+    while (!cuda::ptx::mbarrier_try_wait_parity(landed, landed_phase)) {
+    }
+    landed_phase ^= 1;
+#else
     __syncthreads();
+#endif
     const int32_t* row_begin =
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
     const float* lane_tile = tile + lane;
@@ -190,8 +213,8 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 template <int IMAGES, int POSITIONS>
 void launch(const Geometry& g, const StagedParams& p, const float* input,
             const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
-  const size_t shared =
-      (size_t(IMAGES - 1) * size_t(kImageShare<IMAGES>) + size_t(p.image_shared)) * sizeof(float);
+  // The chunk, and past the largest one the bulk copies' barrier: 48 KB, no opt-in needed.
+  const size_t shared = size_t(kStagedSharedFloats) * sizeof(float) + sizeof(uint64_t);
   const int64_t position_tiles = (p.plane_q + 32 * POSITIONS - 1) / (32 * POSITIONS);
   const int64_t image_blocks = (g.d.batch + IMAGES - 1) / IMAGES;
   // Two items per block where the grid of one-item blocks fills an H100 (132 SMs, four blocks
@@ -236,13 +259,11 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.phases = int(s.phases);
   p.phase_plane = int(s.phase_plane);
   p.segment = int(s.segment);
-  p.image_shared = int(s.chunk_channels * s.phases * s.segment);
   p.plane_q = int(g.layout.out_height * g.layout.plane_w);
   p.plane_w = int(g.layout.plane_w);
   p.out_width = int(g.layout.out_width);
   p.out_plane = int(g.out_plane);
   p.splits = int(g.gpu_staged_splits);
-  p.vector_copy = s.phases == 1 || s.phase_plane % 4 == 0;
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.channel_stride = int(g.layout.channel_stride);
@@ -250,7 +271,6 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.readable = g.d.batch * g.layout.image_stride + slack;
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
-  p.by_vectors = FastDivisor::of(s.segment / 4);
   p.by_phases = FastDivisor::of(s.phases);
   switch (s.positions) {
     case 8: launch<1, 8>(g, p, input, program, bias, y, stream); break;
