@@ -138,7 +138,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:
-  // the staged CUDA kernel copies the input into shared memory with 16-byte loads.
+  // the staged CUDA kernel copies the input into shared memory in 16-byte units (bulk copies).
   L.channel_stride = ceil_div(d.stride_h * d.stride_w * L.plane_h * L.plane_w, 4) * 4;
   g.group_in = d.in_channels / d.groups;
   g.group_out = d.out_channels / d.groups;
