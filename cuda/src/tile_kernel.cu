@@ -45,6 +45,27 @@ constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
 #define ESCOIN_BULK_COPY 0
 #endif
 
+// Segment s of chunk c0's copy (images outermost, then channels, then phases): where it is read
+// from, the 16-byte boundary at or before its first stretched element, and where it goes in
+// shared memory.
+struct ChunkSegment {
+  const float* src;
+  float* dst;
+};
+
+template <int IMAGES>
+__device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image, const float* in,
+                                                      float* tile, int n0, int c0, int q0,
+                                                      const StagedParams& p) {
+  const int b = s / per_image, cp = s - b * per_image;
+  const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
+  const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
+  // channel_stride and q0 are multiples of 4, so only the phase can leave start unaligned.
+  return ChunkSegment{in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
+                          (start & ~3),
+                      tile + b * kImageShare<IMAGES> + cp * p.segment};
+}
+
 #if ESCOIN_BULK_COPY
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
 // phase, `segment` stretched elements from the 16-byte boundary at or before position q0 (the
@@ -72,17 +93,13 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
   uint32_t bytes = 0;
   for (int s = int(threadIdx.x) / 32 + kBlockWarps * (int(threadIdx.x) % 32); s < segments;
        s += THREADS) {
-    const int b = s / per_image, cp = s - b * per_image;
-    const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
-    const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
-    const float* src = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
-                       (start & ~3);  // channel_stride and q0 are multiples of 4
-    const int64_t readable = readable_end - src;
+    const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
+    const int64_t readable = readable_end - segment.src;
     const int64_t elements = readable < p.segment ? readable : p.segment;
     if (elements < 4) continue;
     const uint32_t size = uint32_t(elements / 4 * 16);  // whole float4s
-    ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global,
-                       tile + b * kImageShare<IMAGES> + cp * p.segment, src, size, landed);
+    ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global, segment.dst, segment.src, size,
+                       landed);
     bytes += size;
   }
   ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, landed,
@@ -102,14 +119,11 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
   const float* const readable_end = input + p.readable;
   for (int i = int(threadIdx.x); i < total; i += THREADS) {
     const int s = i / vectors, v = i - s * vectors;
-    const int b = s / per_image, cp = s - b * per_image;
-    const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
-    const int start = c * p.channel_stride + phase * p.phase_plane;
-    const float* src = in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
-                       (start & ~3) + 4 * v;
+    const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
+    const float* src = segment.src + 4 * v;
     float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
     if (src + 4 <= readable_end) value = __ldg(reinterpret_cast<const float4*>(src));
-    reinterpret_cast<float4*>(tile + b * kImageShare<IMAGES> + cp * p.segment)[v] = value;
+    reinterpret_cast<float4*>(segment.dst)[v] = value;
   }
 }
 #endif
