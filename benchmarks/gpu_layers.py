@@ -3,8 +3,9 @@ lowered (im2col + CSR SpMM) and the arithmetic floor, measured side by side in o
 
     python benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32
 
-Every case is checked against a float64 reference in the same run. Times are medians of CUDA
-events around CUDA-graph replays (eager where a path cannot be captured), after warm-up.
+Every case is checked against a float64 reference in the same run. Times are per call: medians of
+CUDA events around replays of a CUDA graph of back-to-back calls (eager where a path cannot be
+captured), after warm-up.
 Writes JSON and a PNG (speed-up over TF32 cuDNN per layer and sparsity); prints a table last.
 """
 from __future__ import annotations
@@ -44,18 +45,23 @@ def event_median_ms(torch, fn: Callable[[], object], reps: int = 30) -> float:
 
 
 def time_ms(torch, fn: Callable[[], object], graph: bool = True) -> float:
-    """Median time of fn on the GPU: replays of a captured graph (launch gaps removed)."""
+    """Median GPU time of one call of fn, as in a network's stream of layers: a CUDA graph of
+    `calls` back-to-back calls (enough for about 2 ms of work) is replayed and timed with
+    events, and the time divided by `calls`. A graph of one call would count the graph launch's
+    own launch latency into each call, which hides any kernel shorter than that latency."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     if graph:
         try:
+            calls = max(1, min(200, round(2.0 / max(event_median_ms(torch, fn, reps=5), 1e-3))))
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                fn()
+                for _ in range(calls):
+                    fn()
             for _ in range(3):
                 g.replay()
-            return event_median_ms(torch, g.replay)
+            return event_median_ms(torch, g.replay, reps=10) / calls
         except RuntimeError:
             torch.cuda.synchronize()
     return event_median_ms(torch, fn)
