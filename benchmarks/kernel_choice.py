@@ -1,6 +1,6 @@
 """Which CUDA kernel wins where: the streaming and the staged kernel on the same layers, batches and
 sparsities, through escoin.sconv with and without the filter's tile program. It checks the
-dispatcher's choices (the staged kernel from 8 images up, where its tile program is built).
+dispatcher's choices (the staged kernel at every batch, where its tile program is built).
 
     python benchmarks/kernel_choice.py --batches 8 16 32 --sparsities 0.8 0.9
 

@@ -90,9 +90,9 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
                                    (3, 48, 28, 28, 40, 1, 1), (8, 48, 28, 28, 40, 1, 1)])
 def test_network_sized_layers(dev, shape: tuple) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks, on the
-    streaming kernel (batch < 8) and the staged kernel (batch >= 8; (32, 8, 60, ...) has a grid
-    large enough for two blocks of output channels per block). The 28x28 1x1 cases read x
-    without stretching it, and the staged kernel's last tile runs past the end of x."""
+    staged kernel ((32, 8, 60, ...) has a grid large enough for two blocks of output channels
+    per block). The 28x28 1x1 cases read x without stretching it, and the staged kernel's last
+    tile runs past the end of x."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)
@@ -273,19 +273,19 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: i
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("batch, stride, staged", [(3, 1, True), (9, 1, True), (9, 1, False),
-                                                   (9, 2, True)])
+@pytest.mark.parametrize("batch, stride, staged", [(3, 1, True), (3, 1, False), (9, 1, True),
+                                                   (9, 1, False), (9, 2, True), (9, 2, False)])
 def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
                                                 staged: bool) -> None:
     """sconv with the pointers of SparseFilter.device_pointers, with and without the staged
-    kernel's program (without it, or below 8 images, the streaming kernel runs)."""
+    kernel's program (without it the streaming kernel runs)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(12 + batch)
     weight = rng.standard_normal((20, 4, 3, 3)) * (rng.random((20, 4, 3, 3)) < 0.3)
     x = rng.standard_normal((batch, 4, 30, 45))
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda(0)
     arrays = filt.device_pointers(x.shape, stride=stride, padding=1)
-    # 20 output channels: the staged kernel pays, from 8 images up
+    # 20 output channels: the staged kernel pays, at every batch from tile_min_batch up
     assert (arrays.tile_program != 0) == (batch >= escoin._core.tile_min_batch())
     nbytes = escoin.workspace_size(x.shape, filt, stride=stride, padding=1)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()

@@ -162,7 +162,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
                             g.window);
   g.staged = staged_plan(g);
   g.gpu_staged_splits =
-      d.batch < kTileMinBatch || g.staged.chunk_channels == 0
+      g.staged.chunk_channels == 0
           ? 1
           : std::min(g.staged.chunks,
                      splits_for(ceil_div(plane_q, 32 * g.staged.positions) * g.staged.items *

@@ -138,8 +138,8 @@ escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin
  * channels per group, as in depthwise filters, or a stretched input row too wide for one
  * channel to fit in shared memory): pass no program then. Both check the CSR against the
  * geometry as the CPU forward does. */
-/* The smallest batch for which the CUDA forward runs the staged kernel (8): below it a tile
- * program is not read, so callers need not build one. */
+/* The smallest batch for which the CUDA forward runs the staged kernel (1: every batch, where a
+ * tile program is passed); below it a tile program is not read, so callers need not build one. */
 int escoin_tile_min_batch(void);
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                          const int32_t* offsets, const float* values,
