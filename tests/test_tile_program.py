@@ -24,6 +24,7 @@ class Plan(NamedTuple):
     phase_plane: int
     segment: int
     chunk_channels: int
+    whole_channels: bool
 
 
 def staged_plan(desc: tuple) -> Plan:
@@ -39,7 +40,13 @@ def staged_plan(desc: tuple) -> Plan:
     shifted = phases > 1 and phase_plane % 4 != 0
     segment = -(-(32 * positions + reach + (3 if shifted else 0)) // 4) * 4
     chunk_channels = min(c // groups, SHARED_FLOATS // (images * phases * segment))
-    return Plan(images, phases, phase_plane, segment, chunk_channels)
+    # one tile over the whole plane: chunks copied whole, channel_stride apart in shared memory
+    channel_stride = layout["channel_stride"]
+    overrun = max(0, (phases - 1) * phase_plane + reach + 32 * positions - channel_stride)
+    whole = (SHARED_FLOATS // images - overrun) // channel_stride
+    if padded[positions] == 32 * positions and whole > 0:
+        return Plan(images, phases, phase_plane, channel_stride, min(c // groups, whole), True)
+    return Plan(images, phases, phase_plane, segment, chunk_channels, False)
 
 
 def decode(words: np.ndarray, plan: Plan, channel_stride: int
@@ -57,12 +64,17 @@ def decode(words: np.ndarray, plan: Plan, channel_stride: int
         item, rest = divmod(key, chunks * ROWS)
         chunk, row = divmod(rest, ROWS)
         for shared, bits in pairs[begins[key]:begins[key + 1]]:
-            channel, within = divmod(int(shared), plan.phases * plan.segment)
-            phase, shifted = divmod(within, plan.segment)
-            d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte boundaries
-            assert channel < plan.chunk_channels and 0 <= d < plan.phase_plane
-            offset = ((chunk * plan.chunk_channels + channel) * channel_stride +
-                      phase * plan.phase_plane + d)
+            if plan.whole_channels:  # channels lie in shared memory as in the input
+                channel, within = divmod(int(shared), plan.segment)
+                assert within < plan.phases * plan.phase_plane
+            else:
+                channel, rest = divmod(int(shared), plan.phases * plan.segment)
+                phase, shifted = divmod(rest, plan.segment)
+                d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte bounds
+                assert 0 <= d < plan.phase_plane
+                within = phase * plan.phase_plane + d
+            assert channel < plan.chunk_channels
+            offset = (chunk * plan.chunk_channels + channel) * channel_stride + within
             decoded.setdefault((item, row), []).append(
                 (offset, float(np.array(bits, np.int32).view(np.float32))))
     return items, decoded
@@ -76,6 +88,21 @@ def decode(words: np.ndarray, plan: Plan, channel_stride: int
 def test_every_nonzero_appears_once_in_its_row_and_chunk(
         out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
         groups: int, size: int, density: float, seed: int) -> None:
+    check_program(out_channels, in_channels, kernel, stride, dilation, groups, size, density,
+                  seed)
+
+
+@pytest.mark.parametrize("size, stride, whole", [(7, 1, True), (13, 2, True), (40, 1, False),
+                                                 (40, 2, False)])
+def test_both_copy_layouts(size: int, stride: int, whole: bool) -> None:
+    """Planes one tile covers are staged as whole channels, larger ones as segments."""
+    plan = check_program(40, 24, 3, stride, 1, 1, size, 0.3, size + stride)
+    assert plan.whole_channels == whole
+
+
+def check_program(out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
+                  groups: int, size: int, density: float, seed: int) -> Plan:
+    """Builds the program of a random filter and checks it entry by entry; returns its plan."""
     rng = np.random.default_rng(seed)
     shape = (out_channels * groups, in_channels, kernel, kernel)
     weight = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
@@ -99,6 +126,7 @@ def test_every_nonzero_appears_once_in_its_row_and_chunk(
         for j in range(filt.row_ptr[m], filt.row_ptr[m + 1]):
             expected.setdefault(key, []).append((int(offsets[j]), float(filt.values[j])))
     assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
+    return plan
 
 
 @pytest.mark.parametrize("out_channels, groups, width", [(8, 1, 32), (32, 32, 32), (32, 1, 9000)])

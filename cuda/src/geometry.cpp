@@ -62,6 +62,21 @@ StagedPlan staged_plan(const Geometry& g) {
   s.segment = ceil_div(32 * s.positions + reach + (shifted ? 3 : 0), 4) * 4;
   const int64_t per_channel = s.images * s.phases * s.segment;
   s.chunk_channels = std::min(g.group_in, kStagedSharedFloats / per_channel);
+  // Where one tile covers the plane, the tile reads all of each channel it stages, so an image's
+  // chunk is one run of the input (its channels are channel_stride apart there): copied as one
+  // piece instead of a segment per channel and phase (on a 7x7 1x1 layer, 4 copies per chunk
+  // instead of 188). The tile's positions past the plane read up to 32 * P + reach past the
+  // start of the chunk's last channel phase; their sums are discarded, but the reads must stay
+  // inside the image's part of shared memory.
+  const int64_t whole_overrun = std::max<int64_t>(
+      0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - g.layout.channel_stride);
+  const int64_t whole_channels =
+      (kStagedSharedFloats / s.images - whole_overrun) / g.layout.channel_stride;
+  s.whole_channels = ceil_div(plane_q, 32 * s.positions) == 1 && whole_channels > 0;
+  if (s.whole_channels) {
+    s.segment = g.layout.channel_stride;
+    s.chunk_channels = std::min(g.group_in, whole_channels);
+  }
   s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;
   s.items = d.groups * ceil_div(g.group_out, kStagedRows);
   return s;

@@ -42,8 +42,10 @@ struct StagedPlan {
   int64_t images;          // NB = kStagedProducts / P images per block
   int64_t phases;          // stride_h * stride_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w
+  bool whole_channels;     // one tile covers the plane: a chunk of an image is copied whole
   int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach
-                           // (+ 3 where phase planes start off a 16-byte boundary), rounded to 4
+                           // (+ 3 where phase planes start off a 16-byte boundary), rounded to
+                           // 4; with whole channels, per channel: the layout's channel_stride
   int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
   int64_t chunks;          // ceil(group_in / chunk_channels)
   int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels

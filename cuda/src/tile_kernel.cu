@@ -22,6 +22,7 @@ constexpr int kRows = int(kStagedRows);
 struct StagedParams {
   int batch, out_channels, group_out, items_per_group, chunks, chunk_channels, group_in;
   int phases, phase_plane, segment;
+  int whole_channels;  // StagedPlan::whole_channels: one copy per image of the chunk
   int plane_q, plane_w, out_width, out_plane, splits;
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
@@ -47,7 +48,7 @@ constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
 
 // Segment s of chunk c0's copy (images outermost, then channels, then phases): where it is read
 // from, the 16-byte boundary at or before its first stretched element, and where it goes in
-// shared memory.
+// shared memory. With whole channels an image's chunk is one segment (per_image = 1, q0 = 0).
 struct ChunkSegment {
   const float* src;
   float* dst;
@@ -69,7 +70,7 @@ __device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image, cons
 #if ESCOIN_BULK_COPY
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
 // phase, `segment` stretched elements from the 16-byte boundary at or before position q0 (the
-// tile program's offsets include that shift). Each segment goes to the copy engine as one bulk
+// tile program's offsets include that shift), or with whole channels the image's chunk at once. Each segment goes to the copy engine as one bulk
 // copy (cp.async.bulk): a few instructions per segment instead of tens per 16 bytes, and no
 // registers held. The copy takes its operands from uniform registers, so a warp issues its
 // lanes' copies one lane at a time: segments are dealt to the warps in turn (segment s to warp
@@ -87,7 +88,9 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
   namespace ptx = cuda::ptx;
   constexpr int kBlockWarps = THREADS / 32;
   const int c0 = chunk * p.chunk_channels;
-  const int per_image = min(p.chunk_channels, p.group_in - c0) * p.phases;
+  const int channels = min(p.chunk_channels, p.group_in - c0);
+  const int per_image = p.whole_channels ? 1 : channels * p.phases;
+  const int length = p.whole_channels ? channels * p.segment : p.segment;
   const int segments = min(IMAGES, p.batch - n0) * per_image;
   const float* const readable_end = input + p.readable;
   uint32_t bytes = 0;
@@ -95,7 +98,7 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
        s += THREADS) {
     const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
     const int64_t readable = readable_end - segment.src;
-    const int64_t elements = readable < p.segment ? readable : p.segment;
+    const int64_t elements = readable < length ? readable : length;
     if (elements < 4) continue;
     const uint32_t size = uint32_t(elements / 4 * 16);  // whole float4s
     ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global, segment.dst, segment.src, size,
@@ -113,8 +116,9 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t*) {
   const int c0 = chunk * p.chunk_channels;
-  const int per_image = min(p.chunk_channels, p.group_in - c0) * p.phases;
-  const int vectors = p.segment / 4;
+  const int channels = min(p.chunk_channels, p.group_in - c0);
+  const int per_image = p.whole_channels ? 1 : channels * p.phases;
+  const int vectors = (p.whole_channels ? channels * p.segment : p.segment) / 4;
   const int total = min(IMAGES, p.batch - n0) * per_image * vectors;
   const float* const readable_end = input + p.readable;
   for (int i = int(threadIdx.x); i < total; i += THREADS) {
@@ -273,6 +277,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.phases = int(s.phases);
   p.phase_plane = int(s.phase_plane);
   p.segment = int(s.segment);
+  p.whole_channels = s.whole_channels ? 1 : 0;
   p.plane_q = int(g.layout.out_height * g.layout.plane_w);
   p.plane_w = int(g.layout.plane_w);
   p.out_width = int(g.layout.out_width);

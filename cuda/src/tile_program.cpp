@@ -57,9 +57,12 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
         const int64_t channel = offsets[j] / g.layout.channel_stride % s.chunk_channels;
         const int64_t phase = within / s.phase_plane, d = within % s.phase_plane;
         const int64_t at = written + next[size_t(chunk_of(j) * kStagedRows + r)]++;
-        // The kernel copies each phase's segment from the 16-byte boundary before it.
+        // Whole channels sit in shared memory as in the input; segments are copied from the
+        // 16-byte boundary before each phase's first element.
         const int64_t shift = phase * s.phase_plane % 4;
-        p.entries[size_t(2 * at)] = int32_t((channel * s.phases + phase) * s.segment + shift + d);
+        p.entries[size_t(2 * at)] =
+            int32_t(s.whole_channels ? channel * s.segment + within
+                                     : (channel * s.phases + phase) * s.segment + shift + d);
         std::memcpy(&p.entries[size_t(2 * at + 1)], &values[j], sizeof(float));
       }
     }

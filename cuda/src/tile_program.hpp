@@ -5,9 +5,13 @@
 // the input it needs into shared memory a chunk of input channels at a time (StagedPlan in
 // geometry.hpp). Shared memory holds, per image b of the block, chunk channel c and phase ph, a
 // segment of StagedPlan::segment elements: stretched positions [q0, q0 + segment) of that phase
-// plane. A nonzero at stretched offset c * channel_stride + ph * phase_plane + d becomes the entry
-//   (shared offset = (c % chunk_channels) * phases * segment + ph * segment + d, weight bits)
-// so that a thread computing position q0 + i reads shared element offset + i.
+// plane, from the 16-byte boundary at or before q0 + ph * phase_plane (shift: 0 to 3 elements).
+// A nonzero at stretched offset c * channel_stride + ph * phase_plane + d becomes the entry
+//   (shared offset = (c % chunk_channels) * phases * segment + ph * segment + shift + d, weight)
+// so that a thread computing position q0 + i reads shared element offset + i. With whole
+// channels (one tile covers the plane, q0 = 0) the chunk is copied as it lies in the input,
+// channel_stride (= segment) elements per channel, and the offset is
+// (c % chunk_channels) * segment + ph * phase_plane + d.
 //
 // Layout, in 32-bit words:
 //   header  [kTileHeaderWords]: kTileProgramMagic, items, chunks, entries
