@@ -16,6 +16,7 @@ from escoin.geometry import descriptor
 
 MAGIC, HEADER_WORDS = 0x45534335, 4
 ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12256  # cuda/src/geometry.hpp: kStaged*
+MAX_SPLITS, SMALL_GRID_BLOCKS = 16, 128  # cuda/src/geometry.cpp
 
 
 class Plan(NamedTuple):
@@ -30,7 +31,7 @@ class Plan(NamedTuple):
 def staged_plan(desc: tuple) -> Plan:
     """geometry.cpp's staged_plan, restated: the decoder must not trust the program's own view."""
     layout = _core.conv_layout(desc)
-    _, c, _, _, _, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
+    _, c, _, _, m, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
     plane_q = layout["out_height"] * layout["plane_w"]
     padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
     positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
@@ -44,9 +45,15 @@ def staged_plan(desc: tuple) -> Plan:
     channel_stride = layout["channel_stride"]
     overrun = max(0, (phases - 1) * phase_plane + reach + 32 * positions - channel_stride)
     whole = (SHARED_FLOATS // images - overrun) // channel_stride
-    if padded[positions] == 32 * positions and whole > 0:
-        return Plan(images, phases, phase_plane, channel_stride, min(c // groups, whole), True)
-    return Plan(images, phases, phase_plane, segment, chunk_channels, False)
+    is_whole = padded[positions] == 32 * positions and whole > 0
+    if is_whole:
+        segment, chunk_channels = channel_stride, min(c // groups, whole)
+    # small batch-1 grids: chunks cut so that their splits reach SMALL_GRID_BLOCKS blocks
+    image_blocks = padded[positions] // (32 * positions) * groups * -(-(m // groups) // ROWS)
+    wanted_chunks = min(MAX_SPLITS, -(-SMALL_GRID_BLOCKS // image_blocks))
+    if chunk_channels > 0:
+        chunk_channels = min(chunk_channels, -(-(c // groups) // wanted_chunks))
+    return Plan(images, phases, phase_plane, segment, chunk_channels, is_whole)
 
 
 def decode(words: np.ndarray, plan: Plan, channel_stride: int

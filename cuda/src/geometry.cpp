@@ -21,11 +21,16 @@ int64_t out_extent(int64_t in, int64_t padded, int64_t dilation, int64_t kernel,
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// At most this many splits of an output channel's nonzeros (or of the staged kernel's chunks).
+constexpr int64_t kMaxSplits = 16;
+// The batch-1 grid the staged plan cuts its chunks small enough to reach: about a block per SM.
+constexpr int64_t kSmallGridBlocks = 128;
+
 // How many ranges to split each output channel's nonzeros into when a launch has too few blocks
 // to fill an H100 (132 SMs) several times over; each split keeps at least 32 columns of the
 // filter window, so a split still has work at 90% sparsity.
 int64_t splits_for(int64_t blocks, int64_t window) {
-  constexpr int64_t kTargetBlocks = 512, kMaxSplits = 16, kMinColumnsPerSplit = 32;
+  constexpr int64_t kTargetBlocks = 512, kMinColumnsPerSplit = 32;
   if (blocks >= kTargetBlocks) return 1;
   blocks = std::max<int64_t>(blocks, 1);
   return std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, blocks), kMaxSplits,
@@ -77,8 +82,15 @@ StagedPlan staged_plan(const Geometry& g) {
     s.segment = g.layout.channel_stride;
     s.chunk_channels = std::min(g.group_in, whole_channels);
   }
-  s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;
   s.items = d.groups * ceil_div(g.group_out, kStagedRows);
+  // A batch-1 grid is the plane's tiles times the blocks of output channels, times the splits
+  // of the chunks (at most one split per chunk): where that grid is small (rn.l3.3x3: 8 blocks
+  // an image), chunks are cut smaller so that the splits can reach kSmallGridBlocks blocks.
+  const int64_t image_blocks = ceil_div(plane_q, 32 * s.positions) * s.items;
+  const int64_t wanted_chunks = std::min(kMaxSplits, ceil_div(kSmallGridBlocks, image_blocks));
+  if (s.chunk_channels > 0)
+    s.chunk_channels = std::min(s.chunk_channels, ceil_div(g.group_in, wanted_chunks));
+  s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;
   return s;
 }
 
