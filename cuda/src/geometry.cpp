@@ -56,6 +56,7 @@ StagedPlan staged_plan(const Geometry& g) {
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
   s.positions = staged_positions(plane_q);
   s.images = kStagedProducts / s.positions;
+  const int64_t tiles = ceil_div(plane_q, 32 * s.positions);  // of positions, per image
   s.phases = d.stride_h * d.stride_w;
   s.phase_plane = g.layout.plane_h * g.layout.plane_w;
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
@@ -77,7 +78,7 @@ StagedPlan staged_plan(const Geometry& g) {
       0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - g.layout.channel_stride);
   const int64_t whole_channels =
       (kStagedSharedFloats / s.images - whole_overrun) / g.layout.channel_stride;
-  s.whole_channels = ceil_div(plane_q, 32 * s.positions) == 1 && whole_channels > 0;
+  s.whole_channels = tiles == 1 && whole_channels > 0;
   if (s.whole_channels) {
     s.segment = g.layout.channel_stride;
     s.chunk_channels = std::min(g.group_in, whole_channels);
@@ -86,7 +87,7 @@ StagedPlan staged_plan(const Geometry& g) {
   // A batch-1 grid is the plane's tiles times the blocks of output channels, times the splits
   // of the chunks (at most one split per chunk): where that grid is small (rn.l3.3x3: 8 blocks
   // an image), chunks are cut smaller so that the splits can reach kSmallGridBlocks blocks.
-  const int64_t image_blocks = ceil_div(plane_q, 32 * s.positions) * s.items;
+  const int64_t image_blocks = tiles * s.items;
   const int64_t wanted_chunks = std::min(kMaxSplits, ceil_div(kSmallGridBlocks, image_blocks));
   if (s.chunk_channels > 0)
     s.chunk_channels = std::min(s.chunk_channels, ceil_div(g.group_in, wanted_chunks));

@@ -70,9 +70,9 @@ __device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image, cons
 #if ESCOIN_BULK_COPY
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
 // phase, `segment` stretched elements from the 16-byte boundary at or before position q0 (the
-// tile program's offsets include that shift), or with whole channels the image's chunk at once. Each segment goes to the copy engine as one bulk
-// copy (cp.async.bulk): a few instructions per segment instead of tens per 16 bytes, and no
-// registers held. The copy takes its operands from uniform registers, so a warp issues its
+// tile program's offsets include that shift), or with whole channels the image's chunk at once.
+// Each segment goes to the copy engine as one bulk copy (cp.async.bulk): a few instructions per
+// segment instead of tens per 16 bytes, and no registers held. The copy takes its operands from uniform registers, so a warp issues its
 // lanes' copies one lane at a time: segments are dealt to the warps in turn (segment s to warp
 // s mod W, lane s / W mod 32), which keeps each warp's share of that serial issue short. (One
 // lane per warp issuing every copy was 2x slower on a 1x1 layer: the waiting warps' polling

@@ -77,8 +77,8 @@ class _CsrStore:
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
         """The filter's device arrays for desc on `device`, uploaded once per device and geometry.
         The tile program (~8 bytes per nonzero) is built once a batch the staged kernel runs
-        for asks (escoin's tile_min_batch: every batch on an H100 since the staged kernel beat
-        the streaming one at batch 1 too)."""
+        for asks (from _core.tile_min_batch() images: now 1, since the staged kernel beat the
+        streaming one at batch 1 too)."""
         values32 = self.values_as(np.dtype(np.float32))
         key = (device, _offsets_key(desc))
         with self.lock:
