@@ -74,7 +74,7 @@ def test_random_geometry_matches_reference(dev, case: ConvCase) -> None:
 @settings(max_examples=100, deadline=None)
 @given(case=staged_conv_cases())
 def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
-    """Batches of 8 or more images run the staged kernel where its program pays (here always)."""
+    """Random geometries on the staged kernel, whose program pays for all of them."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
     desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
                       case.dilation)

@@ -172,8 +172,8 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
-    // The staged kernel needs its program, enough images to fill the GPU without many splits,
-    // and 16-byte aligned input for its 16-byte copies.
+    // The staged kernel needs its program (from kTileMinBatch images: every batch) and 16-byte
+    // aligned input for its 16-byte copies.
     if (tile_program && g.d.batch >= escoin::kTileMinBatch && escoin::tile_kernel_fits(g) &&
         reinterpret_cast<uintptr_t>(input) % 16 == 0)
       escoin::launch_tile_conv(g, input, direct ? 0 : g.tail_slack, ws,

@@ -227,7 +227,7 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     row_ptr (int64, M+1), offsets (int32, from :func:`stretch_offsets` for this geometry) and
     values (float32) must be device arrays on `device` (default: the device of x_ptr); bias_ptr
     may be 0. tile_program_ptr (0 for none) is the staged kernel's program for this geometry,
-    which batches of 8 or more images use: take all four from
+    which every batch uses (from ``_core.tile_min_batch()`` images): take all four from
     :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes. Work
     is queued on `stream`.
     """

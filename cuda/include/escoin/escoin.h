@@ -151,10 +151,11 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays and the
  * tile program are trusted (they live on the device; build them with the functions above for
- * this geometry). tile_program may be NULL; given, batches of 8 or more images run the staged
- * kernel (the workspace must then be 16-byte aligned, or the streaming kernel runs). Launch
- * errors are reported; errors of the asynchronous execution surface at the caller's next
- * synchronisation. */
+ * this geometry). tile_program may be NULL; given, batches from escoin_tile_min_batch() images up
+ * (every batch) run the staged kernel where its input is 16-byte aligned: the workspace, or x
+ * itself for a 1x1 filter at stride 1 without padding on planes of a multiple of 4 elements
+ * (else the streaming kernel runs). Launch errors are reported; errors of the asynchronous
+ * execution surface at the caller's next synchronisation. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
