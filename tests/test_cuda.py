@@ -122,6 +122,26 @@ def test_grouped_filter_on_a_grid_of_paired_blocks(dev) -> None:
     assert relative_error(dev.get(out), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("size", [7, 28])
+def test_batch_below_the_blocks_images(dev, batch: int, size: int) -> None:
+    """A block of the staged kernel holds 2 images on a 28x28 plane and 4 on a 7x7 one; a smaller
+    batch launches blocks of only the images it has (the same tile program): each image right,
+    nothing written past the batch (the output is poisoned and exactly the batch's size)."""
+    rng = np.random.default_rng(31 + batch + size)
+    weight = rng.standard_normal((64, 48, 3, 3)) * (rng.random((64, 48, 3, 3)) < 0.1)
+    x = rng.standard_normal((batch, 48, size, size))
+    bias = rng.standard_normal(64)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    out = dev.full(escoin.output_shape(x.shape, filt, 1, 1), np.nan)
+    escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
+                  padding=1, out=out)
+    expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    y = dev.get(out)
+    for n in range(batch):
+        assert relative_error(y[n], expected[n]) <= 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 32])
 def test_stride_two_every_image_computed(dev, batch: int) -> None:
     """The PyTorch port computed only the first image at stride > 1; every image must be right."""

@@ -56,7 +56,7 @@ StagedPlan staged_plan(const Geometry& g) {
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
   s.positions = staged_positions(plane_q);
   s.images = kStagedProducts / s.positions;
-  const int64_t tiles = ceil_div(plane_q, 32 * s.positions);  // of positions, per image
+  s.tiles = ceil_div(plane_q, 32 * s.positions);
   s.phases = d.stride_h * d.stride_w;
   s.phase_plane = g.layout.plane_h * g.layout.plane_w;
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
@@ -78,7 +78,7 @@ StagedPlan staged_plan(const Geometry& g) {
       0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - g.layout.channel_stride);
   const int64_t whole_channels =
       (kStagedSharedFloats / s.images - whole_overrun) / g.layout.channel_stride;
-  s.whole_channels = tiles == 1 && whole_channels > 0;
+  s.whole_channels = s.tiles == 1 && whole_channels > 0;
   if (s.whole_channels) {
     s.segment = g.layout.channel_stride;
     s.chunk_channels = std::min(g.group_in, whole_channels);
@@ -87,7 +87,7 @@ StagedPlan staged_plan(const Geometry& g) {
   // A batch-1 grid is the plane's tiles times the blocks of output channels, times the splits
   // of the chunks (at most one split per chunk): where that grid is small (rn.l3.3x3: 8 blocks
   // an image), chunks are cut smaller so that the splits can reach kSmallGridBlocks blocks.
-  const int64_t image_blocks = tiles * s.items;
+  const int64_t image_blocks = s.tiles * s.items;
   const int64_t wanted_chunks = std::min(kMaxSplits, ceil_div(kSmallGridBlocks, image_blocks));
   if (s.chunk_channels > 0)
     s.chunk_channels = std::min(s.chunk_channels, ceil_div(g.group_in, wanted_chunks));
@@ -95,7 +95,24 @@ StagedPlan staged_plan(const Geometry& g) {
   return s;
 }
 
+// The staged kernel's blocks for one split of the chunks: tiles x blocks of output channels x
+// blocks of images.
+int64_t staged_blocks_per_split(const Geometry& g) {
+  return g.staged.tiles * g.staged.items * ceil_div(g.d.batch, g.staged.images);
+}
+
 }  // namespace
+
+int64_t staged_launch_splits(const Geometry& g, int64_t resident_blocks) {
+  const int64_t blocks = staged_blocks_per_split(g), chunks = g.staged.chunks;
+  resident_blocks = std::max<int64_t>(resident_blocks, 1);
+  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t splits = 1; splits <= g.gpu_staged_splits; ++splits) {
+    const int64_t cost = ceil_div(blocks * splits, resident_blocks) * ceil_div(chunks, splits);
+    if (cost < best_cost) best = splits, best_cost = cost;
+  }
+  return best;
+}
 
 size_t element_size(escoin_dtype_t dtype) {
   switch (dtype) {
@@ -193,9 +210,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
       g.staged.chunk_channels == 0
           ? 1
           : std::min(g.staged.chunks,
-                     splits_for(ceil_div(plane_q, 32 * g.staged.positions) * g.staged.items *
-                                    ceil_div(d.batch, g.staged.images),
-                                g.window));
+                     splits_for(staged_blocks_per_split(g), g.window));
   const int64_t splits = std::max(g.gpu_splits, g.gpu_staged_splits);
   g.partial_elements = splits > 1 ? splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;

@@ -48,6 +48,7 @@ struct StagedPlan {
                            // 4; with whole channels, per channel: the layout's channel_stride
   int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
   int64_t chunks;          // ceil(group_in / chunk_channels)
+  int64_t tiles;           // ceil(out_height * plane_w / (32 * P)) tiles of positions per plane
   int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels
 };
 // Everything a forward pass derives from a descriptor, validated once.
@@ -65,9 +66,16 @@ struct Geometry {
   // the workspace and are added in a fixed order (deterministic). 1: no split.
   int64_t gpu_splits;
   StagedPlan staged;
-  int64_t gpu_staged_splits;  // the staged kernel splits its chunks likewise
+  int64_t gpu_staged_splits;  // the staged kernel splits its chunks likewise, at most this often
   int64_t partial_elements;  // max(splits) * batch * out_channels * out_plane when split, else 0
 };
+
+// The splits of its chunks the staged kernel launches with, on a GPU that holds
+// `resident_blocks` of its blocks at once (a wave): of 1..gpu_staged_splits, the one whose grid
+// runs the fewest chunks per block slot, waves x chunks per block (the fewest splits on a tie,
+// since each split adds partial sums to write and add). Cutting a grid of 560 blocks to 448 on
+// 528 slots saves a second wave for 32 blocks.
+int64_t staged_launch_splits(const Geometry& g, int64_t resident_blocks);
 
 // Whether x (N, C, H, W) already has the stretched layout: a 1x1 filter at stride 1 without
 // padding, on planes of a multiple of 4 elements (so no alignment gap between channels).

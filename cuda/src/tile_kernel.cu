@@ -2,6 +2,7 @@
 // shared memory, each block's output channels walking their nonzeros of the chunk as a tile
 // program lists them (tile_program.hpp).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <cuda/ptx>
@@ -233,15 +234,14 @@ void launch(const Geometry& g, const StagedParams& p, const float* input,
             const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
   // The chunk, and past the largest one the bulk copies' barrier: 48 KB, no opt-in needed.
   const size_t shared = size_t(kStagedSharedFloats) * sizeof(float) + sizeof(uint64_t);
-  const int64_t position_tiles = (p.plane_q + 32 * POSITIONS - 1) / (32 * POSITIONS);
   const int64_t image_blocks = (g.d.batch + IMAGES - 1) / IMAGES;
   // Two items per block where the grid of one-item blocks fills an H100 (132 SMs, four blocks
   // each) about twice: measured 5-15% faster on VGG and the wide 1x1 layer at batch 32, slower
   // where the grid is small (ResNet l1/l2 3x3 at batch 32, 1x1 at batch 8: a tail wave).
-  const int64_t blocks = position_tiles * g.staged.items * p.splits * image_blocks;
+  const int64_t blocks = g.staged.tiles * g.staged.items * p.splits * image_blocks;
   const bool pairs = p.items_per_group % 2 == 0 && blocks >= 1024;
-  const dim3 grid(unsigned(position_tiles), unsigned(g.staged.items / (pairs ? 2 : 1) * p.splits),
-                  unsigned(image_blocks));
+  const dim3 grid(unsigned(g.staged.tiles),
+                  unsigned(g.staged.items / (pairs ? 2 : 1) * p.splits), unsigned(image_blocks));
   if (pairs)
     staged_conv_kernel<2, IMAGES, POSITIONS><<<grid, 64 * kWarps, shared, stream>>>(
         input, program, bias, y, p);
@@ -249,6 +249,43 @@ void launch(const Geometry& g, const StagedParams& p, const float* input,
     staged_conv_kernel<1, IMAGES, POSITIONS><<<grid, 32 * kWarps, shared, stream>>>(
         input, program, bias, y, p);
   check_launch("staged_conv_kernel");
+}
+
+// A block holds the plan's images (8 / P), but where the batch has fewer it computes only as many
+// as it has (the next power of two): image 0's part of a chunk starts at the same place in shared
+// memory for any image count, and each image's part stays within its share, so the same program
+// serves, and a batch-1 block on a 28x28 plane no longer spends half its loads and FMAs on an
+// image that is not there.
+template <int IMAGES, int POSITIONS>
+void launch_for_batch(const Geometry& g, const StagedParams& p, const float* input,
+                      const int32_t* program, const float* bias, float* y,
+                      cudaStream_t stream) {
+  if constexpr (IMAGES >= 2) {
+    if (g.d.batch <= IMAGES / 2)
+      return launch_for_batch<IMAGES / 2, POSITIONS>(g, p, input, program, bias, y, stream);
+  }
+  launch<IMAGES, POSITIONS>(g, p, input, program, bias, y, stream);
+}
+
+// Blocks of the staged kernel the current GPU holds at once (its SMs times the blocks of 256
+// threads and 48 KB an SM fits), looked up once per device.
+int64_t resident_blocks() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && known[device].load(std::memory_order_relaxed) > 0) return known[device];
+  int sms = 0, per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                 &per_sm, staged_conv_kernel<1, 1, 8>, 32 * kWarps,
+                 size_t(kStagedSharedFloats) * sizeof(float) + sizeof(uint64_t)),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int blocks = std::max(1, sms * per_sm);
+  if (cached) known[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
 }  // namespace
@@ -282,7 +319,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.plane_w = int(g.layout.plane_w);
   p.out_width = int(g.layout.out_width);
   p.out_plane = int(g.out_plane);
-  p.splits = int(g.gpu_staged_splits);
+  p.splits = int(staged_launch_splits(g, resident_blocks()));
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.channel_stride = int(g.layout.channel_stride);
@@ -292,9 +329,9 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.relu = relu ? 1 : 0;
   p.by_phases = FastDivisor::of(s.phases);
   switch (s.positions) {
-    case 8: launch<1, 8>(g, p, input, program, bias, y, stream); break;
-    case 4: launch<2, 4>(g, p, input, program, bias, y, stream); break;
-    default: launch<4, 2>(g, p, input, program, bias, y, stream); break;
+    case 8: launch_for_batch<1, 8>(g, p, input, program, bias, y, stream); break;
+    case 4: launch_for_batch<2, 4>(g, p, input, program, bias, y, stream); break;
+    default: launch_for_batch<4, 2>(g, p, input, program, bias, y, stream); break;
   }
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
