@@ -90,9 +90,8 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
                                    (3, 48, 28, 28, 40, 1, 1), (8, 48, 28, 28, 40, 1, 1)])
 def test_network_sized_layers(dev, shape: tuple) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks, on the
-    staged kernel ((32, 8, 60, ...) has a grid large enough for two blocks of output channels
-    per block). The 28x28 1x1 cases read x without stretching it, and the staged kernel's last
-    tile runs past the end of x."""
+    staged kernel ((32, 8, 60, ...) has a grid of thousands of blocks). The 28x28 1x1 cases read
+    x without stretching it, and the staged kernel's last tile runs past the end of x."""
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)
@@ -107,9 +106,9 @@ def test_network_sized_layers(dev, shape: tuple) -> None:
     assert relative_error(dev.get(out), expected) <= 1e-5
 
 
-def test_grouped_filter_on_a_grid_of_paired_blocks(dev) -> None:
-    """A grid large enough for two blocks of output channels per CUDA block, with two groups:
-    each pair stays inside its group's input channels."""
+def test_grouped_filter_on_a_large_grid(dev) -> None:
+    """A large grid (thousands of blocks) with two groups: each block of output channels reads
+    only its group's input channels."""
     rng = np.random.default_rng(21)
     weight = rng.standard_normal((128, 8, 3, 3)) * (rng.random((128, 8, 3, 3)) < 0.2)
     x = rng.standard_normal((32, 16, 60, 60))
@@ -123,11 +122,14 @@ def test_grouped_filter_on_a_grid_of_paired_blocks(dev) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
-@pytest.mark.parametrize("size", [7, 28])
-def test_batch_below_the_blocks_images(dev, batch: int, size: int) -> None:
-    """A block of the staged kernel holds 2 images on a 28x28 plane and 4 on a 7x7 one; a smaller
-    batch launches blocks of only the images it has (the same tile program): each image right,
-    nothing written past the batch (the output is poisoned and exactly the batch's size)."""
+@pytest.mark.parametrize("size", [7, 14, 28])
+def test_small_batch_launch_shapes(dev, batch: int, size: int) -> None:
+    """The staged kernel's launch differs from its plan at small batches, with the same tile
+    program: a block holds 4 images on a 7x7 plane and 2 on a 28x28 one, and a smaller batch
+    launches blocks of only the images it has; where the grid is small, tiles of half the plan's
+    positions (14x14: one tile, whole channels, cut in two; 28x28: 4 positions per thread down to
+    2). Each image right, nothing written past the batch (the output is poisoned and exactly the
+    batch's size)."""
     rng = np.random.default_rng(31 + batch + size)
     weight = rng.standard_normal((64, 48, 3, 3)) * (rng.random((64, 48, 3, 3)) < 0.1)
     x = rng.standard_normal((batch, 48, size, size))

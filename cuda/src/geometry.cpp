@@ -95,23 +95,44 @@ StagedPlan staged_plan(const Geometry& g) {
   return s;
 }
 
-// The staged kernel's blocks for one split of the chunks: tiles x blocks of output channels x
-// blocks of images.
-int64_t staged_blocks_per_split(const Geometry& g) {
-  return g.staged.tiles * g.staged.items * ceil_div(g.d.batch, g.staged.images);
+// The staged kernel's blocks for one split of the chunks, with tiles of 32 * positions and
+// blocks of `images`: tiles x blocks of output channels x blocks of images.
+int64_t staged_blocks_per_split(const Geometry& g, int64_t positions, int64_t images) {
+  return ceil_div(g.layout.out_height * g.layout.plane_w, 32 * positions) * g.staged.items *
+         ceil_div(g.d.batch, images);
+}
+
+struct SplitChoice {
+  int64_t splits, cost;  // cost: waves x chunks per block
+};
+
+SplitChoice best_splits(const Geometry& g, int64_t resident_blocks, int64_t positions,
+                        int64_t images) {
+  const int64_t blocks = staged_blocks_per_split(g, positions, images);
+  SplitChoice best{1, std::numeric_limits<int64_t>::max()};
+  for (int64_t splits = 1; splits <= g.gpu_staged_splits; ++splits) {
+    const int64_t cost =
+        ceil_div(blocks * splits, resident_blocks) * ceil_div(g.staged.chunks, splits);
+    if (cost < best.cost) best = {splits, cost};
+  }
+  return best;
 }
 
 }  // namespace
 
-int64_t staged_launch_splits(const Geometry& g, int64_t resident_blocks) {
-  const int64_t blocks = staged_blocks_per_split(g), chunks = g.staged.chunks;
+StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
   resident_blocks = std::max<int64_t>(resident_blocks, 1);
-  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
-  for (int64_t splits = 1; splits <= g.gpu_staged_splits; ++splits) {
-    const int64_t cost = ceil_div(blocks * splits, resident_blocks) * ceil_div(chunks, splits);
-    if (cost < best_cost) best = splits, best_cost = cost;
+  StagedLaunch launch{1, g.staged.positions, 1};
+  while (launch.images < g.d.batch && launch.images < g.staged.images) launch.images *= 2;
+  const SplitChoice plan = best_splits(g, resident_blocks, launch.positions, launch.images);
+  launch.splits = plan.splits;
+  if (launch.positions > 2) {
+    const SplitChoice half =
+        best_splits(g, resident_blocks, launch.positions / 2, launch.images);
+    if (half.cost <= plan.cost && half.splits <= plan.splits)
+      launch = {launch.images, launch.positions / 2, half.splits};
   }
-  return best;
+  return launch;
 }
 
 size_t element_size(escoin_dtype_t dtype) {
@@ -210,7 +231,8 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
       g.staged.chunk_channels == 0
           ? 1
           : std::min(g.staged.chunks,
-                     splits_for(staged_blocks_per_split(g), g.window));
+                     splits_for(staged_blocks_per_split(g, g.staged.positions, g.staged.images),
+                                g.window));
   const int64_t splits = std::max(g.gpu_splits, g.gpu_staged_splits);
   g.partial_elements = splits > 1 ? splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;

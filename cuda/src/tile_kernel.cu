@@ -19,10 +19,12 @@ namespace {
 constexpr int kWarps = int(kStagedWarps);
 constexpr int kRowsPerWarp = int(kStagedRowsPerWarp);
 constexpr int kRows = int(kStagedRows);
+constexpr int kThreads = 32 * kWarps;
 
 struct StagedParams {
   int batch, out_channels, group_out, items_per_group, chunks, chunk_channels, group_in;
   int phases, phase_plane, segment;
+  int segment_copied;  // of each segment, the part a tile of this launch reads (see launch_tile_conv)
   int whole_channels;  // StagedPlan::whole_channels: one copy per image of the chunk
   int plane_q, plane_w, out_width, out_plane, splits;
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
@@ -82,21 +84,20 @@ __device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image, cons
 // batch are not copied, and a segment is cut at the readable input (the end of x read
 // directly, or of the workspace's slack): the elements left unwritten feed only positions past
 // the plane, whose sums are never written.
-template <int IMAGES, int THREADS>
+template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t* landed) {
   namespace ptx = cuda::ptx;
-  constexpr int kBlockWarps = THREADS / 32;
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int per_image = p.whole_channels ? 1 : channels * p.phases;
-  const int length = p.whole_channels ? channels * p.segment : p.segment;
+  const int length = p.whole_channels ? channels * p.segment : p.segment_copied;
   const int segments = min(IMAGES, p.batch - n0) * per_image;
   const float* const readable_end = input + p.readable;
   uint32_t bytes = 0;
-  for (int s = int(threadIdx.x) / 32 + kBlockWarps * (int(threadIdx.x) % 32); s < segments;
-       s += THREADS) {
+  for (int s = int(threadIdx.x) / 32 + kWarps * (int(threadIdx.x) % 32); s < segments;
+       s += kThreads) {
     const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
     const int64_t readable = readable_end - segment.src;
     const int64_t elements = readable < length ? readable : length;
@@ -112,17 +113,17 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 #else
 // Before Hopper: the same copy by the block's threads, 16 bytes each per step (segments start
 // on 16-byte boundaries here too); the caller's barrier then completes the chunk.
-template <int IMAGES, int THREADS>
+template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t*) {
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int per_image = p.whole_channels ? 1 : channels * p.phases;
-  const int vectors = (p.whole_channels ? channels * p.segment : p.segment) / 4;
+  const int vectors = (p.whole_channels ? channels * p.segment : p.segment_copied) / 4;
   const int total = min(IMAGES, p.batch - n0) * per_image * vectors;
   const float* const readable_end = input + p.readable;
-  for (int i = int(threadIdx.x); i < total; i += THREADS) {
+  for (int i = int(threadIdx.x); i < total; i += kThreads) {
     const int s = i / vectors, v = i - s * vectors;
     const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
     const float* src = segment.src + 4 * v;
@@ -133,23 +134,36 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 }
 #endif
 
-// Block (x: a tile of 32 * POSITIONS positions, y: ITEMS consecutive items (kRows output
-// channels each, of one group) times a split of their chunks, z: IMAGES images), kWarps warps
-// per item. Thread `lane` of a warp computes positions q0 + lane + 32 * i of each image for its
-// warp's kRowsPerWarp channels; an entry's loads are consecutive across the warp's lanes, so
-// shared memory serves them without bank conflicts. Two items per block share each copied chunk
-// between twice the channels, which pays where the grid stays large (launch_tile_conv).
-template <int ITEMS, int IMAGES, int POSITIONS>
-__global__ void __launch_bounds__(32 * kWarps * ITEMS, 4 / ITEMS)
+// One entry (a nonzero of one output channel) applied to a thread's sums: its positions of each
+// image times the weight, the inputs read at the entry's offset from the thread's lane.
+template <int IMAGES, int POSITIONS>
+__device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], const float* src,
+                                            float w) {
+#pragma unroll
+  for (int b = 0; b < IMAGES; ++b)
+#pragma unroll
+    for (int i = 0; i < POSITIONS; ++i)
+      acc[b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[b][i]);
+}
+
+// Block (x: a tile of 32 * POSITIONS positions, y: an item (kRows output channels of one group)
+// times a split of its chunks, z: IMAGES images), kWarps warps. Thread `lane` of a warp computes
+// positions q0 + lane + 32 * i of each image for its warp's kRowsPerWarp channels; an entry's
+// loads are consecutive across the warp's lanes, so shared memory serves them without bank
+// conflicts. (Blocks of two items, sharing each chunk between 64 channels, paid 5-15% on large
+// grids while each entry was loaded in the loop; with the entries handed out by shuffles,
+// one-item blocks were 2-6% faster there too.)
+template <int IMAGES, int POSITIONS>
+__global__ void __launch_bounds__(kThreads, 4)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
                    const float* __restrict__ bias, float* __restrict__ y, StagedParams p) {
   extern __shared__ float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
   // Counts a chunk's bulk copies in; it lives just past the largest chunk (kStagedSharedFloats).
   auto* landed = reinterpret_cast<uint64_t*>(tile + kStagedSharedFloats);
-  const int warp = int(threadIdx.x) / 32 % kWarps, lane = int(threadIdx.x) % 32;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int q0 = int(blockIdx.x) * 32 * POSITIONS;
-  const int item = int(blockIdx.y) / p.splits * ITEMS + int(threadIdx.x) / (32 * kWarps);
+  const int item = int(blockIdx.y) / p.splits;
   const int split = int(blockIdx.y) % p.splits;
   const int group = item / p.items_per_group;
   const int n0 = int(blockIdx.z) * IMAGES;
@@ -158,7 +172,6 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
-  constexpr int kThreads = 32 * kWarps * ITEMS;
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
@@ -177,7 +190,23 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 #endif
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
-    stage_chunk<IMAGES, kThreads>(input, in, tile, n0, chunk, q0, p, landed);
+    stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed);
+    const int32_t* row_begin =
+        begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
+    const float* lane_tile = tile + lane;
+    // Before waiting for the copy, lanes 0..kRowsPerWarp load the warp's rows' entry bounds,
+    // then each lane one of a row's first 32 entries, which the loop below hands to the whole
+    // warp by shuffles: the entries' load latency is paid under the copy's, once per 32 entries,
+    // instead of once per few entries inside the loop.
+    const int bound = lane <= kRowsPerWarp ? __ldg(row_begin + lane) : 0;
+    int first[kRowsPerWarp], count[kRowsPerWarp];
+    int2 held[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      first[r] = __shfl_sync(~0u, bound, r);
+      count[r] = __shfl_sync(~0u, bound, r + 1) - first[r];
+      held[r] = lane < count[r] ? __ldg(entries + first[r] + lane) : make_int2(0, 0);
+    }
 #if ESCOIN_BULK_COPY
     while (!cuda::ptx::mbarrier_try_wait_parity(landed, landed_phase)) {
     }
@@ -185,21 +214,18 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 #else
     __syncthreads();
 #endif
-    const int32_t* row_begin =
-        begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
-    const float* lane_tile = tile + lane;
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int end = __ldg(row_begin + r + 1);
-      for (int e = __ldg(row_begin + r); e < end; ++e) {
-        const int2 entry = __ldg(entries + e);
-        const float w = __int_as_float(entry.y);
-        const float* src = lane_tile + entry.x;
-#pragma unroll
-        for (int b = 0; b < IMAGES; ++b)
-#pragma unroll
-          for (int i = 0; i < POSITIONS; ++i)
-            acc[r][b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[r][b][i]);
+      int2 mine = held[r];
+      for (int base = 0; base < count[r]; base += 32) {
+        // A row's next 32 entries are loaded before its current ones are applied.
+        const int next = base + 32 + lane;
+        const int2 ahead = next < count[r] ? __ldg(entries + first[r] + next) : make_int2(0, 0);
+        const int n = min(32, count[r] - base);
+        for (int j = 0; j < n; ++j)
+          apply_entry(acc[r], lane_tile + __shfl_sync(~0u, mine.x, j),
+                      __int_as_float(__shfl_sync(~0u, mine.y, j)));
+        mine = ahead;
       }
     }
   }
@@ -230,41 +256,16 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 }
 
 template <int IMAGES, int POSITIONS>
-void launch(const Geometry& g, const StagedParams& p, const float* input,
-            const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
+void launch_kernel(const Geometry& g, const StagedParams& p, const float* input,
+                   const int32_t* program, const float* bias, float* y, cudaStream_t stream) {
   // The chunk, and past the largest one the bulk copies' barrier: 48 KB, no opt-in needed.
   const size_t shared = size_t(kStagedSharedFloats) * sizeof(float) + sizeof(uint64_t);
-  const int64_t image_blocks = (g.d.batch + IMAGES - 1) / IMAGES;
-  // Two items per block where the grid of one-item blocks fills an H100 (132 SMs, four blocks
-  // each) about twice: measured 5-15% faster on VGG and the wide 1x1 layer at batch 32, slower
-  // where the grid is small (ResNet l1/l2 3x3 at batch 32, 1x1 at batch 8: a tail wave).
-  const int64_t blocks = g.staged.tiles * g.staged.items * p.splits * image_blocks;
-  const bool pairs = p.items_per_group % 2 == 0 && blocks >= 1024;
-  const dim3 grid(unsigned(g.staged.tiles),
-                  unsigned(g.staged.items / (pairs ? 2 : 1) * p.splits), unsigned(image_blocks));
-  if (pairs)
-    staged_conv_kernel<2, IMAGES, POSITIONS><<<grid, 64 * kWarps, shared, stream>>>(
-        input, program, bias, y, p);
-  else
-    staged_conv_kernel<1, IMAGES, POSITIONS><<<grid, 32 * kWarps, shared, stream>>>(
-        input, program, bias, y, p);
+  const int64_t tiles = (int64_t(p.plane_q) + 32 * POSITIONS - 1) / (32 * POSITIONS);
+  const dim3 grid(unsigned(tiles), unsigned(g.staged.items * p.splits),
+                  unsigned((g.d.batch + IMAGES - 1) / IMAGES));
+  staged_conv_kernel<IMAGES, POSITIONS><<<grid, kThreads, shared, stream>>>(input, program,
+                                                                          bias, y, p);
   check_launch("staged_conv_kernel");
-}
-
-// A block holds the plan's images (8 / P), but where the batch has fewer it computes only as many
-// as it has (the next power of two): image 0's part of a chunk starts at the same place in shared
-// memory for any image count, and each image's part stays within its share, so the same program
-// serves, and a batch-1 block on a 28x28 plane no longer spends half its loads and FMAs on an
-// image that is not there.
-template <int IMAGES, int POSITIONS>
-void launch_for_batch(const Geometry& g, const StagedParams& p, const float* input,
-                      const int32_t* program, const float* bias, float* y,
-                      cudaStream_t stream) {
-  if constexpr (IMAGES >= 2) {
-    if (g.d.batch <= IMAGES / 2)
-      return launch_for_batch<IMAGES / 2, POSITIONS>(g, p, input, program, bias, y, stream);
-  }
-  launch<IMAGES, POSITIONS>(g, p, input, program, bias, y, stream);
 }
 
 // Blocks of the staged kernel the current GPU holds at once (its SMs times the blocks of 256
@@ -280,7 +281,7 @@ int64_t resident_blocks() {
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute");
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                 &per_sm, staged_conv_kernel<1, 1, 8>, 32 * kWarps,
+                 &per_sm, staged_conv_kernel<1, 8>, kThreads,
                  size_t(kStagedSharedFloats) * sizeof(float) + sizeof(uint64_t)),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int blocks = std::max(1, sms * per_sm);
@@ -319,7 +320,6 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.plane_w = int(g.layout.plane_w);
   p.out_width = int(g.layout.out_width);
   p.out_plane = int(g.out_plane);
-  p.splits = int(staged_launch_splits(g, resident_blocks()));
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.channel_stride = int(g.layout.channel_stride);
@@ -328,10 +328,16 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
   p.by_phases = FastDivisor::of(s.phases);
-  switch (s.positions) {
-    case 8: launch_for_batch<1, 8>(g, p, input, program, bias, y, stream); break;
-    case 4: launch_for_batch<2, 4>(g, p, input, program, bias, y, stream); break;
-    default: launch_for_batch<4, 2>(g, p, input, program, bias, y, stream); break;
+  const StagedLaunch shape = staged_launch(g, resident_blocks());
+  p.splits = int(shape.splits);
+  p.segment_copied = int(s.segment - 32 * (s.positions - shape.positions));
+  switch (shape.images * 10 + shape.positions) {
+    case 18: launch_kernel<1, 8>(g, p, input, program, bias, y, stream); break;
+    case 14: launch_kernel<1, 4>(g, p, input, program, bias, y, stream); break;
+    case 12: launch_kernel<1, 2>(g, p, input, program, bias, y, stream); break;
+    case 24: launch_kernel<2, 4>(g, p, input, program, bias, y, stream); break;
+    case 22: launch_kernel<2, 2>(g, p, input, program, bias, y, stream); break;
+    default: launch_kernel<4, 2>(g, p, input, program, bias, y, stream); break;
   }
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
