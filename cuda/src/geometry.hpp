@@ -31,7 +31,7 @@ constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
 constexpr int64_t kStagedProducts = 8;  // images x positions per thread
 constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
-// 48 KB less 128 bytes, which hold the kernel's barrier: no opt-in needed; four blocks fit an SM.
+// 48 KB less 128 bytes (the kernel adds 2 KB for its warps' entries and its barrier past the chunk).
 constexpr int64_t kStagedSharedFloats = 12256;
 constexpr int64_t kTileMinBatch = 1;
 

@@ -155,7 +155,10 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * (every batch) run the staged kernel where its input is 16-byte aligned: the workspace, or x
  * itself for a 1x1 filter at stride 1 without padding on planes of a multiple of 4 elements
  * (else the streaming kernel runs). Launch errors are reported; errors of the asynchronous
- * execution surface at the caller's next synchronisation. */
+ * execution surface at the caller's next synchronisation. The first call on a device sets the
+ * staged kernel's shared-memory limit there (cudaFuncSetAttribute; 49.9 KB, where the GPU still
+ * fits as many blocks per SM as with 48 KB); the environment variable ESCOIN_SHUFFLED_ENTRIES=1,
+ * read then, keeps it to 48 KB (the form GPUs with 100 KB per SM run; for testing). */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
