@@ -2,7 +2,9 @@
 // then run a direct sparse convolution kernel on the caller's stream: the streaming kernel here or
 // the staged one (tile_kernel.cu). Nothing here allocates or synchronises.
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
@@ -12,18 +14,33 @@
 namespace escoin {
 namespace {
 
-// Adds the splits' partial sums in split order (deterministic), then bias and ReLU.
+// Adds the SPLITS partial sums of each output in split order (deterministic), then bias and
+// ReLU. The split count is a template parameter so that a thread issues all its loads before the
+// first add: at batch 1 a layer's outputs are few and this kernel waits on load latency.
+template <int SPLITS>
 __global__ void reduce_splits_kernel(const float* __restrict__ partial,
                                      const float* __restrict__ bias, float* __restrict__ y,
-                                     int64_t outputs, int64_t splits, int64_t out_channels,
-                                     int64_t out_plane, int relu) {
+                                     int64_t outputs, int64_t out_channels, int64_t out_plane,
+                                     int relu) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
        i += int64_t(gridDim.x) * blockDim.x) {
+    float part[SPLITS];
+#pragma unroll
+    for (int s = 0; s < SPLITS; ++s) part[s] = __ldg(partial + s * outputs + i);
     float sum = 0.f;
-    for (int64_t s = 0; s < splits; ++s) sum += partial[s * outputs + i];
+#pragma unroll
+    for (int s = 0; s < SPLITS; ++s) sum += part[s];
     y[i] = bias_relu(sum, bias ? bias[(i / out_plane) % out_channels] : 0.f, relu);
   }
 }
+
+// reduce_splits_kernel<1 + i> at index i, for every split count up to kGpuMaxSplits.
+template <int... I>
+constexpr auto reduce_kernels(std::integer_sequence<int, I...>) {
+  return std::array{&reduce_splits_kernel<I + 1>...};
+}
+constexpr auto kReduceKernels =
+    reduce_kernels(std::make_integer_sequence<int, int(kGpuMaxSplits)>{});
 
 // ---- the direct sparse convolution ----
 
@@ -145,8 +162,11 @@ void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
                           const float* bias, bool relu, float* y, cudaStream_t stream) {
   const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
-  reduce_splits_kernel<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0, stream>>>(
-      partial, bias, y, outputs, splits, g.d.out_channels, g.out_plane, relu ? 1 : 0);
+  if (splits < 1 || splits > kGpuMaxSplits)
+    fail_invalid("splits must be in [1, ", kGpuMaxSplits, "], got ", splits);
+  kReduceKernels[size_t(splits - 1)]<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0,
+                                        stream>>>(partial, bias, y, outputs, g.d.out_channels,
+                                                  g.out_plane, relu ? 1 : 0);
   check_launch("reduce_splits_kernel");
 }
 

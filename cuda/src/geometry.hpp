@@ -19,6 +19,8 @@ constexpr int64_t kMaxTile = 128;
 constexpr int64_t kGpuPositionsPerBlock = 128;
 constexpr int64_t kGpuChannelsPerBlock = 8;
 constexpr int64_t kGpuImagesPerBlock = 4;  // when the batch has at least 4 images, else 1
+// At most this many splits of an output channel's nonzeros (or of the staged kernel's chunks).
+constexpr int64_t kGpuMaxSplits = 16;
 
 // The staged CUDA kernel (tile_kernel.cu): a block of kStagedWarps warps covers kStagedRows
 // output channels (kStagedRowsPerWarp per warp) and 32 * P positions of 8 / P images, P in
@@ -31,7 +33,7 @@ constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
 constexpr int64_t kStagedProducts = 8;  // images x positions per thread
 constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
-// 48 KB less 128 bytes (the kernel adds 2 KB for its warps' entries and its barrier past the chunk).
+// 48 KB less 128 bytes; the kernel adds its warps' entries (2 KB) and its barrier past the chunk.
 constexpr int64_t kStagedSharedFloats = 12256;
 constexpr int64_t kTileMinBatch = 1;
 
@@ -80,8 +82,9 @@ struct StagedLaunch {
   int64_t images, positions, splits;
 };
 // The launch for a GPU that holds `resident_blocks` staged blocks at once (a wave). Splits: the
-// count whose grid runs the fewest chunks per block slot, waves x chunks per block (the fewest
-// splits on a tie, since each split adds partial sums to write and add). Positions: P/2 instead
+// count whose grid runs the fewest chunks per block slot, waves x chunks per block, plus one for
+// splitting at all (the fewest splits on a tie, since each split adds partial sums to write and
+// add). Positions: P/2 instead
 // of P where that costs no more chunks per slot and no more splits (measured on an H100 at batch
 // 1: 10-16% faster on planes that one tile covers, where the blocks were few; halving again, or
 // where it adds waves or splits, was slower).
