@@ -8,6 +8,7 @@
 
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
+#include "dependent_launch.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
 
@@ -22,6 +23,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
                                      const float* __restrict__ bias, float* __restrict__ y,
                                      int64_t outputs, int64_t out_channels, int64_t out_plane,
                                      int relu) {
+  wait_for_previous_grid();  // the partial sums
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
        i += int64_t(gridDim.x) * blockDim.x) {
     float part[SPLITS];
@@ -164,10 +166,10 @@ void launch_reduce_splits(const Geometry& g, const float* partial, int64_t split
   const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
   if (splits < 1 || splits > kGpuMaxSplits)
     fail_invalid("splits must be in [1, ", kGpuMaxSplits, "], got ", splits);
-  kReduceKernels[size_t(splits - 1)]<<<grid_limit((outputs + 255) / 256, 1 << 20), 256, 0,
-                                        stream>>>(partial, bias, y, outputs, g.d.out_channels,
-                                                  g.out_plane, relu ? 1 : 0);
-  check_launch("reduce_splits_kernel");
+  const dim3 grid(grid_limit((outputs + 255) / 256, 1 << 20));
+  launch_dependent(kReduceKernels[size_t(splits - 1)], grid, dim3(256), 0, stream,
+                   "reduce_splits_kernel", partial, bias, y, outputs, g.d.out_channels,
+                   g.out_plane, relu ? 1 : 0);
 }
 
 }  // namespace escoin

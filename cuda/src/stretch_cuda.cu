@@ -5,6 +5,7 @@
 
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
+#include "dependent_launch.cuh"
 #include "fast_divide.cuh"
 #include "stretch.hpp"
 
@@ -38,6 +39,7 @@ struct StretchElements {
 __global__ void __launch_bounds__(kStretchThreads)
 stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchElements s,
                int64_t tail_slack) {
+  wait_for_previous_grid();  // x, and the workspace an earlier kernel may still read
   const uint32_t local = blockIdx.x * uint32_t(kStretchThreads) + threadIdx.x;
   if (blockIdx.y == 0) {
     float* tail = ws + s.planes * s.channel_stride;
@@ -95,9 +97,8 @@ void launch_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t s
   const int64_t blocks_x = (s.span + kStretchThreads - 1) / kStretchThreads;
   const int64_t blocks_y =
       std::min<int64_t>({s.groups, 65535, std::max<int64_t>(1, kStretchTargetBlocks / blocks_x)});
-  stretch_kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kStretchThreads, 0, stream>>>(
-      x, ws, s, g.tail_slack);
-  check_launch("stretch_kernel");
+  launch_dependent(stretch_kernel, dim3(unsigned(blocks_x), unsigned(blocks_y)),
+                   dim3(kStretchThreads), 0, stream, "stretch_kernel", x, ws, s, g.tail_slack);
 }
 
 }  // namespace escoin

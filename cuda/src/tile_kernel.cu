@@ -10,6 +10,7 @@
 
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
+#include "dependent_launch.cuh"
 #include "error.hpp"
 #include "fast_divide.cuh"
 #include "tile_program.hpp"
@@ -203,6 +204,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   }
   uint32_t landed_phase = 0;
 #endif
+  wait_for_previous_grid();  // the stretched input, and the output an earlier kernel may read
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
     stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed);
@@ -295,12 +297,13 @@ void launch_kernel(const Geometry& g, const StagedParams& p, bool shared_entries
   const dim3 grid(unsigned(tiles), unsigned(g.staged.items * p.splits),
                   unsigned((g.d.batch + IMAGES - 1) / IMAGES));
   if (shared_entries)
-    staged_conv_kernel<IMAGES, POSITIONS, true><<<grid, kThreads, kSharedBytes<true>, stream>>>(
-        input, program, bias, y, p);
+    launch_dependent(staged_conv_kernel<IMAGES, POSITIONS, true>, grid, dim3(kThreads),
+                     kSharedBytes<true>, stream, "staged_conv_kernel", input, program, bias, y,
+                     p);
   else
-    staged_conv_kernel<IMAGES, POSITIONS, false><<<grid, kThreads, kSharedBytes<false>, stream>>>(
-        input, program, bias, y, p);
-  check_launch("staged_conv_kernel");
+    launch_dependent(staged_conv_kernel<IMAGES, POSITIONS, false>, grid, dim3(kThreads),
+                     kSharedBytes<false>, stream, "staged_conv_kernel", input, program, bias, y,
+                     p);
 }
 
 template <bool SHARED_ENTRIES>
