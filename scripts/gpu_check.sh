@@ -30,8 +30,9 @@ python3 -m pytest -q tests adapters/torch/tests -p no:cacheprovider 2>&1 | tee "
   echo "TESTS FAILED (the benchmark still runs)"
 # GPUs with 100 KB of shared memory per SM run the staged kernel's other form (entries handed out
 # by shuffles): the GPU tests again in that form.
-ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tail -2 |
-  sed 's/^/shuffled entries: /' || echo "TESTS FAILED (shuffled entries)"
+ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 |
+  tee "$out/pytest_shuffled_entries.log" | tail -2 | sed 's/^/shuffled entries: /' ||
+  echo "TESTS FAILED (shuffled entries)"
 if [ "$sanitize" = 1 ]; then
   echo "== compute-sanitizer (memcheck) on the GPU tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
