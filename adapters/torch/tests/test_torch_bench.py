@@ -32,7 +32,9 @@ def _check_run(run: Dict[str, Any], paths: List[str]) -> None:
     for p in run["paths"]:
         assert p["ms"] > 0 and math.isfinite(p["rel_error"]) and p["escoin_speedup"] > 0
     assert run["layers"], "no layer ran on escoin"
-    assert 0 <= run["calibrated_sparse"] <= len(run["layers"])
+    assert set(run["calibrated_sparse"]) == {"graphs" if p["graphs"] else "eager"
+                                             for p in run["paths"]}
+    assert all(0 <= n <= len(run["layers"]) for n in run["calibrated_sparse"].values())
     for layer in run["layers"]:
         assert layer["dense_ms"] > 0 and layer["escoin_ms"] > 0
         assert 0 < layer["csr_bytes"] < layer["dense_bytes"]

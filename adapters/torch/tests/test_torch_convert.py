@@ -93,3 +93,9 @@ def test_calibrate(have_tqdm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         assert r.path == ("sparse" if r.sparse_ms <= r.dense_ms else "dense")
         assert layers[r.name].inference_path == r.path
     assert relative_error(model(x), expected) < 1e-5
+
+
+def test_calibrate_in_graphs_needs_cuda() -> None:
+    model, _ = sparsify(pruned_small_cnn(0.8).eval())
+    with pytest.raises(ValueError, match="graphs=True times CUDA graphs, but the device is cpu"):
+        calibrate(model, torch.randn(1, 3, 16, 16), repeats=1, warmup=0, graphs=True)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from torch_helpers import pruned_small_cnn, reference_conv, relative_error, sparse_conv
-from escoin_torch import SparseConv2d, sparse_conv2d, sparsify
+from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
+from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
 
 pytestmark = pytest.mark.cuda
@@ -68,6 +69,33 @@ def test_cuda_graph_capture_and_replay() -> None:
         torch.cuda.synchronize()
         assert relative_error(static_y, reference_conv(static_x, layer.weight, layer.bias,
                                                        stride=2, padding=1, groups=2)) < 1e-5
+
+
+def test_calibrate_in_cuda_graphs() -> None:
+    """calibrate(graphs=True) times each path inside CUDA graphs: every layer gets a path, the
+    model's output is unchanged, and the model still runs eagerly and captured afterwards."""
+    model, _ = sparsify(pruned_small_cnn(0.9).cuda().eval())
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+        results = calibrate(model, x, repeats=3, warmup=1, graphs=True)
+        assert [r.name for r in results] == ["features.0", "features.2", "features.4",
+                                             "features.6"]
+        layers = dict(model.named_modules())
+        for r in results:
+            assert r.sparse_ms > 0 and r.dense_ms > 0
+            assert layers[r.name].inference_path == r.path
+        assert relative_error(model(x), expected) < 1e-5
+
+
+def test_time_call_in_a_graph_counts_each_call() -> None:
+    """A graph of GRAPH_CALLS calls of a fixed-length kernel: the time per call is the eager
+    kernel's time to within a factor that launch overhead cannot explain away (a graph's time
+    not divided by its call count would be GRAPH_CALLS times larger)."""
+    a = torch.randn(2048, 2048, device="cuda")
+    eager = time_call(lambda: a @ a, a.device, repeats=5, warmup=2)
+    graphed = time_call(lambda: a @ a, a.device, repeats=5, warmup=2, graphs=True)
+    assert graphed < eager * GRAPH_CALLS / 3
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])

@@ -82,14 +82,18 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5,
 
 
 def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
-              warmup: int = 3) -> List[LayerTiming]:
+              warmup: int = 3, graphs: bool = False) -> List[LayerTiming]:
     """Times each ``SparseConv2d``'s sparse and dense forward on the input it receives when
     ``model`` runs ``example_input`` (a tensor, or a tuple of positional arguments), and sets its
     ``inference_path`` to the faster one.
 
     Timing runs on the layer's real input because the answer depends on batch, resolution and
     device, not only on the weight. Layers that the example forward does not reach are left as
-    they are and not reported.
+    they are and not reported. Calibrate the way the model will run: eagerly by default, or with
+    ``graphs=True`` (CUDA) inside CUDA graphs, as a model captured with ``torch.cuda.graph`` or
+    compiled with ``mode="reduce-overhead"`` runs; eager timing charges escoin's per-call launch
+    cost, which graphs remove, so at small batch it keeps layers dense that are faster on escoin
+    in a graph.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseConv2d)]
     inputs: Dict[str, torch.Tensor] = {}
@@ -108,7 +112,7 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
             handle.remove()
     results = []
     for name, layer in _progress([(n, m) for n, m in layers if n in inputs], "calibrating"):
-        times = time_paths(layer, inputs[name], repeats, warmup)
+        times = time_paths(layer, inputs[name], repeats, warmup, graphs)
         layer.inference_path = times.faster
         results.append(LayerTiming(name, times.sparse_s * 1e3, times.dense_s * 1e3,
                                    times.faster))

@@ -32,11 +32,21 @@ class PathTimes:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
-              warmup: int = 3) -> float:
+              warmup: int = 3, graphs: bool = False) -> float:
     """Median seconds of ``fn()`` on ``device`` after ``warmup`` untimed calls (which also build
-    caches: the CSR, escoin's filter upload and stretched offsets)."""
+    caches: the CSR, escoin's filter upload and stretched offsets).
+
+    With ``graphs`` (CUDA only) each sample is one replay of a CUDA graph of
+    ``GRAPH_CALLS`` back-to-back calls, divided by that count: the time per call that a model
+    captured in a CUDA graph (or compiled with ``mode="reduce-overhead"``) sees, without the
+    launch cost that eager calls pay.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if graphs:
+        if device.type != "cuda":
+            raise ValueError(f"graphs=True times CUDA graphs, but the device is {device}")
+        return _time_in_graph(fn, device, repeats, warmup)
     for _ in range(warmup):
         fn()
     samples = []
@@ -57,9 +67,41 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
     return statistics.median(samples)
 
 
+GRAPH_CALLS = 10  # calls captured per graph by time_call(graphs=True)
+
+
+def _time_in_graph(fn: Callable[[], object], device: torch.device, repeats: int,
+                   warmup: int) -> float:
+    # Warm-up (and the caches it builds: uploads cannot run during capture) on a side stream,
+    # as PyTorch's CUDA graph notes ask.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    graph.replay()
+    stream = torch.cuda.current_stream(device)
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        graph.replay()
+        end.record(stream)
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / GRAPH_CALLS)
+    return statistics.median(samples)
+
+
 def time_paths(layer: SparseConv2d, x: torch.Tensor, repeats: int = 20,
-               warmup: int = 3) -> PathTimes:
-    """Times ``layer``'s sparse and dense forward on ``x`` (without autograd, as in inference)."""
+               warmup: int = 3, graphs: bool = False) -> PathTimes:
+    """Times ``layer``'s sparse and dense forward on ``x`` (without autograd, as in inference),
+    eagerly or (``graphs``) inside CUDA graphs (see :func:`time_call`)."""
     with torch.no_grad():
-        return PathTimes(time_call(lambda: layer.sparse_forward(x), x.device, repeats, warmup),
-                         time_call(lambda: layer.dense_forward(x), x.device, repeats, warmup))
+        return PathTimes(
+            time_call(lambda: layer.sparse_forward(x), x.device, repeats, warmup, graphs),
+            time_call(lambda: layer.dense_forward(x), x.device, repeats, warmup, graphs))

@@ -57,7 +57,8 @@ class NetworkResult:
     layers: List[LayerResult]
     weights: Dict[str, int]
     kept_dense: Dict[str, str] = field(default_factory=dict)  # conv name -> why not converted
-    calibrated_sparse: int = 0  # converted convs that calibration kept on escoin
+    # converted convs that calibration kept on escoin, per timing mode ("eager", "graphs")
+    calibrated_sparse: Dict[str, int] = field(default_factory=dict)
 
     @property
     def escoin_error(self) -> float:
@@ -84,17 +85,20 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
     dense, sparse, x = dense.to(case.device), sparse.to(case.device), x.to(case.device)
     step("float64 reference")
     reference = _float64_output(dense, x)
-    step("calibrate")
-    calibrated = copy.deepcopy(sparse)
-    # The calibrated path runs strict fp32 (below), so its dense layers are timed that way too:
-    # under PyTorch's default TF32 convolutions, calibration kept layers dense that the strict
-    # run then made slower than escoin.
-    with precision(False):
-        timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats, warmup=case.warmup)
-    paths = network_paths(dense, sparse, calibrated, x)
     results = []
+    calibrated_sparse: Dict[str, int] = {}
     for graphs in case.graphs:
-        for path in paths:
+        mode = "graphs" if graphs else "eager"
+        step(f"calibrate ({mode})")
+        calibrated = copy.deepcopy(sparse)
+        # Calibrated the way it is then timed: in CUDA graphs or eagerly, and strict fp32 (the
+        # calibrated path runs strict, below; under PyTorch's default TF32 convolutions,
+        # calibration kept layers dense that the strict run then made slower than escoin).
+        with precision(False):
+            timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats,
+                                             warmup=case.warmup, graphs=graphs)
+        calibrated_sparse[mode] = sum(t.path == "sparse" for t in timings)
+        for path in network_paths(dense, sparse, calibrated, x):
             step(f"{path.name}{' graph' if graphs else ''}")
             results.append(measure(path, graphs, reference, case.repeats, case.warmup))
     step("per layer")
@@ -107,7 +111,7 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
         float(torch.linalg.vector_norm(reference)), case.rtol, results, layers,
         _weight_bytes(dense, sparse),
         {r.name: r.reason for r in report if r.path == "dense"},
-        sum(t.path == "sparse" for t in timings))
+        calibrated_sparse)
 
 
 def _float64_output(dense: nn.Module, x: torch.Tensor) -> torch.Tensor:
