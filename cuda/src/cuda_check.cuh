@@ -2,6 +2,9 @@
 // given device and restores the caller's device afterwards.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include <cuda_runtime.h>
 
 #include "error.hpp"
@@ -16,6 +19,23 @@ inline void check_cuda(cudaError_t status, const char* what) {
 
 // Reports a failed launch (bad configuration, missing kernel image for this GPU, ...).
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// What compute() gives for the current device, worked out once per device: `cache` (a static of
+// the caller's, zero-initialised) keeps it for devices 0..63; others compute it at every call.
+// compute() must return a positive value (zero marks "not known yet").
+template <typename Compute>
+int64_t once_per_device(std::atomic<int64_t> (&cache)[64], Compute compute) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int64_t known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  const int64_t value = compute(device);
+  if (cached) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
 
 class DeviceScope {
  public:

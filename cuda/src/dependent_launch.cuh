@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <utility>
 
 #include <cuda_runtime.h>
@@ -25,21 +26,22 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #endif
 }
 
-// Whether the current device supports programmatic dependent launch (compute capability 9.0 and
-// up), looked up once per device.
-inline bool dependent_launch_supported() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= 0 && device < kMaxDevices && known[device].load(std::memory_order_relaxed) > 0)
-    return known[device].load(std::memory_order_relaxed) == 2;
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-             "cudaDeviceGetAttribute");
-  if (device >= 0 && device < kMaxDevices)
-    known[device].store(major >= 9 ? 2 : 1, std::memory_order_relaxed);
-  return major >= 9;
+// Whether kernels of this build launch as programmatic dependents on the current device: it
+// must support them (compute capability 9.0 and up), and the code it runs must have been
+// compiled with the wait (for a virtual architecture of 9.0 and up: a build for sm_80 only runs
+// on an H100 as JIT-compiled compute_80 PTX, where wait_for_previous_grid() is empty). Every
+// kernel of a build is compiled for the same architectures, so `kernel` stands for all of them;
+// looked up once per device.
+inline bool dependent_launch_supported(const void* kernel) {
+  static std::atomic<int64_t> known[64] = {};  // 1: no, 2: yes
+  return once_per_device(known, [kernel](int device) -> int64_t {
+           int major = 0;
+           check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                      "cudaDeviceGetAttribute");
+           cudaFuncAttributes attributes{};
+           check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+           return major >= 9 && attributes.ptxVersion >= 90 ? 2 : 1;
+         }) == 2;
 }
 
 // Launches kernel<<<grid, block, shared, stream>>>(args...) as a programmatic dependent of the
@@ -56,7 +58,7 @@ void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   config.dynamicSmemBytes = shared;
   config.stream = stream;
   config.attrs = &attribute;
-  config.numAttrs = dependent_launch_supported() ? 1 : 0;
+  config.numAttrs = dependent_launch_supported(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), name);
 }
 

@@ -54,7 +54,7 @@ StagedPlan staged_plan(const Geometry& g) {
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
   s.positions = staged_positions(plane_q);
   s.images = kStagedProducts / s.positions;
-  s.tiles = ceil_div(plane_q, 32 * s.positions);
+  const int64_t tiles = staged_tiles(g, s.positions);
   s.phases = d.stride_h * d.stride_w;
   s.phase_plane = g.layout.plane_h * g.layout.plane_w;
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
@@ -71,12 +71,13 @@ StagedPlan staged_plan(const Geometry& g) {
   // piece instead of a segment per channel and phase (on a 7x7 1x1 layer, 4 copies per chunk
   // instead of 188). The tile's positions past the plane read up to 32 * P + reach past the
   // start of the chunk's last channel phase; their sums are discarded, but the reads must stay
-  // inside the image's part of shared memory.
+  // inside the image's part of shared memory. (A launch may cut that tile in two, StagedLaunch:
+  // each half copies the whole channels from its own first position and reads less past them.)
   const int64_t whole_overrun = std::max<int64_t>(
       0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - g.layout.channel_stride);
   const int64_t whole_channels =
       (kStagedSharedFloats / s.images - whole_overrun) / g.layout.channel_stride;
-  s.whole_channels = s.tiles == 1 && whole_channels > 0;
+  s.whole_channels = tiles == 1 && whole_channels > 0;
   if (s.whole_channels) {
     s.segment = g.layout.channel_stride;
     s.chunk_channels = std::min(g.group_in, whole_channels);
@@ -85,7 +86,7 @@ StagedPlan staged_plan(const Geometry& g) {
   // A batch-1 grid is the plane's tiles times the blocks of output channels, times the splits
   // of the chunks (at most one split per chunk): where that grid is small (rn.l3.3x3: 8 blocks
   // an image), chunks are cut smaller so that the splits can reach kSmallGridBlocks blocks.
-  const int64_t image_blocks = s.tiles * s.items;
+  const int64_t image_blocks = tiles * s.items;
   const int64_t wanted_chunks = std::min(kGpuMaxSplits, ceil_div(kSmallGridBlocks, image_blocks));
   if (s.chunk_channels > 0)
     s.chunk_channels = std::min(s.chunk_channels, ceil_div(g.group_in, wanted_chunks));
@@ -96,8 +97,7 @@ StagedPlan staged_plan(const Geometry& g) {
 // The staged kernel's blocks for one split of the chunks, with tiles of 32 * positions and
 // blocks of `images`: tiles x blocks of output channels x blocks of images.
 int64_t staged_blocks_per_split(const Geometry& g, int64_t positions, int64_t images) {
-  return ceil_div(g.layout.out_height * g.layout.plane_w, 32 * positions) * g.staged.items *
-         ceil_div(g.d.batch, images);
+  return staged_tiles(g, positions) * g.staged.items * ceil_div(g.d.batch, images);
 }
 
 struct SplitChoice {
@@ -110,8 +110,8 @@ SplitChoice best_splits(const Geometry& g, int64_t resident_blocks, int64_t posi
   SplitChoice best{1, std::numeric_limits<int64_t>::max()};
   for (int64_t splits = 1; splits <= g.gpu_staged_splits; ++splits) {
     // A split costs about one chunk round more: its partial sums are written, read back and
-    // added by a second kernel (rn.l1.1x1up at batch 1 on an H100: 8.3 us unsplit in tiles of
-    // 64 positions, 13.0 us in two splits of 256-position tiles, which this cost called equal).
+    // added by a second kernel (rn.l1.1x1up at batch 1 on an H100: 13.6 us in two splits of
+    // 128-position tiles, 8.4-10.6 us unsplit, which the cost without this term called equal).
     const int64_t cost = ceil_div(blocks * splits, resident_blocks) *
                              ceil_div(g.staged.chunks, splits) + (splits > 1 ? 1 : 0);
     if (cost < best.cost) best = {splits, cost};
@@ -120,6 +120,10 @@ SplitChoice best_splits(const Geometry& g, int64_t resident_blocks, int64_t posi
 }
 
 }  // namespace
+
+int64_t staged_tiles(const Geometry& g, int64_t positions) {
+  return ceil_div(g.layout.out_height * g.layout.plane_w, 32 * positions);
+}
 
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
   resident_blocks = std::max<int64_t>(resident_blocks, 1);

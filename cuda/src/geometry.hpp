@@ -23,11 +23,11 @@ constexpr int64_t kGpuImagesPerBlock = 4;  // when the batch has at least 4 imag
 constexpr int64_t kGpuMaxSplits = 16;
 
 // The staged CUDA kernel (tile_kernel.cu): a block of kStagedWarps warps covers kStagedRows
-// output channels (kStagedRowsPerWarp per warp) and 32 * P positions of 8 / P images, P in
-// {8, 4, 2}; input channels go through shared memory in chunks of at most kStagedSharedFloats
-// elements. It runs from kTileMinBatch images up (every batch: it beat the streaming kernel
-// at batch 1 too, 1.17x over the suite on an H100), when the caller passes a tile program
-// (tile_program.hpp).
+// output channels (kStagedRowsPerWarp per warp) and, in its plan, 32 * P positions of 8 / P
+// images, P in {8, 4, 2} (a launch may take fewer of either: StagedLaunch); input channels go
+// through shared memory in chunks of at most kStagedSharedFloats elements. It runs from
+// kTileMinBatch images up (every batch: it beat the streaming kernel at batch 1 too, 1.17x over
+// the suite on an H100), when the caller passes a tile program (tile_program.hpp).
 constexpr int64_t kStagedWarps = 8;
 constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
@@ -50,7 +50,6 @@ struct StagedPlan {
                            // 4; with whole channels, per channel: the layout's channel_stride
   int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
   int64_t chunks;          // ceil(group_in / chunk_channels)
-  int64_t tiles;           // ceil(out_height * plane_w / (32 * P)) tiles of positions per plane
   int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels
 };
 // Everything a forward pass derives from a descriptor, validated once.
@@ -76,7 +75,8 @@ struct Geometry {
 // - images: a block computes the batch's images only, up to the plan's (the next power of two;
 //   image 0's part of a chunk starts at the same place in shared memory for any image count);
 // - positions (P' <= P): a tile of 32 * P' positions reads the first 32 * P' + reach elements
-//   of the plan's segments, so it runs the same program on more, smaller blocks;
+//   of the plan's segments (with whole channels: the channels from its first position), so it
+//   runs the same program on more, smaller blocks;
 // - splits of the chunks, 1..gpu_staged_splits.
 struct StagedLaunch {
   int64_t images, positions, splits;
@@ -84,11 +84,13 @@ struct StagedLaunch {
 // The launch for a GPU that holds `resident_blocks` staged blocks at once (a wave). Splits: the
 // count whose grid runs the fewest chunks per block slot, waves x chunks per block, plus one for
 // splitting at all (the fewest splits on a tie, since each split adds partial sums to write and
-// add). Positions: P/2 instead
-// of P where that costs no more chunks per slot and no more splits (measured on an H100 at batch
-// 1: 10-16% faster on planes that one tile covers, where the blocks were few; halving again, or
-// where it adds waves or splits, was slower).
+// add). Positions: P/2 instead of P where that costs no more chunks per slot and no more splits
+// (measured on an H100 at batch 1: 10-16% faster on planes that one tile covers, where the
+// blocks were few; halving again, or where it adds waves or splits, was slower).
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);
+
+// Tiles of 32 * positions the output plane (out_height x plane_w positions) is cut into.
+int64_t staged_tiles(const Geometry& g, int64_t positions);
 
 // Whether x (N, C, H, W) already has the stretched layout: a 1x1 filter at stride 1 without
 // padding, on planes of a multiple of 4 elements (so no alignment gap between channels).

@@ -62,7 +62,8 @@ constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
 
 // Segment s of chunk c0's copy (images outermost, then channels, then phases): where it is read
 // from, the 16-byte boundary at or before its first stretched element, and where it goes in
-// shared memory. With whole channels an image's chunk is one segment (per_image = 1, q0 = 0).
+// shared memory. With whole channels an image's chunk is one segment (per_image = 1), copied
+// from the tile's first position q0 (0 unless the launch cut the plan's one tile in two).
 struct ChunkSegment {
   const float* src;
   float* dst;
@@ -283,76 +284,71 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   }
 }
 
+using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams);
+
+// The launch shapes (StagedLaunch's images and positions) the staged kernel is compiled for, and
+// the kernels, in the same order, in each form.
+struct KernelShape {
+  int64_t images, positions;
+};
+constexpr KernelShape kShapes[] = {{1, 8}, {1, 4}, {1, 2}, {2, 4}, {2, 2}, {4, 2}};
+template <bool SHARED_ENTRIES>
+constexpr StagedKernel kKernels[] = {
+    &staged_conv_kernel<1, 8, SHARED_ENTRIES>, &staged_conv_kernel<1, 4, SHARED_ENTRIES>,
+    &staged_conv_kernel<1, 2, SHARED_ENTRIES>, &staged_conv_kernel<2, 4, SHARED_ENTRIES>,
+    &staged_conv_kernel<2, 2, SHARED_ENTRIES>, &staged_conv_kernel<4, 2, SHARED_ENTRIES>};
+static_assert(sizeof(kShapes) / sizeof(kShapes[0]) == sizeof(kKernels<true>) / sizeof(void*));
+
+size_t kernel_index(const StagedLaunch& shape) {
+  for (size_t i = 0; i < sizeof(kShapes) / sizeof(kShapes[0]); ++i)
+    if (kShapes[i].images == shape.images && kShapes[i].positions == shape.positions) return i;
+  fail_invalid("no staged kernel for ", shape.images, " images and ", shape.positions,
+               " positions per thread");
+}
+
+// Lets every kernel of a form use its shared memory on the current device; returns how many of
+// its blocks an SM holds.
+template <bool SHARED_ENTRIES>
+int blocks_per_sm() {
+  for (const StagedKernel kernel : kKernels<SHARED_ENTRIES>)
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(kSharedBytes<SHARED_ENTRIES>)),
+               "cudaFuncSetAttribute");
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                 &per_sm, kKernels<SHARED_ENTRIES>[0], kThreads, kSharedBytes<SHARED_ENTRIES>),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return per_sm;
+}
+
 // What the staged kernels need to know of the current GPU.
 struct DeviceShape {
   int64_t resident_blocks;  // blocks of the kernel it holds at once: SMs x blocks per SM
   bool shared_entries;      // whether the SHARED_ENTRIES form runs (see prepare_device)
 };
 
-template <int IMAGES, int POSITIONS>
-void launch_kernel(const Geometry& g, const StagedParams& p, bool shared_entries,
-                   const float* input, const int32_t* program, const float* bias, float* y,
-                   cudaStream_t stream) {
-  const int64_t tiles = (int64_t(p.plane_q) + 32 * POSITIONS - 1) / (32 * POSITIONS);
-  const dim3 grid(unsigned(tiles), unsigned(g.staged.items * p.splits),
-                  unsigned((g.d.batch + IMAGES - 1) / IMAGES));
-  if (shared_entries)
-    launch_dependent(staged_conv_kernel<IMAGES, POSITIONS, true>, grid, dim3(kThreads),
-                     kSharedBytes<true>, stream, "staged_conv_kernel", input, program, bias, y,
-                     p);
-  else
-    launch_dependent(staged_conv_kernel<IMAGES, POSITIONS, false>, grid, dim3(kThreads),
-                     kSharedBytes<false>, stream, "staged_conv_kernel", input, program, bias, y,
-                     p);
-}
-
-template <bool SHARED_ENTRIES>
-int blocks_per_sm() {
-  const void* kernels[] = {reinterpret_cast<const void*>(staged_conv_kernel<1, 8, SHARED_ENTRIES>),
-                           reinterpret_cast<const void*>(staged_conv_kernel<1, 4, SHARED_ENTRIES>),
-                           reinterpret_cast<const void*>(staged_conv_kernel<1, 2, SHARED_ENTRIES>),
-                           reinterpret_cast<const void*>(staged_conv_kernel<2, 4, SHARED_ENTRIES>),
-                           reinterpret_cast<const void*>(staged_conv_kernel<2, 2, SHARED_ENTRIES>),
-                           reinterpret_cast<const void*>(staged_conv_kernel<4, 2, SHARED_ENTRIES>)};
-  for (const void* kernel : kernels)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(kSharedBytes<SHARED_ENTRIES>)),
-               "cudaFuncSetAttribute");
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[0], kThreads,
-                                                           kSharedBytes<SHARED_ENTRIES>),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  return per_sm;
-}
-
 // The current GPU's shape for the staged kernels, worked out once per device. Each warp's entries
 // in shared memory (one broadcast load per entry instead of two shuffles: 5% faster at batch 1 and
 // 3% at batch 32 on an H100) take the block past 48 KB; that form runs where an SM still fits as
 // many blocks (four on an H100), not where it would fit fewer (two blocks of 49 KB fit GPUs with
-// 100 KB per SM, one of 51 KB).
+// 100 KB per SM, one of 51 KB). ESCOIN_SHUFFLED_ENTRIES=1 takes the shuffle form anyway, and
+// leaves the kernels at 48 KB, so that the tests can run it on a GPU that would take the other
+// (scripts/gpu_check.sh does).
 DeviceShape prepare_device() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> known[kMaxDevices] = {};  // resident_blocks * 2 + shared_entries
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const bool cached = device >= 0 && device < kMaxDevices;
-  const int64_t found = cached ? known[device].load(std::memory_order_relaxed) : 0;
-  if (found > 0) return DeviceShape{found / 2, found % 2 == 1};
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  const int plain = blocks_per_sm<false>(), with_entries = blocks_per_sm<true>();
-  // ESCOIN_SHUFFLED_ENTRIES=1 takes the shuffle form anyway, so that the tests can run it on a
-  // GPU that would take the other (scripts/gpu_check.sh does).
-  const char* shuffled = std::getenv("ESCOIN_SHUFFLED_ENTRIES");
-  const bool shared_entries = with_entries >= plain && !(shuffled && shuffled[0] == '1');
-  const DeviceShape shape{std::max<int64_t>(1, int64_t(sms) * (shared_entries ? with_entries
-                                                                              : plain)),
-                          shared_entries};
-  if (cached)
-    known[device].store(shape.resident_blocks * 2 + (shared_entries ? 1 : 0),
-                        std::memory_order_relaxed);
-  return shape;
+  static std::atomic<int64_t> known[64] = {};  // resident_blocks * 2 + shared_entries
+  const int64_t found = once_per_device(known, [](int device) -> int64_t {
+    int sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    const char* shuffled = std::getenv("ESCOIN_SHUFFLED_ENTRIES");
+    const int plain = blocks_per_sm<false>();
+    const int with_entries = shuffled && shuffled[0] == '1' ? 0 : blocks_per_sm<true>();
+    const bool shared_entries = with_entries >= plain;
+    return std::max<int64_t>(1, int64_t(sms) * (shared_entries ? with_entries : plain)) * 2 +
+           (shared_entries ? 1 : 0);
+  });
+  return DeviceShape{found / 2, found % 2 == 1};
 }
 
 }  // namespace
@@ -395,18 +391,20 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.relu = relu ? 1 : 0;
   p.by_phases = FastDivisor::of(s.phases);
   const DeviceShape device = prepare_device();
-  const bool entries = device.shared_entries;
   const StagedLaunch shape = staged_launch(g, device.resident_blocks);
   p.splits = int(shape.splits);
-  p.segment_copied = int(s.segment - 32 * (s.positions - shape.positions));
-  switch (shape.images * 10 + shape.positions) {
-    case 18: launch_kernel<1, 8>(g, p, entries, input, program, bias, y, stream); break;
-    case 14: launch_kernel<1, 4>(g, p, entries, input, program, bias, y, stream); break;
-    case 12: launch_kernel<1, 2>(g, p, entries, input, program, bias, y, stream); break;
-    case 24: launch_kernel<2, 4>(g, p, entries, input, program, bias, y, stream); break;
-    case 22: launch_kernel<2, 2>(g, p, entries, input, program, bias, y, stream); break;
-    default: launch_kernel<4, 2>(g, p, entries, input, program, bias, y, stream); break;
-  }
+  // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
+  p.segment_copied =
+      int(s.whole_channels ? s.segment : s.segment - 32 * (s.positions - shape.positions));
+  const size_t index = kernel_index(shape);
+  const dim3 grid(unsigned(staged_tiles(g, shape.positions)), unsigned(s.items * p.splits),
+                  unsigned((g.d.batch + shape.images - 1) / shape.images));
+  if (device.shared_entries)
+    launch_dependent(kKernels<true>[index], grid, dim3(kThreads), kSharedBytes<true>, stream,
+                     "staged_conv_kernel", input, program, bias, y, p);
+  else
+    launch_dependent(kKernels<false>[index], grid, dim3(kThreads), kSharedBytes<false>, stream,
+                     "staged_conv_kernel", input, program, bias, y, p);
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
 

@@ -10,6 +10,7 @@ from torch.nn.utils import prune
 
 from torch_helpers import SmallCNN, pruned_small_cnn, relative_error, sparse_conv
 from escoin_torch import SparseConv2d, calibrate, sparsify
+from escoin_torch.timing import time_call
 
 
 def test_sparsify_folds_prune_masks() -> None:
@@ -97,5 +98,7 @@ def test_calibrate(have_tqdm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_calibrate_in_graphs_needs_cuda() -> None:
     model, _ = sparsify(pruned_small_cnn(0.8).eval())
-    with pytest.raises(ValueError, match="graphs=True times CUDA graphs, but the device is cpu"):
+    with pytest.raises(ValueError, match="example_input must be on a CUDA device"):
         calibrate(model, torch.randn(1, 3, 16, 16), repeats=1, warmup=0, graphs=True)
+    with pytest.raises(ValueError, match="graphs=True times CUDA graphs, but the device is cpu"):
+        time_call(lambda: None, torch.device("cpu"), graphs=True)

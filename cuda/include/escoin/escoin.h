@@ -159,8 +159,9 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * staged kernel's shared-memory limit there (cudaFuncSetAttribute; 49.9 KB, where the GPU still
  * fits as many blocks per SM as with 48 KB); the environment variable ESCOIN_SHUFFLED_ENTRIES=1,
  * read then, keeps it to 48 KB (the form GPUs with 100 KB per SM run; for testing). On sm_90 and
- * newer the kernels are launched as programmatic dependents of the stream's previous kernel and
- * wait for it before touching memory: no ordering a caller can observe changes. */
+ * newer, with code compiled for them, the kernels are launched as programmatic dependents of the
+ * stream's previous kernel and wait for it before touching memory: no ordering a caller can
+ * observe changes. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,

@@ -95,6 +95,9 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
     cost, which graphs remove, so at small batch it keeps layers dense that are faster on escoin
     in a graph.
     """
+    first = example_input[0] if isinstance(example_input, tuple) else example_input
+    if graphs and not (isinstance(first, torch.Tensor) and first.device.type == "cuda"):
+        raise ValueError("graphs=True times CUDA graphs: example_input must be on a CUDA device")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseConv2d)]
     inputs: Dict[str, torch.Tensor] = {}
 

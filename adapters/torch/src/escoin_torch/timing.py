@@ -16,7 +16,7 @@ import torch
 
 from escoin_torch.layer import Path, SparseConv2d
 
-__all__ = ["PathTimes", "time_call", "time_paths"]
+__all__ = ["GRAPH_CALLS", "PathTimes", "capture_graph", "time_call", "time_paths"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
     if graphs:
         if device.type != "cuda":
             raise ValueError(f"graphs=True times CUDA graphs, but the device is {device}")
-        return _time_in_graph(fn, device, repeats, warmup)
+        graph = capture_graph(fn, device, GRAPH_CALLS, warmup)
+        return time_call(graph.replay, device, repeats, warmup=1) / GRAPH_CALLS
     for _ in range(warmup):
         fn()
     samples = []
@@ -70,10 +71,12 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
 GRAPH_CALLS = 10  # calls captured per graph by time_call(graphs=True)
 
 
-def _time_in_graph(fn: Callable[[], object], device: torch.device, repeats: int,
-                   warmup: int) -> float:
-    # Warm-up (and the caches it builds: uploads cannot run during capture) on a side stream,
-    # as PyTorch's CUDA graph notes ask.
+def capture_graph(fn: Callable[[], object], device: torch.device, calls: int = 1,
+                  warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` back-to-back calls of ``fn``. ``warmup`` calls (at least one)
+    run first on a side stream, as PyTorch asks before a capture: they build what must not happen
+    inside one (escoin's per-geometry filter upload and stretched offsets, cuDNN's algorithm
+    choice, allocator pools)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -82,19 +85,9 @@ def _time_in_graph(fn: Callable[[], object], device: torch.device, repeats: int,
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
+        for _ in range(calls):
             fn()
-    graph.replay()
-    stream = torch.cuda.current_stream(device)
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        graph.replay()
-        end.record(stream)
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / GRAPH_CALLS)
-    return statistics.median(samples)
+    return graph
 
 
 def time_paths(layer: SparseConv2d, x: torch.Tensor, repeats: int = 20,

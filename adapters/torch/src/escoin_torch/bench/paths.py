@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from escoin_torch.seed import relative_error
-from escoin_torch.timing import time_call
+from escoin_torch.timing import capture_graph, time_call
 
 __all__ = ["ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_PATHS", "Path", "PathResult", "measure",
            "network_paths", "precision"]
@@ -104,20 +104,11 @@ def _eager(path: Path) -> Tuple[Callable[[], object], Callable[[], torch.Tensor]
 
 
 def _graphed(path: Path) -> Tuple[Callable[[], object], Callable[[], torch.Tensor]]:
-    """A CUDA graph of the whole forward on a static copy of the input.
-
-    Forwards run first on a side stream, as PyTorch requires before capture: they build what must
-    not happen inside a capture (escoin's per-geometry filter upload and stretched offsets,
-    cuDNN's algorithm choice, allocator pools).
-    """
+    """A CUDA graph of the whole forward on a static copy of the input."""
     static_x = path.x.clone()
-    side = torch.cuda.Stream(path.x.device)
-    side.wait_stream(torch.cuda.current_stream(path.x.device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            path.model(static_x)
-    torch.cuda.current_stream(path.x.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = path.model(static_x)
-    return graph.replay, lambda: static_y
+    outputs: List[torch.Tensor] = []
+
+    def forward() -> None:
+        outputs[:] = [path.model(static_x)]
+    graph = capture_graph(forward, path.x.device)  # outputs[0]: the captured forward's output
+    return graph.replay, lambda: outputs[0]

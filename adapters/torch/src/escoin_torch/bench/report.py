@@ -25,9 +25,8 @@ def network_table(result: NetworkResult) -> str:
     lines = [f"{result.net}, batch {result.batch}, input {'x'.join(map(str, result.input_shape))}"
              f", conv density {result.conv_density:.3f}, {converted} convs on escoin"
              + (f", {len(result.kept_dense)} kept dense" if result.kept_dense else "")
-             + "; calibration kept " + ", ".join(f"{n} ({mode})" for mode, n in
-                                                 result.calibrated_sparse.items())
-             + " of them on escoin",
+             + "".join(f"; calibration ({mode}) kept {n} of them on escoin"
+                       for mode, n in result.calibrated_sparse.items()),
              f"  {'path':<19}{'graph':<7}{'ms':>10}{'escoin speed-up':>17}{'rel err vs fp64':>17}"]
     for p in result.paths:
         lines.append(f"  {p.path:<19}{'yes' if p.graphs else 'no':<7}{p.ms:>10.3f}"
