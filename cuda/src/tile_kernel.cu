@@ -43,7 +43,14 @@ struct StagedParams {
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
-  FastDivisor by_phases;
+  // Divisions by launch-time values, as multiply-highs (fast_divide.cuh): a signed 32-bit
+  // division by a runtime value is ~20 instructions, which per output and per copied segment
+  // was a third of the work of a small layer's block.
+  FastDivisor by_phases, by_splits, by_items_per_group;
+  FastDivisor by_plane_w;  // a position q's output row: q / plane_w
+  // A chunk's segments per image: channels * phases (1 with whole channels), in every chunk but
+  // the last, and in the last, which may hold fewer channels.
+  FastDivisor by_segments_per_image, by_last_segments_per_image;
 };
 
 // Where image b's part of a chunk starts in shared memory: a fixed share of it, so that an
@@ -70,10 +77,12 @@ struct ChunkSegment {
 };
 
 template <int IMAGES>
-__device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image, const float* in,
-                                                      float* tile, int n0, int c0, int q0,
-                                                      const StagedParams& p) {
-  const int b = s / per_image, cp = s - b * per_image;
+__device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image,
+                                                      const FastDivisor& by_per_image,
+                                                      const float* in, float* tile, int n0,
+                                                      int c0, int q0, const StagedParams& p) {
+  const int b = IMAGES == 1 ? 0 : int(by_per_image.divide(uint32_t(s)));
+  const int cp = s - b * per_image;
   const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
   const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
   // channel_stride and q0 are multiples of 4, so only the phase can leave start unaligned.
@@ -105,13 +114,16 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int per_image = p.whole_channels ? 1 : channels * p.phases;
+  const FastDivisor by_per_image =
+      chunk + 1 < p.chunks ? p.by_segments_per_image : p.by_last_segments_per_image;
   const int length = p.whole_channels ? channels * p.segment : p.segment_copied;
   const int segments = min(IMAGES, p.batch - n0) * per_image;
   const float* const readable_end = input + p.readable;
   uint32_t bytes = 0;
   for (int s = int(threadIdx.x) / 32 + kWarps * (int(threadIdx.x) % 32); s < segments;
        s += kThreads) {
-    const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
+    const ChunkSegment segment =
+        chunk_segment<IMAGES>(s, per_image, by_per_image, in, tile, n0, c0, q0, p);
     const int64_t readable = readable_end - segment.src;
     const int64_t elements = readable < length ? readable : length;
     if (elements < 4) continue;
@@ -133,12 +145,15 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
   const int c0 = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.group_in - c0);
   const int per_image = p.whole_channels ? 1 : channels * p.phases;
+  const FastDivisor by_per_image =
+      chunk + 1 < p.chunks ? p.by_segments_per_image : p.by_last_segments_per_image;
   const int vectors = (p.whole_channels ? channels * p.segment : p.segment_copied) / 4;
   const int total = min(IMAGES, p.batch - n0) * per_image * vectors;
   const float* const readable_end = input + p.readable;
   for (int i = int(threadIdx.x); i < total; i += kThreads) {
     const int s = i / vectors, v = i - s * vectors;
-    const ChunkSegment segment = chunk_segment<IMAGES>(s, per_image, in, tile, n0, c0, q0, p);
+    const ChunkSegment segment =
+        chunk_segment<IMAGES>(s, per_image, by_per_image, in, tile, n0, c0, q0, p);
     const float* src = segment.src + 4 * v;
     float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
     if (src + 4 <= readable_end) value = __ldg(reinterpret_cast<const float4*>(src));
@@ -180,12 +195,13 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
       reinterpret_cast<uint64_t*>(tile + kStagedSharedFloats + kEntryFloats<SHARED_ENTRIES>);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int q0 = int(blockIdx.x) * 32 * POSITIONS;
-  const int item = int(blockIdx.y) / p.splits;
-  const int split = int(blockIdx.y) % p.splits;
-  const int group = item / p.items_per_group;
+  const int item = int(p.by_splits.divide(blockIdx.y));
+  const int split = int(blockIdx.y) - item * p.splits;
+  const int group = int(p.by_items_per_group.divide(uint32_t(item)));
   const int n0 = int(blockIdx.z) * IMAGES;
-  const int chunk_begin = int(int64_t(p.chunks) * split / p.splits);
-  const int chunk_end = int(int64_t(p.chunks) * (split + 1) / p.splits);
+  // chunks * splits < 2^31 (tile_kernel_fits)
+  const int chunk_begin = int(p.by_splits.divide(uint32_t(p.chunks * split)));
+  const int chunk_end = int(p.by_splits.divide(uint32_t(p.chunks * (split + 1))));
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
@@ -259,7 +275,19 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
     }
   }
 
-  const int first_channel = (item % p.items_per_group) * kRows + warp * kRowsPerWarp;
+  // Where each of the thread's positions goes in an output plane, or -1 past the plane or in a
+  // stretched row's padding: worked out once, not per channel and image.
+  int plane_offset[POSITIONS];
+#pragma unroll
+  for (int i = 0; i < POSITIONS; ++i) {
+    const int q = q0 + lane + 32 * i;  // < 2^31: plane_q <= INT32_MAX / 2 (tile_kernel_fits)
+    const int oh = int(p.by_plane_w.divide(uint32_t(q)));
+    const int ow = q - oh * p.plane_w;
+    plane_offset[i] = q < p.plane_q && ow < p.out_width ? oh * p.out_width + ow : -1;
+  }
+  const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
+  float* const planes =
+      p.splits > 1 ? p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane) : y;
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     if (first_channel + r >= p.group_out) break;
@@ -268,17 +296,13 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
 #pragma unroll
     for (int b = 0; b < IMAGES; ++b) {
       if (n0 + b >= p.batch) break;
-      const int64_t plane_base = (int64_t(n0 + b) * p.out_channels + m) * p.out_plane;
+      float* const plane = planes + (int64_t(n0 + b) * p.out_channels + m) * p.out_plane;
 #pragma unroll
       for (int i = 0; i < POSITIONS; ++i) {
-        const int q = q0 + lane + 32 * i, oh = q / p.plane_w, ow = q % p.plane_w;
-        if (q >= p.plane_q || ow >= p.out_width) continue;
-        const int64_t out = plane_base + oh * p.out_width + ow;
-        if (p.splits > 1) {
-          p.partial[split * (int64_t(p.batch) * p.out_channels * p.out_plane) + out] = acc[r][b][i];
-        } else {
-          y[out] = bias_relu(acc[r][b][i], b0, p.relu);
-        }
+        if (plane_offset[i] < 0) continue;
+        // Split sums are added (with bias and ReLU) by the reduction.
+        plane[plane_offset[i]] =
+            p.splits > 1 ? acc[r][b][i] : bias_relu(acc[r][b][i], b0, p.relu);
       }
     }
   }
@@ -357,7 +381,8 @@ bool tile_kernel_fits(const Geometry& g) {
   const StagedPlan& s = g.staged;
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
   return s.chunk_channels > 0 && (g.d.batch + s.images - 1) / s.images <= 65535 &&
-         s.items * g.gpu_staged_splits <= 65535 && plane_q <= INT32_MAX / 2;
+         s.items * g.gpu_staged_splits <= 65535 && s.chunks * g.gpu_staged_splits <= INT32_MAX &&
+         plane_q <= INT32_MAX / 2;
 }
 
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
@@ -390,9 +415,15 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
   p.by_phases = FastDivisor::of(s.phases);
+  p.by_items_per_group = FastDivisor::of(p.items_per_group);
+  p.by_plane_w = FastDivisor::of(p.plane_w);
+  const int64_t last_channels = g.group_in - (s.chunks - 1) * s.chunk_channels;
+  p.by_segments_per_image = FastDivisor::of(s.whole_channels ? 1 : s.chunk_channels * s.phases);
+  p.by_last_segments_per_image = FastDivisor::of(s.whole_channels ? 1 : last_channels * s.phases);
   const DeviceShape device = prepare_device();
   const StagedLaunch shape = staged_launch(g, device.resident_blocks);
   p.splits = int(shape.splits);
+  p.by_splits = FastDivisor::of(shape.splits);
   // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
   p.segment_copied =
       int(s.whole_channels ? s.segment : s.segment - 32 * (s.positions - shape.positions));
