@@ -112,7 +112,8 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
 #pragma unroll
           for (int b = 0; b < IMAGES; ++b) {
             if (n0 + b >= p.batch) continue;
-            const int64_t out = ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+            const int64_t out =
+                ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
             if (p.splits > 1) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
