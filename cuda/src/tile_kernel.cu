@@ -174,6 +174,29 @@ __device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], con
       acc[b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[b][i]);
 }
 
+// Writes a thread's sums, finish(sum, row) each, into the planes of its warp's `channels` output
+// channels (from `first_channel`) of each image of the block: the positions with a place in the
+// plane (plane_offset >= 0).
+template <int IMAGES, int POSITIONS, typename Finish>
+__device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAGES][POSITIONS],
+                                           float* planes, const int (&plane_offset)[POSITIONS],
+                                           int first_channel, int channels, int n0,
+                                           const StagedParams& p, Finish finish) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (r >= channels) break;
+#pragma unroll
+    for (int b = 0; b < IMAGES; ++b) {
+      if (n0 + b >= p.batch) break;
+      float* const plane =
+          planes + (int64_t(n0 + b) * p.out_channels + first_channel + r) * p.out_plane;
+#pragma unroll
+      for (int i = 0; i < POSITIONS; ++i)
+        if (plane_offset[i] >= 0) plane[plane_offset[i]] = finish(acc[r][b][i], r);
+    }
+  }
+}
+
 // Block (x: a tile of 32 * POSITIONS positions, y: an item (kRows output channels of one group)
 // times a split of its chunks, z: IMAGES images), kWarps warps. Thread `lane` of a warp computes
 // positions q0 + lane + 32 * i of each image for its warp's kRowsPerWarp channels; an entry's
@@ -286,26 +309,26 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
     plane_offset[i] = q < p.plane_q && ow < p.out_width ? oh * p.out_width + ow : -1;
   }
   const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
-  float* const planes =
-      p.splits > 1 ? p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane) : y;
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    if (first_channel + r >= p.group_out) break;
-    const int m = group * p.group_out + first_channel + r;
-    const float b0 = bias ? __ldg(bias + m) : 0.f;
-#pragma unroll
-    for (int b = 0; b < IMAGES; ++b) {
-      if (n0 + b >= p.batch) break;
-      float* const plane = planes + (int64_t(n0 + b) * p.out_channels + m) * p.out_plane;
-#pragma unroll
-      for (int i = 0; i < POSITIONS; ++i) {
-        if (plane_offset[i] < 0) continue;
-        // Split sums are added (with bias and ReLU) by the reduction.
-        plane[plane_offset[i]] =
-            p.splits > 1 ? acc[r][b][i] : bias_relu(acc[r][b][i], b0, p.relu);
-      }
-    }
+  const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
+  // The finish is chosen once for the whole tile, so that each output is a bias add, the ReLU's
+  // select and a predicated store (split sums are finished by the reduction).
+  if (p.splits > 1) {
+    write_sums(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
+               plane_offset, group * p.group_out + first_channel, channels, n0, p,
+               [](float sum, int) { return sum; });
+    return;
   }
+  float channel_bias[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+    channel_bias[r] = bias && r < channels ? __ldg(bias + group * p.group_out + first_channel + r)
+                                           : 0.f;
+  if (p.relu)
+    write_sums(acc, y, plane_offset, group * p.group_out + first_channel, channels, n0, p,
+               [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
+  else
+    write_sums(acc, y, plane_offset, group * p.group_out + first_channel, channels, n0, p,
+               [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
 using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams);
