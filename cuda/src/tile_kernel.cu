@@ -67,26 +67,43 @@ constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
 #define ESCOIN_BULK_COPY 0
 #endif
 
-// Segment s of chunk c0's copy (images outermost, then channels, then phases): where it is read
+// What both copies (bulk and by threads) need of chunk `chunk`: its first channel, its segments
+// per image (channels * phases, 1 with whole channels; the last chunk may hold fewer channels)
+// and the elements each segment copies.
+struct ChunkShape {
+  int c0;
+  FastDivisor by_per_image;  // its divisor: the segments per image
+  int length;
+};
+
+__device__ __forceinline__ ChunkShape chunk_shape(int chunk, const StagedParams& p) {
+  const int c0 = chunk * p.chunk_channels;
+  const int channels = min(p.chunk_channels, p.group_in - c0);
+  return ChunkShape{c0,
+                    chunk + 1 < p.chunks ? p.by_segments_per_image
+                                         : p.by_last_segments_per_image,
+                    p.whole_channels ? channels * p.segment : p.segment_copied};
+}
+
+// Segment s of a chunk's copy (images outermost, then channels, then phases): where it is read
 // from, the 16-byte boundary at or before its first stretched element, and where it goes in
-// shared memory. With whole channels an image's chunk is one segment (per_image = 1), copied
-// from the tile's first position q0 (0 unless the launch cut the plan's one tile in two).
+// shared memory. With whole channels an image's chunk is one segment, copied from the tile's
+// first position q0 (0 unless the launch cut the plan's one tile in two).
 struct ChunkSegment {
   const float* src;
   float* dst;
 };
 
 template <int IMAGES>
-__device__ __forceinline__ ChunkSegment chunk_segment(int s, int per_image,
-                                                      const FastDivisor& by_per_image,
+__device__ __forceinline__ ChunkSegment chunk_segment(int s, const ChunkShape& chunk,
                                                       const float* in, float* tile, int n0,
-                                                      int c0, int q0, const StagedParams& p) {
-  const int b = IMAGES == 1 ? 0 : int(by_per_image.divide(uint32_t(s)));
-  const int cp = s - b * per_image;
+                                                      int q0, const StagedParams& p) {
+  const int b = IMAGES == 1 ? 0 : int(chunk.by_per_image.divide(uint32_t(s)));
+  const int cp = s - b * int(chunk.by_per_image.divisor);
   const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
   const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
   // channel_stride and q0 are multiples of 4, so only the phase can leave start unaligned.
-  return ChunkSegment{in + (n0 + b) * p.image_stride + int64_t(c0) * p.channel_stride + q0 +
+  return ChunkSegment{in + (n0 + b) * p.image_stride + int64_t(chunk.c0) * p.channel_stride + q0 +
                           (start & ~3),
                       tile + b * kImageShare<IMAGES> + cp * p.segment};
 }
@@ -111,21 +128,15 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t* landed) {
   namespace ptx = cuda::ptx;
-  const int c0 = chunk * p.chunk_channels;
-  const int channels = min(p.chunk_channels, p.group_in - c0);
-  const int per_image = p.whole_channels ? 1 : channels * p.phases;
-  const FastDivisor by_per_image =
-      chunk + 1 < p.chunks ? p.by_segments_per_image : p.by_last_segments_per_image;
-  const int length = p.whole_channels ? channels * p.segment : p.segment_copied;
-  const int segments = min(IMAGES, p.batch - n0) * per_image;
+  const ChunkShape shape = chunk_shape(chunk, p);
+  const int segments = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor);
   const float* const readable_end = input + p.readable;
   uint32_t bytes = 0;
   for (int s = int(threadIdx.x) / 32 + kWarps * (int(threadIdx.x) % 32); s < segments;
        s += kThreads) {
-    const ChunkSegment segment =
-        chunk_segment<IMAGES>(s, per_image, by_per_image, in, tile, n0, c0, q0, p);
+    const ChunkSegment segment = chunk_segment<IMAGES>(s, shape, in, tile, n0, q0, p);
     const int64_t readable = readable_end - segment.src;
-    const int64_t elements = readable < length ? readable : length;
+    const int64_t elements = readable < shape.length ? readable : shape.length;
     if (elements < 4) continue;
     const uint32_t size = uint32_t(elements / 4 * 16);  // whole float4s
     ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global, segment.dst, segment.src, size,
@@ -142,18 +153,13 @@ template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t*) {
-  const int c0 = chunk * p.chunk_channels;
-  const int channels = min(p.chunk_channels, p.group_in - c0);
-  const int per_image = p.whole_channels ? 1 : channels * p.phases;
-  const FastDivisor by_per_image =
-      chunk + 1 < p.chunks ? p.by_segments_per_image : p.by_last_segments_per_image;
-  const int vectors = (p.whole_channels ? channels * p.segment : p.segment_copied) / 4;
-  const int total = min(IMAGES, p.batch - n0) * per_image * vectors;
+  const ChunkShape shape = chunk_shape(chunk, p);
+  const int vectors = shape.length / 4;
+  const int total = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor) * vectors;
   const float* const readable_end = input + p.readable;
   for (int i = int(threadIdx.x); i < total; i += kThreads) {
     const int s = i / vectors, v = i - s * vectors;
-    const ChunkSegment segment =
-        chunk_segment<IMAGES>(s, per_image, by_per_image, in, tile, n0, c0, q0, p);
+    const ChunkSegment segment = chunk_segment<IMAGES>(s, shape, in, tile, n0, q0, p);
     const float* src = segment.src + 4 * v;
     float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
     if (src + 4 <= readable_end) value = __ldg(reinterpret_cast<const float4*>(src));
@@ -310,24 +316,24 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   }
   const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
+  const int first_out = group * p.group_out + first_channel;  // in all of y's channels
   // The finish is chosen once for the whole tile, so that each output is a bias add, the ReLU's
   // select and a predicated store (split sums are finished by the reduction).
   if (p.splits > 1) {
     write_sums(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
-               plane_offset, group * p.group_out + first_channel, channels, n0, p,
+               plane_offset, first_out, channels, n0, p,
                [](float sum, int) { return sum; });
     return;
   }
   float channel_bias[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
-    channel_bias[r] = bias && r < channels ? __ldg(bias + group * p.group_out + first_channel + r)
-                                           : 0.f;
+    channel_bias[r] = bias && r < channels ? __ldg(bias + first_out + r) : 0.f;
   if (p.relu)
-    write_sums(acc, y, plane_offset, group * p.group_out + first_channel, channels, n0, p,
+    write_sums(acc, y, plane_offset, first_out, channels, n0, p,
                [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
   else
-    write_sums(acc, y, plane_offset, group * p.group_out + first_channel, channels, n0, p,
+    write_sums(acc, y, plane_offset, first_out, channels, n0, p,
                [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
