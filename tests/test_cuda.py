@@ -295,6 +295,34 @@ def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: i
     np.testing.assert_array_equal(first, second)
 
 
+@pytest.mark.parametrize("kernel, padding, size", [(3, 1, 7), (1, 0, 8)])
+def test_split_sums_with_a_reused_poisoned_workspace(dev, kernel: int, padding: int,
+                                                     size: int) -> None:
+    """Batch 1 on a small plane splits the staged kernel's chunks, their partial sums kept in the
+    workspace (with a stretch, after it; a 1x1 layer is read in place). A caller's workspace
+    full of 0xff bytes (NaN everywhere), reused across calls, must give the reference, bitwise
+    the same each time: nothing may read a part of it that this call did not write."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(40 + kernel)
+    shape = (96, 160, kernel, kernel)
+    weight = rng.standard_normal(shape) * (rng.random(shape) < 0.1)
+    x = rng.standard_normal((1, 160, size, size))
+    bias = rng.standard_normal(96)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    xs, bs = dev.put(x.astype(np.float32)), dev.put(bias.astype(np.float32))
+    nbytes = escoin.workspace_size(x.shape, filt, padding=padding)
+    ws = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+    runs = []
+    for _ in range(3):
+        out = torch.full((1, 96, size, size), float("nan"), device="cuda")
+        escoin.conv2d(xs, filt, bs, padding=padding, relu=True, out=out, workspace=ws)
+        runs.append(out.cpu().numpy())
+    expected = conv2d_reference(x, weight, bias, (1, 1), (padding,) * 4, (1, 1), 1, relu=True)
+    assert relative_error(runs[0], expected) <= 1e-5
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+
+
 @pytest.mark.parametrize("batch, stride, staged", [(3, 1, True), (3, 1, False), (9, 1, True),
                                                    (9, 1, False), (9, 2, True), (9, 2, False)])
 def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
