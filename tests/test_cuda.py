@@ -277,6 +277,44 @@ def test_filter_device_index_checked() -> None:
         filt.cuda(escoin.cuda_device_count())
 
 
+# (batch, in, out, height, width, kernel, padding, dilation, groups): stride-1 layers on rows of
+# a multiple of 4, which Hopper copies from x padded by the copy engine (no stretch).
+TENSOR_COPY_CASES = [
+    (3, 20, 40, 17, 24, 3, 1, 1, 1),       # the last block of images part-empty, odd height
+    (1, 40, 64, 9, 8, 3, 1, 1, 1),         # one tile: whole channels; batch 1 splits
+    (5, 12, 48, 30, 28, 4, "same", 1, 2),  # asymmetric padding (1 left, 2 right), two groups
+    (2, 16, 32, 20, 36, 3, 2, 2, 1),       # dilation 2
+    (4, 70, 33, 28, 28, 3, 1, 1, 1),       # a part-full last chunk, a part-full block of rows
+    (2, 8, 32, 12, 224, 3, 1, 1, 1),       # rows of 228 after rounding: a box side near 256
+]
+
+
+@pytest.mark.parametrize("case", TENSOR_COPY_CASES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_tensor_copy_geometries(dev, case: tuple, misaligned: bool) -> None:
+    """x copied padded by the copy engine on Hopper, or stretched into the staged kernel's
+    layout (rows rounded up to 4) where x starts off a 16-byte boundary: both match float64."""
+    torch = pytest.importorskip("torch")
+    batch, cin, cout, height, width, kernel, padding, dilation, groups = case
+    rng = np.random.default_rng(sum(case[:6]) + misaligned)
+    shape = (cout, cin // groups, kernel, kernel)
+    weight = rng.standard_normal(shape) * (rng.random(shape) < 0.3)
+    x = rng.standard_normal((batch, cin, height, width))
+    bias = rng.standard_normal(cout)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32), groups=groups)
+    flat = torch.from_numpy(x.astype(np.float32).ravel()).cuda()
+    if misaligned:  # one float in: 4-byte aligned only
+        flat = torch.cat([torch.zeros(1, device="cuda"), flat])[1:]
+    xs = flat.view(x.shape)
+    y = dev.get(escoin.conv2d(xs, filt, dev.put(bias.astype(np.float32)), padding=padding,
+                              dilation=dilation, relu=True))
+    pads = escoin.geometry.padding_sides(padding, (kernel, kernel), (1, 1),
+                                         (dilation, dilation))
+    expected = conv2d_reference(x, weight, bias, (1, 1), pads, (dilation, dilation), groups,
+                                relu=True)
+    assert relative_error(y, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("batch, size", [(1, 7), (2, 7), (8, 14)])
 def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: int) -> None:
     """A small plane gives too few blocks, so each channel's nonzeros are split and the partial

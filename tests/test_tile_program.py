@@ -17,6 +17,7 @@ from escoin.geometry import descriptor
 MAGIC, HEADER_WORDS = 0x45534335, 4
 ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12256  # cuda/src/geometry.hpp: kStaged*
 MAX_SPLITS, SMALL_GRID_BLOCKS = 16, 128  # cuda/src/geometry.cpp
+BOX_MAX = 256  # cuda/src/geometry.hpp: kTensorBoxMax
 
 
 class Plan(NamedTuple):
@@ -26,25 +27,32 @@ class Plan(NamedTuple):
     segment: int
     chunk_channels: int
     whole_channels: bool
+    tensor_copy: bool
+    plane_w: int  # the plan's layout: the public one, or with tensor copies rows rounded to 4
+    channel_stride: int
+    lead: int  # tensor copies: zero columns before each row, so that a box starts on 16 bytes
 
 
-def staged_plan(desc: tuple) -> Plan:
-    """geometry.cpp's staged_plan, restated: the decoder must not trust the program's own view."""
-    layout = _core.conv_layout(desc)
+def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int) -> Plan:
+    """geometry.cpp's staged_plan_on, restated: the decoder must not trust the program's view."""
     _, c, _, _, m, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
-    plane_q = layout["out_height"] * layout["plane_w"]
+    plane_w, channel_stride = layout["plane_w"], layout["channel_stride"]
+    plane_q = layout["out_height"] * plane_w
     padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
     positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
-    reach = (kh - 1) * dh // sh * layout["plane_w"] + (kw - 1) * dw // sw
+    reach = (kh - 1) * dh // sh * plane_w + (kw - 1) * dw // sw + lead
     images, phases = PRODUCTS // positions, sh * sw
-    phase_plane = layout["plane_h"] * layout["plane_w"]
+    share = SHARED_FLOATS // images // 32 * 32  # image shares start 128-byte aligned
+    phase_plane = layout["plane_h"] * plane_w
     shifted = phases > 1 and phase_plane % 4 != 0
-    segment = -(-(32 * positions + reach + (3 if shifted else 0)) // 4) * 4
-    chunk_channels = min(c // groups, SHARED_FLOATS // (images * phases * segment))
+    if tensor_copy:  # whole rows from the row of the tile's first position
+        segment = -(-(plane_w - 4 + 32 * positions + reach) // plane_w) * plane_w
+    else:
+        segment = -(-(32 * positions + reach + (3 if shifted else 0)) // 4) * 4
+    chunk_channels = min(c // groups, share // (phases * segment))
     # one tile over the whole plane: chunks copied whole, channel_stride apart in shared memory
-    channel_stride = layout["channel_stride"]
     overrun = max(0, (phases - 1) * phase_plane + reach + 32 * positions - channel_stride)
-    whole = (SHARED_FLOATS // images - overrun) // channel_stride
+    whole = (share - overrun) // channel_stride
     is_whole = padded[positions] == 32 * positions and whole > 0
     if is_whole:
         segment, chunk_channels = channel_stride, min(c // groups, whole)
@@ -53,12 +61,43 @@ def staged_plan(desc: tuple) -> Plan:
     wanted_chunks = min(MAX_SPLITS, -(-SMALL_GRID_BLOCKS // image_blocks))
     if chunk_channels > 0:
         chunk_channels = min(chunk_channels, -(-(c // groups) // wanted_chunks))
-    return Plan(images, phases, phase_plane, segment, chunk_channels, is_whole)
+    return Plan(images, phases, phase_plane, segment, chunk_channels, is_whole, tensor_copy,
+                plane_w, channel_stride, lead)
 
 
-def decode(words: np.ndarray, plan: Plan, channel_stride: int
+def staged_plan(desc: tuple) -> Plan:
+    """geometry.cpp's staged_plan: tensor copies where the geometry allows them."""
+    layout = dict(_core.conv_layout(desc))
+    _, _, h, w, _, kh, kw, sh, sw, pt, pb, pl, pr, _, _, _ = desc
+    direct = (kh == kw == sh == sw == 1 and pt == pb == pl == pr == 0
+              and layout["channel_stride"] == h * w)
+    box_left = -(-pl // 4) * 4  # rows: box_left zeros, x's row, zeros to a multiple of 4
+    lead = box_left - pl
+    row = max(box_left + w, w + pr, layout["out_width"])
+    rounded = dict(layout, plane_w=-(-row // 4) * 4)
+    rounded["channel_stride"] = rounded["plane_h"] * rounded["plane_w"]
+    if sh == sw == 1 and w % 4 == 0 and not direct and rounded["plane_w"] <= BOX_MAX:
+        plan = plan_on(desc, rounded, True, lead)
+        if 0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX:
+            return plan
+    return plan_on(desc, layout, False, 0)
+
+
+def staged_offset(offset: int, plan: Plan, layout: dict) -> int:
+    """tile_program.cpp's staged_within, restated: a public-layout offset in the plan's layout,
+    whose rows start with plan.lead more zeros and may be longer (or, with tensor copies,
+    shorter: a tap may read the next row's leading zeros as its right padding)."""
+    channel, within = divmod(offset, layout["channel_stride"])
+    phase, d = divmod(within, layout["plane_h"] * layout["plane_w"])
+    row, column = divmod(d, layout["plane_w"])
+    return (channel * plan.channel_stride + phase * plan.phase_plane + row * plan.plane_w
+            + plan.lead + column)
+
+
+def decode(words: np.ndarray, plan: Plan
            ) -> Tuple[int, Dict[Tuple[int, int], List[Tuple[int, float]]]]:
-    """Per (item, row of the item), the (stretched offset, value) of each entry."""
+    """Per (item, row of the item), the (stretched offset in the plan's layout, value) of each
+    entry."""
     magic, items, chunks, entries = (int(v) for v in words[:HEADER_WORDS])
     assert magic == MAGIC
     begins = words[HEADER_WORDS:HEADER_WORDS + items * chunks * ROWS + 1]
@@ -71,6 +110,7 @@ def decode(words: np.ndarray, plan: Plan, channel_stride: int
         item, rest = divmod(key, chunks * ROWS)
         chunk, row = divmod(rest, ROWS)
         for shared, bits in pairs[begins[key]:begins[key + 1]]:
+            # (no tap here reads past its channel: the tests' outputs have several rows)
             if plan.whole_channels:  # channels lie in shared memory as in the input
                 channel, within = divmod(int(shared), plan.segment)
                 assert within < plan.phases * plan.phase_plane
@@ -78,10 +118,10 @@ def decode(words: np.ndarray, plan: Plan, channel_stride: int
                 channel, rest = divmod(int(shared), plan.phases * plan.segment)
                 phase, shifted = divmod(rest, plan.segment)
                 d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte bounds
-                assert 0 <= d < plan.phase_plane
+                assert 0 <= d < plan.segment
                 within = phase * plan.phase_plane + d
             assert channel < plan.chunk_channels
-            offset = (chunk * plan.chunk_channels + channel) * channel_stride + within
+            offset = (chunk * plan.chunk_channels + channel) * plan.channel_stride + within
             decoded.setdefault((item, row), []).append(
                 (offset, float(np.array(bits, np.int32).view(np.float32))))
     return items, decoded
@@ -99,12 +139,15 @@ def test_every_nonzero_appears_once_in_its_row_and_chunk(
                   seed)
 
 
-@pytest.mark.parametrize("size, stride, whole", [(7, 1, True), (13, 2, True), (40, 1, False),
-                                                 (40, 2, False)])
-def test_both_copy_layouts(size: int, stride: int, whole: bool) -> None:
-    """Planes one tile covers are staged as whole channels, larger ones as segments."""
+@pytest.mark.parametrize("size, stride, whole, tensor_copy",
+                         [(7, 1, True, False), (13, 2, True, False), (40, 1, False, False),
+                          (40, 2, False, False), (5, 1, True, True), (41, 1, False, True),
+                          (41, 2, False, False)])
+def test_every_copy_layout(size: int, stride: int, whole: bool, tensor_copy: bool) -> None:
+    """Planes one tile covers are staged as whole channels, larger ones as segments; at stride 1
+    on rows of a multiple of 4 (width size + 3), on rows rounded up to 4 for tensor copies."""
     plan = check_program(40, 24, 3, stride, 1, 1, size, 0.3, size + stride)
-    assert plan.whole_channels == whole
+    assert (plan.whole_channels, plan.tensor_copy) == (whole, tensor_copy)
 
 
 def check_program(out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
@@ -121,8 +164,8 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
     program = filt._store.tile_program(desc)
     assert program is not None  # >= 16 output channels per group: the staged kernel pays
     plan = staged_plan(desc)
-    channel_stride = _core.conv_layout(desc)["channel_stride"]
-    items, decoded = decode(program.view(np.int32), plan, channel_stride)
+    items, decoded = decode(program.view(np.int32), plan)
+    layout = dict(_core.conv_layout(desc))
     items_per_group = -(-out_channels // ROWS)
     assert items == groups * items_per_group
     offsets = filt._store.offsets(desc)
@@ -131,7 +174,8 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
         group, local = divmod(m, out_channels)
         key = (group * items_per_group + local // ROWS, local % ROWS)
         for j in range(filt.row_ptr[m], filt.row_ptr[m + 1]):
-            expected.setdefault(key, []).append((int(offsets[j]), float(filt.values[j])))
+            expected.setdefault(key, []).append(
+                (staged_offset(int(offsets[j]), plan, layout), float(filt.values[j])))
     assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
     return plan
 
@@ -165,6 +209,22 @@ def test_program_rejects_an_offset_outside_the_input() -> None:
     with pytest.raises(EscoinError, match="offset"):
         _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                 values.ctypes.data)
+
+
+def test_program_rejects_an_offset_past_the_groups_channels() -> None:
+    """With a one-row output the range check admits the offset one past the group's last
+    channel; the builder must refuse it, not index a chunk that does not exist."""
+    filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
+    desc = descriptor((1, 3, 3, 30), filt.shape, 1, 1, 0, 1)
+    offsets = filt._store.offsets(desc).copy()
+    offsets[5] = 3 * _core.conv_layout(desc)["channel_stride"]
+    values = filt.values.astype(np.float32)
+    nbytes = _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                     values.ctypes.data)
+    program = np.empty(nbytes, np.uint8)
+    with pytest.raises(EscoinError, match="input channel 3 of a group of 3"):
+        _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                 values.ctypes.data, program.ctypes.data, program.nbytes)
 
 
 def test_program_buffer_too_small_is_refused() -> None:

@@ -190,16 +190,28 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     auto ws = static_cast<float*>(workspace);
     // Where the stretched layout would be a plain copy of x, the kernels read x itself.
     const bool direct = escoin::input_already_stretched(g);
-    const float* input = direct ? static_cast<const float*>(x) : ws;
-    if (!direct) escoin::launch_stretch(g, static_cast<const float*>(x), ws, s);
+    const auto* xf = static_cast<const float*>(x);
+    const float* input = direct ? xf : ws;
     const auto* v = static_cast<const float*>(values);
     const auto* b = static_cast<const float*>(bias);
     auto* out = static_cast<float*>(y);
     // The staged kernel needs its program (from kTileMinBatch images: every batch) and 16-byte
-    // aligned input for its 16-byte copies.
-    if (tile_program && g.d.batch >= escoin::kTileMinBatch && escoin::tile_kernel_fits(g) &&
-        reinterpret_cast<uintptr_t>(input) % 16 == 0)
-      escoin::launch_tile_conv(g, input, direct ? 0 : g.tail_slack, ws,
+    // aligned input for its 16-byte copies. On Hopper it may copy x padded by a tensor map, and
+    // then nothing is stretched; else the stretch writes the layout of the kernel that runs.
+    const bool staged = tile_program && g.d.batch >= escoin::kTileMinBatch &&
+                        escoin::tile_kernel_fits(g) &&
+                        reinterpret_cast<uintptr_t>(input) % 16 == 0;
+    CUtensorMap x_map;
+    const bool tensor_copy = staged && escoin::encode_tensor_copy(g, xf, &x_map);
+    if (!direct && !tensor_copy) {
+      if (staged)
+        escoin::launch_stretch(g, g.staged.layout, g.d.pad_left + g.staged.lead, xf, ws, s);
+      else
+        escoin::launch_stretch(g, g.layout, g.d.pad_left, xf, ws, s);
+    }
+    if (staged)
+      escoin::launch_tile_conv(g, tensor_copy ? xf : input, direct ? 0 : g.tail_slack, ws,
+                               tensor_copy ? &x_map : nullptr,
                                static_cast<const int32_t*>(tile_program), b, relu != 0, out, s);
     else if (g.d.batch >= escoin::kGpuImagesPerBlock)
       escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, input, ws, row_ptr, offsets, v, b,

@@ -26,13 +26,13 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #endif
 }
 
-// Whether kernels of this build launch as programmatic dependents on the current device: it
-// must support them (compute capability 9.0 and up), and the code it runs must have been
-// compiled with the wait (for a virtual architecture of 9.0 and up: a build for sm_80 only runs
-// on an H100 as JIT-compiled compute_80 PTX, where wait_for_previous_grid() is empty). Every
-// kernel of a build is compiled for the same architectures, so `kernel` stands for all of them;
-// looked up once per device.
-inline bool dependent_launch_supported(const void* kernel) {
+// Whether the current device runs Hopper's code of this build: it has compute capability 9.0 or
+// up, and the code it runs was compiled for a virtual architecture of 9.0 and up (a build for
+// sm_80 only runs on an H100 as JIT-compiled compute_80 PTX, where wait_for_previous_grid() is
+// empty and there are no bulk copies). Kernels then launch as programmatic dependents, and the
+// staged kernel may copy by tensor maps. Every kernel of a build is compiled for the same
+// architectures, so `kernel` stands for all of them; looked up once per device.
+inline bool hopper_code_runs(const void* kernel) {
   static std::atomic<int64_t> known[64] = {};  // 1: no, 2: yes
   return once_per_device(known, [kernel](int device) -> int64_t {
            int major = 0;
@@ -58,7 +58,7 @@ void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   config.dynamicSmemBytes = shared;
   config.stream = stream;
   config.attrs = &attribute;
-  config.numAttrs = dependent_launch_supported(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  config.numAttrs = hopper_code_runs(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), name);
 }
 

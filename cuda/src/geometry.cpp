@@ -48,24 +48,39 @@ int64_t staged_positions(int64_t plane_q) {
   return 2;
 }
 
-StagedPlan staged_plan(const Geometry& g) {
+int64_t tiles_of(const escoin_layout_t& L, int64_t positions) {
+  return ceil_div(L.out_height * L.plane_w, 32 * positions);
+}
+
+// The plan on stretched layout L: the public one, or the tensor-copy layout (staged_plan), whose
+// rows start `lead` zeros earlier.
+StagedPlan staged_plan_on(const Geometry& g, const escoin_layout_t& L, bool tensor_copy,
+                          int64_t lead) {
   const escoin_conv_desc_t& d = g.d;
   StagedPlan s;
-  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  s.layout = L;
+  s.layout.image_stride = d.in_channels * L.channel_stride;
+  s.tensor_copy = tensor_copy;
+  s.lead = lead;
+  const int64_t plane_q = L.out_height * L.plane_w;
   s.positions = staged_positions(plane_q);
   s.images = kStagedProducts / s.positions;
-  const int64_t tiles = staged_tiles(g, s.positions);
+  const int64_t tiles = tiles_of(L, s.positions);
+  const int64_t share = staged_image_share(s.images);
   s.phases = d.stride_h * d.stride_w;
-  s.phase_plane = g.layout.plane_h * g.layout.plane_w;
+  s.phase_plane = L.plane_h * L.plane_w;
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
-  const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * g.layout.plane_w +
-                        (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * L.plane_w +
+                        (d.kernel_w - 1) * d.dilation_w / d.stride_w + lead;
   // A segment is copied from the 16-byte boundary at or before its first element: phase planes
-  // of a strided filter need not start on one, so their segments keep room for that shift.
+  // of a strided filter need not start on one, so their segments keep room for that shift. A
+  // tensor copy starts at the row of the tile's first position, up to plane_w - 4 before it,
+  // and copies whole rows.
   const bool shifted = s.phases > 1 && s.phase_plane % 4 != 0;
-  s.segment = ceil_div(32 * s.positions + reach + (shifted ? 3 : 0), 4) * 4;
-  const int64_t per_channel = s.images * s.phases * s.segment;
-  s.chunk_channels = std::min(g.group_in, kStagedSharedFloats / per_channel);
+  s.segment = tensor_copy
+                  ? ceil_div(L.plane_w - 4 + 32 * s.positions + reach, L.plane_w) * L.plane_w
+                  : ceil_div(32 * s.positions + reach + (shifted ? 3 : 0), 4) * 4;
+  s.chunk_channels = std::min(g.group_in, share / (s.phases * s.segment));
   // Where one tile covers the plane, the tile reads all of each channel it stages, so an image's
   // chunk is one run of the input (its channels are channel_stride apart there): copied as one
   // piece instead of a segment per channel and phase (on a 7x7 1x1 layer, 4 copies per chunk
@@ -74,12 +89,11 @@ StagedPlan staged_plan(const Geometry& g) {
   // inside the image's part of shared memory. (A launch may cut that tile in two, StagedLaunch:
   // each half copies the whole channels from its own first position and reads less past them.)
   const int64_t whole_overrun = std::max<int64_t>(
-      0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - g.layout.channel_stride);
-  const int64_t whole_channels =
-      (kStagedSharedFloats / s.images - whole_overrun) / g.layout.channel_stride;
+      0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - L.channel_stride);
+  const int64_t whole_channels = (share - whole_overrun) / L.channel_stride;
   s.whole_channels = tiles == 1 && whole_channels > 0;
   if (s.whole_channels) {
-    s.segment = g.layout.channel_stride;
+    s.segment = L.channel_stride;
     s.chunk_channels = std::min(g.group_in, whole_channels);
   }
   s.items = d.groups * ceil_div(g.group_out, kStagedRows);
@@ -92,6 +106,30 @@ StagedPlan staged_plan(const Geometry& g) {
     s.chunk_channels = std::min(s.chunk_channels, ceil_div(g.group_in, wanted_chunks));
   s.chunks = s.chunk_channels > 0 ? ceil_div(g.group_in, s.chunk_channels) : 0;
   return s;
+}
+
+// The plan with tensor copies (StagedPlan::tensor_copy) where the geometry allows them, else on
+// the public layout.
+StagedPlan staged_plan(const Geometry& g) {
+  const escoin_conv_desc_t& d = g.d;
+  // A row of the tensor-copy layout: box_left zeros (a multiple of 4, the box's first column),
+  // x's row, zeros to a multiple of 4. The right padding a tap reads past the row's end is the
+  // next row's leading zeros, so a row need not hold it: 28 + 1 + 1 becomes 4 + 28 = 32.
+  const int64_t box_left = ceil_div(d.pad_left, 4) * 4;
+  const int64_t lead = box_left - d.pad_left;
+  escoin_layout_t L = g.layout;
+  L.plane_w = ceil_div(std::max({box_left + d.in_width, d.in_width + d.pad_right, L.out_width}),
+                       4) * 4;
+  L.channel_stride = L.plane_h * L.plane_w;
+  if (d.stride_h == 1 && d.stride_w == 1 && d.in_width % 4 == 0 &&
+      !input_already_stretched(g) && L.plane_w <= kTensorBoxMax &&
+      L.channel_stride <= std::numeric_limits<int32_t>::max() / g.group_in) {
+    const StagedPlan s = staged_plan_on(g, L, true, lead);
+    if (s.chunk_channels > 0 && s.chunk_channels <= kTensorBoxMax &&
+        s.segment / L.plane_w <= kTensorBoxMax)
+      return s;
+  }
+  return staged_plan_on(g, g.layout, false, 0);
 }
 
 // The staged kernel's blocks for one split of the chunks, with tiles of 32 * positions and
@@ -122,7 +160,7 @@ SplitChoice best_splits(const Geometry& g, int64_t resident_blocks, int64_t posi
 }  // namespace
 
 int64_t staged_tiles(const Geometry& g, int64_t positions) {
-  return ceil_div(g.layout.out_height * g.layout.plane_w, 32 * positions);
+  return tiles_of(g.staged.layout, positions);
 }
 
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
@@ -150,11 +188,13 @@ size_t element_size(escoin_dtype_t dtype) {
 
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
   const size_t elem = element_size(dtype);
-  const double total = (double(g.d.batch) * double(g.layout.image_stride) +
-                        double(g.tail_slack) + double(g.partial_elements)) * double(elem);
+  const double image = double(std::max(g.layout.image_stride, g.staged.layout.image_stride));
+  const double total =
+      (double(g.d.batch) * image + double(g.tail_slack) + double(g.partial_elements)) *
+      double(elem);
   if (total > double(std::numeric_limits<int64_t>::max() / 2))
     fail_invalid("the workspace would need ", total, " bytes");
-  return (size_t(g.d.batch) * size_t(g.layout.image_stride) + size_t(g.tail_slack) +
+  return (size_t(stretched_input_elements(g)) + size_t(g.tail_slack) +
           size_t(g.partial_elements)) * elem;
 }
 
@@ -222,9 +262,6 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   if (g.window > std::numeric_limits<int32_t>::max())
     fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
   g.group_span = g.group_in * L.channel_stride;
-  // The streaming kernel overruns by up to a tile (kMaxTile) + plane_w, the staged kernel by up
-  // to its tile (kStagedMaxPositions) + plane_w.
-  g.tail_slack = std::max(kMaxTile, kStagedMaxPositions) + L.plane_w;
   const int64_t images = d.batch >= kGpuImagesPerBlock ? kGpuImagesPerBlock : 1;
   const int64_t plane_q = L.out_height * L.plane_w;
   g.gpu_splits = splits_for(ceil_div(plane_q, kGpuPositionsPerBlock) * d.groups *
@@ -232,6 +269,10 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
                                 std::max<int64_t>(1, ceil_div(d.batch, images)),
                             g.window);
   g.staged = staged_plan(g);
+  // The streaming kernel overruns by up to a tile (kMaxTile) + plane_w, the staged kernel by up
+  // to its tile (kStagedMaxPositions) + plane_w of its layout.
+  g.tail_slack = std::max(kMaxTile, kStagedMaxPositions) +
+                 std::max(L.plane_w, g.staged.layout.plane_w);
   g.gpu_staged_splits =
       g.staged.chunk_channels == 0
           ? 1

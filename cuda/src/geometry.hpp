@@ -2,6 +2,7 @@
 // CPU and CUDA forward paths.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "escoin/escoin.h"
@@ -36,10 +37,30 @@ constexpr int64_t kStagedMaxPositions = 32 * kStagedProducts;
 // 48 KB less 128 bytes; the kernel adds its warps' entries (2 KB) and its barrier past the chunk.
 constexpr int64_t kStagedSharedFloats = 12256;
 constexpr int64_t kTileMinBatch = 1;
+// A block's images each own a fixed share of the chunk's shared memory, starting 128-byte
+// aligned (as the copy engine's tensor form writes it).
+constexpr int64_t staged_image_share(int64_t images) {
+  return kStagedSharedFloats / images / 32 * 32;
+}
+// The copy engine's tensor form copies boxes of at most this many elements a side.
+constexpr int64_t kTensorBoxMax = 256;
 
 // How the staged kernel cuts a geometry, a function of the descriptor without its batch (so one
 // tile program serves every batch).
 struct StagedPlan {
+  // The stretched layout the kernel reads: the public one (escoin_conv_layout), or with
+  // tensor_copy the same with plane_w rounded up to a multiple of 4.
+  escoin_layout_t layout;
+  // On Hopper the copy engine's tensor form copies the chunks from x itself, adding the padding
+  // (what falls outside x reads as zero): no stretch. It needs stride 1 (no phase planes), x's
+  // rows in 16-byte multiples (in_width % 4 == 0), rows of whole 16-byte multiples in shared
+  // memory (plane_w % 4 == 0), a box's first column at a multiple of 4 (`lead` more zero
+  // columns before each row's padding; the right padding is the next row's leading zeros) and
+  // boxes within kTensorBoxMax a side; a segment then covers whole rows from the row of the
+  // tile's first position (see tile_program.hpp).
+  // Elsewhere (an earlier GPU, x not 16-byte aligned) the stretch writes this layout as usual.
+  bool tensor_copy;
+  int64_t lead;  // with tensor_copy: pad_left rounded up to 4, less pad_left; else 0
   int64_t positions;       // P: positions per thread (8, 4 or 2), strided by 32 across the warp
   int64_t images;          // NB = kStagedProducts / P images per block
   int64_t phases;          // stride_h * stride_w phase planes per channel
@@ -47,7 +68,9 @@ struct StagedPlan {
   bool whole_channels;     // one tile covers the plane: a chunk of an image is copied whole
   int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach
                            // (+ 3 where phase planes start off a 16-byte boundary), rounded to
-                           // 4; with whole channels, per channel: the layout's channel_stride
+                           // 4; with tensor_copy whole rows (plane_w - 4 more: the first
+                           // position's column); with whole channels, per channel: the layout's
+                           // channel_stride
   int64_t chunk_channels;  // input channels per chunk; 0 when one channel does not fit
   int64_t chunks;          // ceil(group_in / chunk_channels)
   int64_t items;           // groups * ceil(group_out / kStagedRows) blocks of output channels
@@ -62,6 +85,7 @@ struct Geometry {
   int64_t group_span;   // stretched elements of one group of one image (< 2^31)
   int64_t out_plane;    // out_height * out_width
   int64_t tail_slack;   // zeroed elements after the batch's stretched input: 256 + plane_w
+                        // (of either layout)
   // Small problems give the GPU too few blocks (a 7x7 plane at batch 1: 64 blocks for 132 SMs),
   // so each output channel's nonzeros are split into gpu_splits ranges whose partial sums go to
   // the workspace and are added in a fixed order (deterministic). 1: no split.
@@ -89,8 +113,15 @@ struct StagedLaunch {
 // blocks were few; halving again, or where it adds waves or splits, was slower).
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);
 
-// Tiles of 32 * positions the output plane (out_height x plane_w positions) is cut into.
+// Tiles of 32 * positions the staged kernel cuts its output plane (out_height x plane_w positions
+// of its layout) into.
 int64_t staged_tiles(const Geometry& g, int64_t positions);
+
+// Elements of the workspace's stretched input: the batch in whichever layout a forward pass
+// stretches it to (the public one, or the staged kernel's).
+inline int64_t stretched_input_elements(const Geometry& g) {
+  return g.d.batch * std::max(g.layout.image_stride, g.staged.layout.image_stride);
+}
 
 // Whether x (N, C, H, W) already has the stretched layout: a 1x1 filter at stride 1 without
 // padding, on planes of a multiple of 4 elements (so no alignment gap between channels).

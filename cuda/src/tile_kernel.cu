@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstdint>
 
+#include <cuda.h>  // CUtensorMap
 #include <cuda/ptx>
 
 #include "conv_cuda_kernels.hpp"
@@ -43,6 +44,8 @@ struct StagedParams {
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
+  int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
+  int pad_top, pad_left;  // pad_left: of the stretched layout, StagedPlan::lead included
   // Divisions by launch-time values, as multiply-highs (fast_divide.cuh): a signed 32-bit
   // division by a runtime value is ~20 instructions, which per output and per copied segment
   // was a third of the work of a small layer's block.
@@ -57,7 +60,7 @@ struct StagedParams {
 // entry's loads for every image use one address register and compile-time offsets (the staged
 // plan keeps a chunk's per-image part, chunk_channels * phases * segment, within the share).
 template <int IMAGES>
-constexpr int kImageShare = int(kStagedSharedFloats) / IMAGES;
+constexpr int kImageShare = int(staged_image_share(IMAGES));
 
 // Hopper (sm_90) copies a chunk with the copy engine and an mbarrier; earlier GPUs, which have
 // neither, with their threads. The wheel carries both.
@@ -123,11 +126,33 @@ __device__ __forceinline__ ChunkSegment chunk_segment(int s, const ChunkShape& c
 // batch are not copied, and a segment is cut at the readable input (the end of x read
 // directly, or of the workspace's slack): the elements left unwritten feed only positions past
 // the plane, whose sums are never written.
+//
+// With tensor copies each image's chunk is one box of x through the tensor map: the chunk's
+// channels (from the group's first, `channel0`), segment / plane_w stretched rows from the row
+// of the tile's first position (`row0`), plane_w columns from -pad_left (pad_left + lead: the
+// first column must be a multiple of 4, or the copy faults); the copy engine reads
+// what falls outside x as zeros, which is the padding the stretch would have written. A box's
+// rows land in shared memory plane_w elements apart, the chunk's channels `segment` apart: the
+// staged layout, from the start of row0.
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
-                            uint64_t* landed) {
+                            uint64_t* landed, const CUtensorMap* x_map, int channel0, int row0) {
   namespace ptx = cuda::ptx;
+  if (p.tensor_copy) {
+    uint32_t bytes = 0;
+    const int b = int(threadIdx.x);
+    if (b < min(IMAGES, p.batch - n0)) {
+      const int32_t corner[4] = {-p.pad_left, row0 - p.pad_top,
+                                 channel0 + chunk * p.chunk_channels, n0 + b};
+      ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global,
+                                tile + b * kImageShare<IMAGES>, x_map, corner, landed);
+      bytes = uint32_t(p.chunk_channels * p.segment) * sizeof(float);
+    }
+    ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, landed,
+                                   bytes);
+    return;
+  }
   const ChunkShape shape = chunk_shape(chunk, p);
   const int segments = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor);
   const float* const readable_end = input + p.readable;
@@ -148,11 +173,12 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 }
 #else
 // Before Hopper: the same copy by the block's threads, 16 bytes each per step (segments start
-// on 16-byte boundaries here too); the caller's barrier then completes the chunk.
+// on 16-byte boundaries here too); the caller's barrier then completes the chunk. (No tensor
+// copies: the host uses them only where the running code is Hopper's.)
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
-                            uint64_t*) {
+                            uint64_t*, const CUtensorMap*, int, int) {
   const ChunkShape shape = chunk_shape(chunk, p);
   const int vectors = shape.length / 4;
   const int total = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor) * vectors;
@@ -213,8 +239,9 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
 template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES>
 __global__ void __launch_bounds__(kThreads, 4)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
-                   const float* __restrict__ bias, float* __restrict__ y, StagedParams p) {
-  extern __shared__ float4 shared4[];
+                   const float* __restrict__ bias, float* __restrict__ y, StagedParams p,
+                   const __grid_constant__ CUtensorMap x_map) {
+  extern __shared__ __align__(128) float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
   // Past the largest chunk (kStagedSharedFloats): with SHARED_ENTRIES each warp's current 32
   // entries, then the barrier that counts a chunk's bulk copies in.
@@ -234,6 +261,10 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
+  // With tensor copies a chunk starts at the row of the tile's first position, `shift`
+  // elements before it.
+  const int row0 = int(p.by_plane_w.divide(uint32_t(q0)));
+  const int shift = p.tensor_copy ? q0 - row0 * p.plane_w : 0;
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
@@ -253,10 +284,11 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   wait_for_previous_grid();  // the stretched input, and the output an earlier kernel may read
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
-    stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed);
+    stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed, &x_map, group * p.group_in,
+                        row0);
     const int32_t* row_begin =
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
-    const float* lane_tile = tile + lane;
+    const float* lane_tile = tile + lane + shift;
     // Before waiting for the copy, lanes 0..kRowsPerWarp load the warp's rows' entry bounds,
     // then each lane one of a row's first 32 entries: the entries' load latency is paid under
     // the copy's, once per 32 entries, instead of once per few entries inside the loop. The loop
@@ -337,7 +369,8 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
                [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
-using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams);
+using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams,
+                              CUtensorMap);
 
 // The launch shapes (StagedLaunch's images and positions) the staged kernel is compiled for, and
 // the kernels, in the same order, in each form.
@@ -408,18 +441,23 @@ DeviceShape prepare_device() {
 
 bool tile_kernel_fits(const Geometry& g) {
   const StagedPlan& s = g.staged;
-  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
+  const int64_t plane_q = s.layout.out_height * s.layout.plane_w;
   return s.chunk_channels > 0 && (g.d.batch + s.images - 1) / s.images <= 65535 &&
          s.items * g.gpu_staged_splits <= 65535 && s.chunks * g.gpu_staged_splits <= INT32_MAX &&
          plane_q <= INT32_MAX / 2;
 }
 
+bool staged_kernel_copies_tensors() {
+  return hopper_code_runs(reinterpret_cast<const void*>(kKernels<true>[0]));
+}
+
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
-                      const int32_t* program, const float* bias, bool relu, float* y,
-                      cudaStream_t stream) {
+                      const CUtensorMap* x_map, const int32_t* program, const float* bias,
+                      bool relu, float* y, cudaStream_t stream) {
   if (!tile_kernel_fits(g))  // the dispatcher checks first
     fail_invalid("the geometry is too large for the staged CUDA kernel");
   const StagedPlan& s = g.staged;
+  const escoin_layout_t& L = s.layout;
   StagedParams p;
   p.batch = int(g.d.batch);
   p.out_channels = int(g.d.out_channels);
@@ -432,17 +470,21 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.phase_plane = int(s.phase_plane);
   p.segment = int(s.segment);
   p.whole_channels = s.whole_channels ? 1 : 0;
-  p.plane_q = int(g.layout.out_height * g.layout.plane_w);
-  p.plane_w = int(g.layout.plane_w);
-  p.out_width = int(g.layout.out_width);
+  p.plane_q = int(L.out_height * L.plane_w);
+  p.plane_w = int(L.plane_w);
+  p.out_width = int(L.out_width);
   p.out_plane = int(g.out_plane);
-  p.image_stride = g.layout.image_stride;
-  p.group_span = g.group_span;
-  p.channel_stride = int(g.layout.channel_stride);
+  p.image_stride = L.image_stride;
+  p.group_span = g.group_in * L.channel_stride;
+  p.channel_stride = int(L.channel_stride);
   p.entries_word = tile_entries_word(s);
-  p.readable = g.d.batch * g.layout.image_stride + slack;
+  p.readable = g.d.batch * L.image_stride + slack;
   p.partial = partial_sums(g, ws);
   p.relu = relu ? 1 : 0;
+  p.tensor_copy = x_map ? 1 : 0;
+  p.pad_top = int(g.d.pad_top);
+  p.pad_left = int(g.d.pad_left + s.lead);  // a multiple of 4 with tensor copies
+  const CUtensorMap no_map{};  // passed, unread, when the kernel copies the stretched input
   p.by_phases = FastDivisor::of(s.phases);
   p.by_items_per_group = FastDivisor::of(p.items_per_group);
   p.by_plane_w = FastDivisor::of(p.plane_w);
@@ -461,10 +503,10 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
                   unsigned((g.d.batch + shape.images - 1) / shape.images));
   if (device.shared_entries)
     launch_dependent(kKernels<true>[index], grid, dim3(kThreads), kSharedBytes<true>, stream,
-                     "staged_conv_kernel", input, program, bias, y, p);
+                     "staged_conv_kernel", input, program, bias, y, p, x_map ? *x_map : no_map);
   else
     launch_dependent(kKernels<false>[index], grid, dim3(kThreads), kSharedBytes<false>, stream,
-                     "staged_conv_kernel", input, program, bias, y, p);
+                     "staged_conv_kernel", input, program, bias, y, p, x_map ? *x_map : no_map);
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
 

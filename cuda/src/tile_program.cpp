@@ -18,6 +18,17 @@ struct Program {
   std::vector<int32_t> entries;  // (shared offset, weight bits) pairs
 };
 
+// Where a tap at `within` of its channel in the public layout reads in the staged kernel's layout
+// (the same phase, row and column; a row there starts with s.lead more zeros and may be longer
+// or shorter: a tap of a tensor-copy layout may read the next row's leading zeros, even the next
+// channel's, as its right padding).
+int64_t staged_within(const Geometry& g, const StagedPlan& s, int64_t within) {
+  const escoin_layout_t& L = g.layout;
+  const int64_t phase_plane = L.plane_h * L.plane_w;
+  const int64_t phase = within / phase_plane, d = within % phase_plane;
+  return phase * s.phase_plane + d / L.plane_w * s.layout.plane_w + s.lead + d % L.plane_w;
+}
+
 Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
               const float* values) {
   check_csr_for_geometry(g, row_ptr, offsets, values);
@@ -36,8 +47,15 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
     const int64_t group = item / items_per_group;
     const int64_t first = (item % items_per_group) * kStagedRows;
     const int64_t rows = std::min(kStagedRows, g.group_out - first);
+    // The range check above lets an offset reach one element past the group's channels (a
+    // one-row output's last column); no tap of the geometry does.
     auto chunk_of = [&](int64_t j) {
-      return offsets[j] / g.layout.channel_stride / s.chunk_channels;
+      const int64_t channel = offsets[j] / g.layout.channel_stride;
+      if (channel >= g.group_in)
+        fail_invalid("offsets[", j, "] = ", offsets[j], " is in input channel ", channel,
+                     " of a group of ", g.group_in,
+                     "; offsets must come from escoin_stretch_offsets for this geometry");
+      return channel / s.chunk_channels;
     };
     // A counting sort of the item's nonzeros by key (the CSR need not be sorted by column).
     std::fill(next.begin(), next.end(), 0);
@@ -53,9 +71,11 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = group * g.group_out + first + r;
       for (int64_t j = row_ptr[m]; j < row_ptr[m + 1]; ++j) {
-        const int64_t within = offsets[j] % g.layout.channel_stride;
+        const int64_t within = staged_within(g, s, offsets[j] % g.layout.channel_stride);
         const int64_t channel = offsets[j] / g.layout.channel_stride % s.chunk_channels;
-        const int64_t phase = within / s.phase_plane, d = within % s.phase_plane;
+        // (a tensor-copy layout has one phase, whose taps may read past its plane)
+        const int64_t phase = std::min(within / s.phase_plane, s.phases - 1);
+        const int64_t d = within - phase * s.phase_plane;
         const int64_t at = written + next[size_t(chunk_of(j) * kStagedRows + r)]++;
         // Whole channels sit in shared memory as in the input; segments are copied from the
         // 16-byte boundary before each phase's first element.

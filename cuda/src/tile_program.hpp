@@ -12,6 +12,12 @@
 // channels (one tile covers the plane, q0 = 0) the chunk is copied as it lies in the input,
 // channel_stride (= segment) elements per channel, and the offset is
 // (c % chunk_channels) * segment + ph * phase_plane + d.
+// All of this is in the plan's stretched layout (StagedPlan::layout): with tensor copies its rows
+// are StagedPlan::lead zeros longer on the left and a different length, and the builder moves
+// each offset's row and column there (d = row * plane_w + lead + column; a tap's right padding
+// may then be the next row's leading zeros). A tensor-copy segment starts at the row of q0,
+// q0 % plane_w elements before q0 (a multiple of 4, so no shift), which the thread adds to
+// every offset.
 //
 // Layout, in 32-bit words:
 //   header  [kTileHeaderWords]: kTileProgramMagic, items, chunks, entries
