@@ -161,7 +161,9 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * read then, keeps it to 48 KB (the form GPUs with 100 KB per SM run; for testing). On sm_90 and
  * newer, with code compiled for them, the kernels are launched as programmatic dependents of the
  * stream's previous kernel and wait for it before touching memory: no ordering a caller can
- * observe changes. */
+ * observe changes. There too, the staged kernel copies x itself into shared memory, padded by
+ * the copy engine (a tensor map of x, encoded per call; no stretch into the workspace) for
+ * stride-1 geometries whose in_width is a multiple of 4, when x is 16-byte aligned. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
