@@ -286,6 +286,11 @@ TENSOR_COPY_CASES = [
     (2, 16, 32, 20, 36, 3, 2, 2, 1),       # dilation 2
     (4, 70, 33, 28, 28, 3, 1, 1, 1),       # a part-full last chunk, a part-full block of rows
     (2, 8, 32, 12, 224, 3, 1, 1, 1),       # rows of 228 after rounding: a box side near 256
+    # whole channels in one full tile: the last output row's right padding must not be read
+    # past the chunk's last channel (rows hold their padding there)
+    (32, 64, 64, 8, 8, 3, 1, 1, 1),
+    (16, 32, 32, 4, 4, 3, 1, 1, 1),
+    (32, 64, 64, 8, 12, 3, 1, 1, 1),
 ]
 
 
@@ -293,7 +298,8 @@ TENSOR_COPY_CASES = [
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_tensor_copy_geometries(dev, case: tuple, misaligned: bool) -> None:
     """x copied padded by the copy engine on Hopper, or stretched into the staged kernel's
-    layout (rows rounded up to 4) where x starts off a 16-byte boundary: both match float64."""
+    layout (rows of a multiple of 4) where x starts off a 16-byte boundary: both match
+    float64."""
     torch = pytest.importorskip("torch")
     batch, cin, cout, height, width, kernel, padding, dilation, groups = case
     rng = np.random.default_rng(sum(case[:6]) + misaligned)

@@ -73,13 +73,18 @@ def staged_plan(desc: tuple) -> Plan:
               and layout["channel_stride"] == h * w)
     box_left = -(-pl // 4) * 4  # rows: box_left zeros, x's row, zeros to a multiple of 4
     lead = box_left - pl
-    row = max(box_left + w, w + pr, layout["out_width"])
-    rounded = dict(layout, plane_w=-(-row // 4) * 4)
-    rounded["channel_stride"] = rounded["plane_h"] * rounded["plane_w"]
-    if sh == sw == 1 and w % 4 == 0 and not direct and rounded["plane_w"] <= BOX_MAX:
-        plan = plan_on(desc, rounded, True, lead)
-        if 0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX:
-            return plan
+    if sh == sw == 1 and w % 4 == 0 and not direct:
+        for right in (0, pr):  # rows that leave their right padding to the next row, or hold it
+            row = max(box_left + w + right, w + pr, layout["out_width"])
+            rounded = dict(layout, plane_w=-(-row // 4) * 4)
+            rounded["channel_stride"] = rounded["plane_h"] * rounded["plane_w"]
+            if rounded["plane_w"] > BOX_MAX:
+                break
+            plan = plan_on(desc, rounded, True, lead)
+            wraps = box_left + w + pr > plan.plane_w
+            if (0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX
+                    and not (plan.whole_channels and wraps)):
+                return plan
     return plan_on(desc, layout, False, 0)
 
 
@@ -118,7 +123,7 @@ def decode(words: np.ndarray, plan: Plan
                 channel, rest = divmod(int(shared), plan.phases * plan.segment)
                 phase, shifted = divmod(rest, plan.segment)
                 d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte bounds
-                assert 0 <= d < plan.segment
+                assert 0 <= d < (plan.segment if plan.tensor_copy else plan.phase_plane)
                 within = phase * plan.phase_plane + d
             assert channel < plan.chunk_channels
             offset = (chunk * plan.chunk_channels + channel) * plan.channel_stride + within

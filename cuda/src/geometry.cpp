@@ -88,6 +88,8 @@ StagedPlan staged_plan_on(const Geometry& g, const escoin_layout_t& L, bool tens
   // start of the chunk's last channel phase; their sums are discarded, but the reads must stay
   // inside the image's part of shared memory. (A launch may cut that tile in two, StagedLaunch:
   // each half copies the whole channels from its own first position and reads less past them.)
+  // Valid positions read within their channel only where rows hold their right padding, which
+  // staged_plan sees to for tensor-copy layouts.
   const int64_t whole_overrun = std::max<int64_t>(
       0, (s.phases - 1) * s.phase_plane + reach + 32 * s.positions - L.channel_stride);
   const int64_t whole_channels = (share - whole_overrun) / L.channel_stride;
@@ -114,19 +116,26 @@ StagedPlan staged_plan(const Geometry& g) {
   const escoin_conv_desc_t& d = g.d;
   // A row of the tensor-copy layout: box_left zeros (a multiple of 4, the box's first column),
   // x's row, zeros to a multiple of 4. The right padding a tap reads past the row's end is the
-  // next row's leading zeros, so a row need not hold it: 28 + 1 + 1 becomes 4 + 28 = 32.
+  // next row's leading zeros, so a row need not hold it: 28 + 1 + 1 becomes 4 + 28 = 32. That
+  // holds within a segment, whose reads end before its last row does; a whole-channel chunk's
+  // last channel has no next row in shared memory, so there the rows hold their padding.
   const int64_t box_left = ceil_div(d.pad_left, 4) * 4;
   const int64_t lead = box_left - d.pad_left;
-  escoin_layout_t L = g.layout;
-  L.plane_w = ceil_div(std::max({box_left + d.in_width, d.in_width + d.pad_right, L.out_width}),
-                       4) * 4;
-  L.channel_stride = L.plane_h * L.plane_w;
-  if (d.stride_h == 1 && d.stride_w == 1 && d.in_width % 4 == 0 &&
-      !input_already_stretched(g) && L.plane_w <= kTensorBoxMax &&
-      L.channel_stride <= std::numeric_limits<int32_t>::max() / g.group_in) {
+  const bool eligible = d.stride_h == 1 && d.stride_w == 1 && d.in_width % 4 == 0 &&
+                        !input_already_stretched(g);
+  for (const int64_t right : {int64_t{0}, d.pad_right}) {  // rows without, then with it
+    escoin_layout_t L = g.layout;
+    L.plane_w = ceil_div(std::max({box_left + d.in_width + right, d.in_width + d.pad_right,
+                                   L.out_width}),
+                         4) * 4;
+    L.channel_stride = L.plane_h * L.plane_w;
+    if (!eligible || L.plane_w > kTensorBoxMax ||
+        L.channel_stride > std::numeric_limits<int32_t>::max() / g.group_in)
+      break;
     const StagedPlan s = staged_plan_on(g, L, true, lead);
+    const bool wraps = box_left + d.in_width + d.pad_right > L.plane_w;
     if (s.chunk_channels > 0 && s.chunk_channels <= kTensorBoxMax &&
-        s.segment / L.plane_w <= kTensorBoxMax)
+        s.segment / L.plane_w <= kTensorBoxMax && !(s.whole_channels && wraps))
       return s;
   }
   return staged_plan_on(g, g.layout, false, 0);

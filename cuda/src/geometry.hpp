@@ -49,7 +49,8 @@ constexpr int64_t kTensorBoxMax = 256;
 // tile program serves every batch).
 struct StagedPlan {
   // The stretched layout the kernel reads: the public one (escoin_conv_layout), or with
-  // tensor_copy the same with plane_w rounded up to a multiple of 4.
+  // tensor_copy rows of `lead` more zeros on the left and a multiple of 4 long, which may leave
+  // their right padding to the next row's leading zeros (staged_plan in geometry.cpp).
   escoin_layout_t layout;
   // On Hopper the copy engine's tensor form copies the chunks from x itself, adding the padding
   // (what falls outside x reads as zero): no stretch. It needs stride 1 (no phase planes), x's
@@ -99,7 +100,8 @@ struct Geometry {
 // - images: a block computes the batch's images only, up to the plan's (the next power of two;
 //   image 0's part of a chunk starts at the same place in shared memory for any image count);
 // - positions (P' <= P): a tile of 32 * P' positions reads the first 32 * P' + reach elements
-//   of the plan's segments (with whole channels: the channels from its first position), so it
+//   of the plan's segments (with whole channels: the channels from its first position, or with
+//   tensor copies from its first position's row), so it
 //   runs the same program on more, smaller blocks;
 // - splits of the chunks, 1..gpu_staged_splits.
 struct StagedLaunch {

@@ -91,7 +91,8 @@ __device__ __forceinline__ ChunkShape chunk_shape(int chunk, const StagedParams&
 // Segment s of a chunk's copy (images outermost, then channels, then phases): where it is read
 // from, the 16-byte boundary at or before its first stretched element, and where it goes in
 // shared memory. With whole channels an image's chunk is one segment, copied from the tile's
-// first position q0 (0 unless the launch cut the plan's one tile in two).
+// first position q0 (0 unless the launch cut the plan's one tile in two). (Tensor copies start
+// at q0's row instead: stage_chunk.)
 struct ChunkSegment {
   const float* src;
   float* dst;

@@ -20,8 +20,8 @@ struct Program {
 
 // Where a tap at `within` of its channel in the public layout reads in the staged kernel's layout
 // (the same phase, row and column; a row there starts with s.lead more zeros and may be longer
-// or shorter: a tap of a tensor-copy layout may read the next row's leading zeros, even the next
-// channel's, as its right padding).
+// or shorter: in a segment, a tap of a tensor-copy layout may read the next row's leading zeros
+// as its right padding).
 int64_t staged_within(const Geometry& g, const StagedPlan& s, int64_t within) {
   const escoin_layout_t& L = g.layout;
   const int64_t phase_plane = L.plane_h * L.plane_w;

@@ -15,9 +15,10 @@
 // All of this is in the plan's stretched layout (StagedPlan::layout): with tensor copies its rows
 // are StagedPlan::lead zeros longer on the left and a different length, and the builder moves
 // each offset's row and column there (d = row * plane_w + lead + column; a tap's right padding
-// may then be the next row's leading zeros). A tensor-copy segment starts at the row of q0,
+// may then be the next row's leading zeros within a segment; whole-channel plans keep rows that
+// hold their padding). Where the tensor copy runs, a segment starts at the row of q0,
 // q0 % plane_w elements before q0 (a multiple of 4, so no shift), which the thread adds to
-// every offset.
+// every offset; where the stretch writes the same layout, segments start at q0 as above.
 //
 // Layout, in 32-bit words:
 //   header  [kTileHeaderWords]: kTileProgramMagic, items, chunks, entries
