@@ -321,6 +321,29 @@ def test_tensor_copy_geometries(dev, case: tuple, misaligned: bool) -> None:
     assert relative_error(y, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_tensor_copy_leaves_the_workspace_unstretched(dev, misaligned: bool) -> None:
+    """On Hopper an aligned x is copied by the copy engine, so nothing stretches it into the
+    caller's workspace (its first bytes stay as they were); x off a 16-byte boundary is
+    stretched there. Elsewhere the stretch always runs."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(77)
+    weight = rng.standard_normal((32, 16, 3, 3)) * (rng.random((32, 16, 3, 3)) < 0.3)
+    x = rng.standard_normal((4, 16, 12, 16))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    flat = torch.from_numpy(x.astype(np.float32).ravel()).cuda()
+    if misaligned:
+        flat = torch.cat([torch.zeros(1, device="cuda"), flat])[1:]
+    nbytes = escoin.workspace_size(x.shape, filt, padding=1)
+    ws = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+    y = escoin.conv2d(flat.view(x.shape), filt, padding=1, workspace=ws)
+    expected = conv2d_reference(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(dev.get(y), expected) <= 1e-5
+    untouched = bool((ws[:64] == 0xFF).all())
+    tensor_copy = torch.cuda.get_device_capability()[0] >= 9 and not misaligned
+    assert untouched == tensor_copy
+
+
 @pytest.mark.parametrize("batch, size", [(1, 7), (2, 7), (8, 14)])
 def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: int) -> None:
     """A small plane gives too few blocks, so each channel's nonzeros are split and the partial
