@@ -262,10 +262,14 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
-  // With tensor copies a chunk starts at the row of the tile's first position, `shift`
-  // elements before it.
+  // With tensor copies (Hopper only) a chunk starts at the row of the tile's first position,
+  // `shift` elements before it.
+#if ESCOIN_BULK_COPY
   const int row0 = int(p.by_plane_w.divide(uint32_t(q0)));
   const int shift = p.tensor_copy ? q0 - row0 * p.plane_w : 0;
+#else
+  constexpr int row0 = 0, shift = 0;
+#endif
 
   float acc[kRowsPerWarp][IMAGES][POSITIONS];
 #pragma unroll
