@@ -217,16 +217,20 @@ def test_program_rejects_an_offset_outside_the_input() -> None:
 
 
 def test_program_rejects_an_offset_past_the_groups_channels() -> None:
-    """With a one-row output the range check admits the offset one past the group's last
-    channel; the builder must refuse it, not index a chunk that does not exist."""
+    """With a one-row output the range bound reaches the offset one past the group's last
+    channel; the CSR checks must refuse it (the builder would index a chunk that does not
+    exist, the CPU kernel read the next group)."""
     filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
     desc = descriptor((1, 3, 3, 30), filt.shape, 1, 1, 0, 1)
     offsets = filt._store.offsets(desc).copy()
-    offsets[5] = 3 * _core.conv_layout(desc)["channel_stride"]
     values = filt.values.astype(np.float32)
     nbytes = _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                      values.ctypes.data)
+    offsets[5] = 3 * _core.conv_layout(desc)["channel_stride"]
     program = np.empty(nbytes, np.uint8)
+    with pytest.raises(EscoinError, match="input channel 3 of a group of 3"):
+        _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                values.ctypes.data)
     with pytest.raises(EscoinError, match="input channel 3 of a group of 3"):
         _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values.ctypes.data, program.ctypes.data, program.nbytes)

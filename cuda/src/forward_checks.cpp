@@ -32,13 +32,20 @@ void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int
   }
   // A stretched offset plus the output plane (q < out_height * plane_w) stays within the group's
   // span plus one row (the column shift of the last row's dropped columns), which the workspace's
-  // tail slack covers for the last group of the batch.
+  // tail slack covers for the last group of the batch. With a one-row output that bound reaches
+  // one element past the group's last channel, which no tap does.
   const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
   const int64_t limit = g.group_span + g.layout.plane_w - plane_q;
-  for (int64_t j = 0; j < nnz; ++j)
+  for (int64_t j = 0; j < nnz; ++j) {
     if (offsets[j] < 0 || offsets[j] > limit)
       fail_invalid("offsets[", j, "] = ", offsets[j], " is outside [0, ", limit,
                    "]; offsets must come from escoin_stretch_offsets for this geometry");
+    const int64_t channel = offsets[j] / g.layout.channel_stride;
+    if (channel >= g.group_in)
+      fail_invalid("offsets[", j, "] = ", offsets[j], " is in input channel ", channel,
+                   " of a group of ", g.group_in,
+                   "; offsets must come from escoin_stretch_offsets for this geometry");
+  }
 }
 
 }  // namespace escoin
