@@ -203,12 +203,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
                         reinterpret_cast<uintptr_t>(input) % 16 == 0;
     CUtensorMap x_map;
     const bool tensor_copy = staged && escoin::encode_tensor_copy(g, xf, &x_map);
-    if (!direct && !tensor_copy) {
-      if (staged)
-        escoin::launch_stretch(g, g.staged.layout, g.d.pad_left + g.staged.lead, xf, ws, s);
-      else
-        escoin::launch_stretch(g, g.layout, g.d.pad_left, xf, ws, s);
-    }
+    if (!direct && !tensor_copy) escoin::launch_stretch(g, staged, xf, ws, s);
     if (staged)
       escoin::launch_tile_conv(g, tensor_copy ? xf : input, direct ? 0 : g.tail_slack, ws,
                                tensor_copy ? &x_map : nullptr,

@@ -21,11 +21,11 @@ inline float* partial_sums(const Geometry& g, float* ws) {
   return ws + stretched_input_elements(g) + g.tail_slack;
 }
 
-// Writes x's stretched copy in layout L into the workspace (stretch.hpp's layout, with pad_left
-// zero columns before each row: g.layout and desc.pad_left, or the staged kernel's
-// g.staged.layout and pad_left + g.staged.lead) and zeroes the tail slack after it.
-void launch_stretch(const Geometry& g, const escoin_layout_t& L, int64_t pad_left,
-                    const float* x, float* ws, cudaStream_t stream);
+// Writes x's stretched copy into the workspace (stretch.hpp's layout: g.layout, or for the staged
+// kernel g.staged.layout, whose rows start g.staged.lead zeros earlier) and zeroes the tail slack
+// after it.
+void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
+                    cudaStream_t stream);
 
 // Adds `splits` partial sums per output in split order (deterministic), then bias and ReLU.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,

@@ -71,9 +71,10 @@ stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchEleme
 
 }  // namespace
 
-void launch_stretch(const Geometry& g, const escoin_layout_t& L, int64_t pad_left,
-                    const float* x, float* ws, cudaStream_t stream) {
+void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
+                    cudaStream_t stream) {
   const escoin_conv_desc_t& d = g.d;
+  const escoin_layout_t& L = for_staged_kernel ? g.staged.layout : g.layout;
   StretchElements s;
   s.planes = d.batch * d.in_channels;
   s.in_plane = d.in_height * d.in_width;
@@ -83,7 +84,7 @@ void launch_stretch(const Geometry& g, const escoin_layout_t& L, int64_t pad_lef
   s.stride_h = d.stride_h;
   s.stride_w = d.stride_w;
   s.pad_top = d.pad_top;
-  s.pad_left = pad_left;
+  s.pad_left = d.pad_left + (for_staged_kernel ? g.staged.lead : 0);
   s.in_height = d.in_height;
   s.in_width = d.in_width;
   // make_geometry keeps a channel's stretched elements below 2^31, so the span does too.
