@@ -185,7 +185,7 @@ def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:
     y = np.empty((2, 4, 6, 6), np.float32)
     nbytes = _core.workspace_size(desc, "float32")
     ws = np.empty(nbytes, np.uint8)
-    with pytest.raises(EscoinError, match=r"offsets\[0\] = 100000000 is outside"):
+    with pytest.raises(EscoinError, match=r"offsets\[0\] = 100000000 is in input channel"):
         _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
                           offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
                           ws.ctypes.data, nbytes)

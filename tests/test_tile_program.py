@@ -236,6 +236,42 @@ def test_program_rejects_an_offset_past_the_groups_channels() -> None:
                                  values.ctypes.data, program.ctypes.data, program.nbytes)
 
 
+@settings(max_examples=40, deadline=None)
+@given(kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       size=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_the_csr_check_accepts_exactly_the_taps(kernel: Tuple[int, int], stride: Tuple[int, int],
+                                                dilation: Tuple[int, int], pad: Tuple[int, int],
+                                                size: Tuple[int, int]) -> None:
+    """Every element of a 2-channel group, offered as a filter's one offset: the check accepts
+    the offsets escoin_stretch_offsets gives the filter window's columns and refuses every other
+    one (between taps, in a phase plane's or channel's padding, past the group), so that no
+    kernel reads past a staged segment or the workspace."""
+    kh, kw = kernel
+    h = max(size[0], dilation[0] * (kh - 1) + 1 - 2 * pad[0])
+    w = max(size[1], dilation[1] * (kw - 1) + 1 - 2 * pad[1])
+    desc = descriptor((1, 2, h, w), (1, 2, kh, kw), 1, stride, pad, dilation)
+    window = 2 * kh * kw
+    taps = np.empty(window, np.int32)
+    _core.stretch_offsets(desc, np.arange(window, dtype=np.int32).ctypes.data, window,
+                          taps.ctypes.data)
+    row_ptr = np.array([0, 1], np.int64)
+    value = np.ones(1, np.float32)
+    span = 2 * _core.conv_layout(desc)["channel_stride"]
+    accepted = set()
+    for offset in range(-1, span + 2):
+        one = np.array([offset], np.int32)
+        try:
+            _core.tile_program_size(desc, row_ptr.ctypes.data, one.ctypes.data,
+                                    value.ctypes.data)
+            accepted.add(offset)
+        except EscoinError as error:
+            assert f"offsets[0] = {offset} is" in str(error)
+    assert accepted == set(taps.tolist())
+
+
 def test_program_buffer_too_small_is_refused() -> None:
     filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
     desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)

@@ -1,6 +1,8 @@
 // forward_checks.cpp -- see forward_checks.hpp.
 #include "forward_checks.hpp"
 
+#include <string>
+
 #include "error.hpp"
 
 namespace escoin {
@@ -30,21 +32,25 @@ void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int
     require_pointer(offsets, "offsets");
     require_pointer(values, "values");
   }
-  // A stretched offset plus the output plane (q < out_height * plane_w) stays within the group's
-  // span plus one row (the column shift of the last row's dropped columns), which the workspace's
-  // tail slack covers for the last group of the batch. With a one-row output that bound reaches
-  // one element past the group's last channel, which no tap does.
-  const int64_t plane_q = g.layout.out_height * g.layout.plane_w;
-  const int64_t limit = g.group_span + g.layout.plane_w - plane_q;
+  // Every offset must be a tap: channel c < group_in of the group, at one of the kernel_h x
+  // kernel_w places a tap reads within a channel (escoin_stretch_offsets). The kernels' reads,
+  // an offset plus an output position, then stay inside the stretched group span plus the
+  // workspace's tail slack, and the tile-program builder only meets chunks that exist. (A range
+  // check is not enough: an offset between taps can make a staged tile read past its segment.)
+  const int64_t channel_stride = g.layout.channel_stride;
   for (int64_t j = 0; j < nnz; ++j) {
-    if (offsets[j] < 0 || offsets[j] > limit)
-      fail_invalid("offsets[", j, "] = ", offsets[j], " is outside [0, ", limit,
-                   "]; offsets must come from escoin_stretch_offsets for this geometry");
-    const int64_t channel = offsets[j] / g.layout.channel_stride;
-    if (channel >= g.group_in)
-      fail_invalid("offsets[", j, "] = ", offsets[j], " is in input channel ", channel,
-                   " of a group of ", g.group_in,
+    const int64_t offset = offsets[j];
+    const int64_t channel = offset / channel_stride;
+    if (offset < 0 || channel >= g.group_in)
+      fail_invalid("offsets[", j, "] = ", offset, " is ",
+                   offset < 0 ? std::string("negative")
+                              : "in input channel " + std::to_string(channel) +
+                                    " of a group of " + std::to_string(g.group_in),
                    "; offsets must come from escoin_stretch_offsets for this geometry");
+    if (!reads_a_tap(g, offset % channel_stride))
+      fail_invalid("offsets[", j, "] = ", offset, " is not a tap of this geometry (element ",
+                   offset % channel_stride, " of input channel ", channel,
+                   "); offsets must come from escoin_stretch_offsets for this geometry");
   }
 }
 

@@ -15,8 +15,8 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
                             size_t workspace_size);
 
 // Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
-// there are nonzeros, and every stretched offset inside the stretched group span, so no read can
-// leave the workspace.
+// there are nonzeros, and every stretched offset a tap of the geometry (as escoin_stretch_offsets
+// gives them), so no read can leave the workspace or a staged tile's segment.
 void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
                             const void* values);
 

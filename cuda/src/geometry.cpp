@@ -187,6 +187,27 @@ StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
   return launch;
 }
 
+int64_t stretched_offset(const Geometry& g, int64_t col) {
+  const escoin_conv_desc_t& d = g.d;
+  const int64_t taps = d.kernel_h * d.kernel_w;
+  const int64_t c = col / taps, r = (col % taps) / d.kernel_w, s = col % d.kernel_w;
+  const int64_t row_shift = r * d.dilation_h, col_shift = s * d.dilation_w;
+  const int64_t phase = (row_shift % d.stride_h) * d.stride_w + col_shift % d.stride_w;
+  return c * g.layout.channel_stride + phase * g.layout.plane_h * g.layout.plane_w +
+         (row_shift / d.stride_h) * g.layout.plane_w + col_shift / d.stride_w;
+}
+
+bool reads_a_tap(const Geometry& g, int64_t within) {
+  const escoin_conv_desc_t& d = g.d;
+  const int64_t plane = g.layout.plane_h * g.layout.plane_w;
+  const int64_t phase = within / plane, rest = within % plane;
+  if (within < 0 || phase >= d.stride_h * d.stride_w) return false;  // or the alignment gap
+  const int64_t row_shift = rest / g.layout.plane_w * d.stride_h + phase / d.stride_w;
+  const int64_t col_shift = rest % g.layout.plane_w * d.stride_w + phase % d.stride_w;
+  return row_shift % d.dilation_h == 0 && row_shift / d.dilation_h < d.kernel_h &&
+         col_shift % d.dilation_w == 0 && col_shift / d.dilation_w < d.kernel_w;
+}
+
 size_t element_size(escoin_dtype_t dtype) {
   switch (dtype) {
     case ESCOIN_FLOAT32: return 4;
@@ -324,20 +345,12 @@ extern "C" escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc
       escoin::require_pointer(col_idx, "col_idx");
       escoin::require_pointer(offsets, "offsets");
     }
-    const escoin_conv_desc_t& d = g.d;
-    const int64_t taps = d.kernel_h * d.kernel_w;
-    const int64_t plane = g.layout.plane_h * g.layout.plane_w;
     for (int64_t j = 0; j < nnz; ++j) {
       const int64_t col = col_idx[j];
       if (col < 0 || col >= g.window)
         escoin::fail_invalid("col_idx[", j, "] = ", col, " is outside the filter window [0, ",
                              g.window, ")");
-      const int64_t c = col / taps, r = (col % taps) / d.kernel_w, s = col % d.kernel_w;
-      const int64_t row_shift = r * d.dilation_h, col_shift = s * d.dilation_w;
-      const int64_t phase = (row_shift % d.stride_h) * d.stride_w + col_shift % d.stride_w;
-      offsets[j] = static_cast<int32_t>(c * g.layout.channel_stride + phase * plane +
-                                        (row_shift / d.stride_h) * g.layout.plane_w +
-                                        col_shift / d.stride_w);
+      offsets[j] = static_cast<int32_t>(escoin::stretched_offset(g, col));
     }
   });
 }

@@ -134,6 +134,13 @@ inline bool input_already_stretched(const Geometry& g) {
          g.layout.channel_stride == d.in_height * d.in_width;
 }
 
+// The stretched offset of filter-window column `col` (< g.window): input channel c of the group,
+// tap (r, s) read at c * channel_stride + its phase plane + its row and column shift.
+int64_t stretched_offset(const Geometry& g, int64_t col);
+// Whether `within` (< channel_stride) is where a tap reads in a channel: the inverse of
+// stretched_offset without the channel, in constant time (no table of the taps).
+bool reads_a_tap(const Geometry& g, int64_t within);
+
 // Validates desc (throws escoin::Error naming the bad field) and derives the layout.
 Geometry make_geometry(const escoin_conv_desc_t* desc);
 
