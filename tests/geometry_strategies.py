@@ -85,3 +85,25 @@ def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
     x = rng.standard_normal((batch, groups * per_group_in, h, w))
     bias = rng.standard_normal(groups * per_group_out) if draw(st.booleans()) else None
     return ConvCase(x, weight, bias, stride, padding, pads, dilation, groups, draw(st.booleans()))
+
+
+# Geometries whose stretched layout keeps fewer phase planes than stride_h x stride_w (one per
+# axis where every tap's shift is a multiple of the stride), with the planes per axis it keeps:
+# (kernel, stride, dilation, (phases_h, phases_w)).
+PHASE_PLANE_CASES = [((1, 1), (2, 2), (1, 1), (1, 1)),  # ResNet's downsampling shortcut
+                     ((3, 3), (2, 2), (1, 1), (2, 2)),
+                     ((3, 3), (2, 2), (2, 2), (1, 1)),
+                     ((2, 3), (3, 2), (3, 1), (1, 2)),
+                     ((1, 3), (2, 3), (1, 2), (1, 3))]
+
+
+def phase_plane_case(kernel: Tuple[int, int], stride: Tuple[int, int],
+                     dilation: Tuple[int, int], batch: int, channels: int,
+                     out_channels: int, size: int, seed: int) -> ConvCase:
+    """A PHASE_PLANE_CASES geometry with padding 1 on a size x size input, 30% dense."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_channels, channels, *kernel))
+    weight *= rng.random(weight.shape) < 0.3
+    x = rng.standard_normal((batch, channels, size, size))
+    bias = rng.standard_normal(out_channels)
+    return ConvCase(x, weight, bias, stride, (1, 1), (1, 1, 1, 1), dilation, 1, True)

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 
 import escoin
-from geometry_strategies import ConvCase, conv_cases
+from escoin import _core
+from escoin.geometry import descriptor
+from geometry_strategies import PHASE_PLANE_CASES, ConvCase, conv_cases, phase_plane_case
 from reference import conv2d_reference, relative_error
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
@@ -72,6 +74,19 @@ def test_all_zero_filter_gives_bias(dtype: type) -> None:
     y = escoin.conv2d(rng.standard_normal((2, 2, 6, 7)).astype(dtype), filt, bias)
     assert filt.nnz == 0
     np.testing.assert_allclose(y, np.broadcast_to(bias[None, :, None, None], y.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, phases", PHASE_PLANE_CASES)
+def test_layout_keeps_only_the_phase_planes_taps_read(kernel: tuple, stride: tuple,
+                                                      dilation: tuple, phases: tuple) -> None:
+    case = phase_plane_case(kernel, stride, dilation, 3, 5, 7, 13, sum(kernel + stride))
+    layout = _core.conv_layout(descriptor(case.x.shape, case.weight.shape, 1, stride, (1, 1),
+                                          dilation))
+    assert (layout["phases_h"], layout["phases_w"]) == phases
+    planes = phases[0] * phases[1] * layout["plane_h"] * layout["plane_w"]
+    assert layout["channel_stride"] == -(-planes // 4) * 4
+    for dtype in (np.float32, np.float64):
+        assert run_case(case, dtype) <= TOLERANCE[dtype]
 
 
 def test_strided_numpy_input_is_read_correctly() -> None:

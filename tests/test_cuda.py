@@ -8,7 +8,8 @@ from hypothesis import given, settings
 
 import escoin
 from escoin import EscoinError
-from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
+from geometry_strategies import (PHASE_PLANE_CASES, ConvCase, conv_cases, phase_plane_case,
+                                 staged_conv_cases)
 from escoin.geometry import descriptor
 from reference import conv2d_reference, relative_error
 
@@ -104,6 +105,19 @@ def test_network_sized_layers(dev, shape: tuple) -> None:
     pad = k // 2
     expected = conv2d_reference(x, weight, bias, (stride, stride), (pad,) * 4, (1, 1), 1, True)
     assert relative_error(dev.get(out), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, phases", PHASE_PLANE_CASES)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_layouts_with_fewer_phase_planes(dev, kernel: tuple, stride: tuple, dilation: tuple,
+                                         phases: tuple, batch: int) -> None:
+    """Stretched layouts that keep one phase plane per axis where the filter reads only that one
+    (ResNet's 1x1 downsampling at stride 2 first), on both CUDA kernels: the staged one (64 input
+    channels, several chunks) and the streaming one (8 output channels)."""
+    for out_channels in (64, 8):
+        case = phase_plane_case(kernel, stride, dilation, batch, 64, out_channels, 30,
+                                batch + out_channels)
+        assert gpu_error(dev, case) <= 1e-5
 
 
 def test_grouped_filter_on_a_large_grid(dev) -> None:

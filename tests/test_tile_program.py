@@ -41,7 +41,9 @@ def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int) -> Plan:
     padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
     positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
     reach = (kh - 1) * dh // sh * plane_w + (kw - 1) * dw // sw + lead
-    images, phases = PRODUCTS // positions, sh * sw
+    # phase planes per axis: one where every tap's shift is a multiple of the stride
+    phases = (1 if kh == 1 or dh % sh == 0 else sh) * (1 if kw == 1 or dw % sw == 0 else sw)
+    images = PRODUCTS // positions
     share = SHARED_FLOATS // images // 32 * 32  # image shares start 128-byte aligned
     phase_plane = layout["plane_h"] * plane_w
     shifted = phases > 1 and phase_plane % 4 != 0

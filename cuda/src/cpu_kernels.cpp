@@ -74,7 +74,7 @@ struct Vector {
 template <typename T, int TILE>
 int64_t chunk_channels(const Geometry& g, int64_t nnz) {
   const escoin_conv_desc_t& d = g.d;
-  const int64_t phases = d.stride_h * d.stride_w;
+  const int64_t phases = g.layout.phases_h * g.layout.phases_w;
   const int64_t row_shift = (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   const int64_t column_shift = (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   const int64_t per_channel =

@@ -67,7 +67,7 @@ StagedPlan staged_plan_on(const Geometry& g, const escoin_layout_t& L, bool tens
   s.images = kStagedProducts / s.positions;
   const int64_t tiles = tiles_of(L, s.positions);
   const int64_t share = staged_image_share(s.images);
-  s.phases = d.stride_h * d.stride_w;
+  s.phases = L.phases_h * L.phases_w;
   s.phase_plane = L.plane_h * L.plane_w;
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
   const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * L.plane_w +
@@ -192,7 +192,7 @@ int64_t stretched_offset(const Geometry& g, int64_t col) {
   const int64_t taps = d.kernel_h * d.kernel_w;
   const int64_t c = col / taps, r = (col % taps) / d.kernel_w, s = col % d.kernel_w;
   const int64_t row_shift = r * d.dilation_h, col_shift = s * d.dilation_w;
-  const int64_t phase = (row_shift % d.stride_h) * d.stride_w + col_shift % d.stride_w;
+  const int64_t phase = (row_shift % d.stride_h) * g.layout.phases_w + col_shift % d.stride_w;
   return c * g.layout.channel_stride + phase * g.layout.plane_h * g.layout.plane_w +
          (row_shift / d.stride_h) * g.layout.plane_w + col_shift / d.stride_w;
 }
@@ -201,9 +201,10 @@ bool reads_a_tap(const Geometry& g, int64_t within) {
   const escoin_conv_desc_t& d = g.d;
   const int64_t plane = g.layout.plane_h * g.layout.plane_w;
   const int64_t phase = within / plane, rest = within % plane;
-  if (within < 0 || phase >= d.stride_h * d.stride_w) return false;  // or the alignment gap
-  const int64_t row_shift = rest / g.layout.plane_w * d.stride_h + phase / d.stride_w;
-  const int64_t col_shift = rest % g.layout.plane_w * d.stride_w + phase % d.stride_w;
+  const int64_t phases_w = g.layout.phases_w;
+  if (within < 0 || phase >= g.layout.phases_h * phases_w) return false;  // or the alignment gap
+  const int64_t row_shift = rest / g.layout.plane_w * d.stride_h + phase / phases_w;
+  const int64_t col_shift = rest % g.layout.plane_w * d.stride_w + phase % phases_w;
   return row_shift % d.dilation_h == 0 && row_shift / d.dilation_h < d.kernel_h &&
          col_shift % d.dilation_w == 0 && col_shift / d.dilation_w < d.kernel_w;
 }
@@ -278,9 +279,13 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   // out_height + the largest tap shift rows; columns likewise.
   L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  // A tap reads phase row r * dilation_h mod stride_h: only row 0 where every shift is a
+  // multiple of the stride (a 1x1 filter), so the other phases are not stretched at all.
+  L.phases_h = d.kernel_h == 1 || d.dilation_h % d.stride_h == 0 ? 1 : d.stride_h;
+  L.phases_w = d.kernel_w == 1 || d.dilation_w % d.stride_w == 0 ? 1 : d.stride_w;
   // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:
   // the staged CUDA kernel copies the input into shared memory in 16-byte units (bulk copies).
-  L.channel_stride = ceil_div(d.stride_h * d.stride_w * L.plane_h * L.plane_w, 4) * 4;
+  L.channel_stride = ceil_div(L.phases_h * L.phases_w * L.plane_h * L.plane_w, 4) * 4;
   g.group_in = d.in_channels / d.groups;
   g.group_out = d.out_channels / d.groups;
   g.window = g.group_in * d.kernel_h * d.kernel_w;

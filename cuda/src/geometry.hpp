@@ -64,7 +64,7 @@ struct StagedPlan {
   int64_t lead;  // with tensor_copy: pad_left rounded up to 4, less pad_left; else 0
   int64_t positions;       // P: positions per thread (8, 4 or 2), strided by 32 across the warp
   int64_t images;          // NB = kStagedProducts / P images per block
-  int64_t phases;          // stride_h * stride_w phase planes per channel
+  int64_t phases;          // phases_h * phases_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w
   bool whole_channels;     // one tile covers the plane: a chunk of an image is copied whole
   int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach

@@ -3,7 +3,8 @@
 // both with the same float64 reference).
 //
 // The workspace holds, for each image n and channel c, channel_stride elements: for each phase
-// (a, b) and plane row i one row of plane_w elements, then a zeroed gap of up to 3 elements
+// (a, b) (a < phases_h, b < phases_w: escoin_layout_t) and plane row i one row of plane_w
+// elements, then a zeroed gap of up to 3 elements
 // that keeps the next channel 16-byte aligned. Row i of phase (a, b) copies input row
 // ih = i*stride_h + a - pad_top at columns iw = j*stride_w + b - pad_left (zero where ih or iw
 // falls outside the input).
@@ -22,8 +23,8 @@ struct StretchRow {
 
 struct StretchRows {
   int64_t rows;  // stretched rows of the whole batch
-  int64_t rows_per_channel, plane_h, plane_w, channel_stride, stride_h, stride_w, pad_top,
-      pad_left, in_height, in_width;
+  int64_t rows_per_channel, plane_h, plane_w, channel_stride, phases_w, stride_h, stride_w,
+      pad_top, pad_left, in_height, in_width;
 
   // Where row r starts in the workspace.
   int64_t destination(int64_t r) const {
@@ -42,8 +43,8 @@ struct StretchRows {
     const int64_t image_channel = r / rows_per_channel;  // n * C + c
     const int64_t rest = r % rows_per_channel;
     const int64_t phase = rest / plane_h, i = rest % plane_h;
-    const int64_t ih = i * stride_h + phase / stride_w - pad_top;
-    const int64_t first_column = phase % stride_w - pad_left;
+    const int64_t ih = i * stride_h + phase / phases_w - pad_top;
+    const int64_t first_column = phase % phases_w - pad_left;
     if (ih < 0 || ih >= in_height) return StretchRow{-1, first_column};
     return StretchRow{(image_channel * in_height + ih) * in_width, first_column};
   }
@@ -51,10 +52,11 @@ struct StretchRows {
 
 inline StretchRows stretch_rows(const Geometry& g) {
   const escoin_conv_desc_t& d = g.d;
-  const int64_t per_channel = d.stride_h * d.stride_w * g.layout.plane_h;
-  return StretchRows{d.batch * d.in_channels * per_channel, per_channel, g.layout.plane_h,
-                     g.layout.plane_w, g.layout.channel_stride, d.stride_h, d.stride_w,
-                     d.pad_top, d.pad_left, d.in_height, d.in_width};
+  const escoin_layout_t& L = g.layout;
+  const int64_t per_channel = L.phases_h * L.phases_w * L.plane_h;
+  return StretchRows{d.batch * d.in_channels * per_channel, per_channel, L.plane_h, L.plane_w,
+                     L.channel_stride, L.phases_w, d.stride_h, d.stride_w, d.pad_top,
+                     d.pad_left, d.in_height, d.in_width};
 }
 
 }  // namespace escoin

@@ -28,7 +28,7 @@ struct StretchElements {
   int64_t channel_stride, rows_per_channel, plane_w, stride_h, stride_w, pad_top, pad_left,
       in_height, in_width;
   int64_t planes_per_group, span;  // span = planes_per_group * channel_stride < 2^31
-  FastDivisor by_channel_stride, by_plane_w, by_plane_h, by_stride_w;
+  FastDivisor by_channel_stride, by_plane_w, by_plane_h, by_phases_w;
 };
 
 // Block (x: kStretchThreads elements of a span of planes_per_group consecutive channels, y: plane
@@ -56,7 +56,8 @@ stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchEleme
     const uint32_t j = e - phase_row * uint32_t(s.plane_w);
     const uint32_t phase = s.by_plane_h.divide(phase_row);
     const uint32_t i = phase_row - phase * s.by_plane_h.divisor;
-    const uint32_t a = s.by_stride_w.divide(phase), b = phase - a * uint32_t(s.stride_w);
+    const uint32_t a = s.by_phases_w.divide(phase);
+    const uint32_t b = phase - a * uint32_t(s.by_phases_w.divisor);
     const int64_t ih = int64_t(i) * s.stride_h + a - s.pad_top;
     const int64_t iw = int64_t(j) * s.stride_w + b - s.pad_left;
     inside = ih >= 0 && ih < s.in_height && iw >= 0 && iw < s.in_width;
@@ -79,7 +80,7 @@ void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, f
   s.planes = d.batch * d.in_channels;
   s.in_plane = d.in_height * d.in_width;
   s.channel_stride = L.channel_stride;
-  s.rows_per_channel = d.stride_h * d.stride_w * L.plane_h;
+  s.rows_per_channel = L.phases_h * L.phases_w * L.plane_h;
   s.plane_w = L.plane_w;
   s.stride_h = d.stride_h;
   s.stride_w = d.stride_w;
@@ -94,7 +95,7 @@ void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, f
   s.by_channel_stride = FastDivisor::of(L.channel_stride);
   s.by_plane_w = FastDivisor::of(L.plane_w);
   s.by_plane_h = FastDivisor::of(L.plane_h);
-  s.by_stride_w = FastDivisor::of(d.stride_w);
+  s.by_phases_w = FastDivisor::of(L.phases_w);
   const int64_t blocks_x = (s.span + kStretchThreads - 1) / kStretchThreads;
   const int64_t blocks_y =
       std::min<int64_t>({s.groups, 65535, std::max<int64_t>(1, kStretchTargetBlocks / blocks_x)});

@@ -74,6 +74,7 @@ def conv_layout(tuple desc) -> dict:
     check(escoin_conv_layout(&d, &layout))
     return dict(out_height=layout.out_height, out_width=layout.out_width,
                 plane_h=layout.plane_h, plane_w=layout.plane_w,
+                phases_h=layout.phases_h, phases_w=layout.phases_w,
                 channel_stride=layout.channel_stride, image_stride=layout.image_stride)
 
 

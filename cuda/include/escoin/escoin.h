@@ -57,9 +57,11 @@ typedef struct {
 } escoin_conv_desc_t;
 
 /* The stretched input layout derived from a geometry. For one image and one group, the workspace
- * holds, per input channel of the group, stride_h * stride_w "phase planes" of plane_h x plane_w
+ * holds, per input channel of the group, phases_h * phases_w "phase planes" of plane_h x plane_w
  * elements: phase (a, b) row i column j holds padded_input[i * stride_h + a][j * stride_w + b]
- * (zero outside the real input). Output (oh, ow) then reads tap (r, s) at
+ * (zero outside the real input). phases_h is stride_h, or 1 where every tap's row shift
+ * r * dilation_h is a multiple of stride_h (a 1x1 filter at stride 2 reads phase (0, 0) only);
+ * phases_w likewise. Output (oh, ow) then reads tap (r, s) at
  *     image_group_base + offset(c, r, s) + oh * plane_w + ow,
  * a unit-stride access for every stride and dilation. Kernels walk q = oh * plane_w + ow in
  * tiles and may read up to 256 + plane_w elements past the last image, so the workspace ends
@@ -67,7 +69,8 @@ typedef struct {
 typedef struct {
   int64_t out_height, out_width;
   int64_t plane_h, plane_w;
-  int64_t channel_stride; /* elements per input channel: stride_h * stride_w * plane_h * plane_w,
+  int64_t phases_h, phases_w; /* phase planes per axis: the stride, or 1 (above) */
+  int64_t channel_stride; /* elements per input channel: phases_h * phases_w * plane_h * plane_w,
                              rounded up to a multiple of 4 (the gap is zeroed) */
   int64_t image_stride;   /* elements per image: in_channels * channel_stride */
 } escoin_layout_t;
