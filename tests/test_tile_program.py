@@ -38,8 +38,11 @@ def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int) -> Plan:
     _, c, _, _, m, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
     plane_w, channel_stride = layout["plane_w"], layout["channel_stride"]
     plane_q = layout["out_height"] * plane_w
-    padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 4, 2)}
-    positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= min(padded.values()) * 11)
+    padded = {p: -(-plane_q // (32 * p)) * 32 * p for p in (8, 7, 4, 2)}
+    fewest = min(padded[p] for p in (8, 4, 2))
+    positions = next(p for p in (8, 4, 2) if padded[p] * 10 <= fewest * 11)
+    if padded[7] * 100 < padded[positions] * 97:  # 7 where it leaves 3% fewer positions
+        positions = 7
     reach = (kh - 1) * dh // sh * plane_w + (kw - 1) * dw // sw + lead
     # phase planes per axis: one where every tap's shift is a multiple of the stride
     phases = (1 if kh == 1 or dh % sh == 0 else sh) * (1 if kw == 1 or dw % sw == 0 else sw)

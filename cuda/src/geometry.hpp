@@ -25,7 +25,8 @@ constexpr int64_t kGpuMaxSplits = 16;
 
 // The staged CUDA kernel (tile_kernel.cu): a block of kStagedWarps warps covers kStagedRows
 // output channels (kStagedRowsPerWarp per warp) and, in its plan, 32 * P positions of 8 / P
-// images, P in {8, 4, 2} (a launch may take fewer of either: StagedLaunch); input channels go
+// images (rounded down), P in {8, 7, 4, 2} (a launch may take fewer of either: StagedLaunch);
+// input channels go
 // through shared memory in chunks of at most kStagedSharedFloats elements. It runs from
 // kTileMinBatch images up (every batch: it beat the streaming kernel at batch 1 too, 1.17x over
 // the suite on an H100), when the caller passes a tile program (tile_program.hpp).
@@ -110,7 +111,8 @@ struct StagedLaunch {
 // The launch for a GPU that holds `resident_blocks` staged blocks at once (a wave). Splits: the
 // count whose grid runs the fewest chunks per block slot, waves x chunks per block, plus one for
 // splitting at all (the fewest splits on a tie, since each split adds partial sums to write and
-// add). Positions: P/2 instead of P where that costs no more chunks per slot and no more splits
+// add). Positions: P/2 (7: 4) instead of P where that costs no more chunks per slot and no more
+// splits
 // (measured on an H100 at batch 1: 10-16% faster on planes that one tile covers, where the
 // blocks were few; halving again, or where it adds waves or splits, was slower).
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);

@@ -382,10 +382,11 @@ using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*
 struct KernelShape {
   int64_t images, positions;
 };
-constexpr KernelShape kShapes[] = {{1, 8}, {1, 4}, {1, 2}, {2, 4}, {2, 2}, {4, 2}};
+constexpr KernelShape kShapes[] = {{1, 8}, {1, 7}, {1, 4}, {1, 2}, {2, 4}, {2, 2}, {4, 2}};
 template <bool SHARED_ENTRIES>
 constexpr StagedKernel kKernels[] = {
-    &staged_conv_kernel<1, 8, SHARED_ENTRIES>, &staged_conv_kernel<1, 4, SHARED_ENTRIES>,
+    &staged_conv_kernel<1, 8, SHARED_ENTRIES>, &staged_conv_kernel<1, 7, SHARED_ENTRIES>,
+    &staged_conv_kernel<1, 4, SHARED_ENTRIES>,
     &staged_conv_kernel<1, 2, SHARED_ENTRIES>, &staged_conv_kernel<2, 4, SHARED_ENTRIES>,
     &staged_conv_kernel<2, 2, SHARED_ENTRIES>, &staged_conv_kernel<4, 2, SHARED_ENTRIES>};
 static_assert(sizeof(kShapes) / sizeof(kShapes[0]) == sizeof(kKernels<true>) / sizeof(void*));
