@@ -1,7 +1,8 @@
 """escoin for PyTorch: sparse (CSR) convolutions of pruned weights.
 
 * :func:`sparsify` turns the sparse-enough ``nn.Conv2d`` of a model into :class:`SparseConv2d`
-  (folding ``torch.nn.utils.prune`` masks); :func:`calibrate` keeps the faster path per layer.
+  (folding ``torch.nn.utils.prune`` masks); :func:`fuse_for_inference` folds eval-mode
+  BatchNorms into them and fuses ReLUs; :func:`calibrate` keeps the faster path per layer.
 * :class:`SparseConv2d` is a drop-in ``nn.Conv2d``: dense in training, sparse in eval.
 * :func:`sparse_conv2d` / ``torch.ops.escoin.sparse_conv2d`` is the op (CPU and CUDA, fake and
   autograd kernels, so it works with torch.compile, CUDA graphs and ``opcheck``).
@@ -11,6 +12,7 @@ The core is reached only through the ``escoin`` Python package.
 """
 from escoin_torch.convert import LayerReport, LayerTiming, calibrate, sparsify
 from escoin_torch.csr import CSRWeight
+from escoin_torch.fuse import fuse_for_inference
 from escoin_torch.layer import SparseConv2d
 from escoin_torch.ops import SUPPORTED_DTYPES, sparse_conv2d
 from escoin_torch.seed import SparseConv2D, SparseModel, Sparse_modes, set_mode
@@ -20,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CSRWeight", "LayerReport", "LayerTiming", "PathTimes", "SUPPORTED_DTYPES",
            "SparseConv2D", "SparseConv2d", "SparseModel", "Sparse_modes", "calibrate",
-           "set_mode", "sparse_conv2d", "sparsify", "time_paths"]
+           "fuse_for_inference", "set_mode", "sparse_conv2d", "sparsify", "time_paths"]

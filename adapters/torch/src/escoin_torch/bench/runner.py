@@ -82,6 +82,10 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
     generator = torch.Generator().manual_seed(case.seed + 1)
     x = torch.randn(input_shape(case.net, case.batch, case.size), generator=generator)
     sparse, report = escoin_torch.sparsify(dense)  # a converted copy; `dense` stays dense
+    # Both prepared for inference alike: BatchNorms folded into the convolutions (and, on
+    # escoin's side, ReLUs into its epilogue); the reference is the unfolded network.
+    folded = escoin_torch.fuse_for_inference(dense).to(case.device)
+    sparse = escoin_torch.fuse_for_inference(sparse)
     dense, sparse, x = dense.to(case.device), sparse.to(case.device), x.to(case.device)
     step("float64 reference")
     reference = _float64_output(dense, x)
@@ -98,7 +102,7 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
             timings = escoin_torch.calibrate(calibrated, x, repeats=case.repeats,
                                              warmup=case.warmup, graphs=graphs)
         calibrated_sparse[mode] = sum(t.path == "sparse" for t in timings)
-        for path in network_paths(dense, sparse, calibrated, x):
+        for path in network_paths(folded, sparse, calibrated, x):
             step(f"{path.name}{' graph' if graphs else ''}")
             results.append(measure(path, graphs, reference, case.repeats, case.warmup))
     step("per layer")
