@@ -277,6 +277,34 @@ def test_the_csr_check_accepts_exactly_the_taps(kernel: Tuple[int, int], stride:
     assert accepted == set(taps.tolist())
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_csr_check_on_channels_too_large_for_its_bitmap(stride: int) -> None:
+    """Channels of over 2^24 stretched elements are checked by arithmetic instead of a bitmap of
+    the taps' elements: the same answers."""
+    desc = descriptor((1, 1, 4200 * stride, 4200 * stride), (1, 1, 3, 3), 1, stride, 1, 1)
+    layout = _core.conv_layout(desc)
+    assert layout["channel_stride"] > 1 << 24
+    taps = np.empty(9, np.int32)
+    _core.stretch_offsets(desc, np.arange(9, dtype=np.int32).ctypes.data, 9, taps.ctypes.data)
+    plane_w, plane = layout["plane_w"], layout["plane_h"] * layout["plane_w"]
+    others = {3, plane_w - 1, plane_w + 3, 2 * plane_w + 3, 3 * plane_w, plane - 1,
+              layout["channel_stride"] - 1} - set(taps.tolist())
+    row_ptr, value = np.array([0, 1], np.int64), np.ones(1, np.float32)
+
+    def accepted(offset: int) -> bool:
+        one = np.array([offset], np.int32)
+        try:
+            _core.tile_program_size(desc, row_ptr.ctypes.data, one.ctypes.data,
+                                    value.ctypes.data)
+            return True
+        except EscoinError as error:
+            assert f"offsets[0] = {offset} is" in str(error)
+            return False
+
+    assert all(accepted(int(t)) for t in taps)
+    assert not any(accepted(o) for o in others)
+
+
 def test_program_buffer_too_small_is_refused() -> None:
     filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
     desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
