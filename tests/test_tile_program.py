@@ -14,7 +14,7 @@ import escoin
 from escoin import EscoinError, _core
 from escoin.geometry import descriptor
 
-MAGIC, HEADER_WORDS = 0x45534335, 4
+MAGIC, HEADER_WORDS = 0x45534336, 4
 ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12256  # cuda/src/geometry.hpp: kStaged*
 MAX_SPLITS, SMALL_GRID_BLOCKS = 16, 128  # cuda/src/geometry.cpp
 BOX_MAX = 256  # cuda/src/geometry.hpp: kTensorBoxMax

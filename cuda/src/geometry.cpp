@@ -287,7 +287,8 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   L.plane_h = L.out_height + (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   L.plane_w = L.out_width + (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   // A tap reads phase row r * dilation_h mod stride_h: only row 0 where every shift is a
-  // multiple of the stride (a 1x1 filter), so the other phases are not stretched at all.
+  // multiple of the stride (a 1x1 filter, or a dilation that is a multiple of the stride), so
+  // the other phases are not stretched at all.
   L.phases_h = d.kernel_h == 1 || d.dilation_h % d.stride_h == 0 ? 1 : d.stride_h;
   L.phases_w = d.kernel_w == 1 || d.dilation_w % d.stride_w == 0 ? 1 : d.stride_w;
   // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:

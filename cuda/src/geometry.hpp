@@ -63,7 +63,8 @@ struct StagedPlan {
   // Elsewhere (an earlier GPU, x not 16-byte aligned) the stretch writes this layout as usual.
   bool tensor_copy;
   int64_t lead;  // with tensor_copy: pad_left rounded up to 4, less pad_left; else 0
-  int64_t positions;       // P: positions per thread (8, 4 or 2), strided by 32 across the warp
+  int64_t positions;       // P: positions per thread (8, 7, 4 or 2), strided by 32 across the
+                           // warp
   int64_t images;          // NB = kStagedProducts / P images per block
   int64_t phases;          // phases_h * phases_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w

@@ -33,7 +33,7 @@
 
 namespace escoin {
 
-constexpr int32_t kTileProgramMagic = 0x45534335;  // "ESC5"
+constexpr int32_t kTileProgramMagic = 0x45534336;  // "ESC6": tiles of 7 x 32, phase planes
 constexpr int64_t kTileHeaderWords = 4;
 
 inline int64_t tile_begin_words(const StagedPlan& s) {

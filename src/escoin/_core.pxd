@@ -25,9 +25,9 @@ cdef extern from "escoin/escoin.h" nogil:
     ctypedef struct escoin_layout_t:
         int64_t out_height, out_width
         int64_t plane_h, plane_w
-        int64_t phases_h, phases_w
         int64_t channel_stride
         int64_t image_stride
+        int64_t phases_h, phases_w
 
     const char* escoin_last_error()
     const char* escoin_version()

@@ -74,6 +74,52 @@ def test_folds_and_fuses_what_it_may_and_computes_the_same() -> None:
         assert relative_error(fused(x), expected) < 1e-5
 
 
+class Unfoldable(nn.Module):
+    """Patterns whose BatchNorm or ReLU must stay: each fold here would change the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_relu_bn = SparseConv2d.from_dense(sparse_conv(3, 8, 3, padding=1), relu=True)
+        self.bn1 = _norm(8)  # after a ReLU: does not commute with it
+        self.read_too = sparse_conv(8, 8, 3, padding=1)  # its weight is also read directly
+        self.bn2 = _norm(8)
+        self.hooked = sparse_conv(8, 8, 1)  # has a forward hook
+        self.bn3 = _norm(8)
+        self.batch_stats = sparse_conv(8, 8, 1)
+        self.bn4 = _norm(8)  # left in training mode: normalises with the batch's statistics
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv_relu_bn(x))
+        x = self.bn2(self.read_too(x)) + 0.1 * F.conv2d(x, self.read_too.weight, padding=1)
+        x = self.bn3(self.hooked(x))
+        return torch.relu(self.bn4(self.batch_stats(x)))
+
+
+def test_leaves_what_it_may_not_fold_and_keeps_the_csr() -> None:
+    torch.manual_seed(2)
+    model, _ = sparsify(Unfoldable().eval(), min_sparsity=0.5)
+    model.bn4.train()
+
+    def count(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        model.seen += 1
+    model.hooked.register_forward_hook(count)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse_for_inference(model)
+        twice = fuse_for_inference(fused)  # fusing again changes nothing
+        for result in (fused, twice):
+            modules = dict(result.named_modules())
+            assert all(name in modules for name in ("bn1", "bn2", "bn3", "bn4")), result
+            assert relative_error(result(x), expected) < 1e-5
+    assert model.seen == 3  # the hook still fires: once for expected, once per fused model
+    assert dict(fused.named_modules())["batch_stats"].relu is False  # its BatchNorm is between
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")  # needs every CSR built
+    with torch.no_grad():
+        assert relative_error(compiled(x), expected) < 1e-5
+
+
 def test_needs_eval_mode() -> None:
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
         fuse_for_inference(nn.Sequential(sparse_conv(3, 4, 3), nn.BatchNorm2d(4)))

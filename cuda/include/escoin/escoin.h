@@ -69,10 +69,11 @@ typedef struct {
 typedef struct {
   int64_t out_height, out_width;
   int64_t plane_h, plane_w;
-  int64_t phases_h, phases_w; /* phase planes per axis: the stride, or 1 (above) */
   int64_t channel_stride; /* elements per input channel: phases_h * phases_w * plane_h * plane_w,
                              rounded up to a multiple of 4 (the gap is zeroed) */
   int64_t image_stride;   /* elements per image: in_channels * channel_stride */
+  int64_t phases_h, phases_w; /* phase planes per axis: the stride, or 1 (above); last, so that
+                                 the fields before keep their places */
 } escoin_layout_t;
 
 /* Thread-local text of the last failure in this thread ("" if none). Valid until the next call. */
@@ -117,7 +118,9 @@ escoin_status_t escoin_csr_validate(int64_t rows, int64_t cols, const int64_t* r
 
 /* Stretches nnz column indices (validated against the geometry's window) into offsets for the
  * layout of escoin_conv_layout. Only the geometry's channel/kernel/stride/padding/dilation/input
- * size matter; batch and out_channels are ignored beyond validation. */
+ * size matter; batch and out_channels are ignored beyond validation. Offsets and tile programs
+ * belong to the library build that made them (the layout may change between versions): make
+ * them again rather than storing them. */
 escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int32_t* col_idx,
                                        int64_t nnz, int32_t* offsets);
 
