@@ -26,10 +26,10 @@ constexpr int64_t kGpuMaxSplits = 16;
 // The staged CUDA kernel (tile_kernel.cu): a block of kStagedWarps warps covers kStagedRows
 // output channels (kStagedRowsPerWarp per warp) and, in its plan, 32 * P positions of 8 / P
 // images (rounded down), P in {8, 7, 4, 2} (a launch may take fewer of either: StagedLaunch);
-// input channels go
-// through shared memory in chunks of at most kStagedSharedFloats elements. It runs from
-// kTileMinBatch images up (every batch: it beat the streaming kernel at batch 1 too, 1.17x over
-// the suite on an H100), when the caller passes a tile program (tile_program.hpp).
+// input channels go through shared memory in chunks of at most kStagedSharedFloats elements. It
+// runs from
+// kTileMinBatch images up (every batch: it beat the streaming kernel at batch 1 too, 1.17x
+// over the suite on an H100), when the caller passes a tile program (tile_program.hpp).
 constexpr int64_t kStagedWarps = 8;
 constexpr int64_t kStagedRowsPerWarp = 4;
 constexpr int64_t kStagedRows = kStagedWarps * kStagedRowsPerWarp;
@@ -63,8 +63,7 @@ struct StagedPlan {
   // Elsewhere (an earlier GPU, x not 16-byte aligned) the stretch writes this layout as usual.
   bool tensor_copy;
   int64_t lead;  // with tensor_copy: pad_left rounded up to 4, less pad_left; else 0
-  int64_t positions;       // P: positions per thread (8, 7, 4 or 2), strided by 32 across the
-                           // warp
+  int64_t positions;       // P: positions per thread (8, 7, 4 or 2), 32 apart across a warp
   int64_t images;          // NB = kStagedProducts / P images per block
   int64_t phases;          // phases_h * phases_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w
@@ -113,9 +112,8 @@ struct StagedLaunch {
 // count whose grid runs the fewest chunks per block slot, waves x chunks per block, plus one for
 // splitting at all (the fewest splits on a tie, since each split adds partial sums to write and
 // add). Positions: P/2 (7: 4) instead of P where that costs no more chunks per slot and no more
-// splits
-// (measured on an H100 at batch 1: 10-16% faster on planes that one tile covers, where the
-// blocks were few; halving again, or where it adds waves or splits, was slower).
+// splits (measured on an H100 at batch 1: 10-16% faster on planes that one tile covers, where
+// the blocks were few; halving again, or where it adds waves or splits, was slower).
 StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);
 
 // Tiles of 32 * positions the staged kernel cuts its output plane (out_height x plane_w positions
