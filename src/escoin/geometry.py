@@ -64,4 +64,7 @@ def descriptor(input_shape: Sequence[int], weight_shape: Sequence[int], groups: 
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # type() first: a plain int is the common case, and the ABC check costs ~1 us a call
+    # (a forward builds descriptors of ~30 values).
+    return type(value) is int or (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool))
