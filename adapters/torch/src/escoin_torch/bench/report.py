@@ -44,7 +44,8 @@ def network_table(result: NetworkResult) -> str:
 
 
 def layer_table(result: NetworkResult) -> str:
-    """Per-layer table: each escoin conv's dense and sparse time and weight memory."""
+    """Per-layer table: each escoin conv's dense and sparse time (in CUDA graphs on a GPU) and
+    weight memory."""
     lines = [f"  {'layer':<26}{'weight':<18}{'density':>8}{'dense ms':>10}{'escoin ms':>11}"
              f"{'speed-up':>10}{'dense KB':>11}{'CSR KB':>10}"]
     for r in result.layers:
@@ -119,7 +120,8 @@ def write_chart(results: Sequence[NetworkResult], path: Path) -> bool:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("escoin speed-up")
-        ax.set_title(f"{result.net} batch {result.batch}: per conv layer (dense / escoin time)")
+        ax.set_title(f"{result.net} batch {result.batch}: per conv layer, dense / escoin time "
+                     "(on a GPU each in CUDA graphs, TF32 off)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
