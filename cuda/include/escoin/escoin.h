@@ -10,7 +10,8 @@
  * - Tensors are dense, C-contiguous, NCHW. Sizes and element counts are int64_t.
  * - Weights are a CSR matrix with one row per output channel (M rows) and, per row, column indices
  *   into the (in_channel_within_group, kh, kw) window of that channel's group:
- *       col = (c_local * kernel_h + r) * kernel_w + s,   0 <= col < (C / groups) * kernel_h * kernel_w.
+ *       col = (c_local * kernel_h + r) * kernel_w + s,
+ *       0 <= col < (C / groups) * kernel_h * kernel_w.
  *   Output channel m belongs to group m / (M / groups), so the CSR is the per-group CSRs stacked.
  *   row_ptr is int64_t (M + 1 entries), col_idx is int32_t.
  * - Before a forward call, columns are "stretched" (escoin_stretch_offsets) into int32 offsets into
@@ -82,7 +83,8 @@ const char* escoin_last_error(void);
 /* Version string, e.g. "0.1.0". */
 const char* escoin_version(void);
 
-/* 1 if CUDA kernels were compiled into this build, else 0; the architectures, e.g. "80-real,86-real,89-real,90". */
+/* 1 if CUDA kernels were compiled into this build, else 0; the architectures, e.g.
+ * "80-real,86-real,89-real,90". */
 int escoin_cuda_compiled(void);
 const char* escoin_cuda_architectures(void);
 /* 1 if the CPU kernels were built with OpenMP; the number of threads they would use. */
