@@ -150,3 +150,42 @@ def test_device_mismatch_is_a_clear_error() -> None:
     csr = csr_lib.from_dense(sparse_conv(3, 4, 3).weight.detach())
     with pytest.raises(ValueError, match="x is on cuda"):
         sparse_conv2d(torch.randn(1, 3, 5, 5, device="cuda"), csr)
+
+
+def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monkeypatch) -> None:
+    """Under no_grad a CUDA call runs the kernel function directly (the op's dispatch costs ~50 us
+    of host time a call); with a gradient to record, or under a dispatch mode, it goes through the
+    op. Every way gives the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from escoin_torch import ops
+
+    direct_calls = []
+    kernel = ops._sparse_conv2d_cuda
+
+    def counted(*args: object) -> torch.Tensor:
+        direct_calls.append(1)
+        return kernel(*args)
+    monkeypatch.setattr(ops, "_sparse_conv2d_cuda", counted)
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer().eval()
+    x = torch.randn(4, 8, 17, 15, device="cuda")
+    expected = reference_conv(x, layer.weight, layer.bias, stride=2, padding=1, groups=2)
+    with torch.no_grad():
+        plain = layer(x)
+    assert len(direct_calls) == 1
+    with torch.no_grad(), SeenOps() as mode:
+        seen = layer(x)
+    assert len(direct_calls) == 1 and any("escoin.sparse_conv2d" in n for n in mode.names)
+    recorded = layer(x.requires_grad_())
+    assert len(direct_calls) == 1 and recorded.grad_fn is not None
+    for y in (plain, seen, recorded):
+        assert relative_error(y, expected) < 1e-5
