@@ -18,15 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from escoin_torch.layer import SparseConv2d
+from escoin_torch.layer import SparseConv2d, has_hooks
 from escoin_torch.ops import SUPPORTED_DTYPES
 
 __all__ = ["fuse_for_inference"]
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-# Module hook registries: a module with any hook is left as it is (a hook on a convolution would
-# see the folded output; a pruning pre-hook recomputes the weight the fold has replaced).
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
@@ -57,11 +54,13 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
         raise TypeError(f"fuse_for_inference needs a model torch.fx can trace; tracing "
                         f"{type(model).__name__} failed: {error}") from error
     graph = traced.graph
+    # A module with any hook is left as it is: a hook on a convolution would see the folded
+    # output, and a pruning pre-hook recomputes the weight the fold replaces.
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes = [node.target for node in graph.nodes if node.op == "get_attr"]
     for node in list(graph.nodes):
         conv = _module(traced, node, (nn.Conv2d,))
-        if (conv is None or type(conv) not in (nn.Conv2d, SparseConv2d) or _hooked(conv)
+        if (conv is None or type(conv) not in (nn.Conv2d, SparseConv2d) or has_hooks(conv)
                 or calls[node.target] != 1
                 or any(a.startswith(node.target + ".") for a in attributes)):
             continue
@@ -108,10 +107,6 @@ def _module(traced: fx.GraphModule, node: Optional[fx.Node], kinds: tuple) -> Op
     return module if isinstance(module, kinds) else None
 
 
-def _hooked(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOKS)
-
-
 def _sole_user(node: fx.Node) -> Optional[fx.Node]:
     """The one node that reads ``node``'s value, if exactly one does and only as its input."""
     if len(node.users) != 1:
@@ -125,7 +120,7 @@ def _is_relu(traced: fx.GraphModule, node: Optional[fx.Node]) -> bool:
         return False
     if node.op == "call_module":
         module = traced.get_submodule(node.target)
-        return type(module) is nn.ReLU and not _hooked(module)
+        return type(module) is nn.ReLU and not has_hooks(module)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -133,13 +128,14 @@ def _is_relu(traced: fx.GraphModule, node: Optional[fx.Node]) -> bool:
 
 def _foldable(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> bool:
     """An eval-mode BatchNorm over conv's channels, normalising with its running statistics."""
-    return (type(norm) is nn.BatchNorm2d and not norm.training and not _hooked(norm)
+    return (type(norm) is nn.BatchNorm2d and not norm.training and not has_hooks(norm)
             and norm.running_mean is not None and norm.running_var is not None
             and norm.num_features == conv.out_channels)
 
 
 def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
-    """``conv`` followed by ``norm`` as one convolution of the same type, path and dtype."""
+    """``conv`` (which applies no ReLU) followed by ``norm`` as one convolution of the same type,
+    path and dtype."""
     with torch.no_grad():
         scale = torch.rsqrt(norm.running_var.double() + norm.eps)
         shift = -norm.running_mean.double() * scale
@@ -158,7 +154,7 @@ def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     plain.train(conv.training)
     if type(conv) is nn.Conv2d:
         return plain
-    return SparseConv2d.from_dense(plain, relu=conv.relu, sparse_training=conv.sparse_training,
+    return SparseConv2d.from_dense(plain, sparse_training=conv.sparse_training,
                                    inference_path=conv.inference_path)
 
 

@@ -25,7 +25,7 @@ from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
 from escoin_torch.ops import SUPPORTED_DTYPES, sparse_conv2d
 
-__all__ = ["SparseConv2d", "folded", "pruned_names"]
+__all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
 Path = Literal["sparse", "dense"]
 _IntOrPair = Union[int, Tuple[int, int]]
@@ -242,6 +242,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
                "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any hook registry of ``module`` holds a hook."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
