@@ -35,7 +35,8 @@ def _pads(padding: Union[str, Tuple[int, int]], kernel: Tuple[int, int],
 def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
     """Non-square inputs and kernels, stride 1-3, dilation 1-3, padding ints/pairs/'same'/'valid',
     groups including depthwise, batch 0..max_batch, density 0..1 (empty rows, all-zero filters)."""
-    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    # 1x1 filters often: their warps read the entries of their rows as one run
+    kernel = draw(st.just((1, 1)) | st.tuples(st.integers(1, 5), st.integers(1, 5)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     choices = ["pair", "valid"] + (["same"] if stride == (1, 1) else [])
@@ -63,10 +64,11 @@ def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
 @st.composite
 def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
     """Problems the GPU's staged kernel takes: batch 8-10 and at least 16 output channels per
-    group; otherwise random kernels, strides, dilation, padding, groups, planes from a few
-    positions to a few thousand, channel counts that leave partial blocks of 32 output channels
-    and span several shared-memory chunks, and density."""
-    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    group; otherwise random kernels (1x1 often), strides, dilation, padding, groups, planes from
+    a few positions to a few thousand, channel counts that leave partial blocks of 32 output
+    channels and span several shared-memory chunks, and density."""
+    # 1x1 filters often: their warps read the entries of their rows as one run
+    kernel = draw(st.just((1, 1)) | st.tuples(st.integers(1, 5), st.integers(1, 5)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))

@@ -158,6 +158,31 @@ def test_small_batch_launch_shapes(dev, batch: int, size: int) -> None:
         assert relative_error(y[n], expected[n]) <= 1e-5
 
 
+@pytest.mark.parametrize("batch, size, stride", [(1, 7, 1), (2, 7, 1), (32, 7, 1), (1, 14, 1),
+                                                 (3, 28, 1), (8, 56, 1), (5, 28, 2)])
+@pytest.mark.parametrize("density", [0.03, 0.5])
+def test_one_by_one_filters_read_as_one_run(dev, batch: int, size: int, stride: int,
+                                            density: float) -> None:
+    """1x1 filters: each warp reads its rows' entries of a chunk as one run, 32 at a time, with
+    every launch shape (7, 4 or 2 positions a thread, one to four images, split chunks at small
+    batches), x read in place or stretched (stride 2, 7x7 planes), one group or two. At density
+    0.5 a warp's run is hundreds of entries and its rows end inside batches of 32; at 0.03 some
+    rows have none."""
+    rng = np.random.default_rng(int(batch * 100 + size + stride + density * 10))
+    for out_channels, groups in ((96, 1), (128, 2)):
+        shape = (out_channels, 96 // groups, 1, 1)
+        weight = rng.standard_normal(shape) * (rng.random(shape) < density)
+        x = rng.standard_normal((batch, 96, size, size))
+        bias = rng.standard_normal(out_channels)
+        filt = escoin.SparseFilter.from_dense(weight.astype(np.float32), groups=groups)
+        out = dev.full(escoin.output_shape(x.shape, filt, stride, 0), np.nan)
+        escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
+                      stride=stride, relu=True, out=out)
+        expected = conv2d_reference(x, weight, bias, (stride, stride), (0,) * 4, (1, 1), groups,
+                                    True)
+        assert relative_error(dev.get(out), expected) <= 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 32])
 def test_stride_two_every_image_computed(dev, batch: int) -> None:
     """The PyTorch port computed only the first image at stride > 1; every image must be right."""

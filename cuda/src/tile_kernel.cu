@@ -236,8 +236,9 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
 // loads are consecutive across the warp's lanes, so shared memory serves them without bank
 // conflicts. (Blocks of two items, sharing each chunk between 64 channels, paid 5-15% on large
 // grids while each entry was loaded in the loop; with the entries handed out by shuffles,
-// one-item blocks were 2-6% faster there too.)
-template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES>
+// one-item blocks were 2-6% faster there too.) A warp reads its rows' entries of a chunk row by
+// row, or with ONE_RUN (1x1 filters, whose rows are short) as one run.
+template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES, bool ONE_RUN>
 __global__ void __launch_bounds__(kThreads, 4)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
                    const float* __restrict__ bias, float* __restrict__ y, StagedParams p,
@@ -295,48 +296,89 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
         begins + (int64_t(item) * p.chunks + chunk) * kRows + warp * kRowsPerWarp;
     const float* lane_tile = tile + lane + shift;
     // Before waiting for the copy, lanes 0..kRowsPerWarp load the warp's rows' entry bounds,
-    // then each lane one of a row's first 32 entries: the entries' load latency is paid under
-    // the copy's, once per 32 entries, instead of once per few entries inside the loop. The loop
-    // reads them back from the warp's slots in shared memory, one broadcast load per entry
+    // then each lane one of the first 32 entries: the entries' load latency is paid under the
+    // copy's, once per 32 entries, instead of once per few entries inside the loop. The loop
+    // reads each 32 back from the warp's slots in shared memory, one broadcast load per entry
     // (SHARED_ENTRIES), or from their lanes by two shuffles.
     const int bound = lane <= kRowsPerWarp ? __ldg(row_begin + lane) : 0;
-    int first[kRowsPerWarp], count[kRowsPerWarp];
-    int2 held[kRowsPerWarp];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      first[r] = __shfl_sync(~0u, bound, r);
-      count[r] = __shfl_sync(~0u, bound, r + 1) - first[r];
-      held[r] = lane < count[r] ? __ldg(entries + first[r] + lane) : make_int2(0, 0);
-    }
+    auto wait_for_chunk = [&] {
 #if ESCOIN_BULK_COPY
-    while (!cuda::ptx::mbarrier_try_wait_parity(landed, landed_phase)) {
-    }
-    landed_phase ^= 1;
+      while (!cuda::ptx::mbarrier_try_wait_parity(landed, landed_phase)) {
+      }
+      landed_phase ^= 1;
 #else
-    __syncthreads();
+      __syncthreads();
 #endif
+    };
+    // Hands the warp's current 32 entries (`mine`, one a lane) to the loop, which applies the
+    // j-th to a row's sums with apply(mine, j, sums).
+    auto hand_over = [&](int2 mine) {
+      if constexpr (SHARED_ENTRIES) {
+        __syncwarp();  // the warp's previous entries are consumed
+        warp_entries[lane] = mine;
+        __syncwarp();
+      }
+    };
+    auto apply = [&](int2 mine, int j, float (&row)[IMAGES][POSITIONS]) {
+      if constexpr (SHARED_ENTRIES) {
+        const int2 entry = warp_entries[j];
+        apply_entry(row, lane_tile + entry.x, __int_as_float(entry.y));
+      } else {
+        apply_entry(row, lane_tile + __shfl_sync(~0u, mine.x, j),
+                    __int_as_float(__shfl_sync(~0u, mine.y, j)));
+      }
+    };
+    const int first = __shfl_sync(~0u, bound, 0);
+    if constexpr (ONE_RUN) {
+      // The warp's rows' entries of the chunk as one run (the program stores its rows one after
+      // another), 32 at a time however they fall into rows, each 32 loaded two before they are
+      // applied: where rows are short (~6 entries a chunk with a 1x1 filter) one load and one
+      // hand-over per 32 entries instead of per row.
+      const int count = __shfl_sync(~0u, bound, kRowsPerWarp) - first;
+      int2 mine = lane < count ? __ldg(entries + first + lane) : make_int2(0, 0);
+      int2 ahead = 32 + lane < count ? __ldg(entries + first + 32 + lane) : make_int2(0, 0);
+      wait_for_chunk();
+      for (int base = 0; base < count; base += 32) {
+        const int next = base + 64 + lane;
+        const int2 later = next < count ? __ldg(entries + first + next) : make_int2(0, 0);
+        hand_over(mine);
+        // Each row's part of these 32: from where the previous row's ends to where its own
+        // does (lane r + 1 holds where row r ends).
+        const int row_end = min(max(bound - first - base, 0), 32);
+        int begin = 0;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      int2 mine = held[r];
-      for (int base = 0; base < count[r]; base += 32) {
-        // A row's next 32 entries are loaded before its current ones are applied.
-        const int next = base + 32 + lane;
-        const int2 ahead = next < count[r] ? __ldg(entries + first[r] + next) : make_int2(0, 0);
-        const int n = min(32, count[r] - base);
-        if constexpr (SHARED_ENTRIES) {
-          __syncwarp();  // the warp's previous entries are consumed
-          warp_entries[lane] = mine;
-          __syncwarp();
-          for (int j = 0; j < n; ++j) {
-            const int2 entry = warp_entries[j];
-            apply_entry(acc[r], lane_tile + entry.x, __int_as_float(entry.y));
-          }
-        } else {
-          for (int j = 0; j < n; ++j)
-            apply_entry(acc[r], lane_tile + __shfl_sync(~0u, mine.x, j),
-                        __int_as_float(__shfl_sync(~0u, mine.y, j)));
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int end = __shfl_sync(~0u, row_end, r + 1);
+          for (int j = begin; j < end; ++j) apply(mine, j, acc[r]);
+          begin = end;
         }
         mine = ahead;
+        ahead = later;
+      }
+    } else {
+      // Row by row, each row's entries 32 at a time, its first 32 loaded before the wait (as
+      // many loads in flight as rows) and each next 32 before the current ones are applied.
+      int row_first[kRowsPerWarp], count[kRowsPerWarp];
+      int2 held[kRowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        row_first[r] = r == 0 ? first : __shfl_sync(~0u, bound, r);
+        count[r] = __shfl_sync(~0u, bound, r + 1) - row_first[r];
+        held[r] = lane < count[r] ? __ldg(entries + row_first[r] + lane) : make_int2(0, 0);
+      }
+      wait_for_chunk();
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        int2 mine = held[r];
+        for (int base = 0; base < count[r]; base += 32) {
+          const int next = base + 32 + lane;
+          const int2 ahead =
+              next < count[r] ? __ldg(entries + row_first[r] + next) : make_int2(0, 0);
+          hand_over(mine);
+          const int n = min(32, count[r] - base);
+          for (int j = 0; j < n; ++j) apply(mine, j, acc[r]);
+          mine = ahead;
+        }
       }
     }
   }
@@ -383,13 +425,23 @@ struct KernelShape {
   int64_t images, positions;
 };
 constexpr KernelShape kShapes[] = {{1, 8}, {1, 7}, {1, 4}, {1, 2}, {2, 4}, {2, 2}, {4, 2}};
-template <bool SHARED_ENTRIES>
-constexpr StagedKernel kKernels[] = {
-    &staged_conv_kernel<1, 8, SHARED_ENTRIES>, &staged_conv_kernel<1, 7, SHARED_ENTRIES>,
-    &staged_conv_kernel<1, 4, SHARED_ENTRIES>,
-    &staged_conv_kernel<1, 2, SHARED_ENTRIES>, &staged_conv_kernel<2, 4, SHARED_ENTRIES>,
-    &staged_conv_kernel<2, 2, SHARED_ENTRIES>, &staged_conv_kernel<4, 2, SHARED_ENTRIES>};
-static_assert(sizeof(kShapes) / sizeof(kShapes[0]) == sizeof(kKernels<true>) / sizeof(void*));
+template <bool SHARED_ENTRIES, bool ONE_RUN>
+constexpr StagedKernel kKernels[] = {&staged_conv_kernel<1, 8, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<1, 7, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<1, 4, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<1, 2, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<2, 4, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<2, 2, SHARED_ENTRIES, ONE_RUN>,
+                                     &staged_conv_kernel<4, 2, SHARED_ENTRIES, ONE_RUN>};
+static_assert(sizeof(kShapes) / sizeof(kShapes[0]) ==
+              sizeof(kKernels<true, true>) / sizeof(void*));
+
+// The kernel of shape kShapes[index] in a form: entries in shared memory or handed out by
+// shuffles (prepare_device), and read as one run per warp or row by row (launch_tile_conv).
+StagedKernel staged_kernel(bool shared_entries, bool one_run, size_t index) {
+  if (shared_entries) return one_run ? kKernels<true, true>[index] : kKernels<true, false>[index];
+  return one_run ? kKernels<false, true>[index] : kKernels<false, false>[index];
+}
 
 size_t kernel_index(const StagedLaunch& shape) {
   for (size_t i = 0; i < sizeof(kShapes) / sizeof(kShapes[0]); ++i)
@@ -402,14 +454,17 @@ size_t kernel_index(const StagedLaunch& shape) {
 // its blocks an SM holds.
 template <bool SHARED_ENTRIES>
 int blocks_per_sm() {
-  for (const StagedKernel kernel : kKernels<SHARED_ENTRIES>)
-    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(kSharedBytes<SHARED_ENTRIES>)),
-               "cudaFuncSetAttribute");
+  for (size_t i = 0; i < sizeof(kShapes) / sizeof(kShapes[0]); ++i)
+    for (const bool one_run : {false, true})
+      check_cuda(cudaFuncSetAttribute(
+                     reinterpret_cast<const void*>(staged_kernel(SHARED_ENTRIES, one_run, i)),
+                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                     int(kSharedBytes<SHARED_ENTRIES>)),
+                 "cudaFuncSetAttribute");
   int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                 &per_sm, kKernels<SHARED_ENTRIES>[0], kThreads, kSharedBytes<SHARED_ENTRIES>),
+                 &per_sm, kKernels<SHARED_ENTRIES, false>[0], kThreads,
+                 kSharedBytes<SHARED_ENTRIES>),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return per_sm;
 }
@@ -454,7 +509,7 @@ bool tile_kernel_fits(const Geometry& g) {
 }
 
 bool staged_kernel_copies_tensors() {
-  return hopper_code_runs(reinterpret_cast<const void*>(kKernels<true>[0]));
+  return hopper_code_runs(reinterpret_cast<const void*>(kKernels<true, false>[0]));
 }
 
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
@@ -507,12 +562,15 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const size_t index = kernel_index(shape);
   const dim3 grid(unsigned(staged_tiles(g, shape.positions)), unsigned(s.items * p.splits),
                   unsigned((g.d.batch + shape.images - 1) / shape.images));
-  if (device.shared_entries)
-    launch_dependent(kKernels<true>[index], grid, dim3(kThreads), kSharedBytes<true>, stream,
-                     "staged_conv_kernel", input, program, bias, y, p, x_map ? *x_map : no_map);
-  else
-    launch_dependent(kKernels<false>[index], grid, dim3(kThreads), kSharedBytes<false>, stream,
-                     "staged_conv_kernel", input, program, bias, y, p, x_map ? *x_map : no_map);
+  // A 1x1 filter gives each row ~6 entries a chunk at 90% sparsity (one tap per channel where a
+  // 3x3 filter gives nine): its warps read their rows' entries as one run. Read so, the longer
+  // rows of larger filters were 1-5% slower (each row's part of each 32 entries ends where it
+  // may, which leaves the unrolled loop more remainders), the 1x1 layers 2-8% faster.
+  const bool one_run = g.d.kernel_h * g.d.kernel_w == 1;
+  const bool shared = device.shared_entries;
+  launch_dependent(staged_kernel(shared, one_run, index), grid, dim3(kThreads),
+                   shared ? kSharedBytes<true> : kSharedBytes<false>, stream, "staged_conv_kernel",
+                   input, program, bias, y, p, x_map ? *x_map : no_map);
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
 }
 
