@@ -154,8 +154,8 @@ def test_device_mismatch_is_a_clear_error() -> None:
 
 def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monkeypatch) -> None:
     """Under no_grad a CUDA call runs the kernel function directly (the op's dispatch costs ~50 us
-    of host time a call); with a gradient to record, or under a dispatch mode, it goes through the
-    op. Every way gives the same result."""
+    of host time a call); with a gradient to record, under a dispatch mode or a profiler (whose
+    trace names the op), it goes through the op. Every way gives the same result."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from escoin_torch import ops
 
@@ -185,7 +185,11 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
     with torch.no_grad(), SeenOps() as mode:
         seen = layer(x)
     assert len(direct_calls) == 1 and any("escoin.sparse_conv2d" in n for n in mode.names)
+    with torch.no_grad(), torch.profiler.profile() as profiler:
+        profiled = layer(x)
+    assert len(direct_calls) == 1
+    assert any("escoin::sparse_conv2d" in event.name for event in profiler.events())
     recorded = layer(x.requires_grad_())
     assert len(direct_calls) == 1 and recorded.grad_fn is not None
-    for y in (plain, seen, recorded):
+    for y in (plain, seen, profiled, recorded):
         assert relative_error(y, expected) < 1e-5

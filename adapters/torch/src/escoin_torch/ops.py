@@ -92,13 +92,16 @@ def _plain_cuda_call(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the op's dispatch (the custom op's Python layers and autograd:
     ~50 us of a ~160 us eager call on an H100's host) and run the CUDA kernel function directly:
     plain CUDA tensors, no gradient to record, and nothing that must see the op (torch.compile,
-    TorchScript, dispatch or function modes such as FakeTensorMode, functorch transforms)."""
+    TorchScript, dispatch or function modes such as FakeTensorMode, functorch transforms, a
+    profiler, whose trace should name it)."""
     present = [t for t in tensors if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cuda for t in present):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # (first: the compiler cannot trace the checks below)
+    if torch.autograd._profiler_enabled():
         return False
     internals = torch._C
     try:
