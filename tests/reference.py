@@ -8,8 +8,10 @@ import numpy as np
 
 def conv2d_reference(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
                      stride: Tuple[int, int], pads: Tuple[int, int, int, int],
-                     dilation: Tuple[int, int], groups: int, relu: bool = False) -> np.ndarray:
-    """Direct summation over kernel taps in float64. pads = (top, bottom, left, right)."""
+                     dilation: Tuple[int, int], groups: int, relu: bool = False,
+                     residual: Optional[np.ndarray] = None) -> np.ndarray:
+    """Direct summation over kernel taps in float64. pads = (top, bottom, left, right); a
+    residual (the output's shape) is added before the ReLU."""
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
     n, c, h, w = x.shape
@@ -33,6 +35,8 @@ def conv2d_reference(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
                     "nchw,mc->nmhw", window, ws[:, :, r, s])
     if bias is not None:
         out += np.asarray(bias, np.float64)[None, :, None, None]
+    if residual is not None:
+        out += np.asarray(residual, np.float64)
     return np.maximum(out, 0) if relu else out
 
 

@@ -14,13 +14,19 @@ from reference import conv2d_reference, relative_error
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-def run_case(case: ConvCase, dtype: type) -> float:
+def run_case(case: ConvCase, dtype: type, with_residual: bool = False) -> float:
+    """escoin's relative error on the case; with_residual adds a random array of the output's
+    shape before the ReLU (y = relu(conv + bias + residual))."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(dtype), groups=case.groups)
+    shape = escoin.output_shape(case.x.shape, filt, case.stride, case.padding, case.dilation)
+    residual = (np.random.default_rng(case.x.size).standard_normal(shape) if with_residual
+                else None)
     expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
-                                case.dilation, case.groups, case.relu)
+                                case.dilation, case.groups, case.relu, residual)
     out = np.full(expected.shape, np.nan, dtype)  # poison: an unwritten element stays NaN
     result = escoin.conv2d(case.x.astype(dtype), filt, case.bias, stride=case.stride,
-                           padding=case.padding, dilation=case.dilation, relu=case.relu, out=out)
+                           padding=case.padding, dilation=case.dilation, relu=case.relu, out=out,
+                           residual=residual)
     assert result is out
     return relative_error(out, expected)
 
@@ -35,6 +41,18 @@ def test_random_geometry_float32(case: ConvCase) -> None:
 @given(case=conv_cases())
 def test_random_geometry_float64(case: ConvCase) -> None:
     assert run_case(case, np.float64) <= TOLERANCE[np.float64]
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases())
+def test_residual_added_before_the_relu_float32(case: ConvCase) -> None:
+    assert run_case(case, np.float32, with_residual=True) <= TOLERANCE[np.float32]
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=conv_cases())
+def test_residual_added_before_the_relu_float64(case: ConvCase) -> None:
+    assert run_case(case, np.float64, with_residual=True) <= TOLERANCE[np.float64]
 
 
 def test_network_sized_layer_float32() -> None:

@@ -55,14 +55,20 @@ def dev() -> DeviceArrays:
     return DeviceArrays()
 
 
-def gpu_error(dev: DeviceArrays, case: ConvCase) -> float:
+def gpu_error(dev: DeviceArrays, case: ConvCase, with_residual: bool = False) -> float:
+    """escoin's relative error on the case; with_residual adds a random array of the output's
+    shape before the ReLU."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    shape = escoin.output_shape(case.x.shape, filt, case.stride, case.padding, case.dilation)
+    residual = (np.random.default_rng(case.x.size).standard_normal(shape).astype(np.float32)
+                if with_residual else None)
     expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
-                                case.dilation, case.groups, case.relu)
+                                case.dilation, case.groups, case.relu, residual)
     out = dev.full(expected.shape, np.nan)  # poison
     bias = None if case.bias is None else dev.put(case.bias.astype(np.float32))
     escoin.conv2d(dev.put(case.x.astype(np.float32)), filt, bias, stride=case.stride,
-                  padding=case.padding, dilation=case.dilation, relu=case.relu, out=out)
+                  padding=case.padding, dilation=case.dilation, relu=case.relu, out=out,
+                  residual=None if residual is None else dev.put(residual))
     return relative_error(dev.get(out), expected)
 
 
@@ -81,6 +87,19 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
                       case.dilation)
     assert filt._store.tile_program(desc) is not None
     assert gpu_error(dev, case) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases(max_batch=9))
+def test_residual_added_before_the_relu(dev, case: ConvCase) -> None:
+    """y = relu(conv + bias + residual) on whichever kernel the case runs, split sums too."""
+    assert gpu_error(dev, case, with_residual=True) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=staged_conv_cases())
+def test_residual_on_the_staged_kernel(dev, case: ConvCase) -> None:
+    assert gpu_error(dev, case, with_residual=True) <= 1e-5
 
 
 @pytest.mark.parametrize("shape", [(5, 64, 40, 37, 48, 3, 1), (4, 96, 30, 30, 40, 3, 2),
@@ -165,9 +184,9 @@ def test_one_by_one_filters_read_as_one_run(dev, batch: int, size: int, stride: 
                                             density: float) -> None:
     """1x1 filters: each warp reads its rows' entries of a chunk as one run, 32 at a time, with
     every launch shape (7, 4 or 2 positions a thread, one to four images, split chunks at small
-    batches), x read in place or stretched (stride 2, 7x7 planes), one group or two. At density
-    0.5 a warp's run is hundreds of entries and its rows end inside batches of 32; at 0.03 some
-    rows have none."""
+    batches), x read in place or stretched (stride 2, 7x7 planes), one group or two, with a
+    residual added before the ReLU. At density 0.5 a warp's run is hundreds of entries and its
+    rows end inside batches of 32; at 0.03 some rows have none."""
     rng = np.random.default_rng(int(batch * 100 + size + stride + density * 10))
     for out_channels, groups in ((96, 1), (128, 2)):
         shape = (out_channels, 96 // groups, 1, 1)
@@ -175,11 +194,13 @@ def test_one_by_one_filters_read_as_one_run(dev, batch: int, size: int, stride: 
         x = rng.standard_normal((batch, 96, size, size))
         bias = rng.standard_normal(out_channels)
         filt = escoin.SparseFilter.from_dense(weight.astype(np.float32), groups=groups)
-        out = dev.full(escoin.output_shape(x.shape, filt, stride, 0), np.nan)
+        shape = escoin.output_shape(x.shape, filt, stride, 0)
+        residual = rng.standard_normal(shape).astype(np.float32)  # a ResNet block's shortcut
+        out = dev.full(shape, np.nan)
         escoin.conv2d(dev.put(x.astype(np.float32)), filt, dev.put(bias.astype(np.float32)),
-                      stride=stride, relu=True, out=out)
+                      stride=stride, relu=True, out=out, residual=dev.put(residual))
         expected = conv2d_reference(x, weight, bias, (stride, stride), (0,) * 4, (1, 1), groups,
-                                    True)
+                                    True, residual)
         assert relative_error(dev.get(out), expected) <= 1e-5
 
 

@@ -187,8 +187,8 @@ def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:
     ws = np.empty(nbytes, np.uint8)
     with pytest.raises(EscoinError, match=r"offsets\[0\] = 100000000 is in input channel"):
         _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
-                          offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
-                          ws.ctypes.data, nbytes)
+                          offsets.ctypes.data, filt.values.ctypes.data, 0, 0, False,
+                          y.ctypes.data, ws.ctypes.data, nbytes)
 
 
 def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
@@ -200,8 +200,8 @@ def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
     ws = np.empty(16, np.uint8)
     with pytest.raises(EscoinError, match="workspace_bytes is 16 but this geometry needs"):
         _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
-                          offsets.ctypes.data, filt.values.ctypes.data, 0, False, y.ctypes.data,
-                          ws.ctypes.data, 16)
+                          offsets.ctypes.data, filt.values.ctypes.data, 0, 0, False,
+                          y.ctypes.data, ws.ctypes.data, 16)
 
 
 def test_cpu_workspace_too_small(filt, x) -> None:
@@ -226,5 +226,33 @@ def test_cpu_entry_rejects_missing_values(filt, x) -> None:
     ws = np.empty(nbytes, np.uint8)
     with pytest.raises(EscoinError, match="values must not be NULL"):
         _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
-                          offsets.ctypes.data, 0, 0, False, y.ctypes.data, ws.ctypes.data,
+                          offsets.ctypes.data, 0, 0, 0, False, y.ctypes.data, ws.ctypes.data,
                           nbytes)
+
+
+def test_cpu_entry_rejects_a_residual_overlapping_y(filt, x) -> None:
+    """y = relu(conv + residual) is written while the residual is read: the C entry refuses a
+    residual that shares memory with y, by a part as well as whole."""
+    from escoin import _core
+
+    desc = escoin.geometry.descriptor(x.shape, filt.shape, 1)
+    offsets = escoin.stretch_offsets(filt, x.shape)
+    y = np.empty((2, 4, 6, 6), np.float32)
+    shifted = np.empty(y.size * 2, np.float32)
+    nbytes = _core.workspace_size(desc, "float32")
+    ws = np.empty(nbytes, np.uint8)
+    for residual in (y.ctypes.data, shifted.ctypes.data + 4 * (y.size - 1)):
+        target = y.ctypes.data if residual == y.ctypes.data else shifted.ctypes.data
+        with pytest.raises(EscoinError, match="residual must not overlap y"):
+            _core.forward_cpu(desc, "float32", x.ctypes.data, filt.row_ptr.ctypes.data,
+                              offsets.ctypes.data, filt.values.ctypes.data, 0, residual, False,
+                              target, ws.ctypes.data, nbytes)
+
+
+@pytest.mark.parametrize("residual, message", [
+    (np.zeros((2, 4, 6, 5), np.float32), r"residual must have the output's shape \(2, 4, 6, 6\)"),
+    (np.zeros((2, 4, 6, 6), np.int32), "residual must be floating point"),
+])
+def test_residual_of_wrong_shape_or_type(filt, x, residual: np.ndarray, message: str) -> None:
+    with pytest.raises(EscoinError, match=message):
+        escoin.conv2d(x, filt, residual=residual)

@@ -56,9 +56,9 @@ void run_kernel(const CpuConvArgs<T>& args) {
 
 template <typename T>
 void forward(const Geometry& g, const T* x, const int64_t* row_ptr, const int32_t* offsets,
-             const T* values, const T* bias, bool relu, T* y, T* ws) {
+             const T* values, const T* bias, const T* residual, bool relu, T* y, T* ws) {
   stretch_input(g, x, ws);
-  run_kernel(CpuConvArgs<T>{&g, ws, row_ptr, offsets, values, bias, relu, y});
+  run_kernel(CpuConvArgs<T>{&g, ws, row_ptr, offsets, values, bias, residual, relu, y});
 }
 
 }  // namespace
@@ -68,21 +68,25 @@ extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* d
                                                      escoin_dtype_t dtype, const void* x,
                                                      const int64_t* row_ptr,
                                                      const int32_t* offsets, const void* values,
-                                                     const void* bias, int relu, void* y,
-                                                     void* workspace, size_t workspace_bytes) {
+                                                     const void* bias, const void* residual,
+                                                     int relu, void* y, void* workspace,
+                                                     size_t workspace_bytes) {
   return escoin::guarded([&] {
     const escoin::Geometry g = escoin::make_geometry(desc);
-    escoin::check_forward_operands(g, dtype, x, row_ptr, y, workspace, workspace_bytes);
+    escoin::check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace,
+                                   workspace_bytes);
     if (g.d.batch == 0) return;
     // Host arrays can be checked cheaply, so the CPU path never trusts them.
     escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
     if (dtype == ESCOIN_FLOAT32)
       escoin::forward(g, static_cast<const float*>(x), row_ptr, offsets,
                       static_cast<const float*>(values), static_cast<const float*>(bias),
-                      relu != 0, static_cast<float*>(y), static_cast<float*>(workspace));
+                      static_cast<const float*>(residual), relu != 0, static_cast<float*>(y),
+                      static_cast<float*>(workspace));
     else
       escoin::forward(g, static_cast<const double*>(x), row_ptr, offsets,
                       static_cast<const double*>(values), static_cast<const double*>(bias),
-                      relu != 0, static_cast<double*>(y), static_cast<double*>(workspace));
+                      static_cast<const double*>(residual), relu != 0, static_cast<double*>(y),
+                      static_cast<double*>(workspace));
   });
 }

@@ -15,14 +15,13 @@
 namespace escoin {
 namespace {
 
-// Adds the SPLITS partial sums of each output in split order (deterministic), then bias and
-// ReLU. The split count is a template parameter so that a thread issues all its loads before the
-// first add: at batch 1 a layer's outputs are few and this kernel waits on load latency.
+// Adds the SPLITS partial sums of each output in split order (deterministic), then the
+// epilogue. The split count is a template parameter so that a thread issues all its loads before
+// the first add: at batch 1 a layer's outputs are few and this kernel waits on load latency.
 template <int SPLITS>
-__global__ void reduce_splits_kernel(const float* __restrict__ partial,
-                                     const float* __restrict__ bias, float* __restrict__ y,
-                                     int64_t outputs, int64_t out_channels, int64_t out_plane,
-                                     int relu) {
+__global__ void reduce_splits_kernel(const float* __restrict__ partial, Epilogue e,
+                                     float* __restrict__ y, int64_t outputs,
+                                     int64_t out_channels, int64_t out_plane) {
   wait_for_previous_grid();  // the partial sums
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -32,7 +31,8 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
     float sum = 0.f;
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) sum += part[s];
-    y[i] = bias_relu(sum, bias ? bias[(i / out_plane) % out_channels] : 0.f, relu);
+    y[i] = bias_relu(with_residual(sum, e.residual, i),
+                     e.bias ? e.bias[(i / out_plane) % out_channels] : 0.f, e.relu);
   }
 }
 
@@ -56,18 +56,17 @@ struct ConvParams {
   int64_t plane_q, plane_w, out_width, out_plane, image_stride, group_span;
   int64_t splits;  // ranges each row's nonzeros are split into (Geometry::gpu_splits)
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
-  int relu;
 };
 
 // Block (x: a run of kThreads positions q, y: a block of output channels of one group and one
 // split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators: one
 // staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. Unsplit, the
-// block writes the output with bias and ReLU; split, it writes its partial sums.
+// block writes the output through the epilogue; split, it writes its partial sums.
 template <int IMAGES>
 __global__ void __launch_bounds__(kThreads)
 sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ row_ptr,
                    const int32_t* __restrict__ offsets, const float* __restrict__ values,
-                   const float* __restrict__ bias, float* __restrict__ y, ConvParams p) {
+                   Epilogue e, float* __restrict__ y, ConvParams p) {
   __shared__ float stage_values[kStage];
   __shared__ int32_t stage_offsets[kStage];
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -108,7 +107,7 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
           }
         }
         if (writes) {
-          const float b0 = bias ? bias[m] : 0.f;
+          const float b0 = e.bias ? e.bias[m] : 0.f;
 #pragma unroll
           for (int b = 0; b < IMAGES; ++b) {
             if (n0 + b >= p.batch) continue;
@@ -117,7 +116,7 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
             if (p.splits > 1) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
-              y[out] = bias_relu(acc[b], b0, p.relu);
+              y[out] = bias_relu(with_residual(acc[b], e.residual, out), b0, e.relu);
             }
           }
         }
@@ -132,7 +131,7 @@ unsigned grid_limit(int64_t wanted, int64_t limit) {
 
 template <int IMAGES>
 void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t* row_ptr,
-                 const int32_t* offsets, const float* values, const float* bias, bool relu,
+                 const int32_t* offsets, const float* values, const Epilogue& epilogue,
                  float* y, cudaStream_t stream) {
   ConvParams p;
   p.batch = g.d.batch;
@@ -148,29 +147,28 @@ void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t
   p.group_span = g.group_span;
   p.splits = g.gpu_splits;
   p.partial = partial_sums(g, ws);
-  p.relu = relu ? 1 : 0;
   const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
   if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
   const dim3 grid(unsigned(position_blocks),
                   grid_limit(p.groups * p.channel_blocks * p.splits, 65535),
                   grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
-  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(input, row_ptr, offsets, values, bias,
-                                                            y, p);
+  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(input, row_ptr, offsets, values,
+                                                            epilogue, y, p);
   check_launch("sparse_conv_kernel");
-  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
+  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, epilogue, y, stream);
 }
 
 }  // namespace
 
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const float* bias, bool relu, float* y, cudaStream_t stream) {
+                          const Epilogue& epilogue, float* y, cudaStream_t stream) {
   const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
   if (splits < 1 || splits > kGpuMaxSplits)
     fail_invalid("splits must be in [1, ", kGpuMaxSplits, "], got ", splits);
   const dim3 grid(grid_limit((outputs + 255) / 256, 1 << 20));
   launch_dependent(kReduceKernels[size_t(splits - 1)], grid, dim3(256), 0, stream,
-                   "reduce_splits_kernel", partial, bias, y, outputs, g.d.out_channels,
-                   g.out_plane, relu ? 1 : 0);
+                   "reduce_splits_kernel", partial, epilogue, y, outputs, g.d.out_channels,
+                   g.out_plane);
 }
 
 }  // namespace escoin
@@ -178,12 +176,14 @@ void launch_reduce_splits(const Geometry& g, const float* partial, int64_t split
 extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x, const int64_t* row_ptr,
     const int32_t* offsets, const void* values, const void* tile_program, const void* bias,
-    int relu, void* y, void* workspace, size_t workspace_bytes, int device, void* stream) {
+    const void* residual, int relu, void* y, void* workspace, size_t workspace_bytes, int device,
+    void* stream) {
   return escoin::guarded([&] {
     const escoin::Geometry g = escoin::make_geometry(desc);
     if (dtype != ESCOIN_FLOAT32)
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 on CUDA, got ", static_cast<int>(dtype));
-    escoin::check_forward_operands(g, dtype, x, row_ptr, y, workspace, workspace_bytes);
+    escoin::check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace,
+                                   workspace_bytes);
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);
@@ -193,7 +193,8 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     const auto* xf = static_cast<const float*>(x);
     const float* input = direct ? xf : ws;
     const auto* v = static_cast<const float*>(values);
-    const auto* b = static_cast<const float*>(bias);
+    const escoin::Epilogue epilogue{static_cast<const float*>(bias),
+                                    static_cast<const float*>(residual), relu != 0 ? 1 : 0};
     auto* out = static_cast<float*>(y);
     // The staged kernel needs its program (from kTileMinBatch images: every batch) and 16-byte
     // aligned input for its 16-byte copies. On Hopper it may copy x padded by a tensor map, and
@@ -207,11 +208,11 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     if (staged)
       escoin::launch_tile_conv(g, tensor_copy ? xf : input, direct ? 0 : g.tail_slack, ws,
                                tensor_copy ? &x_map : nullptr,
-                               static_cast<const int32_t*>(tile_program), b, relu != 0, out, s);
+                               static_cast<const int32_t*>(tile_program), epilogue, out, s);
     else if (g.d.batch >= escoin::kGpuImagesPerBlock)
-      escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, input, ws, row_ptr, offsets, v, b,
-                                                           relu != 0, out, s);
+      escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, input, ws, row_ptr, offsets, v,
+                                                           epilogue, out, s);
     else
-      escoin::launch_conv<1>(g, input, ws, row_ptr, offsets, v, b, relu != 0, out, s);
+      escoin::launch_conv<1>(g, input, ws, row_ptr, offsets, v, epilogue, out, s);
   });
 }

@@ -10,10 +10,24 @@
 
 namespace escoin {
 
+// What a forward call does to each finished sum before writing it: adds the output channel's
+// bias and the residual's element at the output's place (a shortcut added before the ReLU, as
+// in ResNet's blocks), then the ReLU. bias and residual may be null.
+struct Epilogue {
+  const float* bias;      // out_channels values
+  const float* residual;  // y's shape; never overlaps y (check_forward_operands)
+  int relu;
+};
+
 // The epilogue of one output: bias, then ReLU (NaN passes, as in torch).
 __device__ __forceinline__ float bias_relu(float sum, float bias, int relu) {
   const float r = sum + bias;
   return (relu && r < 0.f) ? 0.f : r;
+}
+
+// `sum` plus element i of the residual, if there is one.
+__device__ __forceinline__ float with_residual(float sum, const float* residual, int64_t i) {
+  return residual ? sum + __ldg(residual + i) : sum;
 }
 
 // Where split partial sums go: after the stretched input and its slack in the workspace.
@@ -27,9 +41,9 @@ inline float* partial_sums(const Geometry& g, float* ws) {
 void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
                     cudaStream_t stream);
 
-// Adds `splits` partial sums per output in split order (deterministic), then bias and ReLU.
+// Adds `splits` partial sums per output in split order (deterministic), then the epilogue.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const float* bias, bool relu, float* y, cudaStream_t stream);
+                          const Epilogue& epilogue, float* y, cudaStream_t stream);
 
 // Whether the staged kernel can run g: a channel fits in shared memory and the grid holds it.
 bool tile_kernel_fits(const Geometry& g);
@@ -48,7 +62,7 @@ bool encode_tensor_copy(const Geometry& g, const float* x, CUtensorMap* x_map);
 // batch may be read, or with x_map on x through that tensor map; with a tile program built for
 // g; ws holds the split partial sums.
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
-                      const CUtensorMap* x_map, const int32_t* program, const float* bias,
-                      bool relu, float* y, cudaStream_t stream);
+                      const CUtensorMap* x_map, const int32_t* program,
+                      const Epilogue& epilogue, float* y, cudaStream_t stream);
 
 }  // namespace escoin

@@ -145,19 +145,34 @@ void run_tiles(const CpuConvArgs<T>& a) {
     }
 
     // Epilogue in vectors (bias, ReLU), then one copy per output-row segment: with few
-    // nonzeros per channel, a per-lane epilogue would cost more than the products.
+    // nonzeros per channel, a per-lane epilogue would cost more than the products. A residual
+    // is added per segment, before the ReLU.
     Segment segments[TILE];
     const int segment_count = tile_segments<TILE>(g, q0, segments);
     for (int i = 0; i < channels; ++i) {
       const int64_t m = m_begin + i;
       const V bias = (a.bias ? a.bias[m] : T(0)) - V{};
+      const int64_t plane = (n * out_channels + m) * g.out_plane;
+      T* out = a.y + plane;
       T sums[TILE];
+      if (a.residual) {
+        for (int r = 0; r < kRegisters; ++r) {
+          const V t = partial[i][r] + bias;
+          __builtin_memcpy(sums + r * kLanes, &t, sizeof t);
+        }
+        const T* residual = a.residual + plane;
+        for (int k = 0; k < segment_count; ++k)
+          for (int j = 0; j < segments[k].length; ++j) {
+            const T t = sums[segments[k].lane + j] + residual[segments[k].dest + j];
+            out[segments[k].dest + j] = a.relu && t < T(0) ? T(0) : t;
+          }
+        continue;
+      }
       for (int r = 0; r < kRegisters; ++r) {
         V t = partial[i][r] + bias;
         if (a.relu) t = t < V{} ? V{} : t;  // NaN passes, as in torch
         __builtin_memcpy(sums + r * kLanes, &t, sizeof t);
       }
-      T* out = a.y + (n * out_channels + m) * g.out_plane;
       if (segment_count == 1 && segments[0].length == TILE) {  // no dropped column: one store
         __builtin_memcpy(out + segments[0].dest, sums, sizeof sums);
         continue;

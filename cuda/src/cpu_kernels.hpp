@@ -19,7 +19,8 @@ struct CpuConvArgs {
   const int64_t* row_ptr;
   const int32_t* offsets;
   const T* values;
-  const T* bias;  // may be null
+  const T* bias;      // may be null
+  const T* residual;  // y's shape, added before the ReLU; may be null
   bool relu;
   T* y;
 };

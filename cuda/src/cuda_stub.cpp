@@ -12,8 +12,8 @@ escoin_status_t not_compiled() {
 extern "C" {
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t*, escoin_dtype_t,
                                            const void*, const int64_t*, const int32_t*,
-                                           const void*, const void*, const void*, int, void*,
-                                           void*, size_t, int, void*) {
+                                           const void*, const void*, const void*, const void*,
+                                           int, void*, void*, size_t, int, void*) {
   return not_compiled();
 }
 int escoin_cuda_device_count(void) { return 0; }

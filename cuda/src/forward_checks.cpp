@@ -9,8 +9,8 @@
 namespace escoin {
 
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const void* y, const void* workspace,
-                            size_t workspace_size) {
+                            const int64_t* row_ptr, const void* y, const void* residual,
+                            const void* workspace, size_t workspace_size) {
   const size_t needed = workspace_bytes(g, dtype);  // also rejects unknown dtypes
   if (g.d.batch == 0) return;
   require_pointer(x, "x");
@@ -19,6 +19,15 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   require_pointer(workspace, "workspace");
   if (workspace_size < needed)
     fail_invalid("workspace_bytes is ", workspace_size, " but this geometry needs ", needed);
+  // The CUDA kernels read the residual through the read-only cache while they write y, and the
+  // CPU kernel writes y a tile at a time: the two must not overlap.
+  if (residual) {
+    const auto bytes = uintptr_t(g.d.batch * g.d.out_channels * g.out_plane) *
+                       uintptr_t(element_size(dtype));
+    const auto r = reinterpret_cast<uintptr_t>(residual), o = reinterpret_cast<uintptr_t>(y);
+    if (r < o + bytes && o < r + bytes)
+      fail_invalid("residual must not overlap y (pass a separate array of y's shape)");
+  }
 }
 
 void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,

@@ -9,10 +9,11 @@
 
 namespace escoin {
 
-// Pointers present where the batch is non-empty, dtype known, workspace large enough.
+// Pointers present where the batch is non-empty, dtype known, workspace large enough, and a
+// residual (optional) not overlapping y.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const void* y, const void* workspace,
-                            size_t workspace_size);
+                            const int64_t* row_ptr, const void* y, const void* residual,
+                            const void* workspace, size_t workspace_size);
 
 // Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
 // there are nonzeros, and every stretched offset a tap of the geometry (as escoin_stretch_offsets

@@ -44,6 +44,7 @@ struct StagedParams {
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
+  const float* residual;  // Epilogue::residual
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
   int pad_top, pad_left;  // pad_left: of the stretched layout, StagedPlan::lead included
   // Divisions by launch-time values, as multiply-highs (fast_divide.cuh): a signed 32-bit
@@ -207,10 +208,10 @@ __device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], con
       acc[b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[b][i]);
 }
 
-// Writes a thread's sums, finish(sum, row) each, into the planes of its warp's `channels` output
-// channels (from `first_channel`) of each image of the block: the positions with a place in the
-// plane (plane_offset >= 0).
-template <int IMAGES, int POSITIONS, typename Finish>
+// Writes a thread's sums, plus the residual's element where RESIDUAL, finish(sum, row) each,
+// into the planes of its warp's `channels` output channels (from `first_channel`) of each image
+// of the block: the positions with a place in the plane (plane_offset >= 0).
+template <bool RESIDUAL, int IMAGES, int POSITIONS, typename Finish>
 __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAGES][POSITIONS],
                                            float* planes, const int (&plane_offset)[POSITIONS],
                                            int first_channel, int channels, int n0,
@@ -221,11 +222,14 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
 #pragma unroll
     for (int b = 0; b < IMAGES; ++b) {
       if (n0 + b >= p.batch) break;
-      float* const plane =
-          planes + (int64_t(n0 + b) * p.out_channels + first_channel + r) * p.out_plane;
+      const int64_t plane = (int64_t(n0 + b) * p.out_channels + first_channel + r) * p.out_plane;
+      float* const out = planes + plane;
+      const float* const residual = RESIDUAL ? p.residual + plane : nullptr;
 #pragma unroll
       for (int i = 0; i < POSITIONS; ++i)
-        if (plane_offset[i] >= 0) plane[plane_offset[i]] = finish(acc[r][b][i], r);
+        if (plane_offset[i] >= 0)
+          out[plane_offset[i]] = finish(
+              RESIDUAL ? acc[r][b][i] + __ldg(residual + plane_offset[i]) : acc[r][b][i], r);
     }
   }
 }
@@ -397,23 +401,26 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
   const int first_out = group * p.group_out + first_channel;  // in all of y's channels
   // The finish is chosen once for the whole tile, so that each output is a bias add, the ReLU's
-  // select and a predicated store (split sums are finished by the reduction).
+  // select and a predicated store (split sums are finished by the reduction), and with a
+  // residual one load more.
   if (p.splits > 1) {
-    write_sums(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
-               plane_offset, first_out, channels, n0, p,
-               [](float sum, int) { return sum; });
+    write_sums<false>(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
+                      plane_offset, first_out, channels, n0, p, [](float sum, int) { return sum; });
     return;
   }
   float channel_bias[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
     channel_bias[r] = bias && r < channels ? __ldg(bias + first_out + r) : 0.f;
-  if (p.relu)
-    write_sums(acc, y, plane_offset, first_out, channels, n0, p,
-               [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
+  if (p.residual)
+    write_sums<true>(acc, y, plane_offset, first_out, channels, n0, p,
+                     [&](float sum, int r) { return bias_relu(sum, channel_bias[r], p.relu); });
+  else if (p.relu)
+    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
+                      [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
   else
-    write_sums(acc, y, plane_offset, first_out, channels, n0, p,
-               [&](float sum, int r) { return sum + channel_bias[r]; });
+    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
+                      [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
 using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams,
@@ -513,8 +520,8 @@ bool staged_kernel_copies_tensors() {
 }
 
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
-                      const CUtensorMap* x_map, const int32_t* program, const float* bias,
-                      bool relu, float* y, cudaStream_t stream) {
+                      const CUtensorMap* x_map, const int32_t* program,
+                      const Epilogue& epilogue, float* y, cudaStream_t stream) {
   if (!tile_kernel_fits(g))  // the dispatcher checks first
     fail_invalid("the geometry is too large for the staged CUDA kernel");
   const StagedPlan& s = g.staged;
@@ -541,7 +548,8 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.entries_word = tile_entries_word(s);
   p.readable = g.d.batch * L.image_stride + slack;
   p.partial = partial_sums(g, ws);
-  p.relu = relu ? 1 : 0;
+  p.relu = epilogue.relu;
+  p.residual = epilogue.residual;
   p.tensor_copy = x_map ? 1 : 0;
   p.pad_top = int(g.d.pad_top);
   p.pad_left = int(g.d.pad_left + s.lead);  // a multiple of 4 with tensor copies
@@ -570,8 +578,8 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const bool shared = device.shared_entries;
   launch_dependent(staged_kernel(shared, one_run, index), grid, dim3(kThreads),
                    shared ? kSharedBytes<true> : kSharedBytes<false>, stream, "staged_conv_kernel",
-                   input, program, bias, y, p, x_map ? *x_map : no_map);
-  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, bias, relu, y, stream);
+                   input, program, epilogue.bias, y, p, x_map ? *x_map : no_map);
+  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, epilogue, y, stream);
 }
 
 }  // namespace escoin

@@ -58,14 +58,15 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                               const void* x, const int64_t* row_ptr,
                                               const int32_t* offsets, const void* values,
-                                              const void* bias, int relu, void* y,
-                                              void* workspace, size_t workspace_bytes)
+                                              const void* bias, const void* residual, int relu,
+                                              void* y, void* workspace, size_t workspace_bytes)
     escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                                const void* x, const int64_t* row_ptr,
                                                const int32_t* offsets, const void* values,
                                                const void* tile_program, const void* bias,
-                                               int relu, void* y, void* workspace,
-                                               size_t workspace_bytes, int device, void* stream)
+                                               const void* residual, int relu, void* y,
+                                               void* workspace, size_t workspace_bytes,
+                                               int device, void* stream)
 
     int escoin_cuda_device_count()
     escoin_status_t escoin_cuda_malloc(int device, size_t bytes, void** ptr)

@@ -159,7 +159,7 @@ def tile_program_build(tuple desc, object row_ptr, object offsets, object values
 
 
 def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
-                object bias, bint relu, object y, object workspace,
+                object bias, object residual, bint relu, object y, object workspace,
                 size_t workspace_bytes) -> None:
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef escoin_dtype_t code = dtype_code(dtype)
@@ -168,19 +168,20 @@ def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets,
     cdef const int32_t* poff = <const int32_t*>ptr(offsets)
     cdef const void* pv = ptr(values)
     cdef const void* pb = ptr(bias)
+    cdef const void* pres = ptr(residual)
     cdef void* py = ptr(y)
     cdef void* pws = ptr(workspace)
     cdef int r = relu
     cdef escoin_status_t status
     with nogil:
-        status = escoin_conv2d_forward_cpu(&d, code, px, prp, poff, pv, pb, r, py, pws,
+        status = escoin_conv2d_forward_cpu(&d, code, px, prp, poff, pv, pb, pres, r, py, pws,
                                            workspace_bytes)
     check(status)
 
 
 def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
-                 object tile_program, object bias, bint relu, object y, object workspace,
-                 size_t workspace_bytes, int device, object stream) -> None:
+                 object tile_program, object bias, object residual, bint relu, object y,
+                 object workspace, size_t workspace_bytes, int device, object stream) -> None:
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef escoin_dtype_t code = dtype_code(dtype)
     cdef const void* px = ptr(x)
@@ -189,14 +190,15 @@ def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets
     cdef const void* pv = ptr(values)
     cdef const void* pt = ptr(tile_program)
     cdef const void* pb = ptr(bias)
+    cdef const void* pres = ptr(residual)
     cdef void* py = ptr(y)
     cdef void* pws = ptr(workspace)
     cdef void* ps = ptr(stream)
     cdef int r = relu
     cdef escoin_status_t status
     with nogil:
-        status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pt, pb, r, py, pws,
-                                            workspace_bytes, device, ps)
+        status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pt, pb, pres, r, py,
+                                            pws, workspace_bytes, device, ps)
     check(status)
 
 

@@ -45,21 +45,25 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
 def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,
            padding: Padding = 0, dilation: IntPair = 1, relu: bool = False,
            out: Optional[object] = None, workspace: Optional[object] = None,
-           stream: Optional[object] = None) -> object:
+           stream: Optional[object] = None, residual: Optional[object] = None) -> object:
     """torch.nn.functional.conv2d(x, filt.to_dense(), bias, stride, padding, dilation,
-    filt.groups), optionally followed by ReLU, computed from the nonzeros only.
+    filt.groups), plus `residual` if given, optionally followed by ReLU, computed from the
+    nonzeros only: relu(conv2d(...) + residual) in one pass over the output.
 
     A NumPy x (float32 or float64) runs on the CPU and returns a NumPy array. A CUDA array x
     (float32, C-contiguous) runs on its device on `stream` and returns `out` or an escoin
-    DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does.
+    DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does. `residual` (a
+    residual network's shortcut) is an array of the output's shape on x's device (float32 on
+    CUDA, C-contiguous there), separate from `out`.
     """
     if not isinstance(filt, SparseFilter):
         raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     if is_cuda_array(x):
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
-                            stream_handle(stream))
+                            stream_handle(stream), residual)
     if isinstance(x, np.ndarray):
-        return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out, workspace)
+        return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out, workspace,
+                           residual)
     raise EscoinError(f"x must be a NumPy array or a CUDA array (__cuda_array_interface__ or "
                       f"__dlpack__), got {type(x).__name__}")
 
@@ -75,7 +79,7 @@ def _batched_shape(shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], bool]:
 
 def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], stride: IntPair,
                 padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
-                workspace: Optional[object]) -> np.ndarray:
+                workspace: Optional[object], residual: Optional[object]) -> np.ndarray:
     if x.dtype not in (np.float32, np.float64):
         raise EscoinError(f"x must be float32 or float64, got {x.dtype}")
     shape, unbatched = _batched_shape(x.shape)
@@ -97,12 +101,14 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
     values = filt._store.values_as(x.dtype)
     offsets = filt._store.offsets(desc)
     bias_array = _host_bias(bias, desc[4], x.dtype)
+    residual_array = _host_residual(residual, result_shape, x.dtype)
     nbytes = _core.workspace_size(desc, x.dtype.name)
     workspace = _host_workspace(workspace, nbytes)
     _core.forward_cpu(desc, x.dtype.name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
                       offsets.ctypes.data, values.ctypes.data,
-                      0 if bias_array is None else bias_array.ctypes.data, relu, y.ctypes.data,
-                      workspace.ctypes.data, nbytes)
+                      0 if bias_array is None else bias_array.ctypes.data,
+                      0 if residual_array is None else residual_array.ctypes.data, relu,
+                      y.ctypes.data, workspace.ctypes.data, nbytes)
     return y
 
 
@@ -142,9 +148,24 @@ def _host_bias(bias: Optional[object], channels: int, dtype: np.dtype) -> Option
     return np.ascontiguousarray(array, dtype)
 
 
+def _host_residual(residual: Optional[object], shape: Tuple[int, ...],
+                   dtype: np.dtype) -> Optional[np.ndarray]:
+    if residual is None:
+        return None
+    if is_cuda_array(residual):
+        raise EscoinError("residual is a CUDA array but x is a NumPy array; put both on one "
+                          "device")
+    array = np.asarray(residual)
+    if array.shape != shape:
+        raise EscoinError(f"residual must have the output's shape {shape}, got {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise EscoinError(f"residual must be floating point, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype)
+
+
 def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: IntPair,
                  padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
-                 workspace: Optional[object], stream: int) -> object:
+                 workspace: Optional[object], stream: int, residual: Optional[object]) -> object:
     xv = cuda_view(x, "x", stream)
     if xv.dtype != np.float32:
         raise EscoinError(f"x must be float32 on CUDA, got {xv.dtype}")
@@ -164,22 +185,32 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
         y_ptr = y.ptr
     else:
         y = out
-        yv = cuda_view(out, "out", stream)
-        if yv.shape != result_shape or yv.dtype != np.float32 or not yv.contiguous:
-            raise EscoinError(f"out must be a C-contiguous float32 CUDA array of shape "
-                              f"{result_shape}, got shape {yv.shape} {yv.dtype}"
-                              f"{'' if yv.contiguous else ' (not contiguous)'}")
-        if yv.device != device:
-            raise EscoinError(f"out is on cuda:{yv.device} but x is on cuda:{device}")
-        y_ptr = yv.ptr
+        y_ptr = _cuda_output_like(out, "out", result_shape, device, stream)
     nbytes = _core.workspace_size(desc, "float32")
     ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
     arrays = filt._store.device_arrays(device, desc)
     bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
+    residual_ptr = (0 if residual is None else
+                    _cuda_output_like(residual, "residual", result_shape, device, stream))
     _core.forward_cuda(desc, "float32", xv.ptr, arrays.row_ptr, arrays.offsets, arrays.values,
-                       arrays.tile_program, bias_ptr, relu, y_ptr, ws_ptr, nbytes, device, stream)
+                       arrays.tile_program, bias_ptr, residual_ptr, relu, y_ptr, ws_ptr, nbytes,
+                       device, stream)
     del ws_owner, bias_owner  # stream-ordered frees: safe right after the launch
     return y
+
+
+def _cuda_output_like(array: object, name: str, shape: Tuple[int, ...], device: int,
+                      stream: int) -> int:
+    """The device address of `array` (out, or a residual), checked to be laid out as the output:
+    a C-contiguous float32 CUDA array of its shape on x's device."""
+    view = cuda_view(array, name, stream)
+    if view.shape != shape or view.dtype != np.float32 or not view.contiguous:
+        raise EscoinError(f"{name} must be a C-contiguous float32 CUDA array of shape {shape}, got "
+                          f"shape {view.shape} {view.dtype}"
+                          f"{'' if view.contiguous else ' (not contiguous)'}")
+    if view.device != device:
+        raise EscoinError(f"{name} is on cuda:{view.device} but x is on cuda:{device}")
+    return view.ptr
 
 
 def _cuda_workspace(workspace: Optional[object], nbytes: int, device: int,
@@ -221,28 +252,29 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
           bias_ptr: int, workspace_ptr: int, workspace_bytes: int, input_shape: Sequence[int],
           weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
           dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
-          device: Optional[int] = None, tile_program_ptr: int = 0) -> None:
+          device: Optional[int] = None, tile_program_ptr: int = 0, residual_ptr: int = 0) -> None:
     """The low-level GPU call on raw device pointers (float32), for callers that own their memory.
 
     row_ptr (int64, M+1), offsets (int32, from :func:`stretch_offsets` for this geometry) and
     values (float32) must be device arrays on `device` (default: the device of x_ptr); bias_ptr
-    may be 0. tile_program_ptr (0 for none) is the staged kernel's program for this geometry,
-    which every batch uses (from ``_core.tile_min_batch()`` images): take all four from
-    :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes. Work
+    may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
+    before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
+    geometry, which every batch uses (from ``_core.tile_min_batch()`` images): take all four
+    from :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes. Work
     is queued on `stream`.
     """
     desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),
                         ("offsets_ptr", offsets_ptr), ("values_ptr", values_ptr),
                         ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
-                        ("tile_program_ptr", tile_program_ptr)):
+                        ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise EscoinError(f"{name} must be a non-negative int device pointer, got {value!r}")
     if device is None:
         device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
     _core.forward_cuda(desc, "float32", x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
-                       tile_program_ptr, bias_ptr, relu, y_ptr, workspace_ptr, workspace_bytes,
-                       device, stream_handle(stream))
+                       tile_program_ptr, bias_ptr, residual_ptr, relu, y_ptr, workspace_ptr,
+                       workspace_bytes, device, stream_handle(stream))
 
 
 def _describe(obj: object) -> str:

@@ -193,3 +193,21 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
     assert len(direct_calls) == 1 and recorded.grad_fn is not None
     for y in (plain, seen, profiled, recorded):
         assert relative_error(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_residual_added_in_the_kernel(batch: int) -> None:
+    """relu(conv(x) + residual) on CUDA: the direct inference call and the op with a gradient
+    (whose residual gradient is the output's through the ReLU), against F.conv2d."""
+    torch.manual_seed(batch)
+    layer = SparseConv2d.from_dense(sparse_conv(32, 64, 3, padding=1), relu=True).cuda().eval()
+    x = torch.randn(batch, 32, 14, 14, device="cuda")
+    residual = torch.randn(batch, 64, 14, 14, device="cuda", requires_grad=True)
+    expected = torch.relu(reference_conv(x, layer.weight, layer.bias, padding=1)
+                          + residual.detach().double().cpu())
+    with torch.no_grad():
+        assert relative_error(layer(x, residual.detach()), expected) < 1e-5
+    y = layer(x.requires_grad_(), residual)
+    assert relative_error(y, expected) < 1e-5
+    y.backward(torch.ones_like(y))
+    assert torch.equal(residual.grad, (y > 0).float())

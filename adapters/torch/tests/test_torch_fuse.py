@@ -1,5 +1,8 @@
-"""fuse_for_inference: BatchNorms folded into convolutions, ReLUs into SparseConv2d."""
+"""fuse_for_inference: BatchNorms folded into convolutions, ReLUs and residual adds into
+SparseConv2d."""
 from __future__ import annotations
+
+import operator
 
 import pytest
 import torch
@@ -50,20 +53,29 @@ class Blocks(nn.Module):
         return self.relu5(self.bn5(self.dense(x)))
 
 
-def test_folds_and_fuses_what_it_may_and_computes_the_same() -> None:
-    torch.manual_seed(0)
-    model, _ = sparsify(Blocks().eval(), min_sparsity=0.5)
-    x = torch.randn(2, 3, 16, 16)
+def _pruned_and_fused(model: nn.Module, x: torch.Tensor) -> tuple:
+    """The model sparsified at 50%, its float64 output on x, and its fused copy."""
+    model, _ = sparsify(model.eval(), min_sparsity=0.5)
     with torch.no_grad():
         expected = model.double()(x.double())
         model.float()
-    fused = fuse_for_inference(model)
+    return model, expected, fuse_for_inference(model)
+
+
+def test_folds_and_fuses_what_it_may_and_computes_the_same() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model, expected, fused = _pruned_and_fused(Blocks(), x)
     convs = dict(fused.named_modules())
     norms = [name for name, m in convs.items() if isinstance(m, nn.BatchNorm2d)]
     assert norms == ["bn4"]  # the shared convolution's
     relu = {name: m.relu for name, m in convs.items() if isinstance(m, SparseConv2d)}
     assert relu == {"conv_bn_relu": True, "conv_bn_frelu": True, "conv_relu": True,
-                    "conv_bn_add": False, "shortcut": False, "shared": False}
+                    "conv_bn_add": True, "shortcut": False, "shared": False}
+    # relu(bn3(conv_bn_add(x)) + shortcut(x)): the sum is the layer's residual
+    assert not [n for n in fused.graph.nodes if n.target in (operator.add, torch.add)]
+    call = next(n for n in fused.graph.nodes if n.target == "conv_bn_add")
+    assert [a.target for a in call.args] == ["conv_relu", "shortcut"]
     assert type(convs["dense"]) is nn.Conv2d and isinstance(convs["relu5"], nn.ReLU)
     for name in ("conv_bn_relu", "conv_bn_frelu", "conv_bn_add", "dense"):
         before = dict(model.named_modules())[name].weight
@@ -150,3 +162,46 @@ def test_fused_network_on_cuda() -> None:
         expected = model.double()(x.double())
         fused = fuse_for_inference(model.float().cuda())
         assert relative_error(fused(x.cuda()), expected) < 1e-5
+
+
+class Bottleneck(nn.Module):
+    """torchvision's residual block ends: the shortcut computed after the last convolution
+    (the layer must move after it), added with +=; an identity shortcut; a shortcut that only
+    broadcasts (added after the kernel at run time); and x.add_(conv(y)), which writes x and is
+    left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = sparse_conv(8, 16, 3, padding=1, bias=False), _norm(16)
+        self.conv2, self.bn2 = sparse_conv(16, 16, 3, padding=1, bias=False), _norm(16)
+        self.downsample = nn.Sequential(sparse_conv(8, 16, 1, bias=False), _norm(16))
+        self.conv3, self.bn3 = sparse_conv(16, 16, 1, bias=False), _norm(16)
+        self.conv4 = sparse_conv(16, 16, 3, padding=1)
+        self.conv5 = sparse_conv(16, 16, 1)
+        self.scale = nn.Parameter(torch.randn(1, 16, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = self.downsample(x)
+        out += identity
+        out = F.relu(out)
+        out = torch.relu(self.bn3(self.conv3(out)) + out)  # identity shortcut
+        out = self.conv4(out) + self.scale  # broadcasts: no relu, fused then added after
+        kept = out * 2
+        kept.add_(self.conv5(out))  # writes kept: left alone
+        return kept
+
+
+def test_fuses_residual_adds_and_computes_the_same() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 12, 12)
+    _, expected, fused = _pruned_and_fused(Bottleneck(), x)
+    calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+    assert len(calls["conv2"].args) == 2 and calls["conv2"].args[1].target == "downsample.0"
+    assert len(calls["conv3"].args) == 2 and len(calls["conv5"].args) == 1
+    layers = dict(fused.named_modules())
+    assert layers["conv2"].relu and layers["conv3"].relu and not layers["conv4"].relu
+    fused.graph.lint()
+    with torch.no_grad():
+        assert relative_error(fused(x), expected) < 1e-5

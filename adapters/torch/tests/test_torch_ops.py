@@ -229,3 +229,61 @@ def test_gradients_match_dense_conv(case: tuple) -> None:
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w_dense), g)
     assert relative_error(gx, gx_ref) < 1e-12
     assert relative_error(gv, gw_ref.reshape(-1)[csr.flat_index()]) < 1e-12
+
+
+def _residual_for(args: tuple, requires_grad: bool) -> torch.Tensor:
+    """A random residual of the op's output shape for these arguments."""
+    with torch.no_grad():
+        shape = torch.ops.escoin.sparse_conv2d(*(a.detach() if isinstance(a, torch.Tensor)
+                                                 else a for a in args)).shape
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(shape, generator=gen, dtype=args[0].dtype).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_with_residual(case: tuple, relu: bool, requires_grad: bool) -> None:
+    args = _op_args(case, torch.float32, relu, requires_grad)
+    torch.library.opcheck(torch.ops.escoin.sparse_conv2d.default,
+                          args + (_residual_for(args, requires_grad),))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_with_residual(relu: bool) -> None:
+    """The residual's gradient is the output's, through the ReLU; the others are unchanged."""
+    gen = torch.Generator().manual_seed(4)
+    weight = sparse_weight((4, 3, 3, 2), 0.4, gen, torch.float64)
+    csr = csr_lib.from_dense(weight, groups=2)
+    x = torch.randn(2, 6, 8, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    values = csr.values.clone().requires_grad_()
+    residual = torch.randn(2, 4, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, values: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, values,
+                                              list(csr.shape), None, [2, 1], [1, 1], [1, 1], 2,
+                                              relu, residual)
+
+    assert torch.autograd.gradcheck(fn, (x, values, residual))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 4), (1, 6, 1, 1), (6, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_matches_conv2d_plus_residual(case: tuple, shape: tuple, relu: bool) -> None:
+    """relu(conv2d(x) + residual): added in the kernel at the output's shape, and where it only
+    broadcasts to it (a per-channel term), added after the kernel as torch adds it."""
+    x, csr, weight, bias = case
+    residual = torch.randn(shape, dtype=torch.float64)
+    y = sparse_conv2d(x.double(), csr._replace(values=csr.values.double()), bias.double(),
+                      stride=2, padding=1, relu=relu, residual=residual)
+    expected = reference_conv(x, weight, bias, stride=2, padding=1, groups=2) + residual
+    assert relative_error(y, expected.relu() if relu else expected) < 1e-12
+
+
+def test_residual_errors(case: tuple) -> None:
+    x, csr, _, bias = case
+    args = (x, csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), bias, [2, 2], [1, 1],
+            [1, 1], 2, False)
+    for residual in (torch.zeros(2, 6, 5, 3), torch.zeros(2, 6, 5, 4, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="residual must be a torch.float32 tensor on cpu of "
+                                             r"the output's shape \(2, 6, 5, 4\)"):
+            torch.ops.escoin.sparse_conv2d(*args, residual)

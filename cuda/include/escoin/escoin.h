@@ -127,14 +127,16 @@ escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int
                                        int64_t nnz, int32_t* offsets);
 
 /* ---- Forward convolution ----
- * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; relu: nonzero applies max(0, .)
- * after the bias. row_ptr/offsets/values: the CSR with stretched offsets for this geometry.
+ * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; residual: an (N, M, OH, OW) array
+ * added to the output before the ReLU (a residual network's shortcut), or NULL; it must not
+ * overlap y. relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual).
+ * row_ptr/offsets/values: the CSR with stretched offsets for this geometry.
  * The CPU entry runs on host memory with OpenMP; it checks row_ptr and offsets before use. */
 escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                           const void* x, const int64_t* row_ptr,
                                           const int32_t* offsets, const void* values,
-                                          const void* bias, int relu, void* y, void* workspace,
-                                          size_t workspace_bytes);
+                                          const void* bias, const void* residual, int relu,
+                                          void* y, void* workspace, size_t workspace_bytes);
 
 /* ---- The tile program: the filter re-ordered for the staged CUDA kernel ----
  * Built on the host from the CSR and its stretched offsets for one geometry (batch and
@@ -175,9 +177,10 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
-                                           const void* tile_program, const void* bias, int relu,
-                                           void* y, void* workspace, size_t workspace_bytes,
-                                           int device, void* stream);
+                                           const void* tile_program, const void* bias,
+                                           const void* residual, int relu, void* y,
+                                           void* workspace, size_t workspace_bytes, int device,
+                                           void* stream);
 
 /* ---- CUDA memory helpers (not compute entries: these may allocate and synchronise) ---- */
 

@@ -134,17 +134,25 @@ class SparseConv2d(nn.Conv2d):
             self._compressed[weight.device] = state
         return state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The convolution, plus ``residual`` (a tensor of the output's shape, e.g. a residual
+        block's shortcut) if given, then the ReLU if the layer has one."""
         use_sparse = self.sparse_training if self.training else self.inference_path == "sparse"
-        return self.sparse_forward(x) if use_sparse else self.dense_forward(x)
+        path = self.sparse_forward if use_sparse else self.dense_forward
+        return path(x) if residual is None else path(x, residual)
 
-    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """What ``nn.Conv2d`` computes (plus the optional ReLU)."""
+    def dense_forward(self, x: torch.Tensor,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What ``nn.Conv2d`` computes (plus the residual and the optional ReLU)."""
         y = self._conv_forward(x, self.weight, self.bias)
+        if residual is not None:
+            y = y + residual
         return F.relu(y) if self.relu else y
 
-    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The escoin path; gradients reach the weight's stored nonzeros, the input and bias."""
+    def sparse_forward(self, x: torch.Tensor,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The escoin path, the residual and the ReLU in its epilogue; gradients reach the
+        weight's stored nonzeros, the input, the bias and the residual."""
         if torch.compiler.is_compiling():
             state = self._compressed.get(self.weight.device)
             if state is None:
@@ -157,7 +165,7 @@ class SparseConv2d(nn.Conv2d):
             csr = csr._replace(values=_AttachToWeight.apply(csr.values, self.weight,
                                                             state.flat_index))
         return sparse_conv2d(x, csr, self.bias, self.stride, self.padding, self.dilation,
-                             self.relu)
+                             self.relu, residual)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
         # .to()/.cuda()/.double() replace the weight; the next forward builds the CSR for the

@@ -6,7 +6,8 @@ convolution an opaque node that torch.compile can trace through, that CUDA graph
 and that ``torch.library.opcheck`` can verify.
 
 Semantics are ``torch.nn.functional.conv2d`` (zero padding, NCHW or channels_last input), with the
-weight given as escoin CSR tensors, plus an optional fused ReLU.
+weight given as escoin CSR tensors, plus an optional residual added and ReLU applied in the
+kernel's epilogue (``relu(conv2d(x) + residual)``, as a residual network's block ends).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 
 _SCHEMA = ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int[4] weight_shape, "
-           "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) "
-           "-> Tensor")
+           "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+           "Tensor? residual=None) -> Tensor")
 
 
 @dataclass
@@ -63,16 +64,19 @@ _transposes: TensorCache[CSRWeight] = TensorCache()
 def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
                   stride: Union[int, Sequence[int]] = 1,
                   padding: Union[int, Sequence[int], str] = 0,
-                  dilation: Union[int, Sequence[int]] = 1, relu: bool = False) -> torch.Tensor:
+                  dilation: Union[int, Sequence[int]] = 1, relu: bool = False,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight.to_dense(), bias, stride, padding, dilation, weight.groups)``, computed
-    by escoin from the CSR weight, optionally followed by a fused ReLU.
+    by escoin from the CSR weight, plus ``residual`` (a tensor of the output's shape) if given,
+    optionally followed by a ReLU; the residual and the ReLU are applied as the output is
+    written, not by separate passes over it.
 
     Accepts what F.conv2d accepts: (N, C, H, W) or unbatched (C, H, W) input, int or pair
     arguments, and ``padding='same'`` / ``'valid'``.
     """
     if x.dim() == 3:
-        return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation,
-                             relu).squeeze(0)
+        return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, relu,
+                             None if residual is None else residual.unsqueeze(0)).squeeze(0)
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d expects a (N, C, H, W) or (C, H, W) input, got shape "
                          f"{tuple(x.shape)}")
@@ -81,11 +85,26 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
         x, padding_ = _explicit_padding(x, padding, weight.shape[2:], stride_, dilation_)
     else:
         padding_ = _pair(padding, "padding")
+    if residual is not None and not _fits_output(residual, x, weight, stride_, padding_,
+                                                 dilation_):
+        # A residual that broadcasts, or of another dtype or device: added as torch adds it.
+        y = sparse_conv2d(x, weight, bias, stride_, padding_, dilation_) + residual
+        return torch.relu(y) if relu else y
     args = (x, weight.row_ptr, weight.col_idx, weight.values, list(weight.shape), bias, stride_,
-            padding_, dilation_, weight.groups, relu)
-    if _plain_cuda_call(x, weight.row_ptr, weight.col_idx, weight.values, bias):
+            padding_, dilation_, weight.groups, relu, residual)
+    if _plain_cuda_call(x, weight.row_ptr, weight.col_idx, weight.values, bias, residual):
         return _sparse_conv2d_cuda(*args)
     return torch.ops.escoin.sparse_conv2d(*args)
+
+
+def _fits_output(residual: torch.Tensor, x: torch.Tensor, weight: CSRWeight,
+                 stride: List[int], padding: List[int], dilation: List[int]) -> bool:
+    """Whether the kernels can add ``residual`` as they write: the output's exact shape, x's dtype
+    and device."""
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+              zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return (tuple(residual.shape) == (x.shape[0], weight.shape[0], *out_hw)
+            and residual.dtype == x.dtype and residual.device == x.device)
 
 
 def _plain_cuda_call(*tensors: Optional[torch.Tensor]) -> bool:
@@ -118,17 +137,18 @@ def _plain_cuda_call(*tensors: Optional[torch.Tensor]) -> bool:
 def _sparse_conv2d_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                        values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
                        stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                       relu: bool) -> torch.Tensor:
+                       relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CPU kernel: escoin's OpenMP kernels write straight into a torch-allocated output."""
     out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
-                        dilation, groups)
+                        dilation, groups, residual)
     if out.numel() == 0:
         return _like_input_format(out, x)
     filt = _filter(row_ptr, col_idx, values, weight_shape, groups).filt
     escoin.conv2d(x.detach().contiguous().numpy(), filt,
                   bias=None if bias is None else bias.detach().contiguous().numpy(),
                   stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                  relu=relu, out=out.numpy())
+                  relu=relu, out=out.numpy(),
+                  residual=None if residual is None else residual.detach().contiguous().numpy())
     return _like_input_format(out, x)
 
 
@@ -136,15 +156,17 @@ def _sparse_conv2d_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Te
 def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                         values: torch.Tensor, weight_shape: List[int],
                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                        dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+                        dilation: List[int], groups: int, relu: bool,
+                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CUDA kernel: output and workspace come from torch's caching allocator and the launch goes
     on torch's current stream, so the call is stream-ordered and legal inside graph capture."""
     out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
-                        dilation, groups)
+                        dilation, groups, residual)
     if out.numel() == 0:
         return _like_input_format(out, x)
     x_c = x.detach().contiguous()
     bias_c = None if bias is None else bias.detach().contiguous()
+    residual_c = None if residual is None else residual.detach().contiguous()
     shape = tuple(x_c.shape)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     nbytes, arrays = _filter(row_ptr, col_idx, values, weight_shape, groups).launch(
@@ -156,7 +178,8 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
                  0 if bias_c is None else bias_c.data_ptr(), workspace.data_ptr(), nbytes,
                  shape, tuple(weight_shape), groups=groups, relu=relu,
                  stream=torch.cuda.current_stream(x.device).cuda_stream,
-                 device=x.device.index, tile_program_ptr=arrays.tile_program, **geometry)
+                 device=x.device.index, tile_program_ptr=arrays.tile_program,
+                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), **geometry)
     return _like_input_format(out, x)
 
 
@@ -164,18 +187,19 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
 def _sparse_conv2d_fake(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                         values: torch.Tensor, weight_shape: List[int],
                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                        dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+                        dilation: List[int], groups: int, relu: bool,
+                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Shape, dtype, device and memory format of the result, with the same argument checks as
     the real kernels so that a bad call fails at trace time, not first run."""
     out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
-                        dilation, groups)
+                        dilation, groups, residual)
     return _like_input_format(out, x)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
                    output: torch.Tensor) -> None:
-    x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups, relu = \
-        inputs
+    (x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups, relu,
+     _) = inputs
     ctx.save_for_backward(x, row_ptr, col_idx, values, output if relu else None)
     ctx.geometry = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
                     relu)
@@ -183,7 +207,8 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
     """Gradients for x (a sparse conv with the transposed weight), for the stored weight values
-    only (the sparsity pattern is fixed) and for the bias."""
+    only (the sparsity pattern is fixed), for the bias and for the residual (the output's
+    gradient, through the ReLU)."""
     x, row_ptr, col_idx, values, output = ctx.saved_tensors
     weight_shape, stride, padding, dilation, groups, relu = ctx.geometry
     csr = CSRWeight(row_ptr, col_idx, values, weight_shape, groups)
@@ -200,7 +225,10 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
         grad_values = dense.reshape(-1)[csr.flat_index()]
     if ctx.needs_input_grad[5]:
         grad_bias = grad.sum((0, 2, 3))
-    return grad_x, None, None, grad_values, None, grad_bias, None, None, None, None, None
+    grads = (grad_x, None, None, grad_values, None, grad_bias, None, None, None, None, None)
+    if len(ctx.needs_input_grad) == len(grads):  # called without the residual argument
+        return grads
+    return grads + (grad if ctx.needs_input_grad[11] else None,)
 
 
 _sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
@@ -259,7 +287,7 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
 def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                   values: torch.Tensor, weight_shape: Sequence[int], bias: Optional[torch.Tensor],
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                  groups: int) -> torch.Tensor:
+                  groups: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Checks every argument (message names it) and allocates the contiguous NCHW output."""
     if x.dim() != 4:
         raise ValueError(f"escoin::sparse_conv2d: x must be (N, C, H, W), got shape "
@@ -306,7 +334,13 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         raise ValueError(f"escoin::sparse_conv2d: input {tuple(x.shape[2:])} padded by "
                          f"{list(padding)} is smaller than the dilated kernel; output would be "
                          f"{out_hw}")
-    return x.new_empty((x.shape[0], m, out_hw[0], out_hw[1]))
+    shape = (x.shape[0], m, out_hw[0], out_hw[1])
+    if residual is not None and (residual.shape != shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"escoin::sparse_conv2d: residual must be a {x.dtype} tensor on "
+                         f"{x.device} of the output's shape {shape}, got {residual.dtype} on "
+                         f"{residual.device} of shape {tuple(residual.shape)}")
+    return x.new_empty(shape)
 
 
 def _like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,7 @@ def _set_layer_mode(name: str, layer: SparseConv2d, mode: Sparse_modes, rtol: Op
 def _test_hook(name: str, rtol: Optional[float]) -> _Hook:
     def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
         with torch.no_grad():
-            expected = layer.dense_forward(args[0])
+            expected = layer.dense_forward(*args)
         bound = default_rtol(output.dtype, output.device) if rtol is None else rtol
         error = relative_error(output.detach(), expected)
         if not error <= bound:  # also catches NaN
