@@ -205,3 +205,65 @@ def test_fuses_residual_adds_and_computes_the_same() -> None:
     fused.graph.lint()
     with torch.no_grad():
         assert relative_error(fused(x), expected) < 1e-5
+
+
+class WritesBetween(nn.Module):
+    """Residual adds fuse_for_inference must leave, or fuse so that nothing changes: a shortcut
+    computed after the convolution by an in-place ReLU of its input; a shortcut scaled in place
+    between the convolution and the add; an in-place add; a shortcut that is a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = sparse_conv(8, 8, 3, padding=1)
+        self.conv1, self.relu = sparse_conv(8, 8, 3, padding=1), nn.ReLU(inplace=True)
+        self.conv2, self.short = sparse_conv(8, 8, 1), sparse_conv(8, 8, 1)
+        self.conv3, self.conv4 = sparse_conv(8, 8, 1), sparse_conv(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x)
+        out = self.conv1(x)
+        x = out + self.relu(x)  # the ReLU writes conv1's input after conv1 read it
+        shortcut = self.short(x)
+        out = self.conv2(x)
+        shortcut.mul_(2.0)  # written between conv2 and the add
+        x = out + shortcut
+        x = self.conv3(x).add_(x)  # in place: the sum keeps conv3's output's dtype and shape
+        return self.conv4(x) + x.size(1)  # a number: added after the kernel
+
+
+def test_leaves_residual_adds_it_may_not_fuse() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 10, 10)
+    _, expected, fused = _pruned_and_fused(WritesBetween(), x)
+    calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+    assert [len(calls[f"conv{i}"].args) for i in range(1, 5)] == [1, 1, 1, 2]
+    with torch.no_grad():
+        assert relative_error(fused(x), expected) < 1e-5
+
+
+class PreActivation(nn.Module):
+    """A BatchNorm after a residual add: bn(conv(x) + shortcut) scales the shortcut too, so once
+    the add is the layer's residual the BatchNorm must not be folded into the layer (fusing the
+    fused model again, or a layer the model calls with a residual itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.short, self.bn = sparse_conv(8, 8, 3, padding=1), sparse_conv(8, 8, 1), \
+            _norm(8)
+        self.direct, self.bn2 = sparse_conv(8, 8, 1), _norm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x) + self.short(x))
+        return self.bn2(self.direct(x, x))
+
+
+def test_no_batchnorm_folded_into_a_layer_with_a_residual() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 10, 10)
+    _, expected, fused = _pruned_and_fused(PreActivation(), x)
+    twice = fuse_for_inference(fused)
+    assert {name for name, m in twice.named_modules() if isinstance(m, nn.BatchNorm2d)} == \
+        {"bn", "bn2"}
+    with torch.no_grad():
+        assert relative_error(fused(x), expected) < 1e-5
+        assert relative_error(twice(x), expected) < 1e-5

@@ -26,7 +26,13 @@ from escoin_torch.ops import SUPPORTED_DTYPES
 __all__ = ["fuse_for_inference"]
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_FUNCTIONS = (operator.add, torch.add)  # a traced += is operator.add too
+# Functions that write one of their arguments (besides methods and functions named with a
+# trailing underscore, and modules or calls with inplace=True).
+_WRITING_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                      operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul)
 
 
 def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
@@ -42,7 +48,10 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
       ``SparseConv2d``'s output, with the ReLU that alone reads the sum if there is one, as a
       residual block ends (``relu(conv(x) + shortcut)``): the layer is then called with the
       shortcut as its ``residual``, added as the kernel writes each output (a shortcut that
-      only broadcasts to the output's shape is added after the kernel instead).
+      only broadcasts to the output's shape is added after the kernel instead). Not where
+      anything between the convolution and the addition writes a tensor in place (it might
+      be the convolution's input or the shortcut, which the layer then reads at another
+      time), nor in-place additions (``.add_()``).
 
     Left as they are: convolutions called more than once or whose parameters the forward also
     reads directly, convolutions that already apply a ReLU (a BatchNorm after them does not
@@ -76,7 +85,8 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
         norm_node = _sole_user(node)
         norm = _module(traced, norm_node, (nn.BatchNorm2d,)) if norm_node else None
         if (norm is not None and calls[norm_node.target] == 1 and _foldable(norm, conv)
-                and not getattr(conv, "relu", False)):
+                and not getattr(conv, "relu", False) and len(node.args) == 1
+                and not node.kwargs):  # (a residual passed to the layer is not scaled)
             replaced = _folded(conv, norm)
             norm_node.replace_all_uses_with(node)
             graph.erase_node(norm_node)
@@ -84,7 +94,7 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
                 and not node.kwargs):
             add_node = _sole_user(node, position=None)
             shortcut = _other_addend(add_node, node)
-            if shortcut is not None:
+            if shortcut is not None and not _writes_between(traced, node, add_node):
                 # The layer must run where the shortcut is ready: if that comes later, just
                 # after it (its sum, which read both, comes later still).
                 order = {n: i for i, n in enumerate(graph.nodes)}
@@ -141,19 +151,35 @@ def _sole_user(node: fx.Node, position: Optional[int] = 0) -> Optional[fx.Node]:
 
 
 def _other_addend(add: Optional[fx.Node], node: fx.Node) -> Optional[fx.Node]:
-    """The other tensor of ``add`` when it is ``node + other`` (either order, no alpha), else
-    None."""
+    """The other operand of ``add`` when it is an out-of-place ``node + other`` (either order,
+    no alpha), else None. (In place, the sum keeps the written operand's dtype and shape, which
+    the layer's output need not have.) The other operand may still turn out not to be a tensor
+    of the output's shape: the layer then adds it after the kernel (ops.sparse_conv2d)."""
     if add is None or add.kwargs or len(add.args) != 2:
         return None
-    # In place, only onto the convolution's own output: x.add_(conv(y)) writes x, whose other
-    # readers would then miss the sum. (A traced += is already an out-of-place add.)
-    in_place = add.target in (operator.iadd, "add_")
     is_add = ((add.op == "call_function" and add.target in _ADD_FUNCTIONS)
-              or (add.op == "call_method" and add.target in ("add", "add_")))
-    if in_place and add.args[0] is not node:
-        return None
+              or (add.op == "call_method" and add.target == "add"))
     other = add.args[1] if add.args[0] is node else add.args[0]
     return other if is_add and isinstance(other, fx.Node) else None
+
+
+def _writes_between(traced: fx.GraphModule, first: fx.Node, last: fx.Node) -> bool:
+    """Whether a node after ``first`` and before ``last`` may write a tensor in place."""
+    node = first.next
+    while node is not last:
+        if node.op == "call_module":
+            writes = getattr(traced.get_submodule(node.target), "inplace", False) is True
+        elif node.op in ("call_method", "call_function"):
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__",
+                                                                        "")
+            writes = (node.target in _WRITING_FUNCTIONS or node.kwargs.get("inplace") is True
+                      or (name.endswith("_") and not name.endswith("__")))
+        else:
+            writes = False
+        if writes:
+            return True
+        node = node.next
+    return False
 
 
 def _is_relu(traced: fx.GraphModule, node: Optional[fx.Node]) -> bool:

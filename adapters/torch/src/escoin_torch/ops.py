@@ -87,7 +87,8 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
         padding_ = _pair(padding, "padding")
     if residual is not None and not _fits_output(residual, x, weight, stride_, padding_,
                                                  dilation_):
-        # A residual that broadcasts, or of another dtype or device: added as torch adds it.
+        # A residual that broadcasts, of another dtype or device, or not a tensor: added as
+        # torch adds it.
         y = sparse_conv2d(x, weight, bias, stride_, padding_, dilation_) + residual
         return torch.relu(y) if relu else y
     args = (x, weight.row_ptr, weight.col_idx, weight.values, list(weight.shape), bias, stride_,
@@ -97,10 +98,12 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
     return torch.ops.escoin.sparse_conv2d(*args)
 
 
-def _fits_output(residual: torch.Tensor, x: torch.Tensor, weight: CSRWeight,
+def _fits_output(residual: object, x: torch.Tensor, weight: CSRWeight,
                  stride: List[int], padding: List[int], dilation: List[int]) -> bool:
-    """Whether the kernels can add ``residual`` as they write: the output's exact shape, x's dtype
-    and device."""
+    """Whether the kernels can add ``residual`` as they write: a tensor of the output's exact
+    shape, x's dtype and device."""
+    if not isinstance(residual, torch.Tensor):
+        return False
     out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
               zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
     return (tuple(residual.shape) == (x.shape[0], weight.shape[0], *out_hw)
