@@ -100,8 +100,8 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
     x_dense = np.ascontiguousarray(x)
     values = filt._store.values_as(x.dtype)
     offsets = filt._store.offsets(desc)
-    bias_array = _host_bias(bias, desc[4], x.dtype)
-    residual_array = _host_residual(residual, result_shape, x.dtype)
+    bias_array = _host_array(bias, "bias", (desc[4],), x.dtype)
+    residual_array = _host_array(residual, "residual", result_shape, x.dtype, "the output's shape")
     nbytes = _core.workspace_size(desc, x.dtype.name)
     workspace = _host_workspace(workspace, nbytes)
     _core.forward_cpu(desc, x.dtype.name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
@@ -135,31 +135,20 @@ def _host_workspace(workspace: Optional[object], nbytes: int) -> np.ndarray:
     return _thread_workspace.buffer
 
 
-def _host_bias(bias: Optional[object], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
-    if bias is None:
+def _host_array(value: Optional[object], name: str, shape: Tuple[int, ...], dtype: np.dtype,
+                shape_words: str = "shape") -> Optional[np.ndarray]:
+    """A host operand (bias, residual) as a C-contiguous array of `dtype`, checked to have
+    `shape` and a floating-point type."""
+    if value is None:
         return None
-    if is_cuda_array(bias):
-        raise EscoinError("bias is a CUDA array but x is a NumPy array; put both on one device")
-    array = np.asarray(bias)
-    if array.shape != (channels,):
-        raise EscoinError(f"bias must have shape ({channels},), got {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise EscoinError(f"bias must be floating point, got {array.dtype}")
-    return np.ascontiguousarray(array, dtype)
-
-
-def _host_residual(residual: Optional[object], shape: Tuple[int, ...],
-                   dtype: np.dtype) -> Optional[np.ndarray]:
-    if residual is None:
-        return None
-    if is_cuda_array(residual):
-        raise EscoinError("residual is a CUDA array but x is a NumPy array; put both on one "
+    if is_cuda_array(value):
+        raise EscoinError(f"{name} is a CUDA array but x is a NumPy array; put both on one "
                           "device")
-    array = np.asarray(residual)
+    array = np.asarray(value)
     if array.shape != shape:
-        raise EscoinError(f"residual must have the output's shape {shape}, got {array.shape}")
+        raise EscoinError(f"{name} must have {shape_words} {shape}, got {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
-        raise EscoinError(f"residual must be floating point, got {array.dtype}")
+        raise EscoinError(f"{name} must be floating point, got {array.dtype}")
     return np.ascontiguousarray(array, dtype)
 
 
@@ -238,7 +227,7 @@ def _cuda_bias(bias: Optional[object], channels: int, device: int,
         if view.device != device:
             raise EscoinError(f"bias is on cuda:{view.device} but x is on cuda:{device}")
         return view.ptr, view
-    host = _host_bias(bias, channels, np.dtype(np.float32))
+    host = _host_array(bias, "bias", (channels,), np.dtype(np.float32))
     buffer = DeviceBuffer(host.nbytes, device, stream)
     # The buffer is stream-ordered on `stream` (its memory may still be read by work queued
     # there before), while cuda_memcpy is a synchronous copy outside that stream: let `stream`
@@ -260,8 +249,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
     before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
     geometry, which every batch uses (from ``_core.tile_min_batch()`` images): take all four
-    from :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes. Work
-    is queued on `stream`.
+    from :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes.
+    Work is queued on `stream`.
     """
     desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),

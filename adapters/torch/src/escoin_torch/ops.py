@@ -104,10 +104,17 @@ def _fits_output(residual: object, x: torch.Tensor, weight: CSRWeight,
     shape, x's dtype and device."""
     if not isinstance(residual, torch.Tensor):
         return False
-    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-              zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    out_hw = _output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return (tuple(residual.shape) == (x.shape[0], weight.shape[0], *out_hw)
             and residual.dtype == x.dtype and residual.device == x.device)
+
+
+def _output_hw(in_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int]) -> List[int]:
+    """Output height and width, as F.conv2d computes them (less than 1 where the padded input is
+    smaller than the dilated kernel)."""
+    return [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+            zip(in_hw, kernel, stride, padding, dilation)]
 
 
 def _plain_cuda_call(*tensors: Optional[torch.Tensor]) -> bool:
@@ -331,8 +338,7 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
             or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"escoin::sparse_conv2d: need stride >= 1, padding >= 0, dilation >= 1 "
                          f"as pairs; got {list(stride)}, {list(padding)}, {list(dilation)}")
-    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-              zip(x.shape[2:], (kh, kw), stride, padding, dilation)]
+    out_hw = _output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     if min(out_hw) < 1:
         raise ValueError(f"escoin::sparse_conv2d: input {tuple(x.shape[2:])} padded by "
                          f"{list(padding)} is smaller than the dilated kernel; output would be "
