@@ -162,6 +162,8 @@ def probe(spec: str, rate: float) -> Dict:
                                   dtype=cp.float32)
     y = cp.full((batch, layer.out_channels, oh, oh), cp.nan, dtype=cp.float32)
     stream = cp.cuda.Stream(non_blocking=True)
+    # x and y were written on the null stream, which a non-blocking stream does not wait for.
+    cp.cuda.Device().synchronize()
 
     def run() -> None:
         for function, kernel in functions:
