@@ -404,6 +404,34 @@ def test_tensor_copy_leaves_the_workspace_unstretched(dev, misaligned: bool) -> 
     assert untouched == tensor_copy
 
 
+@pytest.mark.parametrize("batch, channels, size, misaligned",
+                         [(1, 24, 7, False), (32, 24, 7, False), (3, 24, 7, True),
+                          (2, 20, 7, False), (5, 512, 5, False), (4, 40, 13, False)])
+def test_one_by_one_filters_copy_x_itself_on_any_small_plane(dev, batch: int, channels: int,
+                                                              size: int,
+                                                              misaligned: bool) -> None:
+    """A 1x1 filter on a plane that is not a multiple of 4 elements (7x7, 5x5) reads x itself
+    where one tile covers the plane, the channels are a multiple of 8 and x is 16-byte aligned:
+    the workspace's stretched part stays as it was. Otherwise (x off 16 bytes, 20 channels, a
+    13x13 plane that takes three tiles) x is stretched first. Every case matches float64."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(batch + channels + size + misaligned)
+    weight = rng.standard_normal((64, channels, 1, 1)) * (rng.random((64, channels, 1, 1)) < 0.2)
+    x = rng.standard_normal((batch, channels, size, size))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    flat = torch.from_numpy(x.astype(np.float32).ravel()).cuda()
+    if misaligned:
+        flat = torch.cat([torch.zeros(1, device="cuda"), flat])[1:]
+    nbytes = escoin.workspace_size(x.shape, filt)
+    ws = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+    out = torch.full((batch, 64, size, size), float("nan"), device="cuda")
+    escoin.conv2d(flat.view(x.shape), filt, out=out, workspace=ws)
+    expected = conv2d_reference(x, weight, None, (1, 1), (0,) * 4, (1, 1), 1)
+    assert relative_error(dev.get(out), expected) <= 1e-5
+    reads_x = not misaligned and channels % 8 == 0 and size * size <= 64
+    assert bool((ws[:64] == 0xFF).all()) == reads_x
+
+
 @pytest.mark.parametrize("batch, size", [(1, 7), (2, 7), (8, 14)])
 def test_small_plane_split_is_correct_and_deterministic(dev, batch: int, size: int) -> None:
     """A small plane gives too few blocks, so each channel's nonzeros are split and the partial

@@ -33,7 +33,7 @@ class Plan(NamedTuple):
     lead: int  # tensor copies: zero columns before each row, so that a box starts on 16 bytes
 
 
-def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int) -> Plan:
+def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int, multiple: int = 1) -> Plan:
     """geometry.cpp's staged_plan_on, restated: the decoder must not trust the program's view."""
     _, c, _, _, m, kh, kw, sh, sw, _, _, _, _, dh, dw, groups = desc
     plane_w, channel_stride = layout["plane_w"], layout["channel_stride"]
@@ -64,21 +64,28 @@ def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int) -> Plan:
     # small batch-1 grids: chunks cut so that their splits reach SMALL_GRID_BLOCKS blocks
     image_blocks = padded[positions] // (32 * positions) * groups * -(-(m // groups) // ROWS)
     wanted_chunks = min(MAX_SPLITS, -(-SMALL_GRID_BLOCKS // image_blocks))
-    if chunk_channels > 0:
-        chunk_channels = min(chunk_channels, -(-(c // groups) // wanted_chunks))
+    if chunk_channels > 0:  # in multiples of `multiple`, at least one where one fits
+        wanted = max(-(-(c // groups) // wanted_chunks), multiple)
+        chunk_channels = min(chunk_channels, wanted) // multiple * multiple
     return Plan(images, phases, phase_plane, segment, chunk_channels, is_whole, tensor_copy,
                 plane_w, channel_stride, lead)
 
 
 def staged_plan(desc: tuple) -> Plan:
-    """geometry.cpp's staged_plan: tensor copies where the geometry allows them."""
+    """geometry.cpp's staged_plan: x's own layout where a 1x1 filter can read it, else tensor
+    copies where the geometry allows them."""
     layout = dict(_core.conv_layout(desc))
-    _, _, h, w, _, kh, kw, sh, sw, pt, pb, pl, pr, _, _, _ = desc
-    direct = (kh == kw == sh == sw == 1 and pt == pb == pl == pr == 0
-              and layout["channel_stride"] == h * w)
+    _, c, h, w, _, kh, kw, sh, sw, pt, pb, pl, pr, _, _, groups = desc
+    unpadded_1x1 = kh == kw == sh == sw == 1 and pt == pb == pl == pr == 0
+    if unpadded_1x1 and layout["channel_stride"] == h * w:  # x is the public layout
+        return plan_on(desc, layout, False, 0)
+    if unpadded_1x1 and c % 8 == 0 and (c // groups) % 8 == 0:  # x's channels, h * w apart
+        plan = plan_on(desc, dict(layout, channel_stride=h * w), False, 0, multiple=8)
+        if plan.whole_channels and plan.chunk_channels > 0:
+            return plan
     box_left = -(-pl // 4) * 4  # rows: box_left zeros, x's row, zeros to a multiple of 4
     lead = box_left - pl
-    if sh == sw == 1 and w % 4 == 0 and not direct:
+    if sh == sw == 1 and w % 4 == 0:
         for right in (0, pr):  # rows that leave their right padding to the next row, or hold it
             row = max(box_left + w + right, w + pr, layout["out_width"])
             rounded = dict(layout, plane_w=-(-row // 4) * 4)
@@ -158,6 +165,19 @@ def test_every_copy_layout(size: int, stride: int, whole: bool, tensor_copy: boo
     on rows of a multiple of 4 (width size + 3), on rows rounded up to 4 for tensor copies."""
     plan = check_program(40, 24, 3, stride, 1, 1, size, 0.3, size + stride)
     assert (plan.whole_channels, plan.tensor_copy) == (whole, tensor_copy)
+
+
+@pytest.mark.parametrize("in_channels, size, reads_x", [(24, 7, True), (20, 7, False),
+                                                       (24, 3, True), (24, 39, False)])
+def test_1x1_filters_copy_x_as_it_lies(in_channels: int, size: int, reads_x: bool) -> None:
+    """A 1x1 filter at stride 1 on a plane that is not a multiple of 4 elements (size x size + 3)
+    reads x's own channels, h * w apart, where one tile covers the plane and the channels are a
+    multiple of 8 (so that an image's chunk starts on a 32-byte sector); elsewhere the public
+    layout's, rounded up to 4."""
+    plan = check_program(40, in_channels, 1, 1, 1, 1, size, 0.3, size)
+    plane = size * (size + 3)
+    assert plan.channel_stride == (plane if reads_x else -(-plane // 4) * 4)
+    assert plan.chunk_channels % 8 == 0 or not reads_x
 
 
 def check_program(out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,

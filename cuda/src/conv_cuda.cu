@@ -188,20 +188,22 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
-    // Where the stretched layout would be a plain copy of x, the kernels read x itself.
-    const bool direct = escoin::input_already_stretched(g);
     const auto* xf = static_cast<const float*>(x);
-    const float* input = direct ? xf : ws;
     const auto* v = static_cast<const float*>(values);
     const escoin::Epilogue epilogue{static_cast<const float*>(bias),
                                     static_cast<const float*>(residual), relu != 0 ? 1 : 0};
     auto* out = static_cast<float*>(y);
     // The staged kernel needs its program (from kTileMinBatch images: every batch) and 16-byte
-    // aligned input for its 16-byte copies. On Hopper it may copy x padded by a tensor map, and
-    // then nothing is stretched; else the stretch writes the layout of the kernel that runs.
+    // aligned input for its 16-byte copies. It copies x itself where its plan's layout is x's
+    // own and x is aligned; on Hopper it may copy x padded by a tensor map; in both cases nothing
+    // is stretched. Else the stretch writes the layout of the kernel that runs, unless that is
+    // the streaming kernel's and x already has it (input_already_stretched).
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool reads_x = g.staged.reads_x && aligned(xf);
     const bool staged = tile_program && g.d.batch >= escoin::kTileMinBatch &&
-                        escoin::tile_kernel_fits(g) &&
-                        reinterpret_cast<uintptr_t>(input) % 16 == 0;
+                        escoin::tile_kernel_fits(g) && aligned(reads_x ? xf : ws);
+    const bool direct = staged ? reads_x : escoin::input_already_stretched(g);
+    const float* input = direct ? xf : ws;
     CUtensorMap x_map;
     const bool tensor_copy = staged && escoin::encode_tensor_copy(g, xf, &x_map);
     if (!direct && !tensor_copy) escoin::launch_stretch(g, staged, xf, ws, s);

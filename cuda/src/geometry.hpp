@@ -62,6 +62,11 @@ struct StagedPlan {
   // tile's first position (see tile_program.hpp).
   // Elsewhere (an earlier GPU, x not 16-byte aligned) the stretch writes this layout as usual.
   bool tensor_copy;
+  // The layout is x's own (a 1x1 filter at stride 1 without padding): the kernel copies x
+  // itself, with no stretch. On planes of a multiple of 4 elements that is the public layout
+  // (input_already_stretched); on others, channels H * W apart, whole channels only, in chunks
+  // of a multiple of 4 channels (staged_plan).
+  bool reads_x;
   int64_t lead;  // with tensor_copy: pad_left rounded up to 4, less pad_left; else 0
   int64_t positions;       // P: positions per thread (8, 7, 4 or 2), 32 apart across a warp
   int64_t images;          // NB = kStagedProducts / P images per block

@@ -163,12 +163,14 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * tile program are trusted (they live on the device; build them with the functions above for
  * this geometry). tile_program may be NULL; given, batches from escoin_tile_min_batch() images up
  * (every batch) run the staged kernel where its input is 16-byte aligned: the workspace, or x
- * itself for a 1x1 filter at stride 1 without padding on planes of a multiple of 4 elements
- * (else the streaming kernel runs). Launch errors are reported; errors of the asynchronous
- * execution surface at the caller's next synchronisation. The first call on a device sets the
- * staged kernel's shared-memory limit there (cudaFuncSetAttribute; 49.9 KB, where the GPU still
- * fits as many blocks per SM as with 48 KB); the environment variable ESCOIN_SHUFFLED_ENTRIES=1,
- * read then, keeps it to 48 KB (the form GPUs with 100 KB per SM run; for testing). On sm_90 and
+ * itself for a 1x1 filter at stride 1 without padding, on planes of a multiple of 4 elements or,
+ * with a multiple of 8 input channels per group, on planes one tile of the kernel covers (7x7,
+ * 5x5 and 11x11 do, 13x13 does not); x is then not stretched (else the streaming kernel runs).
+ * Launch errors are reported; errors of the asynchronous execution surface at the caller's next
+ * synchronisation. The first call on a device sets the staged kernel's shared-memory limit there
+ * (cudaFuncSetAttribute; 49.9 KB, where the GPU still fits as many blocks per SM as with 48 KB);
+ * the environment variable ESCOIN_SHUFFLED_ENTRIES=1, read then, keeps it to 48 KB (the form
+ * GPUs with 100 KB per SM run; for testing). On sm_90 and
  * newer, with code compiled for them, the kernels are launched as programmatic dependents of the
  * stream's previous kernel and wait for it before touching memory: no ordering a caller can
  * observe changes. There too, the staged kernel copies x itself into shared memory, padded by
