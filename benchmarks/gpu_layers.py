@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -89,6 +89,25 @@ def cusparse_lowered(torch, F, x, w, layer: Layer) -> Callable[[], object]:
     return run
 
 
+def escoin_case(torch, F, layer: Layer, x, w) -> Tuple[Callable[[], None], float, int]:
+    """escoin's call of `layer` on the CUDA tensor x with the pruned weight w (filter, output
+    (poisoned with NaN) and workspace prepared once), its relative error against float64
+    F.conv2d after one call, and the filter's nonzeros."""
+    s, p = layer.stride, layer.padding
+    filt = escoin.SparseFilter.from_dense(w.cpu().numpy()).cuda(x.device.index or 0)
+    oh = output_size(layer)
+    out = torch.full((x.shape[0], layer.out_channels, oh, oh), float("nan"), device="cuda")
+    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p), dtype=torch.uint8, device="cuda")
+
+    def run() -> None:
+        escoin.conv2d(x, filt, stride=s, padding=p, out=out, workspace=ws,
+                      stream=torch.cuda.current_stream().cuda_stream)
+
+    run()
+    ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
+    return run, float((out.double() - ref).norm() / ref.norm()), filt.nnz
+
+
 def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
             rng: np.random.Generator) -> Dict:
     weight = pruned_weight(layer, sparsity, rng)
@@ -96,19 +115,8 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
                                  dtype=np.float32)
     x, w = torch.from_numpy(x_host).cuda(), torch.from_numpy(weight).cuda()
     s, p = layer.stride, layer.padding
-    filt = escoin.SparseFilter.from_dense(weight).cuda(x.device.index or 0)
-    oh = output_size(layer)
-    out = torch.full((batch, layer.out_channels, oh, oh), float("nan"), device="cuda")
-    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p), dtype=torch.uint8, device="cuda")
-
-    def run_escoin():
-        escoin.conv2d(x, filt, stride=s, padding=p, out=out, workspace=ws,
-                      stream=torch.cuda.current_stream().cuda_stream)
-
-    run_escoin()
-    ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
-    err = float((out.double() - ref).norm() / ref.norm())
-    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=filt.nnz, rel_err=err)
+    run_escoin, err, nnz = escoin_case(torch, F, layer, x, w)
+    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=nnz, rel_err=err)
     row["escoin"] = time_ms(torch, run_escoin)
     torch.backends.cudnn.allow_tf32 = False
     row["fp32"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
@@ -122,7 +130,7 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
         row["cusparse"] = time_ms(torch, cusparse_lowered(torch, F, x, w, layer), graph=False)
     except RuntimeError:  # out of memory on the largest lowered matrices
         row["cusparse"] = float("nan")
-    row["floor"] = sparse_flops(filt.nnz, batch, layer) / rate * 1e3
+    row["floor"] = sparse_flops(nnz, batch, layer) / rate * 1e3
     return row
 
 

@@ -1,0 +1,98 @@
+"""escoin alone on chosen suite layers, for comparing two builds side by side in one GPU session:
+run it once per build (PYTHONPATH picks the build), then compare the JSON files.
+
+    python benchmarks/escoin_times.py --layers rn.l4.3x3 alex.c3 --batches 1 32 --out base.json
+    python benchmarks/escoin_times.py --compare base.json new.json [base_again.json]
+
+Every case draws the same pruned weight and input in every run (one seed), is checked against
+float64 `torch.nn.functional.conv2d`, and is timed as gpu_layers.py times it (median per call in a
+CUDA graph of back-to-back calls). With a third file (the first build timed again after the
+second) the comparison also prints how far the first build moved against itself: a difference
+smaller than that is noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import escoin  # noqa: E402
+from gpu_layers import escoin_case, time_ms  # noqa: E402
+from suite import LAYERS, Layer, geomean, pruned_weight  # noqa: E402
+
+SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
+
+
+def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator) -> Dict:
+    import torch.nn.functional as F
+
+    weight = torch.from_numpy(pruned_weight(layer, sparsity, rng)).cuda()
+    x = torch.from_numpy(rng.standard_normal(
+        (batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)).cuda()
+    run, err, _ = escoin_case(torch, F, layer, x, weight)
+    return dict(layer=layer.name, batch=batch, sparsity=sparsity, rel_err=err,
+                ms=time_ms(torch, run))
+
+
+def compare(paths: List[str]) -> None:
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append({(r["layer"], r["batch"], r["sparsity"]): r for r in json.load(f)["rows"]})
+    base, new = runs[0], runs[1]
+    again = runs[2] if len(runs) > 2 else None
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'first us':>10}{'second us':>11}{'second/first':>14}"
+          + (f"{'first again':>13}" if again else "") + f"{'max err':>9}")
+    ratios, spreads = [], []
+    for key, b in base.items():
+        n = new[key]
+        ratios.append(n["ms"] / b["ms"])
+        line = (f"{key[0]:<13}{key[1]:>3}{key[2]:>5.2f}{b['ms'] * 1e3:>10.2f}"
+                f"{n['ms'] * 1e3:>11.2f}{ratios[-1]:>13.3f}x")
+        errors = [b["rel_err"], n["rel_err"]]
+        if again:
+            spreads.append(again[key]["ms"] / b["ms"])
+            errors.append(again[key]["rel_err"])
+            line += f"{spreads[-1]:>12.3f}x"
+        print(line + f"{max(errors):>9.1e}")
+    print(f"geometric mean second/first: {geomean(ratios):.3f}x over {len(ratios)} cases"
+          + (f"; first against itself {geomean(spreads):.3f}x (per case "
+             f"{min(spreads):.3f}-{max(spreads):.3f})" if spreads else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", nargs="+", choices=list(SUITE), default=list(SUITE))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--compare", nargs="+", metavar="JSON",
+                        help="compare runs: first, second[, first again]")
+    args = parser.parse_args()
+    if args.compare:
+        if not 2 <= len(args.compare) <= 3:
+            parser.error("--compare takes two or three JSON files")
+        compare(args.compare)
+        return
+    import torch
+
+    torch.set_grad_enabled(False)
+    rng = np.random.default_rng(0)
+    rows = [measure(torch, SUITE[name], n, sp, rng)
+            for sp in args.sparsities for name in args.layers for n in args.batches]
+    for r in rows:
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['ms'] * 1e3:>10.2f} us"
+              f"{r['rel_err']:>10.1e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), escoin=escoin.build_info(),
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
