@@ -31,6 +31,7 @@ class Plan(NamedTuple):
     plane_w: int  # the plan's layout: the public one, or with tensor copies rows rounded to 4
     channel_stride: int
     lead: int  # tensor copies: zero columns before each row, so that a box starts on 16 bytes
+    copy_align: int  # segments are copied from a multiple of this many elements
 
 
 def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int, multiple: int = 1) -> Plan:
@@ -49,11 +50,12 @@ def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int, multiple: i
     images = PRODUCTS // positions
     share = SHARED_FLOATS // images // 32 * 32  # image shares start 128-byte aligned
     phase_plane = layout["plane_h"] * plane_w
-    shifted = phases > 1 and phase_plane % 4 != 0
+    copy_align = 8 if channel_stride % 8 == 0 else 4  # a 32-byte sector where channels allow
+    shifted = phases > 1 and phase_plane % copy_align != 0
     if tensor_copy:  # whole rows from the row of the tile's first position
         segment = -(-(plane_w - 4 + 32 * positions + reach) // plane_w) * plane_w
     else:
-        segment = -(-(32 * positions + reach + (3 if shifted else 0)) // 4) * 4
+        segment = -(-(32 * positions + reach + (copy_align - 1 if shifted else 0)) // 4) * 4
     chunk_channels = min(c // groups, share // (phases * segment))
     # one tile over the whole plane: chunks copied whole, channel_stride apart in shared memory
     overrun = max(0, (phases - 1) * phase_plane + reach + 32 * positions - channel_stride)
@@ -68,7 +70,7 @@ def plan_on(desc: tuple, layout: dict, tensor_copy: bool, lead: int, multiple: i
         wanted = max(-(-(c // groups) // wanted_chunks), multiple)
         chunk_channels = min(chunk_channels, wanted) // multiple * multiple
     return Plan(images, phases, phase_plane, segment, chunk_channels, is_whole, tensor_copy,
-                plane_w, channel_stride, lead)
+                plane_w, channel_stride, lead, copy_align)
 
 
 def staged_plan(desc: tuple) -> Plan:
@@ -97,7 +99,9 @@ def staged_plan(desc: tuple) -> Plan:
             if (0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX
                     and not (plan.whole_channels and wraps)):
                 return plan
-    return plan_on(desc, layout, False, 0)
+    # the public layout, channels a multiple of 8 apart (32-byte sectors)
+    return plan_on(desc, dict(layout, channel_stride=-(-layout["channel_stride"] // 8) * 8), False,
+                   0)
 
 
 def staged_offset(offset: int, plan: Plan, layout: dict) -> int:
@@ -134,7 +138,7 @@ def decode(words: np.ndarray, plan: Plan
             else:
                 channel, rest = divmod(int(shared), plan.phases * plan.segment)
                 phase, shifted = divmod(rest, plan.segment)
-                d = shifted - phase * plan.phase_plane % 4  # segments start on 16-byte bounds
+                d = shifted - phase * plan.phase_plane % plan.copy_align  # segments' starts
                 assert 0 <= d < (plan.segment if plan.tensor_copy else plan.phase_plane)
                 within = phase * plan.phase_plane + d
             assert channel < plan.chunk_channels
@@ -173,10 +177,10 @@ def test_1x1_filters_copy_x_as_it_lies(in_channels: int, size: int, reads_x: boo
     """A 1x1 filter at stride 1 on a plane that is not a multiple of 4 elements (size x size + 3)
     reads x's own channels, h * w apart, where one tile covers the plane and the channels are a
     multiple of 8 (so that an image's chunk starts on a 32-byte sector); elsewhere the public
-    layout's, rounded up to 4."""
+    layout's, rounded up to 8."""
     plan = check_program(40, in_channels, 1, 1, 1, 1, size, 0.3, size)
     plane = size * (size + 3)
-    assert plan.channel_stride == (plane if reads_x else -(-plane // 4) * 4)
+    assert plan.channel_stride == (plane if reads_x else -(-plane // 8) * 8)
     assert plan.chunk_channels % 8 == 0 or not reads_x
 
 

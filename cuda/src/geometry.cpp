@@ -81,14 +81,16 @@ StagedPlan staged_plan_on(const Geometry& g, const escoin_layout_t& L, bool tens
   // The largest offset of a tap inside its phase plane: the filter's reach past a position.
   const int64_t reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * L.plane_w +
                         (d.kernel_w - 1) * d.dilation_w / d.stride_w + lead;
-  // A segment is copied from the 16-byte boundary at or before its first element: phase planes
-  // of a strided filter need not start on one, so their segments keep room for that shift. A
-  // tensor copy starts at the row of the tile's first position, up to plane_w - 4 before it,
-  // and copies whole rows.
-  const bool shifted = s.phases > 1 && s.phase_plane % 4 != 0;
-  s.segment = tensor_copy
-                  ? ceil_div(L.plane_w - 4 + 32 * s.positions + reach, L.plane_w) * L.plane_w
-                  : ceil_div(32 * s.positions + reach + (shifted ? 3 : 0), 4) * 4;
+  // A segment is copied from the copy_align boundary at or before its first element: phase
+  // planes of a strided filter need not start on one, so their segments keep room for that
+  // shift. A tensor copy starts at the row of the tile's first position, up to plane_w - 4
+  // before it, and copies whole rows.
+  s.copy_align = L.channel_stride % 8 == 0 ? 8 : 4;
+  const bool shifted = s.phases > 1 && s.phase_plane % s.copy_align != 0;
+  s.segment = tensor_copy ? ceil_div(L.plane_w - 4 + 32 * s.positions + reach, L.plane_w) *
+                                L.plane_w
+                          : ceil_div(32 * s.positions + reach + (shifted ? s.copy_align - 1 : 0),
+                                     4) * 4;
   s.chunk_channels = std::min(g.group_in, share / (s.phases * s.segment));
   // Where one tile covers the plane, the tile reads all of each channel it stages, so an image's
   // chunk is one run of the input (its channels are channel_stride apart there): copied as one
@@ -186,7 +188,13 @@ StagedPlan staged_plan(const Geometry& g) {
         s.segment / L.plane_w <= kTensorBoxMax && !(s.whole_channels && wraps))
       return s;
   }
-  return staged_plan_on(g, g.layout, false, 0);
+  // The public layout, its channels a multiple of 8 elements apart (the stretch writes this
+  // layout for the staged kernel): every chunk and segment copy then starts on a 32-byte sector.
+  // (Copies starting mid-sector read more sectors: measured on a 1x1 layer, "x read directly by
+  // 1x1 filters" in docs/performance.md.)
+  escoin_layout_t L = g.layout;
+  L.channel_stride = ceil_div(L.channel_stride, 8) * 8;
+  return staged_plan_on(g, L, false, 0);
 }
 
 // The staged kernel's blocks for one split of the chunks, with tiles of 32 * positions and

@@ -73,8 +73,12 @@ struct StagedPlan {
   int64_t phases;          // phases_h * phases_w phase planes per channel
   int64_t phase_plane;     // plane_h * plane_w
   bool whole_channels;     // one tile covers the plane: a chunk of an image is copied whole
+  // Elements each segment's copy starts on a multiple of (from the boundary at or before its
+  // first element): 8 (a 32-byte sector) where the layout's channels are a multiple of 8 apart,
+  // else 4 (16 bytes, what the copy needs).
+  int64_t copy_align;
   int64_t segment;         // staged elements per channel and phase: 32 * P + the filter's reach
-                           // (+ 3 where phase planes start off a 16-byte boundary), rounded to
+                           // (+ copy_align - 1 where phase planes start off that), rounded to
                            // 4; with tensor_copy whole rows (plane_w - 4 more: the first
                            // position's column); with whole channels, per channel: the layout's
                            // channel_stride

@@ -46,6 +46,7 @@ struct StagedParams {
   int relu;
   const float* residual;  // Epilogue::residual
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
+  int copy_align;   // StagedPlan::copy_align
   int pad_top, pad_left;  // pad_left: of the stretched layout, StagedPlan::lead included
   // Divisions by launch-time values, as multiply-highs (fast_divide.cuh): a signed 32-bit
   // division by a runtime value is ~20 instructions, which per output and per copied segment
@@ -90,7 +91,7 @@ __device__ __forceinline__ ChunkShape chunk_shape(int chunk, const StagedParams&
 }
 
 // Segment s of a chunk's copy (images outermost, then channels, then phases): where it is read
-// from, the 16-byte boundary at or before its first stretched element, and where it goes in
+// from, the copy_align boundary at or before its first stretched element, and where it goes in
 // shared memory. With whole channels an image's chunk is one segment, copied from the tile's
 // first position q0 (0 unless the launch cut the plan's one tile in two). (Tensor copies start
 // at q0's row instead: stage_chunk.)
@@ -107,16 +108,17 @@ __device__ __forceinline__ ChunkSegment chunk_segment(int s, const ChunkShape& c
   const int cp = s - b * int(chunk.by_per_image.divisor);
   const int c = int(p.by_phases.divide(uint32_t(cp))), phase = cp - c * p.phases;
   const int start = c * p.channel_stride + phase * p.phase_plane;  // < 2^31: within a group
-  // channel_stride and q0 are multiples of 4, so only the phase can leave start unaligned.
+  // channel_stride and q0 are multiples of copy_align, so only the phase can leave start
+  // unaligned.
   return ChunkSegment{in + (n0 + b) * p.image_stride + int64_t(chunk.c0) * p.channel_stride + q0 +
-                          (start & ~3),
+                          (start & -p.copy_align),
                       tile + b * kImageShare<IMAGES> + cp * p.segment};
 }
 
 #if ESCOIN_BULK_COPY
 // Copies chunk `chunk` of the block's IMAGES images into shared memory: per image, channel and
-// phase, the first `segment_copied` of `segment` stretched elements from the 16-byte boundary at
-// or before position q0 (the tile program's offsets include that shift), or with whole channels
+// phase, the first `segment_copied` of `segment` stretched elements from the copy_align boundary
+// at or before position q0 (the tile program's offsets include that shift), or with whole channels
 // the image's chunk at once. Each segment goes to the copy engine as one bulk copy
 // (cp.async.bulk): a few instructions per segment instead of tens per 16 bytes, and no registers
 // held. The copy takes its operands from uniform registers, so a warp issues its lanes' copies
@@ -551,6 +553,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.relu = epilogue.relu;
   p.residual = epilogue.residual;
   p.tensor_copy = x_map ? 1 : 0;
+  p.copy_align = int(s.copy_align);
   p.pad_top = int(g.d.pad_top);
   p.pad_left = int(g.d.pad_left + s.lead);  // a multiple of 4 with tensor copies
   const CUtensorMap no_map{};  // passed, unread, when the kernel copies the stretched input

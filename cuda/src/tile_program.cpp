@@ -71,8 +71,8 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
         const int64_t d = within - phase * s.phase_plane;
         const int64_t at = written + next[size_t(chunk_of(j) * kStagedRows + r)]++;
         // Whole channels sit in shared memory as in the input; segments are copied from the
-        // 16-byte boundary before each phase's first element.
-        const int64_t shift = phase * s.phase_plane % 4;
+        // copy_align boundary before each phase's first element.
+        const int64_t shift = phase * s.phase_plane % s.copy_align;
         p.entries[size_t(2 * at)] =
             int32_t(s.whole_channels ? channel * s.segment + within
                                      : (channel * s.phases + phase) * s.segment + shift + d);

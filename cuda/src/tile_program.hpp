@@ -5,7 +5,9 @@
 // the input it needs into shared memory a chunk of input channels at a time (StagedPlan in
 // geometry.hpp). Shared memory holds, per image b of the block, chunk channel c and phase ph, a
 // segment of StagedPlan::segment elements: stretched positions [q0, q0 + segment) of that phase
-// plane, from the 16-byte boundary at or before q0 + ph * phase_plane (shift: 0 to 3 elements).
+// plane, from the StagedPlan::copy_align boundary at or before q0 + ph * phase_plane (shift: 0
+// to copy_align - 1 elements; copy_align is 8, a 32-byte sector, where channels are a multiple
+// of 8 elements apart, else 4).
 // A nonzero at stretched offset c * channel_stride + ph * phase_plane + d becomes the entry
 //   (shared offset = (c % chunk_channels) * phases * segment + ph * segment + shift + d, weight)
 // so that a thread computing position q0 + i reads shared element offset + i. With whole
