@@ -13,6 +13,7 @@ import torch
 
 from torch_helpers import sparse_conv
 from escoin_torch import SparseConv2d
+from escoin_torch._cache import TensorCache
 
 THREADS = 2
 ITERATIONS = 40
@@ -107,6 +108,28 @@ def test_copies_and_pickles_get_their_own_lock_and_csr() -> None:
             assert clone._csr_lock is not layer._csr_lock
             assert clone._compressed is not layer._compressed
             assert torch.equal(clone(x), expected)
+
+
+def test_threads_that_build_the_same_entry_get_the_one_the_cache_keeps() -> None:
+    """Two threads miss the op's filter cache together and both build: each must get the value
+    the cache keeps. (A thread that kept its own, replaced in the cache by the other's, held the
+    only reference to it: on a GPU the filter's device arrays were freed as the call let go of it,
+    before its kernel read them, and one run in about 16 of the CUDA test above failed with
+    cudaErrorInvalidAddressSpace.)"""
+    cache: TensorCache[object] = TensorCache()
+    row_ptr, values = torch.arange(5), torch.randn(4)
+    both_building = threading.Barrier(THREADS)
+    got: List[object] = [None] * THREADS
+
+    def work(index: int) -> None:
+        def build() -> object:
+            both_building.wait(timeout=10)  # neither thread finds the other's entry
+            return object()
+        got[index] = cache.get((row_ptr, values), "extra", build)
+
+    _run_threads(work)
+    kept = cache.get((row_ptr, values), "extra", lambda: pytest.fail("the entry was lost"))
+    assert got[0] is kept and got[1] is kept and len(cache) == 1
 
 
 @pytest.mark.cuda

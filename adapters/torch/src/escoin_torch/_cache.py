@@ -78,6 +78,13 @@ class TensorCache(Generic[T]):
         with self._lock:
             for stale in [k for k, e in self._entries.items() if e.expired]:
                 del self._entries[stale]
+            raced = self._entries.get(key)
+            if raced is not None and raced.valid(tensors):
+                # Another thread built the same meanwhile: every caller gets the value the cache
+                # keeps. (A value replaced here would live only as long as its caller's
+                # reference: a filter's device arrays freed as soon as the call that built it let
+                # go, maybe before the kernel reading them was launched.)
+                return raced.value
             self._entries[key] = _Entry([TensorStamp(t) for t in tensors], snapshot, value)
         return value
 

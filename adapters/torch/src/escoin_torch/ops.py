@@ -179,8 +179,9 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     residual_c = None if residual is None else residual.detach().contiguous()
     shape = tuple(x_c.shape)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    nbytes, arrays = _filter(row_ptr, col_idx, values, weight_shape, groups).launch(
-        shape, x.device.index, **geometry)
+    # Held until the launch is queued: its device arrays live as long as the filter does.
+    cached_filter = _filter(row_ptr, col_idx, values, weight_shape, groups)
+    nbytes, arrays = cached_filter.launch(shape, x.device.index, **geometry)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     # The raw-pointer entry: _empty_output has checked every tensor (dtype, device, shape), so
     # reading their CUDA array interfaces again would only add per-call latency.
