@@ -6,6 +6,7 @@ only this and ``torch_helpers``, both on the ``sys.path`` the parent hands them.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -116,5 +117,12 @@ def ddp_worker(rank: int, world_size: int, port: int, backend: str, out_path: st
                         "mask": [t.cpu() for t in gathered_mask],
                         "masks_before": before, "masks_after": masks(model)}, out_path)
         dist.barrier()
+        del ddp
     finally:
+        # What still holds the process group is collected now, while the process is whole, and
+        # the gloo backend goes with destroy_process_group. Left to the interpreter's exit, gloo's
+        # threads aborted a rank ("terminate called without an active exception") in 3 of 57 runs
+        # on a 2-core machine, 1 of 21 with `del ddp` alone (so some of it sits in reference
+        # cycles), none of 110 with the collection (80 of the worker alone, 30 of the test).
+        gc.collect()
         dist.destroy_process_group()
