@@ -191,6 +191,38 @@ def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:
                           y.ctypes.data, ws.ctypes.data, nbytes)
 
 
+@pytest.mark.parametrize("nonzeros", [300, 40_000])  # checked on one thread, on every thread
+@pytest.mark.parametrize("kind", ["negative", "past the group", "between taps"])
+def test_cpu_entry_names_the_first_bad_offset(nonzeros: int, kind: str) -> None:
+    """Every offset is checked, wherever it sits, and the message names the first bad one
+    whichever thread met it."""
+    from escoin import _core
+
+    rng = np.random.default_rng(3)
+    channels = -(-nonzeros // 72)  # 8 output channels x 9 taps per input channel, all kept
+    weight = rng.standard_normal((8, channels, 3, 3)).astype(np.float32)
+    dense = escoin.SparseFilter.from_dense(weight)
+    x = rng.standard_normal((1, channels, 5, 5)).astype(np.float32)
+    desc = escoin.geometry.descriptor(x.shape, dense.shape, 1, 1, 1)
+    offsets = np.array(escoin.stretch_offsets(dense, x.shape, padding=1))
+    layout = _core.conv_layout(desc)
+    stride = dict(layout)["channel_stride"]
+    bad = {"negative": -5, "past the group": channels * stride + 1,
+           "between taps": stride - 1}[kind]  # the channel's alignment gap: no tap reads it
+    first = dense.nnz * 2 // 3
+    offsets[first] = bad
+    offsets[-1] = bad  # a later one, which the message must not name
+    y = np.empty((1, 8, 5, 5), np.float32)
+    nbytes = _core.workspace_size(desc, "float32")
+    ws = np.empty(nbytes, np.uint8)
+    expected = {"negative": "is negative", "past the group": "is in input channel",
+                "between taps": "is not a tap of this geometry"}[kind]
+    with pytest.raises(EscoinError, match=rf"offsets\[{first}\] = {bad} {expected}"):
+        _core.forward_cpu(desc, "float32", x.ctypes.data, dense.row_ptr.ctypes.data,
+                          offsets.ctypes.data, dense.values.ctypes.data, 0, 0, False,
+                          y.ctypes.data, ws.ctypes.data, nbytes)
+
+
 def test_cpu_entry_rejects_small_workspace(filt, x) -> None:
     from escoin import _core
 

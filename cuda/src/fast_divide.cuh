@@ -21,10 +21,15 @@ struct FastDivisor {
     return FastDivisor{uint32_t(d), uint32_t(magic), shift};
   }
 
+  // n / divisor, exact for 0 <= n < 2^31 (umulhi(n, magic) <= n, so the sum fits 32 bits). On
+  // the GPU in CUDA sources, on the host in C++ ones (the CPU forward's check of the offsets).
 #if defined(__CUDACC__)
-  // n / divisor, exact for 0 <= n < 2^31 (umulhi(n, magic) <= n, so the sum fits 32 bits).
   __device__ __forceinline__ uint32_t divide(uint32_t n) const {
     return (__umulhi(n, magic) + n) >> shift;
+  }
+#else
+  uint32_t divide(uint32_t n) const {
+    return (uint32_t((uint64_t(n) * magic) >> 32) + n) >> shift;
   }
 #endif
 };
