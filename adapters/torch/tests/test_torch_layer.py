@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -41,6 +42,54 @@ def test_training_dense_eval_sparse(monkeypatch: pytest.MonkeyPatch) -> None:
     layer.inference_path = "dense"
     layer(x)
     assert len(calls) == 1
+
+
+def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad a CPU call skips the op's dispatch and its filter cache (whose per-call
+    comparison of the CSR with a snapshot costs O(nnz)) and runs with the filter the layer
+    compressed its weight through, whose arrays are the CSR tensors; with a gradient to record,
+    under a dispatch mode or a profiler it goes through the op. Every way gives the same
+    result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from escoin_torch import ops
+
+    filters = []
+    forward = ops._cpu_forward
+
+    def counted(host_filter, *args):
+        filters.append(host_filter)
+        return forward(host_filter, *args)
+    monkeypatch.setattr(ops, "_cpu_forward", counted)
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = SparseConv2d.from_dense(sparse_conv(8, 16, 3, stride=2, padding=1, groups=2)).eval()
+    x = torch.randn(3, 8, 11, 9)
+    expected = reference_conv(x, layer.weight, layer.bias, stride=2, padding=1, groups=2)
+    state = layer._current()
+    assert np.shares_memory(state.csr.values.numpy(), state.host_filter.values)
+    with torch.no_grad():
+        plain = layer(x)
+    assert filters == [state.host_filter]
+    with torch.no_grad(), SeenOps() as mode:
+        seen = layer(x)
+    assert filters[1] is None and any("escoin.sparse_conv2d" in n for n in mode.names)
+    with torch.no_grad(), torch.profiler.profile() as profiler:
+        profiled = layer(x)
+    assert filters[2] is None
+    assert any("escoin::sparse_conv2d" in event.name for event in profiler.events())
+    recorded = layer(x.requires_grad_())
+    assert filters[3] is None and recorded.grad_fn is not None
+    for y in (plain, seen, profiled, recorded):
+        assert relative_error(y, expected) < 1e-5
 
 
 def _spy(op, calls: list):

@@ -43,16 +43,25 @@ def from_dense(weight: torch.Tensor, groups: int = 1, threshold: float = 0.0) ->
     Compression goes through ``escoin.SparseFilter.from_dense`` so that what counts as a nonzero
     is decided by the core, exactly as for every other escoin user.
     """
+    return compress(weight, groups, threshold)[0]
+
+
+def compress(weight: torch.Tensor, groups: int = 1,
+             threshold: float = 0.0) -> Tuple[CSRWeight, escoin.SparseFilter]:
+    """:func:`from_dense`, and the host ``escoin.SparseFilter`` it compressed through. For a CPU
+    weight the CSR tensors are that filter's own arrays (no copy), so the filter always holds
+    what they hold."""
     if weight.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"escoin compresses float32 or float64 weights, got {weight.dtype}; "
                         "convert the layer with .float() first")
     host = escoin.SparseFilter.from_dense(weight.detach().cpu().numpy(), groups=groups,
                                           threshold=threshold)
     device = weight.device
-    return CSRWeight(torch.from_numpy(host.row_ptr).to(device),
-                     torch.from_numpy(host.col_idx).to(device),
-                     torch.from_numpy(host.values).to(device),
-                     tuple(int(v) for v in weight.shape), groups)  # type: ignore[arg-type]
+    csr = CSRWeight(torch.from_numpy(host.row_ptr).to(device),
+                    torch.from_numpy(host.col_idx).to(device),
+                    torch.from_numpy(host.values).to(device),
+                    tuple(int(v) for v in weight.shape), groups)  # type: ignore[arg-type]
+    return csr, host
 
 
 def flat_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: WeightShape) -> torch.Tensor:

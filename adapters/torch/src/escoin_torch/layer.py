@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
+import escoin
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
-from escoin_torch.ops import SUPPORTED_DTYPES, sparse_conv2d
+from escoin_torch.ops import SUPPORTED_DTYPES, conv2d_with_filter
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
@@ -36,6 +37,10 @@ class _Compressed:
     csr: CSRWeight
     flat_index: torch.Tensor  # where each stored value sits in weight.reshape(-1)
     stamp: TensorStamp        # the weight contents it was built from
+    # For a CPU weight, the escoin filter csr was compressed through, whose arrays csr's tensors
+    # are: plain inference calls hand it to the kernel directly (ops.conv2d_with_filter). None
+    # on a GPU, where the host copy would only take memory.
+    host_filter: Optional[escoin.SparseFilter]
 
 
 class SparseConv2d(nn.Conv2d):
@@ -126,8 +131,9 @@ class SparseConv2d(nn.Conv2d):
         # Built outside the lock: compression is a host round trip, and replicas on other
         # devices (which share the lock) should not wait for it. Two threads missing at once
         # both build the same CSR; either result is correct.
-        csr = csr_lib.from_dense(weight, self.groups)
-        state = _Compressed(csr, csr.flat_index(), TensorStamp(weight))
+        csr, host_filter = csr_lib.compress(weight, self.groups)
+        state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
+                            host_filter if weight.device.type == "cpu" else None)
         with self._csr_lock:
             for device in [d for d, s in self._compressed.items() if s.stamp.expired]:
                 del self._compressed[device]  # e.g. a DataParallel replica's weight that died
@@ -164,8 +170,8 @@ class SparseConv2d(nn.Conv2d):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             csr = csr._replace(values=_AttachToWeight.apply(csr.values, self.weight,
                                                             state.flat_index))
-        return sparse_conv2d(x, csr, self.bias, self.stride, self.padding, self.dilation,
-                             self.relu, residual)
+        return conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
+                                  self.padding, self.dilation, self.relu, residual)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
         # .to()/.cuda()/.double() replace the weight; the next forward builds the CSR for the

@@ -74,9 +74,24 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
     Accepts what F.conv2d accepts: (N, C, H, W) or unbatched (C, H, W) input, int or pair
     arguments, and ``padding='same'`` / ``'valid'``.
     """
+    return conv2d_with_filter(x, weight, None, bias, stride, padding, dilation, relu, residual)
+
+
+def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
+                       host_filter: Optional[escoin.SparseFilter],
+                       bias: Optional[torch.Tensor] = None,
+                       stride: Union[int, Sequence[int]] = 1,
+                       padding: Union[int, Sequence[int], str] = 0,
+                       dilation: Union[int, Sequence[int]] = 1, relu: bool = False,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`sparse_conv2d`, where a plain CPU inference call may use `host_filter`: the escoin
+    filter whose arrays are `weight`'s CPU tensors (:func:`escoin_torch.csr.compress`), which
+    spares the op's filter cache its per-call comparison of the CSR with a snapshot (O(nnz):
+    ~70 us of a 1x1 layer's 340 us at 26k nonzeros). None: that cache."""
     if x.dim() == 3:
-        return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, relu,
-                             None if residual is None else residual.unsqueeze(0)).squeeze(0)
+        return conv2d_with_filter(x.unsqueeze(0), weight, host_filter, bias, stride, padding,
+                                  dilation, relu,
+                                  None if residual is None else residual.unsqueeze(0)).squeeze(0)
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d expects a (N, C, H, W) or (C, H, W) input, got shape "
                          f"{tuple(x.shape)}")
@@ -89,12 +104,17 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
                                                  dilation_):
         # A residual that broadcasts, of another dtype or device, or not a tensor: added as
         # torch adds it.
-        y = sparse_conv2d(x, weight, bias, stride_, padding_, dilation_) + residual
+        y = conv2d_with_filter(x, weight, host_filter, bias, stride_, padding_, dilation_)
+        y = y + residual
         return torch.relu(y) if relu else y
     args = (x, weight.row_ptr, weight.col_idx, weight.values, list(weight.shape), bias, stride_,
             padding_, dilation_, weight.groups, relu, residual)
-    if _plain_cuda_call(x, weight.row_ptr, weight.col_idx, weight.values, bias, residual):
-        return _sparse_conv2d_cuda(*args)
+    device = x.device.type
+    if _plain_call(device, x, weight.row_ptr, weight.col_idx, weight.values, bias, residual):
+        if device == "cuda":
+            return _sparse_conv2d_cuda(*args)
+        if device == "cpu":
+            return _cpu_forward(host_filter, *args)
     return torch.ops.escoin.sparse_conv2d(*args)
 
 
@@ -117,14 +137,15 @@ def _output_hw(in_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int
             zip(in_hw, kernel, stride, padding, dilation)]
 
 
-def _plain_cuda_call(*tensors: Optional[torch.Tensor]) -> bool:
+def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the op's dispatch (the custom op's Python layers and autograd:
-    ~50 us of a ~160 us eager call on an H100's host) and run the CUDA kernel function directly:
-    plain CUDA tensors, no gradient to record, and nothing that must see the op (torch.compile,
-    TorchScript, dispatch or function modes such as FakeTensorMode, functorch transforms, a
-    profiler, whose trace should name it)."""
+    ~50 us of a ~160 us eager call on an H100's host) and run the kernel function directly:
+    plain tensors on `device_type`, no gradient to record, and nothing that must see the op
+    (torch.compile, TorchScript, dispatch or function modes such as FakeTensorMode, functorch
+    transforms, a profiler, whose trace should name it)."""
     present = [t for t in tensors if t is not None]
-    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cuda for t in present):
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != device_type
+           for t in present):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
@@ -149,11 +170,23 @@ def _sparse_conv2d_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Te
                        stride: List[int], padding: List[int], dilation: List[int], groups: int,
                        relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CPU kernel: escoin's OpenMP kernels write straight into a torch-allocated output."""
+    return _cpu_forward(None, x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
+                        dilation, groups, relu, residual)
+
+
+def _cpu_forward(host_filter: Optional[escoin.SparseFilter], x: torch.Tensor,
+                 row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                 weight_shape: List[int], bias: Optional[torch.Tensor], stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int, relu: bool,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The CPU kernel's work, with `host_filter` (conv2d_with_filter) or else the op's filter
+    cache's filter for these CSR tensors."""
     out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
                         dilation, groups, residual)
     if out.numel() == 0:
         return _like_input_format(out, x)
-    filt = _filter(row_ptr, col_idx, values, weight_shape, groups).filt
+    filt = host_filter if host_filter is not None else _filter(row_ptr, col_idx, values,
+                                                               weight_shape, groups).filt
     escoin.conv2d(x.detach().contiguous().numpy(), filt,
                   bias=None if bias is None else bias.detach().contiguous().numpy(),
                   stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
