@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_helpers import pruned_small_cnn, reference_conv, relative_error, sparse_conv
+from torch_helpers import SeenOps, pruned_small_cnn, reference_conv, relative_error, sparse_conv
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
@@ -156,7 +156,6 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
     """Under no_grad a CUDA call runs the kernel function directly (the op's dispatch costs ~50 us
     of host time a call); with a gradient to record, under a dispatch mode or a profiler (whose
     trace names the op), it goes through the op. Every way gives the same result."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from escoin_torch import ops
 
     direct_calls = []
@@ -166,15 +165,6 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
         direct_calls.append(1)
         return kernel(*args)
     monkeypatch.setattr(ops, "_sparse_conv2d_cuda", counted)
-
-    class SeenOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     layer = _layer().eval()
     x = torch.randn(4, 8, 17, 15, device="cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_helpers import pruned_small_cnn, reference_conv, relative_error, sparse_conv
+from torch_helpers import SeenOps, pruned_small_cnn, reference_conv, relative_error, sparse_conv
 from escoin_torch import SparseConv2d, sparsify
 
 
@@ -51,7 +51,6 @@ def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
     compressed its weight through, whose arrays are the CSR tensors; with a gradient to record,
     under a dispatch mode or a profiler it goes through the op. Every way gives the same
     result."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from escoin_torch import ops
 
     filters = []
@@ -61,15 +60,6 @@ def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
         filters.append(host_filter)
         return forward(host_filter, *args)
     monkeypatch.setattr(ops, "_cpu_forward", counted)
-
-    class SeenOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     layer = SparseConv2d.from_dense(sparse_conv(8, 16, 3, stride=2, padding=1, groups=2)).eval()
     x = torch.randn(3, 8, 11, 9)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import escoin_torch  # noqa: F401  -- registers torch.ops.escoin
 
@@ -77,3 +78,15 @@ def pruned_small_cnn(amount: float = 0.7) -> SmallCNN:
         if isinstance(module, nn.Conv2d):
             prune.l1_unstructured(module, "weight", amount=amount)
     return model
+
+
+class SeenOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees (``names``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
