@@ -4,6 +4,8 @@ run it once per build (PYTHONPATH picks the build), then compare the JSON files.
     python benchmarks/escoin_times.py --layers rn.l4.3x3 alex.c3 --batches 1 32 --out base.json
     python benchmarks/escoin_times.py --compare base.json new.json [base_again.json]
 
+(`bash scripts/gpu_ab.sh BASE_DIR [LAYER ...]` builds both, tests this tree and does all of it.)
+
 Every case draws the same pruned weight and input in every run (one seed), is checked against
 float64 `torch.nn.functional.conv2d`, and is timed as gpu_layers.py times it (median per call in a
 CUDA graph of back-to-back calls). With a third file (the first build timed again after the
