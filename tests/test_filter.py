@@ -94,3 +94,21 @@ def test_from_csr_sorts_columns_within_rows() -> None:
     filt = escoin.SparseFilter.from_csr([0, 3, 4], [5, 1, 3, 0], [1.0, 2.0, 3.0, 4.0], (2, 1, 2, 3))
     np.testing.assert_array_equal(filt.col_idx, [1, 3, 5, 0])
     np.testing.assert_array_equal(filt.values, [2.0, 3.0, 1.0, 4.0])
+
+
+def test_arrays_are_read_only() -> None:
+    """The kernels trust row_ptr[M] to be the number of stretched offsets (a larger one read
+    past them) and the caches derive from the arrays: a filter cannot be changed in place."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    filt = escoin.SparseFilter.from_dense(weight)
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    expected = escoin.conv2d(x, filt, padding=1)
+    for array in (filt.row_ptr, filt.col_idx, filt.values,
+                  escoin.stretch_offsets(filt, x.shape, padding=1)):
+        with pytest.raises(ValueError, match="read-only"):
+            array[-1] = 1 << 20
+    np.testing.assert_array_equal(escoin.conv2d(x, filt, padding=1), expected)
+    for copy in (filt.astype(np.float64), filt.cpu()):
+        with pytest.raises(ValueError, match="read-only"):
+            copy.values[0] = 0

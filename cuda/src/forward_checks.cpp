@@ -50,31 +50,33 @@ void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int
   // workspace's tail slack, and the tile-program builder only meets chunks that exist. (A range
   // check is not enough: an offset between taps can make a staged tile read past its segment.)
   // The check runs on every CPU forward, so per offset it is a multiply-high division and a
-  // byte lookup in a table of the elements a tap reads in a channel, on every core: with a
-  // 64-bit division and a bit table it took 0.78 ms of a 1.30 ms call (236k nonzeros, 7x7
-  // plane, batch 1, 2 cores). Channels over 16 M elements get no table: reads_a_tap's
-  // arithmetic instead.
+  // lookup in a bitmap of the elements a tap reads in a channel, on every core: with a 64-bit
+  // division on one core it took 0.78 ms of a 1.30 ms call (236k nonzeros, 7x7 plane, batch 1,
+  // 2 cores). Channels over 16 M elements get no bitmap (2 MB): reads_a_tap's arithmetic.
   const int64_t channel_stride = g.layout.channel_stride;  // < 2^31, as a group's span is
   const FastDivisor by_channel = FastDivisor::of(channel_stride);
-  std::vector<uint8_t> tap_elements;
+  std::vector<uint64_t> tap_bits;
   if (channel_stride <= (int64_t(1) << 24)) {
-    tap_elements.assign(size_t(channel_stride), 0);
-    for (int64_t tap = 0; tap < g.d.kernel_h * g.d.kernel_w; ++tap)
-      tap_elements[size_t(stretched_offset(g, tap))] = 1;
+    tap_bits.assign(size_t((channel_stride + 63) / 64), 0);
+    for (int64_t tap = 0; tap < g.d.kernel_h * g.d.kernel_w; ++tap) {
+      const int64_t within = stretched_offset(g, tap);
+      tap_bits[size_t(within / 64)] |= uint64_t(1) << (within % 64);
+    }
   }
-  const uint8_t* const is_tap = tap_elements.empty() ? nullptr : tap_elements.data();
+  const uint64_t* const is_tap = tap_bits.empty() ? nullptr : tap_bits.data();
   const uint32_t group_in = uint32_t(g.group_in);
   auto not_a_tap = [&](int64_t j) -> int {
     const int32_t offset = offsets[j];
     // The division is exact below 2^31; a negative offset fails by its sign alone.
     const uint32_t magnitude = uint32_t(offset) & 0x7fffffffu;
     const uint32_t channel = by_channel.divide(magnitude);
-    const int64_t within = int64_t(magnitude) - int64_t(channel) * channel_stride;
+    const uint32_t within = magnitude - channel * uint32_t(channel_stride);
     return int(offset < 0) | int(channel >= group_in) |
-           int(!(is_tap ? is_tap[within] != 0 : reads_a_tap(g, within)));
+           int(!(is_tap ? (is_tap[within / 64] >> (within % 64)) & 1
+                        : reads_a_tap(g, within)));
   };
   // Counted without branches on every core; only a filter that fails is searched again, in
-  // order, for the first offset to name.
+  // order, for the first offset to name (the count says there is one).
   int64_t failures = 0;
 #pragma omp parallel for reduction(+ : failures) schedule(static) if (nnz > (1 << 15))
   for (int64_t j = 0; j < nnz; ++j) failures += not_a_tap(j);

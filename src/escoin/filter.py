@@ -32,6 +32,11 @@ class _CsrStore:
 
     def __init__(self, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray,
                  shape: Tuple[int, int, int, int], groups: int) -> None:
+        # Read-only from here on: the kernels trust row_ptr[M] to be the length of the offsets
+        # derived from col_idx (a larger one read past them: a crash), and the caches below
+        # would not follow a changed array. A changed filter is a new filter.
+        for array in (row_ptr, col_idx, values):
+            array.flags.writeable = False
         self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values
         self.shape, self.groups = shape, groups
         self.lock = threading.Lock()
@@ -50,6 +55,7 @@ class _CsrStore:
                 found = np.empty(self.col_idx.size, np.int32)
                 _core.stretch_offsets(desc, self.col_idx.ctypes.data, self.col_idx.size,
                                       found.ctypes.data)
+                found.flags.writeable = False
                 self.host_offsets[key] = found
             return found
 
@@ -58,6 +64,7 @@ class _CsrStore:
             found = self.host_values.get(dtype)
             if found is None:
                 found = self.host_values[dtype] = self.values.astype(dtype)
+                found.flags.writeable = False
             return found
 
     def tile_program(self, desc: tuple) -> Optional[np.ndarray]:
@@ -113,7 +120,9 @@ class SparseFilter:
     """A pruned conv weight of shape (M, C/groups, kh, kw) stored as CSR.
 
     Rows are output channels; columns index (c_local, kh, kw) within the channel's group. Build
-    one with :meth:`from_dense` or :meth:`from_csr`; pass it to :func:`escoin.conv2d`.
+    one with :meth:`from_dense` or :meth:`from_csr`; pass it to :func:`escoin.conv2d`. Its arrays
+    (``row_ptr``, ``col_idx``, ``values``, the stretched offsets) are read-only: to change a
+    filter, build a new one (``from_csr`` with modified copies).
     """
 
     def __init__(self, store: _CsrStore, device: Optional[int] = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 
+import escoin
 import numpy as np
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
     x = torch.randn(3, 8, 11, 9)
     expected = reference_conv(x, layer.weight, layer.bias, stride=2, padding=1, groups=2)
     state = layer._current()
-    assert np.shares_memory(state.csr.values.numpy(), state.host_filter.values)
+    assert torch.equal(state.csr.values, torch.tensor(state.host_filter.values))
     with torch.no_grad():
         plain = layer(x)
     assert filters == [state.host_filter]
@@ -80,6 +81,21 @@ def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
     assert filters[3] is None and recorded.grad_fn is not None
     for y in (plain, seen, profiled, recorded):
         assert relative_error(y, expected) < 1e-5
+
+
+def test_writes_into_the_returned_csr_do_not_reach_the_kernel() -> None:
+    """refresh_csr() hands out copies: a row_ptr written past the nonzeros (which read past the
+    offsets: a crash, when the CSR tensors were the filter's arrays) leaves eager CPU inference
+    computing the weight's convolution, and a call through the op meets a clear error."""
+    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    csr = layer.refresh_csr()
+    csr.row_ptr[-1] = 1 << 28
+    with torch.no_grad():
+        y = layer(x)
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, padding=1)) < 1e-5
+    with pytest.raises(escoin.EscoinError, match=r"row_ptr\[8\] must equal nnz"):
+        layer(x)  # a gradient to record: through the op, with these tensors
 
 
 def _spy(op, calls: list):

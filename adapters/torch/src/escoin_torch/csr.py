@@ -48,18 +48,18 @@ def from_dense(weight: torch.Tensor, groups: int = 1, threshold: float = 0.0) ->
 
 def compress(weight: torch.Tensor, groups: int = 1,
              threshold: float = 0.0) -> Tuple[CSRWeight, escoin.SparseFilter]:
-    """:func:`from_dense`, and the host ``escoin.SparseFilter`` it compressed through. For a CPU
-    weight the CSR tensors are that filter's own arrays (no copy), so the filter always holds
-    what they hold."""
+    """:func:`from_dense`, and the host ``escoin.SparseFilter`` it compressed through. The CSR
+    tensors are copies of the filter's (read-only) arrays: what is written into them later
+    does not reach the filter."""
     if weight.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"escoin compresses float32 or float64 weights, got {weight.dtype}; "
                         "convert the layer with .float() first")
     host = escoin.SparseFilter.from_dense(weight.detach().cpu().numpy(), groups=groups,
                                           threshold=threshold)
     device = weight.device
-    csr = CSRWeight(torch.from_numpy(host.row_ptr).to(device),
-                    torch.from_numpy(host.col_idx).to(device),
-                    torch.from_numpy(host.values).to(device),
+    csr = CSRWeight(torch.tensor(host.row_ptr, device=device),
+                    torch.tensor(host.col_idx, device=device),
+                    torch.tensor(host.values, device=device),
                     tuple(int(v) for v in weight.shape), groups)  # type: ignore[arg-type]
     return csr, host
 

@@ -37,9 +37,9 @@ class _Compressed:
     csr: CSRWeight
     flat_index: torch.Tensor  # where each stored value sits in weight.reshape(-1)
     stamp: TensorStamp        # the weight contents it was built from
-    # For a CPU weight, the escoin filter csr was compressed through, whose arrays csr's tensors
-    # are: plain inference calls hand it to the kernel directly (ops.conv2d_with_filter). None
-    # on a GPU, where the host copy would only take memory.
+    # For a CPU weight, the escoin filter csr was compressed through (csr holds copies of its
+    # arrays): plain inference calls hand it to the kernel directly (ops.conv2d_with_filter).
+    # None on a GPU, where the host copy would only take memory.
     host_filter: Optional[escoin.SparseFilter]
 
 
@@ -117,7 +117,9 @@ class SparseConv2d(nn.Conv2d):
 
     def refresh_csr(self) -> CSRWeight:
         """The CSR of the current weight on its device, recompressed only if the weight changed
-        since (a CSR per device is kept: see the module docstring)."""
+        since (a CSR per device is kept: see the module docstring). It is derived from the
+        weight: change the weight, not the CSR (eager CPU inference computes from the layer's
+        own escoin filter, which writes into these tensors do not reach)."""
         return self._current().csr
 
     def _current(self) -> _Compressed:

@@ -85,9 +85,9 @@ def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
                        dilation: Union[int, Sequence[int]] = 1, relu: bool = False,
                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`sparse_conv2d`, where a plain CPU inference call may use `host_filter`: the escoin
-    filter whose arrays are `weight`'s CPU tensors (:func:`escoin_torch.csr.compress`), which
-    spares the op's filter cache its per-call comparison of the CSR with a snapshot (O(nnz):
-    ~70 us of a 1x1 layer's 340 us at 26k nonzeros). None: that cache."""
+    filter `weight` was copied from (:func:`escoin_torch.csr.compress`), which spares the op's
+    filter cache its per-call comparison of the CSR with a snapshot (O(nnz): ~70 us of a 1x1
+    layer's 340 us at 26k nonzeros). None: that cache."""
     if x.dim() == 3:
         return conv2d_with_filter(x.unsqueeze(0), weight, host_filter, bias, stride, padding,
                                   dilation, relu,
