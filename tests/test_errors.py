@@ -192,7 +192,8 @@ def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:
 
 
 @pytest.mark.parametrize("nonzeros", [300, 40_000])  # checked on one thread, on every thread
-@pytest.mark.parametrize("kind", ["negative", "past the group", "between taps"])
+@pytest.mark.parametrize("kind", ["negative", "past the group", "between taps",
+                                  "in a channel's gap"])
 def test_cpu_entry_names_the_first_bad_offset(nonzeros: int, kind: str) -> None:
     """Every offset is checked, wherever it sits, and the message names the first bad one
     whichever thread met it."""
@@ -207,16 +208,18 @@ def test_cpu_entry_names_the_first_bad_offset(nonzeros: int, kind: str) -> None:
     offsets = np.array(escoin.stretch_offsets(dense, x.shape, padding=1))
     layout = _core.conv_layout(desc)
     stride = dict(layout)["channel_stride"]
-    bad = {"negative": -5, "past the group": channels * stride + 1,
-           "between taps": stride - 1}[kind]  # the channel's alignment gap: no tap reads it
-    first = dense.nnz * 2 // 3
+    # 5x5 padded to 7x7 planes, 52 elements a channel: taps read elements r * 7 + s (r, s < 3)
+    # of a channel, element 3 is the fourth column of its first row, 49-51 the gap after it
+    bad = {"negative": -5, "past the group": channels * stride + 1, "between taps": 3,
+           "in a channel's gap": stride - 1}[kind]
+    first = dense.nnz // 3  # in the first thread's half of the offsets where there are two
     offsets[first] = bad
-    offsets[-1] = bad  # a later one, which the message must not name
+    offsets[-1] = bad  # a later one, in the other half, which the message must not name
     y = np.empty((1, 8, 5, 5), np.float32)
     nbytes = _core.workspace_size(desc, "float32")
     ws = np.empty(nbytes, np.uint8)
-    expected = {"negative": "is negative", "past the group": "is in input channel",
-                "between taps": "is not a tap of this geometry"}[kind]
+    expected = {"negative": "is negative", "past the group": "is in input channel"}.get(
+        kind, "is not a tap of this geometry")
     with pytest.raises(EscoinError, match=rf"offsets\[{first}\] = {bad} {expected}"):
         _core.forward_cpu(desc, "float32", x.ctypes.data, dense.row_ptr.ctypes.data,
                           offsets.ctypes.data, dense.values.ctypes.data, 0, 0, False,
