@@ -99,9 +99,12 @@ def staged_plan(desc: tuple) -> Plan:
             if (0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX
                     and not (plan.whole_channels and wraps)):
                 return plan
-    # the public layout, channels a multiple of 8 apart (32-byte sectors)
-    return plan_on(desc, dict(layout, channel_stride=-(-layout["channel_stride"] // 8) * 8), False,
-                   0)
+    # the public layout, channels a multiple of 8 apart (32-byte sectors) where a group's span
+    # still fits 32-bit offsets
+    sector_aligned = -(-layout["channel_stride"] // 8) * 8
+    if sector_aligned > (2**31 - 1) // (c // groups):
+        sector_aligned = layout["channel_stride"]
+    return plan_on(desc, dict(layout, channel_stride=sector_aligned), False, 0)
 
 
 def staged_offset(offset: int, plan: Plan, layout: dict) -> int:
@@ -212,6 +215,21 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
                 (staged_offset(int(offsets[j]), plan, layout), float(filt.values[j])))
     assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
     return plan
+
+
+@pytest.mark.parametrize("width, channel_stride", [(11, 16), (2**30 - 4, 2**30 - 4)])
+def test_sector_aligned_channels_where_a_group_fits_32_bit_offsets(width: int,
+                                                                   channel_stride: int) -> None:
+    """The staged kernel's stretched layout rounds channels up to 8 elements (32-byte sectors),
+    except where a group of them would pass the 2^31 elements 32-bit offsets address (two
+    channels of 2^30 - 4 elements fit, two of 2^30 would not): the workspace holds each image in
+    the wider of the public layout (channels of 12 and 2^30 - 4) and the staged kernel's."""
+    weight_shape = (32, 2, 1, 3)  # a 1x3 filter over one row: channels of `width` elements
+    per_batch = [_core.workspace_size(descriptor((batch, 2, 1, width), weight_shape, 1),
+                                      "float32") for batch in (1, 2)]
+    assert per_batch[1] - per_batch[0] == 2 * channel_stride * 4
+    assert staged_plan(descriptor((1, 2, 1, width), weight_shape, 1)).channel_stride == \
+        channel_stride
 
 
 @pytest.mark.parametrize("out_channels, groups, width", [(8, 1, 32), (32, 32, 32), (32, 1, 9000)])

@@ -191,9 +191,12 @@ StagedPlan staged_plan(const Geometry& g) {
   // The public layout, its channels a multiple of 8 elements apart (the stretch writes this
   // layout for the staged kernel): every chunk and segment copy then starts on a 32-byte sector.
   // (Copies starting mid-sector read more sectors: measured on a 1x1 layer, "x read directly by
-  // 1x1 filters" in docs/performance.md.)
+  // 1x1 filters" in docs/performance.md.) Not where that would take a group's span past the
+  // 32-bit offsets make_geometry checked the public layout for: 4 apart there, as it is.
   escoin_layout_t L = g.layout;
-  L.channel_stride = ceil_div(L.channel_stride, 8) * 8;
+  const int64_t sector_aligned = ceil_div(L.channel_stride, 8) * 8;
+  if (sector_aligned <= std::numeric_limits<int32_t>::max() / g.group_in)
+    L.channel_stride = sector_aligned;
   return staged_plan_on(g, L, false, 0);
 }
 
