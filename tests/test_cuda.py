@@ -258,9 +258,9 @@ def test_sconv_raw_pointers(dev) -> None:
     n, m, oh, ow = escoin.output_shape(x.shape, filt, **geometry)
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
     ys = torch.full((n, m, oh, ow), float("nan"), device="cuda")
-    row_ptr = torch.from_numpy(filt.row_ptr).cuda()
-    offs = torch.from_numpy(offsets).cuda()
-    vals = torch.from_numpy(filt.values).cuda()
+    row_ptr = torch.tensor(filt.row_ptr, device="cuda")  # copies: the filter's arrays are
+    offs = torch.tensor(offsets, device="cuda")          # read-only, which from_numpy warns of
+    vals = torch.tensor(filt.values, device="cuda")
     b = torch.from_numpy(bias.astype(np.float32)).cuda()
     nbytes = escoin.workspace_size(x.shape, filt, **geometry)
     ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

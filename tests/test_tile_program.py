@@ -92,8 +92,9 @@ def staged_plan(desc: tuple) -> Plan:
             row = max(box_left + w + right, w + pr, layout["out_width"])
             rounded = dict(layout, plane_w=-(-row // 4) * 4)
             rounded["channel_stride"] = rounded["plane_h"] * rounded["plane_w"]
-            if rounded["plane_w"] > BOX_MAX:
-                break
+            if (rounded["plane_w"] > BOX_MAX
+                    or rounded["channel_stride"] > (2**31 - 1) // (c // groups)):
+                break  # no box that wide, or a group's span past 32-bit offsets
             plan = plan_on(desc, rounded, True, lead)
             wraps = box_left + w + pr > plan.plane_w
             if (0 < plan.chunk_channels <= BOX_MAX and plan.segment // plan.plane_w <= BOX_MAX
@@ -230,6 +231,19 @@ def test_sector_aligned_channels_where_a_group_fits_32_bit_offsets(width: int,
     assert per_batch[1] - per_batch[0] == 2 * channel_stride * 4
     assert staged_plan(descriptor((1, 2, 1, width), weight_shape, 1)).channel_stride == \
         channel_stride
+
+
+def test_no_tensor_copy_layout_past_32_bit_offsets() -> None:
+    """A plane whose tensor-copy rows (252 + 4 columns) would take a channel past 2^31 elements
+    keeps the public layout's rows (254 columns, which make_geometry checked), its channels
+    rounded up to 8 elements; the mirror agrees."""
+    x_shape, weight_shape = (1, 1, 8_400_000, 252), (8, 1, 3, 3)
+    per_batch = [_core.workspace_size(descriptor((batch, *x_shape[1:]), weight_shape, 1, 1, 1),
+                                      "float32") for batch in (1, 2)]
+    plan = staged_plan(descriptor(x_shape, weight_shape, 1, 1, 1))
+    assert not plan.tensor_copy
+    sector_aligned = -(-8_400_002 * 254 // 8) * 8  # 8 400 002 rows of 254, rounded up to 8
+    assert per_batch[1] - per_batch[0] == plan.channel_stride * 4 == sector_aligned * 4
 
 
 @pytest.mark.parametrize("out_channels, groups, width", [(8, 1, 32), (32, 32, 32), (32, 1, 9000)])
