@@ -1,4 +1,5 @@
 // conv_cpu.cpp -- the CPU forward entry: validate, stretch the input, run the best kernel variant.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -10,20 +11,38 @@
 namespace escoin {
 namespace {
 
+// Each stretched row is zeros, then the columns j in [begin, end) whose input column
+// first_column + j * stride_w lies inside x's row, then zeros to the row's extent (the alignment
+// gap included): one copy of a run of x where stride_w is 1, a strided gather elsewhere, and no
+// test per element (one per element made the stretch half of a 1x1 layer's time on a 28x28
+// plane: 130 of 280 us).
 template <typename T>
 void stretch_input(const Geometry& g, const T* x, T* ws) {
   const StretchRows rows = stretch_rows(g);
+  // The first j >= 0 whose column first_column + j * stride_w is at least `column`.
+  auto first_at = [&rows](int64_t first_column, int64_t column) -> int64_t {
+    const int64_t ahead = column - first_column;
+    return ahead <= 0 ? 0 : (ahead + rows.stride_w - 1) / rows.stride_w;
+  };
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows.rows; ++r) {
     const StretchRow row = rows.row(r);
     T* dst = ws + rows.destination(r);
     const int64_t extent = rows.extent(r);
-    for (int64_t j = 0; j < extent; ++j) {
-      const int64_t iw = row.first_column + j * rows.stride_w;
-      dst[j] = (j < rows.plane_w && row.source >= 0 && iw >= 0 && iw < rows.in_width)
-                   ? x[row.source + iw]
-                   : T(0);
+    int64_t begin = 0, end = 0;  // an empty run for a padding row
+    if (row.source >= 0) {
+      begin = std::min(rows.plane_w, first_at(row.first_column, 0));
+      end = std::max(begin, std::min(rows.plane_w, first_at(row.first_column, rows.in_width)));
     }
+    std::fill(dst, dst + begin, T(0));
+    if (end > begin) {
+      const T* src = x + row.source + row.first_column + begin * rows.stride_w;
+      if (rows.stride_w == 1)
+        std::copy(src, src + (end - begin), dst + begin);
+      else
+        for (int64_t j = begin; j < end; ++j) dst[j] = src[(j - begin) * rows.stride_w];
+    }
+    std::fill(dst + end, dst + extent, T(0));
   }
   std::memset(ws + rows.elements(), 0, g.tail_slack * sizeof(T));
 }
