@@ -23,8 +23,8 @@ python3 -m pip install -q --no-build-isolation --no-deps . > "$out/build.log" 2>
 echo "build rc $?"
 wait
 echo "== this tree's GPU tests (deterministic, then the staged kernel's hypothesis tests)"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not random_geometry and not residual" \
-  > "$out/tests_deterministic.log" 2>&1
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  -k "not random_geometry and not residual" > "$out/tests_deterministic.log" 2>&1
 tail -1 "$out/tests_deterministic.log"
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   -k "random_geometry_on_the_staged or residual_on_the_staged" > "$out/tests_staged.log" 2>&1
@@ -35,8 +35,9 @@ choice=()
 for run in base new base_again; do
   site=""
   [ "$run" != new ] && site="$base_site"
-  PYTHONPATH="$site" python3 benchmarks/escoin_times.py ${choice[@]+"${choice[@]}"} --out "$out/ab_$run.json" \
-    > /dev/null 2>> "$out/ab_errors.log" || echo "the $run run failed: $out/ab_errors.log"
+  PYTHONPATH="$site" python3 benchmarks/escoin_times.py ${choice[@]+"${choice[@]}"} \
+    --out "$out/ab_$run.json" > /dev/null 2>> "$out/ab_errors.log" ||
+    echo "the $run run failed: $out/ab_errors.log"
 done
 runs=("$out/ab_base.json" "$out/ab_new.json" "$out/ab_base_again.json")
 if [ -f "${runs[0]}" ] && [ -f "${runs[1]}" ] && [ -f "${runs[2]}" ]; then
