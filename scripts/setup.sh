@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade "scikit-build-core>=0.10" "cython>=3.0" numpy tqdm matplotlib \
-  pytest hypothesis
+  pytest hypothesis ml_dtypes
 # A CPU build of PyTorch for the adapter and the reference timings, unless one is installed.
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q --no-build-isolation ./ ./adapters/torch

@@ -30,7 +30,7 @@ def test_channel_mismatch(filt) -> None:
 
 
 def test_integer_input(filt) -> None:
-    with pytest.raises(EscoinError, match="x must be float32 or float64"):
+    with pytest.raises(EscoinError, match="x must be float32, float64, float16 or bfloat16"):
         escoin.conv2d(np.ones((1, 3, 8, 8), np.int32), filt)
 
 
@@ -104,7 +104,7 @@ def test_weight_wrong_rank() -> None:
 
 
 def test_weight_wrong_dtype() -> None:
-    with pytest.raises(EscoinError, match="weight must be float32 or float64"):
+    with pytest.raises(EscoinError, match="weight must be float32, float64, float16 or bfloat16"):
         escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.int64))
 
 
@@ -171,8 +171,20 @@ def test_bad_stream_handle(filt, x) -> None:
 
 
 def test_sconv_rejects_non_int_pointer(filt, x) -> None:
-    with pytest.raises(EscoinError, match="x_ptr must be a non-negative int device pointer"):
+    with pytest.raises(EscoinError, match="x_ptr must be a non-negative int pointer"):
         escoin.sconv("0x10", 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device=0)
+
+
+def test_sconv_on_host_pointers_names_what_it_cannot_take(filt, x) -> None:
+    with pytest.raises(EscoinError, match="stream and tile_program_ptr must be 0 with "
+                                          "device='cpu'"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu", stream=7)
+    with pytest.raises(EscoinError, match="device must be a CUDA device index or 'cpu'"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="gpu")
+    with pytest.raises(EscoinError, match="dtype must be float32, float64, float16 or bfloat16"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu", dtype="int8")
+    with pytest.raises(EscoinError, match="x must not be NULL"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu")
 
 
 def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:

@@ -1,51 +1,15 @@
-// conv_cpu.cpp -- the CPU forward entry: validate, stretch the input, run the best kernel variant.
-#include <algorithm>
+// conv_cpu.cpp -- the CPU forward entry: validate, then run the kernel variant (stretch and
+// tiles, cpu_kernels.cpp) of the best instruction set, in the call's storage type.
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
+#include <string>
 
 #include "cpu_kernels.hpp"
 #include "error.hpp"
 #include "forward_checks.hpp"
-#include "stretch.hpp"
 
 namespace escoin {
 namespace {
-
-// Each stretched row is zeros, then the columns j in [begin, end) whose input column
-// first_column + j * stride_w lies inside x's row, then zeros to the row's extent (the alignment
-// gap included): one copy of a run of x where stride_w is 1, a strided gather elsewhere, and no
-// test per element (one per element made the stretch half of a 1x1 layer's time on a 28x28
-// plane: 130 of 280 us).
-template <typename T>
-void stretch_input(const Geometry& g, const T* x, T* ws) {
-  const StretchRows rows = stretch_rows(g);
-  // The first j >= 0 whose column first_column + j * stride_w is at least `column`.
-  auto first_at = [&rows](int64_t first_column, int64_t column) -> int64_t {
-    const int64_t ahead = column - first_column;
-    return ahead <= 0 ? 0 : (ahead + rows.stride_w - 1) / rows.stride_w;
-  };
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows.rows; ++r) {
-    const StretchRow row = rows.row(r);
-    T* dst = ws + rows.destination(r);
-    const int64_t extent = rows.extent(r);
-    int64_t begin = 0, end = 0;  // an empty run for a padding row
-    if (row.source >= 0) {
-      begin = std::min(rows.plane_w, first_at(row.first_column, 0));
-      end = std::max(begin, std::min(rows.plane_w, first_at(row.first_column, rows.in_width)));
-    }
-    std::fill(dst, dst + begin, T(0));
-    if (end > begin) {
-      const T* src = x + row.source + row.first_column + begin * rows.stride_w;
-      if (rows.stride_w == 1)
-        std::copy(src, src + (end - begin), dst + begin);
-      else
-        for (int64_t j = begin; j < end; ++j) dst[j] = src[(j - begin) * rows.stride_w];
-    }
-    std::fill(dst + end, dst + extent, T(0));
-  }
-  std::memset(ws + rows.elements(), 0, g.tail_slack * sizeof(T));
-}
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) && defined(ESCOIN_HAVE_X86_VARIANTS)
@@ -63,21 +27,62 @@ bool cpu_has_avx2() {
 #endif
 }
 
-template <typename T>
-void run_kernel(const CpuConvArgs<T>& args) {
-#if defined(ESCOIN_HAVE_X86_VARIANTS)
-  static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2();
-  if (avx512) return avx512::sparse_conv(args);
-  if (avx2) return avx2::sparse_conv(args);
-#endif
-  portable::sparse_conv(args);
+enum class CpuVariant { portable, avx2, avx512 };
+
+// The kernel variant forward calls run, chosen once per process: the widest this CPU supports,
+// or the one the environment variable ESCOIN_CPU_KERNELS names (to test or compare the others);
+// a name this build or CPU cannot run leaves `error` set, which every forward call reports.
+struct VariantChoice {
+  CpuVariant variant = CpuVariant::portable;
+  const char* name = "portable";
+  std::string error;
+};
+
+VariantChoice choose_variant() {
+  VariantChoice best;
+  if (cpu_has_avx512())
+    best = {CpuVariant::avx512, "avx512", ""};
+  else if (cpu_has_avx2())
+    best = {CpuVariant::avx2, "avx2", ""};
+  const char* wanted = std::getenv("ESCOIN_CPU_KERNELS");
+  if (wanted == nullptr || *wanted == '\0') return best;
+  const std::string name = wanted;
+  if (name == "portable") return {CpuVariant::portable, "portable", ""};
+  if ((name == "avx2" && (cpu_has_avx2() || cpu_has_avx512())) ||
+      (name == "avx512" && cpu_has_avx512()))
+    return {name == "avx2" ? CpuVariant::avx2 : CpuVariant::avx512,
+            name == "avx2" ? "avx2" : "avx512", ""};
+  best.error = "ESCOIN_CPU_KERNELS is '" + name + "', but this build and CPU run only " +
+               std::string(cpu_has_avx512() ? "avx512, avx2 or portable"
+                           : cpu_has_avx2() ? "avx2 or portable"
+                                            : "portable");
+  return best;
 }
 
-template <typename T>
-void forward(const Geometry& g, const T* x, const int64_t* row_ptr, const int32_t* offsets,
-             const T* values, const T* bias, const T* residual, bool relu, T* y, T* ws) {
-  stretch_input(g, x, ws);
-  run_kernel(CpuConvArgs<T>{&g, ws, row_ptr, offsets, values, bias, residual, relu, y});
+const VariantChoice& cpu_variant() {
+  static const VariantChoice choice = choose_variant();
+  return choice;
+}
+
+template <typename S>
+void run_kernel(const CpuConvArgs<S>& args) {
+  switch (cpu_variant().variant) {
+#if defined(ESCOIN_HAVE_X86_VARIANTS)
+    case CpuVariant::avx512: return avx512::sparse_conv(args);
+    case CpuVariant::avx2: return avx2::sparse_conv(args);
+#endif
+    default: return portable::sparse_conv(args);
+  }
+}
+
+template <typename S>
+void forward(const Geometry& g, const void* x, const int64_t* row_ptr, const int32_t* offsets,
+             const void* values, const void* bias, const void* residual, bool relu, void* y,
+             void* workspace) {
+  using C = Compute<S>;
+  run_kernel(CpuConvArgs<S>{&g, static_cast<const S*>(x), static_cast<C*>(workspace), row_ptr,
+                            offsets, static_cast<const C*>(values), static_cast<const S*>(bias),
+                            static_cast<const S*>(residual), relu, static_cast<S*>(y)});
 }
 
 }  // namespace
@@ -95,17 +100,25 @@ extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* d
     escoin::check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace,
                                    workspace_bytes);
     if (g.d.batch == 0) return;
+    const std::string& variant_error = escoin::cpu_variant().error;
+    if (!variant_error.empty()) escoin::fail_invalid(variant_error);
     // Host arrays can be checked cheaply, so the CPU path never trusts them.
     escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
-    if (dtype == ESCOIN_FLOAT32)
-      escoin::forward(g, static_cast<const float*>(x), row_ptr, offsets,
-                      static_cast<const float*>(values), static_cast<const float*>(bias),
-                      static_cast<const float*>(residual), relu != 0, static_cast<float*>(y),
-                      static_cast<float*>(workspace));
-    else
-      escoin::forward(g, static_cast<const double*>(x), row_ptr, offsets,
-                      static_cast<const double*>(values), static_cast<const double*>(bias),
-                      static_cast<const double*>(residual), relu != 0, static_cast<double*>(y),
-                      static_cast<double*>(workspace));
+    using Run = void (*)(const escoin::Geometry&, const void*, const int64_t*, const int32_t*,
+                         const void*, const void*, const void*, bool, void*, void*);
+    const Run run = dtype == ESCOIN_FLOAT32   ? escoin::forward<float>
+                    : dtype == ESCOIN_FLOAT64 ? escoin::forward<double>
+                    : dtype == ESCOIN_FLOAT16 ? escoin::forward<escoin::Float16>
+                                              : escoin::forward<escoin::BFloat16>;
+    run(g, x, row_ptr, offsets, values, bias, residual, relu != 0, y, workspace);
+  });
+}
+
+extern "C" escoin_status_t escoin_cpu_kernels(const char** name) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(name, "name");
+    const escoin::VariantChoice& choice = escoin::cpu_variant();
+    if (!choice.error.empty()) escoin::fail_invalid(choice.error);
+    *name = choice.name;
   });
 }

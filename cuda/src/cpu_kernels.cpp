@@ -1,4 +1,5 @@
-// cpu_kernels.cpp -- the CPU direct sparse convolution (compiled once per ISA; see the header).
+// cpu_kernels.cpp -- the CPU direct sparse convolution (compiled once per ISA; see the header):
+// the stretch (cpu_stretch.hpp), then the tiles below.
 //
 // The output plane of one (image, output channel) is walked in the stretched coordinates
 // q = oh * plane_w + ow, where every tap (c, r, s) of the filter reads the stretched input at
@@ -11,14 +12,13 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernels.hpp"
-
 #ifndef ESCOIN_CPU_ISA
 #error "ESCOIN_CPU_ISA must name the variant being compiled"
 #endif
-#ifndef ESCOIN_VECTOR_BYTES
-#error "ESCOIN_VECTOR_BYTES must give the variant's vector register width"
-#endif
+
+#include "cpu_kernels.hpp"
+#include "cpu_stretch.hpp"
+#include "cpu_vectors.hpp"
 
 namespace escoin {
 namespace ESCOIN_CPU_ISA {
@@ -54,31 +54,17 @@ int tile_segments(const Geometry& g, int64_t q0, Segment segments[TILE]) {
   return count;
 }
 
-// A vector of ESCOIN_VECTOR_BYTES (GCC/Clang vector extension): the accumulators are explicit
-// registers, so the compiler cannot interchange the loops or keep the tile in memory (it did both
-// when the tile was a plain array).
-template <typename T>
-struct Vector {
-  typedef T type __attribute__((vector_size(ESCOIN_VECTOR_BYTES)));
-  static constexpr int lanes = ESCOIN_VECTOR_BYTES / int(sizeof(T));
-  static type load(const T* p) {
-    type v;
-    __builtin_memcpy(&v, p, sizeof v);  // one unaligned vector load
-    return v;
-  }
-};
-
 // Input channels per pass over a tile: the tile's input rows of that many channels (and the
 // block's partial sums) should stay in the 32-48 KiB L1 data cache while every output channel
 // of the block walks its nonzeros among them. Without this, each nonzero's load came from L2.
-template <typename T, int TILE>
+template <typename C, int TILE>
 int64_t chunk_channels(const Geometry& g, int64_t nnz) {
   const escoin_conv_desc_t& d = g.d;
   const int64_t phases = g.layout.phases_h * g.layout.phases_w;
   const int64_t row_shift = (d.kernel_h - 1) * d.dilation_h / d.stride_h;
   const int64_t column_shift = (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   const int64_t per_channel =
-      phases * (TILE + row_shift * g.layout.plane_w + column_shift) * int64_t(sizeof(T));
+      phases * (TILE + row_shift * g.layout.plane_w + column_shift) * int64_t(sizeof(C));
   const int64_t fits_l1 = (24 << 10) / per_channel;
   // A pass also reloads and stores each channel's partial sums: keep a few dozen nonzeros per
   // row and pass so that this stays small against the products.
@@ -88,10 +74,11 @@ int64_t chunk_channels(const Geometry& g, int64_t nnz) {
   return std::max<int64_t>(1, std::min(g.group_in, std::max(fits_l1, enough_work)));
 }
 
-template <typename T, int TILE>
-void run_tiles(const CpuConvArgs<T>& a) {
-  using V = typename Vector<T>::type;
-  constexpr int kLanes = Vector<T>::lanes;
+template <typename S, int TILE>
+void run_tiles(const CpuConvArgs<S>& a) {
+  using C = Compute<S>;
+  using V = typename Vector<C>::type;
+  constexpr int kLanes = Vector<C>::lanes;
   constexpr int kRegisters = TILE / kLanes;
   static_assert(TILE % kLanes == 0, "a tile is a whole number of vectors");
   const Geometry& g = *a.geometry;
@@ -105,7 +92,7 @@ void run_tiles(const CpuConvArgs<T>& a) {
   // a row's nonzeros of the channels below a chunk boundary. Rows need not be sorted: whatever a
   // pass leaves is taken by a later one, and the last limit exceeds every legal offset.
   const int64_t chunk_span =
-      chunk_channels<T, TILE>(g, a.row_ptr[out_channels]) * g.layout.channel_stride;
+      chunk_channels<C, TILE>(g, a.row_ptr[out_channels]) * g.layout.channel_stride;
   const int64_t last_limit = g.group_span + g.layout.plane_w;
 
 #pragma omp parallel for schedule(dynamic, 1)
@@ -115,7 +102,7 @@ void run_tiles(const CpuConvArgs<T>& a) {
     const int64_t group = (item / (channel_blocks * tiles)) % groups;
     const int64_t n = item / (channel_blocks * tiles * groups);
     const int64_t q0 = tile * TILE;
-    const T* in = a.stretched + n * g.layout.image_stride + group * g.group_span + q0;
+    const C* in = a.workspace + n * g.layout.image_stride + group * g.group_span + q0;
     const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
     const int channels = int(std::min(kChannelsPerItem, (group + 1) * g.group_out - m_begin));
 
@@ -134,9 +121,9 @@ void run_tiles(const CpuConvArgs<T>& a) {
         for (int r = 0; r < kRegisters; ++r) acc[r] = partial[i][r];
         for (; j < row_end && a.offsets[j] < limit; ++j) {
           const V v = a.values[j] - V{};  // broadcast (x - 0 folds to x, unlike 0 + x)
-          const T* src = in + a.offsets[j];
+          const C* src = in + a.offsets[j];
 #pragma GCC unroll 16
-          for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<T>::load(src + r * kLanes);
+          for (int r = 0; r < kRegisters; ++r) acc[r] += v * Vector<C>::load(src + r * kLanes);
         }
         for (int r = 0; r < kRegisters; ++r) partial[i][r] = acc[r];
         cursor[i] = j;
@@ -144,64 +131,67 @@ void run_tiles(const CpuConvArgs<T>& a) {
       if (limit >= last_limit) break;
     }
 
-    // Epilogue in vectors (bias, ReLU), then one copy per output-row segment: with few
-    // nonzeros per channel, a per-lane epilogue would cost more than the products. A residual
-    // is added per segment, before the ReLU.
+    // Epilogue in vectors (bias, ReLU), then one converted copy per output-row segment: with
+    // few nonzeros per channel, a per-lane epilogue would cost more than the products. A
+    // residual is added per segment, before the ReLU.
     Segment segments[TILE];
     const int segment_count = tile_segments<TILE>(g, q0, segments);
     for (int i = 0; i < channels; ++i) {
       const int64_t m = m_begin + i;
-      const V bias = (a.bias ? a.bias[m] : T(0)) - V{};
+      const V bias = (a.bias ? widen(a.bias[m]) : C(0)) - V{};
       const int64_t plane = (n * out_channels + m) * g.out_plane;
-      T* out = a.y + plane;
-      T sums[TILE];
+      S* out = a.y + plane;
+      C sums[TILE];
       if (a.residual) {
         for (int r = 0; r < kRegisters; ++r) {
           const V t = partial[i][r] + bias;
-          __builtin_memcpy(sums + r * kLanes, &t, sizeof t);
+          std::memcpy(sums + r * kLanes, &t, sizeof t);
         }
-        const T* residual = a.residual + plane;
+        const S* residual = a.residual + plane;
         for (int k = 0; k < segment_count; ++k)
           for (int j = 0; j < segments[k].length; ++j) {
-            const T t = sums[segments[k].lane + j] + residual[segments[k].dest + j];
-            out[segments[k].dest + j] = a.relu && t < T(0) ? T(0) : t;
+            const C t = sums[segments[k].lane + j] + widen(residual[segments[k].dest + j]);
+            out[segments[k].dest + j] = narrow<S>(a.relu && t < C(0) ? C(0) : t);
           }
         continue;
       }
       for (int r = 0; r < kRegisters; ++r) {
         V t = partial[i][r] + bias;
         if (a.relu) t = t < V{} ? V{} : t;  // NaN passes, as in torch
-        __builtin_memcpy(sums + r * kLanes, &t, sizeof t);
-      }
-      if (segment_count == 1 && segments[0].length == TILE) {  // no dropped column: one store
-        __builtin_memcpy(out + segments[0].dest, sums, sizeof sums);
-        continue;
+        std::memcpy(sums + r * kLanes, &t, sizeof t);
       }
       for (int k = 0; k < segment_count; ++k)
-        __builtin_memcpy(out + segments[k].dest, sums + segments[k].lane,
-                         size_t(segments[k].length) * sizeof(T));
+        narrow_run(sums + segments[k].lane, out + segments[k].dest, segments[k].length);
     }
   }
 }
 
 // Eight vector registers of accumulators keep both FMA pipes busy through the FMA latency; a
 // smaller tile serves small output planes, where a wide tile would mostly compute dropped lanes.
-template <typename T>
-void dispatch_tile(const CpuConvArgs<T>& a) {
-  constexpr int kWide = 8 * ESCOIN_VECTOR_BYTES / int(sizeof(T));
+template <typename S>
+void dispatch_tile(const CpuConvArgs<S>& a) {
+  constexpr int kWide = 8 * ESCOIN_VECTOR_BYTES / int(sizeof(Compute<S>));
   const int64_t plane_q = a.geometry->layout.out_height * a.geometry->layout.plane_w;
   if (plane_q >= 2 * kWide)
-    run_tiles<T, kWide>(a);
+    run_tiles<S, kWide>(a);
   else if (plane_q >= kWide / 2)
-    run_tiles<T, kWide / 2>(a);
+    run_tiles<S, kWide / 2>(a);
   else
-    run_tiles<T, kWide / 4>(a);
+    run_tiles<S, kWide / 4>(a);
+}
+
+template <typename S>
+void stretch_and_run(const CpuConvArgs<S>& args) {
+  stretch_input(*args.geometry, args.x, args.workspace);
+  dispatch_tile(args);
 }
 
 }  // namespace
 
-void sparse_conv(const CpuConvArgs<float>& args) { dispatch_tile(args); }
-void sparse_conv(const CpuConvArgs<double>& args) { dispatch_tile(args); }
+void sparse_conv(const CpuConvArgs<float>& args) { stretch_and_run(args); }
+void sparse_conv(const CpuConvArgs<double>& args) { stretch_and_run(args); }
+void sparse_conv(const CpuConvArgs<Float16>& args) { stretch_and_run(args); }
+void sparse_conv(const CpuConvArgs<BFloat16>& args) { stretch_and_run(args); }
 
 }  // namespace ESCOIN_CPU_ISA
 }  // namespace escoin

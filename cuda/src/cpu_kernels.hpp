@@ -8,27 +8,32 @@
 #include <cstdint>
 
 #include "geometry.hpp"
+#include "half_float.hpp"
 
 namespace escoin {
 
-// One forward call's operands, with the input already stretched into `stretched`.
-template <typename T>
+// One forward call's operands, stored as S (float, double, Float16 or BFloat16) and computed in
+// Compute<S>: the input is stretched into `workspace`, widened, and the weights come widened.
+template <typename S>
 struct CpuConvArgs {
   const Geometry* geometry;
-  const T* stretched;
+  const S* x;
+  Compute<S>* workspace;
   const int64_t* row_ptr;
   const int32_t* offsets;
-  const T* values;
-  const T* bias;      // may be null
-  const T* residual;  // y's shape, added before the ReLU; may be null
+  const Compute<S>* values;
+  const S* bias;      // may be null
+  const S* residual;  // y's shape, added before the ReLU; may be null
   bool relu;
-  T* y;
+  S* y;
 };
 
 #define ESCOIN_DECLARE_CPU_KERNELS(isa)                       \
   namespace isa {                                             \
   void sparse_conv(const CpuConvArgs<float>& args);           \
   void sparse_conv(const CpuConvArgs<double>& args);          \
+  void sparse_conv(const CpuConvArgs<Float16>& args);         \
+  void sparse_conv(const CpuConvArgs<BFloat16>& args);        \
   }
 
 ESCOIN_DECLARE_CPU_KERNELS(avx512)

@@ -48,6 +48,15 @@ void compress(const T* dense, int64_t rows, int64_t cols, double threshold, int6
   }
 }
 
+// The dense matrices compressed here are float32 or float64 (a 16-bit weight is widened first:
+// every float16 and bfloat16 value is a float32 value).
+bool is_float32(escoin_dtype_t dtype) {
+  if (dtype != ESCOIN_FLOAT32 && dtype != ESCOIN_FLOAT64)
+    fail_invalid("dtype must be ESCOIN_FLOAT32 or ESCOIN_FLOAT64 for a dense matrix, got ",
+                 static_cast<int>(dtype));
+  return dtype == ESCOIN_FLOAT32;
+}
+
 void require_threshold(double threshold) {
   if (!(threshold >= 0.0)) fail_invalid("threshold must be >= 0, got ", threshold);
 }
@@ -61,7 +70,7 @@ extern "C" escoin_status_t escoin_csr_count(const void* dense, escoin_dtype_t dt
     escoin::require_matrix(dense, rows, cols);
     escoin::require_threshold(threshold);
     escoin::require_pointer(nnz, "nnz");
-    if (escoin::element_size(dtype) == 4)
+    if (escoin::is_float32(dtype))
       *nnz = escoin::count(static_cast<const float*>(dense), rows, cols, threshold);
     else
       *nnz = escoin::count(static_cast<const double*>(dense), rows, cols, threshold);
@@ -75,7 +84,7 @@ extern "C" escoin_status_t escoin_csr_compress(const void* dense, escoin_dtype_t
     escoin::require_matrix(dense, rows, cols);
     escoin::require_threshold(threshold);
     escoin::require_pointer(row_ptr, "row_ptr");
-    if (escoin::element_size(dtype) == 4)
+    if (escoin::is_float32(dtype))
       escoin::compress(static_cast<const float*>(dense), rows, cols, threshold, row_ptr, col_idx,
                        static_cast<float*>(values));
     else

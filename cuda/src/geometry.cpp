@@ -272,12 +272,19 @@ size_t element_size(escoin_dtype_t dtype) {
   switch (dtype) {
     case ESCOIN_FLOAT32: return 4;
     case ESCOIN_FLOAT64: return 8;
+    case ESCOIN_FLOAT16:
+    case ESCOIN_BFLOAT16: return 2;
   }
-  fail_invalid("dtype must be ESCOIN_FLOAT32 or ESCOIN_FLOAT64, got ", static_cast<int>(dtype));
+  fail_invalid("dtype must be ESCOIN_FLOAT32, ESCOIN_FLOAT64, ESCOIN_FLOAT16 or ESCOIN_BFLOAT16, "
+               "got ", static_cast<int>(dtype));
+}
+
+size_t compute_element_size(escoin_dtype_t dtype) {
+  return element_size(dtype) == 8 ? 8 : 4;
 }
 
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
-  const size_t elem = element_size(dtype);
+  const size_t elem = compute_element_size(dtype);
   const double image = double(std::max(g.layout.image_stride, g.staged.layout.image_stride));
   const double total =
       (double(g.d.batch) * image + double(g.tail_slack) + double(g.partial_elements)) *

@@ -154,7 +154,10 @@ bool reads_a_tap(const Geometry& g, int64_t within);
 // Validates desc (throws escoin::Error naming the bad field) and derives the layout.
 Geometry make_geometry(const escoin_conv_desc_t* desc);
 
+// Bytes of one stored element of dtype (x, y, bias, residual), and of one element it is computed
+// in (the workspace, the weights): float32 for the 16-bit types.
 size_t element_size(escoin_dtype_t dtype);
+size_t compute_element_size(escoin_dtype_t dtype);
 
 // Bytes of workspace a forward call needs (escoin_workspace_size for an already-built geometry).
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype);

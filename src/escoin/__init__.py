@@ -4,23 +4,27 @@
     filt = escoin.SparseFilter.from_dense(pruned_weight)          # (M, C/groups, kh, kw)
     y = escoin.conv2d(x, filt, bias, stride=1, padding="same")    # == F.conv2d semantics
 """
+from escoin import _core
 from escoin._errors import EscoinError
-from escoin.conv import conv2d, output_shape, sconv, stretch_offsets, workspace_size
+from escoin.conv import (conv2d, host_workspace, output_shape, sconv, stretch_offsets,
+                         workspace_size)
 from escoin.cuda_arrays import DeviceArray
-from escoin.filter import DevicePointers, SparseFilter
+from escoin.filter import DevicePointers, HostPointers, SparseFilter
 from escoin.info import build_info, cuda_available, cuda_device_count
 
-__version__ = build_info()["version"]
+__version__ = _core.version()
 
 __all__ = [
     "DeviceArray",
     "DevicePointers",
     "EscoinError",
+    "HostPointers",
     "SparseFilter",
     "build_info",
     "conv2d",
     "cuda_available",
     "cuda_device_count",
+    "host_workspace",
     "output_shape",
     "sconv",
     "stretch_offsets",

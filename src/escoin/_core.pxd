@@ -13,6 +13,8 @@ cdef extern from "escoin/escoin.h" nogil:
     ctypedef enum escoin_dtype_t:
         ESCOIN_FLOAT32
         ESCOIN_FLOAT64
+        ESCOIN_FLOAT16
+        ESCOIN_BFLOAT16
 
     ctypedef struct escoin_conv_desc_t:
         int64_t batch, in_channels, in_height, in_width
@@ -35,6 +37,7 @@ cdef extern from "escoin/escoin.h" nogil:
     const char* escoin_cuda_architectures()
     int escoin_openmp_enabled()
     int escoin_openmp_max_threads()
+    escoin_status_t escoin_cpu_kernels(const char** name)
 
     escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc, escoin_layout_t* layout)
     escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,

@@ -41,7 +41,11 @@ cdef escoin_dtype_t dtype_code(str name) except *:
         return ESCOIN_FLOAT32
     if name == "float64":
         return ESCOIN_FLOAT64
-    raise EscoinError("dtype must be float32 or float64, got %s" % name)
+    if name == "float16":
+        return ESCOIN_FLOAT16
+    if name == "bfloat16":
+        return ESCOIN_BFLOAT16
+    raise EscoinError("dtype must be float32, float64, float16 or bfloat16, got %s" % name)
 
 
 def version() -> str:
@@ -62,6 +66,12 @@ def openmp_enabled() -> bool:
 
 def openmp_max_threads() -> int:
     return escoin_openmp_max_threads()
+
+
+def cpu_kernels() -> str:
+    cdef const char* name = NULL
+    check(escoin_cpu_kernels(&name))
+    return name.decode()
 
 
 def cuda_device_count() -> int:

@@ -3,7 +3,7 @@ on the CPU (NumPy arrays) or on a GPU (CUDA arrays), plus the raw-pointer call s
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from escoin import _core
 from escoin._errors import EscoinError
 from escoin.cuda_arrays import (CudaView, DeviceArray, DeviceBuffer, cuda_view, is_cuda_array,
                                 stream_handle)
+from escoin.dtypes import CPU_DTYPES, compute_dtype, dtype_name
 from escoin.filter import SparseFilter
 from escoin.geometry import IntPair, Padding, descriptor
 
@@ -27,9 +28,10 @@ def output_shape(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair
 
 def workspace_size(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair = 1,
                    padding: Padding = 0, dilation: IntPair = 1, dtype: object = np.float32) -> int:
-    """Bytes of workspace a conv2d with this geometry needs (the stretched input)."""
+    """Bytes of workspace a conv2d with this geometry and dtype of x needs (the stretched input,
+    in the dtype's compute type)."""
     desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
-    return _core.workspace_size(desc, np.dtype(dtype).name)
+    return _core.workspace_size(desc, dtype_name(dtype))
 
 
 def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntPair = 1,
@@ -50,7 +52,8 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     filt.groups), plus `residual` if given, optionally followed by ReLU, computed from the
     nonzeros only: relu(conv2d(...) + residual) in one pass over the output.
 
-    A NumPy x (float32 or float64) runs on the CPU and returns a NumPy array. A CUDA array x
+    A NumPy x (float32, float64, float16, or ml_dtypes' bfloat16: :mod:`escoin.dtypes`) runs on
+    the CPU and returns a NumPy array of its dtype. A CUDA array x
     (float32, C-contiguous) runs on its device on `stream` and returns `out` or an escoin
     DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does. `residual` (a
     residual network's shortcut) is an array of the output's shape on x's device (float32 on
@@ -80,8 +83,7 @@ def _batched_shape(shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], bool]:
 def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], stride: IntPair,
                 padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
                 workspace: Optional[object], residual: Optional[object]) -> np.ndarray:
-    if x.dtype not in (np.float32, np.float64):
-        raise EscoinError(f"x must be float32 or float64, got {x.dtype}")
+    name = dtype_name(x.dtype, "x")
     shape, unbatched = _batched_shape(x.shape)
     desc = descriptor(shape, filt.shape, filt.groups, stride, padding, dilation)
     layout = _core.conv_layout(desc)
@@ -98,13 +100,13 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
             raise EscoinError("out must be C-contiguous and writeable")
     # A strided NumPy input is copied once: the kernels read it as dense NCHW.
     x_dense = np.ascontiguousarray(x)
-    values = filt._store.values_as(x.dtype)
+    values = filt._store.values_as(compute_dtype(name))
     offsets = filt._store.offsets(desc)
     bias_array = _host_array(bias, "bias", (desc[4],), x.dtype)
     residual_array = _host_array(residual, "residual", result_shape, x.dtype, "the output's shape")
-    nbytes = _core.workspace_size(desc, x.dtype.name)
+    nbytes = _core.workspace_size(desc, name)
     workspace = _host_workspace(workspace, nbytes)
-    _core.forward_cpu(desc, x.dtype.name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
+    _core.forward_cpu(desc, name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
                       offsets.ctypes.data, values.ctypes.data,
                       0 if bias_array is None else bias_array.ctypes.data,
                       0 if residual_array is None else residual_array.ctypes.data, relu,
@@ -123,16 +125,23 @@ class _ThreadWorkspace(threading.local):
 _thread_workspace = _ThreadWorkspace()
 
 
-def _host_workspace(workspace: Optional[object], nbytes: int) -> np.ndarray:
-    if workspace is not None:
-        if (not isinstance(workspace, np.ndarray) or not workspace.flags.c_contiguous
-                or not workspace.flags.writeable or workspace.nbytes < nbytes):
-            raise EscoinError(f"workspace must be a writeable C-contiguous NumPy array of at least "
-                              f"{nbytes} bytes for a NumPy x, got {_describe(workspace)}")
-        return workspace
+def host_workspace(nbytes: int) -> np.ndarray:
+    """This thread's reusable host workspace, at least `nbytes` bytes: what conv2d uses on the
+    CPU when no workspace is given, for callers of ``sconv(..., device="cpu")`` too. It grows and
+    never shrinks; the next CPU call of the same thread may overwrite it."""
     if _thread_workspace.buffer.nbytes < nbytes:
         _thread_workspace.buffer = np.empty(nbytes, np.uint8)
     return _thread_workspace.buffer
+
+
+def _host_workspace(workspace: Optional[object], nbytes: int) -> np.ndarray:
+    if workspace is None:
+        return host_workspace(nbytes)
+    if (not isinstance(workspace, np.ndarray) or not workspace.flags.c_contiguous
+            or not workspace.flags.writeable or workspace.nbytes < nbytes):
+        raise EscoinError(f"workspace must be a writeable C-contiguous NumPy array of at least "
+                          f"{nbytes} bytes for a NumPy x, got {_describe(workspace)}")
+    return workspace
 
 
 def _host_array(value: Optional[object], name: str, shape: Tuple[int, ...], dtype: np.dtype,
@@ -147,7 +156,7 @@ def _host_array(value: Optional[object], name: str, shape: Tuple[int, ...], dtyp
     array = np.asarray(value)
     if array.shape != shape:
         raise EscoinError(f"{name} must have {shape_words} {shape}, got {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name in CPU_DTYPES):
         raise EscoinError(f"{name} must be floating point, got {array.dtype}")
     return np.ascontiguousarray(array, dtype)
 
@@ -241,16 +250,24 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
           bias_ptr: int, workspace_ptr: int, workspace_bytes: int, input_shape: Sequence[int],
           weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
           dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
-          device: Optional[int] = None, tile_program_ptr: int = 0, residual_ptr: int = 0) -> None:
-    """The low-level GPU call on raw device pointers (float32), for callers that own their memory.
+          device: Union[int, str, None] = None, tile_program_ptr: int = 0,
+          residual_ptr: int = 0, dtype: str = "float32") -> None:
+    """The low-level call on raw pointers, for callers (frameworks) that own their memory.
 
-    row_ptr (int64, M+1), offsets (int32, from :func:`stretch_offsets` for this geometry) and
-    values (float32) must be device arrays on `device` (default: the device of x_ptr); bias_ptr
+    On a GPU (`device` a CUDA device index, default: the device of x_ptr) every pointer is
+    device memory there and the call is float32: row_ptr (int64, M+1), offsets (int32, from
+    :func:`stretch_offsets` for this geometry) and values (float32) are device arrays; bias_ptr
     may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
     before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
     geometry, which every batch uses (from ``_core.tile_min_batch()`` images): take all four
-    from :meth:`SparseFilter.device_pointers`. The workspace needs :func:`workspace_size` bytes.
-    Work is queued on `stream`.
+    from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`.
+
+    With ``device="cpu"`` every pointer is host memory and the call runs now, in `dtype`
+    (:data:`escoin.dtypes.CPU_DTYPES`) for x, y, bias and residual; values are in the compute
+    type (float64 for float64, else float32): take the three arrays from
+    :meth:`SparseFilter.host_pointers`. `stream` and tile_program_ptr must then be 0.
+
+    The workspace needs :func:`workspace_size` bytes for this geometry and dtype.
     """
     desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),
@@ -258,10 +275,21 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
                         ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
                         ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise EscoinError(f"{name} must be a non-negative int device pointer, got {value!r}")
+            raise EscoinError(f"{name} must be a non-negative int pointer, got {value!r}")
+    name = dtype_name(dtype)
+    if device == "cpu":
+        if stream or tile_program_ptr:
+            raise EscoinError("stream and tile_program_ptr must be 0 with device='cpu' (the CPU "
+                              f"call runs now, without a program), got {stream!r} and "
+                              f"{tile_program_ptr!r}")
+        _core.forward_cpu(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr, bias_ptr,
+                          residual_ptr, relu, y_ptr, workspace_ptr, workspace_bytes)
+        return
     if device is None:
         device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
-    _core.forward_cuda(desc, "float32", x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
+    elif isinstance(device, str):
+        raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
+    _core.forward_cuda(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
                        tile_program_ptr, bias_ptr, residual_ptr, relu, y_ptr, workspace_ptr,
                        workspace_bytes, device, stream_handle(stream))
 

@@ -10,8 +10,7 @@ import numpy as np
 from escoin import _core
 from escoin._errors import EscoinError
 from escoin.cuda_arrays import DeviceBuffer
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from escoin.dtypes import compute_dtype, dtype_name, numpy_dtype
 
 
 class DevicePointers(NamedTuple):
@@ -21,6 +20,15 @@ class DevicePointers(NamedTuple):
     offsets: int       # int32 stretched offsets, one per nonzero
     values: int        # float32, one per nonzero
     tile_program: int  # the staged kernel's program; 0 where that kernel would not pay
+
+
+class HostPointers(NamedTuple):
+    """Host addresses of a filter's arrays for one geometry and dtype, as
+    ``escoin.sconv(..., device="cpu")`` takes them."""
+
+    row_ptr: int  # int64, out_channels + 1
+    offsets: int  # int32 stretched offsets, one per nonzero
+    values: int   # the dtype's compute type (float64 for float64, else float32), one per nonzero
 
 
 class _CsrStore:
@@ -137,21 +145,22 @@ class SparseFilter:
         if dense.ndim != 4:
             raise EscoinError(f"weight must have 4 dimensions (M, C/groups, kh, kw), got shape "
                               f"{dense.shape}")
-        if dense.dtype not in _FLOAT_DTYPES:
-            raise EscoinError(f"weight must be float32 or float64, got {dense.dtype}")
+        stored = dense.dtype
         groups = _check_groups(groups, dense.shape[0])
         if not (threshold >= 0):
             raise EscoinError(f"threshold must be >= 0, got {threshold!r}")
-        dense = np.ascontiguousarray(dense)
+        # A 16-bit weight is compressed widened (exactly) to float32, its values stored back.
+        computed = compute_dtype(dtype_name(stored, "weight"))
+        dense = np.ascontiguousarray(dense, computed)
         rows, cols = dense.shape[0], int(np.prod(dense.shape[1:]))
-        name = dense.dtype.name
-        nnz = _core.csr_count(dense.ctypes.data, name, rows, cols, float(threshold))
+        nnz = _core.csr_count(dense.ctypes.data, computed.name, rows, cols, float(threshold))
         row_ptr = np.empty(rows + 1, np.int64)
         col_idx = np.empty(nnz, np.int32)
-        values = np.empty(nnz, dense.dtype)
-        _core.csr_compress(dense.ctypes.data, name, rows, cols, float(threshold),
+        values = np.empty(nnz, computed)
+        _core.csr_compress(dense.ctypes.data, computed.name, rows, cols, float(threshold),
                            row_ptr.ctypes.data, col_idx.ctypes.data, values.ctypes.data)
-        return cls(_CsrStore(row_ptr, col_idx, values, _shape4(dense.shape), groups))
+        return cls(_CsrStore(row_ptr, col_idx, values.astype(stored, copy=False),
+                             _shape4(dense.shape), groups))
 
     @classmethod
     def from_csr(cls, row_ptr: object, col_idx: object, values: object,
@@ -162,9 +171,9 @@ class SparseFilter:
         row_ptr = _as_1d(row_ptr, np.int64, "row_ptr")
         col_idx = _as_1d(col_idx, np.int32, "col_idx")
         values = np.array(values, copy=True)
-        if values.ndim != 1 or values.dtype not in _FLOAT_DTYPES:
-            raise EscoinError(f"values must be a 1-d float32 or float64 array, got "
-                              f"{values.ndim}-d {values.dtype}")
+        if values.ndim != 1:
+            raise EscoinError(f"values must be a 1-d array, got {values.ndim}-d")
+        dtype_name(values.dtype, "values")
         if row_ptr.size != shape[0] + 1:
             raise EscoinError(f"row_ptr must have M + 1 = {shape[0] + 1} entries, got "
                               f"{row_ptr.size}")
@@ -255,9 +264,7 @@ class SparseFilter:
         return dense.reshape(self.shape)
 
     def astype(self, dtype: Union[str, np.dtype, type]) -> "SparseFilter":
-        dtype = np.dtype(dtype)
-        if dtype not in _FLOAT_DTYPES:
-            raise EscoinError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = numpy_dtype(dtype)
         s = self._store
         return SparseFilter(_CsrStore(s.row_ptr, s.col_idx, s.values.astype(dtype), s.shape,
                                       s.groups), self._device)
@@ -291,6 +298,21 @@ class SparseFilter:
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before anything is uploaded
         return self._store.device_arrays(int(device), desc)
+
+    def host_pointers(self, input_shape: Tuple[int, ...], stride: object = 1,
+                      padding: object = 0, dilation: object = 1,
+                      dtype: object = "float32") -> HostPointers:
+        """Host addresses of the filter's arrays (row_ptr, stretched offsets, values in the
+        compute type of `dtype`) for an input of `input_shape` and this geometry, as
+        ``escoin.sconv(..., device="cpu", dtype=dtype)`` takes them. Built once per geometry
+        and compute type; the memory lives with the filter."""
+        from escoin.geometry import descriptor
+
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        _core.conv_layout(desc)  # validates the geometry before the offsets are derived
+        offsets = self._store.offsets(desc)
+        values = self._store.values_as(compute_dtype(dtype_name(dtype)))
+        return HostPointers(self.row_ptr.ctypes.data, offsets.ctypes.data, values.ctypes.data)
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -5,7 +5,8 @@ from escoin import _core
 
 
 def build_info() -> dict:
-    """Version, whether CUDA kernels were compiled in (and for which architectures), OpenMP."""
+    """Version, whether CUDA kernels were compiled in (and for which architectures), OpenMP, and
+    the CPU kernel variant forward calls run (``ESCOIN_CPU_KERNELS`` may pick another)."""
     architectures = _core.cuda_architectures()
     return {
         "version": _core.version(),
@@ -13,6 +14,7 @@ def build_info() -> dict:
         "cuda_architectures": [a for a in architectures.split(",") if a],
         "openmp": _core.openmp_enabled(),
         "openmp_threads": _core.openmp_max_threads(),
+        "cpu_kernels": _core.cpu_kernels(),
     }
 
 

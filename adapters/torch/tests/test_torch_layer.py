@@ -213,10 +213,10 @@ def test_channels_last_layer() -> None:
 def test_unsupported_dtype_is_a_clear_error() -> None:
     layer = SparseConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 6, 6)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        layer.half()(x.half())
     with pytest.raises(TypeError, match="one dtype"):
-        layer.float()(x.double())
+        layer(x.double())
+    with pytest.raises(TypeError, match="float16 or bfloat16 weights"):
+        layer.to(torch.complex64)(x.to(torch.complex64))
 
 
 @pytest.mark.parametrize("inference_mode", [False, True])

@@ -42,7 +42,16 @@ typedef enum {
   ESCOIN_ERROR_INTERNAL = 4          /* an unexpected failure (e.g. out of host memory) */
 } escoin_status_t;
 
-typedef enum { ESCOIN_FLOAT32 = 0, ESCOIN_FLOAT64 = 1 } escoin_dtype_t;
+/* The element type of a forward call's x, y, bias and residual. FLOAT16 (IEEE binary16) and
+ * BFLOAT16 are stored in 16 bits and computed in float32 (CPU entry only): the weights (values)
+ * are then float32, the workspace holds the input widened to float32, and each output is rounded
+ * to nearest even once. Dense matrices for the CSR construction are FLOAT32 or FLOAT64. */
+typedef enum {
+  ESCOIN_FLOAT32 = 0,
+  ESCOIN_FLOAT64 = 1,
+  ESCOIN_FLOAT16 = 2,
+  ESCOIN_BFLOAT16 = 3
+} escoin_dtype_t;
 
 /* Geometry of one convolution: input (batch, in_channels, in_height, in_width), weight
  * (out_channels, in_channels / groups, kernel_h, kernel_w). Zero padding per side, so that
@@ -90,6 +99,10 @@ const char* escoin_cuda_architectures(void);
 /* 1 if the CPU kernels were built with OpenMP; the number of threads they would use. */
 int escoin_openmp_enabled(void);
 int escoin_openmp_max_threads(void);
+/* The CPU kernel variant forward calls run: "avx512", "avx2" or "portable", the widest this
+ * build and CPU support unless the environment variable ESCOIN_CPU_KERNELS names another (read
+ * once per process; a name that cannot run makes this and every CPU forward call fail). */
+escoin_status_t escoin_cpu_kernels(const char** name);
 
 /* Validates the geometry (positive sizes, divisibility by groups, output at least 1x1, the
  * stretched layout addressable with 32-bit offsets) and fills the layout. */
@@ -130,8 +143,10 @@ escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int
  * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; residual: an (N, M, OH, OW) array
  * added to the output before the ReLU (a residual network's shortcut), or NULL; it must not
  * overlap y. relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual).
- * row_ptr/offsets/values: the CSR with stretched offsets for this geometry.
- * The CPU entry runs on host memory with OpenMP; it checks row_ptr and offsets before use. */
+ * row_ptr/offsets/values: the CSR with stretched offsets for this geometry; values in the compute
+ * type (float64 for FLOAT64, else float32).
+ * The CPU entry runs on host memory with OpenMP; it checks row_ptr and offsets before use. It
+ * takes every dtype. */
 escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                           const void* x, const int64_t* row_ptr,
                                           const int32_t* offsets, const void* values,
@@ -159,7 +174,7 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
                                           void* program, size_t bytes);
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
- * (a cudaStream_t, NULL for the legacy default stream). float32 only. The CSR arrays and the
+ * (a cudaStream_t, NULL for the legacy default stream). FLOAT32 only. The CSR arrays and the
  * tile program are trusted (they live on the device; build them with the functions above for
  * this geometry). tile_program may be NULL; given, batches from escoin_tile_min_batch() images up
  * (every batch) run the staged kernel where its input is 16-byte aligned: the workspace, or x

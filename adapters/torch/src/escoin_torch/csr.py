@@ -51,15 +51,17 @@ def compress(weight: torch.Tensor, groups: int = 1,
     """:func:`from_dense`, and the host ``escoin.SparseFilter`` it compressed through. The CSR
     tensors are copies of the filter's (read-only) arrays: what is written into them later
     does not reach the filter."""
-    if weight.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"escoin compresses float32 or float64 weights, got {weight.dtype}; "
-                        "convert the layer with .float() first")
-    host = escoin.SparseFilter.from_dense(weight.detach().cpu().numpy(), groups=groups,
-                                          threshold=threshold)
+    if weight.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"escoin compresses float32, float64, float16 or bfloat16 weights, got "
+                        f"{weight.dtype}; convert the layer with .float() first")
+    dense = weight.detach().cpu()
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        dense = dense.float()  # exact; the 16-bit types are computed in float32
+    host = escoin.SparseFilter.from_dense(dense.numpy(), groups=groups, threshold=threshold)
     device = weight.device
     csr = CSRWeight(torch.tensor(host.row_ptr, device=device),
                     torch.tensor(host.col_idx, device=device),
-                    torch.tensor(host.values, device=device),
+                    torch.tensor(host.values, device=device, dtype=weight.dtype),
                     tuple(int(v) for v in weight.shape), groups)  # type: ignore[arg-type]
     return csr, host
 

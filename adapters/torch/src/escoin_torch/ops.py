@@ -24,8 +24,13 @@ from escoin_torch.csr import CSRWeight, transpose
 
 __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 
-#: What escoin computes in, per device type (its CUDA kernels are float32 only).
-SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+#: The dtypes escoin takes, per device type (its CUDA kernels are float32 only). On the CPU,
+#: float16 and bfloat16 are stored in 16 bits and computed in float32, each output rounded once.
+SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                    "cuda": (torch.float32,)}
+# escoin's name of each dtype it takes.
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 _SCHEMA = ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int[4] weight_shape, "
            "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
@@ -180,18 +185,29 @@ def _cpu_forward(host_filter: Optional[escoin.SparseFilter], x: torch.Tensor,
                  padding: List[int], dilation: List[int], groups: int, relu: bool,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The CPU kernel's work, with `host_filter` (conv2d_with_filter) or else the op's filter
-    cache's filter for these CSR tensors."""
+    cache's filter for these CSR tensors: the raw-pointer entry on the tensors' memory, which
+    takes every CPU dtype (NumPy has no bfloat16)."""
     out = _empty_output(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
                         dilation, groups, residual)
     if out.numel() == 0:
         return _like_input_format(out, x)
     filt = host_filter if host_filter is not None else _filter(row_ptr, col_idx, values,
                                                                weight_shape, groups).filt
-    escoin.conv2d(x.detach().contiguous().numpy(), filt,
-                  bias=None if bias is None else bias.detach().contiguous().numpy(),
-                  stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                  relu=relu, out=out.numpy(),
-                  residual=None if residual is None else residual.detach().contiguous().numpy())
+    x_c = x.detach().contiguous()
+    bias_c = None if bias is None else bias.detach().contiguous()
+    residual_c = None if residual is None else residual.detach().contiguous()
+    shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
+    geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
+    arrays = filt.host_pointers(shape, dtype=dtype, **geometry)  # cached with the filter
+    nbytes = escoin.workspace_size(shape, filt, dtype=dtype, **geometry)
+    workspace = escoin.host_workspace(nbytes)
+    # _empty_output has checked every tensor (dtype, device, shape); the CPU entry checks the
+    # filter's arrays against the geometry.
+    escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
+                 0 if bias_c is None else bias_c.data_ptr(), workspace.ctypes.data, nbytes,
+                 shape, tuple(weight_shape), groups=groups, relu=relu, device="cpu",
+                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), dtype=dtype,
+                 **geometry)
     return _like_input_format(out, x)
 
 
@@ -319,8 +335,11 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
             weight_shape: Sequence[int], groups: int) -> _Filter:
     """The escoin filter for these CSR tensors, on their device; built once per contents."""
     def build() -> _Filter:
+        host_values = values.detach().cpu()
+        if host_values.dtype in (torch.float16, torch.bfloat16):  # computed in float32 (exact)
+            host_values = host_values.float()
         filt = escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
-                                            values.detach().cpu().numpy(), tuple(weight_shape),
+                                            host_values.numpy(), tuple(weight_shape),
                                             groups=groups)
         return _Filter(filt.cuda(values.device.index) if values.device.type == "cuda" else filt)
 
