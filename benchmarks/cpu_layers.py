@@ -1,8 +1,11 @@
 """CPU layer benchmark: escoin against torch's CPU conv2d (oneDNN) on pruned layers.
 
-    python benchmarks/cpu_layers.py --sparsity 0.9 --batches 1 8
+    python benchmarks/cpu_layers.py --sparsity 0.9 --batches 1 8 [--dtype bfloat16]
 
-Prints a table of per-layer times and speed-ups and their geometric mean; writes JSON.
+Prints a table of per-layer times and speed-ups and their geometric mean; writes JSON. Both
+sides compute in --dtype (torch's conv2d in that dtype; escoin stores 16-bit types and computes
+in float32); the error is against float64 on the same inputs. bfloat16 NumPy arrays need the
+ml_dtypes package.
 """
 from __future__ import annotations
 
@@ -45,8 +48,10 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default="benchmarks/results/cpu_layers.json")
     args = parser.parse_args()
+    dtype = np.dtype(args.dtype) if args.dtype != "bfloat16" else _numpy_bfloat16()
 
     import torch
     import torch.nn.functional as F
@@ -57,15 +62,18 @@ def main() -> None:
     cases = [(layer, n) for layer in layers(args.nets) for n in args.batches]
     print(f"escoin {escoin.__version__} CPU, {escoin.build_info()['openmp_threads']} threads; "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
-          f"sparsity {args.sparsity}")
+          f"sparsity {args.sparsity}; {args.dtype}")
+    torch_dtype = getattr(torch, args.dtype)
     for layer, n in tqdm(cases, desc="layers", file=sys.stderr):
-        weight = pruned_weight(layer, args.sparsity, rng)
-        x = rng.standard_normal((n, layer.in_channels, layer.size, layer.size), dtype=np.float32)
+        weight = pruned_weight(layer, args.sparsity, rng).astype(dtype)
+        x = rng.standard_normal((n, layer.in_channels, layer.size, layer.size)).astype(dtype)
         filt = escoin.SparseFilter.from_dense(weight)
-        xt, wt = torch.from_numpy(x), torch.from_numpy(weight)
+        # torch's copies in its dtype, through float64 (which holds every 16-bit value).
+        x64, w64 = (torch.from_numpy(a.astype(np.float64)) for a in (x, weight))
+        xt, wt = x64.to(torch_dtype), w64.to(torch_dtype)
         out = escoin.conv2d(x, filt, stride=layer.stride, padding=layer.padding)
-        ref = F.conv2d(xt.double(), wt.double(), stride=layer.stride, padding=layer.padding)
-        err = float(np.linalg.norm(out - ref.numpy()) / ref.norm().item())
+        ref = F.conv2d(x64, w64, stride=layer.stride, padding=layer.padding)
+        err = float(np.linalg.norm(out.astype(np.float64) - ref.numpy()) / ref.norm().item())
         t_torch = median_seconds(lambda: F.conv2d(xt, wt, stride=layer.stride,
                                                   padding=layer.padding))
         t_escoin = median_seconds(lambda: escoin.conv2d(x, filt, stride=layer.stride,
@@ -86,7 +94,15 @@ def main() -> None:
           f"max rel err {max(r['rel_err'] for r in rows):.1e}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(dict(sparsity=args.sparsity, rows=rows), f, indent=1)
+        json.dump(dict(sparsity=args.sparsity, dtype=args.dtype, rows=rows), f, indent=1)
+
+
+def _numpy_bfloat16() -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError:
+        sys.exit("--dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes)")
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 if __name__ == "__main__":
