@@ -48,8 +48,8 @@ void widen_run(const S* src, Compute<S>* dst, int64_t n) {
     for (; i + kLanes <= n; i += kLanes) {
       Bits16Vector bits;
       std::memcpy(&bits, src + i, sizeof bits);
-      const F values = Bits16<S>::template to_float<Bits32Vector, F>(
-          __builtin_convertvector(bits, Bits32Vector));
+      const F values =
+          bits_to_float<S, Bits32Vector, F>(__builtin_convertvector(bits, Bits32Vector));
       std::memcpy(dst + i, &values, sizeof values);
     }
     for (; i < n; ++i) dst[i] = widen(src[i]);
@@ -67,8 +67,8 @@ void narrow_run(const Compute<S>* src, S* dst, int64_t n) {
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       const F values = Vector<float>::load(src + i);
-      const Bits16Vector bits = __builtin_convertvector(
-          (Bits16<S>::template from_float<Bits32Vector, F>(values)), Bits16Vector);
+      const Bits16Vector bits =
+          __builtin_convertvector((float_to_bits<S, Bits32Vector>(values)), Bits16Vector);
       std::memcpy(dst + i, &bits, sizeof bits);
     }
     for (; i < n; ++i) dst[i] = narrow<S>(src[i]);

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace escoin {
 
@@ -108,36 +109,36 @@ inline U float_to_bfloat16(F value) {
   return select((bits & 0x7fffffffu) > 0x7f800000u, U{} + 0x7fc0u, rounded);
 }
 
-// The conversions of one 16-bit type, for any lanes type (above).
-template <typename S>
-struct Bits16;
-template <>
-struct Bits16<Float16> {
-  template <typename U, typename F>
-  static F to_float(U h) { return float16_to_float<U, F>(h); }
-  template <typename U, typename F>
-  static U from_float(F v) { return float_to_float16<U, F>(v); }
-};
-template <>
-struct Bits16<BFloat16> {
-  template <typename U, typename F>
-  static F to_float(U h) { return bfloat16_to_float<U, F>(h); }
-  template <typename U, typename F>
-  static U from_float(F v) { return float_to_bfloat16<U, F>(v); }
-};
+// The conversions of the 16-bit type S, for any lanes type (above).
+template <typename S, typename U, typename F>
+inline F bits_to_float(U h) {
+  static_assert(std::is_same_v<S, Float16> || std::is_same_v<S, BFloat16>, "a 16-bit type");
+  if constexpr (std::is_same_v<S, Float16>)
+    return float16_to_float<U, F>(h);
+  else
+    return bfloat16_to_float<U, F>(h);
+}
+template <typename S, typename U, typename F>
+inline U float_to_bits(F v) {
+  static_assert(std::is_same_v<S, Float16> || std::is_same_v<S, BFloat16>, "a 16-bit type");
+  if constexpr (std::is_same_v<S, Float16>)
+    return float_to_float16<U, F>(v);
+  else
+    return float_to_bfloat16<U, F>(v);
+}
 
 // Scalar conversions between a storage type and its compute type.
 template <typename S>
 inline Compute<S> widen(S v) {
   if constexpr (sizeof(S) == 2)
-    return Bits16<S>::template to_float<uint32_t, float>(v.bits);
+    return bits_to_float<S, uint32_t, float>(v.bits);
   else
     return v;
 }
 template <typename S>
 inline S narrow(Compute<S> v) {
   if constexpr (sizeof(S) == 2)
-    return S{uint16_t(Bits16<S>::template from_float<uint32_t, float>(v))};
+    return S{uint16_t(float_to_bits<S, uint32_t, float>(v))};
   else
     return v;
 }
