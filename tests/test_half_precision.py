@@ -135,6 +135,18 @@ def test_16bit_filter_keeps_its_dtype_and_values() -> None:
     assert filt.nnz == np.count_nonzero(weight)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_16bit_filter_saves_and_loads(dtype: np.dtype, tmp_path) -> None:
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+    weight[rng.random(weight.shape) < 0.5] = 0
+    filt = escoin.SparseFilter.from_dense(weight)
+    filt.save(tmp_path / "filter.npz")
+    loaded = escoin.SparseFilter.load(tmp_path / "filter.npz")
+    assert loaded.dtype == dtype
+    assert np.array_equal(loaded.to_dense().astype(np.float32), weight.astype(np.float32))
+
+
 def test_raw_host_pointers_match_conv2d() -> None:
     """escoin.sconv(device='cpu') on a filter's host pointers computes what conv2d does."""
     rng = np.random.default_rng(5)

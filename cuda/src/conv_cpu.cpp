@@ -48,8 +48,7 @@ VariantChoice choose_variant() {
   if (wanted == nullptr || *wanted == '\0') return best;
   const std::string name = wanted;
   if (name == "portable") return {CpuVariant::portable, "portable", ""};
-  if ((name == "avx2" && (cpu_has_avx2() || cpu_has_avx512())) ||
-      (name == "avx512" && cpu_has_avx512()))
+  if ((name == "avx2" && cpu_has_avx2()) || (name == "avx512" && cpu_has_avx512()))
     return {name == "avx2" ? CpuVariant::avx2 : CpuVariant::avx512,
             name == "avx2" ? "avx2" : "avx512", ""};
   best.error = "ESCOIN_CPU_KERNELS is '" + name + "', but this build and CPU run only " +
@@ -104,6 +103,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* d
     if (!variant_error.empty()) escoin::fail_invalid(variant_error);
     // Host arrays can be checked cheaply, so the CPU path never trusts them.
     escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
+    // (check_forward_operands has rejected any other dtype.)
     using Run = void (*)(const escoin::Geometry&, const void*, const int64_t*, const int32_t*,
                          const void*, const void*, const void*, bool, void*, void*);
     const Run run = dtype == ESCOIN_FLOAT32   ? escoin::forward<float>

@@ -10,7 +10,6 @@
 // dropped (a (kernel_w - 1) / out_width share of the work).
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #ifndef ESCOIN_CPU_ISA
 #error "ESCOIN_CPU_ISA must name the variant being compiled"

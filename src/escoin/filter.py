@@ -316,9 +316,13 @@ class SparseFilter:
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the CSR arrays, shape and groups to an .npz file."""
+        """Writes the CSR arrays, shape and groups to an .npz file (bfloat16 values as their bits:
+        .npz has no bfloat16 type)."""
         s = self._store
-        np.savez(path, row_ptr=s.row_ptr, col_idx=s.col_idx, values=s.values,
+        bfloat16 = s.values.dtype.name == "bfloat16"
+        np.savez(path, row_ptr=s.row_ptr, col_idx=s.col_idx,
+                 values=s.values.view(np.uint16) if bfloat16 else s.values,
+                 values_dtype=np.array(s.values.dtype.name),
                  shape=np.array(s.shape, np.int64), groups=np.array(s.groups, np.int64),
                  format=np.array("escoin-csr-1"))
 
@@ -328,7 +332,10 @@ class SparseFilter:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data or str(data["format"]) != "escoin-csr-1":
                 raise EscoinError(f"{path} is not an escoin filter file")
-            return cls.from_csr(data["row_ptr"], data["col_idx"], data["values"],
+            values = data["values"]
+            if "values_dtype" in data and str(data["values_dtype"]) == "bfloat16":
+                values = values.view(numpy_dtype("bfloat16"))
+            return cls.from_csr(data["row_ptr"], data["col_idx"], values,
                                 tuple(int(v) for v in data["shape"]), int(data["groups"]))
 
 
