@@ -66,7 +66,7 @@ def test_plain_cpu_inference_uses_the_layers_filter_and_modes_still_see_the_op(
     x = torch.randn(3, 8, 11, 9)
     expected = reference_conv(x, layer.weight, layer.bias, stride=2, padding=1, groups=2)
     state = layer._current()
-    assert torch.equal(state.csr.values, torch.tensor(state.host_filter.values))
+    assert torch.equal(state.csr.values, torch.tensor(state.host_filter.filt.values))
     with torch.no_grad():
         plain = layer(x)
     assert filters == [state.host_filter]

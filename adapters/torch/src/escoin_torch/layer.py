@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
-import escoin
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +23,7 @@ from torch import nn
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
-from escoin_torch.ops import SUPPORTED_DTYPES, conv2d_with_filter
+from escoin_torch.ops import SUPPORTED_DTYPES, PreparedFilter, conv2d_with_filter
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
@@ -40,7 +39,7 @@ class _Compressed:
     # For a CPU weight, the escoin filter csr was compressed through (csr holds copies of its
     # arrays): plain inference calls hand it to the kernel directly (ops.conv2d_with_filter).
     # None on a GPU, where the host copy would only take memory.
-    host_filter: Optional[escoin.SparseFilter]
+    host_filter: Optional[PreparedFilter]
 
 
 class SparseConv2d(nn.Conv2d):
@@ -135,7 +134,7 @@ class SparseConv2d(nn.Conv2d):
         # both build the same CSR; either result is correct.
         csr, host_filter = csr_lib.compress(weight, self.groups)
         state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
-                            host_filter if weight.device.type == "cpu" else None)
+                            PreparedFilter(host_filter) if weight.device.type == "cpu" else None)
         with self._csr_lock:
             for device in [d for d, s in self._compressed.items() if s.stamp.expired]:
                 del self._compressed[device]  # e.g. a DataParallel replica's weight that died
