@@ -69,9 +69,13 @@ def test_astype() -> None:
 def test_stretch_offsets_are_cached_per_geometry() -> None:
     filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=7))
     a = escoin.stretch_offsets(filt, (1, 3, 10, 10), padding=1)
-    assert escoin.stretch_offsets(filt, (8, 3, 10, 10), padding=1) is a  # batch does not matter
+    # The cached array, whatever the batch (views of it, read-only for good: the CPU kernel
+    # trusts a filter's own offsets).
+    assert np.shares_memory(escoin.stretch_offsets(filt, (8, 3, 10, 10), padding=1), a)
+    with pytest.raises(ValueError):
+        a.flags.writeable = True
     b = escoin.stretch_offsets(filt, (1, 3, 10, 10), padding=1, stride=2)
-    assert b is not a and b.shape == a.shape == (filt.nnz,)
+    assert not np.shares_memory(a, b) and b.shape == a.shape == (filt.nnz,)
 
 
 def test_output_and_workspace_size() -> None:
@@ -112,3 +116,20 @@ def test_arrays_are_read_only() -> None:
     for copy in (filt.astype(np.float64), filt.cpu()):
         with pytest.raises(ValueError, match="read-only"):
             copy.values[0] = 0
+    for array in (filt.row_ptr, filt.col_idx, filt.values,
+                  escoin.stretch_offsets(filt, x.shape, padding=1)):
+        with pytest.raises(ValueError):  # views: their flag cannot be set back
+            array.flags.writeable = True
+
+
+def test_a_filter_written_behind_its_back_fails_clearly() -> None:
+    """conv2d skips the per-call check of a filter's own offsets but not the count row_ptr
+    gives: private arrays made writeable and changed are an error, not a read past them."""
+    rng = np.random.default_rng(6)
+    filt = escoin.SparseFilter.from_dense(rng.standard_normal((8, 4, 3, 3)).astype(np.float32))
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    row_ptr = filt._store.row_ptr
+    row_ptr.flags.writeable = True
+    row_ptr[-1] += 1 << 20
+    with pytest.raises(escoin.EscoinError, match="no longer equals its number of nonzeros"):
+        escoin.conv2d(x, filt, padding=1)

@@ -84,6 +84,33 @@ void forward(const Geometry& g, const void* x, const int64_t* row_ptr, const int
                             static_cast<const S*>(residual), relu, static_cast<S*>(y)});
 }
 
+// Both forward entries: they differ in whether the offsets are checked.
+escoin_status_t forward_entry(const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x,
+                              const int64_t* row_ptr, const int32_t* offsets, const void* values,
+                              const void* bias, const void* residual, int relu, void* y,
+                              void* workspace, size_t workspace_bytes, bool offsets_trusted) {
+  return guarded([&] {
+    const Geometry g = make_geometry(desc);
+    check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace, workspace_bytes);
+    if (g.d.batch == 0) return;
+    const std::string& variant_error = cpu_variant().error;
+    if (!variant_error.empty()) fail_invalid(variant_error);
+    // Host arrays can be checked cheaply, so the CPU path trusts none it was not told to.
+    if (offsets_trusted)
+      check_row_ptr(g, row_ptr, offsets, values);
+    else
+      check_csr_for_geometry(g, row_ptr, offsets, values);
+    // (check_forward_operands has rejected any other dtype.)
+    using Run = void (*)(const Geometry&, const void*, const int64_t*, const int32_t*,
+                         const void*, const void*, const void*, bool, void*, void*);
+    const Run run = dtype == ESCOIN_FLOAT32   ? forward<float>
+                    : dtype == ESCOIN_FLOAT64 ? forward<double>
+                    : dtype == ESCOIN_FLOAT16 ? forward<Float16>
+                                              : forward<BFloat16>;
+    run(g, x, row_ptr, offsets, values, bias, residual, relu != 0, y, workspace);
+  });
+}
+
 }  // namespace
 }  // namespace escoin
 
@@ -94,24 +121,16 @@ extern "C" escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* d
                                                      const void* bias, const void* residual,
                                                      int relu, void* y, void* workspace,
                                                      size_t workspace_bytes) {
-  return escoin::guarded([&] {
-    const escoin::Geometry g = escoin::make_geometry(desc);
-    escoin::check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace,
-                                   workspace_bytes);
-    if (g.d.batch == 0) return;
-    const std::string& variant_error = escoin::cpu_variant().error;
-    if (!variant_error.empty()) escoin::fail_invalid(variant_error);
-    // Host arrays can be checked cheaply, so the CPU path never trusts them.
-    escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
-    // (check_forward_operands has rejected any other dtype.)
-    using Run = void (*)(const escoin::Geometry&, const void*, const int64_t*, const int32_t*,
-                         const void*, const void*, const void*, bool, void*, void*);
-    const Run run = dtype == ESCOIN_FLOAT32   ? escoin::forward<float>
-                    : dtype == ESCOIN_FLOAT64 ? escoin::forward<double>
-                    : dtype == ESCOIN_FLOAT16 ? escoin::forward<escoin::Float16>
-                                              : escoin::forward<escoin::BFloat16>;
-    run(g, x, row_ptr, offsets, values, bias, residual, relu != 0, y, workspace);
-  });
+  return escoin::forward_entry(desc, dtype, x, row_ptr, offsets, values, bias, residual, relu, y,
+                               workspace, workspace_bytes, false);
+}
+
+extern "C" escoin_status_t escoin_conv2d_forward_cpu_trusted(
+    const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x, const int64_t* row_ptr,
+    const int32_t* offsets, const void* values, const void* bias, const void* residual, int relu,
+    void* y, void* workspace, size_t workspace_bytes) {
+  return escoin::forward_entry(desc, dtype, x, row_ptr, offsets, values, bias, residual, relu, y,
+                               workspace, workspace_bytes, true);
 }
 
 extern "C" escoin_status_t escoin_cpu_kernels(const char** name) {

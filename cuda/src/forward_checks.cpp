@@ -32,18 +32,23 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   }
 }
 
-void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-                            const void* values) {
+void check_row_ptr(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                   const void* values) {
   const int64_t rows = g.d.out_channels;
   if (row_ptr[0] != 0) fail_invalid("row_ptr[0] must be 0, got ", row_ptr[0]);
   for (int64_t m = 0; m < rows; ++m)
     if (row_ptr[m + 1] < row_ptr[m])
       fail_invalid("row_ptr must be non-decreasing at row ", m);
-  const int64_t nnz = row_ptr[rows];
-  if (nnz > 0) {  // an all-zero filter may pass NULL for both
+  if (row_ptr[rows] > 0) {  // an all-zero filter may pass NULL for both
     require_pointer(offsets, "offsets");
     require_pointer(values, "values");
   }
+}
+
+void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                            const void* values) {
+  check_row_ptr(g, row_ptr, offsets, values);
+  const int64_t nnz = row_ptr[g.d.out_channels];
   // Every offset must be a tap: channel c < group_in of the group, at one of the kernel_h x
   // kernel_w places a tap reads within a channel (escoin_stretch_offsets). The kernels' reads,
   // an offset plus an output position, then stay inside the stretched group span plus the

@@ -20,5 +20,9 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
 // gives them), so no read can leave the workspace or a staged tile's segment.
 void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
                             const void* values);
+// Only row_ptr and the pointers' presence, for offsets the caller vouches for
+// (escoin_conv2d_forward_cpu_trusted).
+void check_row_ptr(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                   const void* values);
 
 }  // namespace escoin

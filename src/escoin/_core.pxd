@@ -63,6 +63,10 @@ cdef extern from "escoin/escoin.h" nogil:
                                               const int32_t* offsets, const void* values,
                                               const void* bias, const void* residual, int relu,
                                               void* y, void* workspace, size_t workspace_bytes)
+    escoin_status_t escoin_conv2d_forward_cpu_trusted(
+        const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x,
+        const int64_t* row_ptr, const int32_t* offsets, const void* values, const void* bias,
+        const void* residual, int relu, void* y, void* workspace, size_t workspace_bytes)
     escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                                const void* x, const int64_t* row_ptr,
                                                const int32_t* offsets, const void* values,

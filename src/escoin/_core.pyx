@@ -170,7 +170,7 @@ def tile_program_build(tuple desc, object row_ptr, object offsets, object values
 
 def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets, object values,
                 object bias, object residual, bint relu, object y, object workspace,
-                size_t workspace_bytes) -> None:
+                size_t workspace_bytes, bint offsets_trusted=False) -> None:
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef escoin_dtype_t code = dtype_code(dtype)
     cdef const void* px = ptr(x)
@@ -184,8 +184,12 @@ def forward_cpu(tuple desc, str dtype, object x, object row_ptr, object offsets,
     cdef int r = relu
     cdef escoin_status_t status
     with nogil:
-        status = escoin_conv2d_forward_cpu(&d, code, px, prp, poff, pv, pb, pres, r, py, pws,
-                                           workspace_bytes)
+        if offsets_trusted:
+            status = escoin_conv2d_forward_cpu_trusted(&d, code, px, prp, poff, pv, pb, pres, r,
+                                                       py, pws, workspace_bytes)
+        else:
+            status = escoin_conv2d_forward_cpu(&d, code, px, prp, poff, pv, pb, pres, r, py, pws,
+                                               workspace_bytes)
     check(status)
 
 

@@ -41,7 +41,7 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
     Cached on the filter: computing them again for the same geometry costs nothing.
     """
     desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
-    return filt._store.offsets(desc)
+    return filt._store.offsets(desc).view()  # a view of a read-only array stays read-only
 
 
 def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,
@@ -106,11 +106,17 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
     residual_array = _host_array(residual, "residual", result_shape, x.dtype, "the output's shape")
     nbytes = _core.workspace_size(desc, name)
     workspace = _host_workspace(workspace, nbytes)
+    # The filter's cached offsets are escoin's own, read-only: checking them again on every call
+    # would cost as much as a small-plane convolution. Its row_ptr is still checked, and must
+    # still count them.
+    if filt.row_ptr[-1] != offsets.size:
+        raise EscoinError(f"the filter's row_ptr[-1] ({int(filt.row_ptr[-1])}) no longer equals "
+                          f"its number of nonzeros ({offsets.size}): its arrays were written")
     _core.forward_cpu(desc, name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
                       offsets.ctypes.data, values.ctypes.data,
                       0 if bias_array is None else bias_array.ctypes.data,
                       0 if residual_array is None else residual_array.ctypes.data, relu,
-                      y.ctypes.data, workspace.ctypes.data, nbytes)
+                      y.ctypes.data, workspace.ctypes.data, nbytes, offsets_trusted=True)
     return y
 
 
@@ -251,7 +257,7 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
           weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
           dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
           device: Union[int, str, None] = None, tile_program_ptr: int = 0,
-          residual_ptr: int = 0, dtype: str = "float32") -> None:
+          residual_ptr: int = 0, dtype: str = "float32", offsets_trusted: bool = False) -> None:
     """The low-level call on raw pointers, for callers (frameworks) that own their memory.
 
     On a GPU (`device` a CUDA device index, default: the device of x_ptr) every pointer is
@@ -265,7 +271,10 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     With ``device="cpu"`` every pointer is host memory and the call runs now, in `dtype`
     (:data:`escoin.dtypes.CPU_DTYPES`) for x, y, bias and residual; values are in the compute
     type (float64 for float64, else float32): take the three arrays from
-    :meth:`SparseFilter.host_pointers`. `stream` and tile_program_ptr must then be 0.
+    :meth:`SparseFilter.host_pointers`. `stream` and tile_program_ptr must then be 0. The CPU
+    call checks every offset against the geometry unless ``offsets_trusted=True``, which only
+    offsets from ``host_pointers`` of an unchanged filter may claim (their check costs as much as
+    the convolution on small planes); wrong offsets are then undefined behaviour.
 
     The workspace needs :func:`workspace_size` bytes for this geometry and dtype.
     """
@@ -283,7 +292,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
                               f"call runs now, without a program), got {stream!r} and "
                               f"{tile_program_ptr!r}")
         _core.forward_cpu(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr, bias_ptr,
-                          residual_ptr, relu, y_ptr, workspace_ptr, workspace_bytes)
+                          residual_ptr, relu, y_ptr, workspace_ptr, workspace_bytes,
+                          offsets_trusted=bool(offsets_trusted))
         return
     if device is None:
         device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0

@@ -235,17 +235,19 @@ class SparseFilter:
     def dtype(self) -> np.dtype:
         return self._store.values.dtype
 
+    # Views of the read-only arrays: a view's WRITEABLE flag cannot be set again, so these cannot
+    # be turned into writeable arrays (the CPU kernel trusts the filter's own offsets).
     @property
     def row_ptr(self) -> np.ndarray:
-        return self._store.row_ptr
+        return self._store.row_ptr.view()
 
     @property
     def col_idx(self) -> np.ndarray:
-        return self._store.col_idx
+        return self._store.col_idx.view()
 
     @property
     def values(self) -> np.ndarray:
-        return self._store.values
+        return self._store.values.view()
 
     @property
     def device(self) -> str:

@@ -215,12 +215,12 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     nbytes, arrays = prepared.host_launch(shape, dtype, **geometry)
     workspace = escoin.host_workspace(nbytes)
     # _empty_output has checked every tensor (dtype, device, shape); the CPU entry checks the
-    # filter's arrays against the geometry.
+    # filter's row_ptr, and its offsets are the filter's own (escoin-made, read-only).
     escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
                  0 if bias_c is None else bias_c.data_ptr(), workspace.ctypes.data, nbytes,
                  shape, tuple(weight_shape), groups=groups, relu=relu, device="cpu",
                  residual_ptr=0 if residual_c is None else residual_c.data_ptr(), dtype=dtype,
-                 **geometry)
+                 offsets_trusted=True, **geometry)
     return _like_input_format(out, x)
 
 
