@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, settings, strategies as st
 
 import escoin
 from escoin import _core
@@ -145,3 +145,83 @@ def test_caller_workspace_and_reuse_across_geometries() -> None:
                         255, np.uint8)  # garbage (NaN patterns) the call must overwrite
     y2 = escoin.conv2d(small, filt, padding=1, workspace=workspace)
     np.testing.assert_array_equal(y, y2)
+
+
+# ---- 1x1 filters at stride 1 without padding read x in place ----
+
+@st.composite
+def in_place_cases(draw: st.DrawFn) -> tuple:
+    """1x1, stride 1, no padding, planes of a multiple of 4 elements: x is already the stretched
+    layout, and the kernel reads it where it lies (the last image's last tile excepted)."""
+    h = draw(st.integers(1, 20))
+    w = draw(st.sampled_from([v for v in range(1, 21) if (h * v) % 4 == 0] or [4]))
+    groups = draw(st.integers(1, 3))
+    per_group_in, per_group_out = draw(st.integers(1, 6)), draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    weight = rng.standard_normal((groups * per_group_out, per_group_in, 1, 1))
+    weight *= rng.random(weight.shape) < draw(st.sampled_from([0.1, 0.5, 1.0]))
+    x = rng.standard_normal((draw(st.integers(1, 4)), groups * per_group_in, h, w))
+    bias = rng.standard_normal(weight.shape[0]) if draw(st.booleans()) else None
+    residual = (rng.standard_normal((x.shape[0], weight.shape[0], h, w))
+                if draw(st.booleans()) else None)
+    return x, weight, bias, groups, residual, draw(st.booleans())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=60, deadline=None)
+@given(case=in_place_cases())
+def test_1x1_layers_read_x_in_place(dtype: type, case: tuple) -> None:
+    x, weight, bias, groups, residual, relu = case
+    filt = escoin.SparseFilter.from_dense(weight.astype(dtype), groups=groups)
+    expected = conv2d_reference(x, filt.to_dense(), bias, (1, 1), (0, 0, 0, 0), (1, 1), groups,
+                                relu, residual)
+    out = np.full(expected.shape, np.nan, dtype)
+    escoin.conv2d(x.astype(dtype), filt, bias, relu=relu, out=out, residual=residual)
+    if np.abs(expected).max() > 0:
+        assert relative_error(out, expected) <= TOLERANCE[dtype]
+    else:
+        assert not np.any(out)
+
+
+GUARDED_READS = """
+import ctypes, mmap, sys
+import numpy as np
+import escoin
+
+def ending_at_a_page_nothing_may_read(shape, dtype):
+    # An array whose last byte is the last of a page, followed by a page with no access: a read
+    # past its end is a segmentation fault, not a silent read of someone else's memory.
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    pages = -(-nbytes // mmap.PAGESIZE) + 1
+    buffer = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    guard = address + (pages - 1) * mmap.PAGESIZE
+    assert libc.mprotect(guard, mmap.PAGESIZE, 0) == 0
+    start = (pages - 1) * mmap.PAGESIZE - nbytes
+    array = np.frombuffer(buffer, dtype, int(np.prod(shape)), start).reshape(shape)
+    return array, buffer
+
+rng = np.random.default_rng(3)
+for dtype in (np.float32, np.float64):
+    for batch, channels, h, w in ((1, 5, 14, 14), (3, 4, 6, 6), (2, 3, 10, 10), (1, 2, 28, 28)):
+        x, keep = ending_at_a_page_nothing_may_read((batch, channels, h, w), dtype)
+        x[...] = rng.standard_normal(x.shape)
+        weight = rng.standard_normal((7, channels, 1, 1)).astype(dtype)
+        y = escoin.conv2d(x, escoin.SparseFilter.from_dense(weight))
+        expected = np.einsum("nchw,mc->nmhw", x.astype(np.float64), weight[:, :, 0, 0])
+        assert np.linalg.norm(y - expected) <= 1e-5 * np.linalg.norm(expected)
+print("ok")
+"""
+
+
+def test_reads_stay_inside_x() -> None:
+    """x placed just before a page that faults on any access: the in-place reads of 1x1 layers
+    (tile overruns included) must stay inside x (run in a subprocess: a fault would kill it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GUARDED_READS], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr)

@@ -10,6 +10,7 @@
 // dropped (a (kernel_w - 1) / out_width share of the work).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #ifndef ESCOIN_CPU_ISA
 #error "ESCOIN_CPU_ISA must name the variant being compiled"
@@ -73,6 +74,25 @@ int64_t chunk_channels(const Geometry& g, int64_t nnz) {
   return std::max<int64_t>(1, std::min(g.group_in, std::max(fits_l1, enough_work)));
 }
 
+// Where the kernel reads x in place (stretch_and_run), every tile reads x except the last
+// image's last tile, whose overrun past the plane would read past x's end: it reads the
+// workspace, where each channel's last plane_q - last_tile elements are copied at their place
+// and the overrun is zeroed (into the next channel's start, short of that channel's own copy,
+// and the slack after the image).
+template <typename C>
+void copy_last_tile(const Geometry& g, const C* x, C* ws, int64_t last_tile, int64_t tile) {
+  const int64_t plane = g.layout.channel_stride;  // = H * W: x's own layout
+  const int64_t first = (g.d.batch - 1) * g.layout.image_stride;
+  const int64_t overrun = last_tile + tile - plane;
+  for (int64_t c = 0; c < g.d.in_channels; ++c) {
+    const int64_t at = first + c * plane;
+    std::copy(x + at + last_tile, x + at + plane, ws + at + last_tile);
+    std::fill(ws + at + plane, ws + at + plane + std::min(overrun, last_tile), C(0));
+  }
+  std::fill(ws + first + g.layout.image_stride, ws + first + g.layout.image_stride + g.tail_slack,
+            C(0));
+}
+
 template <typename S, int TILE>
 void run_tiles(const CpuConvArgs<S>& a) {
   using C = Compute<S>;
@@ -94,6 +114,8 @@ void run_tiles(const CpuConvArgs<S>& a) {
       chunk_channels<C, TILE>(g, a.row_ptr[out_channels]) * g.layout.channel_stride;
   const int64_t last_limit = g.group_span + g.layout.plane_w;
 
+  if (a.x_in_place) copy_last_tile(g, a.x_in_place, a.workspace, (tiles - 1) * TILE, TILE);
+
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t block = item % channel_blocks;
@@ -101,7 +123,9 @@ void run_tiles(const CpuConvArgs<S>& a) {
     const int64_t group = (item / (channel_blocks * tiles)) % groups;
     const int64_t n = item / (channel_blocks * tiles * groups);
     const int64_t q0 = tile * TILE;
-    const C* in = a.workspace + n * g.layout.image_stride + group * g.group_span + q0;
+    const bool reads_x = a.x_in_place != nullptr && (n + 1 < g.d.batch || tile + 1 < tiles);
+    const C* base = reads_x ? a.x_in_place : a.workspace;
+    const C* in = base + n * g.layout.image_stride + group * g.group_span + q0;
     const int64_t m_begin = group * g.group_out + block * kChannelsPerItem;
     const int channels = int(std::min(kChannelsPerItem, (group + 1) * g.group_out - m_begin));
 
@@ -175,8 +199,18 @@ void dispatch_tile(const CpuConvArgs<S>& a) {
     run_tiles<S, kWide / 4>(a);
 }
 
+// Where x is already in the stretched layout (a 1x1 filter at stride 1 without padding, on
+// planes of a multiple of 4 elements) and needs no widening, the kernel reads it in place, with
+// no stretch (copy_last_tile).
 template <typename S>
 void stretch_and_run(const CpuConvArgs<S>& args) {
+  if constexpr (std::is_same_v<S, Compute<S>>) {
+    if (input_already_stretched(*args.geometry)) {
+      CpuConvArgs<S> in_place = args;
+      in_place.x_in_place = args.x;
+      return dispatch_tile(in_place);
+    }
+  }
   stretch_input(*args.geometry, args.x, args.workspace);
   dispatch_tile(args);
 }

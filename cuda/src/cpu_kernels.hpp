@@ -26,6 +26,8 @@ struct CpuConvArgs {
   const S* residual;  // y's shape, added before the ReLU; may be null
   bool relu;
   S* y;
+  // x itself where the kernel reads it in place (all images but the last); set by the kernel.
+  const Compute<S>* x_in_place = nullptr;
 };
 
 #define ESCOIN_DECLARE_CPU_KERNELS(isa)                       \
