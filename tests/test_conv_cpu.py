@@ -183,6 +183,18 @@ def test_1x1_layers_read_x_in_place(dtype: type, case: tuple) -> None:
         assert not np.any(out)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_1x1_layer_may_write_over_its_input(dtype: type) -> None:
+    """out=x: 64 output channels are written by blocks while other blocks still read x, so x is
+    then copied first, as for any other filter."""
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((64, 64, 1, 1)).astype(dtype)
+    x = rng.standard_normal((2, 64, 6, 6)).astype(dtype)
+    expected = conv2d_reference(x, weight, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    y = escoin.conv2d(x, escoin.SparseFilter.from_dense(weight), out=x)
+    assert y is x and relative_error(x, expected) <= TOLERANCE[dtype]
+
+
 GUARDED_READS = """
 import ctypes, mmap, sys
 import numpy as np

@@ -199,13 +199,24 @@ void dispatch_tile(const CpuConvArgs<S>& a) {
     run_tiles<S, kWide / 4>(a);
 }
 
+// Whether y shares memory with x (out=x is allowed): the kernel writes some of y while other
+// blocks of output channels still read x.
+template <typename S>
+bool output_overlaps_input(const CpuConvArgs<S>& args) {
+  const Geometry& g = *args.geometry;
+  const auto x = reinterpret_cast<uintptr_t>(args.x), y = reinterpret_cast<uintptr_t>(args.y);
+  const auto x_bytes = uintptr_t(g.d.batch * g.layout.image_stride) * sizeof(S);
+  const auto y_bytes = uintptr_t(g.d.batch * g.d.out_channels * g.out_plane) * sizeof(S);
+  return x < y + y_bytes && y < x + x_bytes;
+}
+
 // Where x is already in the stretched layout (a 1x1 filter at stride 1 without padding, on
-// planes of a multiple of 4 elements) and needs no widening, the kernel reads it in place, with
-// no stretch (copy_last_tile).
+// planes of a multiple of 4 elements), needs no widening and is not overwritten by y, the kernel
+// reads it in place, with no stretch (copy_last_tile).
 template <typename S>
 void stretch_and_run(const CpuConvArgs<S>& args) {
   if constexpr (std::is_same_v<S, Compute<S>>) {
-    if (input_already_stretched(*args.geometry)) {
+    if (input_already_stretched(*args.geometry) && !output_overlaps_input(args)) {
       CpuConvArgs<S> in_place = args;
       in_place.x_in_place = args.x;
       return dispatch_tile(in_place);
