@@ -183,6 +183,19 @@ def test_1x1_layers_read_x_in_place(dtype: type, case: tuple) -> None:
         assert not np.any(out)
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">f2"])
+def test_byte_swapped_input_is_read_as_its_values(dtype: str) -> None:
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 5, 5)).astype(dtype)
+    y = escoin.conv2d(x, escoin.SparseFilter.from_dense(weight), padding=1)
+    expected = conv2d_reference(x.astype(np.float64), weight, None, (1, 1), (1, 1, 1, 1),
+                                (1, 1), 1)
+    assert y.dtype.isnative and y.dtype == np.dtype(dtype).newbyteorder("=")
+    limit = 2.0 ** -10 if np.dtype(dtype).itemsize == 2 else 1e-5
+    assert relative_error(y.astype(np.float64), expected) <= limit
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_1x1_layer_may_write_over_its_input(dtype: type) -> None:
     """out=x: 64 output channels are written by blocks while other blocks still read x, so x is
@@ -217,7 +230,8 @@ def ending_at_a_page_nothing_may_read(shape, dtype):
 
 rng = np.random.default_rng(3)
 for dtype in (np.float32, np.float64):
-    for batch, channels, h, w in ((1, 5, 14, 14), (3, 4, 6, 6), (2, 3, 10, 10), (1, 2, 28, 28)):
+    for batch, channels, h, w in ((1, 5, 14, 14), (3, 4, 6, 6), (2, 3, 10, 10), (1, 2, 28, 28),
+                                  (2, 1, 2, 2), (2, 4, 2, 2), (2, 2, 2, 4), (5, 1, 4, 4)):
         x, keep = ending_at_a_page_nothing_may_read((batch, channels, h, w), dtype)
         x[...] = rng.standard_normal(x.shape)
         weight = rng.standard_normal((7, channels, 1, 1)).astype(dtype)
@@ -230,7 +244,8 @@ print("ok")
 
 def test_reads_stay_inside_x() -> None:
     """x placed just before a page that faults on any access: the in-place reads of 1x1 layers
-    (tile overruns included) must stay inside x (run in a subprocess: a fault would kill it)."""
+    (tile overruns included, images smaller than a tile too) must stay inside x (run in a
+    subprocess: a fault would kill it)."""
     import subprocess
     import sys
 

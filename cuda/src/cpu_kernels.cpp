@@ -188,8 +188,11 @@ void run_tiles(const CpuConvArgs<S>& a) {
 // Eight vector registers of accumulators keep both FMA pipes busy through the FMA latency; a
 // smaller tile serves small output planes, where a wide tile would mostly compute dropped lanes.
 template <typename S>
+constexpr int kWideTile = 8 * ESCOIN_VECTOR_BYTES / int(sizeof(Compute<S>));
+
+template <typename S>
 void dispatch_tile(const CpuConvArgs<S>& a) {
-  constexpr int kWide = 8 * ESCOIN_VECTOR_BYTES / int(sizeof(Compute<S>));
+  constexpr int kWide = kWideTile<S>;
   const int64_t plane_q = a.geometry->layout.out_height * a.geometry->layout.plane_w;
   if (plane_q >= 2 * kWide)
     run_tiles<S, kWide>(a);
@@ -212,11 +215,15 @@ bool output_overlaps_input(const CpuConvArgs<S>& args) {
 
 // Where x is already in the stretched layout (a 1x1 filter at stride 1 without padding, on
 // planes of a multiple of 4 elements), needs no widening and is not overwritten by y, the kernel
-// reads it in place, with no stretch (copy_last_tile).
+// reads it in place, with no stretch (copy_last_tile). An image's last tile reads up to a tile
+// past the image, into the next one: images smaller than a tile are stretched, or that read
+// would leave x from an image before the last.
 template <typename S>
 void stretch_and_run(const CpuConvArgs<S>& args) {
   if constexpr (std::is_same_v<S, Compute<S>>) {
-    if (input_already_stretched(*args.geometry) && !output_overlaps_input(args)) {
+    const Geometry& g = *args.geometry;
+    if (input_already_stretched(g) && g.layout.image_stride >= kWideTile<S> &&
+        !output_overlaps_input(args)) {
       CpuConvArgs<S> in_place = args;
       in_place.x_in_place = args.x;
       return dispatch_tile(in_place);

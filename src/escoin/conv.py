@@ -41,7 +41,7 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
     Cached on the filter: computing them again for the same geometry costs nothing.
     """
     desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
-    return filt._store.offsets(desc).view()  # a view of a read-only array stays read-only
+    return filt._store.offsets(desc).view()
 
 
 def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,
@@ -83,6 +83,8 @@ def _batched_shape(shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], bool]:
 def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], stride: IntPair,
                 padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
                 workspace: Optional[object], residual: Optional[object]) -> np.ndarray:
+    if not x.dtype.isnative:  # the kernels read native byte order
+        x = x.astype(x.dtype.newbyteorder("="))
     name = dtype_name(x.dtype, "x")
     shape, unbatched = _batched_shape(x.shape)
     desc = descriptor(shape, filt.shape, filt.groups, stride, padding, dilation)
@@ -106,12 +108,8 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
     residual_array = _host_array(residual, "residual", result_shape, x.dtype, "the output's shape")
     nbytes = _core.workspace_size(desc, name)
     workspace = _host_workspace(workspace, nbytes)
-    # The filter's cached offsets are escoin's own, read-only: checking them again on every call
-    # would cost as much as a small-plane convolution. Its row_ptr is still checked, and must
-    # still count them.
-    if filt.row_ptr[-1] != offsets.size:
-        raise EscoinError(f"the filter's row_ptr[-1] ({int(filt.row_ptr[-1])}) no longer equals "
-                          f"its number of nonzeros ({offsets.size}): its arrays were written")
+    # The filter's cached offsets are escoin's own, in immutable memory: checking them again on
+    # every call would cost as much as a small-plane convolution (row_ptr is still checked).
     _core.forward_cpu(desc, name, x_dense.ctypes.data, filt.row_ptr.ctypes.data,
                       offsets.ctypes.data, values.ctypes.data,
                       0 if bias_array is None else bias_array.ctypes.data,

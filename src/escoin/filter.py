@@ -43,13 +43,11 @@ class _CsrStore:
         # Read-only from here on: the kernels trust row_ptr[M] to be the length of the offsets
         # derived from col_idx (a larger one read past them: a crash), and the caches below
         # would not follow a changed array. A changed filter is a new filter.
-        for array in (row_ptr, col_idx, values):
-            array.flags.writeable = False
-        self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values
+        self.row_ptr, self.col_idx, self.values = (_frozen(a) for a in (row_ptr, col_idx, values))
         self.shape, self.groups = shape, groups
         self.lock = threading.Lock()
         self.host_offsets: Dict[tuple, np.ndarray] = {}
-        self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: values}
+        self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: self.values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
         self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
         # None: the staged kernel would not pay for that geometry, so there is no program.
@@ -63,16 +61,14 @@ class _CsrStore:
                 found = np.empty(self.col_idx.size, np.int32)
                 _core.stretch_offsets(desc, self.col_idx.ctypes.data, self.col_idx.size,
                                       found.ctypes.data)
-                found.flags.writeable = False
-                self.host_offsets[key] = found
+                found = self.host_offsets[key] = _frozen(found)
             return found
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:
         with self.lock:
             found = self.host_values.get(dtype)
             if found is None:
-                found = self.host_values[dtype] = self.values.astype(dtype)
-                found.flags.writeable = False
+                found = self.host_values[dtype] = _frozen(self.values.astype(dtype))
             return found
 
     def tile_program(self, desc: tuple) -> Optional[np.ndarray]:
@@ -117,6 +113,13 @@ class _CsrStore:
         program = self.device_programs.get(key) if wants_program else None
         return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr,
                               0 if program is None else program.ptr)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A copy of a 1-d array in immutable memory (bytes): no array over it, nor the memory's
+    owner, can be made writeable, so what the CPU kernel trusts (a filter's own offsets, the
+    count in row_ptr) stays as escoin made it."""
+    return np.frombuffer(np.ascontiguousarray(array).tobytes(), array.dtype)
 
 
 def _offsets_key(desc: tuple) -> tuple:
@@ -235,8 +238,8 @@ class SparseFilter:
     def dtype(self) -> np.dtype:
         return self._store.values.dtype
 
-    # Views of the read-only arrays: a view's WRITEABLE flag cannot be set again, so these cannot
-    # be turned into writeable arrays (the CPU kernel trusts the filter's own offsets).
+    # Views of the immutable arrays (_frozen), so that changing a returned array's flags or shape
+    # leaves the filter's untouched.
     @property
     def row_ptr(self) -> np.ndarray:
         return self._store.row_ptr.view()

@@ -288,3 +288,16 @@ def test_residual_errors(case: tuple) -> None:
         with pytest.raises(ValueError, match="residual must be a torch.float32 tensor on cpu of "
                                              r"the output's shape \(2, 6, 5, 4\)"):
             torch.ops.escoin.sparse_conv2d(*args, residual)
+
+
+def test_negated_views_are_read_as_their_values() -> None:
+    """A tensor carrying torch's lazy negation (the neg bit) is read as the values it stands for,
+    not as its memory: the kernels read raw pointers."""
+    gen = torch.Generator().manual_seed(14)
+    weight = sparse_weight((6, 4, 3, 3), 0.3, gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    negated = torch._neg_view(-x)
+    assert negated.is_neg()
+    y = sparse_conv2d(negated, csr_lib.from_dense(weight), torch._neg_view(-bias), padding=1)
+    assert relative_error(y, reference_conv(x, weight, bias, padding=1)) < 1e-5

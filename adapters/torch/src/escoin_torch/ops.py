@@ -207,9 +207,7 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
         return _like_input_format(out, x)
     prepared = host_filter if host_filter is not None else _filter(row_ptr, col_idx, values,
                                                                    weight_shape, groups)
-    x_c = x.detach().contiguous()
-    bias_c = None if bias is None else bias.detach().contiguous()
-    residual_c = None if residual is None else residual.detach().contiguous()
+    x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
     shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     nbytes, arrays = prepared.host_launch(shape, dtype, **geometry)
@@ -236,9 +234,7 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
                         dilation, groups, residual)
     if out.numel() == 0:
         return _like_input_format(out, x)
-    x_c = x.detach().contiguous()
-    bias_c = None if bias is None else bias.detach().contiguous()
-    residual_c = None if residual is None else residual.detach().contiguous()
+    x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
     shape = tuple(x_c.shape)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     # Held until the launch is queued: its device arrays live as long as the filter does.
@@ -417,6 +413,12 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                          f"{x.device} of the output's shape {shape}, got {residual.dtype} on "
                          f"{residual.device} of shape {tuple(residual.shape)}")
     return x.new_empty(shape)
+
+
+def _raw(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tensor as the kernels read it through its pointer: dense, and with a lazy negation
+    (torch's neg bit) applied to its memory."""
+    return None if tensor is None else tensor.detach().resolve_neg().contiguous()
 
 
 def _like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
