@@ -19,6 +19,7 @@
 #include "cpu_kernels.hpp"
 #include "cpu_stretch.hpp"
 #include "cpu_vectors.hpp"
+#include "forward_checks.hpp"
 
 namespace escoin {
 namespace ESCOIN_CPU_ISA {
@@ -155,10 +156,9 @@ void run_tiles(const CpuConvArgs<S>& a) {
     }
 
     // Epilogue in vectors (bias, residual, ReLU), then one converted copy per output-row
-    // segment: with few nonzeros per channel, a per-lane epilogue costs more than the products
-    // (a residual added lane by lane held the 1x1 layers that end ResNet's blocks at 0.6-0.7x
-    // dense). The residual's segments are widened into the tile's lanes; the dropped lanes
-    // stay zero.
+    // segment: with few nonzeros per channel, a per-lane epilogue would cost more than the
+    // products. The residual's segments are widened into the tile's lanes (the dropped lanes
+    // stay zero), so that one path serves calls with and without it.
     Segment segments[TILE];
     const int segment_count = tile_segments<TILE>(g, q0, segments);
     C residual_lanes[TILE];
@@ -207,10 +207,8 @@ void dispatch_tile(const CpuConvArgs<S>& a) {
 template <typename S>
 bool output_overlaps_input(const CpuConvArgs<S>& args) {
   const Geometry& g = *args.geometry;
-  const auto x = reinterpret_cast<uintptr_t>(args.x), y = reinterpret_cast<uintptr_t>(args.y);
-  const auto x_bytes = uintptr_t(g.d.batch * g.layout.image_stride) * sizeof(S);
-  const auto y_bytes = uintptr_t(g.d.batch * g.d.out_channels * g.out_plane) * sizeof(S);
-  return x < y + y_bytes && y < x + x_bytes;
+  return memory_overlaps(args.x, size_t(g.d.batch * g.layout.image_stride) * sizeof(S), args.y,
+                         size_t(g.d.batch * g.d.out_channels * g.out_plane) * sizeof(S));
 }
 
 // Where x is already in the stretched layout (a 1x1 filter at stride 1 without padding, on

@@ -24,10 +24,8 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   // The CUDA kernels read the residual through the read-only cache while they write y, and the
   // CPU kernel writes y a tile at a time: the two must not overlap.
   if (residual) {
-    const auto bytes = uintptr_t(g.d.batch * g.d.out_channels * g.out_plane) *
-                       uintptr_t(element_size(dtype));
-    const auto r = reinterpret_cast<uintptr_t>(residual), o = reinterpret_cast<uintptr_t>(y);
-    if (r < o + bytes && o < r + bytes)
+    const size_t bytes = size_t(g.d.batch * g.d.out_channels * g.out_plane) * element_size(dtype);
+    if (memory_overlaps(residual, bytes, y, bytes))
       fail_invalid("residual must not overlap y (pass a separate array of y's shape)");
   }
 }

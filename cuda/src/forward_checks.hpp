@@ -9,6 +9,12 @@
 
 namespace escoin {
 
+// Whether the byte ranges [a, a + a_bytes) and [b, b + b_bytes) share memory.
+inline bool memory_overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  const auto a0 = reinterpret_cast<uintptr_t>(a), b0 = reinterpret_cast<uintptr_t>(b);
+  return a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
 // Pointers present where the batch is non-empty, dtype known, workspace large enough, and a
 // residual (optional) not overlapping y.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,

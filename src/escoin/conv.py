@@ -41,7 +41,7 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
     Cached on the filter: computing them again for the same geometry costs nothing.
     """
     desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
-    return filt._store.offsets(desc).view()
+    return filt._store.offsets(desc).view()  # a view, as SparseFilter.row_ptr is
 
 
 def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,

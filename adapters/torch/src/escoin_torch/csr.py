@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple, Tuple
 
 import escoin
+import numpy as np
 import torch
 
 WeightShape = Tuple[int, int, int, int]
@@ -54,16 +55,20 @@ def compress(weight: torch.Tensor, groups: int = 1,
     if weight.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"escoin compresses float32, float64, float16 or bfloat16 weights, got "
                         f"{weight.dtype}; convert the layer with .float() first")
-    dense = weight.detach().cpu()
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        dense = dense.float()  # exact; the 16-bit types are computed in float32
-    host = escoin.SparseFilter.from_dense(dense.numpy(), groups=groups, threshold=threshold)
+    host = escoin.SparseFilter.from_dense(host_numpy(weight), groups=groups, threshold=threshold)
     device = weight.device
     csr = CSRWeight(torch.tensor(host.row_ptr, device=device),
                     torch.tensor(host.col_idx, device=device),
                     torch.tensor(host.values, device=device, dtype=weight.dtype),
                     tuple(int(v) for v in weight.shape), groups)  # type: ignore[arg-type]
     return csr, host
+
+
+def host_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A host NumPy copy of a weight tensor for escoin, float16 and bfloat16 widened to float32
+    (exactly: escoin computes them in float32, and NumPy has no bfloat16)."""
+    host = tensor.detach().cpu()
+    return (host.float() if host.dtype in (torch.float16, torch.bfloat16) else host).numpy()
 
 
 def flat_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: WeightShape) -> torch.Tensor:

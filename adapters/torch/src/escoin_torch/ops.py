@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from escoin import DevicePointers, HostPointers
 from escoin_torch._cache import TensorCache
-from escoin_torch.csr import CSRWeight, transpose
+from escoin_torch.csr import CSRWeight, host_numpy, transpose
 
 __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 
@@ -213,7 +213,7 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     nbytes, arrays = prepared.host_launch(shape, dtype, **geometry)
     workspace = escoin.host_workspace(nbytes)
     # _empty_output has checked every tensor (dtype, device, shape); the CPU entry checks the
-    # filter's row_ptr, and its offsets are the filter's own (escoin-made, read-only).
+    # filter's row_ptr, and its offsets are the filter's own (escoin-made, immutable).
     escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
                  0 if bias_c is None else bias_c.data_ptr(), workspace.ctypes.data, nbytes,
                  shape, tuple(weight_shape), groups=groups, relu=relu, device="cpu",
@@ -344,11 +344,8 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
             weight_shape: Sequence[int], groups: int) -> PreparedFilter:
     """The escoin filter for these CSR tensors, on their device; built once per contents."""
     def build() -> PreparedFilter:
-        host_values = values.detach().cpu()
-        if host_values.dtype in (torch.float16, torch.bfloat16):  # computed in float32 (exact)
-            host_values = host_values.float()
         filt = escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
-                                            host_values.numpy(), tuple(weight_shape),
+                                            host_numpy(values), tuple(weight_shape),
                                             groups=groups)
         return PreparedFilter(filt.cuda(values.device.index) if values.device.type == "cuda"
                               else filt)
