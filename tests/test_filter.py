@@ -130,3 +130,34 @@ def test_the_memory_behind_a_filters_arrays_cannot_be_made_writeable() -> None:
             with pytest.raises(ValueError):
                 owner.flags.writeable = True
             owner = owner.base
+
+def test_tile_program_is_host_bytes_or_none() -> None:
+    filt = escoin.SparseFilter.from_dense(pruned((32, 8, 3, 3), 0.2))
+    program = filt.tile_program((2, 8, 12, 12), padding=1)
+    assert program is not None and program.dtype == np.uint8 and program.size > 0
+    # Built per call from the filter's arrays: the same bytes again.
+    np.testing.assert_array_equal(filt.tile_program((2, 8, 12, 12), padding=1), program)
+    depthwise = escoin.SparseFilter.from_dense(pruned((8, 1, 3, 3), 0.5), groups=8)
+    assert depthwise.tile_program((1, 8, 12, 12)) is None  # under 16 output channels a group
+    with pytest.raises(escoin.EscoinError, match="x has 9 channels"):
+        filt.tile_program((1, 9, 12, 12))
+
+
+def test_c_api_table_and_header_for_compiled_adapters() -> None:
+    import ctypes
+    import os
+
+    assert os.path.isfile(os.path.join(escoin.get_include(), "escoin", "escoin.h"))
+    capsule = escoin.c_api()
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = (ctypes.py_object, ctypes.c_char_p)
+    table = get(capsule, b"escoin.c_api")
+    # escoin_api_t starts with its version, then last_error: const char* (*)(void).
+    assert ctypes.c_int32.from_address(table).value >= 1
+    last_error = ctypes.CFUNCTYPE(ctypes.c_char_p).from_address(
+        table + ctypes.sizeof(ctypes.c_void_p))
+    with pytest.raises(escoin.EscoinError, match="larger than the padded input"):
+        escoin.output_shape((1, 2, 2, 2), escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.5)))
+    # This thread's last failure in the core, read through the table.
+    assert b"larger than the padded input" in last_error()

@@ -11,6 +11,7 @@ from escoin.conv import (conv2d, host_workspace, output_shape, sconv, stretch_of
 from escoin.cuda_arrays import DeviceArray
 from escoin.filter import DevicePointers, HostPointers, SparseFilter
 from escoin.info import build_info, cuda_available, cuda_device_count
+from escoin.native import c_api, get_include
 
 __version__ = _core.version()
 
@@ -21,9 +22,11 @@ __all__ = [
     "HostPointers",
     "SparseFilter",
     "build_info",
+    "c_api",
     "conv2d",
     "cuda_available",
     "cuda_device_count",
+    "get_include",
     "host_workspace",
     "output_shape",
     "sconv",

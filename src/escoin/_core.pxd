@@ -84,3 +84,8 @@ cdef extern from "escoin/escoin.h" nogil:
                                        int kind)
     escoin_status_t escoin_cuda_stream_synchronize(int device, void* stream)
     escoin_status_t escoin_cuda_pointer_device(const void* ptr, int* device)
+
+    ctypedef struct escoin_api_t:
+        int32_t version
+
+    const escoin_api_t* escoin_api()

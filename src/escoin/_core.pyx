@@ -6,6 +6,7 @@ the Python layer above checks shapes, dtypes and contiguity and keeps the arrays
 call releases the GIL; a failed status raises :class:`escoin.EscoinError` with the core's text.
 """
 from libc.stdint cimport int32_t, int64_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_New
 
 from escoin._errors import EscoinError
 
@@ -257,3 +258,8 @@ def cuda_pointer_device(object address) -> int:
     cdef int device = -1
     check(escoin_cuda_pointer_device(ptr(address), &device))
     return device
+
+
+def c_api() -> object:
+    """The core's entry table (escoin_api_t in escoin.h) as a PyCapsule named "escoin.c_api"."""
+    return PyCapsule_New(<void*>escoin_api(), b"escoin.c_api", NULL)

@@ -319,6 +319,18 @@ class SparseFilter:
         values = self._store.values_as(compute_dtype(dtype_name(dtype)))
         return HostPointers(self.row_ptr.ctypes.data, offsets.ctypes.data, values.ctypes.data)
 
+    def tile_program(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
+                     dilation: object = 1) -> Optional[np.ndarray]:
+        """The staged CUDA kernel's program for an input of `input_shape` and this geometry, as
+        host bytes (uint8) for callers that upload it themselves, or None where that kernel would
+        not pay (then pass no program: :func:`escoin.sconv`'s tile_program_ptr 0). Built from the
+        filter's values as they are now; a new array on each call."""
+        from escoin.geometry import descriptor
+
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        _core.conv_layout(desc)  # validates the geometry before the offsets are derived
+        return self._store.tile_program(desc)
+
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the CSR arrays, shape and groups to an .npz file (bfloat16 values as their bits:

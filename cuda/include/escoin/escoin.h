@@ -225,6 +225,43 @@ escoin_status_t escoin_cuda_stream_synchronize(int device, void* stream);
 /* The device a pointer lives on (error if it is not device memory). */
 escoin_status_t escoin_cuda_pointer_device(const void* ptr, int* device);
 
+/* ---- The entries as a table, for compiled code that reaches the core through Python ----
+ * Code that does not link the core (the JAX adapter's XLA handlers) calls it through this table,
+ * so that a process holds one core: one set of device caches, one CUDA runtime. The Python
+ * package hands out its address (escoin.c_api(): a PyCapsule named "escoin.c_api"). version is
+ * ESCOIN_API_VERSION; entries are only ever added at the end, so a table of a later version
+ * serves callers compiled for an earlier one (check version >= the one you were compiled for). */
+#define ESCOIN_API_VERSION 1
+typedef struct {
+  int32_t version;
+  const char* (*last_error)(void);
+  escoin_status_t (*conv_layout)(const escoin_conv_desc_t* desc, escoin_layout_t* layout);
+  escoin_status_t (*workspace_size)(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                    size_t* bytes);
+  escoin_status_t (*conv2d_forward_cpu)(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                        const void* x, const int64_t* row_ptr,
+                                        const int32_t* offsets, const void* values,
+                                        const void* bias, const void* residual, int relu, void* y,
+                                        void* workspace, size_t workspace_bytes);
+  escoin_status_t (*conv2d_forward_cpu_trusted)(const escoin_conv_desc_t* desc,
+                                                escoin_dtype_t dtype, const void* x,
+                                                const int64_t* row_ptr, const int32_t* offsets,
+                                                const void* values, const void* bias,
+                                                const void* residual, int relu, void* y,
+                                                void* workspace, size_t workspace_bytes);
+  escoin_status_t (*conv2d_forward_cuda)(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
+                                         const void* x, const int64_t* row_ptr,
+                                         const int32_t* offsets, const void* values,
+                                         const void* tile_program, const void* bias,
+                                         const void* residual, int relu, void* y,
+                                         void* workspace, size_t workspace_bytes, int device,
+                                         void* stream);
+  escoin_status_t (*cuda_pointer_device)(const void* ptr, int* device);
+} escoin_api_t;
+
+/* This build's table (static storage; never NULL). */
+const escoin_api_t* escoin_api(void);
+
 #ifdef __cplusplus
 }
 #endif

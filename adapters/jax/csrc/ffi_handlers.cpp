@@ -1,0 +1,212 @@
+// ffi_handlers.cpp -- XLA FFI handlers that run escoin's forward convolution inside a JAX program:
+// one for the CPU, one for CUDA. They reach the core through the table the escoin package hands
+// out (escoin.c_api(); escoin_jax_set_api below), not by linking it, so a process holds one core.
+//
+// Operands (escoin_jax/conv.py builds them): x (..., C, H, W) of the call's dtype, the filter's
+// row_ptr as raw bytes (int64 in memory: JAX runs without 64-bit integers by default), its
+// stretched offsets (int32) for this geometry, its values (the compute type), the staged CUDA
+// kernel's program as bytes (empty for none, and on the CPU), then the bias (M values) and the
+// residual (y's shape), each empty when absent. Every leading dimension of x before (C, H, W) is
+// batch, so vmap's expand_dims adds images. Attributes: the weight's geometry beyond x's shape.
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "escoin/escoin.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// The weight's geometry beyond x's shape, and the epilogue: the call's attributes, by name.
+struct ConvAttributes {
+  int64_t out_channels, kernel_h, kernel_w, stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right, dilation_h, dilation_w, groups;
+  bool relu;
+};
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    ConvAttributes, ffi::StructMember<int64_t>("out_channels"),
+    ffi::StructMember<int64_t>("kernel_h"), ffi::StructMember<int64_t>("kernel_w"),
+    ffi::StructMember<int64_t>("stride_h"), ffi::StructMember<int64_t>("stride_w"),
+    ffi::StructMember<int64_t>("pad_top"), ffi::StructMember<int64_t>("pad_bottom"),
+    ffi::StructMember<int64_t>("pad_left"), ffi::StructMember<int64_t>("pad_right"),
+    ffi::StructMember<int64_t>("dilation_h"), ffi::StructMember<int64_t>("dilation_w"),
+    ffi::StructMember<int64_t>("groups"), ffi::StructMember<bool>("relu"));
+
+namespace {
+
+const escoin_api_t* g_escoin = nullptr;
+
+ffi::Error invalid(std::string message) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "escoin: " + message);
+}
+
+ffi::Error escoin_failed() {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    std::string("escoin: ") + g_escoin->last_error());
+}
+
+// The element type of x (and of y, bias, residual) as escoin names it.
+bool escoin_dtype(ffi::DataType type, escoin_dtype_t* out) {
+  switch (type) {
+    case ffi::DataType::F32: *out = ESCOIN_FLOAT32; return true;
+    case ffi::DataType::F64: *out = ESCOIN_FLOAT64; return true;
+    case ffi::DataType::F16: *out = ESCOIN_FLOAT16; return true;
+    case ffi::DataType::BF16: *out = ESCOIN_BFLOAT16; return true;
+    default: return false;
+  }
+}
+
+const void* data_or_null(const ffi::AnyBuffer& buffer) {
+  return buffer.element_count() == 0 ? nullptr : buffer.untyped_data();
+}
+
+// The operands every call takes, after its context.
+struct Operands {
+  ffi::AnyBuffer x, row_ptr, offsets, values, program, bias, residual;
+};
+
+// One call's geometry, element type and workspace size, checked against its buffers: a wrong
+// shape is an error, never an out-of-bounds access.
+struct Call {
+  escoin_conv_desc_t desc;
+  escoin_dtype_t dtype;
+  size_t workspace_bytes;
+};
+
+ffi::ErrorOr<Call> describe(const Operands& in, const ffi::AnyBuffer& y,
+                            const ConvAttributes& a) {
+  if (g_escoin == nullptr) return ffi::Unexpected(invalid("the core's table was not set"));
+  Call call;
+  if (!escoin_dtype(in.x.element_type(), &call.dtype))
+    return ffi::Unexpected(invalid("x must be float32, float64, float16 or bfloat16"));
+  if (y.element_type() != in.x.element_type())
+    return ffi::Unexpected(invalid("the output's dtype must be x's"));
+  const auto dims = in.x.dimensions();
+  if (dims.size() < 3) return ffi::Unexpected(invalid("x must have at least 3 dimensions"));
+  int64_t batch = 1;
+  for (size_t i = 0; i + 3 < dims.size(); ++i) batch *= dims[i];
+  const size_t rank = dims.size();
+  call.desc = escoin_conv_desc_t{batch,        dims[rank - 3], dims[rank - 2], dims[rank - 1],
+                                 a.out_channels, a.kernel_h,   a.kernel_w,     a.stride_h,
+                                 a.stride_w,   a.pad_top,      a.pad_bottom,   a.pad_left,
+                                 a.pad_right,  a.dilation_h,   a.dilation_w,   a.groups};
+  // Before the output's size: a vmapped bias (with x unmapped) shows as the wrong bias.
+  if (in.bias.element_count() != 0 && (in.bias.element_type() != in.x.element_type() ||
+                                       in.bias.element_count() != size_t(a.out_channels)))
+    return ffi::Unexpected(invalid("bias must hold out_channels values of x's dtype"));
+  escoin_layout_t layout;
+  if (g_escoin->conv_layout(&call.desc, &layout) != ESCOIN_SUCCESS)
+    return ffi::Unexpected(escoin_failed());
+  const size_t outputs = size_t(batch * a.out_channels * layout.out_height * layout.out_width);
+  if (y.element_count() != outputs)
+    return ffi::Unexpected(invalid("the output has " + std::to_string(y.element_count()) +
+                                   " elements, the geometry gives " + std::to_string(outputs)));
+  if (in.row_ptr.size_bytes() != size_t(a.out_channels + 1) * sizeof(int64_t))
+    return ffi::Unexpected(invalid("row_ptr must hold out_channels + 1 int64 values"));
+  if (in.offsets.element_type() != ffi::DataType::S32)
+    return ffi::Unexpected(invalid("offsets must be int32"));
+  const ffi::DataType compute =
+      call.dtype == ESCOIN_FLOAT64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (in.values.element_type() != compute ||
+      in.values.element_count() != in.offsets.element_count())
+    return ffi::Unexpected(invalid("values must be one per offset, in the compute type"));
+  if (in.residual.element_count() != 0 && (in.residual.element_type() != in.x.element_type() ||
+                                           in.residual.element_count() != outputs))
+    return ffi::Unexpected(invalid("residual must have the output's shape and dtype"));
+  if (g_escoin->workspace_size(&call.desc, call.dtype, &call.workspace_bytes) != ESCOIN_SUCCESS)
+    return ffi::Unexpected(escoin_failed());
+  return call;
+}
+
+ffi::Error cpu_forward(ffi::AnyBuffer x, ffi::AnyBuffer row_ptr, ffi::AnyBuffer offsets,
+                       ffi::AnyBuffer values, ffi::AnyBuffer program, ffi::AnyBuffer bias,
+                       ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y,
+                       ConvAttributes attributes) {
+  const Operands in{x, row_ptr, offsets, values, program, bias, residual};
+  auto call = describe(in, *y, attributes);
+  if (call.has_error()) return call.error();
+  // One workspace per thread, grown as needed: XLA's CPU runtime calls handlers from its own
+  // threads, and a call needs no more than its own.
+  thread_local std::vector<unsigned char> workspace;
+  if (workspace.size() < call->workspace_bytes) workspace.resize(call->workspace_bytes);
+  // The checked entry (the program is the CUDA kernel's, unread here): it validates row_ptr and
+  // every offset against the geometry, so no buffer reaching this target can make the kernel
+  // read outside x.
+  if (g_escoin->conv2d_forward_cpu(&call->desc, call->dtype, x.untyped_data(),
+                                   static_cast<const int64_t*>(row_ptr.untyped_data()),
+                                   static_cast<const int32_t*>(data_or_null(offsets)),
+                                   data_or_null(values), data_or_null(bias),
+                                   data_or_null(residual), attributes.relu ? 1 : 0,
+                                   y->untyped_data(), workspace.data(),
+                                   call->workspace_bytes) != ESCOIN_SUCCESS)
+    return escoin_failed();
+  return ffi::Error::Success();
+}
+
+ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scratch,
+                        ffi::AnyBuffer x, ffi::AnyBuffer row_ptr, ffi::AnyBuffer offsets,
+                        ffi::AnyBuffer values, ffi::AnyBuffer program, ffi::AnyBuffer bias,
+                        ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y,
+                        ConvAttributes attributes) {
+  const Operands in{x, row_ptr, offsets, values, program, bias, residual};
+  auto call = describe(in, *y, attributes);
+  if (call.has_error()) return call.error();
+  if (call->dtype != ESCOIN_FLOAT32) return invalid("x must be float32 on CUDA");
+  // XLA's scratch memory lives until the call's work on `stream` is done.
+  auto workspace = scratch.Allocate(call->workspace_bytes, 256);
+  if (!workspace.has_value())
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "escoin: no device memory for a " + std::to_string(call->workspace_bytes) +
+                          "-byte workspace");
+  // The CUDA entry trusts the filter's arrays (they live on the device): escoin_jax.conv2d
+  // builds them from one filter object for this geometry.
+  if (g_escoin->conv2d_forward_cuda(
+          &call->desc, call->dtype, x.untyped_data(),
+          static_cast<const int64_t*>(row_ptr.untyped_data()),
+          static_cast<const int32_t*>(data_or_null(offsets)), data_or_null(values),
+          data_or_null(program), data_or_null(bias), data_or_null(residual),
+          attributes.relu ? 1 : 0, y->untyped_data(), *workspace, call->workspace_bytes, device,
+          stream) != ESCOIN_SUCCESS)
+    return escoin_failed();
+  return ffi::Error::Success();
+}
+
+// The operands and attributes both handlers bind, after their context.
+template <typename Binding>
+auto bind_operands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()  // x
+      .template Arg<ffi::AnyBuffer>()  // row_ptr (bytes)
+      .template Arg<ffi::AnyBuffer>()  // offsets
+      .template Arg<ffi::AnyBuffer>()  // values
+      .template Arg<ffi::AnyBuffer>()  // program (bytes; empty for none)
+      .template Arg<ffi::AnyBuffer>()  // bias (empty for none)
+      .template Arg<ffi::AnyBuffer>()  // residual (empty for none)
+      .template Ret<ffi::AnyBuffer>()  // y
+      .template Attrs<ConvAttributes>();
+}
+
+}  // namespace
+
+// The library is built with hidden symbols: these three are its interface (escoin_jax/_ffi.py).
+#define ESCOIN_JAX_EXPORT extern "C" __attribute__((visibility("default")))
+ESCOIN_JAX_EXPORT XLA_FFI_Error* EscoinConv2dCpu(XLA_FFI_CallFrame* call_frame);
+ESCOIN_JAX_EXPORT XLA_FFI_Error* EscoinConv2dCuda(XLA_FFI_CallFrame* call_frame);
+ESCOIN_JAX_EXPORT int escoin_jax_set_api(const void* table);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EscoinConv2dCpu, cpu_forward, bind_operands(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EscoinConv2dCuda, cuda_forward,
+                              bind_operands(ffi::Ffi::Bind()
+                                                .Ctx<ffi::PlatformStream<void*>>()
+                                                .Ctx<ffi::DeviceOrdinal>()
+                                                .Ctx<ffi::ScratchAllocator>()));
+
+// Takes the core's table from escoin.c_api() (its capsule's pointer); returns 0, or -1 for a table
+// older than the one this file was compiled against.
+extern "C" int escoin_jax_set_api(const void* table) {
+  const auto* api = static_cast<const escoin_api_t*>(table);
+  if (api == nullptr || api->version < ESCOIN_API_VERSION) return -1;
+  g_escoin = api;
+  return 0;
+}

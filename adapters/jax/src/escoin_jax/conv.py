@@ -1,0 +1,163 @@
+"""conv2d on JAX arrays: escoin's forward as an XLA FFI call, gradients by a custom VJP."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import escoin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from escoin.geometry import IntPair, Padding, descriptor
+from jax import lax
+
+from escoin_jax._ffi import TARGET, ensure_registered
+
+# The dtypes escoin computes in: float32 and float64 in their own type, 16-bit ones widened to
+# float32 (the CPU only; the CUDA handler refuses all but float32).
+_DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
+           np.dtype(jnp.bfloat16)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    """One filter's arrays for one input geometry (any batch), as the FFI call takes them; they
+    become constants of the JAX program. Compared by identity: plans are cached per filter and
+    geometry, so equal calls share one."""
+    filt: escoin.SparseFilter
+    desc: tuple  # the C descriptor with batch 1
+    out_hw: Tuple[int, int]
+    row_ptr: np.ndarray  # int64 as bytes (JAX runs without 64-bit integers by default)
+    offsets: np.ndarray
+    values: np.ndarray
+    program: np.ndarray  # the staged CUDA kernel's, as bytes; empty where it would not pay
+
+    def attributes(self, relu: bool) -> dict:
+        d = self.desc
+        names = ("out_channels", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
+                 "pad_bottom", "pad_left", "pad_right", "dilation_h", "dilation_w", "groups")
+        fields = (d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15])
+        attrs = {name: np.int64(value) for name, value in zip(names, fields)}
+        attrs["relu"] = bool(relu)
+        return attrs
+
+    def dense_conv(self, x: jax.Array) -> jax.Array:
+        """The same convolution, dense, through XLA: what the VJP differentiates."""
+        d = self.desc
+        weight = jnp.asarray(self.filt.to_dense(), x.dtype)
+        return lax.conv_general_dilated(
+            x, weight, window_strides=(d[7], d[8]), padding=((d[9], d[10]), (d[11], d[12])),
+            rhs_dilation=(d[13], d[14]), dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            feature_group_count=d[15], precision=lax.Precision.HIGHEST)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(filt: escoin.SparseFilter, desc: tuple, compute: np.dtype) -> _Plan:
+    shape = desc[:4]
+    geometry = dict(stride=(desc[7], desc[8]), dilation=(desc[13], desc[14]))
+    # The descriptor's padding per side, as F.conv2d resolves it; escoin takes pairs, so
+    # 'same' with an even kernel (unequal sides) is handed over as the string it came from.
+    padding = desc[16]
+    _, _, oh, ow = escoin.output_shape(shape, filt, padding=padding, **geometry)
+    program = filt.tile_program(shape, padding=padding, **geometry)
+    return _Plan(
+        filt=filt, desc=desc[:16], out_hw=(oh, ow),
+        row_ptr=np.ascontiguousarray(filt.row_ptr, np.int64).view(np.uint8),
+        offsets=np.ascontiguousarray(escoin.stretch_offsets(filt, shape, padding=padding,
+                                                            **geometry)),
+        values=np.ascontiguousarray(filt.values, compute),
+        program=np.empty(0, np.uint8) if program is None else program)
+
+
+def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = None,
+           stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+           relu: bool = False, residual: Optional[jax.Array] = None) -> jax.Array:
+    """``relu(conv2d(x, filt.to_dense(), bias) + residual)`` with torch.nn.functional.conv2d's
+    semantics (NCHW, stride, padding including 'same'/'valid', dilation, the filter's groups),
+    computed by escoin from the filter's nonzeros.
+
+    x is (N, C, H, W) or one image (C, H, W): float32 on a GPU; float32, float64, float16 or
+    bfloat16 on the CPU. bias (M values) and residual (the output's shape) take x's dtype. Works
+    under ``jax.jit`` and ``jax.vmap`` (over x and residual: each mapped image becomes part of
+    the batch of one call) and ``jax.grad`` with respect to x, bias and residual (the input
+    gradient is computed densely by XLA); the filter itself is a constant.
+    """
+    if not isinstance(filt, escoin.SparseFilter):
+        raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+    x = jnp.asarray(x)
+    if np.dtype(x.dtype) not in _DTYPES:
+        raise escoin.EscoinError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.ndim == 3:
+        return conv2d(x[None], filt, bias, stride, padding, dilation, relu,
+                      None if residual is None else jnp.asarray(residual)[None])[0]
+    if x.ndim != 4:
+        raise escoin.EscoinError(f"x must have 3 or 4 dimensions (N, C, H, W), got {x.shape}")
+    desc = descriptor((1,) + tuple(x.shape[1:]), filt.shape, filt.groups, stride, padding,
+                      dilation)
+    # The padding travels in the key as given (an int, a pair or a string): hashable forms only.
+    key_padding = tuple(padding) if isinstance(padding, list) else padding
+    compute = np.dtype(np.float64 if x.dtype == jnp.float64 else np.float32)
+    plan = _plan(filt, desc + (key_padding,), compute)
+    out_shape = (x.shape[0], desc[4]) + plan.out_hw
+    if bias is not None:
+        bias = jnp.asarray(bias, x.dtype)
+        if bias.shape != (desc[4],):
+            raise escoin.EscoinError(f"bias must have shape ({desc[4]},), got {bias.shape}")
+    if residual is not None:
+        residual = jnp.asarray(residual, x.dtype)
+        if residual.shape != out_shape:
+            raise escoin.EscoinError(f"residual must have the output's shape {out_shape}, got "
+                                     f"{residual.shape}")
+    if x.shape[0] == 0:
+        empty = jnp.zeros(out_shape, x.dtype)
+        return empty if residual is None else empty + residual
+    ensure_registered()
+    return _sparse_conv(plan, _Options(bool(relu), bias is not None, residual is not None), x,
+                        bias, residual)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What a call does beyond the convolution: static to the VJP, which returns no gradient for
+    an absent bias or residual."""
+    relu: bool
+    has_bias: bool
+    has_residual: bool
+
+
+def _ffi_forward(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
+                 residual: Optional[jax.Array]) -> jax.Array:
+    empty = jnp.zeros((0,), x.dtype)
+    out = jax.ShapeDtypeStruct((x.shape[0], plan.desc[4]) + plan.out_hw, x.dtype)
+    # expand_dims: under vmap every leading dimension of x is batch to the handler, and the
+    # filter's arrays (unmapped) keep their element counts.
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
+    return call(x, plan.row_ptr, plan.offsets, plan.values, plan.program,
+                empty if bias is None else bias, empty if residual is None else residual,
+                **plan.attributes(options.relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sparse_conv(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
+                 residual: Optional[jax.Array]) -> jax.Array:
+    return _ffi_forward(plan, options, x, bias, residual)
+
+
+def _sparse_conv_fwd(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
+                     residual: Optional[jax.Array]) -> tuple:
+    y = _ffi_forward(plan, options, x, bias, residual)
+    return y, (x, y if options.relu else None)
+
+
+def _sparse_conv_bwd(plan: _Plan, options: _Options, saved: tuple, grad: jax.Array) -> tuple:
+    x, y = saved
+    if options.relu:
+        grad = jnp.where(y > 0, grad, jnp.zeros_like(grad))
+    _, pull = jax.vjp(plan.dense_conv, x)
+    (grad_x,) = pull(grad)
+    return (grad_x, grad.sum((0, 2, 3)) if options.has_bias else None,
+            grad if options.has_residual else None)
+
+
+_sparse_conv.defvjp(_sparse_conv_fwd, _sparse_conv_bwd)

@@ -1,0 +1,193 @@
+"""escoin_jax.conv2d against the float64 reference: random geometries on the CPU in every dtype,
+under jit, vmap and grad; clear errors for bad input, from Python and from the handler."""
+from __future__ import annotations
+
+from typing import Optional
+
+import escoin
+import escoin_jax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from jax import lax
+
+from geometry_strategies import ConvCase, conv_cases
+from reference import conv2d_reference, relative_error
+
+# Relative-norm error allowed against float64: float32 sums; one rounding of a 16-bit output.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+
+
+def run_case(case: ConvCase, dtype: str, residual: bool, device: jax.Device,
+             jit: bool = True) -> float:
+    """escoin-jax's relative error on the case in `dtype` on `device`, against float64 from the
+    same (rounded) inputs."""
+    x = jax.device_put(jnp.asarray(case.x, dtype), device)
+    weight = np.asarray(jnp.asarray(case.weight, dtype).astype(jnp.float32))
+    if dtype == "float64":
+        weight = case.weight
+    filt = escoin.SparseFilter.from_dense(weight, groups=case.groups)
+    bias = None if case.bias is None else jnp.asarray(case.bias, dtype)
+    shape = escoin.output_shape(x.shape, filt, case.stride, case.padding, case.dilation)
+    res = (jnp.asarray(np.random.default_rng(case.x.size).standard_normal(shape), dtype)
+           if residual else None)
+
+    def call(x, bias, res):
+        return escoin_jax.conv2d(x, filt, bias, stride=case.stride, padding=case.padding,
+                                 dilation=case.dilation, relu=case.relu, residual=res)
+
+    y = (jax.jit(call) if jit else call)(x, bias, res)
+    assert y.dtype == x.dtype and y.shape == shape
+    expected = conv2d_reference(
+        np.asarray(x, np.float64), np.asarray(weight, np.float64),
+        None if bias is None else np.asarray(bias, np.float64), case.stride, case.pads,
+        case.dilation, case.groups, case.relu, None if res is None else np.asarray(res, np.float64))
+    return relative_error(np.asarray(y, np.float64), expected)
+
+
+CPU = jax.devices("cpu")[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases())
+def test_random_geometry_matches_reference_float32(case: ConvCase) -> None:
+    assert run_case(case, "float32", residual=False, device=CPU) <= TOLERANCE["float32"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=conv_cases())
+def test_random_geometry_with_residual_eagerly(case: ConvCase) -> None:
+    assert run_case(case, "float32", residual=True, device=CPU, jit=False) <= TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@settings(max_examples=20, deadline=None)
+@given(case=conv_cases())
+def test_16bit_types_round_once(dtype: str, case: ConvCase) -> None:
+    assert run_case(case, dtype, residual=True, device=CPU) <= TOLERANCE[dtype]
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=conv_cases())
+def test_float64_with_x64_enabled(case: ConvCase) -> None:
+    with jax.enable_x64(True):
+        assert run_case(case, "float64", residual=True, device=CPU) <= TOLERANCE["float64"]
+
+
+def sample_layer(seed: int = 0, groups: int = 1):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((12, 6 // groups, 3, 3)).astype(np.float32)
+    weight *= rng.random(weight.shape) < 0.3
+    x = rng.standard_normal((3, 6, 10, 9)).astype(np.float32)
+    bias = rng.standard_normal(12).astype(np.float32)
+    return escoin.SparseFilter.from_dense(weight, groups=groups), weight, x, bias
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradients_match_float64(relu: bool) -> None:
+    """d/dx, d/dbias and d/dresidual of a weighted sum, against jax's dense convolution in float64."""
+    filt, weight, x, bias = sample_layer()
+    residual = np.random.default_rng(1).standard_normal((3, 12, 5, 6)).astype(np.float32)
+    probe = np.random.default_rng(2).standard_normal((3, 12, 5, 6))
+
+    def sparse_loss(x, b, r):
+        y = escoin_jax.conv2d(x, filt, b, stride=2, padding=(1, 2), relu=relu, residual=r)
+        return (y * probe.astype(np.float32)).sum()
+
+    grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))(x, bias, residual)
+    with jax.enable_x64(True):
+        def dense_loss(x, b, r):
+            y = lax.conv_general_dilated(x, jnp.asarray(weight, jnp.float64), (2, 2),
+                                         ((1, 1), (2, 2)),
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            y = y + b[None, :, None, None] + r
+            return ((jnp.maximum(y, 0) if relu else y) * probe).sum()
+
+        expected = jax.grad(dense_loss, argnums=(0, 1, 2))(
+            *(jnp.asarray(a, jnp.float64) for a in (x, bias, residual)))
+        for got, want in zip(grads, expected):
+            assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+
+
+def test_vmap_over_x_and_residual_is_one_batch() -> None:
+    filt, weight, x, bias = sample_layer(groups=2)
+    stacked = np.stack([x, -2 * x])  # (2, 3, C, H, W)
+    residual = np.random.default_rng(3).standard_normal((2, 3, 12, 10, 9)).astype(np.float32)
+    y = jax.jit(jax.vmap(lambda x, r: escoin_jax.conv2d(x, filt, bias, padding="same",
+                                                         residual=r)))(stacked, residual)
+    expected = conv2d_reference(stacked.reshape(6, 6, 10, 9), weight, bias, (1, 1), (1, 1, 1, 1),
+                                (1, 1), 2, residual=residual.reshape(6, 12, 10, 9))
+    assert y.shape == (2, 3, 12, 10, 9)
+    assert relative_error(np.asarray(y).reshape(expected.shape), expected) <= 1e-5
+
+
+def test_a_mapped_bias_is_refused_by_the_handler() -> None:
+    filt, _, x, bias = sample_layer()
+    with pytest.raises(Exception, match="bias must hold out_channels"):
+        jax.vmap(lambda b: escoin_jax.conv2d(x, filt, b))(np.stack([bias, bias])).block_until_ready()
+
+
+def test_one_image_and_an_empty_batch() -> None:
+    filt, weight, x, bias = sample_layer()
+    y = escoin_jax.conv2d(x[1], filt, bias, dilation=2)
+    expected = conv2d_reference(x[1:2], weight, bias, (1, 1), (0, 0, 0, 0), (2, 2), 1)[0]
+    assert y.shape == expected.shape and relative_error(np.asarray(y), expected) <= 1e-5
+    assert escoin_jax.conv2d(x[:0], filt, bias).shape == (0, 12, 8, 7)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f, x, b: escoin_jax.conv2d(x[:, :4], f, b), "x has 4 channels"),
+    (lambda f, x, b: escoin_jax.conv2d(x[0, 0], f, b), "x must have 3 or 4 dimensions"),
+    (lambda f, x, b: escoin_jax.conv2d(x.astype(np.int32), f, b), "x must be float32"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b[:5]), r"bias must have shape \(12,\)"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b, residual=x), "residual must have the output's"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f.to_dense(), b), "filt must be an escoin.SparseFilter"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b, stride=0), "stride must be >= 1"),
+])
+def test_bad_arguments_are_named(call, message: str) -> None:
+    filt, _, x, bias = sample_layer()
+    with pytest.raises(escoin.EscoinError, match=message):
+        call(filt, jnp.asarray(x), jnp.asarray(bias))
+
+
+def test_the_handler_refuses_offsets_outside_the_input() -> None:
+    """A direct FFI call with an offset past the stretched image: an error, not a wild read."""
+    from escoin_jax._ffi import TARGET, ensure_registered
+    from escoin_jax.conv import _Options, _ffi_forward, _plan
+
+    filt, _, x, bias = sample_layer()
+    ensure_registered()
+    from escoin.geometry import descriptor
+    desc = descriptor((1, 6, 10, 9), filt.shape, 1, 1, 0, 1)
+    plan = _plan(filt, desc + (0,), np.dtype(np.float32))
+    bad = plan.offsets.copy()
+    bad[-1] = 1 << 30
+    broken = type(plan)(**{**plan.__dict__, "offsets": bad})
+    assert TARGET == "escoin_conv2d"
+    with pytest.raises(Exception, match="escoin: .*offset"):
+        _ffi_forward(broken, _Options(False, True, False), jnp.asarray(x), jnp.asarray(bias),
+                     None).block_until_ready()
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(max_batch=9))
+def test_random_geometry_on_the_gpu(case: ConvCase) -> None:
+    gpu = jax.devices("gpu")[0]
+    assert run_case(case, "float32", residual=case.relu, device=gpu) <= TOLERANCE["float32"]
+
+
+@pytest.mark.cuda
+def test_gpu_gradients_and_16bit_refusal() -> None:
+    gpu = jax.devices("gpu")[0]
+    filt, weight, x, bias = sample_layer()
+    xg = jax.device_put(x, gpu)
+    grad = jax.jit(jax.grad(lambda x: escoin_jax.conv2d(x, filt, bias, padding=1).sum()))(xg)
+    dense = jax.grad(lambda x: lax.conv_general_dilated(
+        x, weight, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=lax.Precision.HIGHEST).sum())(x)
+    assert relative_error(np.asarray(grad), np.asarray(dense, np.float64)) <= 1e-5
+    with pytest.raises(Exception, match="float32 on CUDA"):
+        escoin_jax.conv2d(jax.device_put(x.astype(np.float16), gpu), filt).block_until_ready()
