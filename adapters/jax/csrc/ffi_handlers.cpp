@@ -5,9 +5,10 @@
 // Operands (escoin_jax/conv.py builds them): x (..., C, H, W) of the call's dtype, the filter's
 // row_ptr as raw bytes (int64 in memory: JAX runs without 64-bit integers by default), its
 // stretched offsets (int32) for this geometry, its values (the compute type), the staged CUDA
-// kernel's program as bytes (empty for none, and on the CPU), then the bias (M values) and the
-// residual (y's shape), each empty when absent. Every leading dimension of x before (C, H, W) is
-// batch, so vmap's expand_dims adds images. Attributes: the weight's geometry beyond x's shape.
+// kernel's program as bytes (empty for none; the CPU handler ignores it), then the bias (M
+// values) and the residual (y's shape), each empty when absent. Every leading dimension of x
+// before (C, H, W) is batch, so vmap's expand_dims adds images. Attributes: the weight's
+// geometry beyond x's shape, and the ReLU.
 #include <cstdint>
 #include <string>
 #include <utility>
