@@ -1,0 +1,65 @@
+"""escoin_cupy.conv2d against the float64 reference on CuPy arrays: random geometries, CuPy's
+current stream, poisoned outputs, residuals and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import escoin
+from geometry_strategies import ConvCase, conv_cases
+from reference import conv2d_reference, relative_error
+
+pytestmark = pytest.mark.cuda
+
+
+def cupy():
+    import cupy as module
+    return module
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(max_batch=9))
+def test_random_geometry_on_a_side_stream_matches_reference(case: ConvCase) -> None:
+    cp = cupy()
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    x = case.x.astype(np.float32)
+    bias = None if case.bias is None else cp.asarray(case.bias, cp.float32)
+    shape = escoin.output_shape(x.shape, filt, case.stride, case.padding, case.dilation)
+    residual = np.random.default_rng(x.size).standard_normal(shape).astype(np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = cp.full(shape, cp.nan, cp.float32)  # poison: an unwritten element stays NaN
+        import escoin_cupy
+        y = escoin_cupy.conv2d(cp.asarray(x), filt, bias, case.stride, case.padding,
+                               case.dilation, case.relu, out=out, residual=cp.asarray(residual))
+    stream.synchronize()
+    assert y is out
+    expected = conv2d_reference(x, case.weight.astype(np.float32), case.bias, case.stride,
+                                case.pads, case.dilation, case.groups, case.relu, residual)
+    assert relative_error(cp.asnumpy(y), expected) <= 1e-5
+
+
+def test_one_image_allocates_its_output() -> None:
+    cp = cupy()
+    import escoin_cupy
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((32, 8, 3, 3)) * (rng.random((32, 8, 3, 3)) < 0.1)).astype(
+        np.float32)
+    x = rng.standard_normal((8, 14, 14)).astype(np.float32)
+    y = escoin_cupy.conv2d(cp.asarray(x), escoin.SparseFilter.from_dense(weight), padding="same")
+    assert isinstance(y, cp.ndarray) and y.shape == (32, 14, 14)
+    expected = conv2d_reference(x[None], weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)[0]
+    assert relative_error(cp.asnumpy(y), expected) <= 1e-5
+
+
+def test_bad_input_is_named() -> None:
+    cp = cupy()
+    import escoin_cupy
+    filt = escoin.SparseFilter.from_dense(np.ones((4, 2, 3, 3), np.float32))
+    with pytest.raises(escoin.EscoinError, match="x must be a cupy.ndarray"):
+        escoin_cupy.conv2d(np.ones((1, 2, 5, 5), np.float32), filt)
+    with pytest.raises(escoin.EscoinError, match="x must be float32"):
+        escoin_cupy.conv2d(cp.ones((1, 2, 5, 5), cp.float64), filt)
+    with pytest.raises(escoin.EscoinError, match="x has 3 channels"):
+        escoin_cupy.conv2d(cp.ones((1, 3, 5, 5), cp.float32), filt)
