@@ -323,8 +323,8 @@ class SparseFilter:
                      dilation: object = 1) -> Optional[np.ndarray]:
         """The staged CUDA kernel's program for an input of `input_shape` and this geometry, as
         host bytes (uint8) for callers that upload it themselves, or None where that kernel would
-        not pay (then pass no program: :func:`escoin.sconv`'s tile_program_ptr 0). Built from the
-        filter's values as they are now; a new array on each call."""
+        not pay (then pass no program: :func:`escoin.sconv`'s tile_program_ptr 0). A new array on
+        each call, the caller's to keep."""
         from escoin.geometry import descriptor
 
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)

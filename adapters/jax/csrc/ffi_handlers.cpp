@@ -127,8 +127,13 @@ ffi::Error cpu_forward(ffi::AnyBuffer x, ffi::AnyBuffer row_ptr, ffi::AnyBuffer 
   const Operands in{x, row_ptr, offsets, values, program, bias, residual};
   auto call = describe(in, *y, attributes);
   if (call.has_error()) return call.error();
-  // One workspace per thread, grown as needed: XLA's CPU runtime calls handlers from its own
-  // threads, and a call needs no more than its own.
+  // The core takes row_ptr[M] as the number of offsets and values: a larger one read past them.
+  const int64_t nnz = static_cast<const int64_t*>(row_ptr.untyped_data())[attributes.out_channels];
+  if (nnz != int64_t(offsets.element_count()))
+    return invalid("row_ptr[out_channels] is " + std::to_string(nnz) + " but there are " +
+                   std::to_string(offsets.element_count()) + " offsets");
+  // One workspace per thread, grown as needed and kept (the largest layer's, per XLA thread):
+  // XLA's CPU runtime calls handlers from its own threads, and a call runs to completion here.
   thread_local std::vector<unsigned char> workspace;
   if (workspace.size() < call->workspace_bytes) workspace.resize(call->workspace_bytes);
   // The checked entry (the program is the CUDA kernel's, unread here): it validates row_ptr and
@@ -154,7 +159,9 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
   auto call = describe(in, *y, attributes);
   if (call.has_error()) return call.error();
   if (call->dtype != ESCOIN_FLOAT32) return invalid("x must be float32 on CUDA");
-  // XLA's scratch memory lives until the call's work on `stream` is done.
+  // XLA's scratch memory returns to its allocator when this handler returns, before the kernels
+  // queued here have run; that allocator hands memory out in `stream` order, so whatever reuses
+  // it runs after them.
   auto workspace = scratch.Allocate(call->workspace_bytes, 256);
   if (!workspace.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,

@@ -86,17 +86,24 @@ def sample_layer(seed: int = 0, groups: int = 1):
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_gradients_match_float64(relu: bool) -> None:
-    """d/dx, d/dbias and d/dresidual of a weighted sum, against jax's dense convolution in float64."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradients_match_float64(relu: bool, dtype: str) -> None:
+    """d/dx, d/dbias and d/dresidual of a weighted sum, against jax's dense convolution in
+    float64 on the same (rounded) inputs; 16-bit gradients are computed in float32 and rounded
+    once."""
     filt, weight, x, bias = sample_layer()
-    residual = np.random.default_rng(1).standard_normal((3, 12, 5, 6)).astype(np.float32)
+    x, bias = np.asarray(jnp.asarray(x, dtype), np.float32), np.asarray(jnp.asarray(bias, dtype),
+                                                                         np.float32)
+    residual = np.asarray(jnp.asarray(
+        np.random.default_rng(1).standard_normal((3, 12, 5, 6)), dtype), np.float32)
     probe = np.random.default_rng(2).standard_normal((3, 12, 5, 6))
 
     def sparse_loss(x, b, r):
         y = escoin_jax.conv2d(x, filt, b, stride=2, padding=(1, 2), relu=relu, residual=r)
-        return (y * probe.astype(np.float32)).sum()
+        return (y.astype(jnp.float32) * probe.astype(np.float32)).sum()
 
-    grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))(x, bias, residual)
+    grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))(
+        *(jnp.asarray(a, dtype) for a in (x, bias, residual)))
     with jax.enable_x64(True):
         def dense_loss(x, b, r):
             y = lax.conv_general_dilated(x, jnp.asarray(weight, jnp.float64), (2, 2),
@@ -108,7 +115,9 @@ def test_gradients_match_float64(relu: bool) -> None:
         expected = jax.grad(dense_loss, argnums=(0, 1, 2))(
             *(jnp.asarray(a, jnp.float64) for a in (x, bias, residual)))
         for got, want in zip(grads, expected):
-            assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-5
+            assert got.dtype == dtype
+            assert relative_error(np.asarray(got, np.float64), np.asarray(want)) <= (
+                1e-5 if dtype == "float32" else TOLERANCE[dtype])
 
 
 def test_vmap_over_x_and_residual_is_one_batch() -> None:
@@ -168,6 +177,25 @@ def test_the_handler_refuses_offsets_outside_the_input() -> None:
     assert TARGET == "escoin_conv2d"
     with pytest.raises(Exception, match="escoin: .*offset"):
         _ffi_forward(broken, _Options(False, True, False), jnp.asarray(x), jnp.asarray(bias),
+                     None).block_until_ready()
+
+
+def test_the_handler_refuses_a_row_ptr_counting_more_than_the_offsets() -> None:
+    """row_ptr[M] is the core's count of offsets and values: one past theirs is an error, not a
+    read past them (a large one crashed the process)."""
+    from escoin.geometry import descriptor
+    from escoin_jax._ffi import ensure_registered
+    from escoin_jax.conv import _Options, _ffi_forward, _plan
+
+    filt, _, x, _ = sample_layer()
+    ensure_registered()
+    plan = _plan(filt, descriptor((1, 6, 10, 9), filt.shape, 1, 1, 0, 1) + (0,),
+                 np.dtype(np.float32))
+    row_ptr = np.asarray(filt.row_ptr).copy()
+    row_ptr[-1] = 1 << 40
+    broken = type(plan)(**{**plan.__dict__, "row_ptr": row_ptr.view(np.uint8)})
+    with pytest.raises(Exception, match=r"row_ptr\[out_channels\]"):
+        _ffi_forward(broken, _Options(False, False, False), jnp.asarray(x), None,
                      None).block_until_ready()
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import weakref
 from typing import Optional, Tuple
 
 import escoin
@@ -24,13 +26,14 @@ _DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
 class _Plan:
     """One filter's arrays for one input geometry (any batch), as the FFI call takes them; they
     become constants of the JAX program. Compared by identity: plans are cached per filter and
-    geometry, so equal calls share one."""
-    filt: escoin.SparseFilter
+    geometry, so equal calls share one. It holds the filter's arrays, not the filter, so that
+    the cache (weak on the filter) lets both go."""
     desc: tuple  # the C descriptor with batch 1
     out_hw: Tuple[int, int]
     row_ptr: np.ndarray  # int64 as bytes (JAX runs without 64-bit integers by default)
+    col_idx: np.ndarray  # for the dense weight the VJP differentiates
     offsets: np.ndarray
-    values: np.ndarray
+    values: np.ndarray  # in the compute type
     program: np.ndarray  # the staged CUDA kernel's, as bytes; empty where it would not pay
 
     def attributes(self, relu: bool) -> dict:
@@ -43,31 +46,54 @@ class _Plan:
         return attrs
 
     def dense_conv(self, x: jax.Array) -> jax.Array:
-        """The same convolution, dense, through XLA: what the VJP differentiates."""
+        """The same convolution, dense, through XLA: what the VJP differentiates (in x's
+        dtype: float32 or float64)."""
         d = self.desc
-        weight = jnp.asarray(self.filt.to_dense(), x.dtype)
+        row_ptr = self.row_ptr.view(np.int64)
+        rows = np.repeat(np.arange(d[4]), np.diff(row_ptr))
+        dense = np.zeros((d[4], d[1] // d[15] * d[5] * d[6]), self.values.dtype)
+        dense[rows, self.col_idx] = self.values
+        weight = jnp.asarray(dense.reshape(d[4], d[1] // d[15], d[5], d[6]), x.dtype)
         return lax.conv_general_dilated(
             x, weight, window_strides=(d[7], d[8]), padding=((d[9], d[10]), (d[11], d[12])),
             rhs_dilation=(d[13], d[14]), dimension_numbers=("NCHW", "OIHW", "NCHW"),
             feature_group_count=d[15], precision=lax.Precision.HIGHEST)
 
 
-@functools.lru_cache(maxsize=256)
+# Plans per filter (weakly: a filter's plans go with it) and per (descriptor, padding, compute
+# type). Filters are immutable, so a plan never goes stale.
+_plans: "weakref.WeakKeyDictionary[escoin.SparseFilter, dict]" = weakref.WeakKeyDictionary()
+_plans_lock = threading.Lock()
+
+
+def _gpu_present() -> bool:
+    """Whether this JAX has a GPU: only then is the CUDA kernel's program worth building (it
+    becomes a constant of every program that calls the filter, ~8 bytes a nonzero)."""
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
 def _plan(filt: escoin.SparseFilter, desc: tuple, compute: np.dtype) -> _Plan:
-    shape = desc[:4]
-    geometry = dict(stride=(desc[7], desc[8]), dilation=(desc[13], desc[14]))
-    # The descriptor's padding per side, as F.conv2d resolves it; escoin takes pairs, so
-    # 'same' with an even kernel (unequal sides) is handed over as the string it came from.
-    padding = desc[16]
-    _, _, oh, ow = escoin.output_shape(shape, filt, padding=padding, **geometry)
-    program = filt.tile_program(shape, padding=padding, **geometry)
-    return _Plan(
-        filt=filt, desc=desc[:16], out_hw=(oh, ow),
+    """desc: the C descriptor with batch 1, then the padding as the caller gave it."""
+    with _plans_lock:
+        found = _plans.setdefault(filt, {}).get((desc, compute))
+    if found is not None:
+        return found
+    shape, padding = desc[:4], desc[16]
+    geometry = dict(stride=(desc[7], desc[8]), padding=padding, dilation=(desc[13], desc[14]))
+    _, _, oh, ow = escoin.output_shape(shape, filt, **geometry)
+    program = filt.tile_program(shape, **geometry) if _gpu_present() else None
+    plan = _Plan(
+        desc=desc[:16], out_hw=(oh, ow),
         row_ptr=np.ascontiguousarray(filt.row_ptr, np.int64).view(np.uint8),
-        offsets=np.ascontiguousarray(escoin.stretch_offsets(filt, shape, padding=padding,
-                                                            **geometry)),
+        col_idx=filt.col_idx,
+        offsets=np.ascontiguousarray(escoin.stretch_offsets(filt, shape, **geometry)),
         values=np.ascontiguousarray(filt.values, compute),
         program=np.empty(0, np.uint8) if program is None else program)
+    with _plans_lock:
+        return _plans[filt].setdefault((desc, compute), plan)
 
 
 def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = None,
@@ -79,9 +105,10 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
 
     x is (N, C, H, W) or one image (C, H, W): float32 on a GPU; float32, float64, float16 or
     bfloat16 on the CPU. bias (M values) and residual (the output's shape) take x's dtype. Works
-    under ``jax.jit`` and ``jax.vmap`` (over x and residual: each mapped image becomes part of
-    the batch of one call) and ``jax.grad`` with respect to x, bias and residual (the input
-    gradient is computed densely by XLA); the filter itself is a constant.
+    under ``jax.jit``, ``jax.vmap`` (over x, and residual mapped alike: each mapped image
+    becomes part of the batch of one call; a mapped bias is refused) and ``jax.grad`` with
+    respect to x, bias and residual (the input gradient is computed densely by XLA, in float32
+    for 16-bit types); the filter itself is a constant.
     """
     if not isinstance(filt, escoin.SparseFilter):
         raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
@@ -154,8 +181,11 @@ def _sparse_conv_bwd(plan: _Plan, options: _Options, saved: tuple, grad: jax.Arr
     x, y = saved
     if options.relu:
         grad = jnp.where(y > 0, grad, jnp.zeros_like(grad))
-    _, pull = jax.vjp(plan.dense_conv, x)
-    (grad_x,) = pull(grad)
+    # 16-bit types are differentiated in float32, as they are computed, and rounded once.
+    compute = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    _, pull = jax.vjp(plan.dense_conv, x.astype(compute))
+    (grad_x,) = pull(grad.astype(compute))
+    grad_x = grad_x.astype(x.dtype)
     return (grad_x, grad.sum((0, 2, 3)) if options.has_bias else None,
             grad if options.has_residual else None)
 
