@@ -17,7 +17,8 @@ def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] 
     x is a float32 (N, C, H, W) or (C, H, W) cupy.ndarray (made C-contiguous if it is not).
     Work is queued on `stream` (default: CuPy's current stream on x's device); the output (unless
     `out` is given) and the workspace are allocated from CuPy's memory pool on that stream (its
-    free lists are per stream, so the workspace's reuse is ordered after this call). bias is a CuPy array of M values, or a host
+    free lists are per stream, so the workspace's reuse is ordered after this call; a custom CuPy
+    allocator must be stream-aware too). bias is a float32 CuPy array of M values, or a host
     array (copied synchronously: pass a CuPy array in hot loops); residual has the output's
     shape and is added before the ReLU.
     """
