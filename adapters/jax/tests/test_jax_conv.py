@@ -219,3 +219,16 @@ def test_gpu_gradients_and_16bit_refusal() -> None:
     assert relative_error(np.asarray(grad), np.asarray(dense, np.float64)) <= 1e-5
     with pytest.raises(Exception, match="float32 on CUDA"):
         escoin_jax.conv2d(jax.device_put(x.astype(np.float16), gpu), filt).block_until_ready()
+
+
+def test_the_lenet5_example_agrees_with_float64() -> None:
+    """examples/jax_lenet5_check.py: the whole network, logits and input gradient."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "examples" / "jax_lenet5_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("SUCCESS") == 2 and "FAILURE" not in done.stdout
