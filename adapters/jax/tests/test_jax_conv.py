@@ -154,6 +154,9 @@ def test_one_image_and_an_empty_batch() -> None:
     (lambda f, x, b: escoin_jax.conv2d(x, f, b, residual=x), "residual must have the output's"),
     (lambda f, x, b: escoin_jax.conv2d(x, f.to_dense(), b), "filt must be an escoin.SparseFilter"),
     (lambda f, x, b: escoin_jax.conv2d(x, f, b, stride=0), "stride must be >= 1"),
+    (lambda f, x, b: escoin_jax.conv2d(x[0, 0], f, b, data_format="NHWC"), r"\(N, H, W, C\)"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b, residual=x[0], data_format="NHWC"),
+     "residual must have x's 4 dimensions"),
 ])
 def test_bad_arguments_are_named(call, message: str) -> None:
     filt, _, x, bias = sample_layer()
@@ -232,3 +235,38 @@ def test_the_lenet5_example_agrees_with_float64() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("SUCCESS") == 2 and "FAILURE" not in done.stdout
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_channels_last_matches_the_nchw_reference(batched: bool) -> None:
+    """data_format='NHWC': x and residual channels-last in, the output channels-last out, and
+    gradients through the transposes."""
+    filt, weight, x, bias = sample_layer()
+    residual = np.random.default_rng(4).standard_normal((3, 12, 10, 9)).astype(np.float32)
+    expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, relu=True,
+                                residual=residual).transpose(0, 2, 3, 1)
+    x_last, residual_last = x.transpose(0, 2, 3, 1), residual.transpose(0, 2, 3, 1)
+    if not batched:
+        x_last, residual_last, expected = x_last[0], residual_last[0], expected[0]
+
+    def call(x, r):
+        return escoin_jax.conv2d(x, filt, bias, padding=1, relu=True, residual=r,
+                                 data_format="NHWC")
+
+    y = jax.jit(call)(x_last, residual_last)
+    assert y.shape == expected.shape
+    assert relative_error(np.asarray(y), expected) <= 1e-5
+    grad = jax.grad(lambda x: call(x, residual_last).sum())(x_last)
+
+    def dense_loss(x):  # XLA's channels-last convolution, batched
+        images = x if batched else x[None]
+        y = lax.conv_general_dilated(images, weight.transpose(2, 3, 1, 0), (1, 1),
+                                     ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=lax.Precision.HIGHEST)
+        shortcut = residual_last if batched else residual_last[None]
+        return jax.nn.relu(y + bias + shortcut).sum()
+
+    dense = jax.grad(dense_loss)(x_last)
+    assert relative_error(np.asarray(grad), np.asarray(dense, np.float64)) <= 1e-5
+    with pytest.raises(escoin.EscoinError, match="data_format must be"):
+        escoin_jax.conv2d(x, filt, data_format="CHWN")

@@ -98,10 +98,16 @@ def _plan(filt: escoin.SparseFilter, desc: tuple, compute: np.dtype) -> _Plan:
 
 def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = None,
            stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
-           relu: bool = False, residual: Optional[jax.Array] = None) -> jax.Array:
+           relu: bool = False, residual: Optional[jax.Array] = None,
+           data_format: str = "NCHW") -> jax.Array:
     """``relu(conv2d(x, filt.to_dense(), bias) + residual)`` with torch.nn.functional.conv2d's
     semantics (NCHW, stride, padding including 'same'/'valid', dilation, the filter's groups),
     computed by escoin from the filter's nonzeros.
+
+    data_format="NHWC" (Flax's layout) takes x and residual and returns the output channels-last;
+    escoin's kernels are NCHW, so XLA transposes x in and the output out (two copies a call).
+    The filter is always (M, C/groups, kh, kw): from a Flax kernel (kh, kw, C/groups, M) build it
+    with ``SparseFilter.from_dense(np.transpose(kernel, (3, 2, 0, 1)))``.
 
     x is (N, C, H, W) or one image (C, H, W): float32 on a GPU; float32, float64, float16 or
     bfloat16 on the CPU. bias (M values) and residual (the output's shape) take x's dtype. Works
@@ -110,6 +116,21 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     respect to x, bias and residual (the input gradient is computed densely by XLA, in float32
     for 16-bit types); the filter itself is a constant.
     """
+    if data_format == "NHWC":
+        x = jnp.asarray(x)
+        if x.ndim not in (3, 4):
+            raise escoin.EscoinError(f"x must have 3 or 4 dimensions (N, H, W, C), got {x.shape}")
+        if residual is not None and jnp.ndim(residual) != x.ndim:
+            raise escoin.EscoinError(f"residual must have x's {x.ndim} dimensions (channels "
+                                     f"last), got shape {jnp.shape(residual)}")
+        lead = tuple(range(x.ndim - 3))  # the batch axis, if any
+        to_nchw, to_nhwc = lead + (x.ndim - 1, x.ndim - 3, x.ndim - 2), lead + (
+            x.ndim - 2, x.ndim - 1, x.ndim - 3)
+        y = conv2d(jnp.transpose(x, to_nchw), filt, bias, stride, padding, dilation, relu,
+                   None if residual is None else jnp.transpose(jnp.asarray(residual), to_nchw))
+        return jnp.transpose(y, to_nhwc)
+    if data_format != "NCHW":
+        raise escoin.EscoinError(f"data_format must be 'NCHW' or 'NHWC', got {data_format!r}")
     if not isinstance(filt, escoin.SparseFilter):
         raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     x = jnp.asarray(x)
