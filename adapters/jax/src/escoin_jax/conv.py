@@ -37,11 +37,10 @@ class _Plan:
     program: np.ndarray  # the staged CUDA kernel's, as bytes; empty where it would not pay
 
     def attributes(self, relu: bool) -> dict:
-        d = self.desc
+        # The descriptor's fields after x's shape, in its order (escoin_conv_desc_t).
         names = ("out_channels", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
                  "pad_bottom", "pad_left", "pad_right", "dilation_h", "dilation_w", "groups")
-        fields = (d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15])
-        attrs = {name: np.int64(value) for name, value in zip(names, fields)}
+        attrs = {name: np.int64(value) for name, value in zip(names, self.desc[4:16])}
         attrs["relu"] = bool(relu)
         return attrs
 
