@@ -2,13 +2,14 @@
 // one for the CPU, one for CUDA. They reach the core through the table the escoin package hands
 // out (escoin.c_api(); escoin_jax_set_api below), not by linking it, so a process holds one core.
 //
-// Operands (escoin_jax/conv.py builds them): x (..., C, H, W) of the call's dtype, the filter's
+// Operands (escoin_jax/conv.py builds them): x (N, C, H, W) of the call's dtype, the filter's
 // row_ptr as raw bytes (int64 in memory: JAX runs without 64-bit integers by default), its
 // stretched offsets (int32) for this geometry, its values (the compute type), the staged CUDA
 // kernel's program as bytes (empty for none; the CPU handler ignores it), then the bias (M
-// values) and the residual (y's shape), each empty when absent. Every leading dimension of x
-// before (C, H, W) is batch, so vmap's expand_dims adds images. Attributes: the weight's
-// geometry beyond x's shape, and the ReLU.
+// values) and the residual (y's shape), each empty when absent; x, bias, residual and y may
+// carry axes jax.vmap added in front (MappedAxes). Attributes: the weight's geometry beyond
+// x's shape, and the ReLU.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -67,12 +68,67 @@ struct Operands {
   ffi::AnyBuffer x, row_ptr, offsets, values, program, bias, residual;
 };
 
-// One call's geometry, element type and workspace size, checked against its buffers: a wrong
-// shape is an error, never an out-of-bounds access.
+// The axes jax.vmap added in front of an operand's own (expand_dims: every operand gets each
+// of them, of size 1 where it is not mapped), and which block of the operand call i reads.
+struct MappedAxes {
+  std::vector<int64_t> sizes;
+
+  bool broadcasts_to(const MappedAxes& output) const {
+    for (size_t a = 0; a < sizes.size(); ++a)
+      if (sizes[a] != output.sizes[a] && sizes[a] != 1) return false;
+    return true;
+  }
+  bool all_ones() const {
+    for (int64_t size : sizes)
+      if (size != 1) return false;
+    return true;
+  }
+  // The block of this operand that call i (row-major over the output's axes) reads.
+  int64_t block(int64_t i, const MappedAxes& output) const {
+    int64_t block = 0, stride = 1;
+    for (size_t a = sizes.size(); a-- > 0;) {
+      const int64_t index = i % output.sizes[a];
+      i /= output.sizes[a];
+      if (sizes[a] != 1) block += index * stride;
+      stride *= sizes[a];
+    }
+    return block;
+  }
+};
+
+MappedAxes mapped_axes(const ffi::AnyBuffer& buffer, size_t own_rank) {
+  const auto dims = buffer.dimensions();
+  return MappedAxes{std::vector<int64_t>(dims.begin(), dims.end() - own_rank)};
+}
+
+// What a handler runs: the geometry of one core call, its element type and workspace size, and
+// how many calls (one per block of the vmapped axes, or one for all where x, residual and the
+// output are mapped alike and the bias is not: their blocks are then consecutive images).
+// Checked against the buffers: a wrong shape is an error, never an out-of-bounds access.
 struct Call {
   escoin_conv_desc_t desc;
   escoin_dtype_t dtype;
   size_t workspace_bytes;
+  int64_t calls;
+  MappedAxes y_axes, x_axes, bias_axes, residual_axes;
+  size_t x_block, bias_block, out_block;  // bytes of each operand one call reads or writes
+
+  template <typename Launch>
+  ffi::Error run(const Operands& in, ffi::AnyBuffer& y, Launch launch) const {
+    for (int64_t i = 0; i < calls; ++i) {
+      auto at = [&](const ffi::AnyBuffer& buffer, const MappedAxes& axes, size_t bytes) {
+        return buffer.element_count() == 0
+                   ? nullptr
+                   : static_cast<const char*>(buffer.untyped_data()) +
+                         size_t(axes.block(i, y_axes)) * bytes;
+      };
+      if (!launch(at(in.x, x_axes, x_block), at(in.bias, bias_axes, bias_block),
+                  at(in.residual, residual_axes, out_block),
+                  static_cast<char*>(y.untyped_data()) + size_t(i) * out_block))
+        return escoin_failed();
+    }
+    return ffi::Error::Success();
+  }
 };
 
 ffi::ErrorOr<Call> describe(const Operands& in, const ffi::AnyBuffer& y,
@@ -84,25 +140,52 @@ ffi::ErrorOr<Call> describe(const Operands& in, const ffi::AnyBuffer& y,
   if (y.element_type() != in.x.element_type())
     return ffi::Unexpected(invalid("the output's dtype must be x's"));
   const auto dims = in.x.dimensions();
-  if (dims.size() < 3) return ffi::Unexpected(invalid("x must have at least 3 dimensions"));
-  int64_t batch = 1;
-  for (size_t i = 0; i + 3 < dims.size(); ++i) batch *= dims[i];
   const size_t rank = dims.size();
-  call.desc = escoin_conv_desc_t{batch,        dims[rank - 3], dims[rank - 2], dims[rank - 1],
+  if (rank < 4 || y.dimensions().size() != rank)
+    return ffi::Unexpected(invalid("x and the output must be (N, C, H, W) behind the same "
+                                   "vmapped axes"));
+  const bool has_bias = in.bias.element_count() != 0;
+  const bool has_residual = in.residual.element_count() != 0;
+  if ((has_bias && in.bias.dimensions().size() < 1) ||
+      (has_residual && in.residual.dimensions().size() < 4))
+    return ffi::Unexpected(invalid("bias must be (M,) and residual (N, M, OH, OW)"));
+  call.x_axes = mapped_axes(in.x, 4);
+  call.y_axes = mapped_axes(y, 4);
+  call.bias_axes = has_bias ? mapped_axes(in.bias, 1) : call.y_axes;
+  call.residual_axes = has_residual ? mapped_axes(in.residual, 4) : call.y_axes;
+  if (call.bias_axes.sizes.size() != rank - 4 || call.residual_axes.sizes.size() != rank - 4 ||
+      !call.x_axes.broadcasts_to(call.y_axes) || !call.bias_axes.broadcasts_to(call.y_axes) ||
+      !call.residual_axes.broadcasts_to(call.y_axes))
+    return ffi::Unexpected(invalid("x, bias and residual must be mapped over the output's axes"));
+  int64_t blocks = 1;
+  for (int64_t size : call.y_axes.sizes) blocks *= size;
+  const bool one_call = call.x_axes.sizes == call.y_axes.sizes &&
+                        call.residual_axes.sizes == call.y_axes.sizes &&
+                        (!has_bias || call.bias_axes.all_ones());
+  call.calls = one_call ? 1 : blocks;
+  const int64_t images = dims[rank - 4];
+  call.desc = escoin_conv_desc_t{one_call ? blocks * images : images,
+                                 dims[rank - 3], dims[rank - 2], dims[rank - 1],
                                  a.out_channels, a.kernel_h,   a.kernel_w,     a.stride_h,
                                  a.stride_w,   a.pad_top,      a.pad_bottom,   a.pad_left,
                                  a.pad_right,  a.dilation_h,   a.dilation_w,   a.groups};
-  // Before the output's size: a vmapped bias (with x unmapped) shows as the wrong bias.
-  if (in.bias.element_count() != 0 && (in.bias.element_type() != in.x.element_type() ||
-                                       in.bias.element_count() != size_t(a.out_channels)))
+  if (has_bias && (in.bias.element_type() != in.x.element_type() ||
+                   in.bias.dimensions().back() != a.out_channels))
     return ffi::Unexpected(invalid("bias must hold out_channels values of x's dtype"));
   escoin_layout_t layout;
   if (g_escoin->conv_layout(&call.desc, &layout) != ESCOIN_SUCCESS)
     return ffi::Unexpected(escoin_failed());
-  const size_t outputs = size_t(batch * a.out_channels * layout.out_height * layout.out_width);
+  const int64_t per_call = call.desc.batch * a.out_channels * layout.out_height *
+                           layout.out_width;
+  const size_t outputs = size_t(per_call * call.calls);
   if (y.element_count() != outputs)
     return ffi::Unexpected(invalid("the output has " + std::to_string(y.element_count()) +
                                    " elements, the geometry gives " + std::to_string(outputs)));
+  const auto y_dims = y.dimensions();
+  if (has_residual && (in.residual.element_type() != in.x.element_type() ||
+                       !std::equal(in.residual.dimensions().end() - 4,
+                                   in.residual.dimensions().end(), y_dims.end() - 4)))
+    return ffi::Unexpected(invalid("residual must have the output's shape and dtype"));
   if (in.row_ptr.size_bytes() != size_t(a.out_channels + 1) * sizeof(int64_t))
     return ffi::Unexpected(invalid("row_ptr must hold out_channels + 1 int64 values"));
   if (in.offsets.element_type() != ffi::DataType::S32)
@@ -112,9 +195,11 @@ ffi::ErrorOr<Call> describe(const Operands& in, const ffi::AnyBuffer& y,
   if (in.values.element_type() != compute ||
       in.values.element_count() != in.offsets.element_count())
     return ffi::Unexpected(invalid("values must be one per offset, in the compute type"));
-  if (in.residual.element_count() != 0 && (in.residual.element_type() != in.x.element_type() ||
-                                           in.residual.element_count() != outputs))
-    return ffi::Unexpected(invalid("residual must have the output's shape and dtype"));
+  const size_t element = ffi::ByteWidth(in.x.element_type());
+  call.x_block = size_t(call.desc.batch * dims[rank - 3] * dims[rank - 2] * dims[rank - 1]) *
+                 element;
+  call.bias_block = size_t(a.out_channels) * element;
+  call.out_block = size_t(per_call) * element;
   if (g_escoin->workspace_size(&call.desc, call.dtype, &call.workspace_bytes) != ESCOIN_SUCCESS)
     return ffi::Unexpected(escoin_failed());
   return call;
@@ -139,15 +224,15 @@ ffi::Error cpu_forward(ffi::AnyBuffer x, ffi::AnyBuffer row_ptr, ffi::AnyBuffer 
   // The checked entry (the program is the CUDA kernel's, unread here): it validates row_ptr and
   // every offset against the geometry, so no buffer reaching this target can make the kernel
   // read outside x.
-  if (g_escoin->conv2d_forward_cpu(&call->desc, call->dtype, x.untyped_data(),
-                                   static_cast<const int64_t*>(row_ptr.untyped_data()),
-                                   static_cast<const int32_t*>(data_or_null(offsets)),
-                                   data_or_null(values), data_or_null(bias),
-                                   data_or_null(residual), attributes.relu ? 1 : 0,
-                                   y->untyped_data(), workspace.data(),
-                                   call->workspace_bytes) != ESCOIN_SUCCESS)
-    return escoin_failed();
-  return ffi::Error::Success();
+  return call->run(in, *y, [&](const void* x_at, const void* bias_at, const void* residual_at,
+                               void* y_at) {
+    return g_escoin->conv2d_forward_cpu(
+               &call->desc, call->dtype, x_at,
+               static_cast<const int64_t*>(row_ptr.untyped_data()),
+               static_cast<const int32_t*>(data_or_null(offsets)), data_or_null(values),
+               bias_at, residual_at, attributes.relu ? 1 : 0, y_at, workspace.data(),
+               call->workspace_bytes) == ESCOIN_SUCCESS;
+  });
 }
 
 ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scratch,
@@ -161,7 +246,7 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
   if (call->dtype != ESCOIN_FLOAT32) return invalid("x must be float32 on CUDA");
   // XLA's scratch memory returns to its allocator when this handler returns, before the kernels
   // queued here have run; that allocator hands memory out in `stream` order, so whatever reuses
-  // it runs after them.
+  // it runs after them (and so do this handler's own calls, which share it).
   auto workspace = scratch.Allocate(call->workspace_bytes, 256);
   if (!workspace.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
@@ -169,15 +254,15 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
                           "-byte workspace");
   // The CUDA entry trusts the filter's arrays (they live on the device): escoin_jax.conv2d
   // builds them from one filter object for this geometry.
-  if (g_escoin->conv2d_forward_cuda(
-          &call->desc, call->dtype, x.untyped_data(),
-          static_cast<const int64_t*>(row_ptr.untyped_data()),
-          static_cast<const int32_t*>(data_or_null(offsets)), data_or_null(values),
-          data_or_null(program), data_or_null(bias), data_or_null(residual),
-          attributes.relu ? 1 : 0, y->untyped_data(), *workspace, call->workspace_bytes, device,
-          stream) != ESCOIN_SUCCESS)
-    return escoin_failed();
-  return ffi::Error::Success();
+  return call->run(in, *y, [&](const void* x_at, const void* bias_at, const void* residual_at,
+                               void* y_at) {
+    return g_escoin->conv2d_forward_cuda(
+               &call->desc, call->dtype, x_at,
+               static_cast<const int64_t*>(row_ptr.untyped_data()),
+               static_cast<const int32_t*>(data_or_null(offsets)), data_or_null(values),
+               data_or_null(program), bias_at, residual_at, attributes.relu ? 1 : 0, y_at,
+               *workspace, call->workspace_bytes, device, stream) == ESCOIN_SUCCESS;
+  });
 }
 
 // The operands and attributes both handlers bind, after their context.

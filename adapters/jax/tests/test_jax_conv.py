@@ -132,10 +132,39 @@ def test_vmap_over_x_and_residual_is_one_batch() -> None:
     assert relative_error(np.asarray(y).reshape(expected.shape), expected) <= 1e-5
 
 
-def test_a_mapped_bias_is_refused_by_the_handler() -> None:
-    filt, _, x, bias = sample_layer()
-    with pytest.raises(Exception, match="bias must hold out_channels"):
-        jax.vmap(lambda b: escoin_jax.conv2d(x, filt, b))(np.stack([bias, bias])).block_until_ready()
+@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, None), (None, 0, 0), (0, None, 0),
+                                     (None, None, 0)])
+def test_vmap_maps_any_of_x_bias_and_residual(in_axes: tuple) -> None:
+    """Each operand mapped or not: the handler runs one call per mapped block where they are not
+    mapped alike, and the result is the loop of the unmapped calls."""
+    filt, weight, x, bias = sample_layer()
+    rng = np.random.default_rng(5)
+    xs = np.stack([x, rng.standard_normal(x.shape).astype(np.float32)])
+    biases = np.stack([bias, -bias])
+    residuals = rng.standard_normal((2, 3, 12, 8, 7)).astype(np.float32)
+    args = [xs if in_axes[0] == 0 else x, biases if in_axes[1] == 0 else bias,
+            residuals if in_axes[2] == 0 else residuals[0]]
+    y = jax.jit(jax.vmap(lambda x, b, r: escoin_jax.conv2d(x, filt, b, relu=True, residual=r),
+                         in_axes=in_axes))(*args)
+    for k in range(2):
+        pick = [a[k] if axis == 0 else a for a, axis in zip(args, in_axes)]
+        expected = conv2d_reference(pick[0], weight, pick[1], (1, 1), (0, 0, 0, 0), (1, 1), 1,
+                                    relu=True, residual=pick[2])
+        assert relative_error(np.asarray(y[k]), expected) <= 1e-5
+
+
+def test_nested_vmap_with_the_bias_mapped_on_the_outer_axis() -> None:
+    filt, weight, x, bias = sample_layer()
+    xs = np.stack([np.stack([x, 2 * x, -x]), np.stack([-x, x, 3 * x])])  # (2, 3, N, C, H, W)
+    biases = np.stack([bias, 2 * bias])
+    inner = jax.vmap(lambda x, b: escoin_jax.conv2d(x, filt, b, padding=1), in_axes=(0, None))
+    y = jax.jit(jax.vmap(inner, in_axes=(0, 0)))(xs, biases)
+    assert y.shape == (2, 3, 3, 12, 10, 9)
+    for i in range(2):
+        for j in range(3):
+            expected = conv2d_reference(xs[i, j], weight, biases[i], (1, 1), (1, 1, 1, 1),
+                                        (1, 1), 1)
+            assert relative_error(np.asarray(y[i, j]), expected) <= 1e-5
 
 
 def test_one_image_and_an_empty_batch() -> None:

@@ -110,10 +110,10 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
 
     x is (N, C, H, W) or one image (C, H, W): float32 on a GPU; float32, float64, float16 or
     bfloat16 on the CPU. bias (M values) and residual (the output's shape) take x's dtype. Works
-    under ``jax.jit``, ``jax.vmap`` (over x, and residual mapped alike: each mapped image
-    becomes part of the batch of one call; a mapped bias is refused) and ``jax.grad`` with
-    respect to x, bias and residual (the input gradient is computed densely by XLA, in float32
-    for 16-bit types); the filter itself is a constant.
+    under ``jax.jit``, ``jax.vmap`` (of any of x, bias and residual: where x and residual are
+    mapped alike and bias is not, every mapped image joins one call's batch) and ``jax.grad``
+    with respect to x, bias and residual (the input gradient is computed densely by XLA, in
+    float32 for 16-bit types); the filter itself is a constant.
     """
     if data_format == "NHWC":
         x = jnp.asarray(x)
@@ -177,8 +177,9 @@ def _ffi_forward(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[ja
                  residual: Optional[jax.Array]) -> jax.Array:
     empty = jnp.zeros((0,), x.dtype)
     out = jax.ShapeDtypeStruct((x.shape[0], plan.desc[4]) + plan.out_hw, x.dtype)
-    # expand_dims: under vmap every leading dimension of x is batch to the handler, and the
-    # filter's arrays (unmapped) keep their element counts.
+    # expand_dims: under vmap every operand gets the mapped axes in front, of size 1 where it is
+    # not mapped; the handler reads x, bias and residual per block of them, and the filter's
+    # arrays (never mapped) by their element counts.
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
     return call(x, plan.row_ptr, plan.offsets, plan.values, plan.program,
                 empty if bias is None else bias, empty if residual is None else residual,
