@@ -23,16 +23,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from suite import LAYERS, Layer, pruned_weight  # noqa: E402
 
-TILE_ROWS = 16  # the M of mma.sync: output channels per tile
 
 
-def packed_groups(masks: np.ndarray, group: int, per_row: int) -> int:
+def packed_groups(masks: np.ndarray, group: int, per_row: int, tile_rows: int) -> int:
     """Groups of `group` columns needed to hold the columns whose row masks are `masks`, no row
     having more than `per_row` nonzeros in a group (first fit over the few newest open groups,
     fullest columns first; conflicts are rare, so this is near the lower bound)."""
     open_groups: List[List] = []  # [row counts, columns held]
     count = 0
-    rows = np.arange(TILE_ROWS)
+    rows = np.arange(tile_rows)
     for mask in sorted(masks.tolist(), key=lambda m: -bin(m).count("1")):
         bits = (mask >> rows) & 1
         for index in range(max(0, len(open_groups) - 8), len(open_groups)):
@@ -49,19 +48,20 @@ def packed_groups(masks: np.ndarray, group: int, per_row: int) -> int:
     return count
 
 
-def tile_work(weight: np.ndarray) -> Dict[str, float]:
-    """Dense-equivalent K summed over the 16-row tiles, per scheme: the MMA columns paid for."""
+def tile_work(weight: np.ndarray, tile_rows: int) -> Dict[str, float]:
+    """Dense-equivalent K summed over the tiles of `tile_rows` output channels (16, the MMA's M,
+    or 32: two MMAs sharing their B operand), per scheme: the MMA columns paid for."""
     out_channels = weight.shape[0]
     columns = weight.reshape(out_channels, -1) != 0
     work = {"dense": 0.0, "sparse 1:2": 0.0, "sparse 2:4": 0.0}
-    for first in range(0, out_channels, TILE_ROWS):
-        tile = columns[first:first + TILE_ROWS]
-        tile = np.pad(tile, ((0, TILE_ROWS - tile.shape[0]), (0, 0)))
-        masks = (tile * (1 << np.arange(TILE_ROWS))[:, None]).sum(axis=0)
+    for first in range(0, out_channels, tile_rows):
+        tile = columns[first:first + tile_rows]
+        tile = np.pad(tile, ((0, tile_rows - tile.shape[0]), (0, 0)))
+        masks = (tile * (1 << np.arange(tile_rows, dtype=np.int64))[:, None]).sum(axis=0)
         masks = masks[masks != 0]
-        work["dense"] += TILE_ROWS * len(masks)
-        work["sparse 1:2"] += TILE_ROWS * 2 * packed_groups(masks, 2, 1)
-        work["sparse 2:4"] += TILE_ROWS * 4 * packed_groups(masks, 4, 2)
+        work["dense"] += tile_rows * len(masks)
+        work["sparse 1:2"] += tile_rows * 2 * packed_groups(masks, 2, 1, tile_rows)
+        work["sparse 2:4"] += tile_rows * 4 * packed_groups(masks, 4, 2, tile_rows)
     return work
 
 
@@ -125,6 +125,7 @@ def probe_rates(path: str) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--tile-rows", type=int, choices=(16, 32), default=16)
     parser.add_argument("--probe", help="a file holding mma_rate_probe.cu's output")
     parser.add_argument("--floor-rate", type=float,
                         help="the strict-fp32 rate that defines the floor, TFLOP/s")
@@ -137,14 +138,14 @@ def main() -> None:
         products = parts * (parts + 1) // 2
         print(f"{fmt} in {parts} part(s), {products} product(s): relative error "
               f"{split_product_error(rng, fmt, parts):.2e}")
-    print(f"\nsparsity {args.sparsity}: " + (
+    print(f"\nsparsity {args.sparsity}, tiles of {args.tile_rows} rows: " + (
         "ceiling in x the floor (products x columns paid per nonzero x floor rate / MMA rate)"
         if rates else "MMA columns paid per nonzero (dense-equivalent work / nnz)"))
     print("layer".ljust(14) + "".join(f"{name:>11}" for name in SCHEMES))
     ceilings: Dict[str, List[float]] = {name: [] for name in SCHEMES}
     for layer in (l for net in LAYERS.values() for l in net):
         weight = pruned_weight(layer, args.sparsity, rng)
-        work = tile_work(weight)
+        work = tile_work(weight, args.tile_rows)
         row = layer.name.ljust(14)
         for name, (instruction, count) in SCHEMES.items():
             value = work[count] / np.count_nonzero(weight)
