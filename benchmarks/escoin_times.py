@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import escoin  # noqa: E402
-from gpu_layers import escoin_case, time_ms  # noqa: E402
+from gpu_layers import escoin_case  # noqa: E402
+from gpu_timing import time_ms  # noqa: E402
 from suite import LAYERS, Layer, geomean, pruned_weight  # noqa: E402
 
 SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}

@@ -195,7 +195,7 @@ def probe(spec: str, rate: float) -> Dict:
 
 def main() -> None:
     import torch
-    from gpu_layers import fp32_rate
+    from gpu_timing import fp32_rate
 
     rate = fp32_rate(torch)
     print(f"strict fp32 matmul {rate / 1e12:.1f} TFLOP/s")

@@ -5,7 +5,7 @@ dispatcher's choices (the staged kernel at every batch, where its tile program i
     python benchmarks/kernel_choice.py --batches 8 16 32 --sparsities 0.8 0.9
 
 Layers without a tile program (fewer than 16 output channels per group, rows too wide for
-shared memory) run the streaming kernel only and are listed as such. Times are CUDA-graph medians (gpu_layers.time_ms).
+shared memory) run the streaming kernel only and are listed as such. Times are CUDA-graph medians (gpu_timing.time_ms).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import escoin  # noqa: E402
-from gpu_layers import time_ms  # noqa: E402
+from gpu_timing import time_ms  # noqa: E402
 from suite import LAYERS, Layer, geomean, layers, output_size, pruned_weight  # noqa: E402
 
 
