@@ -30,7 +30,7 @@ python3 -m pip install -q --no-build-isolation --no-deps ./adapters/cupy 2>&1 | 
   echo "escoin-cupy did not install"
 python3 -c "import escoin; print(escoin.build_info(), 'cuda_available:', escoin.cuda_available())"
 echo "== tests"
-python3 -m pytest -q tests adapters/*/tests --continue-on-collection-errors -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -15 ||
+python3 -m pytest -q -rs tests adapters/*/tests --continue-on-collection-errors -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -15 ||
   echo "TESTS FAILED (the benchmark still runs)"
 # GPUs with 100 KB of shared memory per SM run the staged kernel's other form (entries handed out
 # by shuffles): the GPU tests again in that form.

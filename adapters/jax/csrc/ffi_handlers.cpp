@@ -243,15 +243,24 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
   const Operands in{x, row_ptr, offsets, values, program, bias, residual};
   auto call = describe(in, *y, attributes);
   if (call.has_error()) return call.error();
-  if (call->dtype != ESCOIN_FLOAT32) return invalid("x must be float32 on CUDA");
+  // escoin_jax.conv2d widens 16-bit types to float32 around a CUDA call; float64 stays on the CPU.
+  if (call->dtype != ESCOIN_FLOAT32)
+    return invalid("x must be float32, float16 or bfloat16 on CUDA (float64 runs on the CPU)");
   // XLA's scratch memory returns to its allocator when this handler returns, before the kernels
   // queued here have run; that allocator hands memory out in `stream` order, so whatever reuses
-  // it runs after them (and so do this handler's own calls, which share it).
-  auto workspace = scratch.Allocate(call->workspace_bytes, 256);
-  if (!workspace.has_value())
+  // it runs after them (and so do this handler's own calls, which share it). XLA promises at
+  // most 16-byte alignment (a larger request fails), so the workspace is rounded up to the 256
+  // bytes the kernels' copies are laid out for inside a slightly larger block.
+  constexpr size_t kWorkspaceAlignment = 256, kScratchAlignment = 16;
+  auto block = scratch.Allocate(call->workspace_bytes + kWorkspaceAlignment - kScratchAlignment,
+                                kScratchAlignment);
+  if (!block.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "escoin: no device memory for a " + std::to_string(call->workspace_bytes) +
                           "-byte workspace");
+  const uintptr_t at = reinterpret_cast<uintptr_t>(*block);
+  void* const workspace = reinterpret_cast<void*>((at + kWorkspaceAlignment - 1) &
+                                                  ~uintptr_t{kWorkspaceAlignment - 1});
   // The CUDA entry trusts the filter's arrays (they live on the device): escoin_jax.conv2d
   // builds them from one filter object for this geometry.
   return call->run(in, *y, [&](const void* x_at, const void* bias_at, const void* residual_at,
@@ -261,7 +270,7 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
                static_cast<const int64_t*>(row_ptr.untyped_data()),
                static_cast<const int32_t*>(data_or_null(offsets)), data_or_null(values),
                data_or_null(program), bias_at, residual_at, attributes.relu ? 1 : 0, y_at,
-               *workspace, call->workspace_bytes, device, stream) == ESCOIN_SUCCESS;
+               workspace, call->workspace_bytes, device, stream) == ESCOIN_SUCCESS;
   });
 }
 

@@ -240,17 +240,33 @@ def test_random_geometry_on_the_gpu(case: ConvCase) -> None:
 
 
 @pytest.mark.cuda
-def test_gpu_gradients_and_16bit_refusal() -> None:
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@settings(max_examples=15, deadline=None)
+@given(case=conv_cases(max_batch=9))
+def test_16bit_types_on_the_gpu_round_once(dtype: str, case: ConvCase) -> None:
+    gpu = jax.devices("gpu")[0]
+    assert run_case(case, dtype, residual=True, device=gpu) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_gpu_gradients_and_float64_refusal() -> None:
     gpu = jax.devices("gpu")[0]
     filt, weight, x, bias = sample_layer()
     xg = jax.device_put(x, gpu)
-    grad = jax.jit(jax.grad(lambda x: escoin_jax.conv2d(x, filt, bias, padding=1).sum()))(xg)
-    dense = jax.grad(lambda x: lax.conv_general_dilated(
-        x, weight, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        precision=lax.Precision.HIGHEST).sum())(x)
-    assert relative_error(np.asarray(grad), np.asarray(dense, np.float64)) <= 1e-5
-    with pytest.raises(Exception, match="float32 on CUDA"):
-        escoin_jax.conv2d(jax.device_put(x.astype(np.float16), gpu), filt).block_until_ready()
+    # With the ReLU the gradient needs the forward's output, so the kernel runs (without it XLA
+    # drops the call: the sum's gradient does not depend on its value).
+    grad = jax.jit(jax.grad(
+        lambda x: escoin_jax.conv2d(x, filt, bias, padding=1, relu=True).sum()))(xg)
+
+    def dense(x):
+        y = lax.conv_general_dilated(x, weight, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                     precision=lax.Precision.HIGHEST)
+        return jnp.maximum(y + bias[None, :, None, None], 0).sum()
+
+    assert relative_error(np.asarray(grad), np.asarray(jax.grad(dense)(x), np.float64)) <= 1e-5
+    with jax.enable_x64(True), pytest.raises(Exception, match="float64 runs on the CPU"):
+        escoin_jax.conv2d(jax.device_put(x.astype(np.float64), gpu), filt).block_until_ready()
 
 
 def test_the_lenet5_example_agrees_with_float64() -> None:
