@@ -45,9 +45,30 @@ __device__ __forceinline__ void sparse_mma(float (&d)[4], const uint4& a, const 
         "r"(meta));
 }
 
+// A step's A fragments: the weights' bf16 high and low parts and the metadata, per half.
+template <int kHalves>
+struct Weights {
+  uint4 hi[kHalves], lo[kHalves];
+  unsigned meta[kHalves];
+
+  __device__ __forceinline__ void load(const uint4* a, const unsigned* meta_words, int step,
+                                       int lane) {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int at = ((step * 2 + h) * 32 + lane) * 2;
+      hi[h] = __ldg(&a[at]);
+      lo[h] = __ldg(&a[at + 1]);
+      meta[h] = __ldg(&meta_words[(step * 2 + h) * 32 + lane]);
+    }
+  }
+};
+
 // a: per step, per half, per lane: high uint4 then low uint4. meta: per step, per half, per
 // lane. columns: per step, per t, the 8 shared-memory word offsets of that lane's columns.
-template <int kHalves>
+// kScheduled: the next step's A fragments load during this step's MMAs, every fragment's B
+// registers load first, and the MMAs go product by product, so the three products on one
+// accumulator are 4 x kHalves MMAs apart; otherwise each fragment loads and multiplies in turn.
+template <int kHalves, bool kScheduled>
 __global__ void __launch_bounds__(kWarps * 32)
 loop(const uint4* __restrict__ a, const unsigned* __restrict__ meta,
      const int4* __restrict__ columns, const unsigned* __restrict__ x_words, float* out) {
@@ -60,22 +81,20 @@ loop(const uint4* __restrict__ a, const unsigned* __restrict__ meta,
   const int g = lane / 4, t = lane % 4;
   const int position = (warp * kFragments * 8 + g) % 64;  // positions of this warp's fragments
   float d[kHalves][kFragments][4] = {};
+  Weights<kHalves> w, next;
+  next.load(a, meta, 0, lane);
   for (int pass = 0; pass < kPasses; ++pass) {
     for (int step = 0; step < kSteps; ++step) {
-      uint4 a_hi[kHalves], a_lo[kHalves];
-      unsigned m[kHalves];
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-        const int at = ((step * 2 + h) * 32 + lane) * 2;
-        a_hi[h] = __ldg(&a[at]);
-        a_lo[h] = __ldg(&a[at + 1]);
-        m[h] = __ldg(&meta[(step * 2 + h) * 32 + lane]);
+      if (kScheduled) {
+        w = next;
+        next.load(a, meta, (step + 1) % kSteps, lane);
+      } else {
+        w.load(a, meta, step, lane);
       }
       const int4 c0 = column_table[(step * 4 + t) * 2], c1 = column_table[(step * 4 + t) * 2 + 1];
       const int offsets[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-#pragma unroll
-      for (int f = 0; f < kFragments; ++f) {
-        unsigned b_hi[4], b_lo[4];
+      // B registers: columns 8j + 2t and 8j + 2t + 1 at this lane's position of fragment f.
+      auto load_b = [&](int f, unsigned (&b_hi)[4], unsigned (&b_lo)[4]) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const unsigned w0 = x[offsets[2 * j] + position + 8 * f];
@@ -83,11 +102,30 @@ loop(const uint4* __restrict__ a, const unsigned* __restrict__ meta,
           b_hi[j] = __byte_perm(w0, w1, 0x7632);  // the high halves: bf16 high parts
           b_lo[j] = __byte_perm(w0, w1, 0x5410);  // the low halves: bf16 low parts
         }
+      };
+      if (kScheduled) {
+        unsigned b_hi[kFragments][4], b_lo[kFragments][4];
 #pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-          sparse_mma(d[h][f], a_hi[h], b_hi, m[h]);
-          sparse_mma(d[h][f], a_hi[h], b_lo, m[h]);
-          sparse_mma(d[h][f], a_lo[h], b_hi, m[h]);
+        for (int f = 0; f < kFragments; ++f) load_b(f, b_hi[f], b_lo[f]);
+#pragma unroll
+        for (int product = 0; product < 3; ++product)
+#pragma unroll
+          for (int f = 0; f < kFragments; ++f)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h)
+              sparse_mma(d[h][f], product == 2 ? w.lo[h] : w.hi[h],
+                         product == 1 ? b_lo[f] : b_hi[f], w.meta[h]);
+      } else {
+#pragma unroll
+        for (int f = 0; f < kFragments; ++f) {
+          unsigned b_hi[4], b_lo[4];
+          load_b(f, b_hi, b_lo);
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h) {
+            sparse_mma(d[h][f], w.hi[h], b_hi, w.meta[h]);
+            sparse_mma(d[h][f], w.hi[h], b_lo, w.meta[h]);
+            sparse_mma(d[h][f], w.lo[h], b_hi, w.meta[h]);
+          }
         }
       }
     }
@@ -115,7 +153,7 @@ std::vector<int> column_offsets(bool spread) {
   return offsets;
 }
 
-template <int kHalves>
+template <int kHalves, bool kScheduled>
 void measure(const char* name, bool spread, int sms, const uint4* a, const unsigned* meta,
              const unsigned* x_words, float* out) {
   const std::vector<int> host = column_offsets(spread);
@@ -124,7 +162,7 @@ void measure(const char* name, bool spread, int sms, const uint4* a, const unsig
   CHECK(cudaMemcpy(columns, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
   const int blocks = sms * 2;
   for (int warm = 0; warm < 2; ++warm)
-    loop<kHalves><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
+    loop<kHalves, kScheduled><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
   CHECK(cudaGetLastError());
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
@@ -132,7 +170,7 @@ void measure(const char* name, bool spread, int sms, const uint4* a, const unsig
   const int reps = 5;
   CHECK(cudaEventRecord(start));
   for (int r = 0; r < reps; ++r)
-    loop<kHalves><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
+    loop<kHalves, kScheduled><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   float ms = 0;
@@ -166,10 +204,13 @@ int main() {
   CHECK(cudaMemcpy(a, a_host.data(), a_host.size() * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(meta, meta_host.data(), meta_host.size() * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(x_words, x_host.data(), x_host.size() * 4, cudaMemcpyHostToDevice));
-  measure<2>("32-row tiles, columns spread over banks", true, sms, a, meta, x_words, out);
-  measure<2>("32-row tiles, columns at random banks", false, sms, a, meta, x_words, out);
-  measure<1>("16-row tiles, columns spread over banks", true, sms, a, meta, x_words, out);
-  measure<1>("16-row tiles, columns at random banks", false, sms, a, meta, x_words, out);
+  measure<2, false>("32-row tiles, columns spread over banks", true, sms, a, meta, x_words, out);
+  measure<2, false>("32-row tiles, columns at random banks", false, sms, a, meta, x_words, out);
+  measure<1, false>("16-row tiles, columns spread over banks", true, sms, a, meta, x_words, out);
+  measure<1, false>("16-row tiles, columns at random banks", false, sms, a, meta, x_words, out);
+  measure<2, true>("scheduled: 32-row tiles, spread", true, sms, a, meta, x_words, out);
+  measure<2, true>("scheduled: 32-row tiles, random banks", false, sms, a, meta, x_words, out);
+  measure<1, true>("scheduled: 16-row tiles, spread", true, sms, a, meta, x_words, out);
   CHECK(cudaFree(a));
   CHECK(cudaFree(meta));
   CHECK(cudaFree(x_words));

@@ -3,7 +3,9 @@
 // of benchmarks/tensor_core_estimate.py are checked here). Y = W @ X with W 16 x K (90% of its
 // weights zero) and X K x N (a ReLU's output), each split into parts on the host; every
 // product of parts whose orders sum to less than the part count is accumulated in one fp32
-// accumulator per output; the relative error norm is taken against float64 on the host.
+// accumulator per output; the relative error norm is taken against float64 on the host. Some
+// cases add that accumulator into fp32 sums on the ordinary adders every few columns, so the
+// tensor cores accumulate only short runs.
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/split_mma_accuracy_probe benchmarks/split_mma_accuracy_probe.cu
 //   /tmp/split_mma_accuracy_probe
@@ -60,11 +62,21 @@ __device__ __forceinline__ unsigned bf16_pair(float low, float high) {
   return (lo >> 16) | (hi & 0xffff0000u);  // parts are already bf16 values
 }
 
+// The MMAs' accumulator added into fp32 sums kept by the ordinary (IEEE) adders, and cleared:
+// done every `promote` columns, the tensor cores' own accumulation then spans only those.
+__device__ __forceinline__ void promote_sums(float (&d)[4], float (&total)[4]) {
+  for (int i = 0; i < 4; ++i) {
+    total[i] += d[i];
+    d[i] = 0;
+  }
+}
+
 // w: parts x kRows x kDepth, x: parts x kDepth x kColumns (row-major); one warp per 8 columns.
-__global__ void bf16_products(const float* w, const float* x, int parts, float* y) {
+__global__ void bf16_products(const float* w, const float* x, int parts, int promote, float* y) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4, n0 = blockIdx.x * 8;
-  float d[4] = {};
-  for (int k0 = 0; k0 < kDepth; k0 += 16)
+  float d[4] = {}, total[4] = {};
+  for (int k0 = 0; k0 < kDepth; k0 += 16) {
+    if (promote > 0 && k0 % promote == 0) promote_sums(d, total);
     for (int i = 0; i < parts; ++i)
       for (int j = 0; i + j < parts; ++j) {
         const float* wi = w + size_t(i) * kRows * kDepth;
@@ -83,16 +95,19 @@ __global__ void bf16_products(const float* w, const float* x, int parts, float* 
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
       }
-  y[g * kColumns + n0 + 2 * t] = d[0];
-  y[g * kColumns + n0 + 2 * t + 1] = d[1];
-  y[(g + 8) * kColumns + n0 + 2 * t] = d[2];
-  y[(g + 8) * kColumns + n0 + 2 * t + 1] = d[3];
+  }
+  promote_sums(d, total);
+  y[g * kColumns + n0 + 2 * t] = total[0];
+  y[g * kColumns + n0 + 2 * t + 1] = total[1];
+  y[(g + 8) * kColumns + n0 + 2 * t] = total[2];
+  y[(g + 8) * kColumns + n0 + 2 * t + 1] = total[3];
 }
 
-__global__ void tf32_products(const float* w, const float* x, int parts, float* y) {
+__global__ void tf32_products(const float* w, const float* x, int parts, int promote, float* y) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4, n0 = blockIdx.x * 8;
-  float d[4] = {};
-  for (int k0 = 0; k0 < kDepth; k0 += 8)
+  float d[4] = {}, total[4] = {};
+  for (int k0 = 0; k0 < kDepth; k0 += 8) {
+    if (promote > 0 && k0 % promote == 0) promote_sums(d, total);
     for (int i = 0; i < parts; ++i)
       for (int j = 0; i + j < parts; ++j) {
         const float* wi = w + size_t(i) * kRows * kDepth;
@@ -106,10 +121,12 @@ __global__ void tf32_products(const float* w, const float* x, int parts, float* 
             : "r"(a(g, t)), "r"(a(g + 8, t)), "r"(a(g, t + 4)), "r"(a(g + 8, t + 4)), "r"(b(t)),
               "r"(b(t + 4)));
       }
-  y[g * kColumns + n0 + 2 * t] = d[0];
-  y[g * kColumns + n0 + 2 * t + 1] = d[1];
-  y[(g + 8) * kColumns + n0 + 2 * t] = d[2];
-  y[(g + 8) * kColumns + n0 + 2 * t + 1] = d[3];
+  }
+  promote_sums(d, total);
+  y[g * kColumns + n0 + 2 * t] = total[0];
+  y[g * kColumns + n0 + 2 * t + 1] = total[1];
+  y[(g + 8) * kColumns + n0 + 2 * t] = total[2];
+  y[(g + 8) * kColumns + n0 + 2 * t + 1] = total[3];
 }
 
 int main() {
@@ -128,9 +145,15 @@ int main() {
   CHECK(cudaMalloc(&w_device, kMaxParts * w.size() * 4));
   CHECK(cudaMalloc(&x_device, kMaxParts * x.size() * 4));
   CHECK(cudaMalloc(&y_device, exact.size() * 4));
-  struct Case { const char* name; bool bf16; int parts; };
-  const Case cases[] = {{"tf32, 1 part (plain TF32)", false, 1}, {"tf32, 2 parts, 3 products", false, 2},
-                        {"bf16, 2 parts, 3 products", true, 2}, {"bf16, 3 parts, 6 products", true, 3}};
+  struct Case { const char* name; bool bf16; int parts, promote; };
+  const Case cases[] = {{"tf32, 1 part (plain TF32)", false, 1, 0},
+                        {"tf32, 2 parts, 3 products", false, 2, 0},
+                        {"bf16, 2 parts, 3 products", true, 2, 0},
+                        {"bf16, 3 parts, 6 products", true, 3, 0},
+                        {"tf32 x3, sums every 128", false, 2, 128},
+                        {"bf16 x3, sums every 128", true, 2, 128},
+                        {"bf16 x6, sums every 128", true, 3, 128},
+                        {"bf16 x6, sums every 32", true, 3, 32}};
   for (const Case& c : cases) {
     const auto w_parts = split(w, c.parts, c.bf16 ? 16 : 13);
     const auto x_parts = split(x, c.parts, c.bf16 ? 16 : 13);
@@ -142,9 +165,9 @@ int main() {
     }
     CHECK(cudaMemset(y_device, 0xff, exact.size() * 4));  // NaN: unwritten outputs show
     if (c.bf16)
-      bf16_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, y_device);
+      bf16_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote, y_device);
     else
-      tf32_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, y_device);
+      tf32_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote, y_device);
     CHECK(cudaGetLastError());
     std::vector<float> y(exact.size());
     CHECK(cudaMemcpy(y.data(), y_device, y.size() * 4, cudaMemcpyDeviceToHost));
@@ -153,7 +176,7 @@ int main() {
       error += (y[i] - exact[i]) * (y[i] - exact[i]);
       norm += exact[i] * exact[i];
     }
-    std::printf("%-28s relative error %.2e\n", c.name, std::sqrt(error / norm));
+    std::printf("%-30s relative error %.2e\n", c.name, std::sqrt(error / norm));
   }
   CHECK(cudaFree(w_device));
   CHECK(cudaFree(x_device));
