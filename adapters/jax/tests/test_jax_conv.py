@@ -120,6 +120,61 @@ def test_gradients_match_float64(relu: bool, dtype: str) -> None:
                 1e-5 if dtype == "float32" else TOLERANCE[dtype])
 
 
+def test_forward_mode_matches_float64() -> None:
+    """jax.jvp in x, bias and residual at once, against the dense convolution's in float64."""
+    filt, weight, x, bias = sample_layer()
+    rng = np.random.default_rng(3)
+    residual = rng.standard_normal((3, 12, 5, 6)).astype(np.float32)
+    tangents = tuple(rng.standard_normal(a.shape).astype(np.float32) for a in (x, bias, residual))
+
+    def sparse(x, b, r):
+        return escoin_jax.conv2d(x, filt, b, stride=2, padding=(1, 2), relu=True, residual=r)
+
+    y, dy = jax.jit(lambda p, t: jax.jvp(sparse, p, t))((x, bias, residual), tangents)
+    with jax.enable_x64(True):
+        def dense(x, b, r):
+            z = lax.conv_general_dilated(x, jnp.asarray(weight, jnp.float64), (2, 2),
+                                         ((1, 1), (2, 2)),
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            return jnp.maximum(z + b[None, :, None, None] + r, 0)
+
+        want_y, want_dy = jax.jvp(dense, tuple(np.float64(a) for a in (x, bias, residual)),
+                                  tuple(np.float64(t) for t in tangents))
+    assert relative_error(np.asarray(y, np.float64), np.asarray(want_y)) <= 1e-5
+    assert relative_error(np.asarray(dy, np.float64), np.asarray(want_dy)) <= 1e-5
+
+
+def test_forward_and_reverse_jacobians_agree_and_second_order_runs() -> None:
+    """jacfwd and jacrev of a small layer give one Jacobian; a Hessian-vector product (forward
+    over reverse) of a squared loss matches the dense convolution's."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    weight *= rng.random(weight.shape) < 0.5
+    filt = escoin.SparseFilter.from_dense(weight)
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+
+    def f(x):
+        return escoin_jax.conv2d(x, filt, padding=1)
+
+    forward, reverse = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+    assert forward.shape == (1, 3, 4, 4, 1, 2, 4, 4)
+    assert relative_error(np.asarray(forward, np.float64), np.asarray(reverse, np.float64)) <= 1e-6
+
+    def loss(x):
+        return (f(x) ** 2).sum()
+
+    def dense_loss(x):
+        y = lax.conv_general_dilated(x, weight, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                     precision=lax.Precision.HIGHEST)
+        return (y ** 2).sum()
+
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    hvp = jax.jvp(jax.grad(loss), (x,), (v,))[1]
+    want = jax.jvp(jax.grad(dense_loss), (x,), (v,))[1]
+    assert relative_error(np.asarray(hvp, np.float64), np.asarray(want, np.float64)) <= 1e-5
+
+
 def test_vmap_over_x_and_residual_is_one_batch() -> None:
     filt, weight, x, bias = sample_layer(groups=2)
     stacked = np.stack([x, -2 * x])  # (2, 3, C, H, W)

@@ -1,4 +1,4 @@
-"""conv2d on JAX arrays: escoin's forward as an XLA FFI call, gradients by a custom VJP."""
+"""conv2d on JAX arrays: escoin's forward as an XLA FFI call, derivatives by a custom JVP."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from escoin.geometry import IntPair, Padding, descriptor
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from escoin_jax._ffi import TARGET, ensure_registered
 
@@ -31,7 +32,7 @@ class _Plan:
     desc: tuple  # the C descriptor with batch 1
     out_hw: Tuple[int, int]
     row_ptr: np.ndarray  # int64 as bytes (JAX runs without 64-bit integers by default)
-    col_idx: np.ndarray  # for the dense weight the VJP differentiates
+    col_idx: np.ndarray  # for the dense weight of the JVP's tangent
     offsets: np.ndarray
     values: np.ndarray  # in the compute type
     program: np.ndarray  # the staged CUDA kernel's, as bytes; empty where it would not pay
@@ -45,8 +46,8 @@ class _Plan:
         return attrs
 
     def dense_conv(self, x: jax.Array) -> jax.Array:
-        """The same convolution, dense, through XLA: what the VJP differentiates (in x's
-        dtype: float32 or float64)."""
+        """The same convolution, dense, through XLA: the tangent of the JVP (in x's dtype:
+        float32 or float64)."""
         d = self.desc
         row_ptr = self.row_ptr.view(np.int64)
         rows = np.repeat(np.arange(d[4]), np.diff(row_ptr))
@@ -112,9 +113,10 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     types widened to float32 around the call), and float64 too on the CPU; 16-bit types are
     computed in float32 and each output rounded once. bias (M values) and residual (the output's shape) take x's dtype. Works
     under ``jax.jit``, ``jax.vmap`` (of any of x, bias and residual: where x and residual are
-    mapped alike and bias is not, every mapped image joins one call's batch) and ``jax.grad``
-    with respect to x, bias and residual (the input gradient is computed densely by XLA, in
-    float32 for 16-bit types); the filter itself is a constant.
+    mapped alike and bias is not, every mapped image joins one call's batch), ``jax.grad``,
+    ``jax.jvp`` and their compositions with respect to x, bias and residual (the derivative with
+    respect to x is computed densely by XLA, in float32 for 16-bit types); the filter itself is
+    a constant.
     """
     if data_format == "NHWC":
         x = jnp.asarray(x)
@@ -167,7 +169,7 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    """What a call does beyond the convolution: static to the VJP, which returns no gradient for
+    """What a call does beyond the convolution: static to the JVP, whose tangent has no term for
     an absent bias or residual."""
     relu: bool
     has_bias: bool
@@ -204,29 +206,36 @@ def _ffi_call(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.A
                 **plan.attributes(options.relu))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _sparse_conv(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
                  residual: Optional[jax.Array]) -> jax.Array:
     return _ffi_forward(plan, options, x, bias, residual)
 
 
-def _sparse_conv_fwd(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
-                     residual: Optional[jax.Array]) -> tuple:
-    y = _ffi_forward(plan, options, x, bias, residual)
-    return y, (x, y if options.relu else None)
-
-
-def _sparse_conv_bwd(plan: _Plan, options: _Options, saved: tuple, grad: jax.Array) -> tuple:
-    x, y = saved
-    if options.relu:
-        grad = jnp.where(y > 0, grad, jnp.zeros_like(grad))
-    # 16-bit types are differentiated in float32, as they are computed, and rounded once.
+def _sparse_conv_jvp(plan: _Plan, options: _Options, primals: tuple, tangents: tuple) -> tuple:
+    """The output from escoin; its tangent, linear in the inputs' tangents, through XLA's dense
+    convolution, which JAX transposes for reverse mode (so jvp, grad and their compositions all
+    work). 16-bit tangents are computed in float32 and rounded once, as the forward is; a
+    tangent JAX knows to be zero costs nothing."""
+    x, bias, residual = primals
+    dx, dbias, dresidual = tangents
+    # The output through _sparse_conv itself, so that a derivative of this rule (a Hessian,
+    # forward over reverse) meets this rule again rather than the bare FFI call.
+    y = _sparse_conv(plan, options, x, bias, residual)
     compute = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    _, pull = jax.vjp(plan.dense_conv, x.astype(compute))
-    (grad_x,) = pull(grad.astype(compute))
-    grad_x = grad_x.astype(x.dtype)
-    return (grad_x, grad.sum((0, 2, 3)) if options.has_bias else None,
-            grad if options.has_residual else None)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(plan.dense_conv(dx.astype(compute)))
+    if options.has_bias and not isinstance(dbias, SymbolicZero):
+        terms.append(jnp.broadcast_to(dbias.astype(compute)[None, :, None, None], y.shape))
+    if options.has_residual and not isinstance(dresidual, SymbolicZero):
+        terms.append(dresidual.astype(compute))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    dy = functools.reduce(jnp.add, terms)
+    if options.relu:
+        dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    return y, dy.astype(x.dtype)
 
 
-_sparse_conv.defvjp(_sparse_conv_fwd, _sparse_conv_bwd)
+_sparse_conv.defjvp(_sparse_conv_jvp, symbolic_zeros=True)
