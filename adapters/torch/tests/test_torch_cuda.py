@@ -139,6 +139,18 @@ def test_opcheck_cuda() -> None:
                            [2, 2], [1, 1], [1, 1], csr.groups, True))
 
 
+def test_autocast_on_cuda_runs_the_layer_in_float32() -> None:
+    """A converted network under torch.autocast: the dense layers run in float16, the sparse
+    one gets their float16 activation cast to float32 and returns float32."""
+    layer = _layer().eval()
+    x = torch.randn(4, 8, 17, 15, device="cuda").half()
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, stride=2, padding=1,
+                                            groups=2)) < 1e-5
+
+
 def test_float64_on_cuda_is_a_clear_error() -> None:
     weight = sparse_conv(3, 4, 3).weight.detach().double().cuda()
     with pytest.raises(TypeError, match="on cuda escoin computes in torch.float32"):

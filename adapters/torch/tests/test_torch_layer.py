@@ -175,6 +175,24 @@ def test_sparse_training_step_keeps_pattern() -> None:
     assert relative_error(layer.eval()(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
 
 
+@pytest.mark.parametrize("sparse_training", [False, True])
+def test_autocast_runs_the_layer_in_float32(sparse_training: bool) -> None:
+    """Under autocast a float32 layer meets the 16-bit activations of the layers before it: the
+    op casts them to float32 (its output is float32), in eval and in sparse training, and the
+    input gradient flows back to the 16-bit tensor."""
+    conv = sparse_conv(4, 6, 3, stride=2, padding=1, groups=2)
+    layer = SparseConv2d.from_dense(conv, relu=True, sparse_training=sparse_training)
+    layer.train(sparse_training)
+    x = torch.randn(2, 4, 9, 9).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    expected = reference_conv(x, conv.weight, conv.bias, stride=2, padding=1, groups=2).relu()
+    assert relative_error(y, expected) < 1e-5
+    y.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
 def test_eval_input_gradient() -> None:
     layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1).double()).eval()
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)

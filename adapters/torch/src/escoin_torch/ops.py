@@ -161,7 +161,7 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
     ~50 us of a ~160 us eager call on an H100's host) and run the kernel function directly:
     plain tensors on `device_type`, no gradient to record, and nothing that must see the op
     (torch.compile, TorchScript, dispatch or function modes such as FakeTensorMode, functorch
-    transforms, a profiler, whose trace should name it)."""
+    transforms, autocast, a profiler, whose trace should name it)."""
     present = [t for t in tensors if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != device_type
            for t in present):
@@ -170,8 +170,8 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False  # (first: the compiler cannot trace the checks below)
-    if torch.autograd._profiler_enabled():
-        return False
+    if torch.autograd._profiler_enabled() or torch.is_autocast_enabled(device_type):
+        return False  # (autocast: the op's autocast kernel casts the inputs)
     internals = torch._C
     try:
         return (internals._len_torch_dispatch_stack() == 0
@@ -301,6 +301,12 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
 
 
 _sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+# Under autocast the op runs in float32, its inputs cast there first (as PyTorch does for the
+# ops it keeps in float32): a layer's float32 weights meet a 16-bit activation from the layers
+# autocast ran before it, and escoin computes 16-bit types in float32 in any case.
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("escoin::sparse_conv2d", _device, torch.float32)
 
 
 def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride: Tuple[int, int],
