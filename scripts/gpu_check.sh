@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
-#   bash scripts/gpu_check.sh [--quick] [--sanitize] [--networks]
-# (--quick: 90% sparsity only; --networks: also the whole-network benchmark; results go to $OUT
-# or benchmarks/results)
+#   bash scripts/gpu_check.sh [--quick] [--sanitize] [--networks] [--probes]
+# (--quick: 90% sparsity only; --networks: also the whole-network benchmark; --probes: also the
+# tensor-core probes, scripts/tensor_core_probes.sh; results go to $OUT or benchmarks/results)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0; networks=0
+quick=0; sanitize=0; networks=0; probes=0
 for arg in "$@"; do
-  case "$arg" in --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; esac
+  case "$arg" in
+    --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --probes) probes=1 ;;
+  esac
 done
 # Test-only packages may be carried as wheels in .whl/ where the machine has no network.
 if [ -d .whl ]; then
@@ -45,6 +47,11 @@ fi
 if [ "$networks" = 1 ]; then
   echo "== networks"
   python3 -m escoin_torch.bench --batches 1 32 --out "$out/networks" 2>/dev/null | tail -40
+fi
+if [ "$probes" = 1 ]; then
+  echo "== tensor-core probes"
+  OUT="$out" bash scripts/tensor_core_probes.sh 2>&1 | grep -v "^$" | tail -60 ||
+    echo "PROBES FAILED"
 fi
 echo "== layer benchmark"
 if [ "$quick" = 1 ]; then
