@@ -256,8 +256,9 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
                                 kScratchAlignment);
   if (!block.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "escoin: no device memory for a " + std::to_string(call->workspace_bytes) +
-                          "-byte workspace");
+                      "escoin: XLA's scratch allocator gave no " +
+                          std::to_string(call->workspace_bytes) +
+                          "-byte workspace (device memory exhausted?)");
   const uintptr_t at = reinterpret_cast<uintptr_t>(*block);
   void* const workspace = reinterpret_cast<void*>((at + kWorkspaceAlignment - 1) &
                                                   ~uintptr_t{kWorkspaceAlignment - 1});
