@@ -305,8 +305,8 @@ _sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in float32, its inputs cast there first (as PyTorch does for the
 # ops it keeps in float32): a layer's float32 weights meet a 16-bit activation from the layers
 # autocast ran before it, and escoin computes 16-bit types in float32 in any case.
-for _device in ("cpu", "cuda"):
-    torch.library.register_autocast("escoin::sparse_conv2d", _device, torch.float32)
+torch.library.register_autocast("escoin::sparse_conv2d", "cpu", torch.float32)
+torch.library.register_autocast("escoin::sparse_conv2d", "cuda", torch.float32)
 
 
 def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride: Tuple[int, int],
