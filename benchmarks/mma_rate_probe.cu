@@ -9,16 +9,7 @@
 // Each warp runs CHAINS independent accumulators so the instructions' latency is hidden; the
 // accumulators are written out so the compiler keeps the work.
 #include <cstdio>
-#include <cuda_runtime.h>
-
-#define CHECK(call)                                                                  \
-  do {                                                                               \
-    cudaError_t status_ = (call);                                                    \
-    if (status_ != cudaSuccess) {                                                    \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(status_));          \
-      return 1;                                                                      \
-    }                                                                                \
-  } while (0)
+#include "cuda_probe.cuh"
 
 constexpr int kChains = 8;
 constexpr int kIterations = 4096;
@@ -89,24 +80,12 @@ __global__ void run(float* out, unsigned seed) {
 }
 
 template <Op op>
-int measure(const char* name, int sms, float* out) {
+void measure(const char* name, int sms, float* out) {
   const int threads = 256, blocks = sms * 8;
-  for (int warm = 0; warm < 2; ++warm) run<op><<<blocks, threads>>>(out, warm);
-  CHECK(cudaGetLastError());
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  const int reps = 5;
-  CHECK(cudaEventRecord(start));
-  for (int r = 0; r < reps; ++r) run<op><<<blocks, threads>>>(out, r);
-  CHECK(cudaEventRecord(stop));
-  CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  const float ms = launch_ms([&](int rep) { run<op><<<blocks, threads>>>(out, rep); });
   const double warps = double(blocks) * threads / 32;
-  const double flops = warps * kIterations * kChains * flops_per_warp_instruction(op) * reps;
+  const double flops = warps * kIterations * kChains * flops_per_warp_instruction(op);
   std::printf("%-22s %8.1f TFLOP/s (dense-equivalent)\n", name, flops / (ms * 1e-3) / 1e12);
-  return 0;
 }
 
 int main() {
@@ -116,11 +95,11 @@ int main() {
   CHECK(cudaMalloc(&out, size_t(prop.multiProcessorCount) * 8 * 256 * sizeof(float)));
   std::printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
   const int sms = prop.multiProcessorCount;
-  int failed = measure<Op::ffma>("ffma (fp32)", sms, out);
-  failed |= measure<Op::tf32_m16n8k8>("mma tf32 m16n8k8", sms, out);
-  failed |= measure<Op::f16_m16n8k16>("mma f16 m16n8k16", sms, out);
-  failed |= measure<Op::tf32_sp_m16n8k16>("mma.sp tf32 m16n8k16", sms, out);
-  failed |= measure<Op::f16_sp_m16n8k32>("mma.sp f16 m16n8k32", sms, out);
+  measure<Op::ffma>("ffma (fp32)", sms, out);
+  measure<Op::tf32_m16n8k8>("mma tf32 m16n8k8", sms, out);
+  measure<Op::f16_m16n8k16>("mma f16 m16n8k16", sms, out);
+  measure<Op::tf32_sp_m16n8k16>("mma.sp tf32 m16n8k16", sms, out);
+  measure<Op::f16_sp_m16n8k32>("mma.sp f16 m16n8k32", sms, out);
   CHECK(cudaFree(out));
-  return failed;
+  return 0;
 }

@@ -18,16 +18,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
-#include <cuda_runtime.h>
+#include "cuda_probe.cuh"
 
-#define CHECK(call)                                                                  \
-  do {                                                                               \
-    cudaError_t status_ = (call);                                                    \
-    if (status_ != cudaSuccess) {                                                    \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(status_));          \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 constexpr int kFragments = 4;       // 8-position fragments a warp computes per A fragment
 constexpr int kSteps = 128;         // 32-column steps in the filter tile
@@ -161,23 +153,12 @@ void measure(const char* name, bool spread, int sms, const uint4* a, const unsig
   CHECK(cudaMalloc(&columns, host.size() * sizeof(int)));
   CHECK(cudaMemcpy(columns, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
   const int blocks = sms * 2;
-  for (int warm = 0; warm < 2; ++warm)
+  const float ms = launch_ms([&](int) {
     loop<kHalves, kScheduled><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
-  CHECK(cudaGetLastError());
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  const int reps = 5;
-  CHECK(cudaEventRecord(start));
-  for (int r = 0; r < reps; ++r)
-    loop<kHalves, kScheduled><<<blocks, kWarps * 32>>>(a, meta, columns, x_words, out);
-  CHECK(cudaEventRecord(stop));
-  CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  });
   // One product set (three MMAs) counted once: the dense-equivalent rate of fp32-accurate work.
   const double flops = double(blocks) * kWarps * kPasses * kSteps * kFragments * kHalves *
-                       (2.0 * 16 * 8 * 32) * reps;
+                       (2.0 * 16 * 8 * 32);
   std::printf("%-40s %8.1f TFLOP/s (dense-equivalent, fp32-accurate)\n", name,
               flops / (ms * 1e-3) / 1e12);
   CHECK(cudaFree(columns));

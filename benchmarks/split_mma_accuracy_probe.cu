@@ -19,16 +19,7 @@
 #include <cstring>
 #include <random>
 #include <vector>
-#include <cuda_runtime.h>
-
-#define CHECK(call)                                                                  \
-  do {                                                                               \
-    cudaError_t status_ = (call);                                                    \
-    if (status_ != cudaSuccess) {                                                    \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(status_));          \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+#include "cuda_probe.cuh"
 
 constexpr int kRows = 16, kDepth = 2304, kColumns = 512, kMaxParts = 3;
 
@@ -71,6 +62,16 @@ __device__ __forceinline__ void promote_sums(float (&d)[4], float (&total)[4]) {
   }
 }
 
+// An accumulator fragment (rows g and g + 8, columns 2t and 2t + 1 of the 16 x 8 tile at column
+// n0) into the row-major kRows x kColumns output.
+__device__ __forceinline__ void store_fragment(const float (&c)[4], int g, int t, int n0,
+                                               float* y) {
+  y[g * kColumns + n0 + 2 * t] = c[0];
+  y[g * kColumns + n0 + 2 * t + 1] = c[1];
+  y[(g + 8) * kColumns + n0 + 2 * t] = c[2];
+  y[(g + 8) * kColumns + n0 + 2 * t + 1] = c[3];
+}
+
 // w: parts x kRows x kDepth, x: parts x kDepth x kColumns (row-major); one warp per 8 columns.
 __global__ void bf16_products(const float* w, const float* x, int parts, int promote, float* y) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4, n0 = blockIdx.x * 8;
@@ -97,10 +98,7 @@ __global__ void bf16_products(const float* w, const float* x, int parts, int pro
       }
   }
   promote_sums(d, total);
-  y[g * kColumns + n0 + 2 * t] = total[0];
-  y[g * kColumns + n0 + 2 * t + 1] = total[1];
-  y[(g + 8) * kColumns + n0 + 2 * t] = total[2];
-  y[(g + 8) * kColumns + n0 + 2 * t + 1] = total[3];
+  store_fragment(total, g, t, n0, y);
 }
 
 __global__ void tf32_products(const float* w, const float* x, int parts, int promote, float* y) {
@@ -123,10 +121,7 @@ __global__ void tf32_products(const float* w, const float* x, int parts, int pro
       }
   }
   promote_sums(d, total);
-  y[g * kColumns + n0 + 2 * t] = total[0];
-  y[g * kColumns + n0 + 2 * t + 1] = total[1];
-  y[(g + 8) * kColumns + n0 + 2 * t] = total[2];
-  y[(g + 8) * kColumns + n0 + 2 * t + 1] = total[3];
+  store_fragment(total, g, t, n0, y);
 }
 
 int main() {
