@@ -3,7 +3,8 @@
 // ceilings of a tensor-core design for escoin's sparse convolution (docs/performance.md, "Tensor
 // cores at fp32 accuracy"): operands stay in registers, so no memory or layout cost is counted.
 //
-//   nvcc -O3 -arch=sm_90a -o /tmp/mma_rate_probe benchmarks/mma_rate_probe.cu && /tmp/mma_rate_probe
+//   nvcc -O3 -arch=sm_90a -o /tmp/mma_rate_probe benchmarks/mma_rate_probe.cu
+//   /tmp/mma_rate_probe
 // (scripts/tensor_core_probes.sh runs every tensor-core probe)
 //
 // Each warp runs CHAINS independent accumulators so the instructions' latency is hidden; the

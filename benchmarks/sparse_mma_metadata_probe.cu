@@ -82,7 +82,8 @@ int main() {
     a_regs[lane * 4 + 1] = pair(compressed[g + 8][2 * t], compressed[g + 8][2 * t + 1]);
     a_regs[lane * 4 + 2] = pair(compressed[g][2 * t + 8], compressed[g][2 * t + 9]);
     a_regs[lane * 4 + 3] = pair(compressed[g + 8][2 * t + 8], compressed[g + 8][2 * t + 9]);
-    for (int j = 0; j < 4; ++j) b_regs[lane * 4 + j] = pair(b[8 * j + 2 * t][g], b[8 * j + 2 * t + 1][g]);
+    for (int j = 0; j < 4; ++j)
+      b_regs[lane * 4 + j] = pair(b[8 * j + 2 * t][g], b[8 * j + 2 * t + 1][g]);
   }
   uint32_t rows[kM];
   for (int row = 0; row < kM; ++row) rows[row] = row_metadata(kept[row]);

@@ -72,53 +72,54 @@ __device__ __forceinline__ void store_fragment(const float (&c)[4], int g, int t
   y[(g + 8) * kColumns + n0 + 2 * t + 1] = c[3];
 }
 
-// w: parts x kRows x kDepth, x: parts x kDepth x kColumns (row-major); one warp per 8 columns.
-__global__ void bf16_products(const float* w, const float* x, int parts, int promote, float* y) {
-  const int lane = threadIdx.x, g = lane / 4, t = lane % 4, n0 = blockIdx.x * 8;
-  float d[4] = {}, total[4] = {};
-  for (int k0 = 0; k0 < kDepth; k0 += 16) {
-    if (promote > 0 && k0 % promote == 0) promote_sums(d, total);
-    for (int i = 0; i < parts; ++i)
-      for (int j = 0; i + j < parts; ++j) {
-        const float* wi = w + size_t(i) * kRows * kDepth;
-        const float* xj = x + size_t(j) * kDepth * kColumns;
-        auto a = [&](int row, int col) { return wi[row * kDepth + k0 + col]; };
-        auto b = [&](int k) { return xj[size_t(k0 + k) * kColumns + n0 + g]; };
-        const unsigned a0 = bf16_pair(a(g, 2 * t), a(g, 2 * t + 1));
-        const unsigned a1 = bf16_pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1));
-        const unsigned a2 = bf16_pair(a(g, 2 * t + 8), a(g, 2 * t + 9));
-        const unsigned a3 = bf16_pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9));
-        const unsigned b0 = bf16_pair(b(2 * t), b(2 * t + 1));
-        const unsigned b1 = bf16_pair(b(2 * t + 8), b(2 * t + 9));
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-      }
+// One MMA of a 16 x kDepthStep slice of a w part (from column k0) by the matching slice of an
+// x part (8 columns from n0) into d, in the format's fragment layout.
+struct Bf16Step {
+  static constexpr int kDepthStep = 16;
+  __device__ static void mma(float (&d)[4], const float* w, const float* x, int k0, int n0,
+                             int g, int t) {
+    auto a = [&](int row, int col) { return w[row * kDepth + k0 + col]; };
+    auto b = [&](int k) { return x[size_t(k0 + k) * kColumns + n0 + g]; };
+    const unsigned a0 = bf16_pair(a(g, 2 * t), a(g, 2 * t + 1));
+    const unsigned a1 = bf16_pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1));
+    const unsigned a2 = bf16_pair(a(g, 2 * t + 8), a(g, 2 * t + 9));
+    const unsigned a3 = bf16_pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9));
+    const unsigned b0 = bf16_pair(b(2 * t), b(2 * t + 1));
+    const unsigned b1 = bf16_pair(b(2 * t + 8), b(2 * t + 9));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
-  promote_sums(d, total);
-  store_fragment(total, g, t, n0, y);
-}
+};
 
-__global__ void tf32_products(const float* w, const float* x, int parts, int promote, float* y) {
+struct Tf32Step {
+  static constexpr int kDepthStep = 8;
+  __device__ static void mma(float (&d)[4], const float* w, const float* x, int k0, int n0,
+                             int g, int t) {
+    auto a = [&](int row, int col) { return __float_as_uint(w[row * kDepth + k0 + col]); };
+    auto b = [&](int k) { return __float_as_uint(x[size_t(k0 + k) * kColumns + n0 + g]); };
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a(g, t)), "r"(a(g + 8, t)), "r"(a(g, t + 4)), "r"(a(g + 8, t + 4)), "r"(b(t)),
+          "r"(b(t + 4)));
+  }
+};
+
+// w: parts x kRows x kDepth, x: parts x kDepth x kColumns (row-major); one warp per 8 columns.
+template <typename Step>
+__global__ void split_products(const float* w, const float* x, int parts, int promote, float* y) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4, n0 = blockIdx.x * 8;
   float d[4] = {}, total[4] = {};
-  for (int k0 = 0; k0 < kDepth; k0 += 8) {
+  for (int k0 = 0; k0 < kDepth; k0 += Step::kDepthStep) {
     if (promote > 0 && k0 % promote == 0) promote_sums(d, total);
     for (int i = 0; i < parts; ++i)
-      for (int j = 0; i + j < parts; ++j) {
-        const float* wi = w + size_t(i) * kRows * kDepth;
-        const float* xj = x + size_t(j) * kDepth * kColumns;
-        auto a = [&](int row, int col) { return __float_as_uint(wi[row * kDepth + k0 + col]); };
-        auto b = [&](int k) { return __float_as_uint(xj[size_t(k0 + k) * kColumns + n0 + g]); };
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a(g, t)), "r"(a(g + 8, t)), "r"(a(g, t + 4)), "r"(a(g + 8, t + 4)), "r"(b(t)),
-              "r"(b(t + 4)));
-      }
+      for (int j = 0; i + j < parts; ++j)
+        Step::mma(d, w + size_t(i) * kRows * kDepth, x + size_t(j) * kDepth * kColumns, k0, n0,
+                  g, t);
   }
   promote_sums(d, total);
   store_fragment(total, g, t, n0, y);
@@ -160,9 +161,11 @@ int main() {
     }
     CHECK(cudaMemset(y_device, 0xff, exact.size() * 4));  // NaN: unwritten outputs show
     if (c.bf16)
-      bf16_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote, y_device);
+      split_products<Bf16Step><<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote,
+                                                  y_device);
     else
-      tf32_products<<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote, y_device);
+      split_products<Tf32Step><<<kColumns / 8, 32>>>(w_device, x_device, c.parts, c.promote,
+                                                  y_device);
     CHECK(cudaGetLastError());
     std::vector<float> y(exact.size());
     CHECK(cudaMemcpy(y.data(), y_device, y.size() * 4, cudaMemcpyDeviceToHost));
