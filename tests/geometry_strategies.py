@@ -89,6 +89,34 @@ def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
     return ConvCase(x, weight, bias, stride, padding, pads, dilation, groups, draw(st.booleans()))
 
 
+@st.composite
+def tensor_core_conv_cases(draw: st.DrawFn) -> ConvCase:
+    """Problems the GPU's tensor-core kernel takes: one group, one phase plane (stride 1, or a
+    stride every tap's shift is a multiple of); random kernels, dilation, padding, batch 1-4,
+    planes from one position to rows wider than a block's 256 positions (so a chunk holds few
+    channels and the channels span several chunks), output channels that leave a partial tile
+    of 32, and density (empty rows, all-zero filters)."""
+    kernel = draw(st.just((1, 1)) | st.tuples(st.integers(1, 5), st.integers(1, 5)))
+    # a 1x1 filter at stride 2 reads one phase plane
+    stride = (1, 1) if kernel != (1, 1) else (draw(st.integers(1, 2)),) * 2
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    pads = _pads(padding, kernel, dilation)
+    extent = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
+    h = draw(st.integers(max(1, extent[0] - 2 * pads[0]), 24))
+    w = draw(st.integers(max(1, extent[1] - 2 * pads[2]), 40) | st.integers(600, 900))
+    channels = draw(st.integers(1, 12) | st.integers(30, 80))
+    out_channels = draw(st.integers(1, 80))
+    batch = draw(st.integers(1, 4))
+    density = draw(st.floats(0.0, 1.0))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    weight = rng.standard_normal((out_channels, channels, *kernel))
+    weight *= rng.random(weight.shape) < density
+    x = rng.standard_normal((batch, channels, h, w))
+    bias = rng.standard_normal(out_channels) if draw(st.booleans()) else None
+    return ConvCase(x, weight, bias, stride, padding, pads, dilation, 1, draw(st.booleans()))
+
+
 # Geometries whose stretched layout keeps fewer phase planes than stride_h x stride_w (one per
 # axis where every tap's shift is a multiple of the stride), with the planes per axis it keeps:
 # (kernel, stride, dilation, (phases_h, phases_w)).

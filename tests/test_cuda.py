@@ -11,65 +11,15 @@ from escoin import EscoinError
 from geometry_strategies import (PHASE_PLANE_CASES, ConvCase, conv_cases, phase_plane_case,
                                  staged_conv_cases)
 from escoin.geometry import descriptor
+from gpu_helpers import DeviceArrays, gpu_error
 from reference import conv2d_reference, relative_error
 
 pytestmark = pytest.mark.cuda
 
 
-class DeviceArrays:
-    """Moves NumPy arrays to the GPU and back with whichever framework is installed."""
-
-    def __init__(self) -> None:
-        try:
-            import torch
-
-            self.torch = torch
-        except ImportError:
-            self.torch = None
-            self.cupy = pytest.importorskip("cupy")
-
-    def put(self, array: np.ndarray) -> object:
-        if self.torch is not None:
-            return self.torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        return self.cupy.asarray(array)
-
-    def full(self, shape: tuple, value: float) -> object:
-        return self.put(np.full(shape, value, np.float32))
-
-    def get(self, array: object) -> np.ndarray:
-        if isinstance(array, escoin.DeviceArray):
-            return array.numpy()
-        if self.torch is not None:
-            return array.cpu().numpy()
-        return self.cupy.asnumpy(array)
-
-    def synchronize(self) -> None:
-        if self.torch is not None:
-            self.torch.cuda.synchronize()
-        else:
-            self.cupy.cuda.Device().synchronize()
-
-
 @pytest.fixture(scope="module")
 def dev() -> DeviceArrays:
     return DeviceArrays()
-
-
-def gpu_error(dev: DeviceArrays, case: ConvCase, with_residual: bool = False) -> float:
-    """escoin's relative error on the case; with_residual adds a random array of the output's
-    shape before the ReLU."""
-    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
-    shape = escoin.output_shape(case.x.shape, filt, case.stride, case.padding, case.dilation)
-    residual = (np.random.default_rng(case.x.size).standard_normal(shape).astype(np.float32)
-                if with_residual else None)
-    expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
-                                case.dilation, case.groups, case.relu, residual)
-    out = dev.full(expected.shape, np.nan)  # poison
-    bias = None if case.bias is None else dev.put(case.bias.astype(np.float32))
-    escoin.conv2d(dev.put(case.x.astype(np.float32)), filt, bias, stride=case.stride,
-                  padding=case.padding, dilation=case.dilation, relu=case.relu, out=out,
-                  residual=None if residual is None else dev.put(residual))
-    return relative_error(dev.get(out), expected)
 
 
 @settings(max_examples=150, deadline=None)
@@ -85,7 +35,7 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
     desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
                       case.dilation)
-    assert filt._store.tile_program(desc) is not None
+    assert filt._store.program("tile", desc) is not None
     assert gpu_error(dev, case) <= 1e-5
 
 

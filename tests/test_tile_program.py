@@ -199,7 +199,7 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
     x_shape = (8, in_channels * groups, size, size + 3)
     desc = descriptor(x_shape, filt.shape, groups, stride, "same" if stride == 1 else 1,
                       dilation)
-    program = filt._store.tile_program(desc)
+    program = filt._store.program("tile", desc)
     assert program is not None  # >= 16 output channels per group: the staged kernel pays
     plan = staged_plan(desc)
     items, decoded = decode(program.view(np.int32), plan)
@@ -256,7 +256,7 @@ def test_no_program_where_the_staged_kernel_would_not_pay(out_channels: int, gro
     weight = (rng.standard_normal(shape) * (rng.random(shape) < 0.5)).astype(np.float32)
     filt = escoin.SparseFilter.from_dense(weight, groups=groups)
     desc = descriptor((8, 32, 4, width), filt.shape, groups, 1, 1, 1)
-    assert filt._store.tile_program(desc) is None
+    assert filt._store.program("tile", desc) is None
     offsets = filt._store.offsets(desc)
     values = filt.values.astype(np.float32)
     program = np.empty(1 << 16, np.uint8)

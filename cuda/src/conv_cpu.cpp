@@ -91,7 +91,8 @@ escoin_status_t forward_entry(const escoin_conv_desc_t* desc, escoin_dtype_t dty
                               void* workspace, size_t workspace_bytes, bool offsets_trusted) {
   return guarded([&] {
     const Geometry g = make_geometry(desc);
-    check_forward_operands(g, dtype, x, row_ptr, y, residual, workspace, workspace_bytes);
+    check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
+                           workspace_bytes);
     if (g.d.batch == 0) return;
     const std::string& variant_error = cpu_variant().error;
     if (!variant_error.empty()) fail_invalid(variant_error);

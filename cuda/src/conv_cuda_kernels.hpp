@@ -41,6 +41,10 @@ inline float* partial_sums(const Geometry& g, float* ws) {
 void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
                     cudaStream_t stream);
 
+// The same stretch into the public layout (g.layout), each element written as its bf16 hi and lo
+// parts in one 32-bit word, as the tensor-core kernel reads it (mma_program.hpp).
+void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream);
+
 // Adds `splits` partial sums per output in split order (deterministic), then the epilogue.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
                           const Epilogue& epilogue, float* y, cudaStream_t stream);
@@ -64,5 +68,10 @@ bool encode_tensor_copy(const Geometry& g, const float* x, CUtensorMap* x_map);
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
                       const CUtensorMap* x_map, const int32_t* program,
                       const Epilogue& epilogue, float* y, cudaStream_t stream);
+
+// The tensor-core kernel (mma_kernel.cu) on the split stretched input in the workspace, with an
+// MMA program built for g.
+void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* program,
+                     const Epilogue& epilogue, float* y, cudaStream_t stream);
 
 }  // namespace escoin

@@ -16,6 +16,11 @@ escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t*, escoin_dty
                                            int, void*, void*, size_t, int, void*) {
   return not_compiled();
 }
+escoin_status_t escoin_conv2d_forward_cuda_mma(const escoin_conv_desc_t*, escoin_dtype_t,
+                                               const void*, const void*, const void*, const void*,
+                                               int, void*, void*, size_t, int, void*) {
+  return not_compiled();
+}
 int escoin_cuda_device_count(void) { return 0; }
 escoin_status_t escoin_cuda_malloc(int, size_t, void**) { return not_compiled(); }
 escoin_status_t escoin_cuda_free(int, void*) { return not_compiled(); }

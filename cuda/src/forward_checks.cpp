@@ -11,13 +11,13 @@
 namespace escoin {
 
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const void* y, const void* residual,
-                            const void* workspace, size_t workspace_size) {
+                            const void* filter, const char* filter_name, const void* y,
+                            const void* residual, const void* workspace, size_t workspace_size) {
   const size_t needed = workspace_bytes(g, dtype);  // also rejects unknown dtypes
   if (g.d.batch == 0) return;
   require_pointer(x, "x");
   require_pointer(y, "y");
-  require_pointer(row_ptr, "row_ptr");
+  require_pointer(filter, filter_name);
   require_pointer(workspace, "workspace");
   if (workspace_size < needed)
     fail_invalid("workspace_bytes is ", workspace_size, " but this geometry needs ", needed);

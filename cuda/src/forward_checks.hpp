@@ -15,11 +15,12 @@ inline bool memory_overlaps(const void* a, size_t a_bytes, const void* b, size_t
   return a0 < b0 + b_bytes && b0 < a0 + a_bytes;
 }
 
-// Pointers present where the batch is non-empty, dtype known, workspace large enough, and a
+// Pointers present where the batch is non-empty (the filter's: row_ptr, or the tensor-core
+// kernel's program, named filter_name in the error), dtype known, workspace large enough, and a
 // residual (optional) not overlapping y.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
-                            const int64_t* row_ptr, const void* y, const void* residual,
-                            const void* workspace, size_t workspace_size);
+                            const void* filter, const char* filter_name, const void* y,
+                            const void* residual, const void* workspace, size_t workspace_size);
 
 // Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
 // there are nonzeros, and every stretched offset a tap of the geometry (as escoin_stretch_offsets

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
@@ -31,11 +33,27 @@ struct StretchElements {
   FastDivisor by_channel_stride, by_plane_w, by_plane_h, by_phases_w;
 };
 
+// A stretched element as the kernels read it: the float itself, or (SPLIT, for the tensor-core
+// kernel) its two bf16 parts in one word, hi = bf16(v) in the low half and lo = bf16(v - hi) in
+// the high half (mma_program.hpp). Zero is zero either way.
+template <bool SPLIT>
+__device__ __forceinline__ float stretched_value(float v) {
+  if constexpr (SPLIT) {
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    const __nv_bfloat16 lo = __float2bfloat16_rn(v - __bfloat162float(hi));
+    return __uint_as_float(uint32_t(__bfloat16_as_ushort(hi)) |
+                           (uint32_t(__bfloat16_as_ushort(lo)) << 16));
+  } else {
+    return v;
+  }
+}
+
 // Block (x: kStretchThreads elements of a span of planes_per_group consecutive channels, y: plane
 // groups, strided by gridDim.y). A thread maps its element of the span to (channel of the group,
 // phase, plane row, column) once, with fast divisions, and copies that element for every group
 // it visits. Zeroes for padding, for the alignment gap after each channel's rows, and for the
 // tail slack (blocks of row 0).
+template <bool SPLIT>
 __global__ void __launch_bounds__(kStretchThreads)
 stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchElements s,
                int64_t tail_slack) {
@@ -66,14 +84,14 @@ stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchEleme
   for (int64_t group = blockIdx.y; group < s.groups; group += gridDim.y) {
     const int64_t plane = group * s.planes_per_group + plane_in_group;
     if (plane >= s.planes) break;
-    ws[plane * s.channel_stride + e] = inside ? __ldg(x + plane * s.in_plane + source) : 0.f;
+    ws[plane * s.channel_stride + e] =
+        inside ? stretched_value<SPLIT>(__ldg(x + plane * s.in_plane + source)) : 0.f;
   }
 }
 
-}  // namespace
-
-void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
-                    cudaStream_t stream) {
+template <bool SPLIT>
+void stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
+             cudaStream_t stream) {
   const escoin_conv_desc_t& d = g.d;
   const escoin_layout_t& L = for_staged_kernel ? g.staged.layout : g.layout;
   StretchElements s;
@@ -99,8 +117,19 @@ void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, f
   const int64_t blocks_x = (s.span + kStretchThreads - 1) / kStretchThreads;
   const int64_t blocks_y =
       std::min<int64_t>({s.groups, 65535, std::max<int64_t>(1, kStretchTargetBlocks / blocks_x)});
-  launch_dependent(stretch_kernel, dim3(unsigned(blocks_x), unsigned(blocks_y)),
+  launch_dependent(stretch_kernel<SPLIT>, dim3(unsigned(blocks_x), unsigned(blocks_y)),
                    dim3(kStretchThreads), 0, stream, "stretch_kernel", x, ws, s, g.tail_slack);
+}
+
+}  // namespace
+
+void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
+                    cudaStream_t stream) {
+  stretch<false>(g, for_staged_kernel, x, ws, stream);
+}
+
+void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
+  stretch<true>(g, false, x, ws, stream);
 }
 
 }  // namespace escoin

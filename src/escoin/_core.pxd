@@ -58,6 +58,18 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc,
                                               const int64_t* row_ptr, const int32_t* offsets,
                                               const float* values, void* program, size_t bytes)
+    escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc,
+                                            const int64_t* row_ptr, const int32_t* offsets,
+                                            const float* values, size_t* bytes)
+    escoin_status_t escoin_mma_program_build(const escoin_conv_desc_t* desc,
+                                             const int64_t* row_ptr, const int32_t* offsets,
+                                             const float* values, void* program, size_t bytes)
+    escoin_status_t escoin_conv2d_forward_cuda_mma(const escoin_conv_desc_t* desc,
+                                                   escoin_dtype_t dtype, const void* x,
+                                                   const void* mma_program, const void* bias,
+                                                   const void* residual, int relu, void* y,
+                                                   void* workspace, size_t workspace_bytes,
+                                                   int device, void* stream)
     escoin_status_t escoin_conv2d_forward_cpu(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                               const void* x, const int64_t* row_ptr,
                                               const int32_t* offsets, const void* values,

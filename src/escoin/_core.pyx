@@ -143,7 +143,24 @@ def tile_min_batch() -> int:
     return escoin_tile_min_batch()
 
 
-def tile_program_size(tuple desc, object row_ptr, object offsets, object values) -> int:
+ctypedef escoin_status_t (*ProgramSize)(const escoin_conv_desc_t*, const int64_t*,
+                                        const int32_t*, const float*, size_t*) noexcept nogil
+ctypedef escoin_status_t (*ProgramBuild)(const escoin_conv_desc_t*, const int64_t*,
+                                         const int32_t*, const float*, void*,
+                                         size_t) noexcept nogil
+
+
+cdef ProgramSize program_size_entry(str kind) except NULL:
+    if kind == "tile":
+        return escoin_tile_program_size
+    if kind == "mma":
+        return escoin_mma_program_size
+    raise ValueError(f"program kind must be 'tile' or 'mma', got {kind!r}")
+
+
+def program_size(str kind, tuple desc, object row_ptr, object offsets, object values) -> int:
+    """Bytes of the staged kernel's ("tile") or the tensor-core kernel's ("mma") program."""
+    cdef ProgramSize entry = program_size_entry(kind)
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
     cdef const int32_t* off = <const int32_t*>ptr(offsets)
@@ -151,13 +168,20 @@ def tile_program_size(tuple desc, object row_ptr, object offsets, object values)
     cdef size_t nbytes = 0
     cdef escoin_status_t status
     with nogil:
-        status = escoin_tile_program_size(&d, rp, off, v, &nbytes)
+        status = entry(&d, rp, off, v, &nbytes)
     check(status)
     return nbytes
 
 
-def tile_program_build(tuple desc, object row_ptr, object offsets, object values,
-                       object program, size_t nbytes) -> None:
+cdef ProgramBuild program_build_entry(str kind) except NULL:
+    program_size_entry(kind)  # rejects other kinds
+    return escoin_tile_program_build if kind == "tile" else escoin_mma_program_build
+
+
+def program_build(str kind, tuple desc, object row_ptr, object offsets, object values,
+                  object program, size_t nbytes) -> None:
+    """Writes the program of program_size's kind into `nbytes` bytes at `program`."""
+    cdef ProgramBuild entry = program_build_entry(kind)
     cdef escoin_conv_desc_t d = make_desc(desc)
     cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
     cdef const int32_t* off = <const int32_t*>ptr(offsets)
@@ -165,7 +189,7 @@ def tile_program_build(tuple desc, object row_ptr, object offsets, object values
     cdef void* out = ptr(program)
     cdef escoin_status_t status
     with nogil:
-        status = escoin_tile_program_build(&d, rp, off, v, out, nbytes)
+        status = entry(&d, rp, off, v, out, nbytes)
     check(status)
 
 
@@ -214,6 +238,25 @@ def forward_cuda(tuple desc, str dtype, object x, object row_ptr, object offsets
     with nogil:
         status = escoin_conv2d_forward_cuda(&d, code, px, prp, poff, pv, pt, pb, pres, r, py,
                                             pws, workspace_bytes, device, ps)
+    check(status)
+
+
+def forward_cuda_mma(tuple desc, object x, object mma_program, object bias, object residual,
+                     bint relu, object y, object workspace, size_t workspace_bytes, int device,
+                     object stream) -> None:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef const void* px = ptr(x)
+    cdef const void* pm = ptr(mma_program)
+    cdef const void* pb = ptr(bias)
+    cdef const void* pres = ptr(residual)
+    cdef void* py = ptr(y)
+    cdef void* pws = ptr(workspace)
+    cdef void* ps = ptr(stream)
+    cdef int r = relu
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_conv2d_forward_cuda_mma(&d, ESCOIN_FLOAT32, px, pm, pb, pres, r, py, pws,
+                                                workspace_bytes, device, ps)
     check(status)
 
 

@@ -47,7 +47,8 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
 def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride: IntPair = 1,
            padding: Padding = 0, dilation: IntPair = 1, relu: bool = False,
            out: Optional[object] = None, workspace: Optional[object] = None,
-           stream: Optional[object] = None, residual: Optional[object] = None) -> object:
+           stream: Optional[object] = None, residual: Optional[object] = None,
+           tensor_cores: bool = False) -> object:
     """torch.nn.functional.conv2d(x, filt.to_dense(), bias, stride, padding, dilation,
     filt.groups), plus `residual` if given, optionally followed by ReLU, computed from the
     nonzeros only: relu(conv2d(...) + residual) in one pass over the output.
@@ -58,12 +59,18 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does. `residual` (a
     residual network's shortcut) is an array of the output's shape on x's device (float32 on
     CUDA, C-contiguous there), separate from `out`.
+
+    ``tensor_cores=True`` runs a CUDA call on the tensor-core kernel where it can run the
+    geometry (one group; stride 1, or taps at multiples of the stride), else as usual: float32
+    from split bf16 parts, with a relative error of a few 1e-6 instead of strict float32's
+    ~1e-7 (TF32's is ~1e-3), for finite inputs (escoin.h, escoin_conv2d_forward_cuda_mma). The
+    CPU computes in strict float32 either way.
     """
     if not isinstance(filt, SparseFilter):
         raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     if is_cuda_array(x):
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
-                            stream_handle(stream), residual)
+                            stream_handle(stream), residual, bool(tensor_cores))
     if isinstance(x, np.ndarray):
         return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out, workspace,
                            residual)
@@ -167,7 +174,8 @@ def _host_array(value: Optional[object], name: str, shape: Tuple[int, ...], dtyp
 
 def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: IntPair,
                  padding: Padding, dilation: IntPair, relu: bool, out: Optional[object],
-                 workspace: Optional[object], stream: int, residual: Optional[object]) -> object:
+                 workspace: Optional[object], stream: int, residual: Optional[object],
+                 tensor_cores: bool) -> object:
     xv = cuda_view(x, "x", stream)
     if xv.dtype != np.float32:
         raise EscoinError(f"x must be float32 on CUDA, got {xv.dtype}")
@@ -190,13 +198,18 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
         y_ptr = _cuda_output_like(out, "out", result_shape, device, stream)
     nbytes = _core.workspace_size(desc, "float32")
     ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
-    arrays = filt._store.device_arrays(device, desc)
+    mma_program = filt._store.device_mma_program(device, desc) if tensor_cores else 0
     bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
     residual_ptr = (0 if residual is None else
                     _cuda_output_like(residual, "residual", result_shape, device, stream))
-    _core.forward_cuda(desc, "float32", xv.ptr, arrays.row_ptr, arrays.offsets, arrays.values,
-                       arrays.tile_program, bias_ptr, residual_ptr, relu, y_ptr, ws_ptr, nbytes,
-                       device, stream)
+    if mma_program:
+        _core.forward_cuda_mma(desc, xv.ptr, mma_program, bias_ptr, residual_ptr, relu, y_ptr,
+                               ws_ptr, nbytes, device, stream)
+    else:
+        arrays = filt._store.device_arrays(device, desc)
+        _core.forward_cuda(desc, "float32", xv.ptr, arrays.row_ptr, arrays.offsets,
+                           arrays.values, arrays.tile_program, bias_ptr, residual_ptr, relu,
+                           y_ptr, ws_ptr, nbytes, device, stream)
     del ws_owner, bias_owner  # stream-ordered frees: safe right after the launch
     return y
 
@@ -255,7 +268,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
           weight_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
           dilation: IntPair = 1, groups: int = 1, relu: bool = False, stream: object = 0,
           device: Union[int, str, None] = None, tile_program_ptr: int = 0,
-          residual_ptr: int = 0, dtype: str = "float32", offsets_trusted: bool = False) -> None:
+          residual_ptr: int = 0, dtype: str = "float32", offsets_trusted: bool = False,
+          mma_program_ptr: int = 0) -> None:
     """The low-level call on raw pointers, for callers (frameworks) that own their memory.
 
     On a GPU (`device` a CUDA device index, default: the device of x_ptr) every pointer is
@@ -264,7 +278,10 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
     before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
     geometry, which every batch uses (from ``_core.tile_min_batch()`` images): take all four
-    from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`.
+    from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`. A nonzero
+    mma_program_ptr (the tensor-core kernel's program for this geometry, uploaded from
+    :meth:`SparseFilter.mma_program`) runs that kernel instead (:func:`conv2d`'s
+    tensor_cores); the CSR pointers are then not read and may be 0.
 
     With ``device="cpu"`` every pointer is host memory and the call runs now, in `dtype`
     (:data:`escoin.dtypes.CPU_DTYPES`) for x, y, bias and residual; values are in the compute
@@ -280,15 +297,16 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),
                         ("offsets_ptr", offsets_ptr), ("values_ptr", values_ptr),
                         ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
-                        ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr)):
+                        ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr),
+                        ("mma_program_ptr", mma_program_ptr)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise EscoinError(f"{name} must be a non-negative int pointer, got {value!r}")
     name = dtype_name(dtype)
     if device == "cpu":
-        if stream or tile_program_ptr:
-            raise EscoinError("stream and tile_program_ptr must be 0 with device='cpu' (the CPU "
-                              f"call runs now, without a program), got {stream!r} and "
-                              f"{tile_program_ptr!r}")
+        if stream or tile_program_ptr or mma_program_ptr:
+            raise EscoinError("stream, tile_program_ptr and mma_program_ptr must be 0 with "
+                              "device='cpu' (the CPU call runs now, without a program), got "
+                              f"{stream!r}, {tile_program_ptr!r} and {mma_program_ptr!r}")
         _core.forward_cpu(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr, bias_ptr,
                           residual_ptr, relu, y_ptr, workspace_ptr, workspace_bytes,
                           offsets_trusted=bool(offsets_trusted))
@@ -297,6 +315,12 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
         device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
     elif isinstance(device, str):
         raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
+    if mma_program_ptr:
+        if name != "float32":
+            raise EscoinError(f"dtype must be float32 on CUDA, got {name}")
+        _core.forward_cuda_mma(desc, x_ptr, mma_program_ptr, bias_ptr, residual_ptr, relu, y_ptr,
+                               workspace_ptr, workspace_bytes, device, stream_handle(stream))
+        return
     _core.forward_cuda(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
                        tile_program_ptr, bias_ptr, residual_ptr, relu, y_ptr, workspace_ptr,
                        workspace_bytes, device, stream_handle(stream))

@@ -52,6 +52,8 @@ class _CsrStore:
         self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
         # None: the staged kernel would not pay for that geometry, so there is no program.
         self.device_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
+        # The tensor-core kernel's programs, built when a call asks for that kernel.
+        self.device_mma_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -71,19 +73,32 @@ class _CsrStore:
                 found = self.host_values[dtype] = _frozen(self.values.astype(dtype))
             return found
 
-    def tile_program(self, desc: tuple) -> Optional[np.ndarray]:
-        """The staged CUDA kernel's program for this geometry (host bytes), or None where that
-        kernel would not pay."""
+    def program(self, kind: str, desc: tuple) -> Optional[np.ndarray]:
+        """A CUDA kernel's program for this geometry (host bytes): the staged kernel's ("tile")
+        or the tensor-core kernel's ("mma"); None where that kernel would not pay or run."""
         offsets = self.offsets(desc)
         values32 = self.values_as(np.dtype(np.float32))
-        nbytes = _core.tile_program_size(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
-                                         values32.ctypes.data)
+        args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data, values32.ctypes.data)
+        nbytes = _core.program_size(kind, *args)
         if nbytes == 0:
             return None
         program = np.empty(nbytes, np.uint8)
-        _core.tile_program_build(desc, self.row_ptr.ctypes.data, offsets.ctypes.data,
-                                 values32.ctypes.data, program.ctypes.data, nbytes)
+        _core.program_build(kind, *args, program.ctypes.data, nbytes)
         return program
+
+    def device_mma_program(self, device: int, desc: tuple) -> int:
+        """The device address of the tensor-core kernel's program for desc on `device`, built
+        and uploaded once per device and geometry; 0 where that kernel cannot run desc."""
+        key = (device, _offsets_key(desc))
+        with self.lock:
+            missing = key not in self.device_mma_programs
+        if missing:  # built outside the lock (offsets() takes it); a racing thread builds the same
+            host = self.program("mma", desc)
+            built = None if host is None else DeviceBuffer.from_host(host, device)
+            with self.lock:
+                self.device_mma_programs.setdefault(key, built)
+        program = self.device_mma_programs[key]
+        return 0 if program is None else program.ptr
 
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
         """The filter's device arrays for desc on `device`, uploaded once per device and geometry.
@@ -106,7 +121,7 @@ class _CsrStore:
             with self.lock:
                 offsets = self.device_offsets.setdefault(key, built)
         if missing_program:
-            host = self.tile_program(desc)
+            host = self.program("tile", desc)
             built_program = None if host is None else DeviceBuffer.from_host(host, device)
             with self.lock:
                 self.device_programs.setdefault(key, built_program)
@@ -329,7 +344,20 @@ class SparseFilter:
 
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before the offsets are derived
-        return self._store.tile_program(desc)
+        return self._store.program("tile", desc)
+
+    def mma_program(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
+                    dilation: object = 1) -> Optional[np.ndarray]:
+        """The tensor-core kernel's program for an input of `input_shape` and this geometry, as
+        host bytes (uint8) for callers that upload it themselves (:func:`escoin.sconv`'s
+        mma_program_ptr), or None where that kernel cannot run the geometry (groups, a stride
+        that needs phase planes, rows too long). A new array on each call, the caller's to keep.
+        """
+        from escoin.geometry import descriptor
+
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        _core.conv_layout(desc)  # validates the geometry before the offsets are derived
+        return self._store.program("mma", desc)
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:

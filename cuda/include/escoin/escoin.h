@@ -210,6 +210,39 @@ escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoi
                                            void* workspace, size_t workspace_bytes, int device,
                                            void* stream);
 
+/* ---- The tensor-core kernel: float32 on the 2:4 sparse bf16 MMA, at fp32-level accuracy ----
+ * An alternative to escoin_conv2d_forward_cuda for layers with many nonzeros per output
+ * channel: weights and inputs are each split into two bf16 parts (hi = bf16(v), lo =
+ * bf16(v - hi)) and the kernel adds three products of parts (hi*hi + hi*lo + lo*hi) on the
+ * tensor cores, adding their sums into float32 registers every few steps. The result is not
+ * strict float32: its relative error against float64 is a few 1e-6 (strict float32's is about
+ * 1e-7, TF32's 1e-3), and the sums are added in another order than the other entries'. Inputs
+ * must be finite and below 3.38e38 in magnitude (a non-finite one may make outputs it does not
+ * feed NaN: zero weights of the 2:4 pattern multiply it). Runs on sm_80 and newer.
+ * The MMA program is built on the host from the CSR and its stretched offsets (values float32)
+ * for one geometry, batch and out_channels' sizes aside as for the tile program, and copied to
+ * the device by the caller; size gives 0 where the kernel cannot run the geometry (more than
+ * one group, a stride over 1 that needs phase planes: every tap not at a multiple of the
+ * stride, or a stretched row too long for a channel's span to fit in shared memory). The
+ * program is ~3 KB per 32 x 32 block of kept columns: about 12 bytes per nonzero at 90%
+ * sparsity. */
+escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
+                                        const int32_t* offsets, const float* values,
+                                        size_t* bytes);
+escoin_status_t escoin_mma_program_build(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
+                                         const int32_t* offsets, const float* values,
+                                         void* program, size_t bytes);
+/* The forward pass on the tensor cores, as escoin_conv2d_forward_cuda (same operands, workspace
+ * size, stream and device rules, FLOAT32 only) but with the filter given only by its MMA
+ * program, which is trusted: it must have been built for this geometry. x is stretched into the
+ * workspace as split parts, then one kernel computes and writes y through the epilogue. */
+escoin_status_t escoin_conv2d_forward_cuda_mma(const escoin_conv_desc_t* desc,
+                                               escoin_dtype_t dtype, const void* x,
+                                               const void* mma_program, const void* bias,
+                                               const void* residual, int relu, void* y,
+                                               void* workspace, size_t workspace_bytes,
+                                               int device, void* stream);
+
 /* ---- CUDA memory helpers (not compute entries: these may allocate and synchronise) ---- */
 
 /* Number of usable CUDA devices (0 when CUDA is not compiled in or no driver/device). */

@@ -1,0 +1,267 @@
+// mma_kernel.cu -- the tensor-core kernel: a float32 convolution as 2:4 sparse bf16 MMAs of
+// split operands (three products per pair of parts), from the MMA program (mma_program.hpp) and
+// the input stretched as split parts (launch_split_stretch).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "conv_cuda_kernels.hpp"
+#include "cuda_check.cuh"
+#include "dependent_launch.cuh"
+#include "error.hpp"
+#include "forward_checks.hpp"
+#include "mma_program.hpp"
+
+namespace escoin {
+namespace {
+
+constexpr int kThreads = int(kMmaWarps * 32);
+constexpr int kFragments = int(kMmaWarpPositions / 8);  // n-fragments of 8 positions per warp
+constexpr int kStepGroups = int(kMmaStepWords / 4);     // 16-byte words per lane and step
+// The tensor cores' float32 accumulation truncates; the products' sums move into float32
+// registers (ordinary rounding) every this many steps, which keeps the error to the parts'
+// own (docs/performance.md: ~5e-6 at K = 2304 when left on the tensor cores).
+constexpr int kPromoteSteps = 4;
+
+struct MmaParams {
+  int64_t batch;
+  int64_t image_stride, channel_stride;
+  int64_t readable;  // workspace words the copies may read: the batch's input and its slack
+  int32_t in_channels, out_channels, chunk_channels, chunks, span, span_stride;
+  int32_t tiles, position_tiles, plane_q, plane_w, out_width, out_plane;
+};
+
+__device__ __forceinline__ void copy_16_bytes(uint32_t* shared, const uint32_t* global,
+                                              int bytes) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(global),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void commit_copies() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// Waits until at most `pending` of the thread's committed copy groups are unfinished.
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+// d += a * b on the 2:4 sparse bf16 MMA (m16n8k32), metadata from lanes 4g and 4g + 1.
+__device__ __forceinline__ void sparse_mma(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
+                                           uint32_t metadata) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+        "r"(metadata));
+#endif
+}
+
+// Copies chunk `chunk` of image n's spans for the block's positions [q0, q0 + span) into
+// `buffer`, as one group of 16-byte copies; words past `readable` read as zeros.
+__device__ __forceinline__ void copy_chunk(const uint32_t* __restrict__ input, uint32_t* buffer,
+                                           const MmaParams& p, int64_t n, int chunk, int q0) {
+  const int first = chunk * p.chunk_channels;
+  const int channels = min(p.chunk_channels, p.in_channels - first);
+  const int per_channel = p.span / 4;
+  const int64_t base = n * p.image_stride + int64_t(first) * p.channel_stride + q0;
+  for (int i = threadIdx.x; i < channels * per_channel; i += kThreads) {
+    const int c = i / per_channel, w = (i - c * per_channel) * 4;
+    const int64_t at = base + c * p.channel_stride + w;
+    const int64_t left = p.readable - at;
+    const int bytes = left >= 4 ? 16 : left > 0 ? int(left) * 4 : 0;
+    copy_16_bytes(buffer + c * p.span_stride + w, input + (bytes ? at : 0), bytes);
+  }
+  commit_copies();
+}
+
+// Block (x: a tile of kMmaRows output channels, y: a run of kMmaPositions positions, z:
+// images, each strided by its grid size). Warp w computes positions [q0 + 32w, q0 + 32w + 32)
+// of the tile's 32 channels: per step, for each of its four n-fragments of 8 positions, 8
+// shared-memory loads make the split B fragment (hi and lo registers) and six MMAs add the
+// three products of both 16-row halves.
+__global__ void __launch_bounds__(kThreads, 2)
+mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__ program,
+                Epilogue e, float* __restrict__ y, MmaParams p) {
+  extern __shared__ uint4 shared_words[];
+  uint32_t* shared = reinterpret_cast<uint32_t*>(shared_words);
+  const int buffer_words = p.chunk_channels * p.span_stride;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int32_t* begins = reinterpret_cast<const int32_t*>(program) + kMmaHeaderWords;
+  const uint4* steps = reinterpret_cast<const uint4*>(
+      program + (kMmaHeaderWords + p.tiles * p.chunks + 1 + 3) / 4 * 4);
+  const int tile = blockIdx.x;
+  wait_for_previous_grid();  // the stretched input
+  for (int position_tile = blockIdx.y; position_tile < p.position_tiles;
+       position_tile += gridDim.y) {
+    const int q0 = position_tile * int(kMmaPositions);
+    for (int64_t n = blockIdx.z; n < p.batch; n += gridDim.z) {
+      float sums[2][kFragments][4] = {}, products[2][kFragments][4] = {};
+      int since_promoted = 0;
+      auto promote = [&] {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int f = 0; f < kFragments; ++f)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              sums[h][f][i] += products[h][f][i];
+              products[h][f][i] = 0.f;
+            }
+        since_promoted = 0;
+      };
+      copy_chunk(input, shared, p, n, 0, q0);
+      for (int chunk = 0; chunk < p.chunks; ++chunk) {
+        if (chunk + 1 < p.chunks)
+          copy_chunk(input, shared + (chunk + 1) % 2 * buffer_words, p, n, chunk + 1, q0);
+        else
+          commit_copies();  // an empty group, so that the wait below leaves none pending
+        wait_copies<1>();
+        __syncthreads();  // every thread's copies of this chunk have landed
+        const uint32_t* buffer = shared + chunk % 2 * buffer_words + warp * 32 + g;
+        const int step_end = __ldg(begins + tile * p.chunks + chunk + 1);
+        for (int step = __ldg(begins + tile * p.chunks + chunk); step < step_end; ++step) {
+          const uint4* words = steps + int64_t(step) * kStepGroups * 32 + lane;
+          const uint4 a_hi0 = __ldg(words), a_lo0 = __ldg(words + 32);
+          const uint4 a_hi1 = __ldg(words + 64), a_lo1 = __ldg(words + 96);
+          const uint4 meta_offsets = __ldg(words + 128), offsets_high = __ldg(words + 160);
+          const uint32_t offset_words[4] = {meta_offsets.z, meta_offsets.w, offsets_high.x,
+                                            offsets_high.y};
+#pragma unroll
+          for (int f = 0; f < kFragments; ++f) {
+            uint32_t hi[4], lo[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const uint32_t first = buffer[(offset_words[r] & 0xffffu) + 8 * f];
+              const uint32_t second = buffer[(offset_words[r] >> 16) + 8 * f];
+              hi[r] = __byte_perm(first, second, 0x5410);
+              lo[r] = __byte_perm(first, second, 0x7632);
+            }
+            sparse_mma(products[0][f], a_hi0, hi, meta_offsets.x);
+            sparse_mma(products[1][f], a_hi1, hi, meta_offsets.y);
+            sparse_mma(products[0][f], a_hi0, lo, meta_offsets.x);
+            sparse_mma(products[1][f], a_hi1, lo, meta_offsets.y);
+            sparse_mma(products[0][f], a_lo0, hi, meta_offsets.x);
+            sparse_mma(products[1][f], a_lo1, hi, meta_offsets.y);
+          }
+          if (++since_promoted == kPromoteSteps) promote();
+        }
+        __syncthreads();  // this buffer is read before the next chunk but one is copied into it
+      }
+      promote();
+      // D fragment: rows g and g + 8 of each half, positions 2t and 2t + 1 of each fragment.
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int m = tile * int(kMmaRows) + 16 * h + g + 8 * (i / 2);
+          if (m >= p.out_channels) continue;
+          const float bias = e.bias ? __ldg(e.bias + m) : 0.f;
+#pragma unroll
+          for (int f = 0; f < kFragments; ++f) {
+            const int q = q0 + warp * int(kMmaWarpPositions) + 8 * f + 2 * t + i % 2;
+            const int oh = q / p.plane_w, ow = q - oh * p.plane_w;
+            if (q >= p.plane_q || ow >= p.out_width) continue;
+            const int64_t out = (n * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+            y[out] = bias_relu(with_residual(sums[h][f][i], e.residual, out), bias, e.relu);
+          }
+        }
+    }
+  }
+}
+
+constexpr size_t kSharedBytes = size_t(kMmaSharedWords) * sizeof(uint32_t);
+
+// Lets the kernel use its shared memory on the current device, once per device.
+void prepare_device() {
+  static std::atomic<int64_t> known[64] = {};
+  once_per_device(known, [](int) -> int64_t {
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(&mma_conv_kernel),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(kSharedBytes)),
+               "cudaFuncSetAttribute");
+    return 1;
+  });
+}
+
+// Whether the kernel's code here has its MMAs: compiled for sm_80 or newer (ptxVersion is the
+// virtual architecture of the code the device runs; below 80 the kernel is empty).
+bool mma_code_runs() {
+  static std::atomic<int64_t> known[64] = {};  // 1: no, 2: yes
+  return once_per_device(known, [](int) -> int64_t {
+           cudaFuncAttributes attributes{};
+           check_cuda(cudaFuncGetAttributes(&attributes,
+                                            reinterpret_cast<const void*>(&mma_conv_kernel)),
+                      "cudaFuncGetAttributes");
+           return attributes.ptxVersion >= 80 ? 2 : 1;
+         }) == 2;
+}
+
+}  // namespace
+
+void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* program,
+                     const Epilogue& epilogue, float* y, cudaStream_t stream) {
+  const MmaPlan plan = mma_plan(g);
+  const escoin_layout_t& L = g.layout;
+  MmaParams p;
+  p.batch = g.d.batch;
+  p.image_stride = L.image_stride;
+  p.channel_stride = L.channel_stride;
+  p.readable = g.d.batch * L.image_stride + g.tail_slack;
+  p.in_channels = int32_t(g.d.in_channels);
+  p.out_channels = int32_t(g.d.out_channels);
+  p.chunk_channels = int32_t(plan.chunk_channels);
+  p.chunks = int32_t(plan.chunks);
+  p.span = int32_t(plan.span);
+  p.span_stride = int32_t(plan.span_stride);
+  p.tiles = int32_t(plan.tiles);
+  p.position_tiles = int32_t(plan.position_tiles);
+  p.plane_q = int32_t(L.out_height * L.plane_w);
+  p.plane_w = int32_t(L.plane_w);
+  p.out_width = int32_t(L.out_width);
+  p.out_plane = int32_t(g.out_plane);
+  if (!mma_code_runs())
+    fail_invalid("the tensor-core kernel needs a GPU of compute capability 8.0 or newer and a "
+                 "build for one (this device runs code for an older architecture)");
+  prepare_device();
+  const dim3 grid(unsigned(plan.tiles), unsigned(std::min<int64_t>(plan.position_tiles, 65535)),
+                  unsigned(std::min<int64_t>(g.d.batch, 65535)));
+  launch_dependent(mma_conv_kernel, grid, dim3(kThreads),
+                   size_t(2 * plan.chunk_channels * plan.span_stride) * sizeof(uint32_t), stream,
+                   "mma_conv_kernel", input, program, epilogue, y, p);
+}
+
+}  // namespace escoin
+
+extern "C" escoin_status_t escoin_conv2d_forward_cuda_mma(
+    const escoin_conv_desc_t* desc, escoin_dtype_t dtype, const void* x, const void* mma_program,
+    const void* bias, const void* residual, int relu, void* y, void* workspace,
+    size_t workspace_bytes, int device, void* stream) {
+  return escoin::guarded([&] {
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    if (dtype != ESCOIN_FLOAT32)
+      escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 for the tensor-core kernel, got ",
+                           static_cast<int>(dtype));
+    escoin::check_forward_operands(g, dtype, x, mma_program, "mma_program", y, residual,
+                                   workspace, workspace_bytes);
+    if (g.d.batch == 0) return;
+    if (!escoin::mma_kernel_runs(escoin::mma_plan(g)))
+      escoin::fail_invalid("the tensor-core kernel cannot run this geometry (more than one "
+                           "group, phase planes of a stride, or rows too long); "
+                           "escoin_mma_program_size gives 0 for it");
+    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+      escoin::fail_invalid("workspace must be 16-byte aligned for the tensor-core kernel");
+    escoin::DeviceScope scope(device);
+    auto s = static_cast<cudaStream_t>(stream);
+    auto* ws = static_cast<float*>(workspace);
+    const escoin::Epilogue epilogue{static_cast<const float*>(bias),
+                                    static_cast<const float*>(residual), relu != 0 ? 1 : 0};
+    escoin::launch_split_stretch(g, static_cast<const float*>(x), ws, s);
+    escoin::launch_mma_conv(g, reinterpret_cast<const uint32_t*>(ws),
+                            static_cast<const uint32_t*>(mma_program), epilogue,
+                            static_cast<float*>(y), s);
+  });
+}

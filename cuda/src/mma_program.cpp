@@ -1,0 +1,287 @@
+// mma_program.cpp -- builds the tensor-core kernel's program (layout in mma_program.hpp) from a
+// CSR filter and its stretched offsets, on the host, once per filter and geometry.
+#include "mma_program.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "error.hpp"
+#include "forward_checks.hpp"
+
+namespace escoin {
+
+MmaPlan mma_plan(const Geometry& g) {
+  const escoin_conv_desc_t& d = g.d;
+  const escoin_layout_t& L = g.layout;
+  MmaPlan p{};
+  // (with one phase plane, every tap's shift is a multiple of the stride: stretched_offset)
+  p.reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * L.plane_w +
+            (d.kernel_w - 1) * d.dilation_w / d.stride_w;
+  p.span = (kMmaPositions + p.reach + 3) / 4 * 4;
+  // Channels 4 words off a multiple of 32 apart: a load's four columns of neighbouring channels
+  // then start on different banks more often than at a multiple of 32.
+  p.span_stride = p.span % 32 == 0 ? p.span + 4 : p.span;
+  p.tiles = (d.out_channels + kMmaRows - 1) / kMmaRows;
+  p.position_tiles = (L.out_height * L.plane_w + kMmaPositions - 1) / kMmaPositions;
+  const bool one_plane = L.phases_h == 1 && L.phases_w == 1;
+  const int64_t fits = kMmaSharedWords / 2 / p.span_stride;
+  if (d.groups != 1 || !one_plane || fits < 1) return p;
+  p.chunk_channels = std::min(fits, g.group_in);
+  p.chunks = (g.group_in + p.chunk_channels - 1) / p.chunk_channels;
+  return p;
+}
+
+namespace {
+
+// bf16 bits of v rounded to nearest even, and v's remainder after that part.
+uint16_t bf16_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+float bf16_value(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+struct Split {
+  uint16_t hi, lo;
+};
+Split split(float w) {
+  const uint16_t hi = bf16_bits(w);
+  return {hi, bf16_bits(w - bf16_value(hi))};
+}
+
+// One column of a tile: where it reads in the chunk buffer, and its weight per row of the tile.
+struct Column {
+  int32_t shared_offset;
+  uint32_t rows;  // bit r: row r of the tile has a nonzero here
+  std::vector<std::pair<int, float>> weights;  // (row of the tile, weight)
+};
+
+// A group of 4 columns of the 2:4 pattern; twice: the rows with at least one, with two nonzeros.
+struct Group {
+  int columns[4];
+  int count = 0;
+  uint32_t once = 0, twice = 0;
+};
+
+// First fit: each column goes to the first group with room whose rows it does not fill past 2.
+std::vector<Group> pack(const std::vector<Column>& columns) {
+  std::vector<Group> groups;
+  size_t open_from = 0;  // groups before this one are full
+  for (int c = 0; c < int(columns.size()); ++c) {
+    const uint32_t m = columns[size_t(c)].rows;
+    size_t at = open_from;
+    while (at < groups.size() && (groups[at].count == 4 || (groups[at].twice & m) != 0)) ++at;
+    if (at == groups.size()) groups.emplace_back();
+    Group& group = groups[at];
+    group.columns[group.count++] = c;
+    group.twice |= group.once & m;
+    group.once ^= m;
+    group.once &= ~group.twice;
+    while (open_from < groups.size() && groups[open_from].count == 4) ++open_from;
+  }
+  return groups;
+}
+
+uint32_t pair(uint16_t low, uint16_t high) { return low | (uint32_t(high) << 16); }
+
+// Writes the step of up to 8 groups (groups[first, first + 8) that exist) at `out`
+// (kMmaStepWords * 32 words, word-group-major).
+void write_step(const std::vector<Column>& columns, const std::vector<Group>& groups,
+                size_t first, uint32_t* out) {
+  // Per row of the tile and group of the step: the two kept positions and their split weights.
+  int kept[kMmaRows][8][2];
+  Split value[kMmaRows][8][2];
+  int32_t offset[kMmaStepColumns] = {};
+  for (int row = 0; row < kMmaRows; ++row)
+    for (int k = 0; k < 8; ++k) {
+      kept[row][k][0] = 0;
+      kept[row][k][1] = 1;
+      value[row][k][0] = value[row][k][1] = Split{0, 0};
+    }
+  for (int k = 0; k < 8 && first + size_t(k) < groups.size(); ++k) {
+    const Group& group = groups[first + size_t(k)];
+    int found[kMmaRows] = {};
+    int at[kMmaRows][2];
+    float w[kMmaRows][2];
+    for (int i = 0; i < group.count; ++i) {
+      const Column& column = columns[size_t(group.columns[i])];
+      offset[k * 4 + i] = column.shared_offset;
+      for (const auto& [row, weight] : column.weights) {
+        at[row][found[row]] = i;
+        w[row][found[row]++] = weight;
+      }
+    }
+    for (int row = 0; row < kMmaRows; ++row) {
+      if (found[row] == 0) continue;
+      if (found[row] == 1) {  // the other kept position: any other one, holding a zero
+        at[row][1] = at[row][0] == 0 ? 1 : 0;
+        w[row][1] = 0.f;
+      }
+      const int lower = at[row][0] < at[row][1] ? 0 : 1;
+      for (int i = 0; i < 2; ++i) {
+        kept[row][k][i] = at[row][i ^ lower];
+        value[row][k][i] = split(w[row][i ^ lower]);
+      }
+    }
+  }
+  // The compressed 16 x 16 matrix of half h: column 2k + i is group k's i-th kept value.
+  auto part = [&](int h, int row, int column, bool low) {
+    const Split& s = value[16 * h + row][column / 2][column % 2];
+    return low ? s.lo : s.hi;
+  };
+  auto metadata = [&](int h, int row) {
+    uint32_t word = 0;
+    for (int k = 0; k < 8; ++k)
+      word |= uint32_t(kept[16 * h + row][k][0] | (kept[16 * h + row][k][1] << 2)) << (4 * k);
+    return word;
+  };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    uint32_t words[kMmaStepWords] = {};
+    for (int h = 0; h < 2; ++h)
+      for (int low = 0; low < 2; ++low) {
+        uint32_t* a = words + 8 * h + 4 * low;
+        a[0] = pair(part(h, g, 2 * t, low), part(h, g, 2 * t + 1, low));
+        a[1] = pair(part(h, g + 8, 2 * t, low), part(h, g + 8, 2 * t + 1, low));
+        a[2] = pair(part(h, g, 2 * t + 8, low), part(h, g, 2 * t + 9, low));
+        a[3] = pair(part(h, g + 8, 2 * t + 8, low), part(h, g + 8, 2 * t + 9, low));
+      }
+    if (t < 2)
+      for (int h = 0; h < 2; ++h)
+        words[16 + h] = ((metadata(h, g) >> (16 * t)) & 0xffffu) |
+                        (((metadata(h, g + 8) >> (16 * t)) & 0xffffu) << 16);
+    for (int i = 0; i < 4; ++i)
+      words[18 + i] = pair(uint16_t(offset[8 * i + 2 * t]), uint16_t(offset[8 * i + 2 * t + 1]));
+    for (int group = 0; group < kMmaStepWords / 4; ++group)
+      for (int j = 0; j < 4; ++j) out[(group * 32 + lane) * 4 + j] = words[group * 4 + j];
+  }
+}
+
+struct Program {
+  std::vector<int32_t> begins;
+  std::vector<uint32_t> steps;  // empty when only counted
+};
+
+// The program of g; with write false, only its begins (what the size needs: the packing, not
+// the steps' words).
+Program build(const Geometry& g, const MmaPlan& plan, const int64_t* row_ptr,
+              const int32_t* offsets, const float* values, bool write) {
+  const int64_t cs = g.layout.channel_stride;
+  Program p;
+  int64_t steps = 0;
+  p.begins.reserve(size_t(plan.tiles * plan.chunks + 1));
+  const size_t step_words = size_t(kMmaStepWords * 32);
+  for (int64_t tile = 0; tile < plan.tiles; ++tile) {
+    // The tile's nonzeros as (chunk, shared offset, row, weight), in column order.
+    struct Entry {
+      int64_t chunk;
+      int32_t shared_offset;
+      int row;
+      float weight;
+    };
+    std::vector<Entry> entries;
+    const int64_t rows = std::min(kMmaRows, g.d.out_channels - tile * kMmaRows);
+    for (int row = 0; row < rows; ++row) {
+      const int64_t m = tile * kMmaRows + row;
+      for (int64_t j = row_ptr[m]; j < row_ptr[m + 1]; ++j) {
+        const int64_t channel = offsets[j] / cs, within = offsets[j] % cs;
+        entries.push_back({channel / plan.chunk_channels,
+                           int32_t(channel % plan.chunk_channels * plan.span_stride + within),
+                           row, values[j]});
+      }
+    }
+    std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+      return a.chunk != b.chunk ? a.chunk < b.chunk : a.shared_offset < b.shared_offset;
+    });
+    size_t e = 0;
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+      if (steps > std::numeric_limits<int32_t>::max())
+        fail_invalid("the filter needs too many steps for the tensor-core kernel");
+      p.begins.push_back(int32_t(steps));
+      std::vector<Column> columns;
+      for (; e < entries.size() && entries[e].chunk == chunk; ++e) {
+        if (columns.empty() || columns.back().shared_offset != entries[e].shared_offset)
+          columns.push_back({entries[e].shared_offset, 0u, {}});
+        Column& column = columns.back();
+        // A CSR may repeat a column within a row: such weights add, as on every other path.
+        auto same = std::find_if(column.weights.begin(), column.weights.end(),
+                                 [&](const auto& rw) { return rw.first == entries[e].row; });
+        if (same != column.weights.end()) {
+          same->second += entries[e].weight;
+        } else {
+          column.weights.emplace_back(entries[e].row, entries[e].weight);
+          column.rows |= 1u << entries[e].row;
+        }
+      }
+      const std::vector<Group> groups = pack(columns);
+      for (size_t first = 0; first < groups.size(); first += 8, ++steps) {
+        if (!write) continue;
+        p.steps.resize(p.steps.size() + step_words);
+        write_step(columns, groups, first, p.steps.data() + p.steps.size() - step_words);
+      }
+    }
+  }
+  if (steps > std::numeric_limits<int32_t>::max())
+    fail_invalid("the filter needs too many steps for the tensor-core kernel");
+  p.begins.push_back(int32_t(steps));
+  return p;
+}
+
+}  // namespace
+}  // namespace escoin
+
+extern "C" escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc,
+                                                   const int64_t* row_ptr, const int32_t* offsets,
+                                                   const float* values, size_t* bytes) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(bytes, "bytes");
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
+    const escoin::MmaPlan plan = escoin::mma_plan(g);
+    if (!escoin::mma_kernel_runs(plan)) {
+      *bytes = 0;
+      return;
+    }
+    const escoin::Program p = escoin::build(g, plan, row_ptr, offsets, values, false);
+    *bytes = (size_t(escoin::mma_steps_word(plan)) +
+              size_t(p.begins.back()) * size_t(escoin::kMmaStepWords * 32)) * sizeof(uint32_t);
+  });
+}
+
+extern "C" escoin_status_t escoin_mma_program_build(const escoin_conv_desc_t* desc,
+                                                    const int64_t* row_ptr,
+                                                    const int32_t* offsets, const float* values,
+                                                    void* program, size_t bytes) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(program, "program");
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
+    const escoin::MmaPlan plan = escoin::mma_plan(g);
+    if (!escoin::mma_kernel_runs(plan))
+      escoin::fail_invalid("the tensor-core kernel cannot run this geometry "
+                           "(escoin_mma_program_size gave 0 bytes); pass no MMA program");
+    const escoin::Program p = escoin::build(g, plan, row_ptr, offsets, values, true);
+    const int64_t steps_at = escoin::mma_steps_word(plan);
+    const size_t words = size_t(steps_at) + p.steps.size();
+    if (bytes < words * sizeof(uint32_t))
+      escoin::fail_invalid("program has ", bytes, " bytes, the MMA program needs ",
+                           words * sizeof(uint32_t));
+    auto* out = static_cast<uint32_t*>(program);
+    std::memset(out, 0, size_t(steps_at) * sizeof(uint32_t));
+    out[0] = uint32_t(escoin::kMmaProgramMagic);
+    out[1] = uint32_t(plan.tiles);
+    out[2] = uint32_t(plan.chunks);
+    out[3] = uint32_t(p.begins.back());
+    std::copy(p.begins.begin(), p.begins.end(), reinterpret_cast<int32_t*>(out) +
+                                                    escoin::kMmaHeaderWords);
+    std::copy(p.steps.begin(), p.steps.end(), out + steps_at);
+  });
+}
