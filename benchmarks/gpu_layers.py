@@ -45,10 +45,11 @@ def cusparse_lowered(torch, F, x, w, layer: Layer) -> Callable[[], object]:
     return run
 
 
-def escoin_case(torch, F, layer: Layer, x, w) -> Tuple[Callable[[], None], float, int]:
+def escoin_case(torch, F, layer: Layer, x, w,
+                tensor_cores: bool = False) -> Tuple[Callable[[], None], float, int]:
     """escoin's call of `layer` on the CUDA tensor x with the pruned weight w (filter, output
-    (poisoned with NaN) and workspace prepared once), its relative error against float64
-    F.conv2d after one call, and the filter's nonzeros."""
+    (poisoned with NaN) and workspace prepared once), on the tensor-core kernel or not, its
+    relative error against float64 F.conv2d after one call, and the filter's nonzeros."""
     s, p = layer.stride, layer.padding
     filt = escoin.SparseFilter.from_dense(w.cpu().numpy()).cuda(x.device.index or 0)
     oh = output_size(layer)
@@ -57,7 +58,7 @@ def escoin_case(torch, F, layer: Layer, x, w) -> Tuple[Callable[[], None], float
 
     def run() -> None:
         escoin.conv2d(x, filt, stride=s, padding=p, out=out, workspace=ws,
-                      stream=torch.cuda.current_stream().cuda_stream)
+                      stream=torch.cuda.current_stream().cuda_stream, tensor_cores=tensor_cores)
 
     run()
     ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
@@ -74,6 +75,9 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
     run_escoin, err, nnz = escoin_case(torch, F, layer, x, w)
     row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=nnz, rel_err=err)
     row["escoin"] = time_ms(torch, run_escoin)
+    # The tensor-core kernel where it runs the layer (else the same kernels as above).
+    run_tc, row["rel_err_tc"], _ = escoin_case(torch, F, layer, x, w, tensor_cores=True)
+    row["escoin_tc"] = time_ms(torch, run_tc)
     torch.backends.cudnn.allow_tf32 = False
     row["fp32"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
     torch.backends.cudnn.allow_tf32 = True
@@ -144,13 +148,15 @@ def main() -> None:
                   indent=1)
     plot(rows, os.path.join(args.out, "gpu_layers.png"))
 
-    cols = ["escoin"] + ANCHORS + ["floor"]
-    print(f"{'layer':<13}{'N':>3}{'sp':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'err':>9}")
+    cols = ["escoin", "escoin_tc"] + ANCHORS + ["floor"]
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}" + "".join(f"{c:>10}" for c in cols)
+          + f"{'err':>9}{'err_tc':>9}")
     for r in rows:
         print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}"
-              + "".join(f"{r[c]:>9.4f}" for c in cols) + f"{r['rel_err']:>9.1e}")
+              + "".join(f"{r[c]:>10.4f}" for c in cols)
+              + f"{r['rel_err']:>9.1e}{r['rel_err_tc']:>9.1e}")
     print("\ngeometric means of time / floor (lower is better), and escoin's speed-up over each")
-    print(f"{'sp':>5}{'N':>4}" + "".join(f"{c:>9}" for c in cols[:-1])
+    print(f"{'sp':>5}{'N':>4}" + "".join(f"{c:>10}" for c in cols[:-1])
           + "".join(f"{'x' + c:>9}" for c in ANCHORS) + f"{'worst/tf32':>16}")
     for sp in args.sparsities:
         for n in args.batches:
@@ -158,12 +164,13 @@ def main() -> None:
             ratios = [geomean(r[c] / r["floor"] for r in sel) for c in cols[:-1]]
             speedups = [geomean(r[c] / r["escoin"] for r in sel) for c in ANCHORS]
             worst = min(sel, key=lambda r: r["tf32"] / r["escoin"])
-            print(f"{sp:>5.2f}{n:>4}" + "".join(f"{v:>9.2f}" for v in ratios)
+            print(f"{sp:>5.2f}{n:>4}" + "".join(f"{v:>10.2f}" for v in ratios)
                   + "".join(f"{v:>9.2f}" for v in speedups)
                   + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
-    worst_err = max(r["rel_err"] for r in rows)
-    print(f"max relative error vs float64: {worst_err:.2e} "
-          f"({'PASS' if worst_err <= 1e-5 else 'FAIL'} at 1e-5)")
+    for key, name in (("rel_err", "escoin"), ("rel_err_tc", "escoin_tc")):
+        worst_err = max(r[key] for r in rows)
+        print(f"{name}: max relative error vs float64 {worst_err:.2e} "
+              f"({'PASS' if worst_err <= 1e-5 else 'FAIL'} at 1e-5)")
 
 
 if __name__ == "__main__":
