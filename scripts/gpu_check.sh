@@ -42,7 +42,8 @@ ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q tests/test_cuda.py -p no:cachepro
 if [ "$sanitize" = 1 ]; then
   echo "== compute-sanitizer (memcheck) on the GPU tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
-    -p no:cacheprovider -k "not random_geometry" 2>&1 | tail -5
+    tests/test_cuda_tensor_cores.py -p no:cacheprovider \
+    -k "not random_geometry and not residual_on_the_tensor_cores" 2>&1 | tail -5
 fi
 if [ "$networks" = 1 ]; then
   echo "== networks"
