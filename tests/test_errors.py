@@ -176,9 +176,12 @@ def test_sconv_rejects_non_int_pointer(filt, x) -> None:
 
 
 def test_sconv_on_host_pointers_names_what_it_cannot_take(filt, x) -> None:
-    with pytest.raises(EscoinError, match="stream and tile_program_ptr must be 0 with "
-                                          "device='cpu'"):
+    with pytest.raises(EscoinError, match="stream, tile_program_ptr and mma_program_ptr must "
+                                          "be 0 with device='cpu'"):
         escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu", stream=7)
+    with pytest.raises(EscoinError, match="mma_program_ptr must be 0"):
+        escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu",
+                     mma_program_ptr=64)
     with pytest.raises(EscoinError, match="device must be a CUDA device index or 'cpu'"):
         escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="gpu")
     with pytest.raises(EscoinError, match="dtype must be float32, float64, float16 or bfloat16"):

@@ -261,7 +261,7 @@ def test_no_program_where_the_staged_kernel_would_not_pay(out_channels: int, gro
     values = filt.values.astype(np.float32)
     program = np.empty(1 << 16, np.uint8)
     with pytest.raises(EscoinError, match="does not pay"):
-        _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+        _core.program_build("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values.ctypes.data, program.ctypes.data, program.nbytes)
 
 
@@ -273,7 +273,7 @@ def test_program_rejects_an_offset_outside_the_input() -> None:
     offsets[5] = 1 << 30
     values = filt.values.astype(np.float32)
     with pytest.raises(EscoinError, match="offset"):
-        _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+        _core.program_size("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                 values.ctypes.data)
 
 
@@ -285,15 +285,15 @@ def test_program_rejects_an_offset_past_the_groups_channels() -> None:
     desc = descriptor((1, 3, 3, 30), filt.shape, 1, 1, 0, 1)
     offsets = filt._store.offsets(desc).copy()
     values = filt.values.astype(np.float32)
-    nbytes = _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+    nbytes = _core.program_size("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                      values.ctypes.data)
     offsets[5] = 3 * _core.conv_layout(desc)["channel_stride"]
     program = np.empty(nbytes, np.uint8)
     with pytest.raises(EscoinError, match="input channel 3 of a group of 3"):
-        _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+        _core.program_size("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                 values.ctypes.data)
     with pytest.raises(EscoinError, match="input channel 3 of a group of 3"):
-        _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+        _core.program_build("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values.ctypes.data, program.ctypes.data, program.nbytes)
 
 
@@ -325,7 +325,7 @@ def test_the_csr_check_accepts_exactly_the_taps(kernel: Tuple[int, int], stride:
     for offset in range(-1, span + 2):
         one = np.array([offset], np.int32)
         try:
-            _core.tile_program_size(desc, row_ptr.ctypes.data, one.ctypes.data,
+            _core.program_size("tile", desc, row_ptr.ctypes.data, one.ctypes.data,
                                     value.ctypes.data)
             accepted.add(offset)
         except EscoinError as error:
@@ -350,7 +350,7 @@ def test_the_csr_check_on_channels_too_large_for_its_bitmap(stride: int) -> None
     def accepted(offset: int) -> bool:
         one = np.array([offset], np.int32)
         try:
-            _core.tile_program_size(desc, row_ptr.ctypes.data, one.ctypes.data,
+            _core.program_size("tile", desc, row_ptr.ctypes.data, one.ctypes.data,
                                     value.ctypes.data)
             return True
         except EscoinError as error:
@@ -366,9 +366,9 @@ def test_program_buffer_too_small_is_refused() -> None:
     desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
     values = filt.values.astype(np.float32)
     offsets = filt._store.offsets(desc)
-    nbytes = _core.tile_program_size(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+    nbytes = _core.program_size("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                      values.ctypes.data)
     program = np.empty(nbytes, np.uint8)
     with pytest.raises(EscoinError, match="program has"):
-        _core.tile_program_build(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+        _core.program_build("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values.ctypes.data, program.ctypes.data, nbytes - 4)

@@ -47,11 +47,12 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 }
 
-// d += a * b on the 2:4 sparse bf16 MMA (m16n8k32), metadata from lanes 4g and 4g + 1.
+// d += a * b on the 2:4 sparse bf16 MMA (m16n8k32), metadata from lanes 4g and 4g + 1. Not
+// volatile: the compiler may move MMAs of independent accumulators between dependent ones.
 __device__ __forceinline__ void sparse_mma(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
                                            uint32_t metadata) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
+  asm(
       "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
