@@ -103,8 +103,10 @@ def tensor_core_conv_cases(draw: st.DrawFn) -> ConvCase:
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
     pads = _pads(padding, kernel, dilation)
     extent = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
-    h = draw(st.integers(max(1, extent[0] - 2 * pads[0]), 24))
-    w = draw(st.integers(max(1, extent[1] - 2 * pads[2]), 40) | st.integers(600, 900))
+    wide = draw(st.booleans())  # rows wider than a block: few channels a chunk, short planes
+    h_min, w_min = max(1, extent[0] - 2 * pads[0]), max(1, extent[1] - 2 * pads[2])
+    h = draw(st.integers(h_min, max(h_min, 6) if wide else 24))
+    w = draw(st.integers(600, 900) if wide else st.integers(w_min, 40))
     channels = draw(st.integers(1, 12) | st.integers(30, 80))
     out_channels = draw(st.integers(1, 80))
     batch = draw(st.integers(1, 4))
