@@ -3,6 +3,7 @@
 #include "mma_program.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -92,29 +93,141 @@ std::vector<Group> pack(const std::vector<Column>& columns) {
 
 uint32_t pair(uint16_t low, uint16_t high) { return low | (uint32_t(high) << 16); }
 
-// Writes the step of up to 8 groups (groups[first, first + 8) that exist) at `out`
-// (kMmaStepWords * 32 words, word-group-major).
-void write_step(const std::vector<Column>& columns, const std::vector<Group>& groups,
-                size_t first, uint32_t* out) {
+// A B load of the kernel reads, for lanes g = 0..7 and t = 0..3, column 8i + 2t + e of the step
+// at position g: four runs of 8 words, one per column. Its shared-memory wavefronts are the most
+// lanes on one bank (a bank serves one word a wavefront; equal words are one).
+int load_wavefronts(const int32_t (&offsets)[4]) {
+  int counts[32] = {};
+  int most = 0;
+  for (int t = 0; t < 4; ++t) {
+    bool repeated = false;
+    for (int u = 0; u < t; ++u) repeated |= offsets[u] == offsets[t];
+    if (repeated) continue;  // the same words: one read serves both
+    for (int g = 0; g < 8; ++g) most = std::max(most, ++counts[(offsets[t] + g) & 31]);
+  }
+  return most;
+}
+
+constexpr int kEmpty = -1;
+
+// A column's offset, or for an empty slot the offset of `fill` (another column of the same
+// load, so that the slot costs no wavefront).
+int32_t slot_offset(const std::vector<Column>& columns, int column, int32_t fill) {
+  return column == kEmpty ? fill : columns[size_t(column)].shared_offset;
+}
+
+// The two loads (e = 0, 1) of a pair of groups a and b, with a's columns at positions pa and
+// b's at pb (group slots 0-3); returns their wavefronts added.
+int pair_wavefronts(const std::vector<Column>& columns, const int (&a)[4], const int (&b)[4]) {
+  int total = 0;
+  for (int e = 0; e < 2; ++e) {
+    const int slots[4] = {a[e], a[2 + e], b[e], b[2 + e]};
+    int32_t fill = 0;
+    for (int column : slots)
+      if (column != kEmpty) fill = columns[size_t(column)].shared_offset;
+    int32_t offsets[4];
+    for (int t = 0; t < 4; ++t) offsets[t] = slot_offset(columns, slots[t], fill);
+    total += load_wavefronts(offsets);
+  }
+  return total;
+}
+
+// The step's 32 slots (a column of `columns`, or kEmpty) from up to 8 groups (groups[first,
+// first + 8)): a group's columns stay in one group of 4 slots (the 2:4 pattern holds in any
+// order), but which groups share loads and which of a group's columns load together is free.
+// Chosen to spend the fewest shared-memory wavefronts: for every pair of groups the best of
+// the 18 ways to split both into the two loads, then the best pairing of the 8 groups (105).
+std::array<int, kMmaStepColumns> arrange_step(const std::vector<Column>& columns,
+                                              const std::vector<Group>& groups, size_t first) {
+  int member[8][4];
+  for (int k = 0; k < 8; ++k)
+    for (int i = 0; i < 4; ++i) {
+      const size_t at = first + size_t(k);
+      member[k][i] = at < groups.size() && i < groups[at].count ? groups[at].columns[i] : kEmpty;
+    }
+  // Positions 0-3 of a group: which two load together (e = 0: positions 0 and 2).
+  static constexpr int kSplits[3][4] = {{0, 1, 2, 3}, {0, 2, 1, 3}, {0, 3, 1, 2}};
+  int best_cost[8][8];
+  int best_layout[8][8][2][4];  // [a][b]: a's and b's columns by position
+  for (int a = 0; a < 8; ++a)
+    for (int b = a + 1; b < 8; ++b) {
+      best_cost[a][b] = std::numeric_limits<int>::max();
+      for (const auto& sa : kSplits)
+        for (const auto& sb : kSplits)
+          for (int swap = 0; swap < 2; ++swap) {
+            int pa[4], pb[4];
+            for (int i = 0; i < 4; ++i) {
+              pa[i] = member[a][sa[i]];
+              pb[i] = member[b][sb[swap ? (i ^ 1) : i]];
+            }
+            const int cost = pair_wavefronts(columns, pa, pb);
+            if (cost < best_cost[a][b]) {
+              best_cost[a][b] = cost;
+              std::copy(pa, pa + 4, best_layout[a][b][0]);
+              std::copy(pb, pb + 4, best_layout[a][b][1]);
+            }
+          }
+    }
+  // The cheapest perfect matching of the 8 groups into 4 load pairs, by exhaustive search.
+  int pairs[4][2], best_pairs[4][2];
+  int best_total = std::numeric_limits<int>::max();
+  auto search = [&](auto&& self, unsigned used, int made, int total) -> void {
+    if (total >= best_total) return;
+    if (made == 4) {
+      best_total = total;
+      std::copy(&pairs[0][0], &pairs[0][0] + 8, &best_pairs[0][0]);
+      return;
+    }
+    int a = 0;
+    while (used & (1u << a)) ++a;
+    for (int b = a + 1; b < 8; ++b) {
+      if (used & (1u << b)) continue;
+      pairs[made][0] = a;
+      pairs[made][1] = b;
+      self(self, used | (1u << a) | (1u << b), made + 1, total + best_cost[a][b]);
+    }
+  };
+  search(search, 0u, 0, 0);
+  std::array<int, kMmaStepColumns> slots;
+  for (int i = 0; i < 4; ++i)
+    for (int side = 0; side < 2; ++side)
+      for (int position = 0; position < 4; ++position)
+        slots[size_t(8 * i + 4 * side + position)] =
+            best_layout[best_pairs[i][0]][best_pairs[i][1]][side][position];
+  return slots;
+}
+
+// Writes the step whose 32 slots hold `slots` (arrange_step) at `out` (kMmaStepWords * 32
+// words, word-group-major).
+void write_step(const std::vector<Column>& columns, const std::array<int, kMmaStepColumns>& slots,
+                uint32_t* out) {
   // Per row of the tile and group of the step: the two kept positions and their split weights.
   int kept[kMmaRows][8][2];
   Split value[kMmaRows][8][2];
-  int32_t offset[kMmaStepColumns] = {};
+  int32_t offset[kMmaStepColumns];
   for (int row = 0; row < kMmaRows; ++row)
     for (int k = 0; k < 8; ++k) {
       kept[row][k][0] = 0;
       kept[row][k][1] = 1;
       value[row][k][0] = value[row][k][1] = Split{0, 0};
     }
-  for (int k = 0; k < 8 && first + size_t(k) < groups.size(); ++k) {
-    const Group& group = groups[first + size_t(k)];
+  for (int i = 0; i < 4; ++i)
+    for (int e = 0; e < 2; ++e) {  // a load's empty slots read one of its columns
+      int32_t fill = 0;
+      for (int t = 0; t < 4; ++t)
+        if (slots[size_t(8 * i + 2 * t + e)] != kEmpty)
+          fill = columns[size_t(slots[size_t(8 * i + 2 * t + e)])].shared_offset;
+      for (int t = 0; t < 4; ++t)
+        offset[8 * i + 2 * t + e] = slot_offset(columns, slots[size_t(8 * i + 2 * t + e)], fill);
+    }
+  for (int k = 0; k < 8; ++k) {
     int found[kMmaRows] = {};
     int at[kMmaRows][2];
     float w[kMmaRows][2];
-    for (int i = 0; i < group.count; ++i) {
-      const Column& column = columns[size_t(group.columns[i])];
-      offset[k * 4 + i] = column.shared_offset;
-      for (const auto& [row, weight] : column.weights) {
+    for (int i = 0; i < 4; ++i) {
+      const int c = slots[size_t(4 * k + i)];
+      if (c == kEmpty) continue;
+      for (const auto& [row, weight] : columns[size_t(c)].weights) {
         at[row][found[row]] = i;
         w[row][found[row]++] = weight;
       }
@@ -225,7 +338,8 @@ Program build(const Geometry& g, const MmaPlan& plan, const int64_t* row_ptr,
       for (size_t first = 0; first < groups.size(); first += 8, ++steps) {
         if (!write) continue;
         p.steps.resize(p.steps.size() + step_words);
-        write_step(columns, groups, first, p.steps.data() + p.steps.size() - step_words);
+        write_step(columns, arrange_step(columns, groups, first),
+                   p.steps.data() + p.steps.size() - step_words);
       }
     }
   }
