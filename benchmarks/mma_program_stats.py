@@ -79,7 +79,8 @@ def main() -> None:
         out = _core.conv_layout(desc)
         offsets = step_offsets(program)
         paid = offsets.shape[0] * 32 * ROWS / filt.nnz  # dense-equivalent MACs per nonzero
-        plane_q = out["out_height"] * out["plane_w"]
+        # the kernel's layout: rows rounded up to 8 (geometry.cpp, Geometry::mma_layout)
+        plane_q = out["out_height"] * -(-out["plane_w"] // 8) * 8
         computed = -(-plane_q // POSITIONS) * POSITIONS / (out["out_height"] * out["out_width"])
         ratio = paid * computed * args.floor_rate / args.loop_rate
         ratios.append(ratio)

@@ -20,18 +20,22 @@ ROWS, POSITIONS, STEP_WORDS, SHARED_WORDS = 32, 256, 24, 24576  # mma_program.hp
 
 
 class Plan(NamedTuple):
+    plane_w: int  # the kernel's rows: the public layout's rounded up to a multiple of 8
     span: int
     span_stride: int
     chunk_channels: int
 
 
 def plan_of(desc: tuple, layout: dict) -> Plan:
-    """mma_program.cpp's mma_plan, restated: the decoder must not trust the program's view."""
+    """geometry.cpp's mma_layout and mma_program.cpp's mma_plan, restated: the decoder must not
+    trust the program's view."""
     _, c, _, _, _, kh, kw, sh, sw, _, _, _, _, dh, dw, _ = desc
-    reach = (kh - 1) * dh // sh * layout["plane_w"] + (kw - 1) * dw // sw
+    plane_w = -(-layout["plane_w"] // 8) * 8
+    reach = (kh - 1) * dh // sh * plane_w + (kw - 1) * dw // sw
     span = -(-(POSITIONS + reach) // 4) * 4
-    span_stride = span + 4 if span % 32 == 0 else span
-    return Plan(span, span_stride, min(SHARED_WORDS // 2 // span_stride, c))
+    span_stride = span + (40 - span % 32) % 32  # 8 words past a multiple of 32
+    fits = SHARED_WORDS // 2 // span_stride
+    return Plan(plane_w, span, span_stride, min(fits // 32 * 32 if fits >= 32 else fits, c))
 
 
 def bf16_to_float(bits: np.ndarray) -> np.ndarray:
@@ -47,8 +51,8 @@ def bf16_round(values: np.ndarray) -> np.ndarray:
 
 def decode(program: np.ndarray, desc: tuple) -> np.ndarray:
     """The weights the program multiplies, hi + lo parts added, as a dense (M, C, within) array
-    (within: the tap's shift in a stretched channel); checks the header, the metadata's form and
-    every offset's bounds on the way."""
+    (within: the tap's shift in a channel of the public stretched layout); checks the header,
+    the metadata's form and every offset's bounds on the way."""
     layout = _core.conv_layout(desc)
     plan = plan_of(desc, layout)
     m, c = desc[4], desc[1]
@@ -68,13 +72,14 @@ def decode(program: np.ndarray, desc: tuple) -> np.ndarray:
     for tile in range(tiles):
         for chunk in range(chunks):
             for step in range(begins[tile * chunks + chunk], begins[tile * chunks + chunk + 1]):
-                decode_step(lanes[step], tile, chunk, plan, weights)
+                decode_step(lanes[step], tile, chunk, plan, layout["plane_w"], weights)
     return weights[:m]
 
 
-def decode_step(lane_words: np.ndarray, tile: int, chunk: int, plan: Plan,
+def decode_step(lane_words: np.ndarray, tile: int, chunk: int, plan: Plan, public_w: int,
                 weights: np.ndarray) -> None:
-    """Adds one step's weights into `weights` at their (row, channel, within)."""
+    """Adds one step's weights into `weights` at their (row, channel, within), within moved
+    from the kernel's rows (plan.plane_w) to the public layout's (public_w)."""
     # Offsets of the 32 columns: lane t's word 18 + i holds columns 8i + 2t and 8i + 2t + 1.
     offsets = np.zeros(32, np.int64)
     for t in range(4):
@@ -116,7 +121,10 @@ def decode_step(lane_words: np.ndarray, tile: int, chunk: int, plan: Plan,
                     channel = chunk * plan.chunk_channels + offset // plan.span_stride
                     within = offset % plan.span_stride
                     assert within + POSITIONS <= plan.span, "a read past the channel's span"
-                    weights[tile * ROWS + 16 * half + row, channel, within] += value
+                    tap_row, tap_column = divmod(within, plan.plane_w)
+                    assert tap_column < public_w
+                    weights[tile * ROWS + 16 * half + row, channel,
+                            tap_row * public_w + tap_column] += value
 
 
 def expected_weights(filt: escoin.SparseFilter, desc: tuple) -> np.ndarray:

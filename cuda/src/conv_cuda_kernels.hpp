@@ -41,8 +41,8 @@ inline float* partial_sums(const Geometry& g, float* ws) {
 void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
                     cudaStream_t stream);
 
-// The same stretch into the public layout (g.layout), each element written as its bf16 hi and lo
-// parts in one 32-bit word, as the tensor-core kernel reads it (mma_program.hpp).
+// The same stretch into the tensor-core kernel's layout (g.mma_layout), each element written as
+// its bf16 hi and lo parts in one 32-bit word, as that kernel reads it (mma_program.hpp).
 void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream);
 
 // Adds `splits` partial sums per output in split order (deterministic), then the epilogue.

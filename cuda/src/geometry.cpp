@@ -285,7 +285,8 @@ size_t compute_element_size(escoin_dtype_t dtype) {
 
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
   const size_t elem = compute_element_size(dtype);
-  const double image = double(std::max(g.layout.image_stride, g.staged.layout.image_stride));
+  const double image = double(std::max({g.layout.image_stride, g.staged.layout.image_stride,
+                                         g.mma_layout.image_stride}));
   const double total =
       (double(g.d.batch) * image + double(g.tail_slack) + double(g.partial_elements)) *
       double(elem);
@@ -384,6 +385,14 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   const int64_t splits = std::max(g.gpu_splits, g.gpu_staged_splits);
   g.partial_elements = splits > 1 ? splits * d.batch * d.out_channels * g.out_plane : 0;
   L.image_stride = d.in_channels * L.channel_stride;
+  g.mma_layout = L;
+  if (L.phases_h * L.phases_w == 1) {
+    escoin_layout_t& M = g.mma_layout;
+    M.plane_w = ceil_div(L.plane_w, 8) * 8;
+    M.channel_stride = M.plane_h * M.plane_w;
+    M.image_stride = d.in_channels * M.channel_stride;
+    if (M.channel_stride > std::numeric_limits<int32_t>::max() / g.group_in) M = L;
+  }
   return g;
 }
 

@@ -206,7 +206,7 @@ bool mma_code_runs() {
 void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* program,
                      const Epilogue& epilogue, float* y, cudaStream_t stream) {
   const MmaPlan plan = mma_plan(g);
-  const escoin_layout_t& L = g.layout;
+  const escoin_layout_t& L = g.mma_layout;
   MmaParams p;
   p.batch = g.d.batch;
   p.image_stride = L.image_stride;

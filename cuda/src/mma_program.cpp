@@ -16,21 +16,25 @@ namespace escoin {
 
 MmaPlan mma_plan(const Geometry& g) {
   const escoin_conv_desc_t& d = g.d;
-  const escoin_layout_t& L = g.layout;
+  const escoin_layout_t& L = g.mma_layout;
   MmaPlan p{};
   // (with one phase plane, every tap's shift is a multiple of the stride: stretched_offset)
   p.reach = (d.kernel_h - 1) * d.dilation_h / d.stride_h * L.plane_w +
             (d.kernel_w - 1) * d.dilation_w / d.stride_w;
   p.span = (kMmaPositions + p.reach + 3) / 4 * 4;
-  // Channels 4 words off a multiple of 32 apart: a load's four columns of neighbouring channels
-  // then start on different banks more often than at a multiple of 32.
-  p.span_stride = p.span % 32 == 0 ? p.span + 4 : p.span;
+  // Channels 8 words past a multiple of 32 apart: with rows of a multiple of 8 (the layout), a
+  // column's word keeps its residue mod 8 (its tap column's) and its bank group (which 8 of
+  // the 32 banks) turns with the channel, so the packing can put four columns of one residue
+  // and four bank groups in a load: one wavefront.
+  p.span_stride = p.span + (40 - p.span % 32) % 32;
   p.tiles = (d.out_channels + kMmaRows - 1) / kMmaRows;
   p.position_tiles = (L.out_height * L.plane_w + kMmaPositions - 1) / kMmaPositions;
   const bool one_plane = L.phases_h == 1 && L.phases_w == 1;
   const int64_t fits = kMmaSharedWords / 2 / p.span_stride;
   if (d.groups != 1 || !one_plane || fits < 1) return p;
-  p.chunk_channels = std::min(fits, g.group_in);
+  // A multiple of 32 channels where that many fit: a chunk's columns then fill whole steps more
+  // often (a 1x1 filter's chunk of 48 channels paid 2 steps for ~47 columns).
+  p.chunk_channels = std::min(fits >= 32 ? fits / 32 * 32 : fits, g.group_in);
   p.chunks = (g.group_in + p.chunk_channels - 1) / p.chunk_channels;
   return p;
 }
@@ -72,11 +76,25 @@ struct Group {
   uint32_t once = 0, twice = 0;
 };
 
-// First fit: each column goes to the first group with room whose rows it does not fill past 2.
-std::vector<Group> pack(const std::vector<Column>& columns) {
+// First fit over the columns of one residue mod 8: each goes to the first group with room whose
+// rows it does not fill past 2. The columns are taken from the four bank groups (offset mod 32
+// / 8) in turn, so that a group's columns tend to sit on four bank groups and arrange_step can
+// make each load of one wavefront (in offset order, one channel's taps of one column share a
+// bank group where the rows are a multiple of 32 words: 64 for 56-wide planes).
+void first_fit(const std::vector<Column>& columns, int32_t residue, std::vector<Group>& out) {
+  std::vector<int> by_bank_group[4];
+  for (int c = 0; c < int(columns.size()); ++c)
+    if (columns[size_t(c)].shared_offset % 8 == residue)
+      by_bank_group[columns[size_t(c)].shared_offset % 32 / 8].push_back(c);
+  std::vector<int> order;
+  for (size_t i = 0; order.size() < by_bank_group[0].size() + by_bank_group[1].size() +
+                                        by_bank_group[2].size() + by_bank_group[3].size();
+       ++i)
+    for (const auto& bank_group : by_bank_group)
+      if (i < bank_group.size()) order.push_back(bank_group[i]);
   std::vector<Group> groups;
   size_t open_from = 0;  // groups before this one are full
-  for (int c = 0; c < int(columns.size()); ++c) {
+  for (int c : order) {
     const uint32_t m = columns[size_t(c)].rows;
     size_t at = open_from;
     while (at < groups.size() && (groups[at].count == 4 || (groups[at].twice & m) != 0)) ++at;
@@ -88,6 +106,14 @@ std::vector<Group> pack(const std::vector<Column>& columns) {
     group.once &= ~group.twice;
     while (open_from < groups.size() && groups[open_from].count == 4) ++open_from;
   }
+  out.insert(out.end(), groups.begin(), groups.end());
+}
+
+// The columns in groups of 4 (the 2:4 pattern), each group of one residue mod 8 (the columns a
+// load can read without a bank conflict: arrange_step), class by class.
+std::vector<Group> pack(const std::vector<Column>& columns) {
+  std::vector<Group> groups;
+  for (int32_t residue = 0; residue < 8; ++residue) first_fit(columns, residue, groups);
   return groups;
 }
 
@@ -287,7 +313,7 @@ struct Program {
 // the steps' words).
 Program build(const Geometry& g, const MmaPlan& plan, const int64_t* row_ptr,
               const int32_t* offsets, const float* values, bool write) {
-  const int64_t cs = g.layout.channel_stride;
+  const int64_t cs = g.layout.channel_stride, row = g.layout.plane_w;
   Program p;
   int64_t steps = 0;
   p.begins.reserve(size_t(plan.tiles * plan.chunks + 1));
@@ -301,14 +327,17 @@ Program build(const Geometry& g, const MmaPlan& plan, const int64_t* row_ptr,
       float weight;
     };
     std::vector<Entry> entries;
-    const int64_t rows = std::min(kMmaRows, g.d.out_channels - tile * kMmaRows);
-    for (int row = 0; row < rows; ++row) {
-      const int64_t m = tile * kMmaRows + row;
+    const int64_t tile_rows = std::min(kMmaRows, g.d.out_channels - tile * kMmaRows);
+    for (int tile_row = 0; tile_row < tile_rows; ++tile_row) {
+      const int64_t m = tile * kMmaRows + tile_row;
       for (int64_t j = row_ptr[m]; j < row_ptr[m + 1]; ++j) {
-        const int64_t channel = offsets[j] / cs, within = offsets[j] % cs;
+        // The offset's row and column in the public layout, moved to the kernel's rows.
+        const int64_t channel = offsets[j] / cs, within_public = offsets[j] % cs;
+        const int64_t within =
+            within_public / row * g.mma_layout.plane_w + within_public % row;
         entries.push_back({channel / plan.chunk_channels,
                            int32_t(channel % plan.chunk_channels * plan.span_stride + within),
-                           row, values[j]});
+                           tile_row, values[j]});
       }
     }
     std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {

@@ -89,11 +89,11 @@ stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchEleme
   }
 }
 
+// Stretches x into layout L of g, whose rows start `lead` more zeros to the left.
 template <bool SPLIT>
-void stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
-             cudaStream_t stream) {
+void stretch(const Geometry& g, const escoin_layout_t& L, int64_t lead, const float* x,
+             float* ws, cudaStream_t stream) {
   const escoin_conv_desc_t& d = g.d;
-  const escoin_layout_t& L = for_staged_kernel ? g.staged.layout : g.layout;
   StretchElements s;
   s.planes = d.batch * d.in_channels;
   s.in_plane = d.in_height * d.in_width;
@@ -103,7 +103,7 @@ void stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* w
   s.stride_h = d.stride_h;
   s.stride_w = d.stride_w;
   s.pad_top = d.pad_top;
-  s.pad_left = d.pad_left + (for_staged_kernel ? g.staged.lead : 0);
+  s.pad_left = d.pad_left + lead;
   s.in_height = d.in_height;
   s.in_width = d.in_width;
   // make_geometry keeps a channel's stretched elements below 2^31, so the span does too.
@@ -125,11 +125,12 @@ void stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* w
 
 void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
                     cudaStream_t stream) {
-  stretch<false>(g, for_staged_kernel, x, ws, stream);
+  stretch<false>(g, for_staged_kernel ? g.staged.layout : g.layout,
+                 for_staged_kernel ? g.staged.lead : 0, x, ws, stream);
 }
 
 void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
-  stretch<true>(g, false, x, ws, stream);
+  stretch<true>(g, g.mma_layout, 0, x, ws, stream);
 }
 
 }  // namespace escoin
