@@ -1,7 +1,8 @@
 """The tensor-core kernel (escoin.conv2d(..., tensor_cores=True)) on a GPU: random geometries it
 runs, network-sized layers with the longest filter windows of the benchmark suite, the fall-back
-where it cannot run, and the raw-pointer call. Its products are split bf16 parts, so it is held
-to the layer benchmark's bound (1e-5 relative to float64), not to strict float32's."""
+where it cannot run, and the raw-pointer call. Its products are of split bf16 parts, each within
+~3 * 2^-18 of the float32 product, so its error is measured against the norm of the products'
+magnitudes (gpu_error) and held to 1e-5 of it, not to strict float32's bound."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,13 +35,14 @@ def runs_on_tensor_cores(case: ConvCase) -> bool:
 @given(case=tensor_core_conv_cases())
 def test_random_geometry_on_the_tensor_cores(dev, case: ConvCase) -> None:
     assert runs_on_tensor_cores(case)
-    assert gpu_error(dev, case, tensor_cores=True) <= TOLERANCE
+    assert gpu_error(dev, case, tensor_cores=True, against_magnitudes=True) <= TOLERANCE
 
 
 @settings(max_examples=40, deadline=None)
 @given(case=tensor_core_conv_cases())
 def test_residual_on_the_tensor_cores(dev, case: ConvCase) -> None:
-    assert gpu_error(dev, case, with_residual=True, tensor_cores=True) <= TOLERANCE
+    assert gpu_error(dev, case, with_residual=True, tensor_cores=True,
+                     against_magnitudes=True) <= TOLERANCE
 
 
 @pytest.mark.parametrize("shape", [(2, 512, 14, 14, 512, 3), (4, 256, 28, 28, 256, 3),
@@ -56,7 +58,7 @@ def test_network_sized_layers_on_the_tensor_cores(dev, shape: tuple) -> None:
     case = ConvCase(x, weight, rng.standard_normal(m), (1, 1), (k // 2, k // 2),
                     (k // 2,) * 4, (1, 1), 1, True)
     assert runs_on_tensor_cores(case)
-    assert gpu_error(dev, case, tensor_cores=True) <= TOLERANCE
+    assert gpu_error(dev, case, tensor_cores=True, against_magnitudes=True) <= TOLERANCE
 
 
 @pytest.mark.parametrize("groups, stride", [(2, 1), (1, 2)])

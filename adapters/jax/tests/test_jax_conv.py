@@ -248,6 +248,18 @@ def test_bad_arguments_are_named(call, message: str) -> None:
         call(filt, jnp.asarray(x), jnp.asarray(bias))
 
 
+# The CPU handler checks the CSR it is given (the CUDA one trusts its device arrays, as the
+# core's CUDA entry does: plans come from a SparseFilter's checked arrays), so the two direct
+# calls below run on the CPU whatever the default device.
+def on_the_cpu(test):
+    def run() -> None:
+        with jax.default_device(jax.devices("cpu")[0]):
+            test()
+    run.__name__, run.__doc__ = test.__name__, test.__doc__
+    return run
+
+
+@on_the_cpu
 def test_the_handler_refuses_offsets_outside_the_input() -> None:
     """A direct FFI call with an offset past the stretched image: an error, not a wild read."""
     from escoin_jax._ffi import TARGET, ensure_registered
@@ -267,6 +279,7 @@ def test_the_handler_refuses_offsets_outside_the_input() -> None:
                      None).block_until_ready()
 
 
+@on_the_cpu
 def test_the_handler_refuses_a_row_ptr_counting_more_than_the_offsets() -> None:
     """row_ptr[M] is the core's count of offsets and values: one past theirs is an error, not a
     read past them (a large one crashed the process)."""
