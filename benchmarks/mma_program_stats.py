@@ -19,7 +19,7 @@ from escoin import _core  # noqa: E402
 from escoin.geometry import descriptor  # noqa: E402
 from suite import LAYERS, geomean, layers, pruned_weight  # noqa: E402
 
-ROWS, POSITIONS, STEP_WORDS, HEADER_WORDS = 32, 256, 24, 4  # cuda/src/mma_program.hpp
+ROWS, POSITIONS, STEP_WORDS, HEADER_WORDS = 32, 128, 24, 4  # cuda/src/mma_program.hpp
 
 
 def step_offsets(program: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from escoin.geometry import descriptor
 from geometry_strategies import ConvCase, tensor_core_conv_cases
 
 MAGIC, HEADER_WORDS = 0x45534D31, 4
-ROWS, POSITIONS, STEP_WORDS, SHARED_WORDS = 32, 256, 24, 24576  # mma_program.hpp: kMma*
+ROWS, POSITIONS, STEP_WORDS, SHARED_WORDS = 32, 128, 24, 24576  # mma_program.hpp: kMma*
 
 
 class Plan(NamedTuple):

@@ -24,7 +24,6 @@ constexpr int kStepGroups = int(kMmaStepWords / 4);     // 16-byte words per lan
 constexpr int kPromoteSteps = 4;
 
 struct MmaParams {
-  int64_t batch;
   int64_t image_stride, channel_stride;
   int64_t readable;  // workspace words the copies may read: the batch's input and its slack
   int32_t in_channels, out_channels, chunk_channels, chunks, span, span_stride;
@@ -61,6 +60,22 @@ __device__ __forceinline__ void sparse_mma(float (&d)[4], const uint4& a, const 
 #endif
 }
 
+// One step of the program as a lane holds it (mma_program.hpp): A's hi and lo parts of both
+// 16-row halves, the metadata and the B columns' offsets.
+struct StepWords {
+  uint4 a_hi0, a_lo0, a_hi1, a_lo1;
+  uint4 meta_offsets;  // metadata of both halves, offsets of columns 2t, 2t+1, 8+2t, 8+2t+1
+  uint2 offsets_high;  // offsets of columns 16+2t, 16+2t+1, 24+2t, 24+2t+1 (then two zeros)
+};
+
+__device__ __forceinline__ StepWords load_step(const uint4* __restrict__ steps, int step,
+                                               int lane) {
+  const uint4* words = steps + int64_t(step) * kStepGroups * 32 + lane;
+  return StepWords{__ldg(words),      __ldg(words + 32),  __ldg(words + 64),
+                   __ldg(words + 96), __ldg(words + 128),
+                   __ldg(reinterpret_cast<const uint2*>(words + 160))};
+}
+
 // Copies chunk `chunk` of image n's spans for the block's positions [q0, q0 + span) into
 // `buffer`, as one group of 16-byte copies; words past `readable` read as zeros.
 __device__ __forceinline__ void copy_chunk(const uint32_t* __restrict__ input, uint32_t* buffer,
@@ -79,11 +94,12 @@ __device__ __forceinline__ void copy_chunk(const uint32_t* __restrict__ input, u
   commit_copies();
 }
 
-// Block (x: a tile of kMmaRows output channels, y: a run of kMmaPositions positions, z:
-// images, each strided by its grid size). Warp w computes positions [q0 + 32w, q0 + 32w + 32)
-// of the tile's 32 channels: per step, for each of its four n-fragments of 8 positions, 8
-// shared-memory loads make the split B fragment (hi and lo registers) and six MMAs add the
-// three products of both 16-row halves.
+// Block (x: kMmaTilesPerBlock tiles of kMmaRows output channels, y: a run of kMmaPositions
+// positions, z: the image). Warp w computes positions
+// [q0 + 32 (w % 4), q0 + 32 (w % 4) + 32) of tile w / 4's 32 channels: per step, for each of its
+// four n-fragments of 8 positions, 8 shared-memory loads make the split B fragment (hi and lo
+// registers) and six MMAs add the three products of both 16-row halves. Both tiles read the
+// same copy of the input (half the copies per output of one tile a block).
 __global__ void __launch_bounds__(kThreads, 2)
 mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__ program,
                 Epilogue e, float* __restrict__ y, MmaParams p) {
@@ -94,84 +110,86 @@ mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__
   const int32_t* begins = reinterpret_cast<const int32_t*>(program) + kMmaHeaderWords;
   const uint4* steps = reinterpret_cast<const uint4*>(
       program + (kMmaHeaderWords + p.tiles * p.chunks + 1 + 3) / 4 * 4);
-  const int tile = blockIdx.x;
+  const int tile = blockIdx.x * int(kMmaTilesPerBlock) + warp / int(kMmaWarpsPerTile);
+  const int warp_in_tile = warp % int(kMmaWarpsPerTile);
+  // An odd tile count leaves the last block's second tile empty: its warps copy and wait only.
+  const bool computes = tile < p.tiles;
+  const int q0 = blockIdx.y * int(kMmaPositions);
+  const int64_t n = blockIdx.z;
   wait_for_previous_grid();  // the stretched input
-  for (int position_tile = blockIdx.y; position_tile < p.position_tiles;
-       position_tile += gridDim.y) {
-    const int q0 = position_tile * int(kMmaPositions);
-    for (int64_t n = blockIdx.z; n < p.batch; n += gridDim.z) {
-      float sums[2][kFragments][4] = {}, products[2][kFragments][4] = {};
-      int since_promoted = 0;
-      auto promote = [&] {
+  float sums[2][kFragments][4] = {}, products[2][kFragments][4] = {};
+  int since_promoted = 0;
+  auto promote = [&] {
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int f = 0; f < kFragments; ++f)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              sums[h][f][i] += products[h][f][i];
-              products[h][f][i] = 0.f;
-            }
-        since_promoted = 0;
-      };
-      copy_chunk(input, shared, p, n, 0, q0);
-      for (int chunk = 0; chunk < p.chunks; ++chunk) {
-        if (chunk + 1 < p.chunks)
-          copy_chunk(input, shared + (chunk + 1) % 2 * buffer_words, p, n, chunk + 1, q0);
-        else
-          commit_copies();  // an empty group, so that the wait below leaves none pending
-        wait_copies<1>();
-        __syncthreads();  // every thread's copies of this chunk have landed
-        const uint32_t* buffer = shared + chunk % 2 * buffer_words + warp * 32 + g;
-        const int step_end = __ldg(begins + tile * p.chunks + chunk + 1);
-        for (int step = __ldg(begins + tile * p.chunks + chunk); step < step_end; ++step) {
-          const uint4* words = steps + int64_t(step) * kStepGroups * 32 + lane;
-          const uint4 a_hi0 = __ldg(words), a_lo0 = __ldg(words + 32);
-          const uint4 a_hi1 = __ldg(words + 64), a_lo1 = __ldg(words + 96);
-          const uint4 meta_offsets = __ldg(words + 128), offsets_high = __ldg(words + 160);
-          const uint32_t offset_words[4] = {meta_offsets.z, meta_offsets.w, offsets_high.x,
-                                            offsets_high.y};
-#pragma unroll
-          for (int f = 0; f < kFragments; ++f) {
-            uint32_t hi[4], lo[4];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const uint32_t first = buffer[(offset_words[r] & 0xffffu) + 8 * f];
-              const uint32_t second = buffer[(offset_words[r] >> 16) + 8 * f];
-              hi[r] = __byte_perm(first, second, 0x5410);
-              lo[r] = __byte_perm(first, second, 0x7632);
-            }
-            sparse_mma(products[0][f], a_hi0, hi, meta_offsets.x);
-            sparse_mma(products[1][f], a_hi1, hi, meta_offsets.y);
-            sparse_mma(products[0][f], a_hi0, lo, meta_offsets.x);
-            sparse_mma(products[1][f], a_hi1, lo, meta_offsets.y);
-            sparse_mma(products[0][f], a_lo0, hi, meta_offsets.x);
-            sparse_mma(products[1][f], a_lo1, hi, meta_offsets.y);
-          }
-          if (++since_promoted == kPromoteSteps) promote();
-        }
-        __syncthreads();  // this buffer is read before the next chunk but one is copied into it
-      }
-      promote();
-      // D fragment: rows g and g + 8 of each half, positions 2t and 2t + 1 of each fragment.
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int f = 0; f < kFragments; ++f)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int m = tile * int(kMmaRows) + 16 * h + g + 8 * (i / 2);
-          if (m >= p.out_channels) continue;
-          const float bias = e.bias ? __ldg(e.bias + m) : 0.f;
-#pragma unroll
-          for (int f = 0; f < kFragments; ++f) {
-            const int q = q0 + warp * int(kMmaWarpPositions) + 8 * f + 2 * t + i % 2;
-            const int oh = q / p.plane_w, ow = q - oh * p.plane_w;
-            if (q >= p.plane_q || ow >= p.out_width) continue;
-            const int64_t out = (n * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
-            y[out] = bias_relu(with_residual(sums[h][f][i], e.residual, out), bias, e.relu);
-          }
+          sums[h][f][i] += products[h][f][i];
+          products[h][f][i] = 0.f;
         }
+    since_promoted = 0;
+  };
+  copy_chunk(input, shared, p, n, 0, q0);
+  for (int chunk = 0; chunk < p.chunks; ++chunk) {
+    if (chunk + 1 < p.chunks)
+      copy_chunk(input, shared + (chunk + 1) % 2 * buffer_words, p, n, chunk + 1, q0);
+    else
+      commit_copies();  // an empty group, so that the wait below leaves none pending
+    wait_copies<1>();
+    __syncthreads();  // every thread's copies of this chunk have landed
+    const uint32_t* buffer = shared + chunk % 2 * buffer_words + warp_in_tile * 32 + g;
+    const int step_end = computes ? __ldg(begins + tile * p.chunks + chunk + 1) : 0;
+    // (Loading the next step's words during the current step's MMAs needs ~155 registers:
+    // one block an SM instead of two.)
+    const int step_begin = computes ? __ldg(begins + tile * p.chunks + chunk) : 0;
+    for (int step = step_begin; step < step_end; ++step) {
+      const StepWords current = load_step(steps, step, lane);
+      const uint4 &a_hi0 = current.a_hi0, &a_lo0 = current.a_lo0;
+      const uint4 &a_hi1 = current.a_hi1, &a_lo1 = current.a_lo1;
+      const uint4& meta_offsets = current.meta_offsets;
+      const uint32_t offset_words[4] = {meta_offsets.z, meta_offsets.w,
+                                        current.offsets_high.x, current.offsets_high.y};
+#pragma unroll
+      for (int f = 0; f < kFragments; ++f) {
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const uint32_t first = buffer[(offset_words[r] & 0xffffu) + 8 * f];
+          const uint32_t second = buffer[(offset_words[r] >> 16) + 8 * f];
+          hi[r] = __byte_perm(first, second, 0x5410);
+          lo[r] = __byte_perm(first, second, 0x7632);
+        }
+        sparse_mma(products[0][f], a_hi0, hi, meta_offsets.x);
+        sparse_mma(products[1][f], a_hi1, hi, meta_offsets.y);
+        sparse_mma(products[0][f], a_hi0, lo, meta_offsets.x);
+        sparse_mma(products[1][f], a_hi1, lo, meta_offsets.y);
+        sparse_mma(products[0][f], a_lo0, hi, meta_offsets.x);
+        sparse_mma(products[1][f], a_lo1, hi, meta_offsets.y);
+      }
+      if (++since_promoted == kPromoteSteps) promote();
     }
+    __syncthreads();  // this buffer is read before the next chunk but one is copied into it
   }
+  promote();
+  // D fragment: rows g and g + 8 of each half, positions 2t and 2t + 1 of each fragment.
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = tile * int(kMmaRows) + 16 * h + g + 8 * (i / 2);
+      if (!computes || m >= p.out_channels) continue;
+      const float bias = e.bias ? __ldg(e.bias + m) : 0.f;
+#pragma unroll
+      for (int f = 0; f < kFragments; ++f) {
+        const int q = q0 + warp_in_tile * int(kMmaWarpPositions) + 8 * f + 2 * t + i % 2;
+        const int oh = q / p.plane_w, ow = q - oh * p.plane_w;
+        if (q >= p.plane_q || ow >= p.out_width) continue;
+        const int64_t out = (n * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+        y[out] = bias_relu(with_residual(sums[h][f][i], e.residual, out), bias, e.relu);
+      }
+    }
 }
 
 constexpr size_t kSharedBytes = size_t(kMmaSharedWords) * sizeof(uint32_t);
@@ -208,7 +226,6 @@ void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* p
   const MmaPlan plan = mma_plan(g);
   const escoin_layout_t& L = g.mma_layout;
   MmaParams p;
-  p.batch = g.d.batch;
   p.image_stride = L.image_stride;
   p.channel_stride = L.channel_stride;
   p.readable = g.d.batch * L.image_stride + g.tail_slack;
@@ -228,8 +245,11 @@ void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* p
     fail_invalid("the tensor-core kernel needs a GPU of compute capability 8.0 or newer and a "
                  "build for one (this device runs code for an older architecture)");
   prepare_device();
-  const dim3 grid(unsigned(plan.tiles), unsigned(std::min<int64_t>(plan.position_tiles, 65535)),
-                  unsigned(std::min<int64_t>(g.d.batch, 65535)));
+  if (plan.position_tiles > 65535 || g.d.batch > 65535)
+    fail_invalid("the tensor-core kernel takes at most 65535 images and 65535 runs of ",
+                 kMmaPositions, " positions; got ", g.d.batch, " and ", plan.position_tiles);
+  const dim3 grid(unsigned((plan.tiles + kMmaTilesPerBlock - 1) / kMmaTilesPerBlock),
+                  unsigned(plan.position_tiles), unsigned(g.d.batch));
   launch_dependent(mma_conv_kernel, grid, dim3(kThreads),
                    size_t(2 * plan.chunk_channels * plan.span_stride) * sizeof(uint32_t), stream,
                    "mma_conv_kernel", input, program, epilogue, y, p);

@@ -8,9 +8,10 @@
 // rounding). docs/performance.md ("Tensor cores at fp32 accuracy") gives the measured ceilings
 // and errors that chose this form.
 //
-// Blocks: a tile of kMmaRows output channels (two MMA halves of 16 rows) by kMmaPositions
-// consecutive positions q = oh * plane_w + ow of the public stretched layout (escoin_conv_layout,
-// with one phase plane: stride 1, or taps that all read phase (0, 0)) of one image. A channel's
+// Blocks: kMmaTilesPerBlock tiles of kMmaRows output channels (two MMA halves of 16 rows; four
+// warps a tile) by kMmaPositions consecutive positions q = oh * plane_w + ow of the kernel's
+// stretched layout (Geometry::mma_layout, with one phase plane: stride 1, or taps that all read
+// phase (0, 0)) of one image; the tiles share the block's copy of the input. A channel's
 // taps then read q + within, within = r * dilation_h * plane_w + s * dilation_w <= reach, so the
 // block copies, per input channel, the span [q0, q0 + span) of that channel (span =
 // kMmaPositions + reach, rounded up to 4) into shared memory, chunk_channels channels at a time
@@ -49,9 +50,11 @@ namespace escoin {
 constexpr int32_t kMmaProgramMagic = 0x45534d31;  // "ESM1"
 constexpr int64_t kMmaHeaderWords = 4;
 constexpr int64_t kMmaRows = 32;        // output channels per tile (two MMAs of 16)
-constexpr int64_t kMmaWarps = 8;
+constexpr int64_t kMmaTilesPerBlock = 2;
+constexpr int64_t kMmaWarpsPerTile = 4;
+constexpr int64_t kMmaWarps = kMmaTilesPerBlock * kMmaWarpsPerTile;
 constexpr int64_t kMmaWarpPositions = 32;  // four MMA n-fragments of 8 positions
-constexpr int64_t kMmaPositions = kMmaWarps * kMmaWarpPositions;
+constexpr int64_t kMmaPositions = kMmaWarpsPerTile * kMmaWarpPositions;
 constexpr int64_t kMmaStepColumns = 32;
 constexpr int64_t kMmaStepWords = 24;   // per lane
 // Shared memory for the two chunk buffers (the copy of the next chunk overlaps the current
