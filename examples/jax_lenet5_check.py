@@ -51,8 +51,12 @@ def lenet5(params: Dict[str, np.ndarray], conv: Callable) -> Callable:
         x = pool(conv(x, "conv2"))          # (N, 16, 5, 5)
         x = x.reshape(x.shape[0], -1)
         for name in ("fc1", "fc2"):
-            x = jax.nn.relu(x @ params[name].astype(x.dtype).T + params[name + ".bias"])
-        return x @ params["fc3"].astype(x.dtype).T + params["fc3.bias"]
+            x = jax.nn.relu(dense(x, name))
+        return dense(x, "fc3")
+
+    def dense(x, name):  # strict float32 on a GPU too (XLA's default there is TF32-like)
+        return (jnp.matmul(x, params[name].astype(x.dtype).T, precision=lax.Precision.HIGHEST)
+                + params[name + ".bias"])
     return forward
 
 

@@ -48,9 +48,9 @@ def gpu_error(dev: DeviceArrays, case: ConvCase, with_residual: bool = False,
               tensor_cores: bool = False, against_magnitudes: bool = False) -> float:
     """escoin's relative error on the case; with_residual adds a random array of the output's
     shape before the ReLU; tensor_cores as escoin.conv2d takes it. against_magnitudes: relative
-    to the norm of the products' magnitudes, conv2d(|x|, |w|), instead of the output's: the
-    tensor-core kernel's error is a fraction of each product (~3 * 2^-18), which a bias or
-    residual that cancels the sum would otherwise magnify without bound."""
+    to the norm of the products' magnitudes, conv2d(|x|, |w|), plus the output's, instead of the
+    output's alone: the tensor-core kernel's error is a fraction of each product (~3 * 2^-18),
+    which a bias or residual that cancels the sum would otherwise magnify without bound."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
     shape = escoin.output_shape(case.x.shape, filt, case.stride, case.padding, case.dilation)
     residual = (np.random.default_rng(case.x.size).standard_normal(shape).astype(np.float32)
@@ -70,6 +70,9 @@ def gpu_error(dev: DeviceArrays, case: ConvCase, with_residual: bool = False,
                                   case.pads, case.dilation, case.groups)
     if not np.all(np.isfinite(actual)):
         return float("inf")
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(magnitudes), 1e-30))
+    # (plus the output's own norm: the float32 rounding of a bias or residual alone, as in an
+    # all-zero filter's output, is a fraction of the output, not of the products)
+    scale = np.linalg.norm(magnitudes) + np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / max(scale, 1e-30))
 
 
