@@ -4,15 +4,16 @@
 // The tensor-core kernel computes a float32 convolution as sparse matrix products on the 2:4
 // sparse bf16 MMA (mma.sp m16n8k32), with fp32-level accuracy from split operands: each weight
 // w and each input x is a pair of bf16 parts, hi = bf16(v) and lo = bf16(v - hi), and the
-// kernel adds hi_w * hi_x + hi_w * lo_x + lo_w * hi_x (the lo * lo term is below fp32's
-// rounding). docs/performance.md ("Tensor cores at fp32 accuracy") gives the measured ceilings
+// kernel adds hi_w * hi_x + hi_w * lo_x + lo_w * hi_x (the lo * lo term, ~2^-18 of the product,
+// is no larger than the parts' own error). docs/performance.md ("Tensor cores at fp32 accuracy") gives the measured ceilings
 // and errors that chose this form.
 //
 // Blocks: kMmaTilesPerBlock tiles of kMmaRows output channels (two MMA halves of 16 rows; four
 // warps a tile) by kMmaPositions consecutive positions q = oh * plane_w + ow of the kernel's
 // stretched layout (Geometry::mma_layout, with one phase plane: stride 1, or taps that all read
 // phase (0, 0)) of one image; the tiles share the block's copy of the input. A channel's
-// taps then read q + within, within = r * dilation_h * plane_w + s * dilation_w <= reach, so the
+// taps then read q + within, within the tap's shift (stretched_offset's, in rows of the kernel's
+// layout) <= reach, so the
 // block copies, per input channel, the span [q0, q0 + span) of that channel (span =
 // kMmaPositions + reach, rounded up to 4) into shared memory, chunk_channels channels at a time
 // (span_stride words apart), from the workspace where the stretch wrote each element as one
@@ -20,7 +21,9 @@
 //
 // Per tile and chunk, the columns (channel, within) that have a nonzero in one of the tile's
 // rows are packed into groups of 4 (no row with more than 2 nonzeros in a group: the 2:4
-// pattern), 8 groups a "step" of 32 columns (one MMA's k). A step is, per lane (g = lane / 4,
+// pattern), 8 groups a "step" of 32 columns (one MMA's k); the builder picks the groups and
+// their order so that a B load's four columns fall on four bank groups where it can
+// (mma_program.cpp: pack, arrange_step). A step is, per lane (g = lane / 4,
 // t = lane % 4), kMmaStepWords 32-bit words, stored word-group-major so that a warp reads each
 // group of 4 words as one coalesced 512-byte load:
 //   words 0-3   A fragment of rows 0-15, hi parts (the m16n8k16 A layout of the compressed
@@ -33,7 +36,8 @@
 //   words 18-21 shared-memory offsets (words, within a chunk buffer) of the step's columns
 //               8i + 2t and 8i + 2t + 1, for i = 0..3, one per half-word (low: the first)
 //   words 22-23 zero
-// Empty columns (a chunk's last step) read offset 0 with zero weights.
+// Empty columns (in a chunk's last step, or groups of fewer than 4) have zero weights and read
+// the offset of another column of the same load (no extra wavefront).
 //
 // Layout, in 32-bit words:
 //   header  [kMmaHeaderWords]: kMmaProgramMagic, tiles, chunks, steps
