@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -41,7 +40,7 @@ MmaPlan mma_plan(const Geometry& g) {
 
 namespace {
 
-// bf16 bits of v rounded to nearest even, and v's remainder after that part.
+// The bf16 bits of v, rounded to nearest even.
 uint16_t bf16_bits(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
@@ -136,10 +135,15 @@ int load_wavefronts(const int32_t (&offsets)[4]) {
 
 constexpr int kEmpty = -1;
 
-// A column's offset, or for an empty slot the offset of `fill` (another column of the same
-// load, so that the slot costs no wavefront).
-int32_t slot_offset(const std::vector<Column>& columns, int column, int32_t fill) {
-  return column == kEmpty ? fill : columns[size_t(column)].shared_offset;
+// The offsets one B load reads for its four slots (columns, or kEmpty): an empty slot reads
+// the offset of another column of the load, so that it costs no wavefront.
+void load_offsets(const std::vector<Column>& columns, const int (&slots)[4],
+                  int32_t (&offsets)[4]) {
+  int32_t fill = 0;
+  for (int column : slots)
+    if (column != kEmpty) fill = columns[size_t(column)].shared_offset;
+  for (int t = 0; t < 4; ++t)
+    offsets[t] = slots[t] == kEmpty ? fill : columns[size_t(slots[t])].shared_offset;
 }
 
 // The two loads (e = 0, 1) of a pair of groups a and b, with a's columns at positions pa and
@@ -147,12 +151,8 @@ int32_t slot_offset(const std::vector<Column>& columns, int column, int32_t fill
 int pair_wavefronts(const std::vector<Column>& columns, const int (&a)[4], const int (&b)[4]) {
   int total = 0;
   for (int e = 0; e < 2; ++e) {
-    const int slots[4] = {a[e], a[2 + e], b[e], b[2 + e]};
-    int32_t fill = 0;
-    for (int column : slots)
-      if (column != kEmpty) fill = columns[size_t(column)].shared_offset;
     int32_t offsets[4];
-    for (int t = 0; t < 4; ++t) offsets[t] = slot_offset(columns, slots[t], fill);
+    load_offsets(columns, {a[e], a[2 + e], b[e], b[2 + e]}, offsets);
     total += load_wavefronts(offsets);
   }
   return total;
@@ -238,13 +238,13 @@ void write_step(const std::vector<Column>& columns, const std::array<int, kMmaSt
       value[row][k][0] = value[row][k][1] = Split{0, 0};
     }
   for (int i = 0; i < 4; ++i)
-    for (int e = 0; e < 2; ++e) {  // a load's empty slots read one of its columns
-      int32_t fill = 0;
-      for (int t = 0; t < 4; ++t)
-        if (slots[size_t(8 * i + 2 * t + e)] != kEmpty)
-          fill = columns[size_t(slots[size_t(8 * i + 2 * t + e)])].shared_offset;
-      for (int t = 0; t < 4; ++t)
-        offset[8 * i + 2 * t + e] = slot_offset(columns, slots[size_t(8 * i + 2 * t + e)], fill);
+    for (int e = 0; e < 2; ++e) {  // load (i, e) reads columns 8i + 2t + e
+      int32_t loaded[4];
+      load_offsets(columns,
+                   {slots[size_t(8 * i + e)], slots[size_t(8 * i + 2 + e)],
+                    slots[size_t(8 * i + 4 + e)], slots[size_t(8 * i + 6 + e)]},
+                   loaded);
+      for (int t = 0; t < 4; ++t) offset[8 * i + 2 * t + e] = loaded[t];
     }
   for (int k = 0; k < 8; ++k) {
     int found[kMmaRows] = {};

@@ -216,9 +216,10 @@ escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoi
  * bf16(v - hi)) and the kernel adds three products of parts (hi*hi + hi*lo + lo*hi) on the
  * tensor cores, adding their sums into float32 registers every few steps. The result is not
  * strict float32: its relative error against float64 is a few 1e-6 (strict float32's is about
- * 1e-7, TF32's 1e-3), and the sums are added in another order than the other entries'. Inputs
- * must be finite and below 3.38e38 in magnitude (a non-finite one may make outputs it does not
- * feed NaN: zero weights of the 2:4 pattern multiply it). Runs on sm_80 and newer.
+ * 1e-7, TF32's 1e-3), and the sums are added in another order than the other entries'. Weights
+ * and inputs must be finite and below 3.38e38 in magnitude (a non-finite input may make
+ * outputs it does not feed NaN: zero weights of the 2:4 pattern multiply it). Runs on sm_80 and
+ * newer.
  * The MMA program is built on the host from the CSR and its stretched offsets (values float32)
  * for one geometry, batch and out_channels' sizes aside as for the tile program, and copied to
  * the device by the caller; size gives 0 where the kernel cannot run the geometry (more than
