@@ -54,7 +54,8 @@ def escoin_case(torch, F, layer: Layer, x, w,
     filt = escoin.SparseFilter.from_dense(w.cpu().numpy()).cuda(x.device.index or 0)
     oh = output_size(layer)
     out = torch.full((x.shape[0], layer.out_channels, oh, oh), float("nan"), device="cuda")
-    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p, tensor_cores=tensor_cores),
+                     dtype=torch.uint8, device="cuda")
 
     def run() -> None:
         escoin.conv2d(x, filt, stride=s, padding=p, out=out, workspace=ws,

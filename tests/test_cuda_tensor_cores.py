@@ -86,7 +86,7 @@ def test_sconv_with_an_mma_program(dev) -> None:
     program = torch.from_numpy(filt.mma_program(x.shape, padding=1)).cuda()
     out_shape = escoin.output_shape(x.shape, filt, padding=1)
     ys = torch.full(out_shape, float("nan"), device="cuda")
-    nbytes = escoin.workspace_size(x.shape, filt, padding=1)
+    nbytes = escoin.workspace_size(x.shape, filt, padding=1, tensor_cores=True)
     ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     xs = torch.from_numpy(x.astype(np.float32)).cuda()
     b = torch.from_numpy(bias.astype(np.float32)).cuda()

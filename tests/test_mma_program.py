@@ -194,3 +194,17 @@ def test_one_by_one_at_stride_two_has_a_program() -> None:
     weight = np.ones((32, 8, 1, 1), np.float32)
     filt = escoin.SparseFilter.from_dense(weight)
     assert filt.mma_program((1, 8, 12, 12), stride=2) is not None
+
+
+def test_only_tensor_core_calls_pay_for_its_longer_rows() -> None:
+    """The tensor-core kernel's workspace holds the batch in its layout (rows rounded up to 8
+    words: 58 -> 64 on a padded 56-wide plane); the default kernels' workspace does not grow
+    for it."""
+    filt = escoin.SparseFilter.from_dense(np.ones((64, 64, 3, 3), np.float32))
+    shape = (32, 64, 56, 56)
+    default = escoin.workspace_size(shape, filt, padding=1)
+    either = escoin.workspace_size(shape, filt, padding=1, tensor_cores=True)
+    desc = descriptor(shape, filt.shape, 1, 1, 1, 1)
+    assert default == _core.workspace_size(desc, "float32")
+    assert default < 32 * 64 * 58 * 64 * 4  # the public layout's rows: 58 elements
+    assert either == _core.mma_workspace_size(desc) >= 32 * 64 * 58 * 64 * 4

@@ -92,7 +92,7 @@ escoin_status_t forward_entry(const escoin_conv_desc_t* desc, escoin_dtype_t dty
   return guarded([&] {
     const Geometry g = make_geometry(desc);
     check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
-                           workspace_bytes);
+                           workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     const std::string& variant_error = cpu_variant().error;
     if (!variant_error.empty()) fail_invalid(variant_error);

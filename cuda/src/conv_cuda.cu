@@ -184,7 +184,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 on CUDA (float64, float16 and bfloat16 "
                            "run on the CPU entry), got ", static_cast<int>(dtype));
     escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
-                                   workspace_bytes);
+                                   workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);

@@ -12,8 +12,9 @@ namespace escoin {
 
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
                             const void* filter, const char* filter_name, const void* y,
-                            const void* residual, const void* workspace, size_t workspace_size) {
-  const size_t needed = workspace_bytes(g, dtype);  // also rejects unknown dtypes
+                            const void* residual, const void* workspace, size_t workspace_size,
+                            size_t needed) {
+  element_size(dtype);  // rejects unknown dtypes
   if (g.d.batch == 0) return;
   require_pointer(x, "x");
   require_pointer(y, "y");

@@ -16,11 +16,13 @@ inline bool memory_overlaps(const void* a, size_t a_bytes, const void* b, size_t
 }
 
 // Pointers present where the batch is non-empty (the filter's: row_ptr, or the tensor-core
-// kernel's program, named filter_name in the error), dtype known, workspace large enough, and a
-// residual (optional) not overlapping y.
+// kernel's program, named filter_name in the error), dtype known, workspace at least `needed`
+// bytes (workspace_bytes, or mma_workspace_bytes for the tensor-core kernel), and a residual
+// (optional) not overlapping y.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
                             const void* filter, const char* filter_name, const void* y,
-                            const void* residual, const void* workspace, size_t workspace_size);
+                            const void* residual, const void* workspace, size_t workspace_size,
+                            size_t needed);
 
 // Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
 // there are nonzeros, and every stretched offset a tap of the geometry (as escoin_stretch_offsets

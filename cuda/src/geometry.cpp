@@ -285,8 +285,7 @@ size_t compute_element_size(escoin_dtype_t dtype) {
 
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
   const size_t elem = compute_element_size(dtype);
-  const double image = double(std::max({g.layout.image_stride, g.staged.layout.image_stride,
-                                         g.mma_layout.image_stride}));
+  const double image = double(std::max(g.layout.image_stride, g.staged.layout.image_stride));
   const double total =
       (double(g.d.batch) * image + double(g.tail_slack) + double(g.partial_elements)) *
       double(elem);
@@ -294,6 +293,14 @@ size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
     fail_invalid("the workspace would need ", total, " bytes");
   return (size_t(stretched_input_elements(g)) + size_t(g.tail_slack) +
           size_t(g.partial_elements)) * elem;
+}
+
+size_t mma_workspace_bytes(const Geometry& g) {
+  const double total =
+      (double(g.d.batch) * double(g.mma_layout.image_stride) + double(g.tail_slack)) * 4.0;
+  if (total > double(std::numeric_limits<int64_t>::max() / 2))
+    fail_invalid("the workspace would need ", total, " bytes");
+  return (size_t(g.d.batch * g.mma_layout.image_stride) + size_t(g.tail_slack)) * 4;
 }
 
 Geometry make_geometry(const escoin_conv_desc_t* desc) {
@@ -413,6 +420,14 @@ extern "C" escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc,
   return escoin::guarded([&] {
     escoin::require_pointer(bytes, "bytes");
     *bytes = escoin::workspace_bytes(escoin::make_geometry(desc), dtype);
+  });
+}
+
+extern "C" escoin_status_t escoin_mma_workspace_size(const escoin_conv_desc_t* desc,
+                                                     size_t* bytes) {
+  return escoin::guarded([&] {
+    escoin::require_pointer(bytes, "bytes");
+    *bytes = escoin::mma_workspace_bytes(escoin::make_geometry(desc));
   });
 }
 

@@ -105,7 +105,7 @@ struct Geometry {
   // The tensor-core kernel's stretched layout (mma_program.hpp): the public one with rows
   // rounded up to a multiple of 8 elements where it has one phase plane, so that every tap of a
   // channel reads from a word of the same residue mod 8 as its column (its loads' bank groups
-  // then follow from the packing); else the public one.
+  // then follow from the packing); else the public one. Only that kernel's workspace holds it.
   escoin_layout_t mma_layout;
   int64_t gpu_staged_splits;  // the staged kernel splits its chunks likewise, at most this often
   int64_t partial_elements;  // max(splits) * batch * out_channels * out_plane when split, else 0
@@ -135,10 +135,10 @@ StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);
 int64_t staged_tiles(const Geometry& g, int64_t positions);
 
 // Elements of the workspace's stretched input: the batch in whichever layout a forward pass
-// stretches it to (the public one, the staged kernel's or the tensor-core kernel's).
+// stretches it to (the public one, or the staged kernel's; the tensor-core kernel's workspace is
+// sized apart: mma_workspace_bytes).
 inline int64_t stretched_input_elements(const Geometry& g) {
-  return g.d.batch * std::max({g.layout.image_stride, g.staged.layout.image_stride,
-                               g.mma_layout.image_stride});
+  return g.d.batch * std::max(g.layout.image_stride, g.staged.layout.image_stride);
 }
 
 // Whether x (N, C, H, W) already has the stretched layout: a 1x1 filter at stride 1 without
@@ -167,5 +167,8 @@ size_t compute_element_size(escoin_dtype_t dtype);
 
 // Bytes of workspace a forward call needs (escoin_workspace_size for an already-built geometry).
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype);
+// Bytes of workspace the tensor-core forward needs: the batch split into g.mma_layout, one
+// word per element, and the tail slack (escoin_mma_workspace_size).
+size_t mma_workspace_bytes(const Geometry& g);
 
 }  // namespace escoin

@@ -267,7 +267,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda_mma(
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 for the tensor-core kernel, got ",
                            static_cast<int>(dtype));
     escoin::check_forward_operands(g, dtype, x, mma_program, "mma_program", y, residual,
-                                   workspace, workspace_bytes);
+                                   workspace, workspace_bytes, escoin::mma_workspace_bytes(g));
     if (g.d.batch == 0) return;
     if (!escoin::mma_kernel_runs(escoin::mma_plan(g)))
       escoin::fail_invalid("the tensor-core kernel cannot run this geometry (more than one "

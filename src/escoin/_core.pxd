@@ -58,6 +58,7 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc,
                                               const int64_t* row_ptr, const int32_t* offsets,
                                               const float* values, void* program, size_t bytes)
+    escoin_status_t escoin_mma_workspace_size(const escoin_conv_desc_t* desc, size_t* bytes)
     escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc,
                                             const int64_t* row_ptr, const int32_t* offsets,
                                             const float* values, size_t* bytes)

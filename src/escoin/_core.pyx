@@ -95,6 +95,12 @@ def workspace_size(tuple desc, str dtype) -> int:
     check(escoin_workspace_size(&d, dtype_code(dtype), &nbytes))
     return nbytes
 
+def mma_workspace_size(tuple desc) -> int:
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef size_t nbytes = 0
+    check(escoin_mma_workspace_size(&d, &nbytes))
+    return nbytes
+
 
 def csr_count(object dense, str dtype, int64_t rows, int64_t cols, double threshold) -> int:
     cdef int64_t nnz = 0

@@ -27,11 +27,14 @@ def output_shape(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair
 
 
 def workspace_size(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair = 1,
-                   padding: Padding = 0, dilation: IntPair = 1, dtype: object = np.float32) -> int:
+                   padding: Padding = 0, dilation: IntPair = 1, dtype: object = np.float32,
+                   tensor_cores: bool = False) -> int:
     """Bytes of workspace a conv2d with this geometry and dtype of x needs (the stretched input,
-    in the dtype's compute type)."""
+    in the dtype's compute type); with tensor_cores, enough for either kernel conv2d's
+    tensor_cores=True may run (the tensor-core kernel's layout has longer rows)."""
     desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
-    return _core.workspace_size(desc, dtype_name(dtype))
+    nbytes = _core.workspace_size(desc, dtype_name(dtype))
+    return max(nbytes, _core.mma_workspace_size(desc)) if tensor_cores else nbytes
 
 
 def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntPair = 1,
@@ -196,9 +199,10 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
     else:
         y = out
         y_ptr = _cuda_output_like(out, "out", result_shape, device, stream)
-    nbytes = _core.workspace_size(desc, "float32")
-    ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
     mma_program = filt._store.device_mma_program(device, desc) if tensor_cores else 0
+    nbytes = (_core.mma_workspace_size(desc) if mma_program else
+              _core.workspace_size(desc, "float32"))
+    ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
     bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
     residual_ptr = (0 if residual is None else
                     _cuda_output_like(residual, "residual", result_shape, device, stream))
@@ -291,7 +295,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     offsets from ``host_pointers`` of an unchanged filter may claim (their check costs as much as
     the convolution on small planes); wrong offsets are then undefined behaviour.
 
-    The workspace needs :func:`workspace_size` bytes for this geometry and dtype.
+    The workspace needs :func:`workspace_size` bytes for this geometry and dtype (with
+    ``tensor_cores=True`` where mma_program_ptr is given).
     """
     desc = descriptor(input_shape, weight_shape, groups, stride, padding, dilation)
     for name, value in (("x_ptr", x_ptr), ("y_ptr", y_ptr), ("row_ptr_ptr", row_ptr_ptr),

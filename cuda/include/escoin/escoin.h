@@ -233,10 +233,15 @@ escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc, const in
 escoin_status_t escoin_mma_program_build(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                          const int32_t* offsets, const float* values,
                                          void* program, size_t bytes);
-/* The forward pass on the tensor cores, as escoin_conv2d_forward_cuda (same operands, workspace
- * size, stream and device rules, FLOAT32 only) but with the filter given only by its MMA
- * program, which is trusted: it must have been built for this geometry. x is stretched into the
- * workspace as split parts, then one kernel computes and writes y through the epilogue. */
+/* Workspace bytes the tensor-core forward needs for this geometry: the input stretched as split
+ * parts into that kernel's layout (rows rounded up to a multiple of 8 elements), 4 bytes an
+ * element, and the tail slack. Not included in escoin_workspace_size. */
+escoin_status_t escoin_mma_workspace_size(const escoin_conv_desc_t* desc, size_t* bytes);
+/* The forward pass on the tensor cores, as escoin_conv2d_forward_cuda (same operands, stream and
+ * device rules, FLOAT32 only; a workspace of escoin_mma_workspace_size bytes, 16-byte aligned)
+ * but with the filter given only by its MMA program, which is trusted: it must have been built
+ * for this geometry. x is stretched into the workspace as split parts, then one kernel
+ * computes and writes y through the epilogue. */
 escoin_status_t escoin_conv2d_forward_cuda_mma(const escoin_conv_desc_t* desc,
                                                escoin_dtype_t dtype, const void* x,
                                                const void* mma_program, const void* bias,
