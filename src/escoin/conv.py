@@ -199,7 +199,7 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
     else:
         y = out
         y_ptr = _cuda_output_like(out, "out", result_shape, device, stream)
-    mma_program = filt._store.device_mma_program(device, desc) if tensor_cores else 0
+    mma_program = filt._store.device_program("mma", device, desc) if tensor_cores else 0
     nbytes = (_core.mma_workspace_size(desc) if mma_program else
               _core.workspace_size(desc, "float32"))
     ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)

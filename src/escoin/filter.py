@@ -50,10 +50,10 @@ class _CsrStore:
         self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: self.values}
         self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
         self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
-        # None: the staged kernel would not pay for that geometry, so there is no program.
-        self.device_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
-        # The tensor-core kernel's programs, built when a call asks for that kernel.
-        self.device_mma_programs: Dict[Tuple[int, tuple], Optional[DeviceBuffer]] = {}
+        # Per (kind, device, geometry): the staged kernel's ("tile") and the tensor-core
+        # kernel's ("mma") programs, built when a call asks for that kernel. None: the kernel
+        # would not pay for that geometry or cannot run it, so there is no program.
+        self.device_programs: Dict[Tuple[str, int, tuple], Optional[DeviceBuffer]] = {}
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -86,18 +86,18 @@ class _CsrStore:
         _core.program_build(kind, *args, program.ctypes.data, nbytes)
         return program
 
-    def device_mma_program(self, device: int, desc: tuple) -> int:
-        """The device address of the tensor-core kernel's program for desc on `device`, built
-        and uploaded once per device and geometry; 0 where that kernel cannot run desc."""
-        key = (device, _offsets_key(desc))
+    def device_program(self, kind: str, device: int, desc: tuple) -> int:
+        """The device address of a CUDA kernel's program (`kind` as in program()) for desc on
+        `device`, built and uploaded once per device and geometry; 0 where there is none."""
+        key = (kind, device, _offsets_key(desc))
         with self.lock:
-            missing = key not in self.device_mma_programs
+            missing = key not in self.device_programs
         if missing:  # built outside the lock (offsets() takes it); a racing thread builds the same
-            host = self.program("mma", desc)
+            host = self.program(kind, desc)
             built = None if host is None else DeviceBuffer.from_host(host, device)
             with self.lock:
-                self.device_mma_programs.setdefault(key, built)
-        program = self.device_mma_programs[key]
+                self.device_programs.setdefault(key, built)
+        program = self.device_programs[key]
         return 0 if program is None else program.ptr
 
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
@@ -113,21 +113,14 @@ class _CsrStore:
                 csr = self.device_csr[device] = (DeviceBuffer.from_host(self.row_ptr, device),
                                                  DeviceBuffer.from_host(values32, device))
             offsets = self.device_offsets.get(key)
-            wants_program = desc[0] >= _core.tile_min_batch()
-            missing_program = wants_program and key not in self.device_programs
         # Built outside the lock (offsets() takes it); a racing thread builds the same.
         if offsets is None:
             built = DeviceBuffer.from_host(self.offsets(desc), device)
             with self.lock:
                 offsets = self.device_offsets.setdefault(key, built)
-        if missing_program:
-            host = self.program("tile", desc)
-            built_program = None if host is None else DeviceBuffer.from_host(host, device)
-            with self.lock:
-                self.device_programs.setdefault(key, built_program)
-        program = self.device_programs.get(key) if wants_program else None
-        return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr,
-                              0 if program is None else program.ptr)
+        wants_program = desc[0] >= _core.tile_min_batch()
+        program = self.device_program("tile", device, desc) if wants_program else 0
+        return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr, program)
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
