@@ -29,6 +29,7 @@ struct MmaParams {
   int64_t readable;  // workspace words the copies may read: the batch's input and its slack
   int32_t in_channels, out_channels, chunk_channels, chunks, span, span_stride;
   int32_t tiles, plane_q, plane_w, out_width, out_plane;
+  int32_t steps_word;  // where the program's steps start (mma_steps_word)
 };
 
 __device__ __forceinline__ void copy_16_bytes(uint32_t* shared, const uint32_t* global,
@@ -109,8 +110,7 @@ mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__
   const int buffer_words = p.chunk_channels * p.span_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int32_t* begins = reinterpret_cast<const int32_t*>(program) + kMmaHeaderWords;
-  const uint4* steps = reinterpret_cast<const uint4*>(
-      program + (kMmaHeaderWords + p.tiles * p.chunks + 1 + 3) / 4 * 4);
+  const uint4* steps = reinterpret_cast<const uint4*>(program + p.steps_word);
   const int tile = blockIdx.x * int(kMmaTilesPerBlock) + warp / int(kMmaWarpsPerTile);
   const int warp_in_tile = warp % int(kMmaWarpsPerTile);
   // An odd tile count leaves the last block's second tile empty: its warps copy and wait only.
@@ -237,6 +237,7 @@ void launch_mma_conv(const Geometry& g, const uint32_t* input, const uint32_t* p
   p.span = int32_t(plan.span);
   p.span_stride = int32_t(plan.span_stride);
   p.tiles = int32_t(plan.tiles);
+  p.steps_word = int32_t(mma_steps_word(plan));
   p.plane_q = int32_t(L.out_height * L.plane_w);
   p.plane_w = int32_t(L.plane_w);
   p.out_width = int32_t(L.out_width);
