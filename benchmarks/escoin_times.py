@@ -31,13 +31,14 @@ from suite import LAYERS, Layer, geomean, pruned_weight  # noqa: E402
 SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
 
 
-def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator) -> Dict:
+def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
+            tensor_cores: bool) -> Dict:
     import torch.nn.functional as F
 
     weight = torch.from_numpy(pruned_weight(layer, sparsity, rng)).cuda()
     x = torch.from_numpy(rng.standard_normal(
         (batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)).cuda()
-    run, err, _ = escoin_case(torch, F, layer, x, weight)
+    run, err, _ = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
     return dict(layer=layer.name, batch=batch, sparsity=sparsity, rel_err=err,
                 ms=time_ms(torch, run))
 
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", choices=list(SUITE), default=list(SUITE))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--tensor-cores", action="store_true",
+                        help="time the tensor-core kernel (conv2d(..., tensor_cores=True))")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--compare", nargs="+", metavar="JSON",
                         help="compare runs: first, second[, first again]")
@@ -86,7 +89,7 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     rng = np.random.default_rng(0)
-    rows = [measure(torch, SUITE[name], n, sp, rng)
+    rows = [measure(torch, SUITE[name], n, sp, rng, args.tensor_cores)
             for sp in args.sparsities for name in args.layers for n in args.batches]
     for r in rows:
         print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['ms'] * 1e3:>10.2f} us"

@@ -3,11 +3,14 @@
 # GPU architecture side by side; this tree's GPU tests of the staged kernel, then escoin alone on
 # the chosen suite layers (base, this tree, base again: its spread), the comparison printed last.
 #   git archive --prefix=.ab-base/ HEAD | tar -x       # base = the last commit (ignored by git)
-#   bash scripts/gpu_ab.sh .ab-base [LAYER ...]          # default layers: the whole suite
+#   bash scripts/gpu_ab.sh [--tensor-cores] .ab-base [LAYER ...]   # default: the whole suite
+# --tensor-cores: the tensor-core kernel's GPU tests instead, and that kernel timed.
 # Results go to $OUT or benchmarks/results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+tensor_cores=()
+if [ "${1:-}" = --tensor-cores ]; then tensor_cores=(--tensor-cores); shift; fi
 base_src="${1:?usage: bash scripts/gpu_ab.sh BASE_DIR [LAYER ...]}"
 shift
 layers=("$@")
@@ -22,20 +25,34 @@ echo "== build (base and this tree, in parallel)"
 python3 -m pip install -q --no-build-isolation --no-deps . > "$out/build.log" 2>&1
 echo "build rc $?"
 wait
-echo "== this tree's GPU tests (deterministic, then the staged kernel's hypothesis tests)"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-  -k "not random_geometry and not residual" > "$out/tests_deterministic.log" 2>&1
-tail -1 "$out/tests_deterministic.log"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-  -k "random_geometry_on_the_staged or residual_on_the_staged" > "$out/tests_staged.log" 2>&1
-tail -1 "$out/tests_staged.log"
+if [ -d .whl ]; then  # test-only packages carried as wheels where the machine has no network
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/escoin-site .whl/*.whl
+  export PYTHONPATH=/tmp/escoin-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "${#tensor_cores[@]}" -gt 0 ]; then
+  echo "== this tree's tensor-core GPU tests"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_tensor_cores.py \
+    > "$out/tests_tensor_cores.log" 2>&1
+  tail -1 "$out/tests_tensor_cores.log"
+else
+  echo "== this tree's GPU tests (deterministic, then the staged kernel's hypothesis tests)"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    -k "not random_geometry and not residual" > "$out/tests_deterministic.log" 2>&1
+  tail -1 "$out/tests_deterministic.log"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    -k "random_geometry_on_the_staged or residual_on_the_staged" > "$out/tests_staged.log" 2>&1
+  tail -1 "$out/tests_staged.log"
+fi
 echo "== escoin alone: base, this tree, base again"
 choice=()
 [ "${#layers[@]}" -gt 0 ] && choice=(--layers "${layers[@]}")
 for run in base new base_again; do
   site=""
   [ "$run" != new ] && site="$base_site"
-  PYTHONPATH="$site" python3 benchmarks/escoin_times.py ${choice[@]+"${choice[@]}"} \
+  path="$site"
+  [ -n "${PYTHONPATH:-}" ] && path="${site:+$site:}$PYTHONPATH"
+  PYTHONPATH="$path" python3 benchmarks/escoin_times.py \
+    ${tensor_cores[@]+"${tensor_cores[@]}"} ${choice[@]+"${choice[@]}"} \
     --out "$out/ab_$run.json" > /dev/null 2>> "$out/ab_errors.log" ||
     echo "the $run run failed: $out/ab_errors.log"
 done
