@@ -27,10 +27,11 @@ struct MmaParams {
   int32_t steps_word;  // where the program's steps start (mma_steps_word)
 };
 
-__device__ __forceinline__ void copy_16_bytes(uint32_t* shared, const uint32_t* global,
+// A 16-byte copy into shared memory (`shared`: its shared-memory address) of which the first
+// `bytes` come from `global`, the rest zeros.
+__device__ __forceinline__ void copy_16_bytes(unsigned shared, const uint32_t* global,
                                               int bytes) {
-  const unsigned address = unsigned(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(global),
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared), "l"(global),
                "r"(bytes)
                : "memory");
 }
@@ -73,21 +74,73 @@ __device__ __forceinline__ StepWords load_step(const uint4* __restrict__ steps, 
                    __ldg(reinterpret_cast<const uint2*>(words + 160))};
 }
 
+// Where a thread's 16-byte copies of a chunk fall: the thread copies words [w, w + 4) of the
+// chunk's channel c, then every kThreads-th copy after it. The same for every chunk, so the
+// division that places the first copy runs once; the later ones are found by adding (a flat
+// loop that divided per copy took ~50 instructions a copy, a quarter of the kernel's on
+// vgg.c3_2).
+struct CopyWalk {
+  int c, w;            // the thread's first copy
+  int c_step, w_step;  // how far the next one is: kThreads copies further
+};
+
+__device__ __forceinline__ CopyWalk copy_walk(const MmaParams& p) {
+  const int per_channel = p.span / 4;
+  const int c = int(threadIdx.x) / per_channel;
+  const int c_step = kThreads / per_channel;
+  return CopyWalk{c, (int(threadIdx.x) - c * per_channel) * 4, c_step,
+                  (kThreads - c_step * per_channel) * 4};
+}
+
+// The thread's copies of one chunk, from `at` (words into the input) and `to` (a shared-memory
+// address). CHECKED: words past `readable` read as zeros (only chunks that reach the input's
+// end need it, so the others skip that arithmetic).
+template <bool CHECKED>
+__device__ __forceinline__ void walk_copies(const uint32_t* __restrict__ input,
+                                            const MmaParams& p, const CopyWalk& walk,
+                                            int channels, int64_t at, unsigned to) {
+  // Moving on by kThreads copies: c_step channels and w_step words, and one channel more where
+  // the words pass the span.
+  const int64_t at_step = int64_t(walk.c_step) * p.channel_stride + walk.w_step;
+  const int64_t at_wrap = p.channel_stride - p.span;
+  const unsigned to_step = unsigned(walk.c_step * p.span_stride + walk.w_step) * 4;
+  const unsigned to_wrap = unsigned(p.span_stride - p.span) * 4;
+  const uint32_t* from = input + at;
+  for (int c = walk.c, w = walk.w; c < channels;) {
+    int bytes = 16;
+    if (CHECKED) {
+      const int64_t left = p.readable - (from - input);
+      bytes = left >= 4 ? 16 : left > 0 ? int(left) * 4 : 0;
+    }
+    copy_16_bytes(to, bytes ? from : input, bytes);
+    c += walk.c_step;
+    w += walk.w_step;
+    from += at_step;
+    to += to_step;
+    if (w >= p.span) {
+      w -= p.span;
+      ++c;
+      from += at_wrap;
+      to += to_wrap;
+    }
+  }
+}
+
 // Copies chunk `chunk` of image n's spans for the block's positions [q0, q0 + span) into
 // `buffer`, as one group of 16-byte copies; words past `readable` read as zeros.
 __device__ __forceinline__ void copy_chunk(const uint32_t* __restrict__ input, uint32_t* buffer,
-                                           const MmaParams& p, int64_t n, int chunk, int q0) {
+                                           const MmaParams& p, const CopyWalk& walk, int64_t n,
+                                           int chunk, int q0) {
   const int first = chunk * p.chunk_channels;
   const int channels = min(p.chunk_channels, p.in_channels - first);
-  const int per_channel = p.span / 4;
-  const int64_t base = n * p.image_stride + int64_t(first) * p.channel_stride + q0;
-  for (int i = threadIdx.x; i < channels * per_channel; i += kThreads) {
-    const int c = i / per_channel, w = (i - c * per_channel) * 4;
-    const int64_t at = base + c * p.channel_stride + w;
-    const int64_t left = p.readable - at;
-    const int bytes = left >= 4 ? 16 : left > 0 ? int(left) * 4 : 0;
-    copy_16_bytes(buffer + c * p.span_stride + w, input + (bytes ? at : 0), bytes);
-  }
+  const int64_t chunk_at = n * p.image_stride + int64_t(first) * p.channel_stride + q0;
+  const int64_t at = chunk_at + int64_t(walk.c) * p.channel_stride + walk.w;
+  const unsigned to =
+      unsigned(__cvta_generic_to_shared(buffer + walk.c * p.span_stride + walk.w));
+  if (chunk_at + int64_t(channels - 1) * p.channel_stride + p.span <= p.readable)
+    walk_copies<false>(input, p, walk, channels, at, to);
+  else
+    walk_copies<true>(input, p, walk, channels, at, to);
   commit_copies();
 }
 
@@ -121,10 +174,11 @@ mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__
   StepWords next{};
   if (computes && tile_last >= __ldg(begins + tile * p.chunks))
     next = load_step(steps, __ldg(begins + tile * p.chunks), lane);
-  copy_chunk(input, shared, p, n, 0, q0);
+  const CopyWalk walk = copy_walk(p);
+  copy_chunk(input, shared, p, walk, n, 0, q0);
   for (int chunk = 0; chunk < p.chunks; ++chunk) {
     if (chunk + 1 < p.chunks)
-      copy_chunk(input, shared + (chunk + 1) % 2 * buffer_words, p, n, chunk + 1, q0);
+      copy_chunk(input, shared + (chunk + 1) % 2 * buffer_words, p, walk, n, chunk + 1, q0);
     else
       commit_copies();  // an empty group, so that the wait below leaves none pending
     wait_copies<1>();
