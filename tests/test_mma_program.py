@@ -4,8 +4,6 @@ CSR it came from, so the layout the kernel relies on (cuda/src/mma_program.hpp) 
 without a GPU."""
 from __future__ import annotations
 
-import os
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 import escoin
+from benchmark_modules import benchmark_module
 from escoin import _core
 from escoin.geometry import descriptor
 from geometry_strategies import ConvCase, tensor_core_conv_cases
@@ -216,15 +215,9 @@ def test_loads_read_about_one_word_per_bank() -> None:
     """The packing and arrangement's purpose (mma_program.hpp): a B load's four columns on four
     bank groups. On a VGG-like layer at 90% the loads average under 1.5 wavefronts (2.7-4.0 in
     offset order, ~2 at random)."""
-    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "benchmarks")
-    sys.path.insert(0, benchmarks)
-    try:
-        from mma_program_stats import step_offsets, wavefronts
-    finally:
-        sys.path.remove(benchmarks)
+    stats = benchmark_module("mma_program_stats")
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((128, 128, 3, 3)) * (rng.random((128, 128, 3, 3)) < 0.1)
     filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
     program = filt.mma_program((1, 128, 28, 28), padding=1)
-    assert wavefronts(step_offsets(program)) < 1.5
+    assert stats.wavefronts(stats.step_offsets(program)) < 1.5

@@ -2,16 +2,10 @@
 never-run padding and ptxas's resource lines, on a listing written here (no nvcc needed)."""
 from __future__ import annotations
 
-import os
-import sys
+from benchmark_modules import benchmark_module
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
-sys.path.insert(0, BENCHMARKS)
-try:
-    from sass_loops import kernels, loops, resource_lines
-finally:
-    sys.path.remove(BENCHMARKS)
+sass_loops = benchmark_module("sass_loops")
+kernels, loops, resource_lines = sass_loops.kernels, sass_loops.loops, sass_loops.resource_lines
 
 LISTING = """
 \tcode for sm_90
