@@ -76,9 +76,8 @@ __device__ __forceinline__ StepWords load_step(const uint4* __restrict__ steps, 
 
 // Where a thread's 16-byte copies of a chunk fall: the thread copies words [w, w + 4) of the
 // chunk's channel c, then every kThreads-th copy after it. The same for every chunk, so the
-// division that places the first copy runs once; the later ones are found by adding (a flat
-// loop that divided per copy took ~50 instructions a copy, a quarter of the kernel's on
-// vgg.c3_2).
+// division that places the first copy runs once; the later ones are found by adding (dividing
+// per copy took ~50 instructions a copy; without it vgg.c3_2 runs 7% fewer instructions).
 struct CopyWalk {
   int c, w;            // the thread's first copy
   int c_step, w_step;  // how far the next one is: kThreads copies further
@@ -167,9 +166,11 @@ mma_conv_kernel(const uint32_t* __restrict__ input, const uint32_t* __restrict__
   const int64_t n = blockIdx.z;
   wait_for_previous_grid();  // the stretched input
   float sums[2][kFragments][4] = {};
-  // The tile's steps run on from chunk to chunk; each step's words are loaded during the
-  // previous step's MMAs (loaded at the step's start, a third of them waited on L2: ncu, L1 hit
-  // rate 66%). The last step loads itself again rather than read past the tile's steps.
+  // The tile's steps run on from chunk to chunk, and the source asks for each step's words
+  // during the previous step (loaded at the step's start, a third of them waited on L2: ncu, L1
+  // hit rate 66%). At 128 registers ptxas issues those loads only after most of the previous
+  // step's MMAs (benchmarks/sass_loops.py); even so batch 1 gained 5%. The last step loads
+  // itself again rather than read past the tile's steps.
   const int tile_last = computes ? __ldg(begins + (tile + 1) * p.chunks) - 1 : -1;
   StepWords next{};
   if (computes && tile_last >= __ldg(begins + tile * p.chunks))
