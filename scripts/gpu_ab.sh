@@ -5,6 +5,8 @@
 #   git archive --prefix=.ab-base/ HEAD | tar -x       # base = the last commit (ignored by git)
 #   bash scripts/gpu_ab.sh [--tensor-cores] .ab-base [LAYER ...]   # default: the whole suite
 # --tensor-cores: the tensor-core kernel's GPU tests instead, and that kernel timed.
+# A second variant in the same call: git archive --prefix=.ab-v2/ BRANCH | tar -x, then
+#   (cd .ab-v2 && OUT=$OUT/v2 bash scripts/gpu_ab.sh --tensor-cores ../.ab-base)
 # Results go to $OUT or benchmarks/results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
