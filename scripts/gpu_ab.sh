@@ -6,7 +6,8 @@
 #   bash scripts/gpu_ab.sh [--tensor-cores] .ab-base [LAYER ...]   # default: the whole suite
 # --tensor-cores: the tensor-core kernel's GPU tests instead, and that kernel timed.
 # A second variant in the same call: git archive --prefix=.ab-v2/ BRANCH | tar -x, then
-#   (cd .ab-v2 && OUT=$OUT/v2 bash scripts/gpu_ab.sh --tensor-cores ../.ab-base)
+#   (cd .ab-v2 && OUT=$OUT/v2 PYTHONPATH=/tmp/escoin-site bash scripts/gpu_ab.sh ../.ab-base)
+#   (/tmp/escoin-site: the test wheels the first run installed; add --tensor-cores as needed)
 # Results go to $OUT or benchmarks/results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
