@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -31,14 +31,22 @@ from suite import LAYERS, Layer, geomean, pruned_weight  # noqa: E402
 SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
 
 
-def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
-            tensor_cores: bool) -> Dict:
+def layer_call(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
+               tensor_cores: bool) -> Tuple[Callable[[], None], float]:
+    """escoin's call of `layer` on a pruned weight and an input drawn from rng, on the GPU, and
+    its relative error against float64 (gpu_layers.escoin_case)."""
     import torch.nn.functional as F
 
     weight = torch.from_numpy(pruned_weight(layer, sparsity, rng)).cuda()
     x = torch.from_numpy(rng.standard_normal(
         (batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)).cuda()
     run, err, _ = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
+    return run, err
+
+
+def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
+            tensor_cores: bool) -> Dict:
+    run, err = layer_call(torch, layer, batch, sparsity, rng, tensor_cores)
     return dict(layer=layer.name, batch=batch, sparsity=sparsity, rel_err=err,
                 ms=time_ms(torch, run))
 

@@ -18,10 +18,8 @@ from typing import Dict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from escoin_times import SUITE  # noqa: E402
-from gpu_layers import escoin_case  # noqa: E402
+from escoin_times import SUITE, layer_call  # noqa: E402
 from gpu_timing import time_ms  # noqa: E402
-from suite import pruned_weight  # noqa: E402
 
 CALLS = 50  # profiled calls per case: the kernels' means are over these
 
@@ -51,7 +49,6 @@ def short_name(kernel: str) -> str:
 
 def main() -> None:
     import torch
-    import torch.nn.functional as F
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", nargs="+", default=list(SUITE), choices=list(SUITE))
@@ -64,12 +61,8 @@ def main() -> None:
           f"{time_ms(torch, lambda: tiny.add_(1)) * 1e3:.2f} us")
     for batch in args.batches:
         for name in args.layers:
-            layer = SUITE[name]
-            rng = np.random.default_rng(0)
-            weight = torch.from_numpy(pruned_weight(layer, args.sparsity, rng)).cuda()
-            x = torch.from_numpy(rng.standard_normal(
-                (batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)).cuda()
-            run, _, _ = escoin_case(torch, F, layer, x, weight, tensor_cores=args.tensor_cores)
+            run, _ = layer_call(torch, SUITE[name], batch, args.sparsity,
+                                np.random.default_rng(0), args.tensor_cores)
             graph_us = time_ms(torch, run) * 1e3
             kernels = kernel_means_us(torch, run)
             parts = "  ".join(f"{short_name(k)} {v:.2f}"
