@@ -8,6 +8,8 @@
 # A second variant in the same call: git archive --prefix=.ab-v2/ BRANCH | tar -x, then
 #   (cd .ab-v2 && OUT=$OUT/v2 PYTHONPATH=/tmp/escoin-site bash scripts/gpu_ab.sh ../.ab-base)
 #   (/tmp/escoin-site: the test wheels the first run installed; add --tensor-cores as needed)
+# ESCOIN_BASE_CUDA_ARCHITECTURES builds the base for other architectures than this tree (e.g. this
+# tree for 80-virtual, the code Ampere GPUs run, JIT-compiled on a Hopper one; the base for 90).
 # Results go to $OUT or benchmarks/results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,7 +25,9 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 export ESCOIN_CUDA=ON ESCOIN_CUDA_ARCHITECTURES="${ESCOIN_CUDA_ARCHITECTURES:-90}"
 echo "== build (base and this tree, in parallel)"
-(cd "$base_src" && python3 -m pip install -q --no-build-isolation --no-deps --upgrade \
+(cd "$base_src" &&
+   ESCOIN_CUDA_ARCHITECTURES="${ESCOIN_BASE_CUDA_ARCHITECTURES:-$ESCOIN_CUDA_ARCHITECTURES}" \
+   python3 -m pip install -q --no-build-isolation --no-deps --upgrade \
    --target "$base_site" . > "$out/build_base.log" 2>&1; echo "base build rc $?") &
 python3 -m pip install -q --no-build-isolation --no-deps . > "$out/build.log" 2>&1
 echo "build rc $?"
