@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "async_copy.cuh"
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
@@ -26,23 +27,6 @@ struct MmaParams {
   int32_t tiles, plane_q, plane_w, out_width, out_plane;
   int32_t steps_word;  // where the program's steps start (mma_steps_word)
 };
-
-// A 16-byte copy into shared memory (`shared`: its shared-memory address) of which the first
-// `bytes` come from `global`, the rest zeros.
-__device__ __forceinline__ void copy_16_bytes(unsigned shared, const uint32_t* global,
-                                              int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared), "l"(global),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void commit_copies() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-// Waits until at most `pending` of the thread's committed copy groups are unfinished.
-template <int PENDING>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
-}
 
 // d += a * b on the 2:4 sparse bf16 MMA (m16n8k32), metadata from lanes 4g and 4g + 1. Not
 // volatile: the compiler may move MMAs of independent accumulators between dependent ones.

@@ -9,6 +9,7 @@
 #include <cuda.h>  // CUtensorMap
 #include <cuda/ptx>
 
+#include "async_copy.cuh"
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
@@ -176,9 +177,10 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
                                  bytes);
 }
 #else
-// Before Hopper: the same copy by the block's threads, 16 bytes each per step (segments start
-// on 16-byte boundaries here too); the caller's barrier then completes the chunk. (No tensor
-// copies: the host uses them only where the running code is Hopper's.)
+// Before Hopper: the same copy by the block's threads, 16 bytes each per step, as Ampere's
+// asynchronous copies (no registers held, and every copy of a thread in flight at once; the
+// caller waits for them before its barrier completes the chunk). A copy past the readable input
+// writes zeros. (No tensor copies: the host uses them only where the running code is Hopper's.)
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
@@ -191,10 +193,11 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
     const int s = i / vectors, v = i - s * vectors;
     const ChunkSegment segment = chunk_segment<IMAGES>(s, shape, in, tile, n0, q0, p);
     const float* src = segment.src + 4 * v;
-    float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (src + 4 <= readable_end) value = __ldg(reinterpret_cast<const float4*>(src));
-    reinterpret_cast<float4*>(segment.dst)[v] = value;
+    const bool readable = src + 4 <= readable_end;
+    copy_16_bytes(unsigned(__cvta_generic_to_shared(segment.dst + 4 * v)), readable ? src : input,
+                  readable ? 16 : 0);
   }
+  commit_copies();
 }
 #endif
 
@@ -313,6 +316,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
       }
       landed_phase ^= 1;
 #else
+      wait_copies<0>();
       __syncthreads();
 #endif
     };
