@@ -179,23 +179,27 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 #else
 // Before Hopper: the same copy by the block's threads, 16 bytes each per step, as Ampere's
 // asynchronous copies (no registers held, and every copy of a thread in flight at once; the
-// caller waits for them before its barrier completes the chunk). A copy past the readable input
-// writes zeros. (No tensor copies: the host uses them only where the running code is Hopper's.)
+// caller waits for them before its barrier completes the chunk). Segments are dealt to the warps
+// in turn and a segment's 16-byte steps to its warp's lanes, so that a segment's place is worked
+// out once per segment, not per 16 bytes (a flat loop over the chunk's steps divided twice per
+// step). A step past the readable input writes zeros. (No tensor copies: the host uses them only
+// where the running code is Hopper's.)
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
                             uint64_t*, const CUtensorMap*, int, int) {
   const ChunkShape shape = chunk_shape(chunk, p);
   const int vectors = shape.length / 4;
-  const int total = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor) * vectors;
+  const int segments = min(IMAGES, p.batch - n0) * int(shape.by_per_image.divisor);
   const float* const readable_end = input + p.readable;
-  for (int i = int(threadIdx.x); i < total; i += kThreads) {
-    const int s = i / vectors, v = i - s * vectors;
+  for (int s = int(threadIdx.x) / 32; s < segments; s += kWarps) {
     const ChunkSegment segment = chunk_segment<IMAGES>(s, shape, in, tile, n0, q0, p);
-    const float* src = segment.src + 4 * v;
-    const bool readable = src + 4 <= readable_end;
-    copy_16_bytes(unsigned(__cvta_generic_to_shared(segment.dst + 4 * v)), readable ? src : input,
-                  readable ? 16 : 0);
+    const unsigned dst = unsigned(__cvta_generic_to_shared(segment.dst));
+    for (int v = int(threadIdx.x) % 32; v < vectors; v += 32) {
+      const float* src = segment.src + 4 * v;
+      const bool readable = src + 4 <= readable_end;
+      copy_16_bytes(dst + 16 * v, readable ? src : input, readable ? 16 : 0);
+    }
   }
   commit_copies();
 }
