@@ -3,7 +3,8 @@
 # GPU layer benchmark; prints the benchmark table last. Usage:
 #   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--probes]
 # (--quick: 90% sparsity only; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
-# CI; --networks: also the whole-network benchmark; --probes: also the tensor-core probes,
+# CI, among them escoin-jax's LeNet5 example, which runs on JAX's default device, the GPU here;
+# --networks: also the whole-network benchmark; --probes: also the tensor-core probes,
 # scripts/tensor_core_probes.sh; results go to $OUT or benchmarks/results). The build is for
 # ESCOIN_CUDA_ARCHITECTURES (default 90); 80-virtual checks on a Hopper GPU the code that Ampere
 # and Ada GPUs run.

@@ -332,19 +332,31 @@ def test_tensor_copy_geometries(dev, case: tuple, misaligned: bool) -> None:
 
 
 def runs_hopper_code(torch) -> bool:
-    """Whether the GPU runs this build's Hopper code. The driver runs the build's SASS for the
-    GPU's major version and a minor at or below its own, else its newest PTX at or below the GPU's
-    compute capability, compiled at load; that code is Hopper's where its architecture is 9.0 or
-    newer. (A build for 80-virtual alone runs its Ampere code on an H100.)"""
+    """Whether the GPU runs this build's Hopper code, read from the build's architectures as the
+    driver chooses: the build's SASS for the GPU's major version and a minor at or below its own,
+    else its newest PTX at or below the GPU's compute capability, compiled at load; "a" code only
+    on its own compute capability, "f" code only within its major version. That code is Hopper's
+    where its architecture is 9.0 or newer. (A build for 80-virtual alone runs its Ampere code on
+    an H100.)"""
     major, minor = torch.cuda.get_device_capability()
     device = 10 * major + minor
     sass, ptx = [], []
     for arch in escoin.build_info()["cuda_architectures"]:
-        number, _, kind = arch.partition("-")
-        number = int(number.rstrip("af"))  # 90a, 100f: the same code as 90, 100 here
-        if kind in ("real", "") and number // 10 == major and number <= device:
+        name, _, kind = arch.partition("-")
+        digits = name.rstrip("af")
+        if not digits.isdigit():  # native, all, all-major: resolved by CMake, not recorded
+            pytest.skip(f"which code the GPU runs cannot be read from the architecture {arch!r}")
+        number, suffix = int(digits), name[len(digits):]
+        same_major = number // 10 == major and number <= device
+        if suffix == "a":
+            sass_fits = ptx_fits = number == device
+        elif suffix == "f":
+            sass_fits = ptx_fits = same_major
+        else:
+            sass_fits, ptx_fits = same_major, number <= device
+        if kind in ("real", "") and sass_fits:
             sass.append(number)
-        if kind in ("virtual", "") and number <= device:
+        if kind in ("virtual", "") and ptx_fits:
             ptx.append(number)
     return (max(sass) if sass else max(ptx, default=0)) >= 90
 

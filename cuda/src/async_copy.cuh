@@ -16,12 +16,18 @@ __device__ __forceinline__ void copy_16_bytes(unsigned shared, const void* globa
                "r"(bytes)
                : "memory");
 #else
-  const auto* words = static_cast<const uint32_t*>(global);
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) w[i] = 4 * i < bytes ? __ldg(words + i) : 0u;
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(shared), "r"(w[0]), "r"(w[1]),
-               "r"(w[2]), "r"(w[3])
+  // A whole copy is one 16-byte load (global is then 16-byte aligned, as cp.async requires).
+  uint4 w = make_uint4(0u, 0u, 0u, 0u);
+  if (bytes == 16) {
+    w = __ldg(static_cast<const uint4*>(global));
+  } else {
+    const auto* words = static_cast<const uint32_t*>(global);
+    if (bytes > 0) w.x = __ldg(words);
+    if (bytes > 4) w.y = __ldg(words + 1);
+    if (bytes > 8) w.z = __ldg(words + 2);
+  }
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(shared), "r"(w.x), "r"(w.y),
+               "r"(w.z), "r"(w.w)
                : "memory");
 #endif
 }

@@ -181,9 +181,10 @@ __device__ void stage_chunk(const float* __restrict__ input, const float* __rest
 // asynchronous copies (no registers held, and every copy of a thread in flight at once; the
 // caller waits for them before its barrier completes the chunk). Segments are dealt to the warps
 // in turn and a segment's 16-byte steps to its warp's lanes, so that a segment's place is worked
-// out once per segment, not per 16 bytes (a flat loop over the chunk's steps divided twice per
-// step). A step past the readable input writes zeros. (No tensor copies: the host uses them only
-// where the running code is Hopper's.)
+// out once per segment, not per 16 bytes (a flat loop over the chunk's steps divided per step, by
+// the segment length and then in chunk_segment). A step past the readable input writes zeros.
+// Below sm_80 the copies are synchronous (async_copy.cuh). (No tensor copies: the host uses them
+// only where the running code is Hopper's.)
 template <int IMAGES>
 __device__ void stage_chunk(const float* __restrict__ input, const float* __restrict__ in,
                             float* tile, int n0, int chunk, int q0, const StagedParams& p,
