@@ -9,6 +9,7 @@
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
+#include "element_type.cuh"
 #include "error.hpp"
 #include "forward_checks.hpp"
 
@@ -16,11 +17,13 @@ namespace escoin {
 namespace {
 
 // Adds the SPLITS partial sums of each output in split order (deterministic), then the
-// epilogue. The split count is a template parameter so that a thread issues all its loads before
-// the first add: at batch 1 a layer's outputs are few and this kernel waits on load latency.
-template <int SPLITS>
-__global__ void reduce_splits_kernel(const float* __restrict__ partial, Epilogue e,
-                                     float* __restrict__ y, int64_t outputs,
+// epilogue in float32, and writes the output as a T (element_type.cuh). The split count is a
+// template parameter so that a thread issues all its loads before the first add: at batch 1 a
+// layer's outputs are few and this kernel waits on load latency.
+template <int SPLITS, typename T>
+__global__ void reduce_splits_kernel(const float* __restrict__ partial,
+                                     const T* __restrict__ bias, const T* __restrict__ residual,
+                                     int relu, T* __restrict__ y, int64_t outputs,
                                      int64_t out_channels, int64_t out_plane) {
   wait_for_previous_grid();  // the partial sums
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
@@ -31,18 +34,20 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial, Epilogue
     float sum = 0.f;
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) sum += part[s];
-    y[i] = bias_relu(with_residual(sum, e.residual, i),
-                     e.bias ? e.bias[(i / out_plane) % out_channels] : 0.f, e.relu);
+    if (residual) sum += to_float(__ldg(residual + i));
+    const float b = bias ? to_float(__ldg(bias + (i / out_plane) % out_channels)) : 0.f;
+    y[i] = from_float<T>(bias_relu(sum, b, relu));
   }
 }
 
-// reduce_splits_kernel<1 + i> at index i, for every split count up to kGpuMaxSplits.
-template <int... I>
+// reduce_splits_kernel<1 + i, T> at index i, for every split count up to kGpuMaxSplits.
+template <typename T, int... I>
 constexpr auto reduce_kernels(std::integer_sequence<int, I...>) {
-  return std::array{&reduce_splits_kernel<I + 1>...};
+  return std::array{&reduce_splits_kernel<I + 1, T>...};
 }
+template <typename T>
 constexpr auto kReduceKernels =
-    reduce_kernels(std::make_integer_sequence<int, int(kGpuMaxSplits)>{});
+    reduce_kernels<T>(std::make_integer_sequence<int, int(kGpuMaxSplits)>{});
 
 // ---- the direct sparse convolution ----
 
@@ -55,13 +60,15 @@ struct ConvParams {
   int64_t batch, out_channels, group_out, groups, channel_blocks;
   int64_t plane_q, plane_w, out_width, out_plane, image_stride, group_span;
   int64_t splits;  // ranges each row's nonzeros are split into (Geometry::gpu_splits)
-  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
+  // Where the sums go for the reduction kernel to finish (Output::finished_by_reduction), as
+  // [split][image][channel][out_plane]; null: the kernel writes y through the epilogue.
+  float* partial;
 };
 
 // Block (x: a run of kThreads positions q, y: a block of output channels of one group and one
 // split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators: one
-// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. Unsplit, the
-// block writes the output through the epilogue; split, it writes its partial sums.
+// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. The block
+// writes the output through the epilogue, or its sums to p.partial.
 template <int IMAGES>
 __global__ void __launch_bounds__(kThreads)
 sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ row_ptr,
@@ -113,7 +120,7 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
             if (n0 + b >= p.batch) continue;
             const int64_t out =
                 ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
-            if (p.splits > 1) {
+            if (p.partial) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
               y[out] = bias_relu(with_residual(acc[b], e.residual, out), b0, e.relu);
@@ -131,8 +138,8 @@ unsigned grid_limit(int64_t wanted, int64_t limit) {
 
 template <int IMAGES>
 void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t* row_ptr,
-                 const int32_t* offsets, const float* values, const Epilogue& epilogue,
-                 float* y, cudaStream_t stream) {
+                 const int32_t* offsets, const float* values, const Output& out,
+                 cudaStream_t stream) {
   ConvParams p;
   p.batch = g.d.batch;
   p.out_channels = g.d.out_channels;
@@ -146,29 +153,33 @@ void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.splits = g.gpu_splits;
-  p.partial = partial_sums(g, ws);
+  p.partial = out.finished_by_reduction(p.splits) ? partial_sums(g, ws) : nullptr;
   const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
   if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
   const dim3 grid(unsigned(position_blocks),
                   grid_limit(p.groups * p.channel_blocks * p.splits, 65535),
                   grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
-  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(input, row_ptr, offsets, values,
-                                                            epilogue, y, p);
+  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(
+      input, row_ptr, offsets, values, out.float_epilogue(), out.float_y(), p);
   check_launch("sparse_conv_kernel");
-  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, epilogue, y, stream);
+  if (p.partial) launch_reduce_splits(g, p.partial, p.splits, out, stream);
 }
 
 }  // namespace
 
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const Epilogue& epilogue, float* y, cudaStream_t stream) {
+                          const Output& out, cudaStream_t stream) {
   const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
   if (splits < 1 || splits > kGpuMaxSplits)
     fail_invalid("splits must be in [1, ", kGpuMaxSplits, "], got ", splits);
   const dim3 grid(grid_limit((outputs + 255) / 256, 1 << 20));
-  launch_dependent(kReduceKernels[size_t(splits - 1)], grid, dim3(256), 0, stream,
-                   "reduce_splits_kernel", partial, epilogue, y, outputs, g.d.out_channels,
-                   g.out_plane);
+  with_element_type(out.dtype, [&](auto element) {
+    using T = decltype(element);
+    launch_dependent(kReduceKernels<T>[size_t(splits - 1)], grid, dim3(256), 0, stream,
+                     "reduce_splits_kernel", partial, static_cast<const T*>(out.bias),
+                     static_cast<const T*>(out.residual), out.relu, static_cast<T*>(out.y),
+                     outputs, g.d.out_channels, g.out_plane);
+  });
 }
 
 }  // namespace escoin
@@ -180,42 +191,45 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     void* stream) {
   return escoin::guarded([&] {
     const escoin::Geometry g = escoin::make_geometry(desc);
-    if (dtype != ESCOIN_FLOAT32)
-      escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 on CUDA (float64, float16 and bfloat16 "
-                           "run on the CPU entry), got ", static_cast<int>(dtype));
+    if (dtype != ESCOIN_FLOAT32 && dtype != ESCOIN_FLOAT16 && dtype != ESCOIN_BFLOAT16)
+      escoin::fail_invalid("dtype must be ESCOIN_FLOAT32, ESCOIN_FLOAT16 or ESCOIN_BFLOAT16 on "
+                           "CUDA (float64 runs on the CPU entry), got ",
+                           static_cast<int>(dtype));
     escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
                                    workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
+    escoin::check_element_alignment(dtype, {{x, "x"}, {y, "y"}, {bias, "bias"},
+                                            {residual, "residual"}});
     escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
-    const auto* xf = static_cast<const float*>(x);
     const auto* v = static_cast<const float*>(values);
-    const escoin::Epilogue epilogue{static_cast<const float*>(bias),
-                                    static_cast<const float*>(residual), relu != 0 ? 1 : 0};
-    auto* out = static_cast<float*>(y);
+    const escoin::Output out{y, bias, residual, relu != 0 ? 1 : 0, dtype};
     // The staged kernel needs its program (from kTileMinBatch images: every batch) and 16-byte
-    // aligned input for its 16-byte copies. It copies x itself where its plan's layout is x's
-    // own and x is aligned; on Hopper it may copy x padded by a tensor map; in both cases nothing
-    // is stretched. Else the stretch writes the layout of the kernel that runs, unless that is
-    // the streaming kernel's and x already has it (input_already_stretched).
+    // aligned input for its 16-byte copies. It copies a float32 x itself where its plan's
+    // layout is x's own and x is aligned; on Hopper it may copy x padded by a tensor map; in
+    // both cases nothing is stretched. Else the stretch writes the layout of the kernel that
+    // runs, unless that is the streaming kernel's and x already has it
+    // (input_already_stretched). A 16-bit x is always stretched: the stretch widens it.
     auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool reads_x = g.staged.reads_x && aligned(xf);
+    const bool float_x = dtype == ESCOIN_FLOAT32;
+    const auto* xf = static_cast<const float*>(x);  // read as such only where float_x
+    const bool reads_x = float_x && g.staged.reads_x && aligned(x);
     const bool staged = tile_program && g.d.batch >= escoin::kTileMinBatch &&
-                        escoin::tile_kernel_fits(g) && aligned(reads_x ? xf : ws);
-    const bool direct = staged ? reads_x : escoin::input_already_stretched(g);
+                        escoin::tile_kernel_fits(g) && aligned(reads_x ? x : ws);
+    const bool direct = staged ? reads_x : float_x && escoin::input_already_stretched(g);
     const float* input = direct ? xf : ws;
     CUtensorMap x_map;
-    const bool tensor_copy = staged && escoin::encode_tensor_copy(g, xf, &x_map);
-    if (!direct && !tensor_copy) escoin::launch_stretch(g, staged, xf, ws, s);
+    const bool tensor_copy = staged && float_x && escoin::encode_tensor_copy(g, xf, &x_map);
+    if (!direct && !tensor_copy) escoin::launch_stretch(g, staged, x, dtype, ws, s);
     if (staged)
       escoin::launch_tile_conv(g, tensor_copy ? xf : input, direct ? 0 : g.tail_slack, ws,
                                tensor_copy ? &x_map : nullptr,
-                               static_cast<const int32_t*>(tile_program), epilogue, out, s);
+                               static_cast<const int32_t*>(tile_program), out, s);
     else if (g.d.batch >= escoin::kGpuImagesPerBlock)
       escoin::launch_conv<int(escoin::kGpuImagesPerBlock)>(g, input, ws, row_ptr, offsets, v,
-                                                           epilogue, out, s);
+                                                           out, s);
     else
-      escoin::launch_conv<1>(g, input, ws, row_ptr, offsets, v, epilogue, out, s);
+      escoin::launch_conv<1>(g, input, ws, row_ptr, offsets, v, out, s);
   });
 }

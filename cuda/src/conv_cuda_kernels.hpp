@@ -6,17 +6,46 @@
 #include <cuda.h>  // CUtensorMap
 #include <cuda_runtime.h>
 
+#include "escoin/escoin.h"
 #include "geometry.hpp"
 
 namespace escoin {
 
 // What a forward call does to each finished sum before writing it: adds the output channel's
 // bias and the residual's element at the output's place (a shortcut added before the ReLU, as
-// in ResNet's blocks), then the ReLU. bias and residual may be null.
+// in ResNet's blocks), then the ReLU. bias and residual may be null. This is the float32 form
+// the convolution kernels apply as they write a float32 y.
 struct Epilogue {
   const float* bias;      // out_channels values
   const float* residual;  // y's shape; never overlaps y (check_forward_operands)
   int relu;
+};
+
+// A forward call's output: y, its epilogue's operands, all of y's element type (dtype: float32,
+// float16 or bfloat16; element_type.cuh). The convolution kernels write a float32 y themselves
+// unless its nonzeros are split; a 16-bit y they leave as float32 sums in the workspace (its
+// partial sums, one split's worth at least: workspace_bytes), which the reduction kernel
+// finishes and rounds once, so that the kernels' arithmetic and code are the float32 path's.
+struct Output {
+  void* y;
+  const void* bias;
+  const void* residual;
+  int relu;
+  escoin_dtype_t dtype;
+
+  // Whether the convolution kernels leave their sums in the workspace for the reduction kernel.
+  bool finished_by_reduction(int64_t splits) const {
+    return splits > 1 || dtype != ESCOIN_FLOAT32;
+  }
+  // The epilogue the convolution kernels apply, and the y they write: float32 outputs only
+  // (none elsewhere, where they never write y).
+  Epilogue float_epilogue() const {
+    return dtype == ESCOIN_FLOAT32
+               ? Epilogue{static_cast<const float*>(bias), static_cast<const float*>(residual),
+                          relu}
+               : Epilogue{nullptr, nullptr, relu};
+  }
+  float* float_y() const { return dtype == ESCOIN_FLOAT32 ? static_cast<float*>(y) : nullptr; }
 };
 
 // The epilogue of one output: bias, then ReLU (NaN passes, as in torch).
@@ -36,18 +65,19 @@ inline float* partial_sums(const Geometry& g, float* ws) {
 }
 
 // Writes x's stretched copy into the workspace (stretch.hpp's layout: g.layout, or for the staged
-// kernel g.staged.layout, whose rows start g.staged.lead zeros earlier) and zeroes the tail slack
-// after it.
-void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
-                    cudaStream_t stream);
+// kernel g.staged.layout, whose rows start g.staged.lead zeros earlier), widened to float32 from
+// x's dtype, and zeroes the tail slack after it.
+void launch_stretch(const Geometry& g, bool for_staged_kernel, const void* x,
+                    escoin_dtype_t dtype, float* ws, cudaStream_t stream);
 
 // The same stretch into the tensor-core kernel's layout (g.mma_layout), each element written as
 // its bf16 hi and lo parts in one 32-bit word, as that kernel reads it (mma_program.hpp).
 void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream);
 
-// Adds `splits` partial sums per output in split order (deterministic), then the epilogue.
+// Adds `splits` partial sums per output in split order (deterministic), then the epilogue, and
+// writes y in its dtype.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const Epilogue& epilogue, float* y, cudaStream_t stream);
+                          const Output& out, cudaStream_t stream);
 
 // Whether the staged kernel can run g: a channel fits in shared memory and the grid holds it.
 bool tile_kernel_fits(const Geometry& g);
@@ -64,10 +94,10 @@ bool encode_tensor_copy(const Geometry& g, const float* x, CUtensorMap* x_map);
 // The staged kernel (tile_kernel.cu) on the stretched input in the plan's layout (the
 // workspace, or x itself where input_already_stretched), of which `slack` elements past the
 // batch may be read, or with x_map on x through that tensor map; with a tile program built for
-// g; ws holds the split partial sums.
+// g; ws holds the split partial sums (and a 16-bit output's sums: Output).
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
-                      const CUtensorMap* x_map, const int32_t* program,
-                      const Epilogue& epilogue, float* y, cudaStream_t stream);
+                      const CUtensorMap* x_map, const int32_t* program, const Output& out,
+                      cudaStream_t stream);
 
 // The tensor-core kernel (mma_kernel.cu) on the split stretched input in the workspace, with an
 // MMA program built for g.

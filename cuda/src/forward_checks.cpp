@@ -31,6 +31,15 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   }
 }
 
+void check_element_alignment(escoin_dtype_t dtype,
+                             std::initializer_list<std::pair<const void*, const char*>> pointers) {
+  const size_t size = element_size(dtype);
+  for (const auto& [pointer, name] : pointers)
+    if (reinterpret_cast<uintptr_t>(pointer) % size != 0)
+      fail_invalid(name, " must be aligned to its ", size, "-byte elements, got address ",
+                   uint64_t(reinterpret_cast<uintptr_t>(pointer)));
+}
+
 void check_row_ptr(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
                    const void* values) {
   const int64_t rows = g.d.out_channels;

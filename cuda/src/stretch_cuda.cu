@@ -1,5 +1,6 @@
 // stretch_cuda.cu -- the CUDA stretch: x (N, C, H, W) -> the workspace's padded, stride-phase-split
-// channels (the layout stretch.hpp describes), and the zeroed tail slack after them.
+// channels (the layout stretch.hpp describes), widened to float32, and the zeroed tail slack
+// after them.
 #include <algorithm>
 #include <cstdint>
 
@@ -8,6 +9,7 @@
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
+#include "element_type.cuh"
 #include "fast_divide.cuh"
 #include "stretch.hpp"
 
@@ -52,10 +54,10 @@ __device__ __forceinline__ float stretched_value(float v) {
 // groups, strided by gridDim.y). A thread maps its element of the span to (channel of the group,
 // phase, plane row, column) once, with fast divisions, and copies that element for every group
 // it visits. Zeroes for padding, for the alignment gap after each channel's rows, and for the
-// tail slack (blocks of row 0).
-template <bool SPLIT>
+// tail slack (blocks of row 0). T is x's element type (element_type.cuh).
+template <typename T, bool SPLIT>
 __global__ void __launch_bounds__(kStretchThreads)
-stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchElements s,
+stretch_kernel(const T* __restrict__ x, float* __restrict__ ws, StretchElements s,
                int64_t tail_slack) {
   wait_for_previous_grid();  // x, and the workspace an earlier kernel may still read
   const uint32_t local = blockIdx.x * uint32_t(kStretchThreads) + threadIdx.x;
@@ -85,14 +87,14 @@ stretch_kernel(const float* __restrict__ x, float* __restrict__ ws, StretchEleme
     const int64_t plane = group * s.planes_per_group + plane_in_group;
     if (plane >= s.planes) break;
     ws[plane * s.channel_stride + e] =
-        inside ? stretched_value<SPLIT>(__ldg(x + plane * s.in_plane + source)) : 0.f;
+        inside ? stretched_value<SPLIT>(to_float(__ldg(x + plane * s.in_plane + source))) : 0.f;
   }
 }
 
 // Stretches x into layout L of g, whose rows start `lead` more zeros to the left.
-template <bool SPLIT>
-void stretch(const Geometry& g, const escoin_layout_t& L, int64_t lead, const float* x,
-             float* ws, cudaStream_t stream) {
+template <typename T, bool SPLIT>
+void stretch(const Geometry& g, const escoin_layout_t& L, int64_t lead, const T* x, float* ws,
+             cudaStream_t stream) {
   const escoin_conv_desc_t& d = g.d;
   StretchElements s;
   s.planes = d.batch * d.in_channels;
@@ -117,20 +119,24 @@ void stretch(const Geometry& g, const escoin_layout_t& L, int64_t lead, const fl
   const int64_t blocks_x = (s.span + kStretchThreads - 1) / kStretchThreads;
   const int64_t blocks_y =
       std::min<int64_t>({s.groups, 65535, std::max<int64_t>(1, kStretchTargetBlocks / blocks_x)});
-  launch_dependent(stretch_kernel<SPLIT>, dim3(unsigned(blocks_x), unsigned(blocks_y)),
+  launch_dependent(stretch_kernel<T, SPLIT>, dim3(unsigned(blocks_x), unsigned(blocks_y)),
                    dim3(kStretchThreads), 0, stream, "stretch_kernel", x, ws, s, g.tail_slack);
 }
 
 }  // namespace
 
-void launch_stretch(const Geometry& g, bool for_staged_kernel, const float* x, float* ws,
-                    cudaStream_t stream) {
-  stretch<false>(g, for_staged_kernel ? g.staged.layout : g.layout,
-                 for_staged_kernel ? g.staged.lead : 0, x, ws, stream);
+void launch_stretch(const Geometry& g, bool for_staged_kernel, const void* x,
+                    escoin_dtype_t dtype, float* ws, cudaStream_t stream) {
+  with_element_type(dtype, [&](auto element) {
+    using T = decltype(element);
+    stretch<T, false>(g, for_staged_kernel ? g.staged.layout : g.layout,
+                      for_staged_kernel ? g.staged.lead : 0, static_cast<const T*>(x), ws,
+                      stream);
+  });
 }
 
 void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream) {
-  stretch<true>(g, g.mma_layout, 0, x, ws, stream);
+  stretch<float, true>(g, g.mma_layout, 0, x, ws, stream);
 }
 
 }  // namespace escoin

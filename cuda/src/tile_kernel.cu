@@ -43,7 +43,7 @@ struct StagedParams {
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
-  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
+  float* partial;  // split (and 16-bit) outputs' sums: [split][image][channel][out_plane]
   int relu;
   const float* residual;  // Epilogue::residual
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
@@ -57,6 +57,9 @@ struct StagedParams {
   // A chunk's segments per image: channels * phases (1 with whole channels), in every chunk but
   // the last, and in the last, which may hold fewer channels.
   FastDivisor by_segments_per_image, by_last_segments_per_image;
+  // 1: the sums go to `partial` for the reduction kernel to finish (Output::finished_by_reduction);
+  // 0: the kernel writes y through the epilogue.
+  int to_reduction;
 };
 
 // Where image b's part of a chunk starts in shared memory: a fixed share of it, so that an
@@ -412,9 +415,10 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
   const int first_out = group * p.group_out + first_channel;  // in all of y's channels
   // The finish is chosen once for the whole tile, so that each output is a bias add, the ReLU's
-  // select and a predicated store (split sums are finished by the reduction), and with a
-  // residual one load more.
-  if (p.splits > 1) {
+  // select and a predicated store (split sums, and a 16-bit output's, are finished by the
+  // reduction), and with a residual one load more. (to_reduction holds wherever splits > 1;
+  // testing both left ptxas with the registers it had, where to_reduction alone spilled.)
+  if (p.splits > 1 || p.to_reduction) {
     write_sums<false>(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
                       plane_offset, first_out, channels, n0, p, [](float sum, int) { return sum; });
     return;
@@ -531,8 +535,8 @@ bool staged_kernel_copies_tensors() {
 }
 
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
-                      const CUtensorMap* x_map, const int32_t* program,
-                      const Epilogue& epilogue, float* y, cudaStream_t stream) {
+                      const CUtensorMap* x_map, const int32_t* program, const Output& out,
+                      cudaStream_t stream) {
   if (!tile_kernel_fits(g))  // the dispatcher checks first
     fail_invalid("the geometry is too large for the staged CUDA kernel");
   const StagedPlan& s = g.staged;
@@ -559,6 +563,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.entries_word = tile_entries_word(s);
   p.readable = g.d.batch * L.image_stride + slack;
   p.partial = partial_sums(g, ws);
+  const Epilogue epilogue = out.float_epilogue();
   p.relu = epilogue.relu;
   p.residual = epilogue.residual;
   p.tensor_copy = x_map ? 1 : 0;
@@ -575,6 +580,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const DeviceShape device = prepare_device();
   const StagedLaunch shape = staged_launch(g, device.resident_blocks);
   p.splits = int(shape.splits);
+  p.to_reduction = out.finished_by_reduction(shape.splits) ? 1 : 0;
   p.by_splits = FastDivisor::of(shape.splits);
   // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
   p.segment_copied =
@@ -590,8 +596,8 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const bool shared = device.shared_entries;
   launch_dependent(staged_kernel(shared, one_run, index), grid, dim3(kThreads),
                    shared ? kSharedBytes<true> : kSharedBytes<false>, stream, "staged_conv_kernel",
-                   input, program, epilogue.bias, y, p, x_map ? *x_map : no_map);
-  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, epilogue, y, stream);
+                   input, program, epilogue.bias, out.float_y(), p, x_map ? *x_map : no_map);
+  if (p.to_reduction) launch_reduce_splits(g, p.partial, p.splits, out, stream);
 }
 
 }  // namespace escoin

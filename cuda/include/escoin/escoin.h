@@ -43,9 +43,10 @@ typedef enum {
 } escoin_status_t;
 
 /* The element type of a forward call's x, y, bias and residual. FLOAT16 (IEEE binary16) and
- * BFLOAT16 are stored in 16 bits and computed in float32 (CPU entry only): the weights (values)
- * are then float32, the workspace holds the input widened to float32, and each output is rounded
- * to nearest even once. Dense matrices for the CSR construction are FLOAT32 or FLOAT64. */
+ * BFLOAT16 are stored in 16 bits and computed in float32, on the CPU and CUDA entries alike: the
+ * weights (values) are then float32, the workspace holds the input widened to float32, and each
+ * output is rounded to nearest even once. FLOAT64 runs on the CPU entry only. Dense matrices for
+ * the CSR construction are FLOAT32 or FLOAT64. */
 typedef enum {
   ESCOIN_FLOAT32 = 0,
   ESCOIN_FLOAT64 = 1,
@@ -110,7 +111,9 @@ escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc, escoin_layout
 
 /* Workspace bytes a forward call needs for this geometry and dtype: the stretched input and,
  * for problems too small to fill a GPU, room for the partial sums of the CUDA entry's split
- * over each output channel's nonzeros (the CPU entry leaves that part unused). */
+ * over each output channel's nonzeros; for FLOAT16 and BFLOAT16, room for at least one split's
+ * float32 sums, which the CUDA entry rounds in a last pass (the CPU entry leaves that part
+ * unused). */
 escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                       size_t* bytes);
 
@@ -185,13 +188,15 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
                                           void* program, size_t bytes);
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
- * (a cudaStream_t, NULL for the legacy default stream). FLOAT32 only. The CSR arrays and the
- * tile program are trusted (they live on the device; build them with the functions above for
- * this geometry). tile_program may be NULL; given, batches from escoin_tile_min_batch() images up
- * (every batch) run the staged kernel where its input is 16-byte aligned: the workspace, or x
- * itself for a 1x1 filter at stride 1 without padding, on planes of a multiple of 4 elements or,
- * with a multiple of 8 input channels per group, on planes one tile of the kernel covers (7x7,
- * 5x5 and 11x11 do, 13x13 does not); x is then not stretched (else the streaming kernel runs).
+ * (a cudaStream_t, NULL for the legacy default stream). dtype FLOAT32, FLOAT16 or BFLOAT16
+ * (values float32 in every case); x, y, bias and residual must be aligned to their elements.
+ * The CSR arrays and the tile program are trusted (they live on the device; build them with the
+ * functions above for this geometry). tile_program may be NULL; given, batches from
+ * escoin_tile_min_batch() images up (every batch) run the staged kernel where its input is
+ * 16-byte aligned: the workspace, or a FLOAT32 x itself for a 1x1 filter at stride 1 without
+ * padding, on planes of a multiple of 4 elements or, with a multiple of 8 input channels per
+ * group, on planes one tile of the kernel covers (7x7, 5x5 and 11x11 do, 13x13 does not); x is
+ * then not stretched (else the streaming kernel runs).
  * Launch errors are reported; errors of the asynchronous execution surface at the caller's next
  * synchronisation. The first call on a device sets the staged kernel's shared-memory limit there
  * (cudaFuncSetAttribute; 49.9 KB, where the GPU still fits as many blocks per SM as with 48 KB);
@@ -201,7 +206,10 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * stream's previous kernel and wait for it before touching memory: no ordering a caller can
  * observe changes. There too, the staged kernel copies x itself into shared memory, padded by
  * the copy engine (a tensor map of x, encoded per call; no stretch into the workspace) for
- * stride-1 geometries whose in_width is a multiple of 4, when x is 16-byte aligned. */
+ * stride-1 geometries whose in_width is a multiple of 4, when x is FLOAT32 and 16-byte aligned.
+ * A 16-bit x is always stretched (widened to float32 into the workspace), and the convolution's
+ * float32 sums are finished (bias, residual, ReLU) and rounded to y's type by one more kernel,
+ * the one that adds split partial sums. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
