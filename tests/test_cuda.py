@@ -248,7 +248,7 @@ def test_dlpack_input(dev) -> None:
 def test_float64_input_is_rejected_on_gpu(dev) -> None:
     torch = pytest.importorskip("torch")
     filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
-    with pytest.raises(EscoinError, match="x must be float32 on CUDA"):
+    with pytest.raises(EscoinError, match="x must be float32, float16 or bfloat16 on CUDA"):
         escoin.conv2d(torch.ones(1, 2, 5, 5, dtype=torch.float64, device="cuda"), filt)
 
 

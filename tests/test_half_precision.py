@@ -1,12 +1,12 @@
-"""float16 and bfloat16 on the CPU: stored in 16 bits, computed in float32, each output rounded
-once (to nearest even), on every CPU kernel variant this machine can run."""
+"""float16 and bfloat16: stored in 16 bits, computed in float32, each output rounded once (to
+nearest even), on every CPU kernel variant this machine can run and on a GPU."""
 from __future__ import annotations
 
 import ast
 import os
 import subprocess
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 import escoin
 from escoin import _core
 from escoin.geometry import descriptor
-from geometry_strategies import ConvCase, conv_cases
+from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
 from reference import conv2d_reference, relative_error
 
 try:  # NumPy's bfloat16 (the dtype JAX uses); the torch adapter's tests cover bfloat16 without it
@@ -29,6 +29,7 @@ HALF_DTYPES = [pytest.param(np.dtype(np.float16), id="float16"),
                pytest.param(BFLOAT16, id="bfloat16", marks=needs_ml_dtypes)]
 # Mantissa bits after the leading one: a rounding step is 2^-bits relative.
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def tolerance(dtype: np.dtype) -> float:
@@ -37,9 +38,32 @@ def tolerance(dtype: np.dtype) -> float:
     return 2.0 ** -MANTISSA_BITS[dtype.name]
 
 
-def run_case(case: ConvCase, dtype: np.dtype, with_residual: bool) -> float:
-    """escoin's relative error on the case in `dtype`, against float64 computed from the same
-    16-bit inputs, with the output poisoned first."""
+def convolve(device: str, x: np.ndarray, filt: escoin.SparseFilter,
+             bias: Optional[np.ndarray] = None, residual: Optional[np.ndarray] = None,
+             stride: object = 1, padding: object = 0, dilation: object = 1,
+             relu: bool = False) -> np.ndarray:
+    """escoin.conv2d of 16-bit NumPy operands on `device`, into an output of x's dtype poisoned
+    with NaN (an unwritten element stays NaN), returned as a NumPy array. On a GPU the operands
+    travel as torch tensors of the same dtype (through float32, which holds them exactly)."""
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, relu=relu)
+    shape = escoin.output_shape(x.shape, filt, stride, padding, dilation)
+    if device == "cpu":
+        out = np.full(shape, np.nan, x.dtype)
+        assert escoin.conv2d(x, filt, bias, out=out, residual=residual, **geometry) is out
+        return out
+    torch = pytest.importorskip("torch")
+    kind = getattr(torch, x.dtype.name)
+    put = lambda a: None if a is None else torch.from_numpy(  # noqa: E731
+        np.ascontiguousarray(a, np.float32)).cuda().to(kind)
+    out = torch.full(shape, float("nan"), dtype=kind, device="cuda")
+    assert escoin.conv2d(put(x), filt, put(bias), out=out, residual=put(residual),
+                         **geometry) is out
+    return out.float().cpu().numpy().astype(x.dtype)
+
+
+def run_case(case: ConvCase, dtype: np.dtype, with_residual: bool, device: str = "cpu") -> float:
+    """escoin's relative error on the case in `dtype` on `device`, against float64 computed from
+    the same 16-bit inputs, with the output poisoned first."""
     x = case.x.astype(dtype)
     filt = escoin.SparseFilter.from_dense(case.weight.astype(dtype), groups=case.groups)
     bias = None if case.bias is None else case.bias.astype(dtype)
@@ -50,25 +74,36 @@ def run_case(case: ConvCase, dtype: np.dtype, with_residual: bool) -> float:
                                 None if bias is None else bias.astype(np.float64), case.stride,
                                 case.pads, case.dilation, case.groups, case.relu,
                                 None if residual is None else residual.astype(np.float64))
-    out = np.full(expected.shape, np.nan, dtype)  # poison: an unwritten element stays NaN
-    result = escoin.conv2d(x, filt, bias, stride=case.stride, padding=case.padding,
-                           dilation=case.dilation, relu=case.relu, out=out, residual=residual)
-    assert result is out and out.dtype == dtype
+    out = convolve(device, x, filt, bias, residual, case.stride, case.padding, case.dilation,
+                   case.relu)
+    assert out.dtype == dtype
     return relative_error(out.astype(np.float64), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @settings(max_examples=60, deadline=None)
 @given(case=conv_cases())
-def test_random_geometry(dtype: np.dtype, case: ConvCase) -> None:
-    assert run_case(case, dtype, with_residual=False) <= tolerance(dtype)
+def test_random_geometry(device: str, dtype: np.dtype, case: ConvCase) -> None:
+    assert run_case(case, dtype, with_residual=False, device=device) <= tolerance(dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @settings(max_examples=30, deadline=None)
 @given(case=conv_cases())
-def test_residual_added_before_the_relu(dtype: np.dtype, case: ConvCase) -> None:
-    assert run_case(case, dtype, with_residual=True) <= tolerance(dtype)
+def test_residual_added_before_the_relu(device: str, dtype: np.dtype, case: ConvCase) -> None:
+    assert run_case(case, dtype, with_residual=True, device=device) <= tolerance(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(case=staged_conv_cases())
+def test_random_geometry_on_the_staged_kernel(dtype: np.dtype, case: ConvCase) -> None:
+    """The staged kernel's geometries on a GPU, a residual added: it leaves float32 sums for the
+    reduction kernel to finish and round, split or not."""
+    assert run_case(case, dtype, with_residual=True, device="cuda") <= tolerance(dtype)
 
 
 def identity_filter(dtype: np.dtype) -> escoin.SparseFilter:
@@ -80,12 +115,13 @@ def bit_patterns(dtype: np.dtype) -> np.ndarray:
     return np.arange(65536, dtype=np.uint16).view(dtype).reshape(1, 1, 256, 256)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_every_value_comes_back_exactly(dtype: np.dtype) -> None:
+def test_every_value_comes_back_exactly(device: str, dtype: np.dtype) -> None:
     """A 1x1 filter of weight 1 widens each of the 65536 inputs to float32 and rounds it back:
     every value, subnormals and infinities included, must come back unchanged (NaN as NaN)."""
     x = bit_patterns(dtype)
-    y = escoin.conv2d(x, identity_filter(dtype))
+    y = convolve(device, x, identity_filter(dtype))
     with np.errstate(invalid="ignore"):  # ml_dtypes warns as it casts NaNs
         wide_x, wide_y = x.astype(np.float64), y.astype(np.float64)
     nan = np.isnan(wide_x)
@@ -93,8 +129,9 @@ def test_every_value_comes_back_exactly(dtype: np.dtype) -> None:
     assert np.array_equal(wide_y[~nan], wide_x[~nan])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_outputs_round_to_nearest_even(dtype: np.dtype) -> None:
+def test_outputs_round_to_nearest_even(device: str, dtype: np.dtype) -> None:
     """Two channels of weight 1 sum a value and a smaller one; where the float32 sum is exact
     (nearly everywhere), its rounding to the dtype must be NumPy's (round to nearest, ties to
     even), ties included."""
@@ -110,7 +147,7 @@ def test_outputs_round_to_nearest_even(dtype: np.dtype) -> None:
                      big * rng.uniform(-3, 3, count) * 2.0 ** -bits).astype(dtype)
     x = np.stack([big.astype(dtype), small]).reshape(1, 2, 256, 256)
     filt = escoin.SparseFilter.from_dense(np.ones((1, 2, 1, 1), dtype))
-    y = escoin.conv2d(x, filt)
+    y = convolve(device, x, filt)
     exact = x[0, 0].astype(np.float64) + x[0, 1].astype(np.float64)
     in_float32 = exact.astype(np.float32).astype(np.float64) == exact
     assert in_float32.mean() > 0.9
@@ -118,12 +155,19 @@ def test_outputs_round_to_nearest_even(dtype: np.dtype) -> None:
                           exact.astype(dtype).astype(np.float64)[in_float32])
 
 
-def test_16bit_workspace_is_float32() -> None:
-    filt = escoin.SparseFilter.from_dense(np.ones((2, 3, 3, 3), np.float16))
-    shape = (2, 3, 9, 9)
-    assert (escoin.workspace_size(shape, filt, dtype=np.float16)
-            == escoin.workspace_size(shape, filt, dtype=np.float32)
-            == escoin.workspace_size(shape, filt, dtype="bfloat16"))
+@pytest.mark.parametrize("shape, out_channels", [((2, 3, 9, 9), 2), ((32, 64, 56, 56), 64)])
+def test_16bit_workspace_is_float32_and_holds_the_sums(shape: tuple, out_channels: int) -> None:
+    """The workspace holds the input widened to float32, as float32's does, and room for one
+    float32 sum per output (the CUDA entry rounds them in a last pass), which a problem small
+    enough to be split over its nonzeros has already."""
+    filt = escoin.SparseFilter.from_dense(np.ones((out_channels, shape[1], 3, 3), np.float16))
+    sizes = {d: escoin.workspace_size(shape, filt, padding=1, dtype=d)
+             for d in ("float32", "float16", "bfloat16")}
+    assert sizes["float16"] == sizes["bfloat16"]
+    outputs = shape[0] * out_channels * shape[2] * shape[3]
+    assert sizes["float16"] - sizes["float32"] in (0, 4 * outputs)
+    if shape[0] == 32:  # 32 images of 56x56 fill a GPU: no split, so no sums' room before
+        assert sizes["float16"] == sizes["float32"] + 4 * outputs
 
 
 def test_16bit_filter_keeps_its_dtype_and_values() -> None:
@@ -167,14 +211,14 @@ def test_raw_host_pointers_match_conv2d() -> None:
     assert np.array_equal(y, expected)
 
 
-def test_16bit_types_are_refused_where_they_do_not_run() -> None:
+def test_dtypes_are_refused_where_they_do_not_run() -> None:
     dense = np.ones((2, 2), np.float32)
     with pytest.raises(escoin.EscoinError, match="FLOAT32 or ESCOIN_FLOAT64 for a dense matrix"):
         _core.csr_count(dense.ctypes.data, "float16", 2, 2, 0.0)
     desc = descriptor((1, 1, 4, 4), (1, 1, 1, 1), 1, 1, 0, 1)
     if _core.cuda_compiled():  # the CUDA entry checks the dtype before it touches a pointer
-        with pytest.raises(escoin.EscoinError, match="FLOAT32 on CUDA"):
-            _core.forward_cuda(desc, "bfloat16", 0, 0, 0, 0, 0, 0, 0, False, 0, 0, 0, 0, 0)
+        with pytest.raises(escoin.EscoinError, match="float64 runs on the CPU entry"):
+            _core.forward_cuda(desc, "float64", 0, 0, 0, 0, 0, 0, 0, False, 0, 0, 0, 0, 0)
     with pytest.raises(escoin.EscoinError, match="x must be float32, float64, float16 or bfloat16"):
         escoin.conv2d(np.ones((1, 1, 4, 4), np.int16), identity_filter(np.dtype(np.float32)))
 
@@ -229,3 +273,41 @@ def test_unknown_kernel_variant_is_named_in_the_error() -> None:
                           text=True, timeout=120)
     assert done.returncode != 0
     assert "ESCOIN_CPU_KERNELS is 'avx9000'" in done.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_raw_device_pointers_match_conv2d_and_misaligned_ones_are_named(dtype_name: str) -> None:
+    """escoin.sconv on a GPU with a 16-bit dtype, on the filter's device pointers (float32
+    values), computes what conv2d does; an x, y, bias or residual that is not on a 2-byte
+    boundary is refused by name before anything runs (the device would fault on it)."""
+    torch = pytest.importorskip("torch")
+    kind = getattr(torch, dtype_name)
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.8] = 0
+    filt = escoin.SparseFilter.from_dense(weight)
+    x = torch.from_numpy(rng.standard_normal((2, 4, 10, 10)).astype(np.float32)).cuda().to(kind)
+    bias = torch.from_numpy(rng.standard_normal(8).astype(np.float32)).cuda().to(kind)
+    geometry = dict(stride=(1, 2), padding=1, dilation=1)
+    shape = escoin.output_shape(tuple(x.shape), filt, **geometry)
+    expected = torch.full(shape, float("nan"), dtype=kind, device="cuda")
+    escoin.conv2d(x, filt, bias, relu=True, out=expected, **geometry)
+    arrays = filt.device_pointers(tuple(x.shape), device=x.device.index, **geometry)
+    nbytes = escoin.workspace_size(tuple(x.shape), filt, dtype=dtype_name, **geometry)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.full(shape, float("nan"), dtype=kind, device="cuda")
+    pointers = dict(x_ptr=x.data_ptr(), y_ptr=y.data_ptr(), bias_ptr=bias.data_ptr())
+
+    def call(**changed: int) -> None:
+        p = {**pointers, **changed}
+        escoin.sconv(p["x_ptr"], p["y_ptr"], arrays.row_ptr, arrays.offsets, arrays.values,
+                     p["bias_ptr"], workspace.data_ptr(), nbytes, tuple(x.shape), filt.shape,
+                     relu=True, stream=torch.cuda.current_stream(), device=x.device.index,
+                     tile_program_ptr=arrays.tile_program, dtype=dtype_name, **geometry)
+    call()
+    assert not expected.isnan().any() and torch.equal(y, expected)
+    for name in ("x", "y", "bias"):
+        with pytest.raises(escoin.EscoinError, match=f"{name} must be aligned to its 2-byte"):
+            call(**{f"{name}_ptr": pointers[f"{name}_ptr"] + 1})
+    torch.cuda.synchronize()  # nothing was launched that could fault

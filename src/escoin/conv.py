@@ -9,9 +9,9 @@ import numpy as np
 
 from escoin import _core
 from escoin._errors import EscoinError
-from escoin.cuda_arrays import (CudaView, DeviceArray, DeviceBuffer, cuda_view, is_cuda_array,
+from escoin.cuda_arrays import (DeviceArray, DeviceBuffer, cuda_view, is_cuda_array,
                                 stream_handle)
-from escoin.dtypes import CPU_DTYPES, compute_dtype, dtype_name
+from escoin.dtypes import CPU_DTYPES, CUDA_DTYPES, compute_dtype, dtype_name
 from escoin.filter import SparseFilter
 from escoin.geometry import IntPair, Padding, descriptor
 
@@ -57,14 +57,15 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     nonzeros only: relu(conv2d(...) + residual) in one pass over the output.
 
     A NumPy x (float32, float64, float16, or ml_dtypes' bfloat16: :mod:`escoin.dtypes`) runs on
-    the CPU and returns a NumPy array of its dtype. A CUDA array x
-    (float32, C-contiguous) runs on its device on `stream` and returns `out` or an escoin
-    DeviceArray. A 3-d x (C, H, W) is treated as one image, as F.conv2d does. `residual` (a
-    residual network's shortcut) is an array of the output's shape on x's device (float32 on
-    CUDA, C-contiguous there), separate from `out`.
+    the CPU and returns a NumPy array of its dtype. A CUDA array x (float32, float16 or
+    bfloat16, C-contiguous) runs on its device on `stream` and returns `out` or an escoin
+    DeviceArray of its dtype. The 16-bit types are computed in float32 on both, each output
+    rounded once. A 3-d x (C, H, W) is treated as one image, as F.conv2d does. `residual` (a
+    residual network's shortcut) is an array of the output's shape and x's dtype on x's device
+    (C-contiguous on CUDA), separate from `out`.
 
-    ``tensor_cores=True`` runs a CUDA call on the tensor-core kernel where it can run the
-    geometry (one group; stride 1, or taps at multiples of the stride), else as usual: float32
+    ``tensor_cores=True`` runs a float32 CUDA call on the tensor-core kernel where it can run
+    the geometry (one group; stride 1, or taps at multiples of the stride), else as usual: float32
     from split bf16 parts, with a relative error of a few 1e-6 instead of strict float32's
     ~1e-7 (TF32's is ~1e-3), for finite inputs (escoin.h, escoin_conv2d_forward_cuda_mma). The
     CPU computes in strict float32 either way.
@@ -180,8 +181,9 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
                  workspace: Optional[object], stream: int, residual: Optional[object],
                  tensor_cores: bool) -> object:
     xv = cuda_view(x, "x", stream)
-    if xv.dtype != np.float32:
-        raise EscoinError(f"x must be float32 on CUDA, got {xv.dtype}")
+    name = xv.dtype.name
+    if name not in CUDA_DTYPES:
+        raise EscoinError(f"x must be float32, float16 or bfloat16 on CUDA, got {name}")
     if not xv.contiguous:
         raise EscoinError("x must be C-contiguous (NCHW); make it contiguous first")
     device = xv.device
@@ -194,37 +196,39 @@ def _conv2d_cuda(x: object, filt: SparseFilter, bias: Optional[object], stride: 
     y_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
     result_shape = y_shape[1:] if unbatched else y_shape
     if out is None:
-        y = DeviceArray(result_shape, np.float32, device, stream)
+        y = DeviceArray(result_shape, xv.dtype, device, stream)
         y_ptr = y.ptr
     else:
         y = out
-        y_ptr = _cuda_output_like(out, "out", result_shape, device, stream)
-    mma_program = filt._store.device_program("mma", device, desc) if tensor_cores else 0
+        y_ptr = _cuda_output_like(out, "out", result_shape, xv.dtype, device, stream)
+    mma_program = (filt._store.device_program("mma", device, desc)
+                   if tensor_cores and name == "float32" else 0)
     nbytes = (_core.mma_workspace_size(desc) if mma_program else
-              _core.workspace_size(desc, "float32"))
+              _core.workspace_size(desc, name))
     ws_ptr, ws_owner = _cuda_workspace(workspace, nbytes, device, stream)
-    bias_ptr, bias_owner = _cuda_bias(bias, desc[4], device, stream)
+    bias_ptr, bias_owner = _cuda_bias(bias, desc[4], xv.dtype, device, stream)
     residual_ptr = (0 if residual is None else
-                    _cuda_output_like(residual, "residual", result_shape, device, stream))
+                    _cuda_output_like(residual, "residual", result_shape, xv.dtype, device,
+                                      stream))
     if mma_program:
         _core.forward_cuda_mma(desc, xv.ptr, mma_program, bias_ptr, residual_ptr, relu, y_ptr,
                                ws_ptr, nbytes, device, stream)
     else:
         arrays = filt._store.device_arrays(device, desc)
-        _core.forward_cuda(desc, "float32", xv.ptr, arrays.row_ptr, arrays.offsets,
+        _core.forward_cuda(desc, name, xv.ptr, arrays.row_ptr, arrays.offsets,
                            arrays.values, arrays.tile_program, bias_ptr, residual_ptr, relu,
                            y_ptr, ws_ptr, nbytes, device, stream)
     del ws_owner, bias_owner  # stream-ordered frees: safe right after the launch
     return y
 
 
-def _cuda_output_like(array: object, name: str, shape: Tuple[int, ...], device: int,
-                      stream: int) -> int:
+def _cuda_output_like(array: object, name: str, shape: Tuple[int, ...], dtype: np.dtype,
+                      device: int, stream: int) -> int:
     """The device address of `array` (out, or a residual), checked to be laid out as the output:
-    a C-contiguous float32 CUDA array of its shape on x's device."""
+    a C-contiguous CUDA array of its shape and x's dtype on x's device."""
     view = cuda_view(array, name, stream)
-    if view.shape != shape or view.dtype != np.float32 or not view.contiguous:
-        raise EscoinError(f"{name} must be a C-contiguous float32 CUDA array of shape {shape}, got "
+    if view.shape != shape or view.dtype != dtype or not view.contiguous:
+        raise EscoinError(f"{name} must be a C-contiguous {dtype} CUDA array of shape {shape}, got "
                           f"shape {view.shape} {view.dtype}"
                           f"{'' if view.contiguous else ' (not contiguous)'}")
     if view.device != device:
@@ -245,19 +249,20 @@ def _cuda_workspace(workspace: Optional[object], nbytes: int, device: int,
     return view.ptr, view
 
 
-def _cuda_bias(bias: Optional[object], channels: int, device: int,
+def _cuda_bias(bias: Optional[object], channels: int, dtype: np.dtype, device: int,
                stream: int) -> Tuple[int, object]:
+    """The bias in x's dtype on x's device: a CUDA array as it is, a host one copied there."""
     if bias is None:
         return 0, None
     if is_cuda_array(bias):
         view = cuda_view(bias, "bias", stream)
-        if view.shape != (channels,) or view.dtype != np.float32 or not view.contiguous:
-            raise EscoinError(f"bias must be a contiguous float32 array of shape ({channels},), "
+        if view.shape != (channels,) or view.dtype != dtype or not view.contiguous:
+            raise EscoinError(f"bias must be a contiguous {dtype} array of shape ({channels},), "
                               f"got {view.shape} {view.dtype}")
         if view.device != device:
             raise EscoinError(f"bias is on cuda:{view.device} but x is on cuda:{device}")
         return view.ptr, view
-    host = _host_array(bias, "bias", (channels,), np.dtype(np.float32))
+    host = _host_array(bias, "bias", (channels,), dtype)
     buffer = DeviceBuffer(host.nbytes, device, stream)
     # The buffer is stream-ordered on `stream` (its memory may still be read by work queued
     # there before), while cuda_memcpy is a synchronous copy outside that stream: let `stream`
@@ -277,7 +282,9 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     """The low-level call on raw pointers, for callers (frameworks) that own their memory.
 
     On a GPU (`device` a CUDA device index, default: the device of x_ptr) every pointer is
-    device memory there and the call is float32: row_ptr (int64, M+1), offsets (int32, from
+    device memory there, and x, y, bias and residual are in `dtype`
+    (:data:`escoin.dtypes.CUDA_DTYPES`: float32, float16 or bfloat16, the 16-bit types computed
+    in float32) and aligned to their elements: row_ptr (int64, M+1), offsets (int32, from
     :func:`stretch_offsets` for this geometry) and values (float32) are device arrays; bias_ptr
     may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
     before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
@@ -285,7 +292,7 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`. A nonzero
     mma_program_ptr (the tensor-core kernel's program for this geometry, uploaded from
     :meth:`SparseFilter.mma_program`) runs that kernel instead (:func:`conv2d`'s
-    tensor_cores); the CSR pointers are then not read and may be 0.
+    tensor_cores; float32 only); the CSR pointers are then not read and may be 0.
 
     With ``device="cpu"`` every pointer is host memory and the call runs now, in `dtype`
     (:data:`escoin.dtypes.CPU_DTYPES`) for x, y, bias and residual; values are in the compute

@@ -10,6 +10,7 @@ import numpy as np
 
 from escoin import _core
 from escoin._errors import EscoinError
+from escoin.dtypes import numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,13 @@ def is_cuda_array(obj: object) -> bool:
 
 
 def cuda_view(obj: object, name: str, stream: int = 0) -> CudaView:
-    """Reads obj's device pointer, shape and dtype; `name` is used in error messages."""
+    """Reads obj's device pointer, shape and dtype; `name` is used in error messages. The CUDA
+    array interface has no bfloat16 (PyTorch describes one as opaque 2-byte items, "<V2"):
+    such an array is read through DLPack, which names it, where the object offers both."""
     if hasattr(obj, "__cuda_array_interface__"):
-        return _from_cai(obj, name)
+        view = _from_cai(obj, name)
+        if view.dtype.kind != "V" or not hasattr(obj, "__dlpack__"):
+            return view
     if hasattr(obj, "__dlpack__"):
         return _from_dlpack(obj, name, stream)
     raise EscoinError(f"{name} must be a CUDA array (__cuda_array_interface__ or __dlpack__)")
@@ -170,7 +175,7 @@ class _DLTensor(ctypes.Structure):
 _get_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
 _get_capsule_pointer.restype = ctypes.c_void_p
 _get_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-_DL_FLOAT = 2
+_DL_FLOAT, _DL_BFLOAT = 2, 4
 
 
 def _from_dlpack(obj: object, name: str, stream: int) -> CudaView:
@@ -184,11 +189,14 @@ def _from_dlpack(obj: object, name: str, stream: int) -> CudaView:
     if tensor.device.device_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
         raise EscoinError(f"{name} is a DLPack tensor on device type {tensor.device.device_type},"
                           " not a CUDA device")
-    if tensor.dtype.code != _DL_FLOAT or tensor.dtype.lanes != 1:
+    code, bits = tensor.dtype.code, tensor.dtype.bits
+    if not ((code == _DL_FLOAT and bits in (16, 32, 64)) or (code == _DL_BFLOAT and bits == 16)) \
+            or tensor.dtype.lanes != 1:
         raise EscoinError(f"{name} must hold floating-point values (DLPack dtype code "
-                          f"{tensor.dtype.code}, {tensor.dtype.bits} bits)")
+                          f"{code}, {bits} bits)")
     shape = tuple(tensor.shape[i] for i in range(tensor.ndim))
-    dtype = np.dtype(f"float{tensor.dtype.bits}")
+    # bfloat16 as ml_dtypes' NumPy dtype (escoin.dtypes): an error names the package if missing.
+    dtype = numpy_dtype("bfloat16") if code == _DL_BFLOAT else np.dtype(f"float{bits}")
     contiguous = not tensor.strides or _c_contiguous(
         shape, tuple(tensor.strides[i] * dtype.itemsize for i in range(tensor.ndim)),
         dtype.itemsize)

@@ -4,7 +4,8 @@ On the CPU a convolution's x, output, bias and residual may be float32, float64,
 bfloat16; the 16-bit types are computed in float32 (the weights widened, each output rounded
 once), float64 in float64. NumPy has no bfloat16 of its own: the ``bfloat16`` dtype of the
 ml_dtypes package (which JAX uses) is recognised by its name, and frameworks pass it to
-:func:`escoin.sconv` as the string ``"bfloat16"``. CUDA computes in float32 only.
+:func:`escoin.sconv` as the string ``"bfloat16"``. CUDA takes float32, float16 and bfloat16
+(the 16-bit types computed in float32 as on the CPU), not float64.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from escoin._errors import EscoinError
 
 #: Names of the dtypes the CPU path takes, widest first.
 CPU_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: Names of the dtypes the CUDA path takes.
+CUDA_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def dtype_name(dtype: object, name: str = "dtype") -> str:
@@ -37,10 +40,13 @@ def compute_dtype(name: str) -> np.dtype:
 
 
 def numpy_dtype(dtype: object) -> np.dtype:
-    """The NumPy dtype of an escoin dtype (bfloat16 needs ml_dtypes imported)."""
+    """The NumPy dtype of an escoin dtype (bfloat16: ml_dtypes' type, which must be installed)."""
     name = dtype_name(dtype)
+    if name != "bfloat16":
+        return np.dtype(name)
     try:
-        return np.dtype(dtype)
-    except TypeError:
-        raise EscoinError(f"{name} NumPy arrays need the ml_dtypes package (import ml_dtypes)") \
-            from None
+        import ml_dtypes
+    except ImportError:
+        raise EscoinError("bfloat16 NumPy arrays need the ml_dtypes package (pip install "
+                          "ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
