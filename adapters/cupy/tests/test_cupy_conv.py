@@ -53,13 +53,34 @@ def test_one_image_allocates_its_output() -> None:
     assert relative_error(cp.asnumpy(y), expected) <= 1e-5
 
 
+def test_float16_allocates_its_output_in_float16() -> None:
+    """float16 in, float16 out, computed in float32 and rounded once: within a rounding step
+    (2^-10) of float64 on the same 16-bit values; the bias and residual in float16 too."""
+    cp = cupy()
+    import escoin_cupy
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((16, 8, 3, 3)) * (rng.random((16, 8, 3, 3)) < 0.2)).astype(
+        np.float16)
+    x = rng.standard_normal((3, 8, 13, 13)).astype(np.float16)
+    bias = rng.standard_normal(16).astype(np.float16)
+    residual = rng.standard_normal((3, 16, 13, 13)).astype(np.float16)
+    y = escoin_cupy.conv2d(cp.asarray(x), escoin.SparseFilter.from_dense(weight),
+                           cp.asarray(bias), padding=1, relu=True,
+                           residual=cp.asarray(residual))
+    assert y.dtype == cp.float16
+    expected = conv2d_reference(x.astype(np.float64), weight.astype(np.float64),
+                                bias.astype(np.float64), (1, 1), (1, 1, 1, 1), (1, 1), 1,
+                                relu=True, residual=residual.astype(np.float64))
+    assert relative_error(cp.asnumpy(y).astype(np.float64), expected) <= 2.0 ** -10
+
+
 def test_bad_input_is_named() -> None:
     cp = cupy()
     import escoin_cupy
     filt = escoin.SparseFilter.from_dense(np.ones((4, 2, 3, 3), np.float32))
     with pytest.raises(escoin.EscoinError, match="x must be a cupy.ndarray"):
         escoin_cupy.conv2d(np.ones((1, 2, 5, 5), np.float32), filt)
-    with pytest.raises(escoin.EscoinError, match="x must be float32"):
+    with pytest.raises(escoin.EscoinError, match="x must be float32 or float16"):
         escoin_cupy.conv2d(cp.ones((1, 2, 5, 5), cp.float64), filt)
     with pytest.raises(escoin.EscoinError, match="x has 3 channels"):
         escoin_cupy.conv2d(cp.ones((1, 3, 5, 5), cp.float32), filt)

@@ -243,8 +243,7 @@ ffi::Error cuda_forward(void* stream, int32_t device, ffi::ScratchAllocator scra
   const Operands in{x, row_ptr, offsets, values, program, bias, residual};
   auto call = describe(in, *y, attributes);
   if (call.has_error()) return call.error();
-  // escoin_jax.conv2d widens 16-bit types to float32 around a CUDA call; float64 stays on the CPU.
-  if (call->dtype != ESCOIN_FLOAT32)
+  if (call->dtype == ESCOIN_FLOAT64)
     return invalid("x must be float32, float16 or bfloat16 on CUDA (float64 runs on the CPU)");
   // XLA's scratch memory returns to its allocator when this handler returns, before the kernels
   // queued here have run; that allocator hands memory out in `stream` order, so whatever reuses

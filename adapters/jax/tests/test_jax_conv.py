@@ -263,7 +263,7 @@ def on_the_cpu(test):
 def test_the_handler_refuses_offsets_outside_the_input() -> None:
     """A direct FFI call with an offset past the stretched image: an error, not a wild read."""
     from escoin_jax._ffi import TARGET, ensure_registered
-    from escoin_jax.conv import _Options, _ffi_forward, _plan
+    from escoin_jax.conv import _Options, _ffi_call, _plan
 
     filt, _, x, bias = sample_layer()
     ensure_registered()
@@ -275,7 +275,7 @@ def test_the_handler_refuses_offsets_outside_the_input() -> None:
     broken = type(plan)(**{**plan.__dict__, "offsets": bad})
     assert TARGET == "escoin_conv2d"
     with pytest.raises(Exception, match="escoin: .*offset"):
-        _ffi_forward(broken, _Options(False, True, False), jnp.asarray(x), jnp.asarray(bias),
+        _ffi_call(broken, _Options(False, True, False), jnp.asarray(x), jnp.asarray(bias),
                      None).block_until_ready()
 
 
@@ -285,7 +285,7 @@ def test_the_handler_refuses_a_row_ptr_counting_more_than_the_offsets() -> None:
     read past them (a large one crashed the process)."""
     from escoin.geometry import descriptor
     from escoin_jax._ffi import ensure_registered
-    from escoin_jax.conv import _Options, _ffi_forward, _plan
+    from escoin_jax.conv import _Options, _ffi_call, _plan
 
     filt, _, x, _ = sample_layer()
     ensure_registered()
@@ -295,7 +295,7 @@ def test_the_handler_refuses_a_row_ptr_counting_more_than_the_offsets() -> None:
     row_ptr[-1] = 1 << 40
     broken = type(plan)(**{**plan.__dict__, "row_ptr": row_ptr.view(np.uint8)})
     with pytest.raises(Exception, match=r"row_ptr\[out_channels\]"):
-        _ffi_forward(broken, _Options(False, False, False), jnp.asarray(x), None,
+        _ffi_call(broken, _Options(False, False, False), jnp.asarray(x), None,
                      None).block_until_ready()
 
 

@@ -32,7 +32,7 @@ def test_hypothesis_geometries_cuda() -> None:
     @settings(max_examples=60, deadline=None)
     @given(geometries())
     def run(g: dict) -> None:
-        if g["dtype"] == torch.float32:
+        if g["dtype"] != torch.float64:  # float64 runs on the CPU only
             check_against_reference(g, "cuda")
 
     run()

@@ -14,13 +14,15 @@ def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] 
     """``relu(conv2d(x, filt.to_dense(), bias) + residual)`` with torch.nn.functional.conv2d's
     semantics, from the filter's nonzeros, as a CuPy array on x's device.
 
-    x is a float32 (N, C, H, W) or (C, H, W) cupy.ndarray (made C-contiguous if it is not).
+    x is a float32 or float16 (N, C, H, W) or (C, H, W) cupy.ndarray (made C-contiguous if it
+    is not; float16 is computed in float32, each output rounded once), and the output has its
+    dtype.
     Work is queued on `stream` (default: CuPy's current stream on x's device); the output (unless
     `out` is given) and the workspace are allocated from CuPy's memory pool on that stream (its
     free lists are per stream, so the workspace's reuse is ordered after this call; a custom CuPy
-    allocator must be stream-aware too). bias is a float32 CuPy array of M values, or a host
-    array (copied synchronously: pass a CuPy array in hot loops); residual has the output's
-    shape and is added before the ReLU.
+    allocator must be stream-aware too). bias is a CuPy array of M values of x's dtype, or a
+    host array (copied synchronously: pass a CuPy array in hot loops); residual has the
+    output's shape and dtype and is added before the ReLU.
     """
     import cupy
 
@@ -28,8 +30,8 @@ def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] 
         raise escoin.EscoinError(f"x must be a cupy.ndarray, got {type(x).__name__}")
     if not isinstance(filt, escoin.SparseFilter):
         raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
-    if x.dtype != cupy.float32:
-        raise escoin.EscoinError(f"x must be float32 on CUDA, got {x.dtype}")
+    if x.dtype not in (cupy.float32, cupy.float16):
+        raise escoin.EscoinError(f"x must be float32 or float16, got {x.dtype}")
     with x.device:
         stream = cupy.cuda.get_current_stream() if stream is None else stream
         with stream:
@@ -39,9 +41,10 @@ def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] 
             if x.ndim == 3:
                 shape = shape[1:]
             if out is None:
-                out = cupy.empty(shape, cupy.float32)
+                out = cupy.empty(shape, x.dtype)
             workspace = cupy.empty(
-                escoin.workspace_size(batched.shape, filt, stride, padding, dilation), cupy.uint8)
+                escoin.workspace_size(batched.shape, filt, stride, padding, dilation, x.dtype),
+                cupy.uint8)
             escoin.conv2d(x, filt, bias, stride=stride, padding=padding, dilation=dilation,
                           relu=relu, out=out, workspace=workspace, stream=stream,
                           residual=residual)

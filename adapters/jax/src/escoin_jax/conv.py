@@ -18,7 +18,7 @@ from jax.custom_derivatives import SymbolicZero
 from escoin_jax._ffi import TARGET, ensure_registered
 
 # The dtypes escoin computes in: float32 and float64 in their own type, 16-bit ones widened to
-# float32 (by the CPU kernels, or by XLA around a CUDA call; CUDA refuses float64).
+# float32 by its kernels (CUDA refuses float64).
 _DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
            np.dtype(jnp.bfloat16)}
 
@@ -109,9 +109,8 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     The filter is always (M, C/groups, kh, kw): from a Flax kernel (kh, kw, C/groups, M) build it
     with ``SparseFilter.from_dense(np.transpose(kernel, (3, 2, 0, 1)))``.
 
-    x is (N, C, H, W) or one image (C, H, W): float32, float16 or bfloat16 on a GPU (16-bit
-    types widened to float32 around the call), and float64 too on the CPU; 16-bit types are
-    computed in float32 and each output rounded once. bias (M values) and residual (the
+    x is (N, C, H, W) or one image (C, H, W): float32, float16 or bfloat16, and float64 too on
+    the CPU; 16-bit types are computed in float32 and each output rounded once. bias (M values) and residual (the
     output's shape) take x's dtype. Works under ``jax.jit``, ``jax.vmap`` (of any of x, bias and
     residual: where x and residual are mapped alike and bias is not, every mapped image joins
     one call's batch), ``jax.grad``, ``jax.jvp`` and their compositions with respect to x, bias
@@ -176,23 +175,6 @@ class _Options:
     has_residual: bool
 
 
-def _ffi_forward(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
-                 residual: Optional[jax.Array]) -> jax.Array:
-    if x.dtype not in (jnp.float16, jnp.bfloat16):
-        return _ffi_call(plan, options, x, bias, residual)
-
-    def widened(x: jax.Array, bias: Optional[jax.Array],
-                residual: Optional[jax.Array]) -> jax.Array:
-        # escoin's CUDA kernels are float32: the same arithmetic as the CPU's 16-bit path
-        # (float32 throughout, each output rounded once), with the widening done by XLA.
-        def f32(a):
-            return None if a is None else a.astype(jnp.float32)
-        return _ffi_call(plan, options, f32(x), f32(bias), f32(residual)).astype(x.dtype)
-
-    return jax.lax.platform_dependent(
-        x, bias, residual, default=functools.partial(_ffi_call, plan, options), cuda=widened)
-
-
 def _ffi_call(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
               residual: Optional[jax.Array]) -> jax.Array:
     empty = jnp.zeros((0,), x.dtype)
@@ -209,7 +191,7 @@ def _ffi_call(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.A
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _sparse_conv(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
                  residual: Optional[jax.Array]) -> jax.Array:
-    return _ffi_forward(plan, options, x, bias, residual)
+    return _ffi_call(plan, options, x, bias, residual)
 
 
 def _sparse_conv_jvp(plan: _Plan, options: _Options, primals: tuple, tangents: tuple) -> tuple:

@@ -24,10 +24,10 @@ from escoin_torch.csr import CSRWeight, host_numpy, transpose
 
 __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 
-#: The dtypes escoin takes, per device type (its CUDA kernels are float32 only). On the CPU,
-#: float16 and bfloat16 are stored in 16 bits and computed in float32, each output rounded once.
+#: The dtypes escoin takes, per device type. float16 and bfloat16 are stored in 16 bits and
+#: computed in float32, each output rounded once; float64 runs on the CPU only.
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                    "cuda": (torch.float32,)}
+                    "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 # escoin's name of each dtype it takes.
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
@@ -47,14 +47,14 @@ class PreparedFilter:
     filt: escoin.SparseFilter
     launches: Dict[tuple, tuple] = field(default_factory=dict)
 
-    def launch(self, shape: tuple, device: int, stride: tuple, padding: tuple,
+    def launch(self, shape: tuple, device: int, dtype: str, stride: tuple, padding: tuple,
                dilation: tuple) -> Tuple[int, DevicePointers]:
-        """Workspace bytes and device arrays for a float32 call on CUDA device `device`."""
-        key = (shape, device, stride, padding, dilation)
+        """Workspace bytes and device arrays for a call in `dtype` on CUDA device `device`."""
+        key = (shape, device, dtype, stride, padding, dilation)
         found = self.launches.get(key)
         if found is None:
             geometry = dict(stride=stride, padding=padding, dilation=dilation)
-            found = (escoin.workspace_size(shape, self.filt, **geometry),
+            found = (escoin.workspace_size(shape, self.filt, dtype=dtype, **geometry),
                      self.filt.device_pointers(shape, device=device, **geometry))
             self.launches[key] = found
         return found
@@ -235,11 +235,12 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     if out.numel() == 0:
         return _like_input_format(out, x)
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
-    shape = tuple(x_c.shape)
+    shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    # Held until the launch is queued: its device arrays live as long as the filter does.
+    # Held until the launch is queued: its device arrays (float32 values whatever x's dtype)
+    # live as long as the filter does.
     cached_filter = _filter(row_ptr, col_idx, values, weight_shape, groups)
-    nbytes, arrays = cached_filter.launch(shape, x.device.index, **geometry)
+    nbytes, arrays = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     # The raw-pointer entry: _empty_output has checked every tensor (dtype, device, shape), so
     # reading their CUDA array interfaces again would only add per-call latency.
@@ -248,7 +249,8 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
                  shape, tuple(weight_shape), groups=groups, relu=relu,
                  stream=torch.cuda.current_stream(x.device).cuda_stream,
                  device=x.device.index, tile_program_ptr=arrays.tile_program,
-                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), **geometry)
+                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), dtype=dtype,
+                 **geometry)
     return _like_input_format(out, x)
 
 
