@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import escoin  # noqa: E402
-from gpu_layers import escoin_case  # noqa: E402
+from gpu_layers import escoin_case, gpu_operands  # noqa: E402
 from gpu_timing import time_ms  # noqa: E402
-from suite import LAYERS, Layer, geomean, pruned_weight  # noqa: E402
+from suite import LAYERS, Layer, geomean  # noqa: E402
 
 SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
 
@@ -37,11 +37,9 @@ def layer_call(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.
     its relative error against float64 (gpu_layers.escoin_case)."""
     import torch.nn.functional as F
 
-    weight = torch.from_numpy(pruned_weight(layer, sparsity, rng)).cuda()
-    x = torch.from_numpy(rng.standard_normal(
-        (batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)).cuda()
-    run, err, _ = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
-    return run, err
+    x, weight = gpu_operands(torch, layer, batch, sparsity, rng)
+    case = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
+    return case.run, case.rel_err
 
 
 def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -45,16 +45,27 @@ def cusparse_lowered(torch, F, x, w, layer: Layer) -> Callable[[], object]:
     return run
 
 
-def escoin_case(torch, F, layer: Layer, x, w,
-                tensor_cores: bool = False) -> Tuple[Callable[[], None], float, int]:
-    """escoin's call of `layer` on the CUDA tensor x with the pruned weight w (filter, output
-    (poisoned with NaN) and workspace prepared once), on the tensor-core kernel or not, its
-    relative error against float64 F.conv2d after one call, and the filter's nonzeros."""
+class EscoinCase(NamedTuple):
+    """One prepared escoin call (escoin_case)."""
+    run: Callable[[], None]  # the call, writing `out`
+    rel_err: float  # of `out` after one call, against float64 F.conv2d of the same x and w
+    nnz: int  # the filter's nonzeros
+    out: object  # the output tensor, of x's dtype
+
+
+def escoin_case(torch, F, layer: Layer, x, w, tensor_cores: bool = False) -> EscoinCase:
+    """escoin's call of `layer` on the CUDA tensor x (float32, float16 or bfloat16) with the
+    pruned weight w (of any of those dtypes; filter, output of x's dtype (poisoned with NaN) and
+    workspace prepared once), on the tensor-core kernel or not, run once and checked."""
     s, p = layer.stride, layer.padding
-    filt = escoin.SparseFilter.from_dense(w.cpu().numpy()).cuda(x.device.index or 0)
+    # A 16-bit weight widens to float32 exactly: the filter holds the values it holds.
+    filt = escoin.SparseFilter.from_dense(w.float().cpu().numpy()).cuda(x.device.index or 0)
     oh = output_size(layer)
-    out = torch.full((x.shape[0], layer.out_channels, oh, oh), float("nan"), device="cuda")
-    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p, tensor_cores=tensor_cores),
+    out = torch.full((x.shape[0], layer.out_channels, oh, oh), float("nan"), dtype=x.dtype,
+                     device="cuda")
+    dtype = str(x.dtype).removeprefix("torch.")
+    ws = torch.empty(escoin.workspace_size(x.shape, filt, s, p, dtype=dtype,
+                                           tensor_cores=tensor_cores),
                      dtype=torch.uint8, device="cuda")
 
     def run() -> None:
@@ -63,22 +74,29 @@ def escoin_case(torch, F, layer: Layer, x, w,
 
     run()
     ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
-    return run, float((out.double() - ref).norm() / ref.norm()), filt.nnz
+    return EscoinCase(run, float((out.double() - ref).norm() / ref.norm()), filt.nnz, out)
+
+
+def gpu_operands(torch, layer: Layer, batch: int, sparsity: float,
+                 rng: np.random.Generator) -> Tuple[object, object]:
+    """A float32 input of `batch` images and a weight pruned to `sparsity`, drawn from rng, on
+    the GPU: (x, w)."""
+    weight = pruned_weight(layer, sparsity, rng)
+    x = rng.standard_normal((batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)
+    return torch.from_numpy(x).cuda(), torch.from_numpy(weight).cuda()
 
 
 def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
             rng: np.random.Generator) -> Dict:
-    weight = pruned_weight(layer, sparsity, rng)
-    x_host = rng.standard_normal((batch, layer.in_channels, layer.size, layer.size),
-                                 dtype=np.float32)
-    x, w = torch.from_numpy(x_host).cuda(), torch.from_numpy(weight).cuda()
+    x, w = gpu_operands(torch, layer, batch, sparsity, rng)
     s, p = layer.stride, layer.padding
-    run_escoin, err, nnz = escoin_case(torch, F, layer, x, w)
-    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=nnz, rel_err=err)
-    row["escoin"] = time_ms(torch, run_escoin)
+    case = escoin_case(torch, F, layer, x, w)
+    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=case.nnz,
+               rel_err=case.rel_err)
+    row["escoin"] = time_ms(torch, case.run)
     # The tensor-core kernel where it runs the layer (else the same kernels as above).
-    run_tc, row["rel_err_tc"], _ = escoin_case(torch, F, layer, x, w, tensor_cores=True)
-    row["escoin_tc"] = time_ms(torch, run_tc)
+    tc = escoin_case(torch, F, layer, x, w, tensor_cores=True)
+    row["rel_err_tc"], row["escoin_tc"] = tc.rel_err, time_ms(torch, tc.run)
     torch.backends.cudnn.allow_tf32 = False
     row["fp32"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
     torch.backends.cudnn.allow_tf32 = True
@@ -91,7 +109,7 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
         row["cusparse"] = time_ms(torch, cusparse_lowered(torch, F, x, w, layer), graph=False)
     except RuntimeError:  # out of memory on the largest lowered matrices
         row["cusparse"] = float("nan")
-    row["floor"] = sparse_flops(nnz, batch, layer) / rate * 1e3
+    row["floor"] = sparse_flops(case.nnz, batch, layer) / rate * 1e3
     return row
 
 

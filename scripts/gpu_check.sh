@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
-#   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--probes]
+#   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--half] [--probes]
 # (--quick: 90% sparsity only; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
 # CI, among them escoin-jax's LeNet5 example, which runs on JAX's default device, the GPU here;
-# --networks: also the whole-network benchmark; --probes: also the tensor-core probes,
+# --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
+# (benchmarks/gpu_half.py); --probes: also the tensor-core probes,
 # scripts/tensor_core_probes.sh; results go to $OUT or benchmarks/results). The build is for
 # ESCOIN_CUDA_ARCHITECTURES (default 90); 80-virtual checks on a Hopper GPU the code that Ampere
 # and Ada GPUs run.
@@ -13,10 +14,11 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0; networks=0; probes=0; only=()
+quick=0; sanitize=0; networks=0; half=0; probes=0; only=()
 for arg in "$@"; do
   case "$arg" in
-    --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --probes) probes=1 ;;
+    --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --half) half=1 ;;
+    --probes) probes=1 ;;
     --gpu-tests) only=(-m cuda) ;;
   esac
 done
@@ -46,13 +48,19 @@ ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q tests/test_cuda.py -p no:cachepro
   echo "TESTS FAILED (shuffled entries)"
 if [ "$sanitize" = 1 ]; then
   echo "== compute-sanitizer (memcheck) on the GPU tests"
-  compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
-    tests/test_cuda_tensor_cores.py -p no:cacheprovider \
-    -k "not random_geometry and not residual_on_the_tensor_cores" 2>&1 | tail -5
+  compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -m cuda \
+    tests/test_cuda.py tests/test_cuda_tensor_cores.py tests/test_half_precision.py \
+    -p no:cacheprovider -k "not random_geometry and not residual_on_the_tensor_cores" 2>&1 |
+    tail -5
 fi
 if [ "$networks" = 1 ]; then
   echo "== networks"
   python3 -m escoin_torch.bench --batches 1 32 --out "$out/networks" 2>/dev/null | tail -40
+fi
+if [ "$half" = 1 ]; then
+  echo "== 16-bit layer benchmark"
+  python3 benchmarks/gpu_half.py --batches 1 32 --out "$out" 2>/dev/null ||
+    echo "16-BIT CHECK FAILED"
 fi
 if [ "$probes" = 1 ]; then
   echo "== tensor-core probes"
