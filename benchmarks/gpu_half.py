@@ -5,11 +5,13 @@ output rounded once) beside escoin float32 and cuDNN's 16-bit convolutions, per 
 
 What a user of a `model.half()` (or `.bfloat16()`) network gets from escoin's layers: the dense
 16-bit alternative is cuDNN on the tensor cores, in channels_last (as a deployment would run it)
-and in NCHW (as `model.half()` leaves it). Every escoin case is checked in the same run against
-float64 F.conv2d of the same 16-bit x and weights, rounded to the 16-bit type: an output may
-differ from that by one unit in the last place (its float32 sum may land on the other side of a
-rounding boundary), not more. Times as in gpu_layers.py (per call, in CUDA graphs of
-back-to-back calls). Writes JSON; prints a table last.
+and in NCHW (as `model.half()` leaves it). Every case is checked in the same run against
+float64 F.conv2d of the same 16-bit x and weights: escoin's relative-norm error must be within
+one rounding step of the type (2^-10, 2^-7), and is printed beside cuDNN's in the same type.
+(Not per element in units in the last place: where the products nearly cancel, an output is
+tiny against them, and any float32 sum of them is many of its 16-bit steps off.) Times as in
+gpu_layers.py (per call, in CUDA graphs of back-to-back calls). Writes JSON; prints a table
+last.
 """
 from __future__ import annotations
 
@@ -33,19 +35,12 @@ except ImportError:  # progress bars are a nicety
         return items
 
 DTYPES = ("float16", "bfloat16")
-MAX_ULPS = 1
+# A rounding step of each type, relative: the error allowed against float64 (as in the tests).
+TOLERANCE = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
 
-def ulp_distance(torch, y, reference) -> int:
-    """The largest distance between y and the float64 reference rounded to y's 16-bit type, in
-    units in the last place (a NaN or infinity in y counts as a failure)."""
-    if not bool(torch.isfinite(y).all()):
-        return 1 << 30
-
-    def ordered(t):  # the bits, sign folded, so that neighbouring values are neighbouring ints
-        bits = t.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-    return int((ordered(y) - ordered(reference.to(y.dtype))).abs().max())
+def relative_error(y, reference) -> float:
+    return float((y.double() - reference).norm() / reference.norm())
 
 
 def measure(torch, F, layer: Layer, batch: int, sparsity: float,
@@ -59,11 +54,12 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float,
         x, w = x32.to(getattr(torch, name)), w32.to(getattr(torch, name))
         case = escoin_case(torch, F, layer, x, w)
         row[f"rel_err_{name}"] = case.rel_err
-        row[f"ulps_{name}"] = ulp_distance(
-            torch, case.out, F.conv2d(x.double(), w.double(), stride=s, padding=p))
         row[f"escoin_{name}"] = time_ms(torch, case.run)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w_cl = w.contiguous(memory_format=torch.channels_last)
+        row[f"rel_err_cudnn_{name}"] = relative_error(
+            F.conv2d(x_cl, w_cl, stride=s, padding=p),
+            F.conv2d(x.double(), w.double(), stride=s, padding=p))
         row[f"cudnn_{name}_cl"] = time_ms(torch,
                                           lambda: F.conv2d(x_cl, w_cl, stride=s, padding=p))
         row[f"cudnn_{name}"] = time_ms(torch, lambda: F.conv2d(x, w, stride=s, padding=p))
@@ -97,10 +93,10 @@ def main() -> None:
     times = ["escoin_float32"] + [t for d in DTYPES
                                   for t in (f"escoin_{d}", f"cudnn_{d}", f"cudnn_{d}_cl")]
     print(f"{'layer':<13}{'N':>3}" + "".join(f"{t.replace('escoin_', 'e_'):>17}" for t in times)
-          + "".join(f"{'ulps ' + n:>15}" for n in DTYPES))
+          + "".join(f"{'err ' + n:>15}" for n in DTYPES))
     for r in rows:
         print(f"{r['layer']:<13}{r['batch']:>3}" + "".join(f"{r[t] * 1e3:>14.1f} us" for t in times)
-              + "".join(f"{r['ulps_' + n]:>15}" for n in DTYPES))
+              + "".join(f"{r['rel_err_' + n]:>15.1e}" for n in DTYPES))
     print(f"\ngeometric means at {args.sparsity:.0%} sparsity: escoin's time in each 16-bit type "
           "over escoin float32's, and escoin's speed-up over cuDNN in the same type")
     print(f"{'N':>3}" + "".join(f"{n + ' / fp32':>18}{'x cuDNN ' + n:>22}{'x cuDNN cl':>14}"
@@ -112,12 +108,14 @@ def main() -> None:
             f"{geomean(r['cudnn_' + d] / r['escoin_' + d] for r in sel):>22.2f}"
             f"{geomean(r['cudnn_' + d + '_cl'] / r['escoin_' + d] for r in sel):>14.2f}"
             for d in DTYPES))
-    worst = {d: max(r["ulps_" + d] for r in rows) for d in DTYPES}
-    passed = all(v <= MAX_ULPS for v in worst.values())
-    print("largest distance from the rounded float64 result: "
-          + ", ".join(f"{d} {v} ulp" for d, v in worst.items())
-          + f" ({'PASS' if passed else 'FAIL'} at {MAX_ULPS}); float32 rel err "
-          f"{max(r['rel_err_float32'] for r in rows):.1e}")
+    passed = True
+    for d in DTYPES:
+        worst = max(r["rel_err_" + d] for r in rows)
+        passed = passed and worst <= TOLERANCE[d]
+        print(f"{d}: max relative error vs float64 {worst:.2e} "
+              f"({'PASS' if worst <= TOLERANCE[d] else 'FAIL'} at {TOLERANCE[d]:.1e}); cuDNN's "
+              f"in {d} {max(r['rel_err_cudnn_' + d] for r in rows):.2e}")
+    print(f"float32: max relative error {max(r['rel_err_float32'] for r in rows):.2e}")
     sys.exit(0 if passed else 1)
 
 

@@ -47,7 +47,7 @@ def test_residual_and_channels_last_in_16_bits(device: str, dtype: torch.dtype) 
     y = sparse_conv2d(x, csr_lib.from_dense(weight), None, padding=1, relu=True,
                       residual=residual)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    before_relu = reference_conv(x, weight, None, padding=1) + residual.double()
+    before_relu = reference_conv(x, weight, None, padding=1) + residual.double().cpu()
     error = torch.linalg.vector_norm(y.double().cpu() - before_relu.relu()).item()
     assert error <= tolerance(dtype) * torch.linalg.vector_norm(before_relu).item()
 
