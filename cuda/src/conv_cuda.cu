@@ -198,9 +198,9 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
                                    workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
+    escoin::DeviceScope scope(device);  // (first: a bad device index is named before anything)
     escoin::check_element_alignment(dtype, {{x, "x"}, {y, "y"}, {bias, "bias"},
                                             {residual, "residual"}});
-    escoin::DeviceScope scope(device);
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
     const auto* v = static_cast<const float*>(values);
