@@ -22,10 +22,10 @@ struct Epilogue {
 };
 
 // A forward call's output: y, its epilogue's operands, all of y's element type (dtype: float32,
-// float16 or bfloat16; element_type.cuh). The convolution kernels write a float32 y themselves
-// unless its nonzeros are split; a 16-bit y they leave as float32 sums in the workspace (its
-// partial sums, one split's worth at least: workspace_bytes), which the reduction kernel
-// finishes and rounds once, so that the kernels' arithmetic and code are the float32 path's.
+// float16 or bfloat16; element_type.cuh). The staged kernel writes y in its type itself unless
+// its chunks are split; the streaming kernel writes a float32 y itself unless split, and leaves
+// a 16-bit y as float32 sums in the workspace (its partial sums, one split's worth at least:
+// workspace_bytes). Split or left sums are finished and rounded by the reduction kernel.
 struct Output {
   void* y;
   const void* bias;
@@ -33,12 +33,12 @@ struct Output {
   int relu;
   escoin_dtype_t dtype;
 
-  // Whether the convolution kernels leave their sums in the workspace for the reduction kernel.
+  // Whether the streaming kernel leaves its sums in the workspace for the reduction kernel.
   bool finished_by_reduction(int64_t splits) const {
     return splits > 1 || dtype != ESCOIN_FLOAT32;
   }
-  // The epilogue the convolution kernels apply, and the y they write: float32 outputs only
-  // (none elsewhere, where they never write y).
+  // The epilogue the streaming kernel applies, and the y it writes: float32 outputs only (none
+  // elsewhere, where it never writes y).
   Epilogue float_epilogue() const {
     return dtype == ESCOIN_FLOAT32
                ? Epilogue{static_cast<const float*>(bias), static_cast<const float*>(residual),

@@ -13,6 +13,7 @@
 #include "conv_cuda_kernels.hpp"
 #include "cuda_check.cuh"
 #include "dependent_launch.cuh"
+#include "element_type.cuh"
 #include "error.hpp"
 #include "fast_divide.cuh"
 #include "tile_program.hpp"
@@ -43,9 +44,9 @@ struct StagedParams {
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
-  float* partial;  // split (and 16-bit) outputs' sums: [split][image][channel][out_plane]
+  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
-  const float* residual;  // Epilogue::residual
+  const void* residual;  // Output::residual, of y's element type
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
   int copy_align;   // StagedPlan::copy_align
   int pad_top, pad_left;  // pad_left: of the stretched layout, StagedPlan::lead included
@@ -57,9 +58,7 @@ struct StagedParams {
   // A chunk's segments per image: channels * phases (1 with whole channels), in every chunk but
   // the last, and in the last, which may hold fewer channels.
   FastDivisor by_segments_per_image, by_last_segments_per_image;
-  // 1: the sums go to `partial` for the reduction kernel to finish (Output::finished_by_reduction);
-  // 0: the kernel writes y through the epilogue.
-  int to_reduction;
+  escoin_dtype_t out_type;  // y's, bias's and residual's element type (element_type.cuh)
 };
 
 // Where image b's part of a chunk starts in shared memory: a fixed share of it, so that an
@@ -222,11 +221,12 @@ __device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], con
 }
 
 // Writes a thread's sums, plus the residual's element where RESIDUAL, finish(sum, row) each,
-// into the planes of its warp's `channels` output channels (from `first_channel`) of each image
-// of the block: the positions with a place in the plane (plane_offset >= 0).
-template <bool RESIDUAL, int IMAGES, int POSITIONS, typename Finish>
+// into the planes (of element type T) of its warp's `channels` output channels (from
+// `first_channel`) of each image of the block: the positions with a place in the plane
+// (plane_offset >= 0).
+template <bool RESIDUAL, int IMAGES, int POSITIONS, typename T, typename Finish>
 __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAGES][POSITIONS],
-                                           float* planes, const int (&plane_offset)[POSITIONS],
+                                           T* planes, const int (&plane_offset)[POSITIONS],
                                            int first_channel, int channels, int n0,
                                            const StagedParams& p, Finish finish) {
 #pragma unroll
@@ -236,15 +236,38 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
     for (int b = 0; b < IMAGES; ++b) {
       if (n0 + b >= p.batch) break;
       const int64_t plane = (int64_t(n0 + b) * p.out_channels + first_channel + r) * p.out_plane;
-      float* const out = planes + plane;
-      const float* const residual = RESIDUAL ? p.residual + plane : nullptr;
+      T* const out = planes + plane;
+      const T* const residual = RESIDUAL ? static_cast<const T*>(p.residual) + plane : nullptr;
 #pragma unroll
       for (int i = 0; i < POSITIONS; ++i)
         if (plane_offset[i] >= 0)
-          out[plane_offset[i]] = finish(
-              RESIDUAL ? acc[r][b][i] + __ldg(residual + plane_offset[i]) : acc[r][b][i], r);
+          out[plane_offset[i]] = from_float<T>(finish(
+              RESIDUAL ? acc[r][b][i] + to_float(__ldg(residual + plane_offset[i])) : acc[r][b][i],
+              r));
     }
   }
+}
+
+// A tile's finished sums into y (of element type T): each output a bias add, the ReLU's select
+// and a predicated store, with a residual one load more, the finish chosen once for the tile.
+template <int IMAGES, int POSITIONS, typename T>
+__device__ __forceinline__ void finish_tile(const float (&acc)[kRowsPerWarp][IMAGES][POSITIONS],
+                                            const T* bias, T* y,
+                                            const int (&plane_offset)[POSITIONS], int first_out,
+                                            int channels, int n0, const StagedParams& p) {
+  float channel_bias[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+    channel_bias[r] = bias && r < channels ? to_float(__ldg(bias + first_out + r)) : 0.f;
+  if (p.residual)
+    write_sums<true>(acc, y, plane_offset, first_out, channels, n0, p,
+                     [&](float sum, int r) { return bias_relu(sum, channel_bias[r], p.relu); });
+  else if (p.relu)
+    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
+                      [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
+  else
+    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
+                      [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
 // Block (x: a tile of 32 * POSITIONS positions, y: an item (kRows output channels of one group)
@@ -258,7 +281,7 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
 template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES, bool ONE_RUN>
 __global__ void __launch_bounds__(kThreads, 4)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
-                   const float* __restrict__ bias, float* __restrict__ y, StagedParams p,
+                   const void* __restrict__ bias, void* __restrict__ y, StagedParams p,
                    const __grid_constant__ CUtensorMap x_map) {
   extern __shared__ __align__(128) float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
@@ -414,31 +437,20 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
   const int first_out = group * p.group_out + first_channel;  // in all of y's channels
-  // The finish is chosen once for the whole tile, so that each output is a bias add, the ReLU's
-  // select and a predicated store (split sums, and a 16-bit output's, are finished by the
-  // reduction), and with a residual one load more. (to_reduction holds wherever splits > 1;
-  // testing both left ptxas with the registers it had, where to_reduction alone spilled.)
-  if (p.splits > 1 || p.to_reduction) {
+  // Split sums are finished by the reduction kernel; the others here, in y's type.
+  if (p.splits > 1) {
     write_sums<false>(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
                       plane_offset, first_out, channels, n0, p, [](float sum, int) { return sum; });
     return;
   }
-  float channel_bias[kRowsPerWarp];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r)
-    channel_bias[r] = bias && r < channels ? __ldg(bias + first_out + r) : 0.f;
-  if (p.residual)
-    write_sums<true>(acc, y, plane_offset, first_out, channels, n0, p,
-                     [&](float sum, int r) { return bias_relu(sum, channel_bias[r], p.relu); });
-  else if (p.relu)
-    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
-                      [&](float sum, int r) { return bias_relu(sum, channel_bias[r], 1); });
-  else
-    write_sums<false>(acc, y, plane_offset, first_out, channels, n0, p,
-                      [&](float sum, int r) { return sum + channel_bias[r]; });
+  with_element_type_on_device(p.out_type, [&](auto element) {
+    using T = decltype(element);
+    finish_tile(acc, static_cast<const T*>(bias), static_cast<T*>(y), plane_offset, first_out,
+                channels, n0, p);
+  });
 }
 
-using StagedKernel = void (*)(const float*, const int32_t*, const float*, float*, StagedParams,
+using StagedKernel = void (*)(const float*, const int32_t*, const void*, void*, StagedParams,
                               CUtensorMap);
 
 // The launch shapes (StagedLaunch's images and positions) the staged kernel is compiled for, and
@@ -563,9 +575,9 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.entries_word = tile_entries_word(s);
   p.readable = g.d.batch * L.image_stride + slack;
   p.partial = partial_sums(g, ws);
-  const Epilogue epilogue = out.float_epilogue();
-  p.relu = epilogue.relu;
-  p.residual = epilogue.residual;
+  p.relu = out.relu;
+  p.residual = out.residual;
+  p.out_type = out.dtype;
   p.tensor_copy = x_map ? 1 : 0;
   p.copy_align = int(s.copy_align);
   p.pad_top = int(g.d.pad_top);
@@ -580,7 +592,6 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const DeviceShape device = prepare_device();
   const StagedLaunch shape = staged_launch(g, device.resident_blocks);
   p.splits = int(shape.splits);
-  p.to_reduction = out.finished_by_reduction(shape.splits) ? 1 : 0;
   p.by_splits = FastDivisor::of(shape.splits);
   // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
   p.segment_copied =
@@ -596,8 +607,8 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const bool shared = device.shared_entries;
   launch_dependent(staged_kernel(shared, one_run, index), grid, dim3(kThreads),
                    shared ? kSharedBytes<true> : kSharedBytes<false>, stream, "staged_conv_kernel",
-                   input, program, epilogue.bias, out.float_y(), p, x_map ? *x_map : no_map);
-  if (p.to_reduction) launch_reduce_splits(g, p.partial, p.splits, out, stream);
+                   input, program, out.bias, out.y, p, x_map ? *x_map : no_map);
+  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, out, stream);
 }
 
 }  // namespace escoin

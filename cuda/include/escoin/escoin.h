@@ -207,9 +207,9 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * observe changes. There too, the staged kernel copies x itself into shared memory, padded by
  * the copy engine (a tensor map of x, encoded per call; no stretch into the workspace) for
  * stride-1 geometries whose in_width is a multiple of 4, when x is FLOAT32 and 16-byte aligned.
- * A 16-bit x is always stretched (widened to float32 into the workspace), and the convolution's
- * float32 sums are finished (bias, residual, ReLU) and rounded to y's type by one more kernel,
- * the one that adds split partial sums. */
+ * A 16-bit x is always stretched (widened to float32 into the workspace); the float32 sums are
+ * finished (bias, residual, ReLU) and rounded to y's type by the staged kernel, or where that
+ * does not run or splits its work, by the kernel that adds split partial sums. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
