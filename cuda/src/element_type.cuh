@@ -48,16 +48,4 @@ decltype(auto) with_element_type(escoin_dtype_t dtype, F&& f) {
   }
 }
 
-// with_element_type in device code: calls f(T{}) for the element type of dtype, which is one of
-// FLOAT32, FLOAT16 and BFLOAT16 (the host checked it).
-template <typename F>
-__device__ __forceinline__ void with_element_type_on_device(escoin_dtype_t dtype, F&& f) {
-  if (dtype == ESCOIN_FLOAT16)
-    f(__half{});
-  else if (dtype == ESCOIN_BFLOAT16)
-    f(__nv_bfloat16{});
-  else
-    f(float{});
-}
-
 }  // namespace escoin

@@ -46,7 +46,7 @@ struct StagedParams {
   int64_t readable;  // elements of the input from its start that may be read
   float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
   int relu;
-  const void* residual;  // Output::residual, of y's element type
+  const float* residual;  // Output::residual (with 16-bit outputs, of their type)
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
   int copy_align;   // StagedPlan::copy_align
   int pad_top, pad_left;  // pad_left: of the stretched layout, StagedPlan::lead included
@@ -220,6 +220,11 @@ __device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], con
       acc[b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[b][i]);
 }
 
+// The element type of a staged kernel's y, bias and residual: float32, or with NARROW_Y
+// float16 (whose 2 bytes also carry bfloat16: StagedParams::out_type says which).
+template <bool NARROW_Y>
+using YElement = std::conditional_t<NARROW_Y, __half, float>;
+
 // Writes a thread's sums, plus the residual's element where RESIDUAL, finish(sum, row) each,
 // into the planes (of element type T) of its warp's `channels` output channels (from
 // `first_channel`) of each image of the block: the positions with a place in the plane
@@ -237,7 +242,8 @@ __device__ __forceinline__ void write_sums(const float (&acc)[kRowsPerWarp][IMAG
       if (n0 + b >= p.batch) break;
       const int64_t plane = (int64_t(n0 + b) * p.out_channels + first_channel + r) * p.out_plane;
       T* const out = planes + plane;
-      const T* const residual = RESIDUAL ? static_cast<const T*>(p.residual) + plane : nullptr;
+      const T* const residual =
+          RESIDUAL ? reinterpret_cast<const T*>(p.residual) + plane : nullptr;
 #pragma unroll
       for (int i = 0; i < POSITIONS; ++i)
         if (plane_offset[i] >= 0)
@@ -277,12 +283,14 @@ __device__ __forceinline__ void finish_tile(const float (&acc)[kRowsPerWarp][IMA
 // conflicts. (Blocks of two items, sharing each chunk between 64 channels, paid 5-15% on large
 // grids while each entry was loaded in the loop; with the entries handed out by shuffles,
 // one-item blocks were 2-6% faster there too.) A warp reads its rows' entries of a chunk row by
-// row, or with ONE_RUN (1x1 filters, whose rows are short) as one run.
-template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES, bool ONE_RUN>
+// row, or with ONE_RUN (1x1 filters, whose rows are short) as one run. y (and bias, residual)
+// is float32, or with NARROW_Y of the 16-bit type p.out_type (a kernel of its own, so that the
+// float32 kernels' code is what it was before 16-bit outputs).
+template <int IMAGES, int POSITIONS, bool SHARED_ENTRIES, bool ONE_RUN, bool NARROW_Y>
 __global__ void __launch_bounds__(kThreads, 4)
 staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ program,
-                   const void* __restrict__ bias, void* __restrict__ y, StagedParams p,
-                   const __grid_constant__ CUtensorMap x_map) {
+                   const YElement<NARROW_Y>* __restrict__ bias, YElement<NARROW_Y>* __restrict__ y,
+                   StagedParams p, const __grid_constant__ CUtensorMap x_map) {
   extern __shared__ __align__(128) float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
   // Past the largest chunk (kStagedSharedFloats): with SHARED_ENTRIES each warp's current 32
@@ -443,15 +451,16 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
                       plane_offset, first_out, channels, n0, p, [](float sum, int) { return sum; });
     return;
   }
-  with_element_type_on_device(p.out_type, [&](auto element) {
-    using T = decltype(element);
-    finish_tile(acc, static_cast<const T*>(bias), static_cast<T*>(y), plane_offset, first_out,
-                channels, n0, p);
-  });
+  if (NARROW_Y && p.out_type == ESCOIN_BFLOAT16)
+    finish_tile(acc, reinterpret_cast<const __nv_bfloat16*>(bias),
+                reinterpret_cast<__nv_bfloat16*>(y), plane_offset, first_out, channels, n0, p);
+  else
+    finish_tile(acc, bias, y, plane_offset, first_out, channels, n0, p);
 }
 
-using StagedKernel = void (*)(const float*, const int32_t*, const void*, void*, StagedParams,
-                              CUtensorMap);
+template <bool NARROW_Y>
+using StagedKernel = void (*)(const float*, const int32_t*, const YElement<NARROW_Y>*,
+                              YElement<NARROW_Y>*, StagedParams, CUtensorMap);
 
 // The launch shapes (StagedLaunch's images and positions) the staged kernel is compiled for, and
 // the kernels, in the same order, in each form.
@@ -459,26 +468,29 @@ struct KernelShape {
   int64_t images, positions;
 };
 constexpr KernelShape kShapes[] = {{1, 8}, {1, 7}, {1, 4}, {1, 2}, {2, 4}, {2, 2}, {4, 2}};
-template <bool SHARED_ENTRIES, bool ONE_RUN>
-constexpr StagedKernel kKernels[] = {&staged_conv_kernel<1, 8, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<1, 7, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<1, 4, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<1, 2, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<2, 4, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<2, 2, SHARED_ENTRIES, ONE_RUN>,
-                                     &staged_conv_kernel<4, 2, SHARED_ENTRIES, ONE_RUN>};
-static_assert(sizeof(kShapes) / sizeof(kShapes[0]) ==
-              sizeof(kKernels<true, true>) / sizeof(void*));
+constexpr size_t kShapeCount = sizeof(kShapes) / sizeof(kShapes[0]);
+template <bool S, bool O, bool N>  // SHARED_ENTRIES, ONE_RUN, NARROW_Y
+constexpr StagedKernel<N> kKernels[] = {
+    &staged_conv_kernel<1, 8, S, O, N>, &staged_conv_kernel<1, 7, S, O, N>,
+    &staged_conv_kernel<1, 4, S, O, N>, &staged_conv_kernel<1, 2, S, O, N>,
+    &staged_conv_kernel<2, 4, S, O, N>, &staged_conv_kernel<2, 2, S, O, N>,
+    &staged_conv_kernel<4, 2, S, O, N>};
+static_assert(kShapeCount == sizeof(kKernels<true, true, true>) / sizeof(void*));
+// The kernels of each form with one type of y, as [shared_entries][one_run].
+template <bool N>
+constexpr const StagedKernel<N>* kForms[2][2] = {
+    {kKernels<false, false, N>, kKernels<false, true, N>},
+    {kKernels<true, false, N>, kKernels<true, true, N>}};
 
 // The kernel of shape kShapes[index] in a form: entries in shared memory or handed out by
 // shuffles (prepare_device), and read as one run per warp or row by row (launch_tile_conv).
-StagedKernel staged_kernel(bool shared_entries, bool one_run, size_t index) {
-  if (shared_entries) return one_run ? kKernels<true, true>[index] : kKernels<true, false>[index];
-  return one_run ? kKernels<false, true>[index] : kKernels<false, false>[index];
+template <bool NARROW_Y>
+StagedKernel<NARROW_Y> staged_kernel(bool shared_entries, bool one_run, size_t index) {
+  return kForms<NARROW_Y>[shared_entries][one_run][index];
 }
 
 size_t kernel_index(const StagedLaunch& shape) {
-  for (size_t i = 0; i < sizeof(kShapes) / sizeof(kShapes[0]); ++i)
+  for (size_t i = 0; i < kShapeCount; ++i)
     if (kShapes[i].images == shape.images && kShapes[i].positions == shape.positions) return i;
   fail_invalid("no staged kernel for ", shape.images, " images and ", shape.positions,
                " positions per thread");
@@ -488,16 +500,19 @@ size_t kernel_index(const StagedLaunch& shape) {
 // its blocks an SM holds.
 template <bool SHARED_ENTRIES>
 int blocks_per_sm() {
-  for (size_t i = 0; i < sizeof(kShapes) / sizeof(kShapes[0]); ++i)
-    for (const bool one_run : {false, true})
-      check_cuda(cudaFuncSetAttribute(
-                     reinterpret_cast<const void*>(staged_kernel(SHARED_ENTRIES, one_run, i)),
-                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                     int(kSharedBytes<SHARED_ENTRIES>)),
-                 "cudaFuncSetAttribute");
+  auto allow = [](const void* kernel) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(kSharedBytes<SHARED_ENTRIES>)),
+               "cudaFuncSetAttribute");
+  };
+  for (size_t i = 0; i < kShapeCount; ++i)
+    for (const bool one_run : {false, true}) {
+      allow(reinterpret_cast<const void*>(staged_kernel<false>(SHARED_ENTRIES, one_run, i)));
+      allow(reinterpret_cast<const void*>(staged_kernel<true>(SHARED_ENTRIES, one_run, i)));
+    }
   int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                 &per_sm, kKernels<SHARED_ENTRIES, false>[0], kThreads,
+                 &per_sm, kKernels<SHARED_ENTRIES, false, false>[0], kThreads,
                  kSharedBytes<SHARED_ENTRIES>),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return per_sm;
@@ -543,7 +558,7 @@ bool tile_kernel_fits(const Geometry& g) {
 }
 
 bool staged_kernel_copies_tensors() {
-  return hopper_code_runs(reinterpret_cast<const void*>(kKernels<true, false>[0]));
+  return hopper_code_runs(reinterpret_cast<const void*>(kKernels<true, false, false>[0]));
 }
 
 void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, float* ws,
@@ -576,7 +591,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.readable = g.d.batch * L.image_stride + slack;
   p.partial = partial_sums(g, ws);
   p.relu = out.relu;
-  p.residual = out.residual;
+  p.residual = static_cast<const float*>(out.residual);  // (read as y's type)
   p.out_type = out.dtype;
   p.tensor_copy = x_map ? 1 : 0;
   p.copy_align = int(s.copy_align);
@@ -605,9 +620,17 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   // may, which leaves the unrolled loop more remainders), the 1x1 layers 2-8% faster.
   const bool one_run = g.d.kernel_h * g.d.kernel_w == 1;
   const bool shared = device.shared_entries;
-  launch_dependent(staged_kernel(shared, one_run, index), grid, dim3(kThreads),
-                   shared ? kSharedBytes<true> : kSharedBytes<false>, stream, "staged_conv_kernel",
-                   input, program, out.bias, out.y, p, x_map ? *x_map : no_map);
+  auto launch = [&](auto kernel, const auto* bias, auto* y) {
+    launch_dependent(kernel, grid, dim3(kThreads),
+                     shared ? kSharedBytes<true> : kSharedBytes<false>, stream,
+                     "staged_conv_kernel", input, program, bias, y, p, x_map ? *x_map : no_map);
+  };
+  if (out.dtype == ESCOIN_FLOAT32)
+    launch(staged_kernel<false>(shared, one_run, index), static_cast<const float*>(out.bias),
+           static_cast<float*>(out.y));
+  else
+    launch(staged_kernel<true>(shared, one_run, index), static_cast<const __half*>(out.bias),
+           static_cast<__half*>(out.y));
   if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, out, stream);
 }
 
