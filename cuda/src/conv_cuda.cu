@@ -60,20 +60,20 @@ struct ConvParams {
   int64_t batch, out_channels, group_out, groups, channel_blocks;
   int64_t plane_q, plane_w, out_width, out_plane, image_stride, group_span;
   int64_t splits;  // ranges each row's nonzeros are split into (Geometry::gpu_splits)
-  // Where the sums go for the reduction kernel to finish (Output::finished_by_reduction), as
-  // [split][image][channel][out_plane]; null: the kernel writes y through the epilogue.
-  float* partial;
+  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
 };
 
 // Block (x: a run of kThreads positions q, y: a block of output channels of one group and one
 // split of their nonzeros, z: a run of IMAGES images). Each thread keeps IMAGES accumulators: one
-// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. The block
-// writes the output through the epilogue, or its sums to p.partial.
-template <int IMAGES>
+// staged (value, offset) pair feeds IMAGES FMAs, the feature-map batching of Escoin. Unsplit, the
+// block writes the output through the epilogue (y, bias and residual of element type T);
+// split, it writes its partial sums.
+template <int IMAGES, typename T>
 __global__ void __launch_bounds__(kThreads)
 sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ row_ptr,
                    const int32_t* __restrict__ offsets, const float* __restrict__ values,
-                   Epilogue e, float* __restrict__ y, ConvParams p) {
+                   const T* __restrict__ bias, const T* __restrict__ residual, int relu,
+                   T* __restrict__ y, ConvParams p) {
   __shared__ float stage_values[kStage];
   __shared__ int32_t stage_offsets[kStage];
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -114,16 +114,17 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
           }
         }
         if (writes) {
-          const float b0 = e.bias ? e.bias[m] : 0.f;
+          const float b0 = bias ? to_float(bias[m]) : 0.f;
 #pragma unroll
           for (int b = 0; b < IMAGES; ++b) {
             if (n0 + b >= p.batch) continue;
             const int64_t out =
                 ((n0 + b) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
-            if (p.partial) {
+            if (p.splits > 1) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
-              y[out] = bias_relu(with_residual(acc[b], e.residual, out), b0, e.relu);
+              const float sum = residual ? acc[b] + to_float(__ldg(residual + out)) : acc[b];
+              y[out] = from_float<T>(bias_relu(sum, b0, relu));
             }
           }
         }
@@ -153,16 +154,20 @@ void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t
   p.image_stride = g.layout.image_stride;
   p.group_span = g.group_span;
   p.splits = g.gpu_splits;
-  p.partial = out.finished_by_reduction(p.splits) ? partial_sums(g, ws) : nullptr;
+  p.partial = partial_sums(g, ws);
   const int64_t position_blocks = (p.plane_q + kThreads - 1) / kThreads;
   if (position_blocks > INT32_MAX) fail_invalid("the output plane is too large for one launch");
   const dim3 grid(unsigned(position_blocks),
                   grid_limit(p.groups * p.channel_blocks * p.splits, 65535),
                   grid_limit((p.batch + IMAGES - 1) / IMAGES, 65535));
-  sparse_conv_kernel<IMAGES><<<grid, kThreads, 0, stream>>>(
-      input, row_ptr, offsets, values, out.float_epilogue(), out.float_y(), p);
+  with_element_type(out.dtype, [&](auto element) {
+    using T = decltype(element);
+    sparse_conv_kernel<IMAGES, T><<<grid, kThreads, 0, stream>>>(
+        input, row_ptr, offsets, values, static_cast<const T*>(out.bias),
+        static_cast<const T*>(out.residual), out.relu, static_cast<T*>(out.y), p);
+  });
   check_launch("sparse_conv_kernel");
-  if (p.partial) launch_reduce_splits(g, p.partial, p.splits, out, stream);
+  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, out, stream);
 }
 
 }  // namespace
@@ -199,8 +204,9 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
                                    workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);  // (first: a bad device index is named before anything)
-    escoin::check_element_alignment(dtype, {{x, "x"}, {y, "y"}, {bias, "bias"},
-                                            {residual, "residual"}});
+    escoin::check_alignment(escoin::element_size(dtype),
+                            {{x, "x"}, {y, "y"}, {bias, "bias"}, {residual, "residual"}});
+    escoin::check_alignment(sizeof(float), {{workspace, "workspace"}});  // float32 throughout
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
     const auto* v = static_cast<const float*>(values);

@@ -11,41 +11,25 @@
 
 namespace escoin {
 
-// What a forward call does to each finished sum before writing it: adds the output channel's
-// bias and the residual's element at the output's place (a shortcut added before the ReLU, as
-// in ResNet's blocks), then the ReLU. bias and residual may be null. This is the float32 form
-// the convolution kernels apply as they write a float32 y.
+// What the tensor-core kernel does to each finished sum before writing it: adds the output
+// channel's bias and the residual's element at the output's place (a shortcut added before the
+// ReLU, as in ResNet's blocks), then the ReLU. bias and residual may be null.
 struct Epilogue {
   const float* bias;      // out_channels values
   const float* residual;  // y's shape; never overlaps y (check_forward_operands)
   int relu;
 };
 
-// A forward call's output: y, its epilogue's operands, all of y's element type (dtype: float32,
-// float16 or bfloat16; element_type.cuh). The staged kernel writes y in its type itself unless
-// its chunks are split; the streaming kernel writes a float32 y itself unless split, and leaves
-// a 16-bit y as float32 sums in the workspace (its partial sums, one split's worth at least:
-// workspace_bytes). Split or left sums are finished and rounded by the reduction kernel.
+// A forward call's output: y and its epilogue's operands (as Epilogue's), all of y's element
+// type (dtype: float32, float16 or bfloat16; element_type.cuh). The convolution kernels finish
+// the float32 sums and write y in its type themselves, unless they split their work; split sums
+// are added, finished and rounded by the reduction kernel.
 struct Output {
   void* y;
   const void* bias;
   const void* residual;
   int relu;
   escoin_dtype_t dtype;
-
-  // Whether the streaming kernel leaves its sums in the workspace for the reduction kernel.
-  bool finished_by_reduction(int64_t splits) const {
-    return splits > 1 || dtype != ESCOIN_FLOAT32;
-  }
-  // The epilogue the streaming kernel applies, and the y it writes: float32 outputs only (none
-  // elsewhere, where it never writes y).
-  Epilogue float_epilogue() const {
-    return dtype == ESCOIN_FLOAT32
-               ? Epilogue{static_cast<const float*>(bias), static_cast<const float*>(residual),
-                          relu}
-               : Epilogue{nullptr, nullptr, relu};
-  }
-  float* float_y() const { return dtype == ESCOIN_FLOAT32 ? static_cast<float*>(y) : nullptr; }
 };
 
 // The epilogue of one output: bias, then ReLU (NaN passes, as in torch).

@@ -1,9 +1,9 @@
 // element_type.cuh -- the element types a CUDA forward call's x, y, bias and residual may have,
 // as the kernels that touch them in memory see them: float32, and the 16-bit float16 and
 // bfloat16, which are stored in 16 bits and computed in float32. The stretch widens x into the
-// float32 workspace; the staged kernel's epilogue, or the split reduction, finishes the float32
-// sums (bias, residual, ReLU) and rounds each output once, to nearest even, as the CPU path
-// (half_float.hpp) and PyTorch do.
+// float32 workspace; the convolution kernel's epilogue, or the split reduction where the work
+// was split, finishes the float32 sums (bias, residual, ReLU) and rounds each output once, to
+// nearest even, as the CPU path (half_float.hpp) and PyTorch do.
 #pragma once
 
 #include <type_traits>

@@ -31,12 +31,11 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   }
 }
 
-void check_element_alignment(escoin_dtype_t dtype,
-                             std::initializer_list<std::pair<const void*, const char*>> pointers) {
-  const size_t size = element_size(dtype);
+void check_alignment(size_t bytes,
+                     std::initializer_list<std::pair<const void*, const char*>> pointers) {
   for (const auto& [pointer, name] : pointers)
-    if (reinterpret_cast<uintptr_t>(pointer) % size != 0)
-      fail_invalid(name, " must be aligned to its ", size, "-byte elements, got address ",
+    if (reinterpret_cast<uintptr_t>(pointer) % bytes != 0)
+      fail_invalid(name, " must be aligned to its ", bytes, "-byte elements, got address ",
                    uint64_t(reinterpret_cast<uintptr_t>(pointer)));
 }
 

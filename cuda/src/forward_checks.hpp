@@ -26,11 +26,11 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
                             const void* residual, const void* workspace, size_t workspace_size,
                             size_t needed);
 
-// Each non-null pointer a multiple of dtype's element size, as the GPU's loads and stores of
-// the elements need (a misaligned one would fault the device, and the fault would stick to the
-// caller's CUDA context); each is named in the error.
-void check_element_alignment(escoin_dtype_t dtype,
-                             std::initializer_list<std::pair<const void*, const char*>> pointers);
+// Each non-null pointer a multiple of `bytes` (an element's size), as the GPU's loads and
+// stores of the elements need (a misaligned one would fault the device, and the fault would
+// stick to the caller's CUDA context); each is named in the error.
+void check_alignment(size_t bytes,
+                     std::initializer_list<std::pair<const void*, const char*>> pointers);
 
 // Host-side CSR check against the geometry: row_ptr well formed, offsets and values present when
 // there are nonzeros, and every stretched offset a tap of the geometry (as escoin_stretch_offsets

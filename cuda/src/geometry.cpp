@@ -286,17 +286,13 @@ size_t compute_element_size(escoin_dtype_t dtype) {
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype) {
   const size_t elem = compute_element_size(dtype);
   const double image = double(std::max(g.layout.image_stride, g.staged.layout.image_stride));
-  // A 16-bit output is left by the CUDA kernels as float32 sums, one split's worth at least, for
-  // the reduction to round (conv_cuda_kernels.hpp, Output).
-  const double partial = elem == element_size(dtype)
-                             ? double(g.partial_elements)
-                             : std::max(double(g.partial_elements),
-                                        double(g.d.batch) * double(g.d.out_channels) *
-                                            double(g.out_plane));
-  const double total = (double(g.d.batch) * image + double(g.tail_slack) + partial) * double(elem);
+  const double total =
+      (double(g.d.batch) * image + double(g.tail_slack) + double(g.partial_elements)) *
+      double(elem);
   if (total > double(std::numeric_limits<int64_t>::max() / 2))
     fail_invalid("the workspace would need ", total, " bytes");
-  return (size_t(stretched_input_elements(g)) + size_t(g.tail_slack) + size_t(partial)) * elem;
+  return (size_t(stretched_input_elements(g)) + size_t(g.tail_slack) +
+          size_t(g.partial_elements)) * elem;
 }
 
 size_t mma_workspace_bytes(const Geometry& g) {

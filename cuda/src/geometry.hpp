@@ -165,10 +165,7 @@ Geometry make_geometry(const escoin_conv_desc_t* desc);
 size_t element_size(escoin_dtype_t dtype);
 size_t compute_element_size(escoin_dtype_t dtype);
 
-// Bytes of workspace a forward call needs (escoin_workspace_size for an already-built geometry):
-// the stretched input and the tail slack, the split partial sums, and for a 16-bit dtype at
-// least one split's worth of them (the CUDA entry's float32 sums before they are rounded), all
-// in the compute type.
+// Bytes of workspace a forward call needs (escoin_workspace_size for an already-built geometry).
 size_t workspace_bytes(const Geometry& g, escoin_dtype_t dtype);
 // Bytes of workspace the tensor-core forward needs: the batch split into g.mma_layout, one
 // word per element, and the tail slack (escoin_mma_workspace_size).

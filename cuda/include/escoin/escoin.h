@@ -109,11 +109,10 @@ escoin_status_t escoin_cpu_kernels(const char** name);
  * stretched layout addressable with 32-bit offsets) and fills the layout. */
 escoin_status_t escoin_conv_layout(const escoin_conv_desc_t* desc, escoin_layout_t* layout);
 
-/* Workspace bytes a forward call needs for this geometry and dtype: the stretched input and,
- * for problems too small to fill a GPU, room for the partial sums of the CUDA entry's split
- * over each output channel's nonzeros; for FLOAT16 and BFLOAT16, room for at least one split's
- * float32 sums, which the CUDA entry rounds in a last pass (the CPU entry leaves that part
- * unused). */
+/* Workspace bytes a forward call needs for this geometry and dtype: the stretched input (in
+ * float32 for the 16-bit types) and, for problems too small to fill a GPU, room for the partial
+ * sums of the CUDA entry's split over each output channel's nonzeros (the CPU entry leaves that
+ * part unused). */
 escoin_status_t escoin_workspace_size(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                       size_t* bytes);
 
@@ -189,7 +188,8 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). dtype FLOAT32, FLOAT16 or BFLOAT16
- * (values float32 in every case); x, y, bias and residual must be aligned to their elements.
+ * (values float32 in every case); x, y, bias and residual must be aligned to their elements, the
+ * workspace to 4 bytes.
  * The CSR arrays and the tile program are trusted (they live on the device; build them with the
  * functions above for this geometry). tile_program may be NULL; given, batches from
  * escoin_tile_min_batch() images up (every batch) run the staged kernel where its input is
@@ -208,8 +208,8 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * the copy engine (a tensor map of x, encoded per call; no stretch into the workspace) for
  * stride-1 geometries whose in_width is a multiple of 4, when x is FLOAT32 and 16-byte aligned.
  * A 16-bit x is always stretched (widened to float32 into the workspace); the float32 sums are
- * finished (bias, residual, ReLU) and rounded to y's type by the staged kernel, or where that
- * does not run or splits its work, by the kernel that adds split partial sums. */
+ * finished (bias, residual, ReLU) and rounded to y's type by the kernel that computes them, or
+ * where it splits its work, by the kernel that adds the partial sums. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,
                                            const void* x, const int64_t* row_ptr,
                                            const int32_t* offsets, const void* values,
