@@ -65,7 +65,8 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     (C-contiguous on CUDA), separate from `out`.
 
     ``tensor_cores=True`` runs a float32 CUDA call on the tensor-core kernel where it can run
-    the geometry (one group; stride 1, or taps at multiples of the stride), else as usual: float32
+    the geometry (one group; stride 1, or taps at multiples of the stride), else (other dtypes
+    too) as usual: float32
     from split bf16 parts, with a relative error of a few 1e-6 instead of strict float32's
     ~1e-7 (TF32's is ~1e-3), for finite inputs (escoin.h, escoin_conv2d_forward_cuda_mma). The
     CPU computes in strict float32 either way.
@@ -329,7 +330,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
         raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
     if mma_program_ptr:
         if name != "float32":
-            raise EscoinError(f"dtype must be float32 on CUDA, got {name}")
+            raise EscoinError(f"dtype must be float32 for the tensor-core kernel "
+                              f"(mma_program_ptr), got {name}")
         _core.forward_cuda_mma(desc, x_ptr, mma_program_ptr, bias_ptr, residual_ptr, relu, y_ptr,
                                workspace_ptr, workspace_bytes, device, stream_handle(stream))
         return

@@ -24,9 +24,18 @@ class CudaView:
     owner: Any  # keeps the producer (and any DLPack capsule) alive while the view is used
 
 
+def _has_cai(obj: object) -> bool:
+    """Whether obj offers the CUDA array interface (some producers raise for a dtype the
+    interface cannot describe, such as PyTorch's bfloat16 in some versions: then it does not)."""
+    try:
+        return getattr(obj, "__cuda_array_interface__", None) is not None
+    except Exception:  # noqa: BLE001 -- whatever the producer raises means "not through here"
+        return False
+
+
 def is_cuda_array(obj: object) -> bool:
     """True for objects that expose device memory through the CUDA array interface or DLPack."""
-    if hasattr(obj, "__cuda_array_interface__"):
+    if _has_cai(obj):
         return True
     if hasattr(obj, "__dlpack_device__"):
         try:
@@ -39,11 +48,12 @@ def is_cuda_array(obj: object) -> bool:
 
 def cuda_view(obj: object, name: str, stream: int = 0) -> CudaView:
     """Reads obj's device pointer, shape and dtype; `name` is used in error messages. The CUDA
-    array interface has no bfloat16 (PyTorch describes one as opaque 2-byte items, "<V2"):
-    such an array is read through DLPack, which names it, where the object offers both."""
-    if hasattr(obj, "__cuda_array_interface__"):
+    array interface has no bfloat16: PyTorch has described one as opaque 2-byte items ("<V2"),
+    as "<f2" (float16's typestr) and by raising, by version. So 2-byte items are read through
+    DLPack, which names the type, wherever the object offers it."""
+    if _has_cai(obj):
         view = _from_cai(obj, name)
-        if view.dtype.kind != "V" or not hasattr(obj, "__dlpack__"):
+        if view.dtype.itemsize != 2 or not hasattr(obj, "__dlpack__"):
             return view
     if hasattr(obj, "__dlpack__"):
         return _from_dlpack(obj, name, stream)
