@@ -43,7 +43,8 @@ python3 -m pytest -q -rs ${only[@]+"${only[@]}"} tests adapters/*/tests --contin
   echo "TESTS FAILED (the benchmark still runs)"
 # GPUs with 100 KB of shared memory per SM run the staged kernel's other form (entries handed out
 # by shuffles): the GPU tests again in that form.
-ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 |
+ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q -m cuda tests/test_cuda.py \
+  tests/test_half_precision.py -p no:cacheprovider 2>&1 |
   tee "$out/pytest_shuffled_entries.log" | tail -2 | sed 's/^/shuffled entries: /' ||
   echo "TESTS FAILED (shuffled entries)"
 if [ "$sanitize" = 1 ]; then

@@ -101,13 +101,15 @@ def test_residual_added_before_the_relu(device: str, dtype: np.dtype, case: Conv
 @settings(max_examples=40, deadline=None)
 @given(case=staged_conv_cases())
 def test_random_geometry_on_the_staged_kernel(dtype: np.dtype, case: ConvCase) -> None:
-    """The staged kernel's geometries on a GPU, a residual added: it leaves float32 sums for the
-    reduction kernel to finish and round, split or not."""
+    """The staged kernel's geometries on a GPU, a residual added: its 16-bit kernels finish and
+    round their sums, or the reduction kernel does where the launch splits the work."""
     assert run_case(case, dtype, with_residual=True, device="cuda") <= tolerance(dtype)
 
 
-def identity_filter(dtype: np.dtype) -> escoin.SparseFilter:
-    return escoin.SparseFilter.from_dense(np.ones((1, 1, 1, 1), dtype))
+def identity_filter(dtype: np.dtype, out_channels: int = 1) -> escoin.SparseFilter:
+    """A 1x1 filter of weight 1 from one input channel to `out_channels` copies of it (16 or
+    more: the staged kernel's form on a GPU, which fewer leave to the streaming kernel)."""
+    return escoin.SparseFilter.from_dense(np.ones((out_channels, 1, 1, 1), dtype))
 
 
 def bit_patterns(dtype: np.dtype) -> np.ndarray:
@@ -115,23 +117,30 @@ def bit_patterns(dtype: np.dtype) -> np.ndarray:
     return np.arange(65536, dtype=np.uint16).view(dtype).reshape(1, 1, 256, 256)
 
 
+@pytest.mark.parametrize("out_channels", [1, 16])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_every_value_comes_back_exactly(device: str, dtype: np.dtype) -> None:
+def test_every_value_comes_back_exactly(device: str, dtype: np.dtype, out_channels: int) -> None:
     """A 1x1 filter of weight 1 widens each of the 65536 inputs to float32 and rounds it back:
-    every value, subnormals and infinities included, must come back unchanged (NaN as NaN)."""
+    every value, subnormals and infinities included, must come back unchanged (NaN as NaN), in
+    every output channel."""
     x = bit_patterns(dtype)
-    y = convolve(device, x, identity_filter(dtype))
+    y = convolve(device, x, identity_filter(dtype, out_channels))
+    assert y.shape == (1, out_channels, 256, 256)
     with np.errstate(invalid="ignore"):  # ml_dtypes warns as it casts NaNs
         wide_x, wide_y = x.astype(np.float64), y.astype(np.float64)
     nan = np.isnan(wide_x)
-    assert nan.sum() > 0 and np.array_equal(np.isnan(wide_y), nan)
-    assert np.array_equal(wide_y[~nan], wide_x[~nan])
+    assert nan.sum() > 0
+    for channel in range(out_channels):
+        copy = wide_y[:, channel:channel + 1]
+        assert np.array_equal(np.isnan(copy), nan)
+        assert np.array_equal(copy[~nan], wide_x[~nan])
 
 
+@pytest.mark.parametrize("out_channels", [1, 16])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_outputs_round_to_nearest_even(device: str, dtype: np.dtype) -> None:
+def test_outputs_round_to_nearest_even(device: str, dtype: np.dtype, out_channels: int) -> None:
     """Two channels of weight 1 sum a value and a smaller one; where the float32 sum is exact
     (nearly everywhere), its rounding to the dtype must be NumPy's (round to nearest, ties to
     even), ties included."""
@@ -146,28 +155,22 @@ def test_outputs_round_to_nearest_even(device: str, dtype: np.dtype) -> None:
     small = np.where(rng.random(count) < 0.5, ties,
                      big * rng.uniform(-3, 3, count) * 2.0 ** -bits).astype(dtype)
     x = np.stack([big.astype(dtype), small]).reshape(1, 2, 256, 256)
-    filt = escoin.SparseFilter.from_dense(np.ones((1, 2, 1, 1), dtype))
+    filt = escoin.SparseFilter.from_dense(np.ones((out_channels, 2, 1, 1), dtype))
     y = convolve(device, x, filt)
     exact = x[0, 0].astype(np.float64) + x[0, 1].astype(np.float64)
     in_float32 = exact.astype(np.float32).astype(np.float64) == exact
     assert in_float32.mean() > 0.9
-    assert np.array_equal(y[0, 0].astype(np.float64)[in_float32],
-                          exact.astype(dtype).astype(np.float64)[in_float32])
+    expected = exact.astype(dtype).astype(np.float64)[in_float32]
+    for channel in range(out_channels):
+        assert np.array_equal(y[0, channel].astype(np.float64)[in_float32], expected)
 
 
-@pytest.mark.parametrize("shape, out_channels", [((2, 3, 9, 9), 2), ((32, 64, 56, 56), 64)])
-def test_16bit_workspace_is_float32_and_holds_the_sums(shape: tuple, out_channels: int) -> None:
-    """The workspace holds the input widened to float32, as float32's does, and room for one
-    float32 sum per output (the CUDA entry rounds them in a last pass), which a problem small
-    enough to be split over its nonzeros has already."""
-    filt = escoin.SparseFilter.from_dense(np.ones((out_channels, shape[1], 3, 3), np.float16))
-    sizes = {d: escoin.workspace_size(shape, filt, padding=1, dtype=d)
-             for d in ("float32", "float16", "bfloat16")}
-    assert sizes["float16"] == sizes["bfloat16"]
-    outputs = shape[0] * out_channels * shape[2] * shape[3]
-    assert sizes["float16"] - sizes["float32"] in (0, 4 * outputs)
-    if shape[0] == 32:  # 32 images of 56x56 fill a GPU: no split, so no sums' room before
-        assert sizes["float16"] == sizes["float32"] + 4 * outputs
+def test_16bit_workspace_is_float32() -> None:
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 3, 3, 3), np.float16))
+    shape = (2, 3, 9, 9)
+    assert (escoin.workspace_size(shape, filt, dtype=np.float16)
+            == escoin.workspace_size(shape, filt, dtype=np.float32)
+            == escoin.workspace_size(shape, filt, dtype="bfloat16"))
 
 
 def test_16bit_filter_keeps_its_dtype_and_values() -> None:
@@ -276,38 +279,49 @@ def test_unknown_kernel_variant_is_named_in_the_error() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-def test_raw_device_pointers_match_conv2d_and_misaligned_ones_are_named(dtype_name: str) -> None:
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_raw_device_pointers_and_misaligned_ones(dtype: np.dtype) -> None:
     """escoin.sconv on a GPU with a 16-bit dtype, on the filter's device pointers (float32
-    values), computes what conv2d does; an x, y, bias or residual that is not on a 2-byte
-    boundary is refused by name before anything runs (the device would fault on it)."""
+    values; 16 output channels: the staged kernel), with a bias, a residual and the ReLU, is as
+    accurate as one rounding against float64; an x, y, bias or residual not on a 2-byte
+    boundary, or a workspace not on a 4-byte one, is refused by name before anything runs (the
+    device would fault on it)."""
     torch = pytest.importorskip("torch")
+    dtype_name = dtype.name
     kind = getattr(torch, dtype_name)
     rng = np.random.default_rng(6)
-    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    weight = rng.standard_normal((16, 4, 3, 3)).astype(dtype).astype(np.float32)
     weight[rng.random(weight.shape) < 0.8] = 0
     filt = escoin.SparseFilter.from_dense(weight)
-    x = torch.from_numpy(rng.standard_normal((2, 4, 10, 10)).astype(np.float32)).cuda().to(kind)
-    bias = torch.from_numpy(rng.standard_normal(8).astype(np.float32)).cuda().to(kind)
     geometry = dict(stride=(1, 2), padding=1, dilation=1)
-    shape = escoin.output_shape(tuple(x.shape), filt, **geometry)
-    expected = torch.full(shape, float("nan"), dtype=kind, device="cuda")
-    escoin.conv2d(x, filt, bias, relu=True, out=expected, **geometry)
-    arrays = filt.device_pointers(tuple(x.shape), device=x.device.index, **geometry)
-    nbytes = escoin.workspace_size(tuple(x.shape), filt, dtype=dtype_name, **geometry)
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x_host = rng.standard_normal((2, 4, 10, 10)).astype(dtype)
+    bias_host = rng.standard_normal(16).astype(dtype)
+    shape = escoin.output_shape(x_host.shape, filt, **geometry)
+    residual_host = rng.standard_normal(shape).astype(dtype)
+    x, bias, residual = (torch.from_numpy(a.astype(np.float32)).cuda().to(kind)
+                         for a in (x_host, bias_host, residual_host))
+    arrays = filt.device_pointers(x_host.shape, device=x.device.index, **geometry)
+    nbytes = escoin.workspace_size(x_host.shape, filt, dtype=dtype_name, **geometry)
+    workspace = torch.empty(nbytes + 16, dtype=torch.uint8, device="cuda")
     y = torch.full(shape, float("nan"), dtype=kind, device="cuda")
-    pointers = dict(x_ptr=x.data_ptr(), y_ptr=y.data_ptr(), bias_ptr=bias.data_ptr())
+    pointers = dict(x=x.data_ptr(), y=y.data_ptr(), bias=bias.data_ptr(),
+                    residual=residual.data_ptr(), workspace=workspace.data_ptr())
 
     def call(**changed: int) -> None:
         p = {**pointers, **changed}
-        escoin.sconv(p["x_ptr"], p["y_ptr"], arrays.row_ptr, arrays.offsets, arrays.values,
-                     p["bias_ptr"], workspace.data_ptr(), nbytes, tuple(x.shape), filt.shape,
-                     relu=True, stream=torch.cuda.current_stream(), device=x.device.index,
-                     tile_program_ptr=arrays.tile_program, dtype=dtype_name, **geometry)
+        escoin.sconv(p["x"], p["y"], arrays.row_ptr, arrays.offsets, arrays.values, p["bias"],
+                     p["workspace"], nbytes, x_host.shape, filt.shape, relu=True,
+                     stream=torch.cuda.current_stream(), device=x.device.index,
+                     tile_program_ptr=arrays.tile_program, residual_ptr=p["residual"],
+                     dtype=dtype_name, **geometry)
     call()
-    assert not expected.isnan().any() and torch.equal(y, expected)
-    for name in ("x", "y", "bias"):
-        with pytest.raises(escoin.EscoinError, match=f"{name} must be aligned to its 2-byte"):
-            call(**{f"{name}_ptr": pointers[f"{name}_ptr"] + 1})
+    expected = conv2d_reference(x_host.astype(np.float64), weight.astype(np.float64),
+                                bias_host.astype(np.float64), (1, 2), (1, 1, 1, 1), (1, 1), 1,
+                                relu=True, residual=residual_host.astype(np.float64))
+    error = relative_error(y.float().cpu().numpy().astype(np.float64), expected)
+    assert error <= 2.0 ** -MANTISSA_BITS[dtype_name]
+    for name, alignment in (("x", 2), ("y", 2), ("bias", 2), ("residual", 2), ("workspace", 4)):
+        with pytest.raises(escoin.EscoinError,
+                           match=f"{name} must be aligned to its {alignment}-byte"):
+            call(**{name: pointers[name] + alignment // 2})
     torch.cuda.synchronize()  # nothing was launched that could fault
