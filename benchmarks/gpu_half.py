@@ -24,7 +24,7 @@ from typing import Dict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_layers import escoin_case, gpu_operands  # noqa: E402
+from gpu_layers import escoin_case, gpu_operands, relative_error  # noqa: E402
 from gpu_timing import time_ms  # noqa: E402
 from suite import LAYERS, Layer, geomean, layers  # noqa: E402
 
@@ -37,10 +37,6 @@ except ImportError:  # progress bars are a nicety
 DTYPES = ("float16", "bfloat16")
 # A rounding step of each type, relative: the error allowed against float64 (as in the tests).
 TOLERANCE = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
-
-
-def relative_error(y, reference) -> float:
-    return float((y.double() - reference).norm() / reference.norm())
 
 
 def measure(torch, F, layer: Layer, batch: int, sparsity: float,

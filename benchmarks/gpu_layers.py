@@ -45,6 +45,11 @@ def cusparse_lowered(torch, F, x, w, layer: Layer) -> Callable[[], object]:
     return run
 
 
+def relative_error(y, reference) -> float:
+    """||y - reference|| / ||reference||, y (a CUDA tensor of any float dtype) taken in float64."""
+    return float((y.double() - reference).norm() / reference.norm())
+
+
 class EscoinCase(NamedTuple):
     """One prepared escoin call (escoin_case)."""
     run: Callable[[], None]  # the call, writing `out`
@@ -74,7 +79,7 @@ def escoin_case(torch, F, layer: Layer, x, w, tensor_cores: bool = False) -> Esc
 
     run()
     ref = F.conv2d(x.double(), w.double(), stride=s, padding=p)
-    return EscoinCase(run, float((out.double() - ref).norm() / ref.norm()), filt.nnz, out)
+    return EscoinCase(run, relative_error(out, ref), filt.nnz, out)
 
 
 def gpu_operands(torch, layer: Layer, batch: int, sparsity: float,
