@@ -34,9 +34,8 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
     float sum = 0.f;
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) sum += part[s];
-    if (residual) sum += to_float(__ldg(residual + i));
     const float b = bias ? to_float(__ldg(bias + (i / out_plane) % out_channels)) : 0.f;
-    y[i] = from_float<T>(bias_relu(sum, b, relu));
+    y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
   }
 }
 
@@ -123,8 +122,7 @@ sparse_conv_kernel(const float* __restrict__ input, const int64_t* __restrict__ 
             if (p.splits > 1) {
               p.partial[split * p.batch * p.out_channels * p.out_plane + out] = acc[b];
             } else {
-              const float sum = residual ? acc[b] + to_float(__ldg(residual + out)) : acc[b];
-              y[out] = from_float<T>(bias_relu(sum, b0, relu));
+              y[out] = from_float<T>(bias_relu(with_residual(acc[b], residual, out), b0, relu));
             }
           }
         }

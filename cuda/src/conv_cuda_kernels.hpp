@@ -6,6 +6,7 @@
 #include <cuda.h>  // CUtensorMap
 #include <cuda_runtime.h>
 
+#include "element_type.cuh"
 #include "escoin/escoin.h"
 #include "geometry.hpp"
 
@@ -38,9 +39,10 @@ __device__ __forceinline__ float bias_relu(float sum, float bias, int relu) {
   return (relu && r < 0.f) ? 0.f : r;
 }
 
-// `sum` plus element i of the residual, if there is one.
-__device__ __forceinline__ float with_residual(float sum, const float* residual, int64_t i) {
-  return residual ? sum + __ldg(residual + i) : sum;
+// `sum` plus element i of the residual (of y's element type T), if there is one.
+template <typename T>
+__device__ __forceinline__ float with_residual(float sum, const T* residual, int64_t i) {
+  return residual ? sum + to_float(__ldg(residual + i)) : sum;
 }
 
 // Where split partial sums go: after the stretched input and its slack in the workspace.

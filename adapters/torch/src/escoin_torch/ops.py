@@ -47,27 +47,18 @@ class PreparedFilter:
     filt: escoin.SparseFilter
     launches: Dict[tuple, tuple] = field(default_factory=dict)
 
-    def launch(self, shape: tuple, device: int, dtype: str, stride: tuple, padding: tuple,
-               dilation: tuple) -> Tuple[int, DevicePointers]:
-        """Workspace bytes and device arrays for a call in `dtype` on CUDA device `device`."""
+    def launch(self, shape: tuple, device: Union[int, str], dtype: str, stride: tuple,
+               padding: tuple, dilation: tuple
+               ) -> Tuple[int, Union[DevicePointers, HostPointers]]:
+        """Workspace bytes and the filter's arrays for a call in `dtype`: device arrays on CUDA
+        device `device` (an index), or host arrays where `device` is "cpu"."""
         key = (shape, device, dtype, stride, padding, dilation)
         found = self.launches.get(key)
         if found is None:
             geometry = dict(stride=stride, padding=padding, dilation=dilation)
-            found = (escoin.workspace_size(shape, self.filt, dtype=dtype, **geometry),
-                     self.filt.device_pointers(shape, device=device, **geometry))
-            self.launches[key] = found
-        return found
-
-    def host_launch(self, shape: tuple, dtype: str, stride: tuple, padding: tuple,
-                    dilation: tuple) -> Tuple[int, HostPointers]:
-        """Workspace bytes and host arrays for a CPU call in `dtype`."""
-        key = (shape, "cpu", dtype, stride, padding, dilation)
-        found = self.launches.get(key)
-        if found is None:
-            geometry = dict(stride=stride, padding=padding, dilation=dilation)
-            found = (escoin.workspace_size(shape, self.filt, dtype=dtype, **geometry),
-                     self.filt.host_pointers(shape, dtype=dtype, **geometry))
+            arrays = (self.filt.host_pointers(shape, dtype=dtype, **geometry) if device == "cpu"
+                      else self.filt.device_pointers(shape, device=device, **geometry))
+            found = (escoin.workspace_size(shape, self.filt, dtype=dtype, **geometry), arrays)
             self.launches[key] = found
         return found
 
@@ -210,7 +201,7 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
     shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    nbytes, arrays = prepared.host_launch(shape, dtype, **geometry)
+    nbytes, arrays = prepared.launch(shape, "cpu", dtype, **geometry)
     workspace = escoin.host_workspace(nbytes)
     # _empty_output has checked every tensor (dtype, device, shape); the CPU entry checks the
     # filter's row_ptr, and its offsets are the filter's own (escoin-made, immutable).
