@@ -16,6 +16,9 @@ from typing import Any, Dict, List
 import pytest
 
 from escoin_torch.bench import main
+from escoin_torch.bench.paths import ESCOIN, ESCOIN_HALF, PathResult
+from escoin_torch.bench.report import network_table, summary_table
+from escoin_torch.bench.runner import NetworkResult
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -71,6 +74,24 @@ def test_exceeding_the_tolerance_fails(tmp_path: Path) -> None:
                  "--rtol", "1e-12", "--device", "cpu", "--out", str(tmp_path)]) == 1
     (run,) = json.loads((tmp_path / "networks.json").read_text())["runs"]
     assert not run["passed"]
+
+
+def _result(half_error: float) -> NetworkResult:
+    paths = [PathResult("dense fp16", True, 2.0, 3e-4), PathResult(ESCOIN, True, 1.0, 4e-7),
+             PathResult(ESCOIN_HALF, True, 0.5, half_error)]
+    return NetworkResult("lenet5", 2, (2, 1, 32, 32), 0.1, 1.0, 1e-4, 1e-2, paths, [],
+                         {"conv_dense": 4, "conv_escoin": 2, "all_dense": 8, "all_escoin": 6})
+
+
+def test_the_float16_path_has_its_own_tolerance() -> None:
+    # Within 1e-2 passes although above the float32 rtol; above it (or NaN) fails.
+    ok, wrong, nan = _result(5e-3), _result(0.3), _result(math.nan)
+    assert ok.passed and not wrong.passed and not nan.passed
+    assert ok.escoin_error == 4e-7 and ok.half_error == 5e-3
+    assert "in fp16 5.00e-03 <= 1e-02: ok" in network_table(ok)
+    assert "in fp16 3.00e-01 <= 1e-02: FAILED" in network_table(wrong)
+    # escoin fp16 over dense fp16: 2.0 / 0.5
+    assert "escoin fp16 (graph)     0.500 ms: 4.00x vs dense fp16" in summary_table([ok])
 
 
 @pytest.mark.parametrize("script", ["single_layer_check.py", "lenet5_check.py", "my_model.py"])

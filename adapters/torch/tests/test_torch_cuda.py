@@ -213,3 +213,22 @@ def test_residual_added_in_the_kernel(batch: int) -> None:
     assert relative_error(y, expected) < 1e-5
     y.backward(torch.ones_like(y))
     assert torch.equal(residual.grad, (y > 0).float())
+
+
+def test_network_benchmark_on_cuda(tmp_path) -> None:
+    """The whole-network benchmark's GPU paths, float16 among them, each checked against float64
+    in both timing modes."""
+    import json
+    from escoin_torch.bench import main
+
+    assert main(["--nets", "lenet5", "--batches", "1", "2", "--device", "cuda", "--repeats", "2",
+                 "--warmup", "1", "--out", str(tmp_path)]) == 0
+    for run in json.loads((tmp_path / "networks.json").read_text())["runs"]:
+        assert run["passed"]
+        assert 0 < run["escoin_rel_error"] <= run["rtol"]
+        # 16-bit rounding shows: the float16 path really ran in float16
+        assert run["rtol"] < run["escoin_half_rel_error"] <= run["half_rtol"]
+        names = [(p["path"], p["graphs"]) for p in run["paths"]]
+        paths = ["dense fp32 strict", "dense tf32", "dense fp16", "escoin fp32",
+                 "escoin calibrated", "escoin fp16"]
+        assert names == [(p, graphs) for graphs in (False, True) for p in paths]

@@ -2,7 +2,8 @@
 
 On a GPU a pruned network could run dense in several ways, and escoin must be compared with each:
 fp32 with TF32 off (the same arithmetic as escoin), TF32 convolutions (PyTorch's default, less
-precise), and fp16 in channels_last (tensor cores, what a deployment would pick). On the CPU
+precise), and fp16 in channels_last (tensor cores, what a deployment would pick); escoin runs in
+fp32 and, against the last, in fp16 too (the model ``.half()``). On the CPU
 PyTorch has one fp32 convolution (oneDNN). Every path runs eagerly or replayed from a CUDA graph
 captured over the whole forward, which removes the per-layer launch cost that dominates small
 batches and so shows what each path's kernels alone cost.
@@ -20,14 +21,19 @@ from torch import nn
 from escoin_torch.seed import relative_error
 from escoin_torch.timing import capture_graph, time_call
 
-__all__ = ["ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_PATHS", "Path", "PathResult", "measure",
+__all__ = ["DENSE_HALF", "ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_HALF", "ESCOIN_PATHS", "Path", "PathResult", "measure",
            "network_paths", "precision"]
 
+DENSE_HALF = "dense fp16"
 ESCOIN = "escoin fp32"
 # The same model after escoin_torch.calibrate kept, per layer, the faster of escoin and dense
 # (as the Escoin port's benchmarks did): what a user deploys.
 ESCOIN_CALIBRATED = "escoin calibrated"
-ESCOIN_PATHS = (ESCOIN, ESCOIN_CALIBRATED)
+# The same model in float16 (GPU only): activations, bias and outputs in 16 bits, computed in
+# float32 and rounded once per layer, the weights' values in float32; checked against its own
+# tolerance (Case.half_rtol), since each layer's output is rounded to 11 bits.
+ESCOIN_HALF = "escoin fp16"
+ESCOIN_PATHS = (ESCOIN, ESCOIN_CALIBRATED, ESCOIN_HALF)
 
 
 @dataclass(frozen=True)
@@ -52,18 +58,20 @@ class PathResult:
 
 def network_paths(dense: nn.Module, sparse: nn.Module, calibrated: nn.Module,
                   x: torch.Tensor) -> List[Path]:
-    """The dense paths of ``x``'s device, then escoin's two (always last)."""
+    """The dense paths of ``x``'s device, then escoin's (always last)."""
     if x.device.type != "cuda":
         return [Path("dense fp32", dense, x), Path(ESCOIN, sparse, x),
                 Path(ESCOIN_CALIBRATED, calibrated, x)]
     half = copy.deepcopy(dense).half().to(memory_format=torch.channels_last)
     return [Path("dense fp32 strict", dense, x, tf32=False),
             Path("dense tf32", dense, x, tf32=True),
-            Path("dense fp16", half, x.half().contiguous(memory_format=torch.channels_last),
+            Path(DENSE_HALF, half, x.half().contiguous(memory_format=torch.channels_last),
                  tf32=True),
             # escoin is exact fp32; the layers it does not replace (linear, BN) run strict too.
             Path(ESCOIN, sparse, x, tf32=False),
-            Path(ESCOIN_CALIBRATED, calibrated, x, tf32=False)]
+            Path(ESCOIN_CALIBRATED, calibrated, x, tf32=False),
+            # NCHW: escoin's layout (a channels_last input would be copied by every layer).
+            Path(ESCOIN_HALF, copy.deepcopy(sparse).half(), x.half(), tf32=False)]
 
 
 @contextlib.contextmanager

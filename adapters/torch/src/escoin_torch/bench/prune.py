@@ -25,7 +25,8 @@ def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0
     """Zeroes the fraction ``sparsity`` of all conv weights of ``model`` (in place) and returns it.
 
     ``magnitude`` keeps the largest |w| across all convs; ``random`` keeps a uniform random subset
-    (seeded). The pruning is made permanent (``prune.remove``): a pruned module recomputes
+    (seeded). Each conv's surviving weights are then scaled back to its norm before pruning
+    (:func:`_keep_scale`). The pruning is made permanent (``prune.remove``): a pruned module recomputes
     ``weight_orig * weight_mask`` in a pre-forward hook, which would add to every dense forward.
     """
     if not 0.0 <= sparsity < 1.0:
@@ -36,7 +37,22 @@ def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0
     if not convs:
         raise ValueError("the model has no nn.Conv2d to prune")
     torch.manual_seed(seed)
+    norms = [float(torch.linalg.vector_norm(m.weight.detach())) for m, _ in convs]
     prune.global_unstructured(convs, pruning_method=_METHODS[method], amount=sparsity)
-    for module, name in convs:
+    for (module, name), norm in zip(convs, norms):
         prune.remove(module, name)
+        _keep_scale(module, norm)
     return model
+
+
+def _keep_scale(conv: nn.Conv2d, norm: float) -> None:
+    """Scales the weights that survived pruning back to the layer's norm before it, as the
+    fine-tuning after pruning does: a conv's output variance is proportional to its weights'
+    squared norm. Without it a randomly pruned VGG16 loses ~3.5x of its activations' scale a
+    layer, to ~1e-7 at the end, under float16's smallest normal (6e-5): its 16-bit forward then
+    computes almost nothing but subnormals and zeros (an error of 0.85 against float64), and
+    times a network nobody would deploy."""
+    with torch.no_grad():
+        pruned = float(torch.linalg.vector_norm(conv.weight))
+        if pruned > 0:
+            conv.weight.mul_(norm / pruned)

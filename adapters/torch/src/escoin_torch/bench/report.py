@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from escoin_torch.bench.paths import ESCOIN, ESCOIN_PATHS
+from escoin_torch.bench.paths import (DENSE_HALF, ESCOIN, ESCOIN_CALIBRATED, ESCOIN_HALF,
+                                      ESCOIN_PATHS)
 from escoin_torch.bench.runner import NetworkResult
 
 __all__ = ["layer_table", "network_table", "summary_table", "to_dict", "write_chart",
@@ -38,7 +39,9 @@ def network_table(result: NetworkResult) -> str:
                  f"{w['all_dense'] / _MB:.2f} -> {w['all_escoin'] / _MB:.2f} MB")
     lines += [f"  kept dense: {name}: {why}" for name, why in result.kept_dense.items()]
     verdict = "ok" if result.passed else "FAILED"
-    lines.append(f"  check: escoin rel err {result.escoin_error:.2e} <= {result.rtol:.0e}: "
+    half = "" if result.half_error is None else \
+        f", in fp16 {result.half_error:.2e} <= {result.half_rtol:.0e}"
+    lines.append(f"  check: escoin rel err {result.escoin_error:.2e} <= {result.rtol:.0e}{half}: "
                  f"{verdict}")
     return "\n".join(lines)
 
@@ -70,11 +73,15 @@ def summary_table(results: Sequence[NetworkResult]) -> str:
             others = ", ".join(f"{r.speedup(p, mine.path):.2f}x vs {p.path}" for p in r.paths
                                if p.graphs == mine.graphs and p.path not in ESCOIN_PATHS)
             graph = " (graph)" if mine.graphs else ""
-            label = "escoin" if mine.path == ESCOIN else "calibrated"
+            label = _LABELS[mine.path]
             lines.append(f"  {r.net:<9} batch {r.batch:<4} {label}{graph} {mine.ms:9.3f} ms: "
                          f"{others}; rel err {mine.rel_error:.1e} "
                          f"{'ok' if r.passed else 'FAILED'}")
     return "\n".join(lines)
+
+
+# summary_table's name for each of escoin's paths.
+_LABELS = {ESCOIN: "escoin", ESCOIN_CALIBRATED: "calibrated", ESCOIN_HALF: "escoin fp16"}
 
 
 def to_dict(result: NetworkResult) -> Dict[str, Any]:
@@ -82,8 +89,9 @@ def to_dict(result: NetworkResult) -> Dict[str, Any]:
     return {
         "net": result.net, "batch": result.batch, "input_shape": list(result.input_shape),
         "conv_density": result.conv_density, "output_norm": result.output_norm,
-        "rtol": result.rtol,
-        "escoin_rel_error": result.escoin_error, "passed": result.passed,
+        "rtol": result.rtol, "half_rtol": result.half_rtol,
+        "escoin_rel_error": result.escoin_error, "escoin_half_rel_error": result.half_error,
+        "passed": result.passed,
         "paths": [{"path": p.path, "graphs": p.graphs, "ms": p.ms, "rel_error": p.rel_error,
                    "escoin_speedup": result.speedup(p)} for p in result.paths],
         "weights_bytes": result.weights,
@@ -129,21 +137,28 @@ def write_chart(results: Sequence[NetworkResult], path: Path) -> bool:
 
 
 def _network_bars(ax: Any, results: Sequence[NetworkResult]) -> None:
-    """Grouped bars: one group per case, one bar per dense path (and graph setting)."""
+    """Grouped bars: one group per case, one bar per dense path (and graph setting), and where
+    escoin ran in float16 too, its speed-up over dense float16."""
     labels = [f"{r.net}\nbatch {r.batch}" for r in results]
     series: Dict[str, List[float]] = {}
     for i, r in enumerate(results):
+        half_graphs = {p.graphs for p in r.paths if p.path == ESCOIN_HALF}
         for p in r.paths:
-            if p.path not in ESCOIN_PATHS:
-                key = f"vs {p.path}{' (graph)' if p.graphs else ''}"
-                series.setdefault(key, [math.nan] * len(results))[i] = r.speedup(p)
+            if p.path in ESCOIN_PATHS:
+                continue
+            graph = " (graph)" if p.graphs else ""
+            series.setdefault(f"vs {p.path}{graph}", [math.nan] * len(results))[i] = \
+                r.speedup(p)
+            if p.path == DENSE_HALF and p.graphs in half_graphs:
+                series.setdefault(f"{ESCOIN_HALF} vs {p.path}{graph}",
+                                  [math.nan] * len(results))[i] = r.speedup(p, ESCOIN_HALF)
     width = 0.8 / max(1, len(series))
     for k, (key, values) in enumerate(series.items()):
         ax.bar([i + k * width for i in range(len(results))], values, width, label=key)
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(results))], labels)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("escoin speed-up")
-    ax.set_title("whole network, end to end (dense time / escoin time)")
+    ax.set_title("whole network, end to end (dense time / escoin fp32 time, unless named)")
     ax.legend(fontsize=8)
 
 

@@ -19,8 +19,8 @@ from escoin_torch.layer import SparseConv2d
 
 from escoin_torch.bench.layers import LayerResult, tensor_bytes, time_layers
 from escoin_torch.bench.models import build, input_shape
-from escoin_torch.bench.paths import (ESCOIN, ESCOIN_PATHS, PathResult, measure, network_paths,
-                                      precision)
+from escoin_torch.bench.paths import (ESCOIN, ESCOIN_HALF, ESCOIN_PATHS, PathResult, measure,
+                                      network_paths, precision)
 from escoin_torch.bench.prune import Method, prune_convs
 
 __all__ = ["Case", "NetworkResult", "run_case"]
@@ -40,12 +40,14 @@ class Case:
     repeats: int = 10
     warmup: int = 2
     rtol: float = 1e-4
+    half_rtol: float = 1e-2  # for ESCOIN_HALF
     seed: int = 0
 
 
 @dataclass
 class NetworkResult:
-    """What one case measured; ``passed`` says whether escoin's output is within ``rtol``."""
+    """What one case measured; ``passed`` says whether each escoin path's output is within its
+    tolerance: ``rtol`` in float32, ``half_rtol`` in float16."""
 
     net: str
     batch: int
@@ -53,6 +55,7 @@ class NetworkResult:
     conv_density: float
     output_norm: float  # of the float64 reference: shows the comparison was not against zeros
     rtol: float
+    half_rtol: float
     paths: List[PathResult]
     layers: List[LayerResult]
     weights: Dict[str, int]
@@ -62,11 +65,20 @@ class NetworkResult:
 
     @property
     def escoin_error(self) -> float:
-        return max(p.rel_error for p in self.paths if p.path in ESCOIN_PATHS)
+        """The largest error of escoin's float32 paths."""
+        return max(p.rel_error for p in self.paths
+                   if p.path in ESCOIN_PATHS and p.path != ESCOIN_HALF)
+
+    @property
+    def half_error(self) -> Optional[float]:
+        """The largest error of escoin's float16 path (None where it did not run: the CPU)."""
+        return max((p.rel_error for p in self.paths if p.path == ESCOIN_HALF), default=None)
 
     @property
     def passed(self) -> bool:
-        return self.escoin_error <= self.rtol  # False for NaN too
+        half = self.half_error
+        return self.escoin_error <= self.rtol and (  # False for NaN too
+            half is None or half <= self.half_rtol)
 
     def speedup(self, path: PathResult, ours_name: str = ESCOIN) -> float:
         """How many times faster escoin (``ours_name``: all convs on escoin, or calibrated) is
@@ -112,7 +124,7 @@ def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> Networ
                                                                            for c in convs)
     return NetworkResult(
         case.net, case.batch, tuple(x.shape), density,
-        float(torch.linalg.vector_norm(reference)), case.rtol, results, layers,
+        float(torch.linalg.vector_norm(reference)), case.rtol, case.half_rtol, results, layers,
         _weight_bytes(dense, sparse),
         {r.name: r.reason for r in report if r.path == "dense"},
         calibrated_sparse)
