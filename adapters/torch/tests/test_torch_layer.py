@@ -266,7 +266,21 @@ def test_compile_fullgraph_backward_cpu() -> None:
     assert relative_error(gx, x.grad) < 1e-5
 
 
-def test_compile_needs_a_csr() -> None:
+def test_compile_and_export_need_a_csr() -> None:
     layer = SparseConv2d(3, 4, 3).eval()
-    with pytest.raises(Exception, match="no CSR yet"):
-        torch.compile(layer, fullgraph=True)(torch.randn(1, 3, 5, 5))
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(Exception, match="no CSR for its weight on cpu yet"):
+        torch.compile(layer, fullgraph=True)(x)
+    with pytest.raises(Exception, match="no CSR for its weight on cpu yet"):
+        torch.export.export(layer, (x,))
+
+
+def test_a_layer_with_a_csr_gets_one_for_its_moved_weight() -> None:
+    # (what lets a model sparsified on one device or dtype be compiled on another)
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1)).eval()
+    for moved in (layer.to(torch.bfloat16), layer.float()):
+        assert list(moved._compressed) == [torch.device("cpu")]
+        compiled = torch.compile(moved, fullgraph=True)
+        x = torch.randn(2, 3, 6, 6).to(moved.weight.dtype)
+        expected = reference_conv(x, moved.weight, moved.bias, padding=1)
+        assert relative_error(compiled(x), expected) < tolerance(moved.weight.dtype)

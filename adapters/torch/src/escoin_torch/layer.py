@@ -163,8 +163,10 @@ class SparseConv2d(nn.Conv2d):
         if torch.compiler.is_compiling():
             state = self._compressed.get(self.weight.device)
             if state is None:
-                raise RuntimeError("SparseConv2d has no CSR yet; build it before torch.compile "
-                                   "with layer.refresh_csr() or one eager forward")
+                raise RuntimeError("SparseConv2d has no CSR for its weight on "
+                                   f"{self.weight.device} yet; build it before torch.compile "
+                                   "or torch.export with layer.refresh_csr() or one eager "
+                                   "forward")
         else:
             state = self._current()
         csr = state.csr
@@ -175,10 +177,18 @@ class SparseConv2d(nn.Conv2d):
                                   self.padding, self.dilation, self.relu, residual)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
-        # .to()/.cuda()/.double() replace the weight; the next forward builds the CSR for the
-        # new one. A new map (not .clear()): replicas sharing the old one keep theirs.
+        # .to()/.cuda()/.half() replace the weight. A new map (not .clear()): replicas sharing
+        # the old one keep theirs. A layer that had a CSR gets one for its new weight at once,
+        # so that a model moved after sparsify can be compiled or exported (tracing cannot
+        # build a CSR); other layers build theirs on their first sparse forward.
+        had_csr = bool(self._compressed)
         self._compressed = {}
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        weight = self.weight
+        if had_csr and not weight.is_meta and \
+                weight.dtype in SUPPORTED_DTYPES.get(weight.device.type, ()):
+            self.refresh_csr()
+        return result
 
     def __getstate__(self) -> Dict[str, Any]:
         # Copies and pickles get a fresh CSR on first use (the stamps refer to this weight) and
