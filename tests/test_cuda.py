@@ -483,3 +483,28 @@ def test_sconv_with_the_filters_device_pointers(dev, batch: int, stride: int,
     torch.cuda.synchronize()
     expected = conv2d_reference(x, weight, None, (stride, stride), (1, 1, 1, 1), (1, 1), 1)
     assert relative_error(ys.cpu().numpy(), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel, size, batch", [(1, 8, 4), (1, 7, 32), (3, 16, 4), (3, 16, 1)])
+def test_out_may_be_x(dev, kernel: int, size: int, batch: int) -> None:
+    """out=x: the kernels that read x in place (1x1 filters; the copy engine's padded copies)
+    would read outputs other blocks already wrote, so x is stretched first, as on the CPU."""
+    rng = np.random.default_rng(kernel * size + batch)
+    shape = (64, 64, kernel, kernel)
+    weight = rng.standard_normal(shape) * (rng.random(shape) < 0.2)
+    x = rng.standard_normal((batch, 64, size, size))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    xs = dev.put(x.astype(np.float32))
+    y = escoin.conv2d(xs, filt, padding=kernel // 2, out=xs)
+    assert y is xs
+    pads = (kernel // 2,) * 4
+    expected = conv2d_reference(x, weight, None, (1, 1), pads, (1, 1), 1)
+    assert relative_error(dev.get(xs), expected) <= 1e-5
+
+
+def test_bias_overlapping_the_output_is_refused_on_the_gpu(dev) -> None:
+    filt = escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.float32))
+    out = dev.full((2, 4, 6, 6), 0.0)
+    bias = out.reshape(-1)[:4]
+    with pytest.raises(EscoinError, match="bias must not overlap y"):
+        escoin.conv2d(dev.full((2, 3, 8, 8), 1.0), filt, bias=bias, out=out)

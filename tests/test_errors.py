@@ -306,3 +306,79 @@ def test_cpu_entry_rejects_a_residual_overlapping_y(filt, x) -> None:
 def test_residual_of_wrong_shape_or_type(filt, x, residual: np.ndarray, message: str) -> None:
     with pytest.raises(EscoinError, match=message):
         escoin.conv2d(x, filt, residual=residual)
+
+
+def test_bias_overlapping_the_output_is_refused(filt, x) -> None:
+    """The kernels read bias while they write y: a bias inside out would change as it is read."""
+    out = np.empty((2, 4, 6, 6), np.float32)
+    bias = out.reshape(-1)[:4]
+    bias[:] = np.arange(4)
+    with pytest.raises(EscoinError, match="bias must not overlap y"):
+        escoin.conv2d(x, filt, bias=bias, out=out)
+
+
+def test_workspace_overlapping_an_operand_is_refused(filt, x) -> None:
+    nbytes = escoin.workspace_size(x.shape, filt)
+    ws = np.zeros(nbytes + x.nbytes, np.uint8)
+    inside = ws[:x.nbytes].view(np.float32).reshape(x.shape)
+    inside[:] = x
+    with pytest.raises(EscoinError, match="workspace must not overlap x"):
+        escoin.conv2d(inside, filt, workspace=ws[:nbytes])
+    out = ws[nbytes - 100:nbytes - 100 + 4 * 2 * 4 * 6 * 6].view(np.float32).reshape(2, 4, 6, 6)
+    with pytest.raises(EscoinError, match="workspace must not overlap y"):
+        escoin.conv2d(x, filt, workspace=ws[:nbytes], out=out)  # (its last 100 bytes)
+
+
+@pytest.mark.parametrize("stride", [9, 10_000, 2 ** 31 - 1])
+def test_a_stride_past_the_input_costs_no_more_than_one_output(filt, x, stride: int) -> None:
+    """Any stride past the input's last window start gives one output along its axis: the
+    workspace stays the input's size (it was stride^2 phase planes: 1.2 GB at 10,000)."""
+    from reference import conv2d_reference, relative_error
+
+    assert escoin.workspace_size(x.shape, filt, stride=stride, padding=1) <= \
+        escoin.workspace_size(x.shape, filt, stride=3, padding=1)
+    y = escoin.conv2d(x, filt, stride=(stride, 2), padding=1)
+    expected = conv2d_reference(x.astype(np.float64), filt.to_dense().astype(np.float64), None,
+                                (stride, 2), (1, 1, 1, 1), (1, 1), 1)
+    assert y.shape == expected.shape == (2, 4, 1, 4)
+    assert relative_error(y, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f, x: escoin.conv2d(x, f, stride=2 ** 31), "stride must be below 2.31"),
+    (lambda f, x: escoin.conv2d(x, f, padding=(0, 2 ** 64)), "padding must be below 2.31"),
+    (lambda f, x: escoin.workspace_size((2, 3, 8.5, 8), f), "input shape must be 4 ints"),
+    (lambda f, x: escoin.workspace_size((2, 3, 2 ** 63, 8), f), "input shape must be 4 ints"),
+    (lambda f, x: escoin.workspace_size((2, 3, 0, 8), f), "at least one channel, row and col"),
+    (lambda f, x: escoin.workspace_size(x.shape, np.ones((4, 3, 3, 3))),
+     "filt must be an escoin.SparseFilter"),
+    (lambda f, x: escoin.stretch_offsets(None, x.shape), "filt must be an escoin.SparseFilter"),
+    (lambda f, x: escoin.sconv(1, 1, 1, 1, 1, 0, 1, 64, x.shape, (4, 3, 3), device="cpu"),
+     "weight_shape must be 4 ints"),
+    (lambda f, x: escoin.sconv(1, 1, 1, 1, 1, 0, 1, 64, x.shape, (4, 0, 3, 3), groups=0,
+                               device="cpu"), "weight_shape must be 4 positive ints"),
+    (lambda f, x: escoin.sconv(1, 1, 1, 1, 1, 0, 1, 64, x.shape, (4, 3, 3, 3), groups=1.0,
+                               device="cpu"), "groups must be a positive int"),
+    (lambda f, x: escoin.sconv(2 ** 64, 1, 1, 1, 1, 0, 1, 64, x.shape, (4, 3, 3, 3),
+                               device="cpu"), "x_ptr must be a non-negative int pointer"),
+    (lambda f, x: escoin.sconv(1, 1, 1, 1, 1, 0, 1, 64.0, x.shape, (4, 3, 3, 3), device="cpu"),
+     "workspace_bytes must be a non-negative int"),
+    (lambda f, x: escoin.SparseFilter.from_csr([0, 0], [], [], (1, 1, 3.7, 3)),
+     "shape must be 4 ints"),
+])
+def test_arguments_out_of_range_are_named(filt, x, call, message: str) -> None:
+    with pytest.raises(EscoinError, match=message):
+        call(filt, x)
+
+
+def test_an_empty_filter_from_plain_lists() -> None:
+    filt = escoin.SparseFilter.from_csr([0, 0], [], [], (1, 2, 3, 3))
+    x = np.ones((1, 2, 4, 4), np.float32)
+    assert filt.nnz == 0 and not escoin.conv2d(x, filt).any()
+
+
+def test_a_filter_file_missing_arrays_is_named(tmp_path) -> None:
+    path = tmp_path / "partial.npz"
+    np.savez(path, format=np.array("escoin-csr-1"), row_ptr=np.zeros(2, np.int64))
+    with pytest.raises(EscoinError, match="lacks the arrays .*'col_idx'"):
+        escoin.SparseFilter.load(path)

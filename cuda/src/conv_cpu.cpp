@@ -91,7 +91,7 @@ escoin_status_t forward_entry(const escoin_conv_desc_t* desc, escoin_dtype_t dty
                               void* workspace, size_t workspace_bytes, bool offsets_trusted) {
   return guarded([&] {
     const Geometry g = make_geometry(desc);
-    check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
+    check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, bias, residual, workspace,
                            workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     const std::string& variant_error = cpu_variant().error;

@@ -198,8 +198,8 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32, ESCOIN_FLOAT16 or ESCOIN_BFLOAT16 on "
                            "CUDA (float64 runs on the CPU entry), got ",
                            static_cast<int>(dtype));
-    escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, residual, workspace,
-                                   workspace_bytes, escoin::workspace_bytes(g, dtype));
+    escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, bias, residual,
+                                   workspace, workspace_bytes, escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);  // (first: a bad device index is named before anything)
     escoin::check_alignment(escoin::element_size(dtype),
@@ -214,17 +214,19 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     // layout is x's own and x is aligned; on Hopper it may copy x padded by a tensor map; in
     // both cases nothing is stretched. Else the stretch writes the layout of the kernel that
     // runs, unless that is the streaming kernel's and x already has it
-    // (input_already_stretched). A 16-bit x is always stretched: the stretch widens it.
+    // (input_already_stretched). A 16-bit x is always stretched: the stretch widens it. So is
+    // an x that y overlaps (out=x): blocks write y while others still read x.
     auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool float_x = dtype == ESCOIN_FLOAT32;
-    const auto* xf = static_cast<const float*>(x);  // read as such only where float_x
-    const bool reads_x = float_x && g.staged.reads_x && aligned(x);
+    const bool x_in_place = dtype == ESCOIN_FLOAT32 &&
+                            !escoin::output_overlaps_input(g, sizeof(float), x, y);
+    const auto* xf = static_cast<const float*>(x);  // read as such only where x_in_place
+    const bool reads_x = x_in_place && g.staged.reads_x && aligned(x);
     const bool staged = tile_program && g.d.batch >= escoin::kTileMinBatch &&
                         escoin::tile_kernel_fits(g) && aligned(reads_x ? x : ws);
-    const bool direct = staged ? reads_x : float_x && escoin::input_already_stretched(g);
+    const bool direct = staged ? reads_x : x_in_place && escoin::input_already_stretched(g);
     const float* input = direct ? xf : ws;
     CUtensorMap x_map;
-    const bool tensor_copy = staged && float_x && escoin::encode_tensor_copy(g, xf, &x_map);
+    const bool tensor_copy = staged && x_in_place && escoin::encode_tensor_copy(g, xf, &x_map);
     if (!direct && !tensor_copy) escoin::launch_stretch(g, staged, x, dtype, ws, s);
     if (staged)
       escoin::launch_tile_conv(g, tensor_copy ? xf : input, direct ? 0 : g.tail_slack, ws,

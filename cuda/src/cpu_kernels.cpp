@@ -202,15 +202,6 @@ void dispatch_tile(const CpuConvArgs<S>& a) {
     run_tiles<S, kWide / 4>(a);
 }
 
-// Whether y shares memory with x (out=x is allowed): the kernel writes some of y while other
-// blocks of output channels still read x.
-template <typename S>
-bool output_overlaps_input(const CpuConvArgs<S>& args) {
-  const Geometry& g = *args.geometry;
-  return memory_overlaps(args.x, size_t(g.d.batch * g.layout.image_stride) * sizeof(S), args.y,
-                         size_t(g.d.batch * g.d.out_channels * g.out_plane) * sizeof(S));
-}
-
 // Where x is already in the stretched layout (a 1x1 filter at stride 1 without padding, on
 // planes of a multiple of 4 elements), needs no widening and is not overwritten by y, the kernel
 // reads it in place, with no stretch (copy_last_tile). An image's last tile reads up to a tile
@@ -221,7 +212,7 @@ void stretch_and_run(const CpuConvArgs<S>& args) {
   if constexpr (std::is_same_v<S, Compute<S>>) {
     const Geometry& g = *args.geometry;
     if (input_already_stretched(g) && g.layout.image_stride >= kWideTile<S> &&
-        !output_overlaps_input(args)) {
+        !output_overlaps_input(g, sizeof(S), args.x, args.y)) {
       CpuConvArgs<S> in_place = args;
       in_place.x_in_place = args.x;
       return dispatch_tile(in_place);

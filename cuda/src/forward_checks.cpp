@@ -10,10 +10,27 @@
 
 namespace escoin {
 
+namespace {
+
+size_t x_bytes(const Geometry& g, size_t element_bytes) {
+  return size_t(g.d.batch * g.d.in_channels * g.d.in_height * g.d.in_width) * element_bytes;
+}
+
+size_t y_bytes(const Geometry& g, size_t element_bytes) {
+  return size_t(g.d.batch * g.d.out_channels * g.out_plane) * element_bytes;
+}
+
+}  // namespace
+
+bool output_overlaps_input(const Geometry& g, size_t element_bytes, const void* x,
+                           const void* y) {
+  return memory_overlaps(x, x_bytes(g, element_bytes), y, y_bytes(g, element_bytes));
+}
+
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
                             const void* filter, const char* filter_name, const void* y,
-                            const void* residual, const void* workspace, size_t workspace_size,
-                            size_t needed) {
+                            const void* bias, const void* residual, const void* workspace,
+                            size_t workspace_size, size_t needed) {
   element_size(dtype);  // rejects unknown dtypes
   if (g.d.batch == 0) return;
   require_pointer(x, "x");
@@ -22,13 +39,27 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
   require_pointer(workspace, "workspace");
   if (workspace_size < needed)
     fail_invalid("workspace_bytes is ", workspace_size, " but this geometry needs ", needed);
-  // The CUDA kernels read the residual through the read-only cache while they write y, and the
-  // CPU kernel writes y a tile at a time: the two must not overlap.
-  if (residual) {
-    const size_t bytes = size_t(g.d.batch * g.d.out_channels * g.out_plane) * element_size(dtype);
-    if (memory_overlaps(residual, bytes, y, bytes))
-      fail_invalid("residual must not overlap y (pass a separate array of y's shape)");
-  }
+  // The CUDA kernels read bias and residual through the read-only cache while they write y,
+  // and the CPU kernel writes y a tile at a time: neither may overlap y. The workspace is
+  // written before and while x, y, bias and residual are used: it may overlap none of them.
+  const size_t element_bytes = element_size(dtype);
+  const size_t y_size = y_bytes(g, element_bytes);
+  const size_t bias_size = size_t(g.d.out_channels) * element_bytes;
+  if (bias && memory_overlaps(bias, bias_size, y, y_size))
+    fail_invalid("bias must not overlap y (pass a separate array of out_channels values)");
+  if (residual && memory_overlaps(residual, y_size, y, y_size))
+    fail_invalid("residual must not overlap y (pass a separate array of y's shape)");
+  struct Operand {
+    const void* pointer;
+    size_t bytes;
+    const char* name;
+  };
+  const Operand operands[] = {{x, x_bytes(g, element_bytes), "x"}, {y, y_size, "y"},
+                              {bias, bias_size, "bias"}, {residual, y_size, "residual"}};
+  for (const Operand& o : operands)
+    if (o.pointer && memory_overlaps(workspace, needed, o.pointer, o.bytes))
+      fail_invalid("workspace must not overlap ", o.name, " (the call writes ", needed,
+                   " bytes of it while it uses ", o.name, ")");
 }
 
 void check_alignment(size_t bytes,

@@ -17,14 +17,21 @@ inline bool memory_overlaps(const void* a, size_t a_bytes, const void* b, size_t
   return a0 < b0 + b_bytes && b0 < a0 + a_bytes;
 }
 
+// Whether y shares memory with x: allowed (out=x), but then no kernel may read x in place, as
+// parts of y are written while other blocks still read x; x is stretched (copied) first.
+// element_bytes: x's and y's element size.
+bool output_overlaps_input(const Geometry& g, size_t element_bytes, const void* x,
+                           const void* y);
+
 // Pointers present where the batch is non-empty (the filter's: row_ptr, or the tensor-core
 // kernel's program, named filter_name in the error), dtype known, workspace at least `needed`
-// bytes (workspace_bytes, or mma_workspace_bytes for the tensor-core kernel), and a residual
-// (optional) not overlapping y.
+// bytes (workspace_bytes, or mma_workspace_bytes for the tensor-core kernel); bias and residual
+// (optional) not overlapping y, which the kernels write while they read them, and the
+// workspace's `needed` bytes overlapping none of x, y, bias and residual.
 void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void* x,
                             const void* filter, const char* filter_name, const void* y,
-                            const void* residual, const void* workspace, size_t workspace_size,
-                            size_t needed);
+                            const void* bias, const void* residual, const void* workspace,
+                            size_t workspace_size, size_t needed);
 
 // Each non-null pointer a multiple of `bytes` (an element's size), as the GPU's loads and
 // stores of the elements need (a misaligned one would fault the device, and the fault would

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 #include "error.hpp"
 
@@ -303,9 +304,10 @@ size_t mma_workspace_bytes(const Geometry& g) {
   return (size_t(g.d.batch * g.mma_layout.image_stride) + size_t(g.tail_slack)) * 4;
 }
 
-Geometry make_geometry(const escoin_conv_desc_t* desc) {
-  require_pointer(desc, "desc");
-  const escoin_conv_desc_t& d = *desc;
+namespace {
+
+// Every field of d in range (each error names the field).
+void check_desc(const escoin_conv_desc_t& d) {
   require_at_least(d.batch, 0, "batch");
   require_at_least(d.in_channels, 1, "in_channels");
   require_at_least(d.in_height, 1, "in_height");
@@ -330,15 +332,37 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
                  d.groups, ")");
   // Generous caps keep every product below int64 overflow before the finer checks run.
   const int64_t cap = int64_t(1) << 31;
-  const int64_t fields[] = {d.batch, d.in_channels, d.in_height, d.in_width, d.out_channels,
-                            d.kernel_h, d.kernel_w, d.stride_h, d.stride_w, d.pad_top, d.pad_bottom,
-                            d.pad_left, d.pad_right,
-                            d.dilation_h, d.dilation_w};
-  for (int64_t f : fields)
-    if (f >= cap) fail_invalid("desc field ", f, " exceeds the supported size 2^31 - 1");
+  const std::pair<int64_t, const char*> fields[] = {
+      {d.batch, "batch"},          {d.in_channels, "in_channels"}, {d.in_height, "in_height"},
+      {d.in_width, "in_width"},    {d.out_channels, "out_channels"}, {d.kernel_h, "kernel_h"},
+      {d.kernel_w, "kernel_w"},    {d.stride_h, "stride_h"},       {d.stride_w, "stride_w"},
+      {d.pad_top, "pad_top"},      {d.pad_bottom, "pad_bottom"},   {d.pad_left, "pad_left"},
+      {d.pad_right, "pad_right"},  {d.dilation_h, "dilation_h"},   {d.dilation_w, "dilation_w"}};
+  for (const auto& [value, name] : fields)
+    if (value >= cap) fail_invalid("desc.", name, " is ", value, ", over the supported 2^31 - 1");
+}
 
+}  // namespace
+
+Geometry make_geometry(const escoin_conv_desc_t* desc) {
+  require_pointer(desc, "desc");
+  check_desc(*desc);
   Geometry g;
-  g.d = d;
+  g.d = *desc;
+  const escoin_conv_desc_t& d = g.d;
+  // A stride past the padded input's last window start leaves one output along its axis, and
+  // any such stride gives the same convolution: it is taken as that extent (the smallest stride
+  // with one output), so that the stretch's stride x stride phase planes stay within the input's
+  // size (a 5x5 input at stride 10000 would otherwise need 10^8 of them). With an extent of 1
+  // that is stride 1, whose planes are then the padded input itself, as the other stride-1 plans
+  // assume.
+  g.d.stride_h = std::min(d.stride_h, std::max<int64_t>(1, d.in_height + d.pad_top +
+                                                             d.pad_bottom -
+                                                             d.dilation_h * (d.kernel_h - 1)));
+  g.d.stride_w = std::min(d.stride_w, std::max<int64_t>(1, d.in_width + d.pad_left +
+                                                             d.pad_right -
+                                                             d.dilation_w * (d.kernel_w - 1)));
+  // (d is g.d: everything below sees the strides as taken.)
   escoin_layout_t& L = g.layout;
   L.out_height = out_extent(d.in_height, d.pad_top + d.pad_bottom, d.dilation_h, d.kernel_h,
                             d.stride_h);

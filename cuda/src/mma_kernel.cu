@@ -301,7 +301,7 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda_mma(
     if (dtype != ESCOIN_FLOAT32)
       escoin::fail_invalid("dtype must be ESCOIN_FLOAT32 for the tensor-core kernel, got ",
                            static_cast<int>(dtype));
-    escoin::check_forward_operands(g, dtype, x, mma_program, "mma_program", y, residual,
+    escoin::check_forward_operands(g, dtype, x, mma_program, "mma_program", y, bias, residual,
                                    workspace, workspace_bytes, escoin::mma_workspace_bytes(g));
     if (g.d.batch == 0) return;
     if (!escoin::mma_kernel_runs(escoin::mma_plan(g)))

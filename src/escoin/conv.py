@@ -18,10 +18,18 @@ from escoin.geometry import IntPair, Padding, descriptor
 _HOST_TO_DEVICE = 0
 
 
+def _filter_descriptor(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair,
+                       padding: Padding, dilation: IntPair) -> tuple:
+    """The C descriptor of filt applied to an NCHW input shape; filt checked to be a filter."""
+    if not isinstance(filt, SparseFilter):
+        raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+    return descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+
+
 def output_shape(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair = 1,
                  padding: Padding = 0, dilation: IntPair = 1) -> Tuple[int, int, int, int]:
     """(N, M, OH, OW) of conv2d for an NCHW input shape."""
-    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    desc = _filter_descriptor(input_shape, filt, stride, padding, dilation)
     layout = _core.conv_layout(desc)
     return desc[0], desc[4], layout["out_height"], layout["out_width"]
 
@@ -32,7 +40,7 @@ def workspace_size(input_shape: Sequence[int], filt: SparseFilter, stride: IntPa
     """Bytes of workspace a conv2d with this geometry and dtype of x needs (the stretched input,
     in the dtype's compute type); with tensor_cores, enough for either kernel conv2d's
     tensor_cores=True may run (the tensor-core kernel's layout has longer rows)."""
-    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    desc = _filter_descriptor(input_shape, filt, stride, padding, dilation)
     nbytes = _core.workspace_size(desc, dtype_name(dtype))
     return max(nbytes, _core.mma_workspace_size(desc)) if tensor_cores else nbytes
 
@@ -43,7 +51,7 @@ def stretch_offsets(filt: SparseFilter, input_shape: Sequence[int], stride: IntP
 
     Cached on the filter: computing them again for the same geometry costs nothing.
     """
-    desc = descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
+    desc = _filter_descriptor(input_shape, filt, stride, padding, dilation)
     return filt._store.offsets(desc).view()  # a view, as SparseFilter.row_ptr is
 
 
@@ -71,7 +79,7 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     ~1e-7 (TF32's is ~1e-3), for finite inputs (escoin.h, escoin_conv2d_forward_cuda_mma). The
     CPU computes in strict float32 either way.
     """
-    if not isinstance(filt, SparseFilter):
+    if not isinstance(filt, SparseFilter):  # (before x is read as the filter's input)
         raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     if is_cuda_array(x):
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
@@ -312,8 +320,12 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
                         ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
                         ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr),
                         ("mma_program_ptr", mma_program_ptr)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or \
+                not 0 <= value < 2 ** 64:
             raise EscoinError(f"{name} must be a non-negative int pointer, got {value!r}")
+    if not isinstance(workspace_bytes, (int, np.integer)) or isinstance(workspace_bytes, bool) \
+            or not 0 <= workspace_bytes < 2 ** 63:
+        raise EscoinError(f"workspace_bytes must be a non-negative int, got {workspace_bytes!r}")
     name = dtype_name(dtype)
     if device == "cpu":
         if stream or tile_program_ptr or mma_program_ptr:

@@ -11,6 +11,7 @@ from escoin import _core
 from escoin._errors import EscoinError
 from escoin.cuda_arrays import DeviceBuffer
 from escoin.dtypes import compute_dtype, dtype_name, numpy_dtype
+from escoin.geometry import ints
 
 
 class DevicePointers(NamedTuple):
@@ -370,6 +371,11 @@ class SparseFilter:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data or str(data["format"]) != "escoin-csr-1":
                 raise EscoinError(f"{path} is not an escoin filter file")
+            missing = [key for key in ("row_ptr", "col_idx", "values", "shape", "groups")
+                       if key not in data]
+            if missing:
+                raise EscoinError(f"{path} lacks the arrays {missing}: not a whole escoin "
+                                  "filter file")
             values = data["values"]
             if "values_dtype" in data and str(data["values_dtype"]) == "bfloat16":
                 values = values.view(numpy_dtype("bfloat16"))
@@ -378,10 +384,10 @@ class SparseFilter:
 
 
 def _shape4(shape: object) -> Tuple[int, int, int, int]:
-    items = tuple(shape) if isinstance(shape, (tuple, list, np.ndarray)) else ()
-    if len(items) != 4 or any(int(v) < 1 for v in items):
+    items = ints(shape, "shape", 4, "(M, C/groups, kh, kw)")
+    if min(items) < 1:
         raise EscoinError(f"shape must be 4 positive ints (M, C/groups, kh, kw), got {shape!r}")
-    return tuple(int(v) for v in items)  # type: ignore[return-value]
+    return items  # type: ignore[return-value]
 
 
 def _check_groups(groups: object, out_channels: int) -> int:
@@ -394,6 +400,8 @@ def _check_groups(groups: object, out_channels: int) -> int:
 
 def _as_1d(array: object, dtype: type, name: str) -> np.ndarray:
     result = np.asarray(array)
+    if result.ndim == 1 and result.size == 0:
+        result = result.astype(dtype)  # an empty list is float64 to NumPy
     if result.ndim != 1 or not np.issubdtype(result.dtype, np.integer):
         raise EscoinError(f"{name} must be a 1-d integer array, got {result.ndim}-d {result.dtype}")
     converted = result.astype(dtype)

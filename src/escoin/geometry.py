@@ -10,6 +10,22 @@ from escoin._errors import EscoinError
 IntPair = Union[int, Sequence[int]]
 Padding = Union[int, Sequence[int], str]
 
+# The C descriptor's geometry fields are below 2^31 (escoin.h); sizes are int64.
+_FIELD_LIMIT = 2 ** 31
+_INT64_LIMIT = 2 ** 63
+
+
+def ints(values: object, name: str, count: int, expected: str) -> Tuple[int, ...]:
+    """`values` as `count` Python ints: integers (not floats or bools) within int64."""
+    try:
+        items = tuple(values)  # type: ignore[arg-type]
+    except TypeError:
+        items = ()
+    if len(items) != count or not all(_is_int(v) and -_INT64_LIMIT <= v < _INT64_LIMIT
+                                      for v in items):
+        raise EscoinError(f"{name} must be {count} ints {expected}, got {values!r}")
+    return tuple(int(v) for v in items)
+
 
 def pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
@@ -23,6 +39,8 @@ def pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
         raise EscoinError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(items) < minimum:
         raise EscoinError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(items) >= _FIELD_LIMIT:
+        raise EscoinError(f"{name} must be below 2^31, got {value!r}")
     return int(items[0]), int(items[1])
 
 
@@ -49,10 +67,15 @@ def padding_sides(padding: Padding, kernel: Tuple[int, int], stride: Tuple[int, 
 def descriptor(input_shape: Sequence[int], weight_shape: Sequence[int], groups: int,
                stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1) -> tuple:
     """The 16-field C descriptor for an NCHW input and an (M, C/groups, kh, kw) weight."""
-    if len(input_shape) != 4:
-        raise EscoinError(f"x must have 4 dimensions (N, C, H, W), got shape {tuple(input_shape)}")
-    n, c, h, w = (int(v) for v in input_shape)
-    m, c_per_group, kh, kw = (int(v) for v in weight_shape)
+    n, c, h, w = ints(input_shape, "the input shape", 4, "(N, C, H, W)")
+    if n < 0 or min(c, h, w) < 1:
+        raise EscoinError(f"x must have a batch >= 0 and at least one channel, row and column, "
+                          f"got shape {tuple(input_shape)}")
+    m, c_per_group, kh, kw = ints(weight_shape, "weight_shape", 4, "(M, C/groups, kh, kw)")
+    if min(m, c_per_group, kh, kw) < 1:
+        raise EscoinError(f"weight_shape must be 4 positive ints, got {tuple(weight_shape)}")
+    if not _is_int(groups) or groups < 1:
+        raise EscoinError(f"groups must be a positive int, got {groups!r}")
     if c != c_per_group * groups:
         raise EscoinError(
             f"x has {c} channels but the filter expects {c_per_group * groups} "
@@ -60,7 +83,7 @@ def descriptor(input_shape: Sequence[int], weight_shape: Sequence[int], groups: 
     s = pair(stride, "stride", 1)
     d = pair(dilation, "dilation", 1)
     top, bottom, left, right = padding_sides(padding, (kh, kw), s, d)
-    return (n, c, h, w, m, kh, kw, s[0], s[1], top, bottom, left, right, d[0], d[1], groups)
+    return (n, c, h, w, m, kh, kw, s[0], s[1], top, bottom, left, right, d[0], d[1], int(groups))
 
 
 def _is_int(value: object) -> bool:

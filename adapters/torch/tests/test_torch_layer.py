@@ -13,6 +13,7 @@ from torch import nn
 from torch_helpers import (SeenOps, pruned_small_cnn, reference_conv, relative_error, sparse_conv,
                            tolerance)
 from escoin_torch import SparseConv2d, sparsify
+from escoin_torch import csr as csr_lib
 
 
 def test_from_dense_matches_and_shares_parameters() -> None:
@@ -106,6 +107,48 @@ def _spy(op, calls: list):
     return wrapper
 
 
+def test_writes_the_version_counter_misses() -> None:
+    """Writes through .data (manual SGD, EMA) change neither the tensor nor its version: an
+    explicit refresh_csr() sees them, and so does leaving training mode."""
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    layer(x)
+    layer.weight.data.mul_(2)
+    layer.refresh_csr()
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    layer.train()
+    layer.weight.data.sub_(0.1 * layer.weight.data.sign())  # zeros stay zeros
+    layer.eval()
+    assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+
+
+@pytest.mark.parametrize("make", [copy.deepcopy, lambda m: m.half(), lambda m: m.train().eval(),
+                                  lambda m: torch.load(_saved(m), weights_only=False)])
+def test_copies_and_moved_layers_compile_at_once(make) -> None:
+    """A copy, a pickle or a converted layer has its CSR already: torch.compile, which cannot
+    compress while it traces, takes it directly."""
+    layer = make(SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1)).eval())
+    x = torch.randn(2, 3, 6, 6).to(layer.weight.dtype)
+    y = torch.compile(layer, fullgraph=True)(x)
+    assert relative_error(y, reference_conv(x, layer.weight, layer.bias, padding=1)) < \
+        tolerance(layer.weight.dtype)
+
+
+def _saved(module: nn.Module) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_inference_path_is_checked() -> None:
+    with pytest.raises(ValueError, match="inference_path must be 'sparse' or 'dense'"):
+        SparseConv2d(3, 4, 3, inference_path="spars")
+    layer = SparseConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="got 'Dense'"):
+        layer.inference_path = "Dense"
+
+
 def test_state_dict_round_trip() -> None:
     conv = sparse_conv(3, 5, 3, padding=1)
     layer = SparseConv2d.from_dense(copy.deepcopy(conv))
@@ -118,11 +161,13 @@ def test_state_dict_round_trip() -> None:
     assert relative_error(fresh(x), reference_conv(x, conv.weight, conv.bias, padding=1)) < 1e-5
 
 
-def test_csr_follows_weight_changes() -> None:
+def test_csr_follows_weight_changes(monkeypatch) -> None:
     layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3)).eval()
     x = torch.randn(2, 3, 6, 6)
-    before = layer.refresh_csr()
-    assert layer.refresh_csr() is before  # unchanged weight: no recompression
+    compressions: list = []
+    monkeypatch.setattr(csr_lib, "compress", _spy(csr_lib.compress, compressions))
+    layer(x), layer(x)
+    assert not compressions  # unchanged weight: no recompression
     with torch.no_grad():
         layer.weight.mul_(-3)
     assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5

@@ -61,8 +61,10 @@ def test_flag_off_builds_plain_convs() -> None:
 
 
 def test_seed_positional_bias() -> None:
-    layer = sp.SparseConv2D(2, 3, 3, 1, 0, 1, False)
-    assert layer.bias is None and layer.groups == 1
+    for sparse in (True, False):  # the flag off builds nn.Conv2d from the same arguments
+        layer = sp.SparseModel(sparse_conv_flag=sparse).conv(2, 4, 3, 1, 0, 1, False, 2)
+        assert isinstance(layer, sp.SparseConv2D) == sparse and isinstance(layer, nn.Conv2d)
+        assert layer.bias is None and layer.groups == 2
 
 
 

@@ -143,8 +143,12 @@ escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int
 
 /* ---- Forward convolution ----
  * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; residual: an (N, M, OH, OW) array
- * added to the output before the ReLU (a residual network's shortcut), or NULL; it must not
- * overlap y. relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual).
+ * added to the output before the ReLU (a residual network's shortcut), or NULL. y may overlap x
+ * (the kernels then copy x first); bias and residual must not overlap y, and the workspace's
+ * bytes the call needs none of x, y, bias and residual (each is an error).
+ * relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual). Only the stored
+ * nonzeros multiply x: an element of x that only zero weights would read is never read, so a
+ * NaN or infinity there does not reach y (a dense convolution's 0 * NaN would).
  * row_ptr/offsets/values: the CSR with stretched offsets for this geometry; values in the compute
  * type (float64 for FLOAT64, else float32).
  * The CPU entry runs on host memory with OpenMP; it checks row_ptr and offsets before use. It

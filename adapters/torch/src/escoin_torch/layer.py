@@ -74,9 +74,20 @@ class SparseConv2d(nn.Conv2d):
                          groups, bias, padding_mode, device, dtype)
         self.relu = relu
         self.sparse_training = sparse_training
-        self.inference_path = inference_path
         self._compressed: Dict[torch.device, _Compressed] = {}
         self._csr_lock = threading.Lock()
+        self.inference_path = inference_path
+
+    @property
+    def inference_path(self) -> Path:
+        """``"sparse"`` or ``"dense"``: how eval mode computes (``calibrate`` sets it)."""
+        return self._inference_path
+
+    @inference_path.setter
+    def inference_path(self, path: Path) -> None:
+        if path not in ("sparse", "dense"):
+            raise ValueError(f"inference_path must be 'sparse' or 'dense', got {path!r}")
+        self._inference_path = path
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, relu: bool = False, sparse_training: bool = False,
@@ -115,19 +126,22 @@ class SparseConv2d(nn.Conv2d):
         return float(torch.count_nonzero(self.weight.detach())) / max(1, self.weight.numel())
 
     def refresh_csr(self) -> CSRWeight:
-        """The CSR of the current weight on its device, recompressed only if the weight changed
-        since (a CSR per device is kept: see the module docstring). It is derived from the
+        """Compresses the current weight again and returns its CSR (a CSR per device is kept:
+        see the module docstring). Forwards recompress by themselves when the weight is
+        replaced or written in place, but not after writes the version counter does not see
+        (through ``.data`` or NumPy): call this after those. The CSR is derived from the
         weight: change the weight, not the CSR (eager CPU inference computes from the layer's
         own escoin filter, which writes into these tensors do not reach)."""
-        return self._current().csr
+        return self._current(again=True).csr
 
-    def _current(self) -> _Compressed:
-        """The compressed state of the current weight; one object, so that ``csr`` and
-        ``flat_index`` always come from the same build even when other threads rebuild."""
+    def _current(self, again: bool = False) -> _Compressed:
+        """The compressed state of the current weight (compressed again if `again`); one object,
+        so that ``csr`` and ``flat_index`` always come from the same build even when other
+        threads rebuild."""
         weight = self.weight
         with self._csr_lock:
             state = self._compressed.get(weight.device)
-        if state is not None and state.stamp.matches(weight):
+        if not again and state is not None and state.stamp.matches(weight):
             return state
         # Built outside the lock: compression is a host round trip, and replicas on other
         # devices (which share the lock) should not wait for it. Two threads missing at once
@@ -178,31 +192,49 @@ class SparseConv2d(nn.Conv2d):
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
         # .to()/.cuda()/.half() replace the weight. A new map (not .clear()): replicas sharing
-        # the old one keep theirs. A layer that had a CSR gets one for its new weight at once,
-        # so that a model moved after sparsify can be compiled or exported (tracing cannot
-        # build a CSR); other layers build theirs on their first sparse forward.
-        had_csr = bool(self._compressed)
+        # the old one keep theirs.
+        compressed = bool(self._compressed)
         self._compressed = {}
         result = super()._apply(fn, recurse)
-        weight = self.weight
-        if had_csr and not weight.is_meta and \
-                weight.dtype in SUPPORTED_DTYPES.get(weight.device.type, ()):
-            self.refresh_csr()
+        self._compress_again(compressed)
         return result
 
+    def train(self, mode: bool = True) -> "SparseConv2d":
+        # Leaving training: the weight may have changed where its version counter does not show
+        # it (optimisers and EMA code that write through .data), so it is compressed again.
+        leaving = self.training and not mode
+        result = super().train(mode)
+        if leaving:
+            self._compress_again(bool(self._compressed))
+        return result
+
+    def _compress_again(self, compressed: bool) -> None:
+        """Where the layer had a CSR (`compressed`), one for its current weight now: a model
+        moved, copied or put back in eval mode after sparsify can then be compiled or exported
+        at once (tracing cannot compress). Other layers compress on their first sparse forward."""
+        weight = self.weight
+        if compressed and not weight.is_meta and \
+                weight.dtype in SUPPORTED_DTYPES.get(weight.device.type, ()):
+            self.refresh_csr()
+
     def __getstate__(self) -> Dict[str, Any]:
-        # Copies and pickles get a fresh CSR on first use (the stamps refer to this weight) and
-        # a lock of their own (a lock can be neither copied nor pickled).
+        # Copies and pickles compress their own weight (the stamps refer to this one) and get a
+        # lock of their own (a lock can be neither copied nor pickled).
         state = dict(super().__getstate__())
         state["_compressed"] = {}
+        state["_was_compressed"] = bool(self._compressed)
         state.pop("_csr_lock", None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        compressed = bool(state.pop("_was_compressed", False))
         super().__setstate__(state)
         if not isinstance(self.__dict__.get("_compressed"), dict):
             self._compressed = {}  # pickles of older versions stored None
+        if "_inference_path" not in self.__dict__:  # pickles from before it was a property
+            self._inference_path = self.__dict__.pop("inference_path", "sparse")
         self._csr_lock = threading.Lock()
+        self._compress_again(compressed)
 
     def extra_repr(self) -> str:
         extras = [f"relu={self.relu}"] if self.relu else []

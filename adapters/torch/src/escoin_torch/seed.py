@@ -45,14 +45,25 @@ class SparseConv2D(SparseConv2d):
                          groups, bias, **kwargs)
 
 
+def dense_conv2d(in_channels: int, out_channels: int, kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1, padding: Union[str, _IntOrPair] = 0,
+                 dilation: _IntOrPair = 1, bias: bool = True, groups: int = 1,
+                 **kwargs: Any) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` from :class:`SparseConv2D`'s arguments, in its positional order
+    (``bias`` before ``groups``)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                     bias, **kwargs)
+
+
 class SparseModel(nn.Module):
     """Base class of seed models: build convolutions with ``self.conv(...)``, which is
-    :class:`SparseConv2D` when ``sparse_conv_flag`` is true and ``nn.Conv2d`` otherwise."""
+    :class:`SparseConv2D` when ``sparse_conv_flag`` is true and else makes an ``nn.Conv2d``
+    from the same arguments (:func:`dense_conv2d`)."""
 
     def __init__(self, sparse_conv_flag: bool = True) -> None:
         super().__init__()
         self.sparse_conv_flag = sparse_conv_flag
-        self.conv = SparseConv2D if sparse_conv_flag else nn.Conv2d
+        self.conv = SparseConv2D if sparse_conv_flag else dense_conv2d
 
     def _set_sparse_layers_mode(self, mode: Sparse_modes, **options: Any) -> None:
         set_mode(self, mode, **options)
