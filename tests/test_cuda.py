@@ -278,7 +278,9 @@ def test_workspace_too_small(dev) -> None:
 
 def test_cuda_error_becomes_exception() -> None:
     with pytest.raises(EscoinError, match="device must be in"):
-        escoin.sconv(1, 1, 1, 1, 1, 0, 1, 10**9, (1, 1, 4, 4), (1, 1, 3, 3), device=999)
+        # (addresses apart, as the operand checks before the device's want them; none is read)
+        escoin.sconv(0x1000, 0x2000, 8, 8, 8, 0, 0x3000, 10**9, (1, 1, 4, 4), (1, 1, 3, 3),
+                     device=999)
 
 
 def test_filter_device_index_checked() -> None:
@@ -508,3 +510,19 @@ def test_bias_overlapping_the_output_is_refused_on_the_gpu(dev) -> None:
     bias = out.reshape(-1)[:4]
     with pytest.raises(EscoinError, match="bias must not overlap y"):
         escoin.conv2d(dev.full((2, 3, 8, 8), 1.0), filt, bias=bias, out=out)
+
+
+@pytest.mark.parametrize("size, kernel, padding, stride", [
+    (8, 3, 1, (9, 2)), (4, 4, 0, (100, 100)), (16, 1, 0, (10_000, 1)), (12, 3, 0, (2 ** 31 - 1, 11))])
+def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stride: tuple) -> None:
+    """A stride past the input's last window start is taken as the input's extent (one output);
+    with an extent of 1 that is stride 1, which the copy engine's plans may then take."""
+    rng = np.random.default_rng(size + kernel)
+    shape = (32, 16, kernel, kernel)
+    weight = rng.standard_normal(shape) * (rng.random(shape) < 0.3)
+    x = rng.standard_normal((3, 16, size, size))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    expected = conv2d_reference(x, weight, None, stride, (padding,) * 4, (1, 1), 1)
+    out = dev.full(expected.shape, np.nan)
+    escoin.conv2d(dev.put(x.astype(np.float32)), filt, stride=stride, padding=padding, out=out)
+    assert relative_error(dev.get(out), expected) <= 1e-5
