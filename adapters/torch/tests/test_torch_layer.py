@@ -134,6 +134,21 @@ def test_copies_and_moved_layers_compile_at_once(make) -> None:
         tolerance(layer.weight.dtype)
 
 
+@pytest.mark.parametrize("trace", ["compile", "export"])
+def test_a_loaded_state_dict_reaches_traced_forwards(trace: str) -> None:
+    """Tracing cannot check whether the CSR is the weight's: load_state_dict compresses."""
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, padding=1)).eval()
+    other = sparse_conv(3, 4, 3, padding=1)
+    with torch.no_grad():
+        other.weight.mul_(-2)
+    layer.load_state_dict(other.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.compile(layer, fullgraph=True) if trace == "compile" else \
+        torch.export.export(layer, (x,)).module()
+    assert relative_error(traced(x), reference_conv(x, other.weight, other.bias, padding=1)) \
+        < 1e-5
+
+
 def _saved(module: nn.Module) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(module, buffer)

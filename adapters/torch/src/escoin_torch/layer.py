@@ -208,6 +208,12 @@ class SparseConv2d(nn.Conv2d):
             self._compress_again(bool(self._compressed))
         return result
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # load_state_dict writes the weight in place: a compiled model's forwards would not see
+        # it (they do not trace the stamp check), so the layer compresses it now.
+        super()._load_from_state_dict(*args, **kwargs)
+        self._compress_again(bool(self._compressed))
+
     def _compress_again(self, compressed: bool) -> None:
         """Where the layer had a CSR (`compressed`), one for its current weight now: a model
         moved, copied or put back in eval mode after sparsify can then be compiled or exported
