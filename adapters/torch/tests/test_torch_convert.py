@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from torch_helpers import SmallCNN, pruned_small_cnn, relative_error, sparse_conv
 from escoin_torch import SparseConv2d, calibrate, sparsify

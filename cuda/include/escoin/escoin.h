@@ -145,7 +145,7 @@ escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int
  * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; residual: an (N, M, OH, OW) array
  * added to the output before the ReLU (a residual network's shortcut), or NULL. y may overlap x
  * (the kernels then copy x first); bias and residual must not overlap y, and the workspace's
- * bytes the call needs none of x, y, bias and residual (each is an error).
+ * bytes the call needs may overlap none of x, y, bias and residual (each is an error).
  * relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual). Only the stored
  * nonzeros multiply x: an element of x that only zero weights would read is never read, so a
  * NaN or infinity there does not reach y (a dense convolution's 0 * NaN would).
@@ -211,7 +211,8 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * observe changes. There too, the staged kernel copies x itself into shared memory, padded by
  * the copy engine (a tensor map of x, encoded per call; no stretch into the workspace) for
  * stride-1 geometries whose in_width is a multiple of 4, when x is FLOAT32 and 16-byte aligned.
- * A 16-bit x is always stretched (widened to float32 into the workspace); the float32 sums are
+ * A 16-bit x is always stretched (widened to float32 into the workspace), and so is an x that y
+ * overlaps, in place of the readings of x itself above; the float32 sums are
  * finished (bias, residual, ReLU) and rounded to y's type by the kernel that computes them, or
  * where it splits its work, by the kernel that adds the partial sums. */
 escoin_status_t escoin_conv2d_forward_cuda(const escoin_conv_desc_t* desc, escoin_dtype_t dtype,

@@ -116,10 +116,10 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
     graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()
-    for layer in traced.modules():  # the copy dropped the CSR caches; torch.compile needs them
+    for layer in traced.modules():  # folded weights' CSRs now: torch.compile cannot build them
         if isinstance(layer, SparseConv2d) and layer.weight.dtype in SUPPORTED_DTYPES.get(
                 layer.weight.device.type, ()):
-            layer.refresh_csr()
+            layer.csr
     return traced
 
 

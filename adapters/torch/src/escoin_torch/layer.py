@@ -5,8 +5,8 @@ optimisers, pruning utilities and code that checks ``isinstance(m, nn.Conv2d)`` 
 dense ``weight`` stays the source of truth; the CSR copy is derived from it, rebuilt on the weight's
 device whenever the weight changes, and never saved.
 
-One CSR is kept per device the layer computes on: after ``.to(device)`` the next forward builds it
-on the new device, and replicas that share this module's state (``nn.DataParallel`` /
+One CSR is kept per device the layer computes on: ``.to(device)`` builds one for the new weight at
+once (where the layer had one), and replicas that share this module's state (``nn.DataParallel`` /
 ``torch.nn.parallel.replicate``) each keep theirs. The per-device map is filled under a lock, so
 threads (DataParallel's, or a server's) may call one layer concurrently.
 """
@@ -124,6 +124,12 @@ class SparseConv2d(nn.Conv2d):
     def density(self) -> float:
         """Fraction of nonzero weights (what the sparse path's cost is proportional to)."""
         return float(torch.count_nonzero(self.weight.detach())) / max(1, self.weight.numel())
+
+    @property
+    def csr(self) -> CSRWeight:
+        """The CSR of the current weight on its device, compressed only where the weight was
+        replaced or written in place since (as a forward does)."""
+        return self._current().csr
 
     def refresh_csr(self) -> CSRWeight:
         """Compresses the current weight again and returns its CSR (a CSR per device is kept:

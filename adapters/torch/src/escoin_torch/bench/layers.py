@@ -59,7 +59,7 @@ def time_layers(model: nn.Module, x: torch.Tensor, repeats: int,
         layer_x = inputs[name]
         with precision(False if on_gpu else None):
             times = time_paths(layer, layer_x, repeats, warmup, graphs=on_gpu)
-        csr = layer.refresh_csr()
+        csr = layer.csr
         results.append(LayerResult(
             name, tuple(layer.weight.shape), tuple(layer_x.shape), csr.density,
             times.dense_s * 1e3, times.sparse_s * 1e3, tensor_bytes(layer.weight),
