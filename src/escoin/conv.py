@@ -18,11 +18,15 @@ from escoin.geometry import IntPair, Padding, descriptor
 _HOST_TO_DEVICE = 0
 
 
+def _require_filter(filt: object) -> None:
+    if not isinstance(filt, SparseFilter):
+        raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+
+
 def _filter_descriptor(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair,
                        padding: Padding, dilation: IntPair) -> tuple:
     """The C descriptor of filt applied to an NCHW input shape; filt checked to be a filter."""
-    if not isinstance(filt, SparseFilter):
-        raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+    _require_filter(filt)
     return descriptor(input_shape, filt.shape, filt.groups, stride, padding, dilation)
 
 
@@ -79,8 +83,7 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     ~1e-7 (TF32's is ~1e-3), for finite inputs (escoin.h, escoin_conv2d_forward_cuda_mma). The
     CPU computes in strict float32 either way.
     """
-    if not isinstance(filt, SparseFilter):  # (before x is read as the filter's input)
-        raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
+    _require_filter(filt)  # (before x is read as the filter's input)
     if is_cuda_array(x):
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
                             stream_handle(stream), residual, bool(tensor_cores))
@@ -320,11 +323,9 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
                         ("bias_ptr", bias_ptr), ("workspace_ptr", workspace_ptr),
                         ("tile_program_ptr", tile_program_ptr), ("residual_ptr", residual_ptr),
                         ("mma_program_ptr", mma_program_ptr)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or \
-                not 0 <= value < 2 ** 64:
+        if not _is_below(value, 2 ** 64):
             raise EscoinError(f"{name} must be a non-negative int pointer, got {value!r}")
-    if not isinstance(workspace_bytes, (int, np.integer)) or isinstance(workspace_bytes, bool) \
-            or not 0 <= workspace_bytes < 2 ** 63:
+    if not _is_below(workspace_bytes, 2 ** 63):
         raise EscoinError(f"workspace_bytes must be a non-negative int, got {workspace_bytes!r}")
     name = dtype_name(dtype)
     if device == "cpu":
@@ -350,6 +351,12 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     _core.forward_cuda(desc, name, x_ptr, row_ptr_ptr, offsets_ptr, values_ptr,
                        tile_program_ptr, bias_ptr, residual_ptr, relu, y_ptr, workspace_ptr,
                        workspace_bytes, device, stream_handle(stream))
+
+
+def _is_below(value: object, limit: int) -> bool:
+    """Whether value is an int (not a bool) in [0, limit)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and \
+        0 <= value < limit
 
 
 def _describe(obj: object) -> str:
