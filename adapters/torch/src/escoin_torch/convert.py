@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from escoin_torch.layer import Path, SparseConv2d, folded, pruned_names
-from escoin_torch.ops import SUPPORTED_DTYPES
+from escoin_torch.ops import has_kernels_for
 from escoin_torch.timing import time_paths
 
 __all__ = ["LayerReport", "LayerTiming", "sparsify", "calibrate"]
@@ -143,7 +143,7 @@ def _reason_to_keep_dense(name: str, conv: nn.Conv2d, weight: torch.Tensor, dens
                           filter_fn: Optional[Callable[[str, nn.Conv2d], bool]]) -> str:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (escoin pads with zeros only)"
-    if weight.dtype not in SUPPORTED_DTYPES.get(weight.device.type, ()):
+    if not has_kernels_for(weight):
         return f"escoin has no {weight.dtype} kernels on {weight.device.type}"
     if 1.0 - density < min_sparsity:
         return f"sparsity {1.0 - density:.3f} < min_sparsity {min_sparsity}"

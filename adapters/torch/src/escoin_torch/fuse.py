@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from escoin_torch.layer import SparseConv2d, has_hooks
-from escoin_torch.ops import SUPPORTED_DTYPES
+from escoin_torch.ops import has_kernels_for
 
 __all__ = ["fuse_for_inference"]
 
@@ -117,8 +117,7 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
     traced.delete_all_unused_submodules()
     traced.recompile()
     for layer in traced.modules():  # folded weights' CSRs now: torch.compile cannot build them
-        if isinstance(layer, SparseConv2d) and layer.weight.dtype in SUPPORTED_DTYPES.get(
-                layer.weight.device.type, ()):
+        if isinstance(layer, SparseConv2d) and has_kernels_for(layer.weight):
             layer.csr
     return traced
 

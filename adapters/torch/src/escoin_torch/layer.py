@@ -23,7 +23,7 @@ from torch import nn
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
-from escoin_torch.ops import SUPPORTED_DTYPES, PreparedFilter, conv2d_with_filter
+from escoin_torch.ops import PreparedFilter, conv2d_with_filter, has_kernels_for
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
@@ -116,7 +116,7 @@ class SparseConv2d(nn.Conv2d):
             setattr(layer, name, value)
         _copy_hooks(conv, layer)
         layer.train(conv.training)
-        if layer.weight.dtype in SUPPORTED_DTYPES.get(layer.weight.device.type, ()):
+        if has_kernels_for(layer.weight):
             layer.refresh_csr()
         return layer
 
@@ -224,9 +224,7 @@ class SparseConv2d(nn.Conv2d):
         """Where the layer had a CSR (`compressed`), one for its current weight now: a model
         moved, copied or put back in eval mode after sparsify can then be compiled or exported
         at once (tracing cannot compress). Other layers compress on their first sparse forward."""
-        weight = self.weight
-        if compressed and not weight.is_meta and \
-                weight.dtype in SUPPORTED_DTYPES.get(weight.device.type, ()):
+        if compressed and has_kernels_for(self.weight):
             self.refresh_csr()
 
     def __getstate__(self) -> Dict[str, Any]:

@@ -28,6 +28,13 @@ __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 #: computed in float32, each output rounded once; float64 runs on the CPU only.
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def has_kernels_for(tensor: torch.Tensor) -> bool:
+    """Whether escoin computes in the tensor's dtype on its device (a meta tensor: no)."""
+    return tensor.dtype in SUPPORTED_DTYPES.get(tensor.device.type, ())
+
+
 # escoin's name of each dtype it takes.
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
