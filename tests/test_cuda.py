@@ -513,7 +513,8 @@ def test_bias_overlapping_the_output_is_refused_on_the_gpu(dev) -> None:
 
 
 @pytest.mark.parametrize("size, kernel, padding, stride", [
-    (8, 3, 1, (9, 2)), (4, 4, 0, (100, 100)), (16, 1, 0, (10_000, 1)), (12, 3, 0, (2 ** 31 - 1, 11))])
+    (8, 3, 1, (9, 2)), (4, 4, 0, (100, 100)), (16, 1, 0, (10_000, 1)),
+    (12, 3, 0, (2 ** 31 - 1, 11))])
 def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stride: tuple) -> None:
     """A stride past the input's last window start is taken as the input's extent (one output);
     with an extent of 1 that is stride 1, which the copy engine's plans may then take."""

@@ -21,8 +21,8 @@ from torch import nn
 from escoin_torch.seed import relative_error
 from escoin_torch.timing import capture_graph, time_call
 
-__all__ = ["DENSE_HALF", "ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_HALF", "ESCOIN_PATHS", "Path", "PathResult", "measure",
-           "network_paths", "precision"]
+__all__ = ["DENSE_HALF", "ESCOIN", "ESCOIN_CALIBRATED", "ESCOIN_HALF", "ESCOIN_PATHS", "Path",
+           "PathResult", "measure", "network_paths", "precision"]
 
 DENSE_HALF = "dense fp16"
 ESCOIN = "escoin fp32"
