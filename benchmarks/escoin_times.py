@@ -31,21 +31,21 @@ from suite import LAYERS, Layer, geomean  # noqa: E402
 SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
 
 
-def layer_call(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
-               tensor_cores: bool) -> Tuple[Callable[[], None], float]:
+def layer_call(torch, layer: Layer, batch: int, sparsity: float, block: int,
+               rng: np.random.Generator, tensor_cores: bool) -> Tuple[Callable[[], None], float]:
     """escoin's call of `layer` on a pruned weight and an input drawn from rng, on the GPU, and
     its relative error against float64 (gpu_layers.escoin_case)."""
     import torch.nn.functional as F
 
-    x, weight = gpu_operands(torch, layer, batch, sparsity, rng)
+    x, weight = gpu_operands(torch, layer, batch, sparsity, rng, block)
     case = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
     return case.run, case.rel_err
 
 
-def measure(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
-            tensor_cores: bool) -> Dict:
-    run, err = layer_call(torch, layer, batch, sparsity, rng, tensor_cores)
-    return dict(layer=layer.name, batch=batch, sparsity=sparsity, rel_err=err,
+def measure(torch, layer: Layer, batch: int, sparsity: float, block: int,
+            rng: np.random.Generator, tensor_cores: bool) -> Dict:
+    run, err = layer_call(torch, layer, batch, sparsity, block, rng, tensor_cores)
+    return dict(layer=layer.name, batch=batch, sparsity=sparsity, block=block, rel_err=err,
                 ms=time_ms(torch, run))
 
 
@@ -53,16 +53,17 @@ def compare(paths: List[str]) -> None:
     runs = []
     for path in paths:
         with open(path) as f:
-            runs.append({(r["layer"], r["batch"], r["sparsity"]): r for r in json.load(f)["rows"]})
+            runs.append({(r["layer"], r["batch"], r["sparsity"], r.get("block", 1)): r
+                         for r in json.load(f)["rows"]})
     base, new = runs[0], runs[1]
     again = runs[2] if len(runs) > 2 else None
-    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'first us':>10}{'second us':>11}{'second/first':>14}"
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'blk':>4}{'first us':>10}{'second us':>11}{'second/first':>14}"
           + (f"{'first again':>13}" if again else "") + f"{'max err':>9}")
     ratios, spreads = [], []
     for key, b in base.items():
         n = new[key]
         ratios.append(n["ms"] / b["ms"])
-        line = (f"{key[0]:<13}{key[1]:>3}{key[2]:>5.2f}{b['ms'] * 1e3:>10.2f}"
+        line = (f"{key[0]:<13}{key[1]:>3}{key[2]:>5.2f}{key[3]:>4}{b['ms'] * 1e3:>10.2f}"
                 f"{n['ms'] * 1e3:>11.2f}{ratios[-1]:>13.3f}x")
         errors = [b["rel_err"], n["rel_err"]]
         if again:
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", choices=list(SUITE), default=list(SUITE))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[1],
+                        help="prune in blocks of this many output channels (1: unstructured)")
     parser.add_argument("--tensor-cores", action="store_true",
                         help="time the tensor-core kernel (conv2d(..., tensor_cores=True))")
     parser.add_argument("--out", help="JSON file to write")
@@ -95,10 +98,12 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     rng = np.random.default_rng(0)
-    rows = [measure(torch, SUITE[name], n, sp, rng, args.tensor_cores)
-            for sp in args.sparsities for name in args.layers for n in args.batches]
+    rows = [measure(torch, SUITE[name], n, sp, b, rng, args.tensor_cores)
+            for b in args.blocks for sp in args.sparsities for name in args.layers
+            for n in args.batches]
     for r in rows:
-        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['ms'] * 1e3:>10.2f} us"
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['block']:>4}"
+              f"{r['ms'] * 1e3:>10.2f} us"
               f"{r['rel_err']:>10.1e}")
     if args.out:
         with open(args.out, "w") as f:

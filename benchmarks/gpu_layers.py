@@ -11,6 +11,7 @@ Writes JSON and a PNG (speed-up over TF32 cuDNN per layer and sparsity); prints 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -82,21 +83,21 @@ def escoin_case(torch, F, layer: Layer, x, w, tensor_cores: bool = False) -> Esc
     return EscoinCase(run, relative_error(out, ref), filt.nnz, out)
 
 
-def gpu_operands(torch, layer: Layer, batch: int, sparsity: float,
-                 rng: np.random.Generator) -> Tuple[object, object]:
-    """A float32 input of `batch` images and a weight pruned to `sparsity`, drawn from rng, on
-    the GPU: (x, w)."""
-    weight = pruned_weight(layer, sparsity, rng)
+def gpu_operands(torch, layer: Layer, batch: int, sparsity: float, rng: np.random.Generator,
+                 block: int = 1) -> Tuple[object, object]:
+    """A float32 input of `batch` images and a weight pruned to `sparsity` (in blocks of `block`
+    output channels: suite.pruned_weight), drawn from rng, on the GPU: (x, w)."""
+    weight = pruned_weight(layer, sparsity, rng, block)
     x = rng.standard_normal((batch, layer.in_channels, layer.size, layer.size), dtype=np.float32)
     return torch.from_numpy(x).cuda(), torch.from_numpy(weight).cuda()
 
 
-def measure(torch, F, layer: Layer, batch: int, sparsity: float, rate: float,
+def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rate: float,
             rng: np.random.Generator) -> Dict:
-    x, w = gpu_operands(torch, layer, batch, sparsity, rng)
+    x, w = gpu_operands(torch, layer, batch, sparsity, rng, block)
     s, p = layer.stride, layer.padding
     case = escoin_case(torch, F, layer, x, w)
-    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, nnz=case.nnz,
+    row = dict(layer=layer.name, batch=batch, sparsity=sparsity, block=block, nnz=case.nnz,
                rel_err=case.rel_err)
     row["escoin"] = time_ms(torch, case.run)
     # The tensor-core kernel where it runs the layer (else the same kernels as above).
@@ -127,15 +128,18 @@ def plot(rows: List[Dict], path: str) -> None:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     batches = sorted({r["batch"] for r in rows})
-    sparsities = sorted({r["sparsity"] for r in rows})
+    prunings = sorted({(r["sparsity"], r["block"]) for r in rows})
     fig, axes = plt.subplots(len(batches), 1, figsize=(12, 4 * len(batches)), squeeze=False)
     for ax, batch in zip(axes[:, 0], batches):
-        names = [r["layer"] for r in rows if r["batch"] == batch and r["sparsity"] == sparsities[0]]
-        width = 0.8 / len(sparsities)
-        for i, sp in enumerate(sparsities):
-            sel = {r["layer"]: r for r in rows if r["batch"] == batch and r["sparsity"] == sp}
+        names = [r["layer"] for r in rows
+                 if r["batch"] == batch and (r["sparsity"], r["block"]) == prunings[0]]
+        width = 0.8 / len(prunings)
+        for i, (sp, block) in enumerate(prunings):
+            sel = {r["layer"]: r for r in rows
+                   if r["batch"] == batch and (r["sparsity"], r["block"]) == (sp, block)}
+            label = f"{sp:.0%}" + (f", blocks of {block}" if block > 1 else "")
             ax.bar(np.arange(len(names)) + i * width, [sel[n]["tf32"] / sel[n]["escoin"]
-                                                       for n in names], width, label=f"{sp:.0%}")
+                                                       for n in names], width, label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
         ax.set_ylabel("speed-up over cuDNN TF32")
@@ -150,6 +154,8 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[1],
+                        help="prune in blocks of this many output channels (1: unstructured)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -163,9 +169,10 @@ def main() -> None:
           f"{torch.backends.cudnn.version()}; escoin {escoin.__version__}; strict fp32 matmul "
           f"{rate / 1e12:.1f} TFLOP/s")
     rng = np.random.default_rng(0)
-    cases = [(l, n, sp) for sp in args.sparsities for l in layers(args.nets) for n in args.batches]
-    rows = [measure(torch, F, l, n, sp, rate, rng)
-            for l, n, sp in tqdm(cases, desc="cases", file=sys.stderr)]
+    cases = [(l, n, sp, b) for b in args.blocks for sp in args.sparsities
+             for l in layers(args.nets) for n in args.batches]
+    rows = [measure(torch, F, l, n, sp, b, rate, rng)
+            for l, n, sp, b in tqdm(cases, desc="cases", file=sys.stderr)]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_layers.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate, rows=rows), f,
@@ -173,24 +180,24 @@ def main() -> None:
     plot(rows, os.path.join(args.out, "gpu_layers.png"))
 
     cols = ["escoin", "escoin_tc"] + ANCHORS + ["floor"]
-    print(f"{'layer':<13}{'N':>3}{'sp':>5}" + "".join(f"{c:>10}" for c in cols)
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'blk':>4}" + "".join(f"{c:>10}" for c in cols)
           + f"{'err':>9}{'err_tc':>9}")
     for r in rows:
-        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}"
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['block']:>4}"
               + "".join(f"{r[c]:>10.4f}" for c in cols)
               + f"{r['rel_err']:>9.1e}{r['rel_err_tc']:>9.1e}")
     print("\ngeometric means of time / floor (lower is better), and escoin's speed-up over each")
-    print(f"{'sp':>5}{'N':>4}" + "".join(f"{c:>10}" for c in cols[:-1])
+    print("(blk: pruned in blocks of that many output channels; 1: unstructured)")
+    print(f"{'sp':>5}{'blk':>4}{'N':>4}" + "".join(f"{c:>10}" for c in cols[:-1])
           + "".join(f"{'x' + c:>9}" for c in ANCHORS) + f"{'worst/tf32':>16}")
-    for sp in args.sparsities:
-        for n in args.batches:
-            sel = [r for r in rows if r["batch"] == n and r["sparsity"] == sp]
-            ratios = [geomean(r[c] / r["floor"] for r in sel) for c in cols[:-1]]
-            speedups = [geomean(r[c] / r["escoin"] for r in sel) for c in ANCHORS]
-            worst = min(sel, key=lambda r: r["tf32"] / r["escoin"])
-            print(f"{sp:>5.2f}{n:>4}" + "".join(f"{v:>10.2f}" for v in ratios)
-                  + "".join(f"{v:>9.2f}" for v in speedups)
-                  + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
+    for b, sp, n in itertools.product(args.blocks, args.sparsities, args.batches):
+        sel = [r for r in rows if (r["batch"], r["sparsity"], r["block"]) == (n, sp, b)]
+        ratios = [geomean(r[c] / r["floor"] for r in sel) for c in cols[:-1]]
+        speedups = [geomean(r[c] / r["escoin"] for r in sel) for c in ANCHORS]
+        worst = min(sel, key=lambda r: r["tf32"] / r["escoin"])
+        print(f"{sp:>5.2f}{b:>4}{n:>4}" + "".join(f"{v:>10.2f}" for v in ratios)
+              + "".join(f"{v:>9.2f}" for v in speedups)
+              + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
     for key, name in (("rel_err", "escoin"), ("rel_err_tc", "escoin_tc")):
         worst_err = max(r[key] for r in rows)
         print(f"{name}: max relative error vs float64 {worst_err:.2e} "

@@ -50,11 +50,16 @@ def layers(nets: Iterable[str]) -> List[Layer]:
     return [layer for net in nets for layer in LAYERS[net]]
 
 
-def pruned_weight(layer: Layer, sparsity: float, rng: np.random.Generator) -> np.ndarray:
-    """Random unstructured pruning: each weight survives with probability 1 - sparsity."""
+def pruned_weight(layer: Layer, sparsity: float, rng: np.random.Generator,
+                  block: int = 1) -> np.ndarray:
+    """Random pruning: each weight survives with probability 1 - sparsity (block 1:
+    unstructured), or in blocks of `block` consecutive output channels that keep the same
+    weights (channels block * k .. block * k + block - 1, as block pruning leaves them)."""
     shape = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
     weight = rng.standard_normal(shape, dtype=np.float32)
-    return weight * (rng.random(shape, dtype=np.float32) >= sparsity)
+    blocks = (-(-layer.out_channels // block), *shape[1:])
+    kept = rng.random(blocks, dtype=np.float32) >= sparsity
+    return weight * np.repeat(kept, block, axis=0)[:layer.out_channels]
 
 
 def output_size(layer: Layer) -> int:

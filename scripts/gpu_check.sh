@@ -2,7 +2,9 @@
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
 #   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--half] [--probes]
-# (--quick: 90% sparsity only; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
+#                             [--blocks]
+# (--quick: 90% sparsity only; --blocks: the layer benchmark also on filters pruned in blocks of
+# four output channels, which the staged kernel's row-group form runs; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
 # CI, among them escoin-jax's LeNet5 example, which runs on JAX's default device, the GPU here;
 # --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
 # (benchmarks/gpu_half.py); --probes: also the tensor-core probes,
@@ -14,11 +16,11 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0; networks=0; half=0; probes=0; only=()
+quick=0; sanitize=0; networks=0; half=0; probes=0; blocks=(1); only=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --half) half=1 ;;
-    --probes) probes=1 ;;
+    --probes) probes=1 ;; --blocks) blocks=(1 4) ;;
     --gpu-tests) only=(-m cuda) ;;
   esac
 done
@@ -47,6 +49,12 @@ ESCOIN_SHUFFLED_ENTRIES=1 python3 -m pytest -q -m cuda tests/test_cuda.py \
   tests/test_half_precision.py -p no:cacheprovider 2>&1 |
   tee "$out/pytest_shuffled_entries.log" | tail -2 | sed 's/^/shuffled entries: /' ||
   echo "TESTS FAILED (shuffled entries)"
+# Every staged program in its row-group form (tile_program.hpp), which the tests' random filters
+# take only where it is cheaper: the same GPU tests again with it forced.
+ESCOIN_TILE_FORM=groups python3 -m pytest -q -m cuda tests/test_cuda.py \
+  tests/test_half_precision.py -p no:cacheprovider 2>&1 |
+  tee "$out/pytest_row_groups.log" | tail -2 | sed 's/^/row groups: /' ||
+  echo "TESTS FAILED (row groups)"
 if [ "$sanitize" = 1 ]; then
   echo "== compute-sanitizer (memcheck) on the GPU tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -m cuda \
@@ -70,7 +78,9 @@ if [ "$probes" = 1 ]; then
 fi
 echo "== layer benchmark"
 if [ "$quick" = 1 ]; then
-  python3 benchmarks/gpu_layers.py --sparsities 0.9 --batches 1 32 --out "$out" 2>/dev/null
+  python3 benchmarks/gpu_layers.py --sparsities 0.9 --batches 1 32 --blocks "${blocks[@]}" \
+    --out "$out" 2>/dev/null
 else
-  python3 benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32 --out "$out" 2>/dev/null
+  python3 benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32 \
+    --blocks "${blocks[@]}" --out "$out" 2>/dev/null
 fi

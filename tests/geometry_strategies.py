@@ -31,6 +31,16 @@ def _pads(padding: Union[str, Tuple[int, int]], kernel: Tuple[int, int],
     return padding[0], padding[0], padding[1], padding[1]
 
 
+def kept_mask(rng: np.random.Generator, groups: int, per_group_out: int,
+              window: Tuple[int, ...], density: float, block: int = 1) -> np.ndarray:
+    """Which weights of a (groups * per_group_out, *window) filter a random pruning keeps, each
+    with probability `density`; with block > 1 in blocks of output channels: a group's channels
+    block * k .. block * k + block - 1 keep the same weights (the group's last block cut short
+    where block does not divide per_group_out)."""
+    kept = rng.random((groups, -(-per_group_out // block), *window)) < density
+    return np.repeat(kept, block, axis=1)[:, :per_group_out].reshape(-1, *window)
+
+
 @st.composite
 def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
     """Non-square inputs and kernels, stride 1-3, dilation 1-3, padding ints/pairs/'same'/'valid',
@@ -62,11 +72,12 @@ def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
 
 
 @st.composite
-def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
+def staged_conv_cases(draw: st.DrawFn, block: int = 1) -> ConvCase:
     """Problems the GPU's staged kernel takes: batch 8-10 and at least 16 output channels per
     group; otherwise random kernels (1x1 often), strides, dilation, padding, groups, planes from
     a few positions to a few thousand, channel counts that leave partial blocks of 32 output
-    channels and span several shared-memory chunks, and density."""
+    channels and span several shared-memory chunks, and density; pruned in blocks of `block`
+    output channels (kept_mask)."""
     # 1x1 filters often: their warps read the entries of their rows as one run
     kernel = draw(st.just((1, 1)) | st.tuples(st.integers(1, 5), st.integers(1, 5)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -83,7 +94,7 @@ def staged_conv_cases(draw: st.DrawFn) -> ConvCase:
     density = draw(st.floats(0.05, 1.0))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     weight = rng.standard_normal((groups * per_group_out, per_group_in, *kernel))
-    weight *= rng.random(weight.shape) < density
+    weight *= kept_mask(rng, groups, per_group_out, weight.shape[1:], density, block)
     x = rng.standard_normal((batch, groups * per_group_in, h, w))
     bias = rng.standard_normal(groups * per_group_out) if draw(st.booleans()) else None
     return ConvCase(x, weight, bias, stride, padding, pads, dilation, groups, draw(st.booleans()))

@@ -13,6 +13,7 @@ from geometry_strategies import (PHASE_PLANE_CASES, ConvCase, conv_cases, phase_
 from escoin.geometry import descriptor
 from gpu_helpers import DeviceArrays, gpu_error
 from reference import conv2d_reference, relative_error
+from test_tile_program import GROUPED_MAGIC
 
 pytestmark = pytest.mark.cuda
 
@@ -40,6 +41,19 @@ def test_random_geometry_on_the_staged_kernel(dev, case: ConvCase) -> None:
 
 
 @settings(max_examples=60, deadline=None)
+@given(case=staged_conv_cases(block=4))
+def test_block_pruned_filters_on_the_staged_kernel(dev, case: ConvCase) -> None:
+    """Filters pruned in blocks of four output channels take the program's row-group form (each
+    input value a thread loads feeds four channels' FMAs), here with a residual: random
+    geometries, partial blocks at a group's end, every launch shape and split."""
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
+                      case.dilation)
+    assert filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    assert gpu_error(dev, case, with_residual=True) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
 @given(case=conv_cases(max_batch=9))
 def test_residual_added_before_the_relu(dev, case: ConvCase) -> None:
     """y = relu(conv + bias + residual) on whichever kernel the case runs, split sums too."""
@@ -58,10 +72,14 @@ def test_residual_on_the_staged_kernel(dev, case: ConvCase) -> None:
                                    (8, 40, 33, 33, 24, 1, 1), (8, 300, 16, 16, 20, 3, 1),
                                    (8, 24, 57, 61, 20, 5, 1), (32, 8, 60, 60, 128, 3, 1),
                                    (3, 48, 28, 28, 40, 1, 1), (8, 48, 28, 28, 40, 1, 1)])
-def test_network_sized_layers(dev, shape: tuple) -> None:
+@pytest.mark.parametrize("form", ["rows", "groups"])
+def test_network_sized_layers(dev, monkeypatch: pytest.MonkeyPatch, shape: tuple,
+                              form: str) -> None:
     """Planes of several thousand positions and channel counts spanning several chunks, on the
-    staged kernel ((32, 8, 60, ...) has a grid of thousands of blocks). The 28x28 1x1 cases read
-    x without stretching it, and the staged kernel's last tile runs past the end of x."""
+    staged kernel ((32, 8, 60, ...) has a grid of thousands of blocks), in both forms of its
+    program (rows, and row groups with zeros where a row has no nonzero). The 28x28 1x1 cases
+    read x without stretching it, and the staged kernel's last tile runs past the end of x."""
+    monkeypatch.setenv("ESCOIN_TILE_FORM", form)
     n, c, h, w, m, k, stride = shape
     rng = np.random.default_rng(sum(shape))
     weight = rng.standard_normal((m, c, k, k)) * (rng.random((m, c, k, k)) < 0.1)

@@ -3,7 +3,7 @@ entry against the CSR it came from, so the layout the kernel relies on (cuda/src
 is tested without a GPU."""
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 import escoin
 from escoin import EscoinError, _core
 from escoin.geometry import descriptor
+from geometry_strategies import kept_mask
 
-MAGIC, HEADER_WORDS = 0x45534336, 4
-ROWS, PRODUCTS, SHARED_FLOATS = 32, 8, 12256  # cuda/src/geometry.hpp: kStaged*
+MAGIC, GROUPED_MAGIC, HEADER_WORDS = 0x45534336, 0x45534736, 4  # cuda/src/tile_program.hpp
+ROWS, ROWS_PER_WARP, PRODUCTS, SHARED_FLOATS = 32, 4, 8, 12256  # cuda/src/geometry.hpp: kStaged*
 MAX_SPLITS, SMALL_GRID_BLOCKS = 16, 128  # cuda/src/geometry.cpp
 BOX_MAX = 256  # cuda/src/geometry.hpp: kTensorBoxMax
 
@@ -122,33 +123,54 @@ def staged_offset(offset: int, plan: Plan, layout: dict) -> int:
 def decode(words: np.ndarray, plan: Plan
            ) -> Tuple[int, Dict[Tuple[int, int], List[Tuple[int, float]]]]:
     """Per (item, row of the item), the (stretched offset in the plan's layout, value) of each
-    entry."""
+    entry, from either form: rows, or row groups (a warp's ROWS_PER_WARP rows list their union
+    once, each entry with a weight per row; 0 where a row has no nonzero there)."""
     magic, items, chunks, entries = (int(v) for v in words[:HEADER_WORDS])
-    assert magic == MAGIC
+    assert magic in (MAGIC, GROUPED_MAGIC)
+    grouped = magic == GROUPED_MAGIC
     begins = words[HEADER_WORDS:HEADER_WORDS + items * chunks * ROWS + 1]
     entries_at = (HEADER_WORDS + begins.size + 1) // 2 * 2
-    pairs = words[entries_at:].reshape(-1, 2)
-    assert pairs.shape[0] == entries == begins[-1]
+    if grouped:
+        shared_offsets = words[entries_at:entries_at + entries]
+        weights_at = -(-(entries_at + entries) // 4) * 4  # 16-byte aligned float4s
+        weights = words[weights_at:].view(np.float32).reshape(-1, ROWS_PER_WARP)
+        assert weights.shape[0] == entries
+        assert np.all(words[entries_at + entries:weights_at] == 0)
+    else:
+        pairs = words[entries_at:].reshape(-1, 2)
+        assert pairs.shape[0] == entries
+    assert entries == begins[-1]
     assert np.all(np.diff(begins) >= 0)
     decoded: Dict[Tuple[int, int], List[Tuple[int, float]]] = {}
     for key in range(items * chunks * ROWS):
         item, rest = divmod(key, chunks * ROWS)
         chunk, row = divmod(rest, ROWS)
-        for shared, bits in pairs[begins[key]:begins[key + 1]]:
+        run = range(begins[key], begins[key + 1])
+        if grouped and row % ROWS_PER_WARP:  # the warp's run is listed under its first row
+            assert len(run) == 0
+            continue
+        for e in run:
+            shared = int(shared_offsets[e] if grouped else pairs[e, 0])
             # (no tap here reads past its channel: the tests' outputs have several rows)
             if plan.whole_channels:  # channels lie in shared memory as in the input
-                channel, within = divmod(int(shared), plan.segment)
+                channel, within = divmod(shared, plan.segment)
                 assert within < plan.phases * plan.phase_plane
             else:
-                channel, rest = divmod(int(shared), plan.phases * plan.segment)
+                channel, rest = divmod(shared, plan.phases * plan.segment)
                 phase, shifted = divmod(rest, plan.segment)
                 d = shifted - phase * plan.phase_plane % plan.copy_align  # segments' starts
                 assert 0 <= d < (plan.segment if plan.tensor_copy else plan.phase_plane)
                 within = phase * plan.phase_plane + d
             assert channel < plan.chunk_channels
             offset = (chunk * plan.chunk_channels + channel) * plan.channel_stride + within
-            decoded.setdefault((item, row), []).append(
-                (offset, float(np.array(bits, np.int32).view(np.float32))))
+            if grouped:
+                assert np.any(weights[e] != 0)  # an entry of the union: some row's nonzero
+                for r, value in enumerate(weights[e]):
+                    if value != 0:
+                        decoded.setdefault((item, row + r), []).append((offset, float(value)))
+            else:
+                decoded.setdefault((item, row), []).append(
+                    (offset, float(np.array(pairs[e, 1], np.int32).view(np.float32))))
     return items, decoded
 
 
@@ -188,13 +210,23 @@ def test_1x1_filters_copy_x_as_it_lies(in_channels: int, size: int, reads_x: boo
     assert plan.chunk_channels % 8 == 0 or not reads_x
 
 
-def check_program(out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
-                  groups: int, size: int, density: float, seed: int) -> Plan:
-    """Builds the program of a random filter and checks it entry by entry; returns its plan."""
-    rng = np.random.default_rng(seed)
-    shape = (out_channels * groups, in_channels, kernel, kernel)
-    weight = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
+def pruned(out_channels: int, in_channels: int, kernel: int, groups: int, density: float,
+           rng: np.random.Generator, block: int = 1) -> np.ndarray:
+    """A random float32 filter of `groups` groups of out_channels, pruned as kept_mask does."""
+    window = (in_channels, kernel, kernel)
+    mask = kept_mask(rng, groups, out_channels, window, density, block)
+    weight = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
     weight[:, 0, 0, 0] = 1.0  # never an all-zero filter
+    return weight
+
+
+def check_program(out_channels: int, in_channels: int, kernel: int, stride: int, dilation: int,
+                  groups: int, size: int, density: float, seed: int, block: int = 1,
+                  form: Optional[bool] = None) -> Plan:
+    """Builds the program of a random filter (pruned in blocks of `block` channels) and checks it
+    entry by entry, and its form where `form` is given (True: row groups); returns its plan."""
+    rng = np.random.default_rng(seed)
+    weight = pruned(out_channels, in_channels, kernel, groups, density, rng, block)
     filt = escoin.SparseFilter.from_dense(weight, groups=groups)
     x_shape = (8, in_channels * groups, size, size + 3)
     desc = descriptor(x_shape, filt.shape, groups, stride, "same" if stride == 1 else 1,
@@ -203,6 +235,8 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
     assert program is not None  # >= 16 output channels per group: the staged kernel pays
     plan = staged_plan(desc)
     items, decoded = decode(program.view(np.int32), plan)
+    if form is not None:
+        assert (program.view(np.int32)[0] == GROUPED_MAGIC) == form
     layout = dict(_core.conv_layout(desc))
     items_per_group = -(-out_channels // ROWS)
     assert items == groups * items_per_group
@@ -216,6 +250,30 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
                 (staged_offset(int(offsets[j]), plan, layout), float(filt.values[j])))
     assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
     return plan
+
+
+@pytest.mark.parametrize("out_channels, groups, kernel", [(64, 1, 3), (70, 1, 3), (18, 2, 1),
+                                                          (40, 3, 5)])
+def test_block_pruned_filters_take_the_row_group_form(out_channels: int, groups: int,
+                                                      kernel: int) -> None:
+    """Channels pruned in blocks of four share their pattern: the program lists it once per
+    warp's four rows (four weights an entry), also where a group's last block has fewer rows
+    (70 = 17 * 4 + 2, 18 = 4 * 4 + 2) or the warp rows past a group's channels."""
+    check_program(out_channels, 24, kernel, 1, 1, groups, 20, 0.1, out_channels, block=4,
+                  form=True)
+
+
+@pytest.mark.parametrize("density, form", [(0.1, False), (0.5, True)])
+def test_randomly_pruned_filters_take_the_cheaper_form(density: float, form: bool) -> None:
+    """A random 90%-sparse filter's four-row unions have ~0.86 entries per nonzero: rows. At 50%
+    they have ~0.47: row groups, zeros for the rows without a nonzero there."""
+    check_program(64, 48, 3, 1, 1, 1, 20, density, 7, form=form)
+
+
+@pytest.mark.parametrize("forced, block", [("groups", 1), ("rows", 4)])
+def test_the_form_can_be_forced(monkeypatch: pytest.MonkeyPatch, forced: str, block: int) -> None:
+    monkeypatch.setenv("ESCOIN_TILE_FORM", forced)
+    check_program(40, 24, 3, 2, 1, 1, 30, 0.1, 11, block=block, form=forced == "groups")
 
 
 @pytest.mark.parametrize("width, channel_stride", [(11, 16), (2**30 - 4, 2**30 - 4)])

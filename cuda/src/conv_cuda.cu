@@ -205,6 +205,9 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
     escoin::check_alignment(escoin::element_size(dtype),
                             {{x, "x"}, {y, "y"}, {bias, "bias"}, {residual, "residual"}});
     escoin::check_alignment(sizeof(float), {{workspace, "workspace"}});  // float32 throughout
+    if (reinterpret_cast<uintptr_t>(tile_program) % 16 != 0)  // row-group weights: float4s
+      escoin::fail_invalid("tile_program must be 16-byte aligned, got address ",
+                           uint64_t(reinterpret_cast<uintptr_t>(tile_program)));
     auto s = static_cast<cudaStream_t>(stream);
     auto ws = static_cast<float*>(workspace);
     const auto* v = static_cast<const float*>(values);

@@ -25,11 +25,14 @@ constexpr int kWarps = int(kStagedWarps);
 constexpr int kRowsPerWarp = int(kStagedRowsPerWarp);
 constexpr int kRows = int(kStagedRows);
 constexpr int kThreads = 32 * kWarps;
-// The block's shared memory: the chunk, then (SHARED_ENTRIES) each warp's current 32 entries of
-// the filter, then the bulk copies' barrier. With the entries it is 49.9 KB, over the 48 KB a
-// launch gets without opting in (prepare_device).
+// The block's shared memory: the chunk, then (SHARED_ENTRIES) each warp's slots for its current
+// 32 entries of the filter (kSlotFloats: 32 (offset, weight) pairs in the rows form, 32 offsets
+// and 32 x kRowsPerWarp weights in the row-group form), then the bulk copies' barrier. With the
+// slots it is 54 KB, over the 48 KB a launch gets without opting in (prepare_device); four
+// blocks still fit an H100's SM.
+constexpr int kSlotFloats = (1 + kRowsPerWarp) * 32;
 template <bool SHARED_ENTRIES>
-constexpr int kEntryFloats = SHARED_ENTRIES ? 2 * 32 * kWarps : 0;
+constexpr int kEntryFloats = SHARED_ENTRIES ? kSlotFloats * kWarps : 0;
 template <bool SHARED_ENTRIES>
 constexpr size_t kSharedBytes =
     (size_t(kStagedSharedFloats) + kEntryFloats<SHARED_ENTRIES>) * sizeof(float) +
@@ -220,6 +223,24 @@ __device__ __forceinline__ void apply_entry(float (&acc)[IMAGES][POSITIONS], con
       acc[b][i] = fmaf(w, src[b * kImageShare<IMAGES> + 32 * i], acc[b][i]);
 }
 
+// One row-group entry (tile_program.hpp) applied to the sums of the warp's rows: each input value
+// the thread reads feeds one FMA per row, weight w.x for row 0 to w.w for row 3.
+template <int IMAGES, int POSITIONS>
+__device__ __forceinline__ void apply_group_entry(float (&acc)[kRowsPerWarp][IMAGES][POSITIONS],
+                                                  const float* src, float4 w) {
+  static_assert(kRowsPerWarp == 4, "a row-group entry holds one float4 of weights");
+#pragma unroll
+  for (int b = 0; b < IMAGES; ++b)
+#pragma unroll
+    for (int i = 0; i < POSITIONS; ++i) {
+      const float v = src[b * kImageShare<IMAGES> + 32 * i];
+      acc[0][b][i] = fmaf(w.x, v, acc[0][b][i]);
+      acc[1][b][i] = fmaf(w.y, v, acc[1][b][i]);
+      acc[2][b][i] = fmaf(w.z, v, acc[2][b][i]);
+      acc[3][b][i] = fmaf(w.w, v, acc[3][b][i]);
+    }
+}
+
 // The element type of a staged kernel's y, bias and residual: float32, or with NARROW_Y
 // float16 (whose 2 bytes also carry bfloat16: StagedParams::out_type says which).
 template <bool NARROW_Y>
@@ -293,10 +314,13 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
                    StagedParams p, const __grid_constant__ CUtensorMap x_map) {
   extern __shared__ __align__(128) float4 shared4[];
   float* tile = reinterpret_cast<float*>(shared4);
-  // Past the largest chunk (kStagedSharedFloats): with SHARED_ENTRIES each warp's current 32
-  // entries, then the barrier that counts a chunk's bulk copies in.
-  auto* warp_entries =
-      reinterpret_cast<int2*>(tile + kStagedSharedFloats) + 32 * (threadIdx.x / 32);
+  // Past the largest chunk (kStagedSharedFloats): with SHARED_ENTRIES each warp's slots for its
+  // current 32 entries (rows: warp_entries; row groups: group_offsets, group_weights), then the
+  // barrier that counts a chunk's bulk copies in.
+  float* const slots = tile + kStagedSharedFloats + kSlotFloats * (threadIdx.x / 32);
+  auto* warp_entries = reinterpret_cast<int2*>(slots);
+  auto* group_offsets = reinterpret_cast<int*>(slots);
+  auto* group_weights = reinterpret_cast<float4*>(slots + 32);
   auto* landed =
       reinterpret_cast<uint64_t*>(tile + kStagedSharedFloats + kEntryFloats<SHARED_ENTRIES>);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
@@ -336,6 +360,11 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   uint32_t landed_phase = 0;
 #endif
   wait_for_previous_grid();  // the stretched input, and the output an earlier kernel may read
+  // The program's form (tile_program.hpp), and in the row-group form where its weights start.
+  const bool grouped = __ldg(program) == kGroupedTileProgramMagic;
+  const auto* group_offsets_in = program + p.entries_word;
+  const auto* group_weights_in = reinterpret_cast<const float4*>(
+      program + (p.entries_word + (grouped ? __ldg(program + 3) : 0) + 3) / 4 * 4);
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
     stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed, &x_map, group * p.group_in,
@@ -378,7 +407,40 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
       }
     };
     const int first = __shfl_sync(~0u, bound, 0);
-    if constexpr (ONE_RUN) {
+    if (grouped) {
+      // The warp's rows share one run of entries, 32 at a time, each next 32 loaded before the
+      // current ones are applied, handed over as in the rows form (slots or shuffles).
+      const int count = __shfl_sync(~0u, bound, kRowsPerWarp) - first;
+      auto load = [&](int k, int& offset, float4& w) {
+        offset = k < count ? __ldg(group_offsets_in + first + k) : 0;
+        w = k < count ? __ldg(group_weights_in + first + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+      };
+      int offset, ahead_offset;
+      float4 w, ahead_w;
+      load(lane, offset, w);
+      wait_for_chunk();
+      for (int base = 0; base < count; base += 32) {
+        load(base + 32 + lane, ahead_offset, ahead_w);
+        if constexpr (SHARED_ENTRIES) {
+          __syncwarp();  // the warp's previous entries are consumed
+          group_offsets[lane] = offset;
+          group_weights[lane] = w;
+          __syncwarp();
+        }
+        const int n = min(32, count - base);
+        for (int j = 0; j < n; ++j) {
+          if constexpr (SHARED_ENTRIES) {
+            apply_group_entry(acc, lane_tile + group_offsets[j], group_weights[j]);
+          } else {
+            apply_group_entry(acc, lane_tile + __shfl_sync(~0u, offset, j),
+                              make_float4(__shfl_sync(~0u, w.x, j), __shfl_sync(~0u, w.y, j),
+                                          __shfl_sync(~0u, w.z, j), __shfl_sync(~0u, w.w, j)));
+          }
+        }
+        offset = ahead_offset;
+        w = ahead_w;
+      }
+    } else if constexpr (ONE_RUN) {
       // The warp's rows' entries of the chunk as one run (the program stores its rows one after
       // another), 32 at a time however they fall into rows, each 32 loaded two before they are
       // applied: where rows are short (~6 entries a chunk with a 1x1 filter) one load and one

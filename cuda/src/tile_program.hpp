@@ -22,11 +22,24 @@
 // q0 % plane_w elements before q0 (a multiple of 4, so no shift), which the thread adds to
 // every offset; where the stretch writes the same layout, segments start at q0 as above.
 //
+// Two forms, one per filter and geometry (tile_program.cpp's choose_form):
+// - rows: each row (output channel) lists its own entries.
+// - row groups: a warp's kStagedRowsPerWarp rows (channels 4w..4w+3 of the item) list the union
+//   of their entries per chunk, each an offset and one weight per row (0 where that row has no
+//   nonzero there). One input value loaded from shared memory then feeds four FMAs instead of
+//   one: a filter whose rows come in groups of four with one pattern (block pruning) needs a
+//   quarter of the loads. Built where the union costs less than the rows (choose_form).
+//
 // Layout, in 32-bit words:
-//   header  [kTileHeaderWords]: kTileProgramMagic, items, chunks, entries
+//   header  [kTileHeaderWords]: magic (kTileProgramMagic: rows; kGroupedTileProgramMagic: row
+//           groups), items, chunks, entries
 //   begins  [items * chunks * kStagedRows + 1]: first entry of (item, chunk, row of the item);
-//           a row's entries end where the next begin starts
-//   entries int2[entries]: (shared offset, weight bits), starting at an even word
+//           a row's entries end where the next begin starts. In the row-group form, row 4w's
+//           begin is where warp w's run starts and rows 4w+1..4w+3 begin where it ends (empty)
+//   rows:       entries int2[entries]: (shared offset, weight bits), starting at an even word
+//   row groups: shared offsets int32[entries], from the same even word, then the weights
+//               float[entries][kStagedRowsPerWarp] from the next multiple of 4 words (16-byte
+//               loads; the program must be 16-byte aligned on the device)
 #pragma once
 
 #include <cstdint>
@@ -35,7 +48,8 @@
 
 namespace escoin {
 
-constexpr int32_t kTileProgramMagic = 0x45534336;  // "ESC6": tiles of 7 x 32, phase planes
+constexpr int32_t kTileProgramMagic = 0x45534336;         // "ESC6": tiles of 7 x 32, phase planes
+constexpr int32_t kGroupedTileProgramMagic = 0x45534736;  // "ESG6": the row-group form
 constexpr int64_t kTileHeaderWords = 4;
 
 inline int64_t tile_begin_words(const StagedPlan& s) {
@@ -43,6 +57,10 @@ inline int64_t tile_begin_words(const StagedPlan& s) {
 }
 inline int64_t tile_entries_word(const StagedPlan& s) {
   return (kTileHeaderWords + tile_begin_words(s) + 1) / 2 * 2;
+}
+// The row-group form's weights, after `entries` offsets.
+inline int64_t tile_weights_word(int64_t entries_word, int64_t entries) {
+  return (entries_word + entries + 3) / 4 * 4;
 }
 
 }  // namespace escoin

@@ -175,11 +175,17 @@ escoin_status_t escoin_conv2d_forward_cpu_trusted(const escoin_conv_desc_t* desc
  * out_channels aside, as for the offsets), then copied to the device by the caller. The staged
  * kernel copies chunks of input channels into shared memory and works on blocks of 32 output
  * channels; the program lists, per block of output channels, chunk and channel, the nonzeros as
- * (shared-memory offset, weight) pairs: about 8 bytes per nonzero. values is float32. size gives
+ * (shared-memory offset, weight) pairs: about 8 bytes per nonzero. Where the filter's output
+ * channels share their nonzero pattern in groups of four (channels 4k..4k+3 of a group, as
+ * block pruning leaves them), the program lists each group's pattern once with four weights
+ * (20 bytes per four nonzeros), and the kernel feeds each input value it loads to four FMAs:
+ * that form is built where the union of a group's patterns has at most 3/4 of its nonzeros
+ * (ESCOIN_TILE_FORM=rows or =groups, read by build, forces one). values is float32. size gives
  * the bytes that build writes, or 0 where the staged kernel would not pay (fewer than 16 output
  * channels per group, as in depthwise filters, or a stretched input row too wide for one
- * channel to fit in shared memory): pass no program then. Both check the CSR against the
- * geometry as the CPU forward does. */
+ * channel to fit in shared memory): pass no program then; size builds the program to know its
+ * form, so it costs what build does. Both check the CSR against the geometry as the CPU forward
+ * does. On the device the program must be 16-byte aligned (cudaMalloc's is). */
 /* The smallest batch for which the CUDA forward runs the staged kernel (1: every batch, where a
  * tile program is passed); below it a tile program is not read, so callers need not build one. */
 int escoin_tile_min_batch(void);
@@ -203,7 +209,7 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
  * then not stretched (else the streaming kernel runs).
  * Launch errors are reported; errors of the asynchronous execution surface at the caller's next
  * synchronisation. The first call on a device sets the staged kernel's shared-memory limit there
- * (cudaFuncSetAttribute; 49.9 KB, where the GPU still fits as many blocks per SM as with 48 KB);
+ * (cudaFuncSetAttribute; 54 KB, where the GPU still fits as many blocks per SM as with 48 KB);
  * the environment variable ESCOIN_SHUFFLED_ENTRIES=1, read then, keeps it to 48 KB (the form
  * GPUs with 100 KB per SM run; for testing). On sm_90 and
  * newer, with code compiled for them, the kernels are launched as programmatic dependents of the
