@@ -156,19 +156,20 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
   return p;
 }
 
-// The form that costs the staged kernel's loop less. Per entry, the rows form waits on its
-// loads' shared-memory wavefronts: 8 for the thread's 8 products plus one for the entry, ~9
-// cycles of an SM's shared-memory pipe. A row-group entry issues the same 8 loads, two for the
-// entry and 32 FMAs: ~42 instructions, ~10.5 cycles of an SM's four schedulers. By that count
-// the groups pay below ~0.86 union entries per nonzero, which is what a random 90%-sparse
-// filter has (80%: 0.74, 50%: 0.47); filters pruned in blocks of four output channels have
-// 0.25. The threshold, 0.75, leaves the count's error to the groups' side until measured.
+// The form that costs the staged kernel's loop less. A rows entry waits on ~9 shared-memory
+// wavefronts (8 loads for the thread's 8 products, one for the entry); a row-group entry issues
+// ~44 instructions (8 loads, 2 entry loads, 32 FMAs, the loop's own). Measured on an H100 with
+// either form forced on random filters (docs/performance.md, "the row-group form"), a union
+// entry costs ~1.55 rows entries (1.29x the rows form's time at 90% sparsity, 1.16x at 80%,
+// 0.76x at 50%), so the groups pay below ~0.65 union entries per nonzero; random filters have
+// 0.86 at 90% sparsity, 0.74 at 80%, 0.47 at 50%, and filters pruned in blocks of four output
+// channels 0.25 (blocks of two: 0.5). The threshold, 0.6, leaves the ties to the rows form.
 // ESCOIN_TILE_FORM=rows or =groups forces a form (read at build time; tests and benchmarks).
 bool choose_groups(int64_t nonzeros, int64_t union_entries) {
   const char* forced = std::getenv("ESCOIN_TILE_FORM");
   if (forced && std::strcmp(forced, "rows") == 0) return false;
   if (forced && std::strcmp(forced, "groups") == 0) return true;
-  return union_entries * 4 <= nonzeros * 3;
+  return union_entries * 5 <= nonzeros * 3;
 }
 
 Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,

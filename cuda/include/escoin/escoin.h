@@ -179,7 +179,7 @@ escoin_status_t escoin_conv2d_forward_cpu_trusted(const escoin_conv_desc_t* desc
  * channels share their nonzero pattern in groups of four (channels 4k..4k+3 of a group, as
  * block pruning leaves them), the program lists each group's pattern once with four weights
  * (20 bytes per four nonzeros), and the kernel feeds each input value it loads to four FMAs:
- * that form is built where the union of a group's patterns has at most 3/4 of its nonzeros
+ * that form is built where the union of a group's patterns has at most 3/5 of its nonzeros
  * (ESCOIN_TILE_FORM=rows or =groups, read by build, forces one). values is float32. size gives
  * the bytes that build writes, or 0 where the staged kernel would not pay (fewer than 16 output
  * channels per group, as in depthwise filters, or a stretched input row too wide for one
