@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+import torch
+from torch import nn
 
 from escoin_torch.bench import main
+from escoin_torch.bench.models import build
+from escoin_torch.bench.prune import prune_convs
 from escoin_torch.bench.paths import ESCOIN, ESCOIN_HALF, PathResult
 from escoin_torch.bench.report import network_table, summary_table
 from escoin_torch.bench.runner import NetworkResult
@@ -66,6 +70,24 @@ def test_alexnet_quick_random_pruning(tmp_path: Path) -> None:
     assert run["input_shape"] == [1, 3, 112, 112]
     _check_run(run, ["dense fp32", "escoin fp32", "escoin calibrated"])
     assert len(run["layers"]) == 5  # random pruning leaves every conv ~90% sparse: all converted
+
+
+def test_networks_pruned_in_blocks(tmp_path: Path) -> None:
+    """--block 4: LeNet5's convs pruned in blocks of four output channels (its first conv has 6
+    channels: a block of 4 and one of 2), escoin still checked against float64."""
+    record = _run_bench(tmp_path, "--nets", "lenet5", "--batches", "2", "--block", "4",
+                        "--prune", "random", "--repeats", "1", "--warmup", "0")
+    (run,) = record["runs"]
+    _check_run(run, ["dense fp32", "escoin fp32", "escoin calibrated"])
+    assert record["meta"]["config"]["block"] == 4
+    assert run["conv_density"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_block_pruning_shares_each_blocks_pattern() -> None:
+    model = prune_convs(build("vgg16", 0), 0.9, "random", 0, block=4)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        kept = (conv.weight != 0).reshape(conv.out_channels // 4, 4, -1)
+        assert torch.equal(kept, kept[:, :1].expand_as(kept))
 
 
 def test_exceeding_the_tolerance_fails(tmp_path: Path) -> None:

@@ -6,10 +6,13 @@
 * :class:`SparseConv2d` is a drop-in ``nn.Conv2d``: dense in training, sparse in eval.
 * :func:`sparse_conv2d` / ``torch.ops.escoin.sparse_conv2d`` is the op (CPU and CUDA, fake and
   autograd kernels, so it works with torch.compile, CUDA graphs and ``opcheck``).
+* :func:`block_prune` and :func:`global_block_prune` prune in blocks of four output channels,
+  the structure escoin's GPU kernel turns into ~2x more speed than unstructured sparsity.
 * :mod:`escoin_torch.seed` is the API of the seed port (``import escoin_torch.seed as sp``).
 
 The core is reached only through the ``escoin`` Python package.
 """
+from escoin_torch.block_pruning import block_prune, global_block_prune
 from escoin_torch.convert import LayerReport, LayerTiming, calibrate, sparsify
 from escoin_torch.csr import CSRWeight
 from escoin_torch.fuse import fuse_for_inference
@@ -21,5 +24,6 @@ from escoin_torch.timing import PathTimes, time_paths
 __version__ = "0.1.0"
 
 __all__ = ["CSRWeight", "LayerReport", "LayerTiming", "PathTimes", "SUPPORTED_DTYPES",
-           "SparseConv2D", "SparseConv2d", "SparseModel", "Sparse_modes", "calibrate",
-           "fuse_for_inference", "set_mode", "sparse_conv2d", "sparsify", "time_paths"]
+           "SparseConv2D", "SparseConv2d", "SparseModel", "Sparse_modes", "block_prune",
+           "calibrate", "fuse_for_inference", "global_block_prune", "set_mode", "sparse_conv2d",
+           "sparsify", "time_paths"]

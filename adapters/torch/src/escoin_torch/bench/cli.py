@@ -52,6 +52,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="global random unstructured pruning (default, as the Escoin port's "
                              "benchmarks do) or global magnitude pruning (on freshly initialised "
                              "weights it leaves the first layers under 50%% sparse)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="prune in blocks of this many output channels, which share their "
+                             "pattern (escoin_torch.global_block_prune; 4 is the structure "
+                             "escoin's GPU kernel runs fastest); default 1: single weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CUDA when torch and escoin both can use it, else CPU")
     parser.add_argument("--graphs", choices=("on", "off", "both"), default="both",
@@ -74,6 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.batches) < 1:
         parser.error("--batches must be positive")
+    if args.block < 1:
+        parser.error("--block must be positive")
     if args.repeats is not None and args.repeats < 1 or args.warmup is not None \
             and args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -128,7 +134,8 @@ def _cases(args: argparse.Namespace, device: torch.device) -> List[Case]:
     graphs = {"off": (False,), "on": (True,), "both": (False, True)}[args.graphs] if cuda \
         else (False,)
     return [Case(net, batch, device, args.sparsity, args.prune, size, graphs, repeats, warmup,
-                 args.rtol, args.half_rtol, args.seed) for net in args.nets for batch in batches]
+                 args.rtol, args.half_rtol, args.seed, args.block)
+            for net in args.nets for batch in batches]
 
 
 def _resolve_device(name: str) -> torch.device:

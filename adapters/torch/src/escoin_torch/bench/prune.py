@@ -1,4 +1,5 @@
-"""Global unstructured pruning of a network's convolutions, the way pruned CNNs are produced.
+"""Global pruning of a network's convolutions, the way pruned CNNs are produced: of single
+weights (unstructured), or in blocks of output channels (escoin_torch.global_block_prune).
 
 Only ``nn.Conv2d`` weights are pruned: escoin computes convolutions, and the linear layers stay
 dense in both the dense and the escoin model, so pruning them would change neither side's
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from escoin_torch.block_pruning import global_block_prune
+
 __all__ = ["Method", "prune_convs"]
 
 Method = Literal["magnitude", "random"]
@@ -21,11 +24,13 @@ Method = Literal["magnitude", "random"]
 _METHODS = {"magnitude": prune.L1Unstructured, "random": prune.RandomUnstructured}
 
 
-def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0) -> nn.Module:
+def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0,
+                block: int = 1) -> nn.Module:
     """Zeroes the fraction ``sparsity`` of all conv weights of ``model`` (in place) and returns it.
 
     ``magnitude`` keeps the largest |w| across all convs; ``random`` keeps a uniform random subset
-    (seeded). Each conv's surviving weights are then scaled back to its norm before pruning
+    (seeded). With ``block`` > 1 whole blocks of ``block`` output channels go (ranked by their
+    root mean square, or by random scores). Each conv's surviving weights are then scaled back to its norm before pruning
     (:func:`_keep_scale`). The pruning is made permanent (``prune.remove``): a pruned module
     recomputes ``weight_orig * weight_mask`` in a pre-forward hook, which would add to every
     dense forward.
@@ -39,7 +44,12 @@ def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0
         raise ValueError("the model has no nn.Conv2d to prune")
     torch.manual_seed(seed)
     norms = [float(torch.linalg.vector_norm(m.weight.detach())) for m, _ in convs]
-    prune.global_unstructured(convs, pruning_method=_METHODS[method], amount=sparsity)
+    if block == 1:
+        prune.global_unstructured(convs, pruning_method=_METHODS[method], amount=sparsity)
+    else:
+        scores = ({m: torch.rand_like(m.weight) for m, _ in convs} if method == "random"
+                  else None)
+        global_block_prune([m for m, _ in convs], sparsity, block, importance_scores=scores)
     for (module, name), norm in zip(convs, norms):
         prune.remove(module, name)
         _keep_scale(module, norm)

@@ -42,6 +42,7 @@ class Case:
     rtol: float = 1e-4
     half_rtol: float = 1e-2  # for ESCOIN_HALF
     seed: int = 0
+    block: int = 1  # pruned in blocks of this many output channels (1: single weights)
 
 
 @dataclass
@@ -92,7 +93,8 @@ class NetworkResult:
 def run_case(case: Case, step: Callable[[str], None] = lambda _: None) -> NetworkResult:
     """Runs ``case``; ``step(description)`` is called before each phase (for a progress bar)."""
     step("build and prune")
-    dense = prune_convs(build(case.net, case.seed), case.sparsity, case.prune, case.seed)
+    dense = prune_convs(build(case.net, case.seed), case.sparsity, case.prune, case.seed,
+                        case.block)
     generator = torch.Generator().manual_seed(case.seed + 1)
     x = torch.randn(input_shape(case.net, case.batch, case.size), generator=generator)
     sparse, report = escoin_torch.sparsify(dense)  # a converted copy; `dense` stays dense
