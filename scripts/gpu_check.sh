@@ -2,9 +2,10 @@
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
 #   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--half] [--probes]
-#                             [--blocks]
-# (--quick: 90% sparsity only; --blocks: the layer benchmark also on filters pruned in blocks of
-# four output channels, which the staged kernel's row-group form runs; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
+#                             [--blocks] [--no-layers] [--graphs-only]
+# (--quick: 90% sparsity only; --blocks: the layer and network benchmarks also on filters pruned
+# in blocks of four output channels, which the staged kernel's row-group form runs; --no-layers:
+# no layer benchmark; --graphs-only: the network benchmark with CUDA graphs only; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
 # CI, among them escoin-jax's LeNet5 example, which runs on JAX's default device, the GPU here;
 # --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
 # (benchmarks/gpu_half.py); --probes: also the tensor-core probes,
@@ -16,11 +17,12 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0; networks=0; half=0; probes=0; blocks=(1); only=()
+quick=0; sanitize=0; networks=0; half=0; probes=0; blocks=(1); layers=1; graphs=both; only=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --half) half=1 ;;
-    --probes) probes=1 ;; --blocks) blocks=(1 4) ;;
+    --probes) probes=1 ;; --blocks) blocks=(1 4) ;; --no-layers) layers=0 ;;
+    --graphs-only) graphs=on ;;
     --gpu-tests) only=(-m cuda) ;;
   esac
 done
@@ -64,7 +66,11 @@ if [ "$sanitize" = 1 ]; then
 fi
 if [ "$networks" = 1 ]; then
   echo "== networks"
-  python3 -m escoin_torch.bench --batches 1 32 --out "$out/networks" 2>/dev/null | tail -40
+  for block in "${blocks[@]}"; do
+    echo "-- pruned in blocks of $block output channels"
+    python3 -m escoin_torch.bench --batches 1 32 --graphs "$graphs" --block "$block" \
+      --out "$out/networks_block$block" 2>/dev/null | tail -40
+  done
 fi
 if [ "$half" = 1 ]; then
   echo "== 16-bit layer benchmark"
@@ -76,6 +82,7 @@ if [ "$probes" = 1 ]; then
   OUT="$out" bash scripts/tensor_core_probes.sh 2>&1 | grep -v "^$" | tail -60 ||
     echo "PROBES FAILED"
 fi
+if [ "$layers" = 0 ]; then exit 0; fi
 echo "== layer benchmark"
 if [ "$quick" = 1 ]; then
   python3 benchmarks/gpu_layers.py --sparsities 0.9 --batches 1 32 --blocks "${blocks[@]}" \
