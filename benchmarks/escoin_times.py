@@ -57,7 +57,8 @@ def compare(paths: List[str]) -> None:
                          for r in json.load(f)["rows"]})
     base, new = runs[0], runs[1]
     again = runs[2] if len(runs) > 2 else None
-    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'blk':>4}{'first us':>10}{'second us':>11}{'second/first':>14}"
+    print(f"{'layer':<13}{'N':>3}{'sp':>5}{'blk':>4}{'first us':>10}{'second us':>11}"
+          f"{'second/first':>14}"
           + (f"{'first again':>13}" if again else "") + f"{'max err':>9}")
     ratios, spreads = [], []
     for key, b in base.items():

@@ -53,6 +53,36 @@ def test_block_pruned_filters_on_the_staged_kernel(dev, case: ConvCase) -> None:
     assert gpu_error(dev, case, with_residual=True) <= 1e-5
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_a_nan_reaches_only_the_channels_that_read_it(dev, monkeypatch: pytest.MonkeyPatch,
+                                                      blocks: bool) -> None:
+    """Only stored nonzeros read x (escoin.h): a NaN in x reaches the outputs of the channels
+    whose weights read its input channel, as on the CPU, whichever form the staged kernel's
+    program takes. With blocks of four channels sharing each pattern it is the row-group form;
+    channels whose unions would be smaller but not shared (here 0.5 entries per nonzero) keep
+    the rows form, since a row group's zero weight would multiply the NaN."""
+    monkeypatch.delenv("ESCOIN_TILE_FORM", raising=False)
+    weight = np.zeros((32, 8, 1, 1), np.float32)
+    if blocks:
+        weight[:16, 0] = np.arange(1, 17).reshape(16, 1, 1)  # channels 0-15 read input 0
+        weight[16:, 1] = np.arange(1, 17).reshape(16, 1, 1)  # channels 16-31 read input 1
+    else:
+        weight[0::4, 0], weight[1::4, 1], weight[2::4, 1], weight[3::4, 1] = 1, 2, 3, 4
+    x = np.random.default_rng(9).standard_normal((8, 8, 8, 8)).astype(np.float32)
+    x[0, 1, 3, 3] = np.nan
+    filt = escoin.SparseFilter.from_dense(weight)
+    desc = descriptor(x.shape, filt.shape, 1, 1, 0, 1)
+    grouped = filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    assert grouped == blocks
+    out = dev.full(x.shape[:1] + (32, 8, 8), np.inf)  # poison
+    escoin.conv2d(dev.put(x), filt, out=out)
+    actual, expected = dev.get(out), escoin.conv2d(x, filt)
+    reads = weight[:, 1, 0, 0] != 0
+    assert np.array_equal(np.isnan(actual), np.isnan(expected))
+    assert np.isnan(actual[0, reads, 3, 3]).all() and np.isfinite(actual[0, ~reads]).all()
+    assert np.allclose(np.nan_to_num(actual), np.nan_to_num(expected), rtol=1e-6, atol=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(case=conv_cases(max_batch=9))
 def test_residual_added_before_the_relu(dev, case: ConvCase) -> None:

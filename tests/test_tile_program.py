@@ -263,14 +263,29 @@ def test_block_pruned_filters_take_the_row_group_form(out_channels: int, groups:
                   form=True)
 
 
-@pytest.mark.parametrize("density, block, form", [(0.1, 1, False), (0.2, 1, False),
-                                                  (0.5, 1, True), (0.1, 2, True)])
-def test_pruned_filters_take_the_cheaper_form(density: float, block: int, form: bool) -> None:
-    """Row groups where their unions have at most 0.6 entries per nonzero (a union entry costs
-    ~1.55 rows entries on an H100). Random filters at 90% and 80% sparsity have ~0.86 and ~0.74:
-    rows. At 50% ~0.47, and blocks of two channels 0.5: row groups, zeros for the rows without a
-    nonzero there."""
+@pytest.mark.parametrize("density, block, form", [(0.1, 1, False), (0.5, 1, False),
+                                                  (0.1, 2, False), (0.1, 4, True),
+                                                  (0.5, 8, True)])
+def test_row_groups_only_where_a_warps_channels_share_their_pattern(density: float, block: int,
+                                                                   form: bool) -> None:
+    """Row groups where each warp's four channels share their pattern exactly (blocks of four,
+    or of eight), so no channel multiplies an input its weights do not read. Random filters
+    (whose unions at 50% would cost less: ~0.47 entries per nonzero) and blocks of two keep
+    rows."""
     check_program(64, 48, 3, 1, 1, 1, 20, density, 7, block=block, form=form)
+
+
+def test_one_weight_off_the_blocks_pattern_keeps_rows() -> None:
+    """A block-pruned filter with one weight pruned inside a block: that block's union has an
+    entry one of its channels does not read, so the whole program keeps the rows form."""
+    rng = np.random.default_rng(5)
+    weight = pruned(64, 48, 3, 1, 0.1, rng, block=4)
+    filt = escoin.SparseFilter.from_dense(weight)
+    desc = descriptor((8, 48, 20, 23), filt.shape, 1, 1, "same", 1)
+    assert filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    weight[5, 0, 0, 0] = 0.0
+    filt = escoin.SparseFilter.from_dense(weight)
+    assert filt._store.program("tile", desc).view(np.int32)[0] == MAGIC
 
 
 @pytest.mark.parametrize("forced, block", [("groups", 1), ("rows", 4)])

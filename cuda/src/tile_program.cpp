@@ -16,6 +16,7 @@ namespace {
 
 struct Program {
   bool grouped = false;          // the row-group form (tile_program.hpp)
+  bool shared_patterns = true;   // row groups: every entry has a nonzero in each of its rows
   std::vector<int32_t> begins;   // tile_begin_words(plan)
   std::vector<int32_t> entries;  // rows: (shared offset, weight bits) pairs; row groups: offsets
   std::vector<float> weights;    // row groups: kStagedRowsPerWarp per entry
@@ -52,9 +53,9 @@ StagedPlace staged_place(const Geometry& g, int32_t offset) {
   // Whole channels sit in shared memory as in the input; segments are copied from the
   // copy_align boundary before each phase's first element.
   const int64_t shift = phase * s.phase_plane % s.copy_align;
-  return StagedPlace{offset / g.layout.channel_stride / s.chunk_channels,
-                     int32_t(s.whole_channels ? channel * s.segment + within
-                                              : (channel * s.phases + phase) * s.segment + shift + d)};
+  const int64_t shared = s.whole_channels ? channel * s.segment + within
+                                           : (channel * s.phases + phase) * s.segment + shift + d;
+  return StagedPlace{offset / g.layout.channel_stride / s.chunk_channels, int32_t(shared)};
 }
 
 // The rows form: per item, a counting sort of its rows' nonzeros by (chunk, row) (the CSR need
@@ -100,9 +101,13 @@ Program build_rows(const Geometry& g, const int64_t* row_ptr, const int32_t* off
 
 // The row-group form: per warp of an item (kStagedRowsPerWarp rows) and chunk, the union of its
 // rows' shared offsets in increasing order, each with one weight per row (a column a row repeats
-// adds its weights, as the rows form applies both).
+// adds its weights, as the rows form applies both). shared_patterns says whether each entry has
+// a stored nonzero in every row of its warp that exists (rows past the group's channels have
+// none and are never written).
+// With `exact_only` it stops at the first entry that is not shared (the program is then
+// incomplete, and only its shared_patterns is meaningful): a random filter costs one item.
 Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-                         const float* values) {
+                         const float* values, bool exact_only) {
   const StagedPlan& s = g.staged;
   const int64_t items_per_group = s.items / g.d.groups;
   struct Nonzero {
@@ -140,11 +145,18 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
         const std::vector<Nonzero>& list = warps[size_t(w)];
         size_t& at = taken[size_t(w)];
         p.begins.push_back(int32_t(p.entries.size()));
+        const int64_t real_rows = std::min(kStagedRowsPerWarp, rows - w * kStagedRowsPerWarp);
+        const unsigned every_row = real_rows > 0 ? (1u << real_rows) - 1 : 0u;
         while (at < list.size() && list[at].chunk == chunk) {
           const int32_t shared = list[at].shared;
           float weights[kStagedRowsPerWarp] = {};
-          for (; at < list.size() && list[at].chunk == chunk && list[at].shared == shared; ++at)
+          unsigned stored = 0;
+          for (; at < list.size() && list[at].chunk == chunk && list[at].shared == shared; ++at) {
             weights[list[at].row] += list[at].value;
+            stored |= 1u << list[at].row;
+          }
+          p.shared_patterns = p.shared_patterns && stored == every_row;
+          if (exact_only && !p.shared_patterns) return p;
           p.entries.push_back(shared);
           p.weights.insert(p.weights.end(), weights, weights + kStagedRowsPerWarp);
         }
@@ -156,20 +168,25 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
   return p;
 }
 
-// The form that costs the staged kernel's loop less. A rows entry waits on ~9 shared-memory
-// wavefronts (8 loads for the thread's 8 products, one for the entry); a row-group entry issues
-// ~44 instructions (8 loads, 2 entry loads, 32 FMAs, the loop's own). Measured on an H100 with
-// either form forced on random filters (docs/performance.md, "the row-group form"), a union
-// entry costs ~1.55 rows entries (1.29x the rows form's time at 90% sparsity, 1.16x at 80%,
-// 0.76x at 50%), so the groups pay below ~0.65 union entries per nonzero; random filters have
-// 0.86 at 90% sparsity, 0.74 at 80%, 0.47 at 50%, and filters pruned in blocks of four output
-// channels 0.25 (blocks of two: 0.5). The threshold, 0.6, leaves the ties to the rows form.
-// ESCOIN_TILE_FORM=rows or =groups forces a form (read at build time; tests and benchmarks).
-bool choose_groups(int64_t nonzeros, int64_t union_entries) {
+// build() takes the row-group form where it is exact and costs the staged kernel's loop less
+// (else the rows form). Exact: each
+// entry has a stored nonzero in every row of its warp, so no row multiplies an input its own
+// weights do not read (a zero weight would make a NaN or infinity there reach that row's
+// output, which the rows form and the CPU never do; escoin.h). Cost: a rows entry waits on ~9
+// shared-memory wavefronts (8 loads for the thread's 8 products, one for the entry); a
+// row-group entry issues ~46 instructions (8 loads, 2 entry loads, 32 FMAs, the loop's own).
+// Measured on an H100 with either form forced on random filters (docs/performance.md, "the
+// row-group form"), a union entry costs ~1.55 rows entries, so the groups pay below ~0.65 union
+// entries per nonzero: a filter pruned in blocks of four output channels has 0.25 (a warp whose
+// rows run past the group's channels more). ESCOIN_TILE_FORM=rows or =groups forces a form,
+// exact or not (read at build time; tests and benchmarks).
+enum class Form { chosen, rows, groups };
+
+Form forced_form() {
   const char* forced = std::getenv("ESCOIN_TILE_FORM");
-  if (forced && std::strcmp(forced, "rows") == 0) return false;
-  if (forced && std::strcmp(forced, "groups") == 0) return true;
-  return union_entries * 5 <= nonzeros * 3;
+  if (forced && std::strcmp(forced, "rows") == 0) return Form::rows;
+  if (forced && std::strcmp(forced, "groups") == 0) return Form::groups;
+  return Form::chosen;
 }
 
 Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
@@ -178,8 +195,13 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
   const int64_t nonzeros = row_ptr[g.d.out_channels] - row_ptr[0];
   if (nonzeros > std::numeric_limits<int32_t>::max())
     fail_invalid("the filter has too many nonzeros for the staged CUDA kernel");
-  Program groups = build_row_groups(g, row_ptr, offsets, values);
-  if (choose_groups(nonzeros, groups.entry_count())) return groups;
+  const Form forced = forced_form();
+  if (forced != Form::rows) {
+    Program groups = build_row_groups(g, row_ptr, offsets, values, forced == Form::chosen);
+    if (forced == Form::groups ||
+        (groups.shared_patterns && groups.entry_count() * 5 <= nonzeros * 3))
+      return groups;
+  }
   return build_rows(g, row_ptr, offsets, values);
 }
 

@@ -300,8 +300,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     :func:`stretch_offsets` for this geometry) and values (float32) are device arrays; bias_ptr
     may be 0, and so may residual_ptr (else an array of y's shape, not overlapping it, added
     before the ReLU). tile_program_ptr (0 for none) is the staged kernel's program for this
-    geometry, which every batch uses (from ``_core.tile_min_batch()`` images): take all four
-    from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`. A nonzero
+    geometry, 16-byte aligned, which every batch uses (from ``_core.tile_min_batch()`` images):
+    take all four from :meth:`SparseFilter.device_pointers`. Work is queued on `stream`. A nonzero
     mma_program_ptr (the tensor-core kernel's program for this geometry, uploaded from
     :meth:`SparseFilter.mma_program`) runs that kernel instead (:func:`conv2d`'s
     tensor_cores; float32 only); the CSR pointers are then not read and may be 0.

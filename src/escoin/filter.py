@@ -331,9 +331,10 @@ class SparseFilter:
     def tile_program(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
                      dilation: object = 1) -> Optional[np.ndarray]:
         """The staged CUDA kernel's program for an input of `input_shape` and this geometry, as
-        host bytes (uint8) for callers that upload it themselves, or None where that kernel would
-        not pay (then pass no program: :func:`escoin.sconv`'s tile_program_ptr 0). A new array on
-        each call, the caller's to keep."""
+        host bytes (uint8) for callers that upload it themselves (to 16-byte aligned device
+        memory), or None where that kernel would not pay (then pass no program:
+        :func:`escoin.sconv`'s tile_program_ptr 0). A new array on each call, the caller's to
+        keep."""
         from escoin.geometry import descriptor
 
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)

@@ -106,7 +106,9 @@ def test_importance_scores_rank_instead_of_the_weights() -> None:
     scores[:4] = 1.0  # only the first block matters
     block_prune(conv, amount=3, importance_scores=scores)  # 8 * 4 blocks, prune 3 of them
     assert conv.weight_mask[:4].all()
-    global_block_prune([conv], amount=1.0, importance_scores={conv: scores})
+    global_block_prune([conv], amount=1, importance_scores={conv: scores})  # a count: 1 block
+    assert (~conv.weight_mask.bool()).sum() == 4 * 4 and conv.weight_mask[:4].all()
+    global_block_prune([conv], amount=1.0, importance_scores={conv: scores})  # a fraction: all
     assert not conv.weight_mask.any()
 
 
@@ -136,8 +138,10 @@ def test_bad_arguments_are_named() -> None:
         block_prune(nn.Linear(4, 4), 0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="amount"):
         block_prune(conv, 1.5)
-    with pytest.raises(ValueError, match="amount must be a fraction"):
+    with pytest.raises(ValueError, match="amount"):
         global_block_prune(conv, 2.0)
+    with pytest.raises(ValueError, match="amount"):
+        global_block_prune(conv, 10_000)  # more blocks than the conv has
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         global_block_prune(nn.Linear(4, 4), 0.5)
     with pytest.raises(ValueError, match="weight's shape"):

@@ -73,17 +73,16 @@ def block_prune(module: nn.Conv2d, amount: Union[int, float], block: int = ESCOI
     return module
 
 
-def global_block_prune(model: Union[nn.Module, Iterable[nn.Conv2d]], amount: float,
+def global_block_prune(model: Union[nn.Module, Iterable[nn.Conv2d]], amount: Union[int, float],
                        block: int = ESCOIN_BLOCK,
                        importance_scores: Optional[Dict[nn.Conv2d, torch.Tensor]] = None
                        ) -> None:
-    """Prunes the fraction ``amount`` of the unpruned blocks of all the ``nn.Conv2d`` of
-    ``model`` (or of the given convs) together, by one threshold on the blocks' root mean square
-    (as ``torch.nn.utils.prune.global_unstructured`` does for single weights): layers end up
-    with different sparsities. ``importance_scores`` maps a conv to scores of its weight's shape
+    """Prunes the fraction ``amount`` (a float in [0, 1], or a count of blocks) of the unpruned
+    blocks of all the ``nn.Conv2d`` of ``model`` (or of the given convs) together, by one
+    threshold on the blocks' root mean square (as ``torch.nn.utils.prune.global_unstructured``
+    does for single weights): layers end up with different sparsities. ``importance_scores`` maps a conv to scores of its weight's shape
     to rank by instead of the weight (e.g. ``torch.rand_like`` for random pruning)."""
-    if not 0.0 <= amount <= 1.0:
-        raise ValueError(f"amount must be a fraction in [0, 1], got {amount!r}")
+    prune._validate_pruning_amount_init(amount)
     convs = _convs(model)
     scores = importance_scores or {}
     ranked: List[torch.Tensor] = []
@@ -98,7 +97,9 @@ def global_block_prune(model: Union[nn.Module, Iterable[nn.Conv2d]], amount: flo
         ranked.append(block_scores(weight * mask, conv.groups, block).flatten())
         alive.append((block_scores(mask, conv.groups, block) > 0).flatten())
     every_alive = torch.cat([a.cpu() for a in alive])
-    count = round(amount * int(every_alive.sum()))
+    remaining = int(every_alive.sum())
+    prune._validate_pruning_amount(amount, remaining)
+    count = prune._compute_nparams_toprune(amount, remaining)
     every_score = torch.cat([r.float().cpu() for r in ranked])
     every_score[~every_alive] = float("inf")
     keep = every_alive.clone()
