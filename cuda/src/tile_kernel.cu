@@ -589,10 +589,10 @@ struct DeviceShape {
 // The current GPU's shape for the staged kernels, worked out once per device. Each warp's entries
 // in shared memory (one broadcast load per entry instead of two shuffles: 5% faster at batch 1 and
 // 3% at batch 32 on an H100) take the block past 48 KB; that form runs where an SM still fits as
-// many blocks (four on an H100), not where it would fit fewer (two blocks of 49 KB fit GPUs with
-// 100 KB per SM, one of 51 KB). ESCOIN_SHUFFLED_ENTRIES=1 takes the shuffle form anyway, and
-// leaves the kernels at 48 KB, so that the tests can run it on a GPU that would take the other
-// (scripts/gpu_check.sh does).
+// many blocks (four of 54 KB on an H100), not where it would fit fewer (GPUs with 100 KB per SM
+// fit two blocks of 48 KB, one of 54 KB). ESCOIN_SHUFFLED_ENTRIES=1 takes the shuffle form
+// anyway, and leaves the kernels at 48 KB, so that the tests can run it on a GPU that would take
+// the other (scripts/gpu_check.sh does).
 DeviceShape prepare_device() {
   static std::atomic<int64_t> known[64] = {};  // resident_blocks * 2 + shared_entries
   const int64_t found = once_per_device(known, [](int device) -> int64_t {

@@ -43,6 +43,11 @@ struct StagedPlace {
   int32_t shared;
 };
 
+// The chunk alone (the rows form's counting pass).
+int64_t staged_chunk(const Geometry& g, int32_t offset) {
+  return offset / g.layout.channel_stride / g.staged.chunk_channels;
+}
+
 StagedPlace staged_place(const Geometry& g, int32_t offset) {
   const StagedPlan& s = g.staged;
   const int64_t within = staged_within(g, s, offset % g.layout.channel_stride);
@@ -55,7 +60,7 @@ StagedPlace staged_place(const Geometry& g, int32_t offset) {
   const int64_t shift = phase * s.phase_plane % s.copy_align;
   const int64_t shared = s.whole_channels ? channel * s.segment + within
                                            : (channel * s.phases + phase) * s.segment + shift + d;
-  return StagedPlace{offset / g.layout.channel_stride / s.chunk_channels, int32_t(shared)};
+  return StagedPlace{staged_chunk(g, offset), int32_t(shared)};
 }
 
 // The rows form: per item, a counting sort of its rows' nonzeros by (chunk, row) (the CSR need
@@ -78,7 +83,7 @@ Program build_rows(const Geometry& g, const int64_t* row_ptr, const int32_t* off
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = group * g.group_out + first + r;
       for (int64_t j = row_ptr[m]; j < row_ptr[m + 1]; ++j)
-        ++next[size_t(staged_place(g, offsets[j]).chunk * kStagedRows + r + 1)];
+        ++next[size_t(staged_chunk(g, offsets[j]) * kStagedRows + r + 1)];
     }
     for (int64_t key = 0; key < keys; ++key) {
       next[size_t(key + 1)] += next[size_t(key)];
@@ -169,17 +174,17 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
 }
 
 // build() takes the row-group form where it is exact and costs the staged kernel's loop less
-// (else the rows form). Exact: each
-// entry has a stored nonzero in every row of its warp, so no row multiplies an input its own
-// weights do not read (a zero weight would make a NaN or infinity there reach that row's
-// output, which the rows form and the CPU never do; escoin.h). Cost: a rows entry waits on ~9
-// shared-memory wavefronts (8 loads for the thread's 8 products, one for the entry); a
-// row-group entry issues ~46 instructions (8 loads, 2 entry loads, 32 FMAs, the loop's own).
-// Measured on an H100 with either form forced on random filters (docs/performance.md, "the
-// row-group form"), a union entry costs ~1.55 rows entries, so the groups pay below ~0.65 union
-// entries per nonzero: a filter pruned in blocks of four output channels has 0.25 (a warp whose
-// rows run past the group's channels more). ESCOIN_TILE_FORM=rows or =groups forces a form,
-// exact or not (read at build time; tests and benchmarks).
+// (else the rows form). Exact: each entry has a stored nonzero in every row of its warp, so no
+// row multiplies an input its own weights do not read (a zero weight would let a NaN or infinity
+// there reach that row's output, which the rows form and the CPU never do; escoin.h). Cost: a
+// rows entry waits on ~9 shared-memory wavefronts (8 loads for the thread's 8 products, one for
+// the entry); a row-group entry issues ~46 instructions (8 loads, 2 entry loads, 32 FMAs, the
+// loop's own). Measured on an H100 with either form forced on random filters
+// (docs/performance.md, "the row-group form"), a union entry costs ~1.55 rows entries, so the
+// groups pay below ~0.65 union entries per nonzero: a filter pruned in blocks of four output
+// channels has 0.25 (more where a warp's rows run past the group's channels).
+// ESCOIN_TILE_FORM=rows or =groups forces a form, exact or not (read at build time; tests and
+// benchmarks).
 enum class Form { chosen, rows, groups };
 
 Form forced_form() {
