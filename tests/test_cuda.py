@@ -13,7 +13,6 @@ from geometry_strategies import (PHASE_PLANE_CASES, ConvCase, conv_cases, phase_
 from escoin.geometry import descriptor
 from gpu_helpers import DeviceArrays, gpu_error
 from reference import conv2d_reference, relative_error
-from test_tile_program import GROUPED_MAGIC
 
 pytestmark = pytest.mark.cuda
 
@@ -47,9 +46,8 @@ def test_block_pruned_filters_on_the_staged_kernel(dev, case: ConvCase) -> None:
     input value a thread loads feeds four channels' FMAs), here with a residual: random
     geometries, partial blocks at a group's end, every launch shape and split."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
-    desc = descriptor(case.x.shape, filt.shape, case.groups, case.stride, case.padding,
-                      case.dilation)
-    assert filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    form = filt.tile_form(case.x.shape, case.stride, case.padding, case.dilation)
+    assert form == "row groups"
     assert gpu_error(dev, case, with_residual=True) <= 1e-5
 
 
@@ -71,9 +69,7 @@ def test_a_nan_reaches_only_the_channels_that_read_it(dev, monkeypatch: pytest.M
     x = np.random.default_rng(9).standard_normal((8, 8, 8, 8)).astype(np.float32)
     x[0, 1, 3, 3] = np.nan
     filt = escoin.SparseFilter.from_dense(weight)
-    desc = descriptor(x.shape, filt.shape, 1, 1, 0, 1)
-    grouped = filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
-    assert grouped == blocks
+    assert filt.tile_form(x.shape) == ("row groups" if blocks else "rows")
     out = dev.full(x.shape[:1] + (32, 8, 8), np.inf)  # poison
     escoin.conv2d(dev.put(x), filt, out=out)
     actual, expected = dev.get(out), escoin.conv2d(x, filt)

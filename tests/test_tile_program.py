@@ -15,7 +15,8 @@ from escoin import EscoinError, _core
 from escoin.geometry import descriptor
 from geometry_strategies import kept_mask
 
-MAGIC, GROUPED_MAGIC, HEADER_WORDS = 0x45534336, 0x45534736, 4  # cuda/src/tile_program.hpp
+# cuda/src/tile_program.hpp, restated: the decoder must not trust the library's view
+MAGIC, GROUPED_MAGIC, HEADER_WORDS = 0x45534336, 0x45534736, 4
 ROWS, ROWS_PER_WARP, PRODUCTS, SHARED_FLOATS = 32, 4, 8, 12256  # cuda/src/geometry.hpp: kStaged*
 MAX_SPLITS, SMALL_GRID_BLOCKS = 16, 128  # cuda/src/geometry.cpp
 BOX_MAX = 256  # cuda/src/geometry.hpp: kTensorBoxMax
@@ -280,12 +281,15 @@ def test_one_weight_off_the_blocks_pattern_keeps_rows() -> None:
     entry one of its channels does not read, so the whole program keeps the rows form."""
     rng = np.random.default_rng(5)
     weight = pruned(64, 48, 3, 1, 0.1, rng, block=4)
-    filt = escoin.SparseFilter.from_dense(weight)
-    desc = descriptor((8, 48, 20, 23), filt.shape, 1, 1, "same", 1)
-    assert filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    x_shape = (8, 48, 20, 23)
+    assert escoin.SparseFilter.from_dense(weight).tile_form(x_shape, 1, "same") == "row groups"
     weight[5, 0, 0, 0] = 0.0
-    filt = escoin.SparseFilter.from_dense(weight)
-    assert filt._store.program("tile", desc).view(np.int32)[0] == MAGIC
+    assert escoin.SparseFilter.from_dense(weight).tile_form(x_shape, 1, "same") == "rows"
+
+
+def test_no_form_where_the_staged_kernel_would_not_pay() -> None:
+    depthwise = escoin.SparseFilter.from_dense(np.ones((32, 1, 3, 3), np.float32), groups=32)
+    assert depthwise.tile_form((1, 32, 8, 8), padding=1) is None
 
 
 @pytest.mark.parametrize("forced, block", [("groups", 1), ("rows", 4)])

@@ -14,6 +14,11 @@ from escoin.dtypes import compute_dtype, dtype_name, numpy_dtype
 from escoin.geometry import ints
 
 
+# The staged kernel's program forms, by the magic word that starts a program
+# (cuda/src/tile_program.hpp: kTileProgramMagic, kGroupedTileProgramMagic).
+TILE_FORMS = {0x45534336: "rows", 0x45534736: "row groups"}
+
+
 class DevicePointers(NamedTuple):
     """Device addresses of a filter's arrays for one geometry, as :func:`escoin.sconv` takes them."""
 
@@ -340,6 +345,17 @@ class SparseFilter:
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before the offsets are derived
         return self._store.program("tile", desc)
+
+    def tile_form(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
+                  dilation: object = 1) -> Optional[str]:
+        """Which form the staged CUDA kernel's program takes for this geometry: "row groups"
+        where each group's output channels 4k..4k+3 share their nonzero pattern exactly (block
+        pruning: each input value the kernel loads then feeds the four channels), else "rows";
+        None where that kernel would not pay. Builds the program on the host, as
+        :meth:`tile_program` does (no GPU needed), so that a user can check that a block-pruned
+        model's layers take the faster form."""
+        program = self.tile_program(input_shape, stride, padding, dilation)
+        return None if program is None else TILE_FORMS[int(program.view(np.int32)[0])]
 
     def mma_program(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
                     dilation: object = 1) -> Optional[np.ndarray]:

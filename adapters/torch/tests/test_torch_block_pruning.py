@@ -10,11 +10,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 import escoin
-from escoin.geometry import descriptor
 from escoin_torch import block_prune, global_block_prune, sparsify
 from torch_helpers import relative_error
-
-GROUPED_MAGIC = 0x45534736  # cuda/src/tile_program.hpp: kGroupedTileProgramMagic
 
 
 def block_rms(weight: np.ndarray, groups: int, block: int) -> np.ndarray:
@@ -126,8 +123,7 @@ def test_block_pruned_layers_take_the_row_group_form() -> None:
     assert relative_error(sparse(x), expected) < 1e-5
     weight = sparse[2].weight.detach().numpy()
     filt = escoin.SparseFilter.from_dense(weight)
-    desc = descriptor((8, 32, 28, 28), filt.shape, 1, 1, 1, 1)
-    assert filt._store.program("tile", desc).view(np.int32)[0] == GROUPED_MAGIC
+    assert filt.tile_form((8, 32, 28, 28), padding=1) == "row groups"
 
 
 def test_bad_arguments_are_named() -> None:
