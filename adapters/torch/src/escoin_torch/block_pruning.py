@@ -49,13 +49,7 @@ class ChannelBlockPruning(prune.BasePruningMethod):
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         scores = block_scores(t * default_mask, self.groups, self.block)
         alive = block_scores(default_mask, self.groups, self.block) > 0
-        remaining = int(alive.sum())
-        prune._validate_pruning_amount(self.amount, remaining)
-        count = prune._compute_nparams_toprune(self.amount, remaining)
-        keep = alive.clone()
-        if count:
-            ranked = torch.where(alive, scores, torch.full_like(scores, float("inf")))
-            keep.view(-1)[torch.topk(ranked.view(-1), count, largest=False).indices] = False
+        keep = blocks_kept(scores, alive, self.amount)
         return default_mask * expand_blocks(keep, t.shape, self.groups, self.block).to(
             default_mask.dtype)
 
@@ -80,8 +74,9 @@ def global_block_prune(model: Union[nn.Module, Iterable[nn.Conv2d]], amount: Uni
     """Prunes the fraction ``amount`` (a float in [0, 1], or a count of blocks) of the unpruned
     blocks of all the ``nn.Conv2d`` of ``model`` (or of the given convs) together, by one
     threshold on the blocks' root mean square (as ``torch.nn.utils.prune.global_unstructured``
-    does for single weights): layers end up with different sparsities. ``importance_scores`` maps a conv to scores of its weight's shape
-    to rank by instead of the weight (e.g. ``torch.rand_like`` for random pruning)."""
+    does for single weights): layers end up with different sparsities. ``importance_scores``
+    maps a conv to scores of its weight's shape to rank by instead of the weight (e.g.
+    ``torch.rand_like`` for random pruning)."""
     prune._validate_pruning_amount_init(amount)
     convs = _convs(model)
     scores = importance_scores or {}
@@ -94,24 +89,30 @@ def global_block_prune(model: Union[nn.Module, Iterable[nn.Conv2d]], amount: Uni
             raise ValueError(f"importance_scores of a conv must have its weight's shape "
                              f"{tuple(conv.weight.shape)}, got {tuple(weight.shape)}")
         _check_block(block, conv.groups)
-        ranked.append(block_scores(weight * mask, conv.groups, block).flatten())
-        alive.append((block_scores(mask, conv.groups, block) > 0).flatten())
-    every_alive = torch.cat([a.cpu() for a in alive])
-    remaining = int(every_alive.sum())
-    prune._validate_pruning_amount(amount, remaining)
-    count = prune._compute_nparams_toprune(amount, remaining)
-    every_score = torch.cat([r.float().cpu() for r in ranked])
-    every_score[~every_alive] = float("inf")
-    keep = every_alive.clone()
-    if count:
-        keep[torch.topk(every_score, count, largest=False).indices] = False
+        ranked.append(block_scores(weight * mask, conv.groups, block))
+        alive.append(block_scores(mask, conv.groups, block) > 0)
+    keep = blocks_kept(torch.cat([r.cpu().flatten() for r in ranked]),
+                       torch.cat([a.cpu().flatten() for a in alive]), amount)
     start = 0
     for conv, part in zip(convs, alive):
-        kept = keep[start:start + part.numel()].to(conv.weight.device)
+        kept = keep[start:start + part.numel()].view(part.shape).to(conv.weight.device)
         start += part.numel()
-        shape = block_scores(conv.weight.detach(), conv.groups, block).shape
-        mask = expand_blocks(kept.view(shape), conv.weight.shape, conv.groups, block)
+        mask = expand_blocks(kept, conv.weight.shape, conv.groups, block)
         prune.custom_from_mask(conv, "weight", mask.to(conv.weight.dtype))
+
+
+def blocks_kept(scores: torch.Tensor, alive: torch.Tensor, amount: Union[int, float]
+                ) -> torch.Tensor:
+    """Of the ``alive`` blocks, those left after pruning ``amount`` of them (a fraction of the
+    alive ones, or a count), the smallest ``scores`` first."""
+    remaining = int(alive.sum())
+    prune._validate_pruning_amount(amount, remaining)
+    count = prune._compute_nparams_toprune(amount, remaining)
+    keep = alive.clone()
+    if count:
+        ranked = torch.where(alive, scores, torch.full_like(scores, float("inf")))
+        keep.view(-1)[torch.topk(ranked.view(-1), count, largest=False).indices] = False
+    return keep
 
 
 def block_scores(weight: torch.Tensor, groups: int, block: int) -> torch.Tensor:
