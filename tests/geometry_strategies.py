@@ -35,8 +35,8 @@ def kept_mask(rng: np.random.Generator, groups: int, per_group_out: int,
               window: Tuple[int, ...], density: float, block: int = 1) -> np.ndarray:
     """Which weights of a (groups * per_group_out, *window) filter a random pruning keeps, each
     with probability `density`; with block > 1 in blocks of output channels: a group's channels
-    block * k .. block * k + block - 1 keep the same weights (the group's last block cut short
-    where block does not divide per_group_out)."""
+    block * k .. block * k + block - 1 keep weights at the same places (the group's last block
+    cut short where block does not divide per_group_out)."""
     kept = rng.random((groups, -(-per_group_out // block), *window)) < density
     return np.repeat(kept, block, axis=1)[:, :per_group_out].reshape(-1, *window)
 

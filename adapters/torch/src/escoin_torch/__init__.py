@@ -7,7 +7,7 @@
 * :func:`sparse_conv2d` / ``torch.ops.escoin.sparse_conv2d`` is the op (CPU and CUDA, fake and
   autograd kernels, so it works with torch.compile, CUDA graphs and ``opcheck``).
 * :func:`block_prune` and :func:`global_block_prune` prune in blocks of four output channels,
-  the structure escoin's GPU kernel turns into ~2x more speed than unstructured sparsity.
+  the structure escoin's GPU kernel runs 1.75x faster than unstructured sparsity (an H100, 90%).
 * :mod:`escoin_torch.seed` is the API of the seed port (``import escoin_torch.seed as sp``).
 
 The core is reached only through the ``escoin`` Python package.
