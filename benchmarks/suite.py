@@ -53,8 +53,8 @@ def layers(nets: Iterable[str]) -> List[Layer]:
 def pruned_weight(layer: Layer, sparsity: float, rng: np.random.Generator,
                   block: int = 1) -> np.ndarray:
     """Random pruning: each weight survives with probability 1 - sparsity (block 1:
-    unstructured), or in blocks of `block` consecutive output channels that keep the same
-    weights (channels block * k .. block * k + block - 1, as block pruning leaves them)."""
+    unstructured), or in blocks of `block` consecutive output channels that keep weights at the
+    same places (channels block * k .. block * k + block - 1, as block pruning leaves them)."""
     shape = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
     weight = rng.standard_normal(shape, dtype=np.float32)
     blocks = (-(-layer.out_channels // block), *shape[1:])

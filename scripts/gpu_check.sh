@@ -5,8 +5,9 @@
 #                             [--blocks] [--no-layers] [--graphs-only]
 # (--quick: 90% sparsity only; --blocks: the layer and network benchmarks also on filters pruned
 # in blocks of four output channels, which the staged kernel's row-group form runs; --no-layers:
-# no layer benchmark; --graphs-only: the network benchmark with CUDA graphs only; --gpu-tests: only the tests marked `cuda`, leaving the CPU ones to
-# CI, among them escoin-jax's LeNet5 example, which runs on JAX's default device, the GPU here;
+# no layer benchmark; --graphs-only: the network benchmark with CUDA graphs only; --gpu-tests:
+# only the tests marked `cuda`, leaving the CPU ones to CI, among them escoin-jax's LeNet5
+# example, which runs on JAX's default device, the GPU here;
 # --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
 # (benchmarks/gpu_half.py); --probes: also the tensor-core probes,
 # scripts/tensor_core_probes.sh; results go to $OUT or benchmarks/results). The build is for

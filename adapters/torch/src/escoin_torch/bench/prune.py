@@ -30,10 +30,10 @@ def prune_convs(model: nn.Module, sparsity: float, method: Method, seed: int = 0
 
     ``magnitude`` keeps the largest |w| across all convs; ``random`` keeps a uniform random subset
     (seeded). With ``block`` > 1 whole blocks of ``block`` output channels go (ranked by their
-    root mean square, or by random scores). Each conv's surviving weights are then scaled back to its norm before pruning
-    (:func:`_keep_scale`). The pruning is made permanent (``prune.remove``): a pruned module
-    recomputes ``weight_orig * weight_mask`` in a pre-forward hook, which would add to every
-    dense forward.
+    root mean square, or by random scores). Each conv's surviving weights are then scaled back
+    to its norm before pruning (:func:`_keep_scale`). The pruning is made permanent
+    (``prune.remove``): a pruned module recomputes ``weight_orig * weight_mask`` in a
+    pre-forward hook, which would add to every dense forward.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
