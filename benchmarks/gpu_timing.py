@@ -48,3 +48,13 @@ def fp32_rate(torch) -> float:
     b = torch.randn(8192, 8192, device="cuda")
     ms = time_ms(torch, lambda: a @ b, graph=False)
     return 2 * 8192**3 / (ms * 1e-3)
+
+
+def copy_rate(torch, mib: int = 1024) -> float:
+    """Measured device-memory bytes/s of a device-to-device copy of `mib` MiB (bytes read plus
+    bytes written over its time): the memory floor's denominator. The buffers are 20x an H100's
+    L2, so the copy streams through device memory."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(torch, lambda: dst.copy_(src), graph=False)
+    return 2 * src.numel() / (ms * 1e-3)

@@ -4,6 +4,7 @@ the shared-memory wavefronts of their B loads, and the time that predicts at a g
 the kernel's inner loop (a loop probe's TFLOP/s of fp32-accurate dense-equivalent work).
 
     python benchmarks/mma_program_stats.py --sparsity 0.9 --loop-rate 136 --floor-rate 51.7
+    python benchmarks/mma_program_stats.py --block 32   # filters pruned in blocks of 32 channels
 """
 from __future__ import annotations
 
@@ -59,16 +60,18 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--loop-rate", type=float, default=136.3,
                         help="the inner loop's TFLOP/s (the loop probe's, at random banks)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="prune in blocks of this many output channels (1: unstructured)")
     parser.add_argument("--floor-rate", type=float, default=51.7,
                         help="strict fp32 TFLOP/s (the floor's rate)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"sparsity {args.sparsity}; predicted time / floor at a loop rate of "
+    print(f"sparsity {args.sparsity}, blocks of {args.block}; predicted time / floor at a loop rate of "
           f"{args.loop_rate} TFLOP/s (floor rate {args.floor_rate})")
     print(f"{'layer':<13}{'paid/nnz':>9}{'positions':>10}{'wavefronts':>11}{'x floor':>9}")
     ratios = []
     for layer in layers(LAYERS):
-        weight = pruned_weight(layer, args.sparsity, rng)
+        weight = pruned_weight(layer, args.sparsity, rng, args.block)
         filt = escoin.SparseFilter.from_dense(weight)
         shape = (1, layer.in_channels, layer.size, layer.size)
         program = filt.mma_program(shape, layer.stride, layer.padding)
