@@ -32,21 +32,22 @@ SUITE: Dict[str, Layer] = {l.name: l for net in LAYERS.values() for l in net}
 
 
 def layer_call(torch, layer: Layer, batch: int, sparsity: float, block: int,
-               rng: np.random.Generator, tensor_cores: bool) -> Tuple[Callable[[], None], float]:
-    """escoin's call of `layer` on a pruned weight and an input drawn from rng, on the GPU, and
-    its relative error against float64 (gpu_layers.escoin_case)."""
+               rng: np.random.Generator,
+               tensor_cores: bool) -> Tuple[Callable[[], None], float, int]:
+    """escoin's call of `layer` on a pruned weight and an input drawn from rng, on the GPU, its
+    relative error against float64 (gpu_layers.escoin_case) and the filter's nonzeros."""
     import torch.nn.functional as F
 
     x, weight = gpu_operands(torch, layer, batch, sparsity, rng, block)
     case = escoin_case(torch, F, layer, x, weight, tensor_cores=tensor_cores)
-    return case.run, case.rel_err
+    return case.run, case.rel_err, case.nnz
 
 
 def measure(torch, layer: Layer, batch: int, sparsity: float, block: int,
             rng: np.random.Generator, tensor_cores: bool) -> Dict:
-    run, err = layer_call(torch, layer, batch, sparsity, block, rng, tensor_cores)
+    run, err, nnz = layer_call(torch, layer, batch, sparsity, block, rng, tensor_cores)
     return dict(layer=layer.name, batch=batch, sparsity=sparsity, block=block, rel_err=err,
-                ms=time_ms(torch, run))
+                nnz=nnz, ms=time_ms(torch, run))
 
 
 def compare(paths: List[str]) -> None:

@@ -61,7 +61,7 @@ def main() -> None:
           f"{time_ms(torch, lambda: tiny.add_(1)) * 1e3:.2f} us")
     for batch in args.batches:
         for name in args.layers:
-            run, _ = layer_call(torch, SUITE[name], batch, args.sparsity, 1,
+            run, _, _ = layer_call(torch, SUITE[name], batch, args.sparsity, 1,
                                 np.random.default_rng(0), args.tensor_cores)
             graph_us = time_ms(torch, run) * 1e3
             kernels = kernel_means_us(torch, run)
