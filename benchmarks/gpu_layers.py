@@ -1,11 +1,16 @@
 """GPU layer benchmark: escoin against cuDNN (fp32 strict, TF32, fp16 channels_last), cuSPARSE
-lowered (im2col + CSR SpMM) and the arithmetic floor, measured side by side in one run.
+lowered (im2col + CSR SpMM), the arithmetic floor and the memory floor, measured side by side in
+one run.
 
     python benchmarks/gpu_layers.py --sparsities 0.8 0.9 0.95 --batches 1 32
 
 Every case is checked against a float64 reference in the same run. Times are per call: medians of
 CUDA events around replays of a CUDA graph of back-to-back calls (eager where a path cannot be
 captured), after warm-up.
+The arithmetic floor is 2 * nnz * N * OH * OW at the measured strict-fp32 rate; the memory floor
+is x read once and y written once (float32) at the measured device-memory copy rate. Where x and
+y fit the L2 cache together, calls back to back may move less than that through device memory,
+so a layer's bound is the larger of the two floors only where they do not (an H100's L2 is 50 MB).
 Writes JSON and a PNG (speed-up over TF32 cuDNN per layer and sparsity); prints a table last.
 """
 from __future__ import annotations
@@ -21,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import escoin  # noqa: E402
-from gpu_timing import fp32_rate, time_ms  # noqa: E402
-from suite import LAYERS, Layer, geomean, layers, output_size, pruned_weight, sparse_flops  # noqa: E402
+from gpu_timing import copy_rate, fp32_rate, time_ms  # noqa: E402
+from suite import (LAYERS, Layer, geomean, layers, output_size, pruned_weight,  # noqa: E402
+                   sparse_flops)
 
 try:
     from tqdm import tqdm
@@ -93,7 +99,7 @@ def gpu_operands(torch, layer: Layer, batch: int, sparsity: float, rng: np.rando
 
 
 def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rate: float,
-            rng: np.random.Generator) -> Dict:
+            bandwidth: float, rng: np.random.Generator) -> Dict:
     x, w = gpu_operands(torch, layer, batch, sparsity, rng, block)
     s, p = layer.stride, layer.padding
     case = escoin_case(torch, F, layer, x, w)
@@ -116,7 +122,14 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rat
     except RuntimeError:  # out of memory on the largest lowered matrices
         row["cusparse"] = float("nan")
     row["floor"] = sparse_flops(case.nnz, batch, layer) / rate * 1e3
+    row["memory"] = (x.nbytes + case.out.nbytes) / bandwidth * 1e3
     return row
+
+
+def bound(row: Dict) -> float:
+    """The case's lower bound on time: the arithmetic floor, or the memory floor where it is
+    larger and x and y together do not fit the L2 cache (module docstring)."""
+    return max(row["floor"], row["memory"] if row["memory_bound"] else 0.0)
 
 
 def plot(rows: List[Dict], path: str) -> None:
@@ -164,22 +177,26 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     torch.backends.cudnn.benchmark = True
-    rate = fp32_rate(torch)
+    rate, bandwidth = fp32_rate(torch), copy_rate(torch)
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN "
           f"{torch.backends.cudnn.version()}; escoin {escoin.__version__}; strict fp32 matmul "
-          f"{rate / 1e12:.1f} TFLOP/s")
+          f"{rate / 1e12:.1f} TFLOP/s; device-memory copy {bandwidth / 1e9:.0f} GB/s; L2 "
+          f"{l2_bytes >> 20} MiB")
     rng = np.random.default_rng(0)
     cases = [(l, n, sp, b) for b in args.blocks for sp in args.sparsities
              for l in layers(args.nets) for n in args.batches]
-    rows = [measure(torch, F, l, n, sp, b, rate, rng)
+    rows = [measure(torch, F, l, n, sp, b, rate, bandwidth, rng)
             for l, n, sp, b in tqdm(cases, desc="cases", file=sys.stderr)]
+    for r in rows:  # x and y move through device memory where they do not fit L2 together
+        r["memory_bound"] = r["memory"] * bandwidth * 1e-3 > l2_bytes
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_layers.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate, rows=rows), f,
-                  indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate,
+                       copy_rate=bandwidth, l2_bytes=l2_bytes, rows=rows), f, indent=1)
     plot(rows, os.path.join(args.out, "gpu_layers.png"))
 
-    cols = ["escoin", "escoin_tc"] + ANCHORS + ["floor"]
+    cols = ["escoin", "escoin_tc"] + ANCHORS + ["floor", "memory"]
     print(f"{'layer':<13}{'N':>3}{'sp':>5}{'blk':>4}" + "".join(f"{c:>10}" for c in cols)
           + f"{'err':>9}{'err_tc':>9}")
     for r in rows:
@@ -187,16 +204,22 @@ def main() -> None:
               + "".join(f"{r[c]:>10.4f}" for c in cols)
               + f"{r['rel_err']:>9.1e}{r['rel_err_tc']:>9.1e}")
     print("\ngeometric means of time / floor (lower is better), and escoin's speed-up over each")
-    print("(blk: pruned in blocks of that many output channels; 1: unstructured)")
-    print(f"{'sp':>5}{'blk':>4}{'N':>4}" + "".join(f"{c:>10}" for c in cols[:-1])
-          + "".join(f"{'x' + c:>9}" for c in ANCHORS) + f"{'worst/tf32':>16}")
+    print("(blk: pruned in blocks of that many output channels; 1: unstructured; bound: the")
+    print("larger of the arithmetic and memory floors, its column the suite's geomean over the")
+    print("floor; esc/bnd: escoin's time over it)")
+    timed = cols[:-2]
+    print(f"{'sp':>5}{'blk':>4}{'N':>4}" + "".join(f"{c:>10}" for c in timed)
+          + "".join(f"{'x' + c:>9}" for c in ANCHORS) + f"{'bound':>7}{'esc/bnd':>8}"
+          + f"{'worst/tf32':>16}")
     for b, sp, n in itertools.product(args.blocks, args.sparsities, args.batches):
         sel = [r for r in rows if (r["batch"], r["sparsity"], r["block"]) == (n, sp, b)]
-        ratios = [geomean(r[c] / r["floor"] for r in sel) for c in cols[:-1]]
+        ratios = [geomean(r[c] / r["floor"] for r in sel) for c in timed]
         speedups = [geomean(r[c] / r["escoin"] for r in sel) for c in ANCHORS]
+        bounds = geomean(bound(r) / r["floor"] for r in sel)
+        over_bound = geomean(r["escoin"] / bound(r) for r in sel)
         worst = min(sel, key=lambda r: r["tf32"] / r["escoin"])
         print(f"{sp:>5.2f}{b:>4}{n:>4}" + "".join(f"{v:>10.2f}" for v in ratios)
-              + "".join(f"{v:>9.2f}" for v in speedups)
+              + "".join(f"{v:>9.2f}" for v in speedups) + f"{bounds:>7.2f}{over_bound:>8.2f}"
               + f"  {worst['layer']} {worst['tf32'] / worst['escoin']:.2f}x")
     for key, name in (("rel_err", "escoin"), ("rel_err_tc", "escoin_tc")):
         worst_err = max(r[key] for r in rows)
