@@ -194,8 +194,16 @@ Form forced_form() {
   return Form::chosen;
 }
 
-Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-              const float* values) {
+// The form build() takes, and the row-group program where that is it: the rows form's size needs
+// no program (two words a nonzero), so escoin_tile_program_size builds the rows form never and
+// the row-group form only where it is taken (a random filter stops at its first unshared entry).
+struct Choice {
+  bool grouped;
+  Program groups;  // grouped only
+};
+
+Choice choose_form(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                   const float* values) {
   check_csr_for_geometry(g, row_ptr, offsets, values);
   const int64_t nonzeros = row_ptr[g.d.out_channels] - row_ptr[0];
   if (nonzeros > std::numeric_limits<int32_t>::max())
@@ -205,9 +213,15 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
     Program groups = build_row_groups(g, row_ptr, offsets, values, forced == Form::chosen);
     if (forced == Form::groups ||
         (groups.shared_patterns && groups.entry_count() * 5 <= nonzeros * 3))
-      return groups;
+      return Choice{true, std::move(groups)};
   }
-  return build_rows(g, row_ptr, offsets, values);
+  return Choice{false, Program{}};
+}
+
+Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+              const float* values) {
+  Choice choice = choose_form(g, row_ptr, offsets, values);
+  return choice.grouped ? std::move(choice.groups) : build_rows(g, row_ptr, offsets, values);
 }
 
 // Whether the staged kernel is expected to beat the streaming one: one channel's segments must
@@ -217,10 +231,11 @@ bool staged_kernel_pays(const Geometry& g) {
   return g.staged.chunk_channels > 0 && g.group_out * 2 >= kStagedRows;
 }
 
-size_t program_words(const Geometry& g, const Program& p) {
+// The program's length in words, in either form, from its count of entries.
+size_t program_words(const Geometry& g, bool grouped, int64_t entries) {
   const int64_t entries_word = tile_entries_word(g.staged);
-  if (!p.grouped) return size_t(entries_word) + p.entries.size();
-  return size_t(tile_weights_word(entries_word, p.entry_count())) + p.weights.size();
+  if (!grouped) return size_t(entries_word + 2 * entries);
+  return size_t(tile_weights_word(entries_word, entries) + kStagedRowsPerWarp * entries);
 }
 
 }  // namespace
@@ -238,9 +253,10 @@ extern "C" escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* de
       *bytes = 0;
       return;
     }
-    // (the form, and with it the size, is known once the program is built)
-    *bytes = escoin::program_words(g, escoin::build(g, row_ptr, offsets, values)) *
-             sizeof(int32_t);
+    const escoin::Choice choice = escoin::choose_form(g, row_ptr, offsets, values);
+    const int64_t entries = choice.grouped ? choice.groups.entry_count()
+                                           : row_ptr[g.d.out_channels] - row_ptr[0];
+    *bytes = escoin::program_words(g, choice.grouped, entries) * sizeof(int32_t);
   });
 }
 
@@ -257,7 +273,7 @@ extern "C" escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* d
                            "(escoin_tile_program_size gave 0 bytes); pass no tile program");
     }
     const escoin::Program p = escoin::build(g, row_ptr, offsets, values);
-    const size_t words = escoin::program_words(g, p);
+    const size_t words = escoin::program_words(g, p.grouped, p.entry_count());
     if (bytes < words * sizeof(int32_t))
       escoin::fail_invalid("program has ", bytes, " bytes, the tile program needs ",
                            words * sizeof(int32_t));

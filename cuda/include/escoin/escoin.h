@@ -181,13 +181,13 @@ escoin_status_t escoin_conv2d_forward_cpu_trusted(const escoin_conv_desc_t* desc
  * (20 bytes per four nonzeros), and the kernel feeds each input value it loads to four FMAs:
  * that form is built where every such group shares its pattern exactly (so no channel
  * multiplies an input its own weights do not read) and the filter's groups list at most 3/5 as
- * many entries as it has nonzeros. ESCOIN_TILE_FORM=rows or =groups, read by build, forces a
- * form, exact or not; a forced inexact one breaks the forward's NaN rule above. values is
+ * many entries as it has nonzeros. ESCOIN_TILE_FORM=rows or =groups, read by size and build,
+ * forces a form, exact or not; a forced inexact one breaks the forward's NaN rule above. values is
  * float32. size gives the bytes that build writes, or 0 where the staged kernel would not pay
- * (fewer than 16 output channels per group, as in depthwise filters, or a stretched input row
- * too wide for one channel to fit in shared memory): pass no program then; size builds the
- * program to know its form, so it costs what build does. Both check the CSR against the
- * geometry as the CPU forward does. On the device the program must be 16-byte aligned
+ * (fewer than 16 output channels per group, as in depthwise filters, or a stretched input row too
+ * wide for one channel to fit in shared memory): pass no program then; size builds the row-group
+ * form where it is taken, to know its length (else a fraction of build's cost). Both check the CSR
+ * against the geometry as the CPU forward does. On the device the program must be 16-byte aligned
  * (cudaMalloc's is; the forward checks it). */
 /* The smallest batch for which the CUDA forward runs the staged kernel (1: every batch, where a
  * tile program is passed); below it a tile program is not read, so callers need not build one. */
