@@ -148,6 +148,30 @@ def test_grouped_filter_on_a_large_grid(dev) -> None:
     assert relative_error(dev.get(out), expected) <= 1e-5
 
 
+def test_release_geometries_frees_device_arrays_and_programs(dev) -> None:
+    """A release returns the host offsets, their device copy and the staged kernel's program of
+    each geometry called; the next calls upload them again and compute the same."""
+    rng = np.random.default_rng(22)
+    weight = rng.standard_normal((64, 16, 3, 3)) * (rng.random((64, 16, 3, 3)) < 0.2)
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32)).cuda()
+    shapes = [(4, 16, 20, 20), (2, 16, 13, 17)]
+    xs = [rng.standard_normal(s) for s in shapes]
+
+    def check(x: np.ndarray) -> None:
+        out = dev.full(escoin.output_shape(x.shape, filt, 1, 1), np.nan)
+        escoin.conv2d(dev.put(x.astype(np.float32)), filt, padding=1, out=out)
+        expected = conv2d_reference(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        assert relative_error(dev.get(out), expected) <= 1e-5
+
+    for x in xs:
+        check(x)
+    programs = sum(filt.tile_program(s, padding=1).nbytes for s in shapes)
+    assert filt.release_geometries() == 2 * (2 * 4 * filt.nnz) + programs
+    for x in xs:
+        check(x)
+    dev.synchronize()
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("size", [7, 14, 28])
 def test_small_batch_launch_shapes(dev, batch: int, size: int) -> None:

@@ -1,10 +1,14 @@
 """SparseFilter: compression, description, conversion, persistence."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 import escoin
+from escoin.filter import MANY_GEOMETRIES
+from reference import conv2d_reference, relative_error
 
 
 def pruned(shape, density, seed=0, dtype=np.float32) -> np.ndarray:
@@ -161,3 +165,39 @@ def test_c_api_table_and_header_for_compiled_adapters() -> None:
         escoin.output_shape((1, 2, 2, 2), escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.5)))
     # This thread's last failure in the core, read through the table.
     assert b"larger than the padded input" in last_error()
+
+
+def test_release_geometries_frees_what_each_geometry_derived() -> None:
+    """The offsets of each input geometry go (their bytes returned); calls afterwards derive them
+    again and compute the same."""
+    rng = np.random.default_rng(9)
+    weight = pruned((6, 4, 3, 3), 0.4, seed=9)
+    filt = escoin.SparseFilter.from_dense(weight)
+    shapes = [(2, 4, 9, 9), (1, 4, 12, 7)]
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    for x in xs:
+        escoin.conv2d(x, filt, padding=1)
+    assert filt.release_geometries() == 2 * 4 * filt.nnz  # int32 offsets of two geometries
+    assert filt.release_geometries() == 0
+    for x in xs:
+        expected = conv2d_reference(x.astype(np.float64), weight.astype(np.float64), None, (1, 1),
+                                    (1, 1, 1, 1), (1, 1), 1)
+        assert relative_error(escoin.conv2d(x, filt, padding=1), expected) <= 1e-5
+
+
+def test_many_geometries_are_reported_once() -> None:
+    """Past MANY_GEOMETRIES input sizes a filter warns, once, naming release_geometries; after a
+    release it counts again."""
+    filt = escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.5, seed=10))
+    sizes = [(1, 2, 5 + i, 5) for i in range(MANY_GEOMETRIES + 2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, shape in enumerate(sizes):
+            escoin.stretch_offsets(filt, shape, padding=1)
+            assert len(caught) == (1 if i >= MANY_GEOMETRIES else 0), i
+        assert "release_geometries" in str(caught[0].message)
+        assert caught[0].category is RuntimeWarning
+        filt.release_geometries()
+        for shape in sizes[:MANY_GEOMETRIES + 1]:
+            escoin.stretch_offsets(filt, shape, padding=1)
+        assert len(caught) == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -18,9 +19,16 @@ from escoin.geometry import ints
 # (cuda/src/tile_program.hpp: kTileProgramMagic, kGroupedTileProgramMagic).
 TILE_FORMS = {0x45534336: "rows", 0x45534736: "row groups"}
 
+# A filter keeps what it derives per input geometry (stretched offsets, device copies, kernel
+# programs: ~4 to ~20 bytes a nonzero each) for as long as it lives, since every call of that
+# geometry reuses it. A model fed many input sizes grows these without bound; past this many
+# geometries a filter says so, once, and names SparseFilter.release_geometries.
+MANY_GEOMETRIES = 16
+
 
 class DevicePointers(NamedTuple):
-    """Device addresses of a filter's arrays for one geometry, as :func:`escoin.sconv` takes them."""
+    """Device addresses of a filter's arrays for one geometry, as :func:`escoin.sconv` takes
+    them."""
 
     row_ptr: int       # int64, out_channels + 1
     offsets: int       # int32 stretched offsets, one per nonzero
@@ -60,6 +68,7 @@ class _CsrStore:
         # kernel's ("mma") programs, built when a call asks for that kernel. None: the kernel
         # would not pay for that geometry or cannot run it, so there is no program.
         self.device_programs: Dict[Tuple[str, int, tuple], Optional[DeviceBuffer]] = {}
+        self.warned_of_geometries = False
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -70,7 +79,32 @@ class _CsrStore:
                 _core.stretch_offsets(desc, self.col_idx.ctypes.data, self.col_idx.size,
                                       found.ctypes.data)
                 found = self.host_offsets[key] = _frozen(found)
-            return found
+                warn = len(self.host_offsets) > MANY_GEOMETRIES and not self.warned_of_geometries
+                self.warned_of_geometries |= warn
+            else:
+                warn = False
+        if warn:
+            # (one place in escoin warns: Python shows it once per process, not once a filter)
+            warnings.warn(f"an escoin filter now keeps offsets and programs for more than "
+                          f"{MANY_GEOMETRIES} input geometries (one per input size it was "
+                          f"called with); SparseFilter.release_geometries (escoin_torch."
+                          f"release_geometries for PyTorch models) frees them",
+                          RuntimeWarning, stacklevel=2)
+        return found
+
+    def release_geometries(self) -> int:
+        """Drops every per-geometry cache (host and device offsets, device programs); returns
+        the bytes they held. Device memory is freed by cudaFree, after the device's queued
+        work."""
+        with self.lock:
+            held = ([a.nbytes for a in self.host_offsets.values()]
+                    + [b.nbytes for b in self.device_offsets.values()]
+                    + [b.nbytes for b in self.device_programs.values() if b is not None])
+            self.host_offsets.clear()
+            self.device_offsets.clear()
+            self.device_programs.clear()
+            self.warned_of_geometries = False
+        return sum(held)
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:
         with self.lock:
@@ -317,6 +351,19 @@ class SparseFilter:
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before anything is uploaded
         return self._store.device_arrays(int(device), desc)
+
+    def release_geometries(self) -> int:
+        """Frees what the filter keeps per input geometry (the stretched offsets and their
+        device copies, the CUDA kernels' programs) and returns the bytes that held; the CSR and
+        its device copies stay. The next call of each geometry derives them again. For models
+        fed many input sizes, whose filters would otherwise keep every size's arrays (a
+        RuntimeWarning says so past MANY_GEOMETRIES).
+
+        Pointers from :meth:`device_pointers` and :meth:`host_pointers` are invalid afterwards,
+        and so is any CUDA graph captured with this filter: capture it again. Queued kernels are
+        safe (device memory is freed after the device's queued work), but no other thread may
+        be in a call with this filter meanwhile."""
+        return self._store.release_geometries()
 
     def host_pointers(self, input_shape: Tuple[int, ...], stride: object = 1,
                       padding: object = 0, dilation: object = 1,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_helpers import SeenOps, pruned_small_cnn, reference_conv, relative_error, sparse_conv
+from torch_helpers import (SeenOps, check_release_geometries, pruned_small_cnn, reference_conv,
+                           relative_error, sparse_conv)
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
@@ -232,3 +233,7 @@ def test_network_benchmark_on_cuda(tmp_path) -> None:
         paths = ["dense fp32 strict", "dense tf32", "dense fp16", "escoin fp32",
                  "escoin calibrated", "escoin fp16"]
         assert names == [(p, graphs) for graphs in (False, True) for p in paths]
+
+
+def test_release_geometries_cuda() -> None:
+    check_release_geometries("cuda")

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 
-from torch_helpers import reference_conv, relative_error, sparse_weight, tolerance
+from torch_helpers import (check_release_geometries, reference_conv, relative_error,
+                           sparse_weight, tolerance)
 from escoin_torch import csr as csr_lib
 from escoin_torch import sparse_conv2d
 
@@ -301,3 +302,7 @@ def test_negated_views_are_read_as_their_values() -> None:
     assert negated.is_neg()
     y = sparse_conv2d(negated, csr_lib.from_dense(weight), torch._neg_view(-bias), padding=1)
     assert relative_error(y, reference_conv(x, weight, bias, padding=1)) < 1e-5
+
+
+def test_release_geometries() -> None:
+    check_release_geometries("cpu")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import escoin_torch  # noqa: F401  -- registers torch.ops.escoin
+import escoin_torch  # also registers torch.ops.escoin
+from escoin_torch import SparseConv2d
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -94,3 +95,22 @@ class SeenOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def check_release_geometries(device: str) -> None:
+    """escoin_torch.release_geometries frees what a layer's calls of two input sizes derived
+    (bytes returned: at least their offsets), and the layer's later calls of both sizes derive
+    them again and match the float64 reference."""
+    layer = SparseConv2d.from_dense(sparse_conv(8, 16, 3, density=0.3, padding=1)).to(device)
+    layer.eval()
+    gen = torch.Generator().manual_seed(15)
+    xs = [torch.randn(shape, generator=gen).to(device) for shape in [(2, 8, 9, 9), (1, 8, 6, 11)]]
+    expected = [reference_conv(x, layer.weight, layer.bias, padding=1) for x in xs]
+    with torch.no_grad():
+        for x, want in zip(xs, expected):
+            assert relative_error(layer(x), want) < 1e-5
+        nnz = int(torch.count_nonzero(layer.weight))
+        assert escoin_torch.release_geometries() >= 2 * 4 * nnz
+        assert escoin_torch.release_geometries() == 0
+        for x, want in zip(xs, expected):
+            assert relative_error(layer(x), want) < 1e-5

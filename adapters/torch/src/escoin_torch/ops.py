@@ -11,6 +11,8 @@ kernel's epilogue (``relu(conv2d(x) + residual)``, as a residual network's block
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,7 +46,13 @@ _SCHEMA = ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int[4] wei
            "Tensor? residual=None) -> Tensor")
 
 
-@dataclass
+# Every PreparedFilter alive (the op's cache below holds some, CPU layers their own): what
+# release_geometries reaches.
+_prepared: "weakref.WeakSet[PreparedFilter]" = weakref.WeakSet()
+_prepared_lock = threading.Lock()
+
+
+@dataclass(eq=False)  # compared and hashed by identity, as a member of _prepared
 class PreparedFilter:
     """An escoin.SparseFilter and what a call needs per input shape and geometry (workspace
     bytes, the filter's device or host arrays): derived once, since each derivation builds the
@@ -53,6 +61,10 @@ class PreparedFilter:
 
     filt: escoin.SparseFilter
     launches: Dict[tuple, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        with _prepared_lock:
+            _prepared.add(self)
 
     def launch(self, shape: tuple, device: Union[int, str], dtype: str, stride: tuple,
                padding: tuple, dilation: tuple
@@ -76,6 +88,22 @@ _filters: TensorCache[PreparedFilter] = TensorCache()
 # The input-gradient CSR per forward CSR, so eval-mode input gradients (saliency, adversarial
 # examples) transpose the weight once per weight version rather than once per backward.
 _transposes: TensorCache[CSRWeight] = TensorCache()
+
+
+def release_geometries() -> int:
+    """Frees what escoin keeps per input geometry (stretched offsets, device copies, kernel
+    programs: :meth:`escoin.SparseFilter.release_geometries`) for every weight it has been
+    called with, and returns the bytes that held. For models fed many input sizes, whose layers
+    otherwise keep every size's arrays; the next call of each size derives them again. CUDA
+    graphs captured before (and torch.compile's "reduce-overhead" ones) must be captured again,
+    and no escoin call may run on another thread meanwhile."""
+    with _prepared_lock:
+        prepared = list(_prepared)
+    released = 0
+    for p in prepared:
+        p.launches.clear()  # its pointers are to the arrays freed next
+        released += p.filt.release_geometries()
+    return released
 
 
 def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
