@@ -388,15 +388,19 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
       __syncthreads();
 #endif
     };
-    // Hands the warp's current 32 entries (`mine`, one a lane) to the loop, which applies the
-    // j-th to a row's sums with apply(mine, j, sums).
-    auto hand_over = [&](int2 mine) {
+    // With SHARED_ENTRIES, puts the warp's current 32 entries in its slots: store() writes this
+    // lane's, once the warp has consumed the previous ones. (Else the loop reads them from their
+    // lanes by shuffles, and nothing is stored.)
+    auto to_slots = [&](auto store) {
       if constexpr (SHARED_ENTRIES) {
-        __syncwarp();  // the warp's previous entries are consumed
-        warp_entries[lane] = mine;
+        __syncwarp();
+        store();
         __syncwarp();
       }
     };
+    // Hands the warp's current 32 entries (`mine`, one a lane) to the loop, which applies the
+    // j-th to a row's sums with apply(mine, j, sums).
+    auto hand_over = [&](int2 mine) { to_slots([&] { warp_entries[lane] = mine; }); };
     auto apply = [&](int2 mine, int j, float (&row)[IMAGES][POSITIONS]) {
       if constexpr (SHARED_ENTRIES) {
         const int2 entry = warp_entries[j];
@@ -421,12 +425,10 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
       wait_for_chunk();
       for (int base = 0; base < count; base += 32) {
         load(base + 32 + lane, ahead_offset, ahead_w);
-        if constexpr (SHARED_ENTRIES) {
-          __syncwarp();  // the warp's previous entries are consumed
+        to_slots([&] {
           group_offsets[lane] = offset;
           group_weights[lane] = w;
-          __syncwarp();
-        }
+        });
         const int n = min(32, count - base);
         for (int j = 0; j < n; ++j) {
           if constexpr (SHARED_ENTRIES) {
