@@ -3,9 +3,12 @@
     ncu --clock-control none -k regex:sparse_conv python benchmarks/profile_layer.py vgg.c3_2 32
     ncu --clock-control none -k regex:mma_conv python benchmarks/profile_layer.py vgg.c3_2 32 \
         0.9 tensor-cores
+    ncu --clock-control none -k regex:staged python benchmarks/profile_layer.py rn.l3.1x1dn 32 \
+        --block 4   # pruned in blocks of four output channels
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -19,12 +22,19 @@ from suite import LAYERS, output_size, pruned_weight  # noqa: E402
 def main() -> None:
     import torch
 
-    name, batch = sys.argv[1], int(sys.argv[2])
-    sparsity = float(sys.argv[3]) if len(sys.argv) > 3 else 0.9
-    tensor_cores = len(sys.argv) > 4 and sys.argv[4] == "tensor-cores"
-    layer = next(l for net in LAYERS.values() for l in net if l.name == name)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("layer")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("sparsity", type=float, nargs="?", default=0.9)
+    parser.add_argument("kernel", nargs="?", choices=["tensor-cores"])
+    parser.add_argument("--block", type=int, default=1,
+                        help="prune in blocks of this many output channels (1: unstructured)")
+    args = parser.parse_args()
+    layer = next(l for net in LAYERS.values() for l in net if l.name == args.layer)
+    tensor_cores, batch = args.kernel == "tensor-cores", args.batch
     rng = np.random.default_rng(0)
-    filt = escoin.SparseFilter.from_dense(pruned_weight(layer, sparsity, rng)).cuda(0)
+    weight = pruned_weight(layer, args.sparsity, rng, args.block)
+    filt = escoin.SparseFilter.from_dense(weight).cuda(0)
     x = torch.randn(batch, layer.in_channels, layer.size, layer.size, device="cuda")
     oh = output_size(layer)
     out = torch.empty(batch, layer.out_channels, oh, oh, device="cuda")
