@@ -23,7 +23,7 @@ from torch import nn
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
-from escoin_torch.ops import PreparedFilter, conv2d_with_filter, has_kernels_for
+from escoin_torch.ops import PreparedFilter, conv2d_with_filter, has_kernels_for, transformed
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
@@ -180,6 +180,8 @@ class SparseConv2d(nn.Conv2d):
                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The escoin path, the residual and the ReLU in its epilogue; gradients reach the
         weight's stored nonzeros, the input, the bias and the residual."""
+        if not torch.compiler.is_compiling() and transformed(self.weight):  # (compiling: first)
+            return self._transformed_forward(x, residual)
         if torch.compiler.is_compiling():
             state = self._compressed.get(self.weight.device)
             if state is None:
@@ -195,6 +197,25 @@ class SparseConv2d(nn.Conv2d):
                                                             state.flat_index))
         return conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
                                   self.padding, self.dilation, self.relu, residual)
+
+    def _transformed_forward(self, x: torch.Tensor,
+                             residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """sparse_forward where a torch.func transform wraps the weight (torch.func.functional_call
+        under grad or vmap: per-sample gradients): a wrapped tensor cannot be compressed on the
+        host, so its values are gathered at the pattern of the CSR the layer built from its own
+        weight, which must hold every nonzero of it. Where there is no such CSR yet, where the
+        transform maps the weight itself (vmap over weights) or where the weight has a nonzero
+        outside that pattern, the layer runs dense: exact, and differentiable as nn.Conv2d is."""
+        weight = self.weight
+        state = self._compressed.get(weight.device)
+        if state is None or torch._C._functorch.is_batchedtensor(weight):
+            return self.dense_forward(x, residual)
+        flat = weight.reshape(-1)
+        if bool(flat.index_fill(0, state.flat_index, 0).any()):
+            return self.dense_forward(x, residual)
+        csr = state.csr._replace(values=flat[state.flat_index])
+        return conv2d_with_filter(x, csr, None, self.bias, self.stride, self.padding,
+                                  self.dilation, self.relu, residual)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SparseConv2d":
         # .to()/.cuda()/.half() replace the weight. A new map (not .clear()): replicas sharing

@@ -160,7 +160,7 @@ def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
             return _sparse_conv2d_cuda(*args)
         if device == "cpu":
             return _cpu_forward(host_filter, *args)
-    return torch.ops.escoin.sparse_conv2d(*args)
+    return _call_op(*args)
 
 
 def _fits_output(residual: object, x: torch.Tensor, weight: CSRWeight,
@@ -293,42 +293,180 @@ def _sparse_conv2d_fake(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     return _like_input_format(out, x)
 
 
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """The op's arguments that are not tensors, as one object: to torch.func's pytrees a leaf
+    (lists of ints would be leaves of their own, which the vmap rule generated for a nested
+    transform, e.g. hessian, then miscounts)."""
+    weight_shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    relu: bool
+
+
+def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
+               needs: Tuple[bool, bool, bool, bool]) -> tuple:
+    """Gradients for x (a sparse conv with the transposed weight), for the stored weight values
+    only (the sparsity pattern is fixed), for the bias and for the residual (the output's
+    gradient, through the ReLU), each where `needs` asks: (x, values, bias, residual)."""
+    x, row_ptr, col_idx, values, output = saved
+    g = geometry
+    csr = CSRWeight(row_ptr, col_idx, values, g.weight_shape, g.groups)
+    if g.relu:
+        grad = grad * (output > 0)
+    grad_x = grad_values = grad_bias = None
+    if needs[0]:
+        grad_x = _input_grad(grad, csr, x.shape, g.stride, g.padding, g.dilation)
+    if needs[1]:
+        # The dense weight gradient is one cuDNN/oneDNN call; only its entries on the pattern
+        # are kept. A sparse (SDDMM-style) kernel would be cheaper but escoin has none.
+        dense = torch.nn.grad.conv2d_weight(x, g.weight_shape, grad, g.stride, g.padding,
+                                            g.dilation, g.groups)
+        grad_values = dense.reshape(-1)[csr.flat_index()]
+    if needs[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_x, grad_values, grad_bias, grad if needs[3] else None
+
+
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
                    output: torch.Tensor) -> None:
-    (x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups, relu,
+    (x, row_ptr, col_idx, values, weight_shape, _, stride, padding, dilation, groups, relu,
      _) = inputs
     ctx.save_for_backward(x, row_ptr, col_idx, values, output if relu else None)
-    ctx.geometry = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-                    relu)
+    ctx.geometry = _ConvGeometry(tuple(weight_shape), tuple(stride), tuple(padding),
+                                 tuple(dilation), groups, relu)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    """Gradients for x (a sparse conv with the transposed weight), for the stored weight values
-    only (the sparsity pattern is fixed), for the bias and for the residual (the output's
-    gradient, through the ReLU)."""
-    x, row_ptr, col_idx, values, output = ctx.saved_tensors
-    weight_shape, stride, padding, dilation, groups, relu = ctx.geometry
-    csr = CSRWeight(row_ptr, col_idx, values, weight_shape, groups)
-    if relu:
-        grad = grad * (output > 0)
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _input_grad(grad, csr, x.shape, stride, padding, dilation)
-    if ctx.needs_input_grad[3]:
-        # The dense weight gradient is one cuDNN/oneDNN call; only its entries on the pattern
-        # are kept. A sparse (SDDMM-style) kernel would be cheaper but escoin has none.
-        dense = torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding, dilation,
-                                            groups)
-        grad_values = dense.reshape(-1)[csr.flat_index()]
-    if ctx.needs_input_grad[5]:
-        grad_bias = grad.sum((0, 2, 3))
+    """The op's gradients (_gradients), one per argument."""
+    needs = ctx.needs_input_grad
+    with_residual = len(needs) == 12  # else called without the residual argument
+    grad_x, grad_values, grad_bias, grad_residual = _gradients(
+        ctx.saved_tensors, ctx.geometry, grad,
+        (needs[0], needs[3], needs[5], with_residual and needs[11]))
     grads = (grad_x, None, None, grad_values, None, grad_bias, None, None, None, None, None)
-    if len(ctx.needs_input_grad) == len(grads):  # called without the residual argument
-        return grads
-    return grads + (grad if ctx.needs_input_grad[11] else None,)
+    return grads + (grad_residual,) if with_residual else grads
 
 
 _sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TransformableSparseConv2d(torch.autograd.Function):
+    """The op with the same derivatives, as an autograd.Function that torch.func transforms
+    accept. PyTorch runs a torch.library op's registered autograd as a Function without
+    setup_context, which functorch refuses (grad, vjp, jacrev); this one has it, a forward-mode
+    rule (jvp, jacfwd) and a vmap rule generated from those (per-sample gradients: vmap of grad;
+    hessian). Its arguments: x, row_ptr, col_idx, values, bias, residual, _ConvGeometry."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, row_ptr: torch.Tensor,  # type: ignore[override]
+                col_idx: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], g: _ConvGeometry) -> torch.Tensor:
+        return torch.ops.escoin.sparse_conv2d(
+            x, row_ptr, col_idx, values, list(g.weight_shape), bias, list(g.stride),
+            list(g.padding), list(g.dilation), g.groups, g.relu, residual)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                      output: torch.Tensor) -> None:
+        x, row_ptr, col_idx, values, _, _, geometry = inputs
+        ctx.save_for_backward(x, row_ptr, col_idx, values, output if geometry.relu else None)
+        ctx.save_for_forward(x, row_ptr, col_idx, values, output)
+        ctx.geometry = geometry
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
+                 grad: torch.Tensor) -> tuple:
+        needs = ctx.needs_input_grad
+        grad_x, grad_values, grad_bias, grad_residual = _gradients(
+            ctx.saved_tensors, ctx.geometry, grad, (needs[0], needs[3], needs[4], needs[5]))
+        return grad_x, None, None, grad_values, grad_bias, grad_residual, None
+
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, x_t: Optional[torch.Tensor], _row_ptr: None,
+            _col_idx: None, values_t: Optional[torch.Tensor], bias_t: Optional[torch.Tensor],
+            residual_t: Optional[torch.Tensor], _geometry: None) -> torch.Tensor:
+        """The output's tangent: the convolution is linear in x, in the values, in the bias and
+        in the residual, then the ReLU's mask."""
+        x, row_ptr, col_idx, values, output = ctx.saved_tensors  # save_for_forward's
+        g = ctx.geometry
+        linear = _ConvGeometry(g.weight_shape, g.stride, g.padding, g.dilation, g.groups, False)
+        tangent = torch.zeros_like(output)
+        if x_t is not None:
+            tangent = tangent + _TransformableSparseConv2d.apply(
+                x_t, row_ptr, col_idx, values, None, None, linear)
+        if values_t is not None:
+            tangent = tangent + _TransformableSparseConv2d.apply(
+                x, row_ptr, col_idx, values_t, None, None, linear)
+        if bias_t is not None:
+            tangent = tangent + bias_t[None, :, None, None]
+        if residual_t is not None:
+            tangent = tangent + residual_t
+        return tangent * (output > 0) if g.relu else tangent
+
+
+def transformed(tensor: object) -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) wraps `tensor`."""
+    try:
+        return (isinstance(tensor, torch.Tensor)
+                and torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+    except AttributeError:  # a torch without these internals
+        return False
+
+
+def _call_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+             values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
+             stride: List[int], padding: List[int], dilation: List[int], groups: int,
+             relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """torch.ops.escoin.sparse_conv2d, through _TransformableSparseConv2d where a torch.func
+    transform wraps one of the tensors (elsewhere the op itself, which torch.compile, export and
+    TorchScript see)."""
+    tensors = (x, row_ptr, col_idx, values, bias, residual)
+    if not torch.compiler.is_compiling() and any(transformed(t) for t in tensors):
+        geometry = _ConvGeometry(tuple(weight_shape), tuple(stride), tuple(padding),
+                                 tuple(dilation), groups, relu)
+        return _TransformableSparseConv2d.apply(*tensors, geometry)
+    return torch.ops.escoin.sparse_conv2d(x, row_ptr, col_idx, values, weight_shape, bias,
+                                          stride, padding, dilation, groups, relu, residual)
+
+
+@torch.library.register_vmap("escoin::sparse_conv2d")
+def _sparse_conv2d_vmap(info: object, in_dims: tuple, x: torch.Tensor, row_ptr: torch.Tensor,
+                        col_idx: torch.Tensor, values: torch.Tensor, weight_shape: List[int],
+                        bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                        dilation: List[int], groups: int, relu: bool,
+                        residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
+    """torch.vmap of the op. Where only x and the residual are mapped (one weight for every
+    sample: a vmapped forward, per-sample gradients) it is one call, the mapped dimension folded
+    into the batch; else one call per sample, stacked."""
+    x_dim, row_dim, col_dim, values_dim, _, bias_dim = in_dims[:6]
+    residual_dim = in_dims[11] if len(in_dims) > 11 else None
+    size = int(info.batch_size)  # type: ignore[attr-defined]
+    geometry = (weight_shape, bias, stride, padding, dilation, groups, relu)
+    if x_dim is not None and row_dim is None and col_dim is None and values_dim is None \
+            and bias_dim is None:
+        xs = x.movedim(x_dim, 0)
+        folded = None
+        if residual is not None:
+            rs = (residual.movedim(residual_dim, 0) if residual_dim is not None
+                  else residual.expand(size, *residual.shape))
+            folded = rs.reshape(-1, *rs.shape[2:])
+        y = torch.ops.escoin.sparse_conv2d(xs.reshape(-1, *xs.shape[2:]), row_ptr, col_idx,
+                                           values, *geometry, folded)
+        return y.reshape(size, xs.shape[1], *y.shape[1:]), 0
+
+    def sample(t: Optional[torch.Tensor], dim: Optional[int], i: int) -> Optional[torch.Tensor]:
+        return t if t is None or dim is None else t.select(dim, i)
+
+    return torch.stack([torch.ops.escoin.sparse_conv2d(
+        sample(x, x_dim, i), sample(row_ptr, row_dim, i), sample(col_idx, col_dim, i),
+        sample(values, values_dim, i), weight_shape, sample(bias, bias_dim, i), stride, padding,
+        dilation, groups, relu, sample(residual, residual_dim, i)) for i in range(size)]), 0
+
 
 # Under autocast the op runs in float32, its inputs cast there first (as PyTorch does for the
 # ops it keeps in float32): a layer's float32 weights meet a 16-bit activation from the layers
@@ -359,9 +497,8 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride:
     if any(v != 0 for v in residual):
         grad = F.pad(grad, residual)
     flipped = _transposed(csr)
-    return torch.ops.escoin.sparse_conv2d(grad, flipped.row_ptr, flipped.col_idx, flipped.values,
-                                          list(flipped.shape), None, [1, 1], common,
-                                          list(dilation), flipped.groups, False)
+    return _call_op(grad, flipped.row_ptr, flipped.col_idx, flipped.values, list(flipped.shape),
+                    None, [1, 1], common, list(dilation), flipped.groups, False, None)
 
 
 def _transposed(csr: CSRWeight) -> CSRWeight:

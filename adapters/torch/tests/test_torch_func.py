@@ -1,0 +1,212 @@
+"""torch.func transforms of the op and of SparseConv2d: grad, jacrev, jvp, jacfwd, hessian, vmap,
+and per-sample gradients (vmap of grad over torch.func.functional_call), against dense float64
+references."""
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+
+from torch_helpers import relative_error, sparse_weight
+from escoin_torch import SparseConv2d, sparse_conv2d
+from escoin_torch import csr as csr_lib
+
+# The CPU kernels in float64; CUDA computes float32 (its relative error ~1e-7 per output).
+DEVICES = [("cpu", torch.float64, 1e-12),
+           pytest.param("cuda", torch.float32, 1e-5, marks=pytest.mark.cuda)]
+GEOMETRY = dict(stride=2, padding=1, groups=2)
+
+
+def _operands(device: str, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """x (5 images), a sparse weight of two groups, its CSR, a bias and a residual."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = sparse_weight((8, 3, 3, 3), 0.4, gen, torch.float64)
+    x = torch.randn(5, 6, 9, 9, generator=gen, dtype=torch.float64)
+    bias = torch.randn(8, generator=gen, dtype=torch.float64)
+    residual = torch.randn(5, 8, 5, 5, generator=gen, dtype=torch.float64)
+    to = dict(device=device, dtype=dtype)
+    weight, x, bias, residual = (t.to(**to) for t in (weight, x, bias, residual))
+    return x, weight, csr_lib.from_dense(weight, groups=2), bias, residual
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_grad_of_the_op_matches_autograd_on_the_dense_conv(device: str, dtype: torch.dtype,
+                                                           tol: float) -> None:
+    x, weight, csr, bias, residual = _operands(device, dtype)
+
+    def loss(x, values, bias, residual):
+        y = sparse_conv2d(x, csr._replace(values=values), bias, relu=True, residual=residual,
+                          stride=2, padding=1)
+        return (y * y).sum()
+
+    got = grad(loss, argnums=(0, 1, 2, 3))(x, csr.values, bias, residual)
+    dense = [t.detach().double().cpu().requires_grad_() for t in (x, weight, bias, residual)]
+    y = F.conv2d(dense[0], dense[1], dense[2], **GEOMETRY) + dense[3]
+    (y.relu() ** 2).sum().backward()
+    wanted = [dense[0].grad, dense[1].grad.reshape(-1)[csr.flat_index().cpu()], dense[2].grad,
+              dense[3].grad]
+    for name, g, w in zip(("x", "values", "bias", "residual"), got, wanted):
+        assert relative_error(g, w) < tol, name
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_vmap_of_the_forward(device: str, dtype: torch.dtype, tol: float) -> None:
+    """vmap over x (one call: the mapped dimension folded into the batch), over x with a residual
+    mapped or not, and over the weights' values too (one call per sample)."""
+    x, weight, csr, bias, residual = _operands(device, dtype)
+    xs = x.reshape(5, 1, 6, 9, 9)
+
+    def conv(x, values, residual=None):
+        return sparse_conv2d(x, csr._replace(values=values), bias, residual=residual, stride=2,
+                             padding=1)
+
+    def dense(i: int, w: torch.Tensor, r: object = None) -> torch.Tensor:
+        y = F.conv2d(x[i:i + 1].double(), w.double(), bias.double(), **GEOMETRY)
+        return y if r is None else y + r.double()
+
+    y = vmap(conv, in_dims=(0, None))(xs, csr.values)
+    assert relative_error(y, torch.stack([dense(i, weight) for i in range(5)])) < tol
+    rs = residual.reshape(5, 1, 8, 5, 5)
+    y = vmap(conv, in_dims=(0, None, 0))(xs, csr.values, rs)
+    assert relative_error(y, torch.stack([dense(i, weight, rs[i]) for i in range(5)])) < tol
+    y = vmap(conv, in_dims=(0, None, None))(xs, csr.values, rs[0])
+    assert relative_error(y, torch.stack([dense(i, weight, rs[0]) for i in range(5)])) < tol
+    scales = torch.arange(1, 6, device=device, dtype=dtype)
+    values = scales[:, None] * csr.values  # a weight per sample
+    y = vmap(conv, in_dims=(0, 0))(xs, values)
+    assert relative_error(y, torch.stack([dense(i, weight * scales[i]) for i in range(5)])) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_jacrev_matches_the_dense_jacobian(device: str, dtype: torch.dtype, tol: float) -> None:
+    x, weight, csr, bias, _ = _operands(device, dtype)
+    got = jacrev(lambda t: sparse_conv2d(t, csr, bias, stride=2, padding=1))(x[:1])
+    wanted = jacrev(lambda t: F.conv2d(t, weight.double(), bias.double(), **GEOMETRY))(
+        x[:1].double())
+    assert relative_error(got, wanted) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, tol: float) -> None:
+    """jvp in every argument at once (x, the values, the bias, the residual; through the ReLU),
+    and jacfwd against jacrev."""
+    x, weight, csr, bias, residual = _operands(device, dtype)
+    index = csr.flat_index()
+
+    def sparse(x, values, bias, residual):
+        return sparse_conv2d(x, csr._replace(values=values), bias, relu=True, residual=residual,
+                             stride=2, padding=1)
+
+    def dense(x, values, bias, residual):
+        w = torch.zeros(weight.numel(), dtype=values.dtype, device=values.device)
+        w = w.index_put((index,), values).reshape(weight.shape)
+        return (F.conv2d(x, w, bias, **GEOMETRY) + residual).relu()
+
+    primals = (x, csr.values, bias, residual)
+    gen = torch.Generator().manual_seed(3)
+    tangents = tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
+                     for t in primals)
+    y, tangent = jvp(sparse, primals, tangents)
+    y_ref, tangent_ref = jvp(dense, tuple(t.double() for t in primals),
+                             tuple(t.double() for t in tangents))
+    assert relative_error(y, y_ref) < tol and relative_error(tangent, tangent_ref) < tol
+    conv = lambda t: sparse_conv2d(t, csr, bias, stride=2, padding=1)  # noqa: E731
+    assert relative_error(jacfwd(conv)(x[:1]), jacrev(conv)(x[:1]).double()) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_hessian_matches_the_dense_conv(device: str, dtype: torch.dtype, tol: float) -> None:
+    x, weight, csr, bias, _ = _operands(device, dtype)
+    small = x[:1, :, :5, :5]
+    got = hessian(lambda t: sparse_conv2d(t, csr, bias, relu=True, stride=2, padding=1)
+                  .pow(2).sum())(small)
+    wanted = hessian(lambda t: F.conv2d(t, weight.double(), bias.double(), **GEOMETRY).relu()
+                     .pow(2).sum())(small.double())
+    assert relative_error(got, wanted) < tol
+
+
+def _layer_and_dense(device: str, dtype: torch.dtype) -> tuple:
+    """An eval-mode SparseConv2d (its CSR built by one forward) and the same nn.Conv2d."""
+    x, weight, _, bias, _ = _operands(device, dtype)
+    conv = nn.Conv2d(6, 8, 3, **GEOMETRY, device=device, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    layer = SparseConv2d.from_dense(conv).eval()
+    with torch.no_grad():
+        layer(x)
+    return layer, conv.eval(), x
+
+
+def _per_sample_grads(model: nn.Module, params: Dict[str, torch.Tensor],
+                      x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def loss(p: Dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        y = functional_call(model, p, (sample.unsqueeze(0),))
+        return (y * y).sum()
+
+    return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_per_sample_gradients_of_a_layer(device: str, dtype: torch.dtype, tol: float,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmap(grad) over functional_call, the torch.func recipe for per-sample gradients: the layer
+    runs escoin (not its dense path) and its gradients are the dense layer's on the stored
+    nonzeros (the sparsity pattern is fixed: elsewhere they are zero)."""
+    layer, conv, x = _layer_and_dense(device, dtype)
+    calls = _dense_calls(layer, monkeypatch)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    got = _per_sample_grads(layer, params, x)
+    assert not calls
+    wanted = _per_sample_grads(conv, {k: v.detach().double() for k, v in conv.named_parameters()},
+                               x.double())
+    pattern = conv.weight != 0
+    assert got["weight"].shape == (5, 8, 3, 3, 3)
+    assert relative_error(got["weight"][:, pattern], wanted["weight"][:, pattern]) < tol
+    assert torch.all(got["weight"][:, ~pattern] == 0)
+    assert relative_error(got["bias"], wanted["bias"]) < tol
+
+
+def _dense_calls(layer: SparseConv2d, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Records the layer's calls of its dense path (still computing them)."""
+    calls: list = []
+    dense_forward = layer.dense_forward
+
+    def recorded(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args)
+        return dense_forward(*args)
+
+    monkeypatch.setattr(layer, "dense_forward", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+@pytest.mark.parametrize("case", ["off the pattern", "no CSR yet"])
+def test_where_the_layer_cannot_gather_it_runs_dense(device: str, dtype: torch.dtype, tol: float,
+                                                     case: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight given to functional_call with nonzeros where the layer's CSR has none, or a layer
+    that has built no CSR yet: the weight cannot be gathered at a pattern, so the layer computes
+    it dense, exactly, gradients included."""
+    layer, conv, x = _layer_and_dense(device, dtype)
+    weight = conv.weight.detach().clone()
+    if case == "off the pattern":
+        weight[2][weight[2] == 0] = 0.5  # output channel 2 dense
+    else:
+        layer = SparseConv2d(6, 8, 3, **GEOMETRY, device=device, dtype=dtype).eval()
+        assert not layer._compressed
+    calls = _dense_calls(layer, monkeypatch)
+    params = {"weight": weight, "bias": conv.bias.detach()}
+    got = _per_sample_grads(layer, params, x)
+    assert calls
+    conv_params = {"weight": weight.double(), "bias": conv.bias.detach().double()}
+    wanted = _per_sample_grads(conv, conv_params, x.double())
+    for name in ("weight", "bias"):
+        assert relative_error(got[name], wanted[name]) < tol, name
+    y = functional_call(layer, params, (x,))
+    assert relative_error(y, F.conv2d(x.double(), weight.double(), conv.bias.double(),
+                                      **GEOMETRY)) < tol
