@@ -122,7 +122,8 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rat
     except RuntimeError:  # out of memory on the largest lowered matrices
         row["cusparse"] = float("nan")
     row["floor"] = sparse_flops(case.nnz, batch, layer) / rate * 1e3
-    row["memory"] = (x.nbytes + case.out.nbytes) / bandwidth * 1e3
+    row["memory_bytes"] = x.nbytes + case.out.nbytes
+    row["memory"] = row["memory_bytes"] / bandwidth * 1e3
     return row
 
 
@@ -189,7 +190,7 @@ def main() -> None:
     rows = [measure(torch, F, l, n, sp, b, rate, bandwidth, rng)
             for l, n, sp, b in tqdm(cases, desc="cases", file=sys.stderr)]
     for r in rows:  # x and y move through device memory where they do not fit L2 together
-        r["memory_bound"] = r["memory"] * bandwidth * 1e-3 > l2_bytes
+        r["memory_bound"] = r["memory_bytes"] > l2_bytes
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_layers.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate,

@@ -62,7 +62,7 @@ def main() -> None:
     for batch in args.batches:
         for name in args.layers:
             run, _, _ = layer_call(torch, SUITE[name], batch, args.sparsity, 1,
-                                np.random.default_rng(0), args.tensor_cores)
+                                   np.random.default_rng(0), args.tensor_cores)
             graph_us = time_ms(torch, run) * 1e3
             kernels = kernel_means_us(torch, run)
             parts = "  ".join(f"{short_name(k)} {v:.2f}"

@@ -66,8 +66,8 @@ def main() -> None:
                         help="strict fp32 TFLOP/s (the floor's rate)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"sparsity {args.sparsity}, blocks of {args.block}; predicted time / floor at a loop rate of "
-          f"{args.loop_rate} TFLOP/s (floor rate {args.floor_rate})")
+    print(f"sparsity {args.sparsity}, blocks of {args.block}; predicted time / floor at a loop "
+          f"rate of {args.loop_rate} TFLOP/s (floor rate {args.floor_rate})")
     print(f"{'layer':<13}{'paid/nnz':>9}{'positions':>10}{'wavefronts':>11}{'x floor':>9}")
     ratios = []
     for layer in layers(LAYERS):

@@ -21,7 +21,7 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from suite import LAYERS, Layer, pruned_weight  # noqa: E402
+from suite import LAYERS, pruned_weight  # noqa: E402
 
 
 

@@ -22,14 +22,14 @@
 // q0 % plane_w elements before q0 (a multiple of 4, so no shift), which the thread adds to
 // every offset; where the stretch writes the same layout, segments start at q0 as above.
 //
-// Two forms, one per filter and geometry (tile_program.cpp's choose_groups):
+// Two forms, one per filter and geometry (tile_program.cpp's choose_form):
 // - rows: each row (output channel) lists its own entries.
 // - row groups: a warp's kStagedRowsPerWarp rows (channels 4w..4w+3 of the item) list the union
 //   of their entries per chunk, each an offset and one weight per row (0 where that row has no
 //   nonzero there). One input value loaded from shared memory then feeds four FMAs instead of
 //   one: a filter whose rows come in groups of four with one pattern (block pruning) needs a
 //   quarter of the loads. Built where every warp's rows share their pattern exactly and the
-//   union costs less than the rows (choose_groups).
+//   union costs less than the rows (choose_form).
 //
 // Layout, in 32-bit words:
 //   header  [kTileHeaderWords]: magic (kTileProgramMagic: rows; kGroupedTileProgramMagic: row

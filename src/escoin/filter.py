@@ -84,7 +84,7 @@ class _CsrStore:
             else:
                 warn = False
         if warn:
-            # (one place in escoin warns: Python shows it once per process, not once a filter)
+            # (Python's default filter shows it once per escoin call site, not once a filter)
             warnings.warn(f"an escoin filter now keeps offsets and programs for more than "
                           f"{MANY_GEOMETRIES} input geometries (one per input size it was "
                           f"called with); SparseFilter.release_geometries (escoin_torch."

@@ -3,15 +3,15 @@ and per-sample gradients (vmap of grad over torch.func.functional_call), against
 references."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-from torch_helpers import relative_error, sparse_weight
+from torch_helpers import SeenOps, relative_error, sparse_weight
 from escoin_torch import SparseConv2d, sparse_conv2d
 from escoin_torch import csr as csr_lib
 
@@ -38,12 +38,17 @@ def test_grad_of_the_op_matches_autograd_on_the_dense_conv(device: str, dtype: t
                                                            tol: float) -> None:
     x, weight, csr, bias, residual = _operands(device, dtype)
 
-    def loss(x, values, bias, residual):
+    def loss(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+             residual: torch.Tensor) -> torch.Tensor:
         y = sparse_conv2d(x, csr._replace(values=values), bias, relu=True, residual=residual,
                           stride=2, padding=1)
         return (y * y).sum()
 
     got = grad(loss, argnums=(0, 1, 2, 3))(x, csr.values, bias, residual)
+    # vjp gives the same, from a cotangent of its own
+    y, pullback = vjp(lambda *a: loss(*a).reshape(1), x, csr.values, bias, residual)
+    for g, pulled in zip(got, pullback(torch.ones_like(y))):
+        assert relative_error(pulled, g) < tol
     dense = [t.detach().double().cpu().requires_grad_() for t in (x, weight, bias, residual)]
     y = F.conv2d(dense[0], dense[1], dense[2], **GEOMETRY) + dense[3]
     (y.relu() ** 2).sum().backward()
@@ -60,15 +65,21 @@ def test_vmap_of_the_forward(device: str, dtype: torch.dtype, tol: float) -> Non
     x, weight, csr, bias, residual = _operands(device, dtype)
     xs = x.reshape(5, 1, 6, 9, 9)
 
-    def conv(x, values, residual=None):
+    def conv(x: torch.Tensor, values: torch.Tensor,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return sparse_conv2d(x, csr._replace(values=values), bias, residual=residual, stride=2,
                              padding=1)
 
-    def dense(i: int, w: torch.Tensor, r: object = None) -> torch.Tensor:
+    def dense(i: int, w: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = F.conv2d(x[i:i + 1].double(), w.double(), bias.double(), **GEOMETRY)
         return y if r is None else y + r.double()
 
-    y = vmap(conv, in_dims=(0, None))(xs, csr.values)
+    def calls(mode: SeenOps) -> int:
+        return sum("escoin.sparse_conv2d" in name for name in mode.names)
+
+    with SeenOps() as folded:
+        y = vmap(conv, in_dims=(0, None))(xs, csr.values)
+    assert calls(folded) == 1
     assert relative_error(y, torch.stack([dense(i, weight) for i in range(5)])) < tol
     rs = residual.reshape(5, 1, 8, 5, 5)
     y = vmap(conv, in_dims=(0, None, 0))(xs, csr.values, rs)
@@ -77,7 +88,9 @@ def test_vmap_of_the_forward(device: str, dtype: torch.dtype, tol: float) -> Non
     assert relative_error(y, torch.stack([dense(i, weight, rs[0]) for i in range(5)])) < tol
     scales = torch.arange(1, 6, device=device, dtype=dtype)
     values = scales[:, None] * csr.values  # a weight per sample
-    y = vmap(conv, in_dims=(0, 0))(xs, values)
+    with SeenOps() as per_sample:
+        y = vmap(conv, in_dims=(0, 0))(xs, values)
+    assert calls(per_sample) == 5
     assert relative_error(y, torch.stack([dense(i, weight * scales[i]) for i in range(5)])) < tol
 
 
@@ -97,11 +110,13 @@ def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, to
     x, weight, csr, bias, residual = _operands(device, dtype)
     index = csr.flat_index()
 
-    def sparse(x, values, bias, residual):
+    def sparse(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+               residual: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, csr._replace(values=values), bias, relu=True, residual=residual,
                              stride=2, padding=1)
 
-    def dense(x, values, bias, residual):
+    def dense(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+              residual: torch.Tensor) -> torch.Tensor:
         w = torch.zeros(weight.numel(), dtype=values.dtype, device=values.device)
         w = w.index_put((index,), values).reshape(weight.shape)
         return (F.conv2d(x, w, bias, **GEOMETRY) + residual).relu()
@@ -114,7 +129,9 @@ def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, to
     y_ref, tangent_ref = jvp(dense, tuple(t.double() for t in primals),
                              tuple(t.double() for t in tangents))
     assert relative_error(y, y_ref) < tol and relative_error(tangent, tangent_ref) < tol
-    conv = lambda t: sparse_conv2d(t, csr, bias, stride=2, padding=1)  # noqa: E731
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(t, csr, bias, stride=2, padding=1)
+
     assert relative_error(jacfwd(conv)(x[:1]), jacrev(conv)(x[:1]).double()) < tol
 
 
@@ -142,13 +159,15 @@ def _layer_and_dense(device: str, dtype: torch.dtype) -> tuple:
     return layer, conv.eval(), x
 
 
-def _per_sample_grads(model: nn.Module, params: Dict[str, torch.Tensor],
-                      x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _per_sample_grads(model: nn.Module, params: Dict[str, torch.Tensor], x: torch.Tensor,
+                      params_mapped: bool = False) -> Dict[str, torch.Tensor]:
+    """Per-sample gradients of a squared output, vmap of grad over functional_call; with
+    params_mapped, the params are stacked, one set per sample (as in model ensembling)."""
     def loss(p: Dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
         y = functional_call(model, p, (sample.unsqueeze(0),))
         return (y * y).sum()
 
-    return vmap(grad(loss), in_dims=(None, 0))(params, x)
+    return vmap(grad(loss), in_dims=(0 if params_mapped else None, 0))(params, x)
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)
@@ -185,28 +204,36 @@ def _dense_calls(layer: SparseConv2d, monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)
-@pytest.mark.parametrize("case", ["off the pattern", "no CSR yet"])
+@pytest.mark.parametrize("case", ["off the pattern", "no CSR yet", "mapped"])
 def test_where_the_layer_cannot_gather_it_runs_dense(device: str, dtype: torch.dtype, tol: float,
                                                      case: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A weight given to functional_call with nonzeros where the layer's CSR has none, or a layer
-    that has built no CSR yet: the weight cannot be gathered at a pattern, so the layer computes
-    it dense, exactly, gradients included."""
+    """A weight given to functional_call with nonzeros where the layer's CSR has none, a layer
+    that has built no CSR yet, or weights that vmap maps (one per sample, on the layer's pattern:
+    a grad wrapper around a batched tensor): no single CSR holds the weight, so the layer
+    computes it dense, exactly, gradients included."""
     layer, conv, x = _layer_and_dense(device, dtype)
     weight = conv.weight.detach().clone()
+    mapped = case == "mapped"
     if case == "off the pattern":
         weight[2][weight[2] == 0] = 0.5  # output channel 2 dense
-    else:
+    elif case == "no CSR yet":
         layer = SparseConv2d(6, 8, 3, **GEOMETRY, device=device, dtype=dtype).eval()
         assert not layer._compressed
+    else:
+        scales = torch.arange(1, 6, device=device, dtype=dtype)
+        weight = scales[:, None, None, None, None] * weight
+    bias = conv.bias.detach()
+    bias = bias.expand(5, -1).clone() if mapped else bias
     calls = _dense_calls(layer, monkeypatch)
-    params = {"weight": weight, "bias": conv.bias.detach()}
-    got = _per_sample_grads(layer, params, x)
+    params = {"weight": weight, "bias": bias}
+    got = _per_sample_grads(layer, params, x, params_mapped=mapped)
     assert calls
-    conv_params = {"weight": weight.double(), "bias": conv.bias.detach().double()}
-    wanted = _per_sample_grads(conv, conv_params, x.double())
+    conv_params = {"weight": weight.double(), "bias": bias.double()}
+    wanted = _per_sample_grads(conv, conv_params, x.double(), params_mapped=mapped)
     for name in ("weight", "bias"):
         assert relative_error(got[name], wanted[name]) < tol, name
-    y = functional_call(layer, params, (x,))
-    assert relative_error(y, F.conv2d(x.double(), weight.double(), conv.bias.double(),
-                                      **GEOMETRY)) < tol
+    if not mapped:
+        y = functional_call(layer, params, (x,))
+        assert relative_error(y, F.conv2d(x.double(), weight.double(), bias.double(),
+                                          **GEOMETRY)) < tol

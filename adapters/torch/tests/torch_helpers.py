@@ -99,8 +99,9 @@ class SeenOps(TorchDispatchMode):
 
 def check_release_geometries(device: str) -> None:
     """escoin_torch.release_geometries frees what a layer's calls of two input sizes derived
-    (bytes returned: at least their offsets), and the layer's later calls of both sizes derive
-    them again and match the float64 reference."""
+    (bytes returned: at least their offsets; other tests' filters may add theirs), leaves no
+    cached pointer to it, and the layer's later calls of both sizes derive it again and match
+    the float64 reference."""
     layer = SparseConv2d.from_dense(sparse_conv(8, 16, 3, density=0.3, padding=1)).to(device)
     layer.eval()
     gen = torch.Generator().manual_seed(15)
@@ -111,6 +112,12 @@ def check_release_geometries(device: str) -> None:
             assert relative_error(layer(x), want) < 1e-5
         nnz = int(torch.count_nonzero(layer.weight))
         assert escoin_torch.release_geometries() >= 2 * 4 * nnz
+        # Nothing keeps a pointer to what was freed: each prepared filter's launches (the
+        # arrays' addresses) went with the arrays.
+        for prepared in list(escoin_torch.ops._prepared):
+            store = prepared.filt._store
+            assert not prepared.launches
+            assert not (store.host_offsets or store.device_offsets or store.device_programs)
         assert escoin_torch.release_geometries() == 0
         for x, want in zip(xs, expected):
             assert relative_error(layer(x), want) < 1e-5

@@ -186,9 +186,9 @@ escoin_status_t escoin_conv2d_forward_cpu_trusted(const escoin_conv_desc_t* desc
  * float32. size gives the bytes that build writes, or 0 where the staged kernel would not pay
  * (fewer than 16 output channels per group, as in depthwise filters, or a stretched input row too
  * wide for one channel to fit in shared memory): pass no program then; size builds the row-group
- * form where it is taken, to know its length (else a fraction of build's cost). Both check the CSR
- * against the geometry as the CPU forward does. On the device the program must be 16-byte aligned
- * (cudaMalloc's is; the forward checks it). */
+ * form wherever every group of four shares its pattern, to count its entries, and otherwise costs
+ * a fraction of build. Both check the CSR against the geometry as the CPU forward does. On the
+ * device the program must be 16-byte aligned (cudaMalloc's is; the forward checks it). */
 /* The smallest batch for which the CUDA forward runs the staged kernel (1: every batch, where a
  * tile program is passed); below it a tile program is not read, so callers need not build one. */
 int escoin_tile_min_batch(void);

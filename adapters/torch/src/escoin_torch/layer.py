@@ -180,7 +180,8 @@ class SparseConv2d(nn.Conv2d):
                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The escoin path, the residual and the ReLU in its epilogue; gradients reach the
         weight's stored nonzeros, the input, the bias and the residual."""
-        if not torch.compiler.is_compiling() and transformed(self.weight):  # (compiling: first)
+        # (is_compiling first: the compiler cannot trace transformed())
+        if not torch.compiler.is_compiling() and transformed(self.weight):
             return self._transformed_forward(x, residual)
         if torch.compiler.is_compiling():
             state = self._compressed.get(self.weight.device)
@@ -205,10 +206,12 @@ class SparseConv2d(nn.Conv2d):
         host, so its values are gathered at the pattern of the CSR the layer built from its own
         weight, which must hold every nonzero of it. Where there is no such CSR yet, where the
         transform maps the weight itself (vmap over weights) or where the weight has a nonzero
-        outside that pattern, the layer runs dense: exact, and differentiable as nn.Conv2d is."""
+        outside that pattern, the layer runs dense: exact, and differentiable as nn.Conv2d is.
+        Each call builds an escoin filter for the gathered values (and each backward one for
+        their transpose): a host round trip per layer and call."""
         weight = self.weight
         state = self._compressed.get(weight.device)
-        if state is None or torch._C._functorch.is_batchedtensor(weight):
+        if state is None or weight.dtype != state.csr.values.dtype or _mapped(weight):
             return self.dense_forward(x, residual)
         flat = weight.reshape(-1)
         if bool(flat.index_fill(0, state.flat_index, 0).any()):
@@ -300,6 +303,18 @@ class _AttachToWeight(torch.autograd.Function):
         (flat_index,) = ctx.saved_tensors
         grad_weight = grad.new_zeros(ctx.weight_shape).reshape(-1).index_put((flat_index,), grad)
         return None, grad_weight.reshape(ctx.weight_shape), None
+
+
+def _mapped(tensor: torch.Tensor) -> bool:
+    """Whether a vmap level maps `tensor`, at any depth of torch.func's wrappers (vmap of grad
+    over stacked weights: a grad wrapper around a batched tensor). Its values then differ per
+    sample, which no single CSR holds."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 def folded(module: nn.Module, name: str) -> Optional[torch.Tensor]:

@@ -11,6 +11,7 @@ kernel's epilogue (``relu(conv2d(x) + residual)``, as a residual network's block
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -95,14 +96,16 @@ def release_geometries() -> int:
     programs: :meth:`escoin.SparseFilter.release_geometries`) for every weight it has been
     called with, and returns the bytes that held. For models fed many input sizes, whose layers
     otherwise keep every size's arrays; the next call of each size derives them again. CUDA
-    graphs captured before (and torch.compile's "reduce-overhead" ones) must be captured again,
-    and no escoin call may run on another thread meanwhile."""
+    graphs captured before must be captured again (torch.compile's "reduce-overhead" ones:
+    ``torch.compiler.reset()`` and compile again), and no escoin call may run on another thread
+    meanwhile."""
     with _prepared_lock:
         prepared = list(_prepared)
     released = 0
     for p in prepared:
         p.launches.clear()  # its pointers are to the arrays freed next
         released += p.filt.release_geometries()
+        p.launches.clear()  # (and again: a call against the rule may have stored some between)
     return released
 
 
@@ -305,6 +308,13 @@ class _ConvGeometry:
     groups: int
     relu: bool
 
+    @staticmethod
+    def of(weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int], groups: int, relu: bool) -> "_ConvGeometry":
+        """From the op's arguments (lists, as its schema has them)."""
+        return _ConvGeometry(tuple(weight_shape), tuple(stride), tuple(padding),
+                             tuple(dilation), groups, relu)
+
 
 def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
                needs: Tuple[bool, bool, bool, bool]) -> tuple:
@@ -335,8 +345,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
     (x, row_ptr, col_idx, values, weight_shape, _, stride, padding, dilation, groups, relu,
      _) = inputs
     ctx.save_for_backward(x, row_ptr, col_idx, values, output if relu else None)
-    ctx.geometry = _ConvGeometry(tuple(weight_shape), tuple(stride), tuple(padding),
-                                 tuple(dilation), groups, relu)
+    ctx.geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
@@ -394,7 +403,7 @@ class _TransformableSparseConv2d(torch.autograd.Function):
         in the residual, then the ReLU's mask."""
         x, row_ptr, col_idx, values, output = ctx.saved_tensors  # save_for_forward's
         g = ctx.geometry
-        linear = _ConvGeometry(g.weight_shape, g.stride, g.padding, g.dilation, g.groups, False)
+        linear = dataclasses.replace(g, relu=False)
         tangent = torch.zeros_like(output)
         if x_t is not None:
             tangent = tangent + _TransformableSparseConv2d.apply(
@@ -427,8 +436,7 @@ def _call_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     TorchScript see)."""
     tensors = (x, row_ptr, col_idx, values, bias, residual)
     if not torch.compiler.is_compiling() and any(transformed(t) for t in tensors):
-        geometry = _ConvGeometry(tuple(weight_shape), tuple(stride), tuple(padding),
-                                 tuple(dilation), groups, relu)
+        geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
         return _TransformableSparseConv2d.apply(*tensors, geometry)
     return torch.ops.escoin.sparse_conv2d(x, row_ptr, col_idx, values, weight_shape, bias,
                                           stride, padding, dilation, groups, relu, residual)
@@ -446,7 +454,7 @@ def _sparse_conv2d_vmap(info: object, in_dims: tuple, x: torch.Tensor, row_ptr: 
     x_dim, row_dim, col_dim, values_dim, _, bias_dim = in_dims[:6]
     residual_dim = in_dims[11] if len(in_dims) > 11 else None
     size = int(info.batch_size)  # type: ignore[attr-defined]
-    geometry = (weight_shape, bias, stride, padding, dilation, groups, relu)
+    unmapped = (weight_shape, bias, stride, padding, dilation, groups, relu)  # on this path
     if x_dim is not None and row_dim is None and col_dim is None and values_dim is None \
             and bias_dim is None:
         xs = x.movedim(x_dim, 0)
@@ -456,7 +464,7 @@ def _sparse_conv2d_vmap(info: object, in_dims: tuple, x: torch.Tensor, row_ptr: 
                   else residual.expand(size, *residual.shape))
             folded = rs.reshape(-1, *rs.shape[2:])
         y = torch.ops.escoin.sparse_conv2d(xs.reshape(-1, *xs.shape[2:]), row_ptr, col_idx,
-                                           values, *geometry, folded)
+                                           values, *unmapped, folded)
         return y.reshape(size, xs.shape[1], *y.shape[1:]), 0
 
     def sample(t: Optional[torch.Tensor], dim: Optional[int], i: int) -> Optional[torch.Tensor]:
