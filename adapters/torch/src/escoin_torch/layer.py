@@ -180,16 +180,15 @@ class SparseConv2d(nn.Conv2d):
                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The escoin path, the residual and the ReLU in its epilogue; gradients reach the
         weight's stored nonzeros, the input, the bias and the residual."""
-        # (is_compiling first: the compiler cannot trace transformed())
-        if not torch.compiler.is_compiling() and transformed(self.weight):
-            return self._transformed_forward(x, residual)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # (the compiler cannot trace transformed())
             state = self._compressed.get(self.weight.device)
             if state is None:
                 raise RuntimeError("SparseConv2d has no CSR for its weight on "
                                    f"{self.weight.device} yet; build it before torch.compile "
                                    "or torch.export with layer.refresh_csr() or one eager "
                                    "forward")
+        elif transformed(self.weight):
+            return self._transformed_forward(x, residual)
         else:
             state = self._current()
         csr = state.csr

@@ -205,8 +205,7 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
     try:
         return (internals._len_torch_dispatch_stack() == 0
                 and not internals._is_torch_function_mode_enabled()
-                and not any(internals._functorch.is_functorch_wrapped_tensor(t)
-                            for t in present))
+                and not any(transformed(t) for t in present))
     except AttributeError:  # a torch without these internals: keep the dispatch
         return False
 
@@ -340,12 +339,20 @@ def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
     return grad_x, grad_values, grad_bias, grad if needs[3] else None
 
 
+def _save(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, row_ptr: torch.Tensor,
+          col_idx: torch.Tensor, values: torch.Tensor, output: torch.Tensor,
+          geometry: _ConvGeometry) -> None:
+    """What _gradients reads back (the output only for the ReLU's mask)."""
+    ctx.save_for_backward(x, row_ptr, col_idx, values, output if geometry.relu else None)
+    ctx.geometry = geometry
+
+
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
                    output: torch.Tensor) -> None:
     (x, row_ptr, col_idx, values, weight_shape, _, stride, padding, dilation, groups, relu,
      _) = inputs
-    ctx.save_for_backward(x, row_ptr, col_idx, values, output if relu else None)
-    ctx.geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
+    _save(ctx, x, row_ptr, col_idx, values, output,
+          _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu))
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
@@ -383,9 +390,8 @@ class _TransformableSparseConv2d(torch.autograd.Function):
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
                       output: torch.Tensor) -> None:
         x, row_ptr, col_idx, values, _, _, geometry = inputs
-        ctx.save_for_backward(x, row_ptr, col_idx, values, output if geometry.relu else None)
+        _save(ctx, x, row_ptr, col_idx, values, output, geometry)
         ctx.save_for_forward(x, row_ptr, col_idx, values, output)
-        ctx.geometry = geometry
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
