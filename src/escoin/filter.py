@@ -72,6 +72,7 @@ class _CsrStore:
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
+        warn = False
         with self.lock:
             found = self.host_offsets.get(key)
             if found is None:
@@ -81,8 +82,6 @@ class _CsrStore:
                 found = self.host_offsets[key] = _frozen(found)
                 warn = len(self.host_offsets) > MANY_GEOMETRIES and not self.warned_of_geometries
                 self.warned_of_geometries |= warn
-            else:
-                warn = False
         if warn:
             # (Python's default filter shows it once per escoin call site, not once a filter)
             warnings.warn(f"an escoin filter now keeps offsets and programs for more than "
