@@ -99,7 +99,7 @@ def gpu_operands(torch, layer: Layer, batch: int, sparsity: float, rng: np.rando
 
 
 def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rate: float,
-            bandwidth: float, rng: np.random.Generator) -> Dict:
+            bandwidth: float, l2_bytes: int, rng: np.random.Generator) -> Dict:
     x, w = gpu_operands(torch, layer, batch, sparsity, rng, block)
     s, p = layer.stride, layer.padding
     case = escoin_case(torch, F, layer, x, w)
@@ -124,6 +124,8 @@ def measure(torch, F, layer: Layer, batch: int, sparsity: float, block: int, rat
     row["floor"] = sparse_flops(case.nnz, batch, layer) / rate * 1e3
     row["memory_bytes"] = x.nbytes + case.out.nbytes
     row["memory"] = row["memory_bytes"] / bandwidth * 1e3
+    # x and y move through device memory where they do not fit L2 together.
+    row["memory_bound"] = row["memory_bytes"] > l2_bytes
     return row
 
 
@@ -187,10 +189,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = [(l, n, sp, b) for b in args.blocks for sp in args.sparsities
              for l in layers(args.nets) for n in args.batches]
-    rows = [measure(torch, F, l, n, sp, b, rate, bandwidth, rng)
+    rows = [measure(torch, F, l, n, sp, b, rate, bandwidth, l2_bytes, rng)
             for l, n, sp, b in tqdm(cases, desc="cases", file=sys.stderr)]
-    for r in rows:  # x and y move through device memory where they do not fit L2 together
-        r["memory_bound"] = r["memory_bytes"] > l2_bytes
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_layers.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), fp32_rate=rate,

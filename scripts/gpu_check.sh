@@ -9,8 +9,9 @@
 # only the tests marked `cuda`, leaving the CPU ones to CI, among them escoin-jax's LeNet5
 # example, which runs on JAX's default device, the GPU here;
 # --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
-# (benchmarks/gpu_half.py); --probes: also the tensor-core probes,
-# scripts/tensor_core_probes.sh; results go to $OUT or benchmarks/results). The build is for
+# (benchmarks/gpu_half.py); --probes: also the probes of what a loop can reach,
+# benchmarks/shared_load_ceiling_probe.cu and scripts/tensor_core_probes.sh; results go to $OUT
+# or benchmarks/results). The build is for
 # ESCOIN_CUDA_ARCHITECTURES (default 90); 80-virtual checks on a Hopper GPU the code that Ampere
 # and Ada GPUs run.
 set -euo pipefail
@@ -79,6 +80,10 @@ if [ "$half" = 1 ]; then
     echo "16-BIT CHECK FAILED"
 fi
 if [ "$probes" = 1 ]; then
+  echo "== shared-memory ceiling probe"
+  { nvcc -O3 -arch=sm_90 -o /tmp/shared_load_ceiling_probe \
+      benchmarks/shared_load_ceiling_probe.cu && /tmp/shared_load_ceiling_probe; } 2>&1 |
+    tee "$out/shared_load_ceiling_probe.txt" || echo "CEILING PROBE FAILED"
   echo "== tensor-core probes"
   OUT="$out" bash scripts/tensor_core_probes.sh 2>&1 | grep -v "^$" | tail -60 ||
     echo "PROBES FAILED"
