@@ -5,6 +5,7 @@
     y = escoin.conv2d(x, filt, bias, stride=1, padding="same")    # == F.conv2d semantics
 """
 from escoin import _core
+from escoin._core import PreparedCall
 from escoin._errors import EscoinError
 from escoin.conv import (conv2d, host_workspace, output_shape, sconv, stretch_offsets,
                          workspace_size)
@@ -20,6 +21,7 @@ __all__ = [
     "DevicePointers",
     "EscoinError",
     "HostPointers",
+    "PreparedCall",
     "SparseFilter",
     "build_info",
     "c_api",

@@ -6,6 +6,7 @@ the Python layer above checks shapes, dtypes and contiguity and keeps the arrays
 call releases the GIL; a failed status raises :class:`escoin.EscoinError` with the core's text.
 """
 from libc.stdint cimport int32_t, int64_t, uintptr_t
+from cpython.number cimport PyNumber_Index
 from cpython.pycapsule cimport PyCapsule_New
 
 from escoin._errors import EscoinError
@@ -312,3 +313,87 @@ def cuda_pointer_device(object address) -> int:
 def c_api() -> object:
     """The core's entry table (escoin_api_t in escoin.h) as a PyCapsule named "escoin.c_api"."""
     return PyCapsule_New(<void*>escoin_api(), b"escoin.c_api", NULL)
+
+
+cdef uintptr_t address(object value, str name) except? 0:
+    """A pointer argument as an address: an int (not a bool) in [0, 2^64), else EscoinError
+    naming the argument."""
+    if isinstance(value, bool):
+        raise EscoinError("%s must be a non-negative int pointer, got %r" % (name, value))
+    try:
+        # (an integer only: a float would convert by truncation)
+        return <uintptr_t>PyNumber_Index(value)
+    except (OverflowError, TypeError):
+        raise EscoinError("%s must be a non-negative int pointer, got %r" % (name, value))
+
+
+cdef class PreparedCall:
+    """One filter's forward call on one input geometry, dtype and device, with everything that
+    does not change from call to call derived and validated once (the descriptor, the filter's
+    arrays, the workspace size): run() passes the data pointers straight to the core's entry.
+    Built by ``SparseFilter.prepare``; `owner` is the filter's store, whose `generation` changes
+    when its per-geometry arrays are freed (release_geometries), after which run() refuses."""
+
+    cdef escoin_conv_desc_t desc
+    cdef escoin_dtype_t dtype
+    cdef int device  # a CUDA device index, or -1: the CPU (the arrays are host memory)
+    cdef const int64_t* row_ptr
+    cdef const int32_t* offsets
+    cdef const void* values
+    cdef const void* tile_program
+    cdef readonly size_t workspace_bytes
+    cdef readonly tuple output_shape
+    cdef object owner
+    cdef object generation
+
+    def __init__(self, tuple desc, str dtype, int device, object row_ptr, object offsets,
+                 object values, object tile_program, size_t workspace_bytes,
+                 tuple output_shape, object owner):
+        self.desc = make_desc(desc)
+        self.dtype = dtype_code(dtype)
+        self.device = device
+        self.row_ptr = <const int64_t*>ptr(row_ptr)
+        self.offsets = <const int32_t*>ptr(offsets)
+        self.values = ptr(values)
+        self.tile_program = ptr(tile_program)
+        self.workspace_bytes = workspace_bytes
+        self.output_shape = output_shape
+        self.owner = owner
+        self.generation = owner.generation
+
+    @property
+    def current(self) -> bool:
+        """Whether run() may run: the filter has kept its per-geometry arrays since."""
+        return self.owner.generation == self.generation
+
+    def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
+        """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an
+        address (stream: a CUDA stream handle, 0 for the default stream; on the CPU it must
+        be 0)."""
+        if self.owner.generation != self.generation:
+            raise EscoinError("the filter's per-geometry arrays were freed since this call was "
+                              "prepared (SparseFilter.release_geometries): prepare it again")
+        cdef const void* px = <const void*>address(x, "x")
+        cdef void* py = <void*>address(y, "y")
+        cdef void* pws = <void*>address(workspace, "workspace")
+        cdef const void* pb = <const void*>address(bias, "bias")
+        cdef const void* pres = <const void*>address(residual, "residual")
+        cdef void* ps = <void*>address(stream, "stream")
+        cdef int r = relu
+        cdef escoin_status_t status
+        if self.device < 0:
+            if ps != NULL:
+                raise EscoinError("stream must be 0 for a call prepared for the CPU, got %r"
+                                  % (stream,))
+            with nogil:
+                # The offsets are the filter's own (host_pointers), checked when derived.
+                status = escoin_conv2d_forward_cpu_trusted(
+                    &self.desc, self.dtype, px, self.row_ptr, self.offsets, self.values, pb,
+                    pres, r, py, pws, self.workspace_bytes)
+        else:
+            with nogil:
+                status = escoin_conv2d_forward_cuda(
+                    &self.desc, self.dtype, px, self.row_ptr, self.offsets, self.values,
+                    self.tile_program, pb, pres, r, py, pws, self.workspace_bytes, self.device,
+                    ps)
+        check(status)

@@ -1,6 +1,7 @@
 """SparseFilter: a pruned convolution weight in CSR form, with its per-geometry caches."""
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import warnings
@@ -69,6 +70,9 @@ class _CsrStore:
         # would not pay for that geometry or cannot run it, so there is no program.
         self.device_programs: Dict[Tuple[str, int, tuple], Optional[DeviceBuffer]] = {}
         self.warned_of_geometries = False
+        # Counts release_geometries calls: a prepared call (SparseFilter.prepare) holds the
+        # per-geometry arrays' addresses and refuses to run once this moved on.
+        self.generation = 0
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -103,6 +107,7 @@ class _CsrStore:
             self.device_offsets.clear()
             self.device_programs.clear()
             self.warned_of_geometries = False
+            self.generation += 1
         return sum(held)
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:
@@ -350,6 +355,46 @@ class SparseFilter:
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before anything is uploaded
         return self._store.device_arrays(int(device), desc)
+
+    def prepare(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
+                dilation: object = 1, dtype: object = "float32",
+                device: Union[int, str, None] = None) -> "_core.PreparedCall":
+        """A call of this filter on inputs of `input_shape` in `dtype` with this geometry, on
+        CUDA device `device` (default: the filter's device, or the CPU for a host filter) or
+        with ``device="cpu"`` on the host, derived and validated once, for callers that repeat
+        the same call: ``call.run(x, y, workspace, bias=0, residual=0, relu=False, stream=0)``
+        takes only addresses (as :func:`escoin.sconv` does) and costs the core's call and
+        little else, where sconv builds and checks the descriptor each time.
+
+        ``call.output_shape`` is y's (N, M, OH, OW) and ``call.workspace_bytes`` the size of
+        the workspace each run needs. x, y, bias, residual and the workspace are memory of
+        that device (host memory with ``device="cpu"``), y and residual contiguous NCHW of
+        output_shape, x contiguous NCHW of input_shape, all in `dtype` but the workspace; the
+        CUDA call is queued on `stream`, the CPU call runs now. After
+        :meth:`release_geometries` the call refuses to run: prepare it again."""
+        from escoin.geometry import descriptor
+
+        name = dtype_name(dtype)
+        if device is None:
+            device = "cpu" if self._device is None else self._device
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        layout = _core.conv_layout(desc)  # validates the geometry before anything is uploaded
+        output_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
+        workspace_bytes = _core.workspace_size(desc, name)
+        if device == "cpu":
+            arrays = self.host_pointers(input_shape, stride, padding, dilation, dtype=name)
+            return _core.PreparedCall(desc, name, -1, arrays.row_ptr, arrays.offsets,
+                                      arrays.values, 0, workspace_bytes, output_shape,
+                                      self._store)
+        if isinstance(device, bool) or not isinstance(device, numbers.Integral) or device < 0:
+            raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
+        if name == "float64":
+            raise EscoinError("dtype float64 runs on the CPU only (device='cpu'); CUDA computes "
+                              "float32, float16 and bfloat16")
+        pointers = self.device_pointers(input_shape, stride, padding, dilation, device=device)
+        return _core.PreparedCall(desc, name, int(device), pointers.row_ptr, pointers.offsets,
+                                  pointers.values, pointers.tile_program, workspace_bytes,
+                                  output_shape, self._store)
 
     def release_geometries(self) -> int:
         """Frees what the filter keeps per input geometry (the stretched offsets and their

@@ -13,7 +13,7 @@ threads (DataParallel's, or a server's) may call one layer concurrently.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import torch
@@ -23,7 +23,9 @@ from torch import nn
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight
-from escoin_torch.ops import PreparedFilter, conv2d_with_filter, has_kernels_for, transformed
+from escoin_torch.eager import EagerCalls
+from escoin_torch.ops import (PreparedFilter, conv2d_with_filter, filter_of, has_kernels_for,
+                              transformed)
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
 
@@ -40,6 +42,8 @@ class _Compressed:
     # arrays): plain inference calls hand it to the kernel directly (ops.conv2d_with_filter).
     # None on a GPU, where the host copy would only take memory.
     host_filter: Optional[PreparedFilter]
+    # Plain eager inference calls, prepared per input shape (escoin_torch.eager).
+    eager: EagerCalls = field(default_factory=EagerCalls)
 
 
 class SparseConv2d(nn.Conv2d):
@@ -191,12 +195,18 @@ class SparseConv2d(nn.Conv2d):
             return self._transformed_forward(x, residual)
         else:
             state = self._current()
+            y = state.eager.forward(self, x, residual)
+            if y is not None:
+                return y
         csr = state.csr
         if torch.is_grad_enabled() and self.weight.requires_grad:
             csr = csr._replace(values=_AttachToWeight.apply(csr.values, self.weight,
                                                             state.flat_index))
-        return conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
-                                  self.padding, self.dilation, self.relu, residual)
+        y = conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride, self.padding,
+                               self.dilation, self.relu, residual)
+        if not torch.compiler.is_compiling():
+            state.eager.remember(self, x, lambda: state.host_filter or filter_of(state.csr))
+        return y
 
     def _transformed_forward(self, x: torch.Tensor,
                              residual: Optional[torch.Tensor]) -> torch.Tensor:

@@ -21,7 +21,6 @@ import escoin
 import torch
 import torch.nn.functional as F
 
-from escoin import DevicePointers, HostPointers
 from escoin_torch._cache import TensorCache
 from escoin_torch.csr import CSRWeight, host_numpy, transpose
 
@@ -42,6 +41,12 @@ def has_kernels_for(tensor: torch.Tensor) -> bool:
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
 
+
+def escoin_dtype_name(dtype: torch.dtype) -> str:
+    """escoin's name of a dtype it takes (KeyError for others)."""
+    return _DTYPE_NAMES[dtype]
+
+
 _SCHEMA = ("(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int[4] weight_shape, "
            "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
            "Tensor? residual=None) -> Tensor")
@@ -55,30 +60,28 @@ _prepared_lock = threading.Lock()
 
 @dataclass(eq=False)  # compared and hashed by identity, as a member of _prepared
 class PreparedFilter:
-    """An escoin.SparseFilter and what a call needs per input shape and geometry (workspace
-    bytes, the filter's device or host arrays): derived once, since each derivation builds the
-    C descriptor and validates it again (~40 us of a ~240 us eager call on an H100's host; on
-    the CPU ~14 us of a ~65 us call of a small layer)."""
+    """An escoin.SparseFilter and its calls prepared per input shape and geometry
+    (:meth:`escoin.SparseFilter.prepare`: the descriptor, workspace size and the filter's device
+    or host arrays, derived and validated once), so that a call costs the core's entry and
+    little else (the descriptor alone, built and checked per call, was ~8 us of a ~40 us CPU
+    call of a small layer)."""
 
     filt: escoin.SparseFilter
-    launches: Dict[tuple, tuple] = field(default_factory=dict)
+    launches: Dict[tuple, escoin.PreparedCall] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         with _prepared_lock:
             _prepared.add(self)
 
     def launch(self, shape: tuple, device: Union[int, str], dtype: str, stride: tuple,
-               padding: tuple, dilation: tuple
-               ) -> Tuple[int, Union[DevicePointers, HostPointers]]:
-        """Workspace bytes and the filter's arrays for a call in `dtype`: device arrays on CUDA
-        device `device` (an index), or host arrays where `device` is "cpu"."""
+               padding: tuple, dilation: tuple) -> escoin.PreparedCall:
+        """The call for x of `shape` in `dtype` on CUDA device `device` (an index), or on the
+        host where `device` is "cpu"."""
         key = (shape, device, dtype, stride, padding, dilation)
         found = self.launches.get(key)
         if found is None:
-            geometry = dict(stride=stride, padding=padding, dilation=dilation)
-            arrays = (self.filt.host_pointers(shape, dtype=dtype, **geometry) if device == "cpu"
-                      else self.filt.device_pointers(shape, device=device, **geometry))
-            found = (escoin.workspace_size(shape, self.filt, dtype=dtype, **geometry), arrays)
+            found = self.filt.prepare(shape, stride, padding, dilation, dtype=dtype,
+                                      device=device)
             self.launches[key] = found
         return found
 
@@ -189,23 +192,32 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the op's dispatch (the custom op's Python layers and autograd:
     ~50 us of a ~160 us eager call on an H100's host) and run the kernel function directly:
     plain tensors on `device_type`, no gradient to record, and nothing that must see the op
-    (torch.compile, TorchScript, dispatch or function modes such as FakeTensorMode, functorch
-    transforms, autocast, a profiler, whose trace should name it)."""
+    (uninterposed)."""
     present = [t for t in tensors if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != device_type
            for t in present):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
+    return uninterposed(device_type, present)
+
+
+def uninterposed(device_type: str, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether nothing must see a call of the op on `tensors` (on `device_type`): not
+    torch.compile, TorchScript, dispatch or function modes such as FakeTensorMode, functorch
+    transforms, autocast, nor a profiler, whose trace should name it."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False  # (first: the compiler cannot trace the checks below)
     if torch.autograd._profiler_enabled() or torch.is_autocast_enabled(device_type):
         return False  # (autocast: the op's autocast kernel casts the inputs)
     internals = torch._C
     try:
-        return (internals._len_torch_dispatch_stack() == 0
-                and not internals._is_torch_function_mode_enabled()
-                and not any(transformed(t) for t in present))
+        if internals._len_torch_dispatch_stack() or internals._is_torch_function_mode_enabled():
+            return False
+        # Tensors are wrapped inside a transform: with none active (no functorch level) the
+        # per-tensor checks (~0.7 us each) are skipped.
+        return (internals._functorch.maybe_current_level() is None
+                or not any(transformed(t) for t in tensors))
     except AttributeError:  # a torch without these internals: keep the dispatch
         return False
 
@@ -238,15 +250,12 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
     shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    nbytes, arrays = prepared.launch(shape, "cpu", dtype, **geometry)
-    workspace = escoin.host_workspace(nbytes)
-    # _empty_output has checked every tensor (dtype, device, shape); the CPU entry checks the
-    # filter's row_ptr, and its offsets are the filter's own (escoin-made, immutable).
-    escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
-                 0 if bias_c is None else bias_c.data_ptr(), workspace.ctypes.data, nbytes,
-                 shape, tuple(weight_shape), groups=groups, relu=relu, device="cpu",
-                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), dtype=dtype,
-                 offsets_trusted=True, **geometry)
+    call = prepared.launch(shape, "cpu", dtype, **geometry)
+    workspace = escoin.host_workspace(call.workspace_bytes)
+    # _empty_output has checked every tensor (dtype, device, shape).
+    call.run(x_c.data_ptr(), out.data_ptr(), workspace.ctypes.data,
+             0 if bias_c is None else bias_c.data_ptr(),
+             0 if residual_c is None else residual_c.data_ptr(), relu)
     return _like_input_format(out, x)
 
 
@@ -268,17 +277,13 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     # Held until the launch is queued: its device arrays (float32 values whatever x's dtype)
     # live as long as the filter does.
     cached_filter = _filter(row_ptr, col_idx, values, weight_shape, groups)
-    nbytes, arrays = cached_filter.launch(shape, x.device.index, dtype, **geometry)
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-    # The raw-pointer entry: _empty_output has checked every tensor (dtype, device, shape), so
-    # reading their CUDA array interfaces again would only add per-call latency.
-    escoin.sconv(x_c.data_ptr(), out.data_ptr(), arrays.row_ptr, arrays.offsets, arrays.values,
-                 0 if bias_c is None else bias_c.data_ptr(), workspace.data_ptr(), nbytes,
-                 shape, tuple(weight_shape), groups=groups, relu=relu,
-                 stream=torch.cuda.current_stream(x.device).cuda_stream,
-                 device=x.device.index, tile_program_ptr=arrays.tile_program,
-                 residual_ptr=0 if residual_c is None else residual_c.data_ptr(), dtype=dtype,
-                 **geometry)
+    call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
+    workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
+    # _empty_output has checked every tensor (dtype, device, shape).
+    call.run(x_c.data_ptr(), out.data_ptr(), workspace.data_ptr(),
+             0 if bias_c is None else bias_c.data_ptr(),
+             0 if residual_c is None else residual_c.data_ptr(), relu,
+             torch.cuda.current_stream(x.device).cuda_stream)
     return _like_input_format(out, x)
 
 
@@ -523,6 +528,11 @@ def _transposed(csr: CSRWeight) -> CSRWeight:
         return transpose(csr)
     return _transposes.get(tensors, (csr.shape, csr.groups), lambda: transpose(csr),
                            verify=csr.values.device.type == "cpu")
+
+
+def filter_of(csr: CSRWeight) -> PreparedFilter:
+    """The op's escoin filter for a CSR weight's tensors (the one its calls use)."""
+    return _filter(csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), csr.groups)
 
 
 def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,

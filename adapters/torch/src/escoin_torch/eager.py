@@ -1,0 +1,104 @@
+"""SparseConv2d's fast path for plain eager inference: per input shape, the escoin call prepared
+once (:meth:`escoin.SparseFilter.prepare`), so that a call costs the kernel's launch and a few
+checks instead of the general path's argument normalisation, validation and lookups.
+
+Eager PyTorch at small batch is bound by the host: every layer's Python cost is paid per call
+(CUDA graphs and ``torch.compile(mode="reduce-overhead")`` remove it). The general path
+(:func:`escoin_torch.ops.conv2d_with_filter`) still runs every call the fast path does not
+take, and first for each input shape: a call is remembered only after the general path has
+run it, and so validated it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import escoin
+import torch
+
+from escoin_torch.ops import PreparedFilter, escoin_dtype_name, uninterposed
+
+__all__ = ["EagerCalls"]
+
+
+class EagerCalls:
+    """One compressed weight's prepared calls (its layer's ``_Compressed`` state holds them),
+    per input shape, dtype and the layer's geometry. :meth:`forward` takes a call where it is a
+    plain inference call: x, bias and residual plain contiguous tensors on the weight's device,
+    the dtypes and shapes the call was prepared for, no gradient to record and nothing that must
+    see the op (:func:`escoin_torch.ops.uninterposed`); anything else returns None, and the
+    caller runs the general path."""
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: Dict[tuple, escoin.PreparedCall] = {}
+
+    def forward(self, layer: torch.nn.Conv2d, x: torch.Tensor,
+                residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The layer's output (plus residual, then its ReLU) through the prepared call for x,
+        or None where there is none or the call is not a plain one."""
+        if type(x) is not torch.Tensor:
+            return None
+        call = self._calls.get(_key(layer, x))
+        if call is None or not call.current or not _plain(layer, x, residual,
+                                                          call.output_shape):
+            return None
+        y = torch.empty(call.output_shape, dtype=x.dtype, device=x.device)
+        bias = 0 if layer.bias is None else layer.bias.data_ptr()
+        res = 0 if residual is None else residual.data_ptr()
+        if x.is_cuda:
+            workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
+            call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(), bias, res, layer.relu,
+                     torch.cuda.current_stream(x.device).cuda_stream)
+        else:
+            call.run(x.data_ptr(), y.data_ptr(),
+                     escoin.host_workspace(call.workspace_bytes).ctypes.data, bias, res,
+                     layer.relu)
+        return y
+
+    def remember(self, layer: torch.nn.Conv2d, x: torch.Tensor,
+                 prepared: Callable[[], PreparedFilter]) -> None:
+        """After the general path ran the layer on x: the call for x's key from `prepared()`
+        (the filter that path used), unless one is kept already or the fast path cannot take
+        such calls (a string padding, which the general path may apply by padding x; an empty
+        batch)."""
+        if type(x) is not torch.Tensor or isinstance(layer.padding, str) or x.dim() != 4 \
+                or x.shape[0] == 0:
+            return
+        key = _key(layer, x)
+        found = self._calls.get(key)
+        if found is not None and found.current:
+            return
+        device = "cpu" if x.device.type == "cpu" else x.device.index
+        self._calls[key] = prepared().launch(tuple(x.shape), device, escoin_dtype_name(x.dtype),
+                                           tuple(layer.stride), tuple(layer.padding),
+                                           tuple(layer.dilation))
+
+
+def _key(layer: torch.nn.Conv2d, x: torch.Tensor) -> tuple:
+    # The geometry too: nn.Conv2d's attributes may be reassigned between calls.
+    return x.shape, x.dtype, layer.stride, layer.padding, layer.dilation
+
+
+def _plain(layer: torch.nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
+           output_shape: tuple) -> bool:
+    """Whether the prepared call computes exactly what the general path would for these
+    arguments, and nothing needs to see the op."""
+    weight, bias = layer.weight, layer.bias
+    if not x.is_contiguous() or x.is_neg() or x.device != weight.device:
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
+                             or not bias.is_contiguous() or bias.is_neg()):
+        return False
+    if residual is not None and (type(residual) is not torch.Tensor
+                                 or residual.shape != output_shape
+                                 or residual.dtype != x.dtype or residual.device != x.device
+                                 or not residual.is_contiguous() or residual.is_neg()):
+        return False
+    if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        return False
+    tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
+    return uninterposed(x.device.type, tensors)

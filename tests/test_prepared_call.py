@@ -1,0 +1,126 @@
+"""SparseFilter.prepare: a call derived once and run on addresses, on the CPU and on a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import escoin
+from escoin import EscoinError
+from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
+from reference import conv2d_reference, relative_error
+
+
+def _expected(case: ConvCase, residual=None) -> np.ndarray:
+    return conv2d_reference(case.x, case.weight, case.bias, case.stride, case.pads,
+                            case.dilation, case.groups, case.relu, residual)
+
+
+def _run_on_host(case: ConvCase, dtype) -> np.ndarray:
+    """The case through a call prepared for the CPU, into a poisoned output."""
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(dtype), groups=case.groups)
+    call = filt.prepare(case.x.shape, case.stride, case.padding, case.dilation, dtype=dtype)
+    assert call.output_shape == _expected(case).shape
+    x = np.ascontiguousarray(case.x, dtype)
+    residual = np.linspace(-1, 1, int(np.prod(call.output_shape))).reshape(call.output_shape)
+    residual = residual.astype(dtype)
+    bias = None if case.bias is None else case.bias.astype(dtype)
+    y = np.full(call.output_shape, np.nan, dtype)
+    workspace = np.empty(call.workspace_bytes, np.uint8)
+    call.run(x.ctypes.data, y.ctypes.data, workspace.ctypes.data,
+             0 if bias is None else bias.ctypes.data, residual.ctypes.data, case.relu)
+    return y, _expected(case, residual.astype(np.float64))
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=conv_cases())
+def test_a_prepared_host_call_matches_the_reference(case: ConvCase) -> None:
+    y, expected = _run_on_host(case, np.float32)
+    assert relative_error(y, expected) <= 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=conv_cases())
+def test_a_prepared_float64_host_call_matches_the_reference(case: ConvCase) -> None:
+    y, expected = _run_on_host(case, np.float64)
+    assert relative_error(y, expected) <= 1e-12
+
+
+def _small_call(**geometry):
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((4, 3, 3, 3)) * (rng.random((4, 3, 3, 3)) < 0.5))
+    filt = escoin.SparseFilter.from_dense(weight.astype(np.float32))
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+    return filt, x, filt.prepare(x.shape, padding=1, **geometry)
+
+
+def test_run_names_a_bad_address() -> None:
+    _, x, call = _small_call()
+    y = np.empty(call.output_shape, np.float32)
+    ws = np.empty(call.workspace_bytes, np.uint8)
+    good = dict(x=x.ctypes.data, y=y.ctypes.data, workspace=ws.ctypes.data)
+    for name in ("x", "y", "workspace", "bias", "residual"):
+        for bad in (-1, True, "0x10", 1.5, 2 ** 64):
+            with pytest.raises(EscoinError, match=f"^{name} must be a non-negative int pointer"):
+                call.run(**{**good, name: bad})
+    with pytest.raises(EscoinError, match="stream must be 0 for a call prepared for the CPU"):
+        call.run(**good, stream=7)
+
+
+def test_prepare_names_a_bad_argument() -> None:
+    filt, x, _ = _small_call()
+    with pytest.raises(EscoinError, match="stride must be >= 1"):
+        filt.prepare(x.shape, stride=0)
+    with pytest.raises(EscoinError, match="x has 4 channels but the filter expects 3"):
+        filt.prepare((2, 4, 6, 5))
+    with pytest.raises(EscoinError, match="dtype must be"):
+        filt.prepare(x.shape, dtype="int8")
+    for device in ("gpu", -1, True, 1.5):
+        with pytest.raises(EscoinError, match="device must be a CUDA device index or 'cpu'"):
+            filt.prepare(x.shape, device=device)
+    with pytest.raises(EscoinError, match="float64 runs on the CPU only"):
+        filt.prepare(x.shape, dtype="float64", device=0)
+
+
+def test_a_call_refuses_to_run_after_its_filter_released_its_geometries() -> None:
+    """release_geometries frees the arrays a prepared call points at: the call says so instead
+    of reading freed memory, and a call prepared again computes as before."""
+    filt, x, call = _small_call()
+    y = np.full(call.output_shape, np.nan, np.float32)
+    ws = np.empty(call.workspace_bytes, np.uint8)
+    call.run(x.ctypes.data, y.ctypes.data, ws.ctypes.data)
+    before = y.copy()
+    assert call.current
+    filt.release_geometries()
+    assert not call.current
+    with pytest.raises(EscoinError, match="release_geometries"):
+        call.run(x.ctypes.data, y.ctypes.data, ws.ctypes.data)
+    again = filt.prepare(x.shape, padding=1)
+    y[...] = np.nan
+    again.run(x.ctypes.data, y.ctypes.data, ws.ctypes.data)
+    np.testing.assert_array_equal(y, before)
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None)
+@given(case=staged_conv_cases())
+def test_a_prepared_cuda_call_matches_the_reference(case: ConvCase) -> None:
+    """On a GPU, on the current stream of PyTorch, into a poisoned output, with a residual."""
+    torch = pytest.importorskip("torch")
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32),
+                                          groups=case.groups).cuda(0)
+    call = filt.prepare(case.x.shape, case.stride, case.padding, case.dilation)
+    residual = torch.linspace(-1, 1, int(np.prod(call.output_shape)), device="cuda")
+    residual = residual.reshape(call.output_shape)
+    x = torch.from_numpy(case.x.astype(np.float32)).cuda()
+    bias = None if case.bias is None else torch.from_numpy(case.bias.astype(np.float32)).cuda()
+    y = torch.full(call.output_shape, float("nan"), device="cuda")
+    workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), residual.data_ptr(), case.relu,
+                 stream.cuda_stream)
+    stream.synchronize()
+    expected = _expected(case, residual.cpu().double().numpy())
+    assert relative_error(y.cpu().numpy(), expected) <= 1e-5
