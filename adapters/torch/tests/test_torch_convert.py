@@ -101,3 +101,48 @@ def test_calibrate_in_graphs_needs_cuda() -> None:
         calibrate(model, torch.randn(1, 3, 16, 16), repeats=1, warmup=0, graphs=True)
     with pytest.raises(ValueError, match="graphs=True times CUDA graphs, but the device is cpu"):
         time_call(lambda: None, torch.device("cpu"), graphs=True)
+
+
+def test_calibrate_times_a_layer_with_the_residual_it_is_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer that fuse_for_inference gave the residual add is timed with that residual (its
+    dense path then pays the add, as in the model): each layer gets the tensors the model passes
+    it, the residual where there is one."""
+    from escoin_torch import convert, fuse_for_inference
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = sparse_conv(8, 8, 3, padding=1)
+            self.conv2 = sparse_conv(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+
+    model, _ = sparsify(Residual().eval(), min_sparsity=0.5)
+    fused = fuse_for_inference(model)
+    x = torch.randn(2, 8, 12, 12)
+    seen = {}
+    timed = convert.time_paths
+
+    def recording(layer, x, repeats, warmup, graphs, residual=None):
+        seen[layer] = (tuple(x.shape), None if residual is None else tuple(residual.shape))
+        return timed(layer, x, repeats, warmup, graphs, residual)
+    monkeypatch.setattr(convert, "time_paths", recording)
+    expected = fused(x)
+    calibrate(fused, x, repeats=2, warmup=1)
+    layers = dict(fused.named_modules())
+    assert seen[layers["conv1"]] == ((2, 8, 12, 12), None)
+    assert seen[layers["conv2"]] == ((2, 8, 12, 12), (2, 8, 12, 12))
+    assert relative_error(fused(x), expected) < 1e-5
+
+
+def test_time_call_back_to_back() -> None:
+    """Each of `repeats` samples runs `back_to_back` calls, after `warmup` untimed ones, and the
+    time is per call."""
+    calls = []
+    seconds = time_call(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2,
+                        back_to_back=4)
+    assert len(calls) == 2 + 3 * 4 and seconds >= 0
+    with pytest.raises(ValueError, match="back_to_back must be >= 1"):
+        time_call(lambda: None, torch.device("cpu"), back_to_back=0)

@@ -89,24 +89,28 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
 
     Timing runs on the layer's real input because the answer depends on batch, resolution and
     device, not only on the weight. Layers that the example forward does not reach are left as
-    they are and not reported. Calibrate the way the model will run: eagerly by default, or with
-    ``graphs=True`` (CUDA) inside CUDA graphs, as a model captured with ``torch.cuda.graph`` or
-    compiled with ``mode="reduce-overhead"`` runs; eager timing charges escoin's per-call launch
-    cost, which graphs remove, so at small batch it keeps layers dense that are faster on escoin
-    in a graph.
+    they are and not reported. A layer given a residual (``fuse_for_inference``'s) is timed with
+    it, so that its dense path pays the add it pays in the model. Calibrate the way the model
+    will run: eagerly by default (calls back to back, each costing the larger of its host and
+    GPU time, as in an eager forward), or with ``graphs=True`` (CUDA) inside CUDA graphs, as a
+    model captured with ``torch.cuda.graph`` or compiled with ``mode="reduce-overhead"`` runs,
+    without the host's cost.
     """
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     if graphs and not (isinstance(first, torch.Tensor) and first.device.type == "cuda"):
         raise ValueError("graphs=True times CUDA graphs: example_input must be on a CUDA device")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseConv2d)]
-    inputs: Dict[str, torch.Tensor] = {}
+    # Each layer's x and residual (fuse_for_inference's layers add one), as the model passes them.
+    inputs: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
-    def capture(name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            inputs.setdefault(name, args[0].detach())
+    def capture(name: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            residual = args[1] if len(args) > 1 else kwargs.get("residual")
+            inputs.setdefault(name, (args[0].detach(),
+                                     None if residual is None else residual.detach()))
         return hook
 
-    handles = [m.register_forward_pre_hook(capture(name)) for name, m in layers]
+    handles = [m.register_forward_pre_hook(capture(name), with_kwargs=True) for name, m in layers]
     try:
         with torch.no_grad():
             model(*example_input) if isinstance(example_input, tuple) else model(example_input)
@@ -115,7 +119,8 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
             handle.remove()
     results = []
     for name, layer in _progress([(n, m) for n, m in layers if n in inputs], "calibrating"):
-        times = time_paths(layer, inputs[name], repeats, warmup, graphs)
+        x, residual = inputs[name]
+        times = time_paths(layer, x, repeats, warmup, graphs, residual)
         layer.inference_path = times.faster
         results.append(LayerTiming(name, times.sparse_s * 1e3, times.dense_s * 1e3,
                                    times.faster))

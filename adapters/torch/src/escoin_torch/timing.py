@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -32,17 +32,22 @@ class PathTimes:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
-              warmup: int = 3, graphs: bool = False) -> float:
+              warmup: int = 3, graphs: bool = False, back_to_back: int = 1) -> float:
     """Median seconds of ``fn()`` on ``device`` after ``warmup`` untimed calls (which also build
     caches: the CSR, escoin's filter upload and stretched offsets).
 
     With ``graphs`` (CUDA only) each sample is one replay of a CUDA graph of
     ``GRAPH_CALLS`` back-to-back calls, divided by that count: the time per call that a model
     captured in a CUDA graph (or compiled with ``mode="reduce-overhead"``) sees, without the
-    launch cost that eager calls pay.
+    launch cost that eager calls pay. Eagerly, each sample is ``back_to_back`` calls in a row,
+    divided by that count: with more than one, the time a call costs among others, as a layer's
+    does in a model's eager forward, where the host issues the next call while the GPU runs
+    this one (the larger of the call's host and GPU time, where one call alone between two
+    events shows its launch latency and its kernels).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats < 1 or back_to_back < 1:
+        raise ValueError(f"repeats and back_to_back must be >= 1, got {repeats} and "
+                         f"{back_to_back}")
     if graphs:
         if device.type != "cuda":
             raise ValueError(f"graphs=True times CUDA graphs, but the device is {device}")
@@ -56,15 +61,17 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            fn()
+            for _ in range(back_to_back):
+                fn()
             end.record(stream)
             end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
+            samples.append(start.elapsed_time(end) / 1e3 / back_to_back)
     else:
         for _ in range(repeats):
             start_s = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start_s)
+            for _ in range(back_to_back):
+                fn()
+            samples.append((time.perf_counter() - start_s) / back_to_back)
     return statistics.median(samples)
 
 
@@ -91,10 +98,16 @@ def capture_graph(fn: Callable[[], object], device: torch.device, calls: int = 1
 
 
 def time_paths(layer: SparseConv2d, x: torch.Tensor, repeats: int = 20,
-               warmup: int = 3, graphs: bool = False) -> PathTimes:
-    """Times ``layer``'s sparse and dense forward on ``x`` (without autograd, as in inference),
-    eagerly or (``graphs``) inside CUDA graphs (see :func:`time_call`)."""
+               warmup: int = 3, graphs: bool = False,
+               residual: Optional[torch.Tensor] = None) -> PathTimes:
+    """Times ``layer``'s sparse and dense forward on ``x`` (and ``residual``, for a layer that
+    adds one: the dense path then pays its add, as in the model), without autograd as in
+    inference: inside CUDA graphs (``graphs``) or eagerly, ``GRAPH_CALLS`` calls in a row a
+    sample (see :func:`time_call`)."""
+    args = (x,) if residual is None else (x, residual)
     with torch.no_grad():
         return PathTimes(
-            time_call(lambda: layer.sparse_forward(x), x.device, repeats, warmup, graphs),
-            time_call(lambda: layer.dense_forward(x), x.device, repeats, warmup, graphs))
+            time_call(lambda: layer.sparse_forward(*args), x.device, repeats, warmup, graphs,
+                      GRAPH_CALLS),
+            time_call(lambda: layer.dense_forward(*args), x.device, repeats, warmup, graphs,
+                      GRAPH_CALLS))
