@@ -192,7 +192,7 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the op's dispatch (the custom op's Python layers and autograd:
     ~50 us of a ~160 us eager call on an H100's host) and run the kernel function directly:
     plain tensors on `device_type`, no gradient to record, and nothing that must see the op
-    (uninterposed)."""
+    (:func:`uninterposed`)."""
     present = [t for t in tensors if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != device_type
            for t in present):
@@ -248,7 +248,7 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     prepared = host_filter if host_filter is not None else _filter(row_ptr, col_idx, values,
                                                                    weight_shape, groups)
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
-    shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
+    shape, dtype = tuple(x_c.shape), escoin_dtype_name(x.dtype)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     call = prepared.launch(shape, "cpu", dtype, **geometry)
     workspace = escoin.host_workspace(call.workspace_bytes)
@@ -272,7 +272,7 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     if out.numel() == 0:
         return _like_input_format(out, x)
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
-    shape, dtype = tuple(x_c.shape), _DTYPE_NAMES[x.dtype]
+    shape, dtype = tuple(x_c.shape), escoin_dtype_name(x.dtype)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     # Held until the launch is queued: its device arrays (float32 values whatever x's dtype)
     # live as long as the filter does.
