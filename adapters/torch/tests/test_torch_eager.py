@@ -10,7 +10,7 @@ import torch
 
 import escoin_torch
 from escoin_torch import SparseConv2d, layer as layer_module
-from torch_helpers import SeenOps, reference_conv, relative_error, sparse_conv
+from torch_helpers import SeenOps, reference_conv, relative_error, sparse_conv, tolerance
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -135,3 +135,22 @@ def test_a_wrong_bias_dtype_is_still_a_clear_error() -> None:
         layer.bias = torch.nn.Parameter(layer.bias.double())
         with pytest.raises(TypeError, match="must have one dtype"):
             layer(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_the_prepared_call_in_other_dtypes(device: str, dtype: torch.dtype,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer in a 16-bit type (or float64, on the CPU) prepares its call in that type: the
+    repeated call matches the first to the bit and the float64 reference to the type's
+    tolerance."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("escoin computes float64 on the CPU only")
+    general = GeneralCalls(monkeypatch)
+    layer = _layer(device, padding=1).to(dtype)
+    x = torch.randn(2, 8, 9, 7, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    with torch.no_grad():
+        first, again = layer(x), layer(x)
+    assert general.count == 1 and again.dtype == dtype
+    assert torch.equal(first, again)
+    assert relative_error(again, _expected(layer, x)) < tolerance(dtype)
