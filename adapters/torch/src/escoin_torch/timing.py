@@ -102,12 +102,14 @@ def time_paths(layer: SparseConv2d, x: torch.Tensor, repeats: int = 20,
                residual: Optional[torch.Tensor] = None) -> PathTimes:
     """Times ``layer``'s sparse and dense forward on ``x`` (and ``residual``, for a layer that
     adds one: the dense path then pays its add, as in the model), without autograd as in
-    inference: inside CUDA graphs (``graphs``) or eagerly, ``GRAPH_CALLS`` calls in a row a
-    sample (see :func:`time_call`)."""
+    inference: inside CUDA graphs (``graphs``) or eagerly, on a GPU ``GRAPH_CALLS`` calls in a
+    row a sample (see :func:`time_call`; on the CPU a call ends before the next starts, so one
+    call a sample measures the same)."""
     args = (x,) if residual is None else (x, residual)
+    back_to_back = GRAPH_CALLS if x.device.type == "cuda" else 1
     with torch.no_grad():
         return PathTimes(
             time_call(lambda: layer.sparse_forward(*args), x.device, repeats, warmup, graphs,
-                      GRAPH_CALLS),
+                      back_to_back),
             time_call(lambda: layer.dense_forward(*args), x.device, repeats, warmup, graphs,
-                      GRAPH_CALLS))
+                      back_to_back))
