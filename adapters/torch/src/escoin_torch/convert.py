@@ -92,9 +92,9 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
     they are and not reported. A layer given a residual (``fuse_for_inference``'s) is timed with
     it, so that its dense path pays the add it pays in the model. Calibrate the way the model
     will run: eagerly by default (on a GPU calls back to back, each costing the larger of its
-    host and GPU time, as in an eager forward), or with ``graphs=True`` (CUDA) inside CUDA graphs, as a
-    model captured with ``torch.cuda.graph`` or compiled with ``mode="reduce-overhead"`` runs,
-    without the host's cost.
+    host and GPU time, as in an eager forward), or with ``graphs=True`` (CUDA) inside CUDA
+    graphs, as a model captured with ``torch.cuda.graph`` or compiled with
+    ``mode="reduce-overhead"`` runs, without the host's cost.
     """
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     if graphs and not (isinstance(first, torch.Tensor) and first.device.type == "cuda"):
