@@ -154,3 +154,72 @@ def test_the_prepared_call_in_other_dtypes(device: str, dtype: torch.dtype,
     assert general.count == 1 and again.dtype == dtype
     assert torch.equal(first, again)
     assert relative_error(again, _expected(layer, x)) < tolerance(dtype)
+
+
+def test_what_the_general_path_refuses_stays_refused() -> None:
+    """After a call was prepared: a bias of the wrong size is the general path's ValueError (the
+    prepared call would read past it), and an x of another dtype than the weight its TypeError,
+    also after an autocast call cast such an x to the weight's dtype."""
+    layer = _layer("cpu", padding=1)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)
+        layer.bias = torch.nn.Parameter(torch.arange(16.0)[:1])
+        with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+            layer(x)
+        layer.bias = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x.bfloat16()).dtype == torch.float32
+        with pytest.raises(TypeError, match="must have one dtype"):
+            layer(x.bfloat16())
+
+
+def test_geometry_reassigned_as_ints_or_lists() -> None:
+    """nn.Conv2d takes stride, padding and dilation reassigned as an int or a list, and so does
+    the layer on both paths."""
+    layer = _layer("cpu", padding=1)
+    x = torch.randn(2, 8, 9, 10, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for stride, padding, dilation in [(2, [1, 2], 1), ([1, 2], 2, [2, 1])]:
+            layer.stride, layer.padding, layer.dilation = stride, padding, dilation
+            first, again = layer(x), layer(x)
+            assert torch.equal(first, again)
+            assert relative_error(again, _expected(layer, x)) < 1e-5
+
+
+def test_a_traced_layer_keeps_the_op() -> None:
+    """torch.jit.trace records escoin's op (the prepared call is not remembered while tracing,
+    whose shapes are tensors), and the trace computes the layer's convolution."""
+    layer = _layer("cpu", padding=1)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        assert "escoin" in str(traced.graph)
+        assert relative_error(traced(x), _expected(layer, x)) < 1e-5
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass that records the escoin ops its __torch_function__ sees."""
+
+    seen: List[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore
+        if "escoin" in str(func):
+            cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_bias_subclass_sees_the_op() -> None:
+    """A bias of a tensor subclass (a Parameter of one) takes the general path, so that its
+    __torch_function__ sees escoin's op on every call."""
+    layer = _layer("cpu", padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        layer.bias = torch.nn.Parameter(layer.bias.detach().as_subclass(_Logged))
+        _Logged.seen.clear()
+        layer(x)
+        layer(x)
+    assert len(_Logged.seen) == 2

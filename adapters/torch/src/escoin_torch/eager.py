@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import escoin
 import torch
 
-from escoin_torch.ops import PreparedFilter, escoin_dtype_name, uninterposed
+from escoin_torch.ops import PreparedFilter, _pair, escoin_dtype_name, uninterposed
 
 __all__ = ["EagerCalls"]
 
@@ -61,23 +61,32 @@ class EagerCalls:
         """After the general path ran the layer on x: the call for x's key from `prepared()`
         (the filter that path used), unless one is kept already or the fast path cannot take
         such calls (a string padding, which the general path may apply by padding x; an empty
-        batch)."""
+        batch; an x of another dtype than the weight, which that path cast; a trace)."""
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return  # (a traced shape holds tensors, and the trace must keep the op)
         if type(x) is not torch.Tensor or isinstance(layer.padding, str) or x.dim() != 4 \
-                or x.shape[0] == 0:
-            return
+                or x.shape[0] == 0 or x.dtype != layer.weight.dtype:
+            return  # (another dtype: the general path cast x, as under autocast)
         key = _key(layer, x)
         found = self._calls.get(key)
         if found is not None and found.current:
             return
+        stride, padding, dilation = (tuple(_pair(v, name)) for v, name in (
+            (layer.stride, "stride"), (layer.padding, "padding"), (layer.dilation, "dilation")))
         device = "cpu" if x.device.type == "cpu" else x.device.index
         self._calls[key] = prepared().launch(tuple(x.shape), device, escoin_dtype_name(x.dtype),
-                                           tuple(layer.stride), tuple(layer.padding),
-                                           tuple(layer.dilation))
+                                           stride, padding, dilation)
 
 
 def _key(layer: torch.nn.Conv2d, x: torch.Tensor) -> tuple:
-    # The geometry too: nn.Conv2d's attributes may be reassigned between calls.
-    return x.shape, x.dtype, layer.stride, layer.padding, layer.dilation
+    # The geometry too: nn.Conv2d's attributes may be reassigned between calls (as ints or
+    # lists as well as the tuples it keeps; a list does not hash).
+    return (x.shape, x.dtype, _hashable(layer.stride), _hashable(layer.padding),
+            _hashable(layer.dilation))
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _plain(layer: torch.nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
@@ -85,10 +94,13 @@ def _plain(layer: torch.nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Ten
     """Whether the prepared call computes exactly what the general path would for these
     arguments, and nothing needs to see the op."""
     weight, bias = layer.weight, layer.bias
-    if not x.is_contiguous() or x.is_neg() or x.device != weight.device:
+    if not x.is_contiguous() or x.is_neg() or x.device != weight.device \
+            or x.dtype != weight.dtype:
         return False
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
-                             or not bias.is_contiguous() or bias.is_neg()):
+    if bias is not None and (type(bias) not in (torch.Tensor, torch.nn.Parameter)
+                             or bias.shape != output_shape[1:2] or bias.dtype != x.dtype
+                             or bias.device != x.device or not bias.is_contiguous()
+                             or bias.is_neg()):
         return False
     if residual is not None and (type(residual) is not torch.Tensor
                                  or residual.shape != output_shape

@@ -79,7 +79,7 @@ class PreparedFilter:
         host where `device` is "cpu"."""
         key = (shape, device, dtype, stride, padding, dilation)
         found = self.launches.get(key)
-        if found is None:
+        if found is None or not found.current:  # (not current: its filter freed its arrays)
             found = self.filt.prepare(shape, stride, padding, dilation, dtype=dtype,
                                       device=device)
             self.launches[key] = found
