@@ -361,16 +361,19 @@ cdef class PreparedCall:
         self.owner = owner
         self.generation = owner.generation
 
+    cdef bint _current(self):
+        return self.owner.generation == self.generation
+
     @property
     def current(self) -> bool:
         """Whether run() may run: the filter has kept its per-geometry arrays since."""
-        return self.owner.generation == self.generation
+        return self._current()
 
     def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
         """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an
         address (stream: a CUDA stream handle, 0 for the default stream; on the CPU it must
         be 0)."""
-        if self.owner.generation != self.generation:
+        if not self._current():
             raise EscoinError("the filter's per-geometry arrays were freed since this call was "
                               "prepared (SparseFilter.release_geometries): prepare it again")
         cdef const void* px = <const void*>address(x, "x")

@@ -391,7 +391,7 @@ class SparseFilter:
         if name == "float64":
             raise EscoinError("dtype float64 runs on the CPU only (device='cpu'); CUDA computes "
                               "float32, float16 and bfloat16")
-        pointers = self.device_pointers(input_shape, stride, padding, dilation, device=device)
+        pointers = self._store.device_arrays(int(device), desc)  # (desc validated above)
         return _core.PreparedCall(desc, name, int(device), pointers.row_ptr, pointers.offsets,
                                   pointers.values, pointers.tile_program, workspace_bytes,
                                   output_shape, self._store)

@@ -15,7 +15,8 @@ from typing import Callable, Dict, Optional
 import escoin
 import torch
 
-from escoin_torch.ops import PreparedFilter, _pair, escoin_dtype_name, uninterposed
+from escoin_torch.ops import (PreparedFilter, _pair, escoin_dtype_name, run_call,
+                              uninterposed)
 
 __all__ = ["EagerCalls"]
 
@@ -44,16 +45,7 @@ class EagerCalls:
                                                           call.output_shape):
             return None
         y = torch.empty(call.output_shape, dtype=x.dtype, device=x.device)
-        bias = 0 if layer.bias is None else layer.bias.data_ptr()
-        res = 0 if residual is None else residual.data_ptr()
-        if x.is_cuda:
-            workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
-            call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(), bias, res, layer.relu,
-                     torch.cuda.current_stream(x.device).cuda_stream)
-        else:
-            call.run(x.data_ptr(), y.data_ptr(),
-                     escoin.host_workspace(call.workspace_bytes).ctypes.data, bias, res,
-                     layer.relu)
+        run_call(call, x, y, layer.bias, residual, layer.relu)
         return y
 
     def remember(self, layer: torch.nn.Conv2d, x: torch.Tensor,

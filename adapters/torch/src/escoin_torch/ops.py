@@ -250,12 +250,9 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     x_c, bias_c, residual_c = (_raw(t) for t in (x, bias, residual))
     shape, dtype = tuple(x_c.shape), escoin_dtype_name(x.dtype)
     geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    call = prepared.launch(shape, "cpu", dtype, **geometry)
-    workspace = escoin.host_workspace(call.workspace_bytes)
     # _empty_output has checked every tensor (dtype, device, shape).
-    call.run(x_c.data_ptr(), out.data_ptr(), workspace.ctypes.data,
-             0 if bias_c is None else bias_c.data_ptr(),
-             0 if residual_c is None else residual_c.data_ptr(), relu)
+    run_call(prepared.launch(shape, "cpu", dtype, **geometry), x_c, out, bias_c, residual_c,
+             relu)
     return _like_input_format(out, x)
 
 
@@ -277,14 +274,29 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     # Held until the launch is queued: its device arrays (float32 values whatever x's dtype)
     # live as long as the filter does.
     cached_filter = _filter(row_ptr, col_idx, values, weight_shape, groups)
-    call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
-    workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
     # _empty_output has checked every tensor (dtype, device, shape).
-    call.run(x_c.data_ptr(), out.data_ptr(), workspace.data_ptr(),
-             0 if bias_c is None else bias_c.data_ptr(),
-             0 if residual_c is None else residual_c.data_ptr(), relu,
-             torch.cuda.current_stream(x.device).cuda_stream)
+    run_call(cached_filter.launch(shape, x.device.index, dtype, **geometry), x_c, out, bias_c,
+             residual_c, relu)
     return _like_input_format(out, x)
+
+
+def run_call(call: escoin.PreparedCall, x: torch.Tensor, out: torch.Tensor,
+             bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             relu: bool) -> None:
+    """Runs a prepared call on dense tensors of the shapes and dtype it was prepared for: on
+    CUDA with a workspace from torch's caching allocator, on torch's current stream (so the
+    call is stream-ordered and legal inside graph capture); on the CPU with this thread's host
+    workspace."""
+    bias_ptr = 0 if bias is None else bias.data_ptr()
+    residual_ptr = 0 if residual is None else residual.data_ptr()
+    if x.is_cuda:
+        workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
+        call.run(x.data_ptr(), out.data_ptr(), workspace.data_ptr(), bias_ptr, residual_ptr,
+                 relu, torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        call.run(x.data_ptr(), out.data_ptr(),
+                 escoin.host_workspace(call.workspace_bytes).ctypes.data, bias_ptr,
+                 residual_ptr, relu)
 
 
 @_sparse_conv2d_cpu.register_fake
