@@ -4,6 +4,10 @@ per forward of a whole pruned ResNet-50, escoin's against dense PyTorch's, then 
 call profiled.
 
     python3 benchmarks/host_overhead.py [--device cuda] [--calls 3000] [--no-network]
+                                        [--compile]
+
+--compile also times both under torch.compile's default mode (no CUDA graphs), which calls the
+escoin op through PyTorch's dispatcher on every layer, with gradients off and in inference mode.
 
 Only public escoin-torch calls: the script runs on older builds too, so that two builds can be
 timed side by side (PYTHONPATH=the other build's site). Eager PyTorch users at small batch pay
@@ -42,6 +46,24 @@ def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> f
     return sorted(runs)[2]
 
 
+def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, calls: int,
+                  device: torch.device, unit: str, scale: float) -> None:
+    """Prints the time of a call of torch.compile (default mode) of `dense` and of `sparse` on
+    x, with gradients off (as the rest of the script) and then in inference mode (where the
+    dispatcher skips autograd's layer)."""
+    torch.compiler.reset()
+    compiled = [torch.compile(dense), torch.compile(sparse)]
+    for modes in ("no grad", "inference mode"):
+        with torch.inference_mode(modes == "inference mode"):
+            for model in compiled:
+                model(x)  # compiles (once per mode)
+            dense_time, sparse_time = (per_call_us(lambda: model(x), calls, device) / scale
+                                       for model in compiled)
+        row = f"{label}, compiled, {modes}"
+        print(f"{row:<66}{dense_time:>9.2f} {unit} dense"
+              f"{sparse_time:>9.2f} {unit} escoin")
+
+
 def pruned_resnet50(device: torch.device) -> nn.Module:
     """torchvision's ResNet-50 with 90% of its conv weights pruned at random (globally), in eval
     mode; the dense network both sides start from."""
@@ -56,6 +78,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--no-network", action="store_true", help="the layer only")
+    parser.add_argument("--compile", action="store_true",
+                        help="also under torch.compile (default mode)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
@@ -70,9 +94,12 @@ def main() -> None:
     sparse = escoin_torch.SparseConv2d.from_dense(dense).eval()
     x = torch.randn(1, 256, 14, 14, device=device)
     sparse(x)
-    print(f"{'one layer (256 -> 256, 3x3, 14x14), a call':<46}"
+    layer = "one layer (256 -> 256, 3x3, 14x14), a call"
+    print(f"{layer:<46}"
           f"{per_call_us(lambda: dense(x), args.calls, device):>9.1f} us nn.Conv2d"
           f"{per_call_us(lambda: sparse(x), args.calls, device):>9.1f} us SparseConv2d")
+    if args.compile:
+        compiled_pair(layer, dense, sparse, x, args.calls, device, "us", 1.0)
 
     if not args.no_network:
         model = pruned_resnet50(device)
@@ -86,6 +113,9 @@ def main() -> None:
               f"{per_call_us(lambda: dense_net(image), forwards, device) / 1e3:>9.2f} ms dense"
               f"{per_call_us(lambda: sparse_net(image), forwards, device) / 1e3:>12.2f} ms "
               "escoin")
+        if args.compile:
+            compiled_pair("ResNet-50 at 90%, batch 1, a forward", dense_net, sparse_net, image,
+                          forwards, device, "ms", 1e3)
 
     profile = cProfile.Profile()
     profile.enable()
