@@ -53,13 +53,13 @@ def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tens
     dispatcher skips autograd's layer)."""
     torch.compiler.reset()
     compiled = [torch.compile(dense), torch.compile(sparse)]
-    for modes in ("no grad", "inference mode"):
-        with torch.inference_mode(modes == "inference mode"):
+    for mode in ("no grad", "inference mode"):
+        with torch.inference_mode(mode == "inference mode"):
             for model in compiled:
                 model(x)  # compiles (once per mode)
             dense_time, sparse_time = (per_call_us(lambda: model(x), calls, device) / scale
                                        for model in compiled)
-        row = f"{label}, compiled, {modes}"
+        row = f"{label}, compiled, {mode}"
         print(f"{row:<66}{dense_time:>9.2f} {unit} dense"
               f"{sparse_time:>9.2f} {unit} escoin")
 
