@@ -4,10 +4,12 @@ per forward of a whole pruned ResNet-50, escoin's against dense PyTorch's, then 
 call profiled.
 
     python3 benchmarks/host_overhead.py [--device cuda] [--calls 3000] [--no-network]
-                                        [--compile]
+                                        [--compile] [--channels 256] [--size 14]
 
 --compile also times both under torch.compile's default mode (no CUDA graphs), which calls the
-escoin op through PyTorch's dispatcher on every layer, with gradients off and in inference mode.
+escoin op through PyTorch's dispatcher on every layer, with gradients off and in inference mode,
+beside a call of the op itself. --channels and --size set the layer (on a CPU, 16 and 4 make
+its arithmetic small enough that host time shows).
 
 Only public escoin-torch calls: the script runs on older builds too, so that two builds can be
 timed side by side (PYTHONPATH=the other build's site). Eager PyTorch users at small batch pay
@@ -17,6 +19,7 @@ docs/performance.md, "Per-call cost without CUDA graphs", has the history.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import io
@@ -46,6 +49,12 @@ def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> f
     return sorted(runs)[2]
 
 
+def grad_mode(mode: str) -> contextlib.AbstractContextManager:
+    """torch.no_grad() for "no grad", torch.inference_mode() for "inference mode". (Not
+    torch.inference_mode(False) for the first: that turns gradients back on.)"""
+    return torch.inference_mode() if mode == "inference mode" else torch.no_grad()
+
+
 def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, calls: int,
                   device: torch.device, unit: str, scale: float) -> None:
     """Prints the time of a call of torch.compile (default mode) of `dense` and of `sparse` on
@@ -54,7 +63,7 @@ def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tens
     torch.compiler.reset()
     compiled = [torch.compile(dense), torch.compile(sparse)]
     for mode in ("no grad", "inference mode"):
-        with torch.inference_mode(mode == "inference mode"):
+        with grad_mode(mode):
             for model in compiled:
                 model(x)  # compiles (once per mode)
             dense_time, sparse_time = (per_call_us(lambda: model(x), calls, device) / scale
@@ -62,6 +71,23 @@ def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tens
         row = f"{label}, compiled, {mode}"
         print(f"{row:<66}{dense_time:>9.2f} {unit} dense"
               f"{sparse_time:>9.2f} {unit} escoin")
+
+
+def op_call(layer: nn.Module, x: torch.Tensor, calls: int, device: torch.device) -> None:
+    """Prints the time of a call of torch.ops.escoin.sparse_conv2d (what a compiled model calls
+    per layer) on the layer's CSR, with gradients off and in inference mode."""
+    csr = layer.csr
+    geometry = ([int(v) for v in layer.stride], [int(v) for v in layer.padding],
+                [int(v) for v in layer.dilation])
+    args = (x, csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), layer.bias, *geometry,
+            layer.groups, False)
+    op = torch.ops.escoin.sparse_conv2d
+    times = []
+    for mode in ("no grad", "inference mode"):
+        with grad_mode(mode):
+            times.append(per_call_us(lambda: op(*args), calls, device))
+    row = "torch.ops.escoin.sparse_conv2d, a call"
+    print(f"{row:<66}{times[0]:>9.2f} us no grad{times[1]:>9.2f} us inference mode")
 
 
 def pruned_resnet50(device: torch.device) -> nn.Module:
@@ -80,6 +106,9 @@ def main() -> None:
     parser.add_argument("--no-network", action="store_true", help="the layer only")
     parser.add_argument("--compile", action="store_true",
                         help="also under torch.compile (default mode)")
+    parser.add_argument("--channels", type=int, default=256,
+                        help="the layer's input and output channels")
+    parser.add_argument("--size", type=int, default=14, help="the layer's input height and width")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
@@ -88,17 +117,20 @@ def main() -> None:
     print(f"host time, {device} ({name}), torch {torch.__version__}, escoin-torch from "
           f"{escoin_torch.__file__.rsplit('/', 2)[0]}")
 
-    # ResNet-50's layer3 3x3 at batch 1: ~9 us on an H100's GPU, well under the host's cost.
-    dense = nn.Conv2d(256, 256, 3, padding=1).to(device).eval()
+    # By default ResNet-50's layer3 3x3 at batch 1: ~9 us on an H100's GPU, well under the
+    # host's cost.
+    channels, size = args.channels, args.size
+    dense = nn.Conv2d(channels, channels, 3, padding=1).to(device).eval()
     dense.weight.mul_(torch.rand_like(dense.weight) > 0.9)
     sparse = escoin_torch.SparseConv2d.from_dense(dense).eval()
-    x = torch.randn(1, 256, 14, 14, device=device)
+    x = torch.randn(1, channels, size, size, device=device)
     sparse(x)
-    layer = "one layer (256 -> 256, 3x3, 14x14), a call"
+    layer = f"one layer ({channels} -> {channels}, 3x3, {size}x{size}), a call"
     print(f"{layer:<46}"
           f"{per_call_us(lambda: dense(x), args.calls, device):>9.1f} us nn.Conv2d"
           f"{per_call_us(lambda: sparse(x), args.calls, device):>9.1f} us SparseConv2d")
     if args.compile:
+        op_call(sparse, x, args.calls, device)
         compiled_pair(layer, dense, sparse, x, args.calls, device, "us", 1.0)
 
     if not args.no_network:

@@ -7,6 +7,7 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
@@ -103,10 +104,9 @@ def test_jacrev_matches_the_dense_jacobian(device: str, dtype: torch.dtype, tol:
     assert relative_error(got, wanted) < tol
 
 
-@pytest.mark.parametrize("device, dtype, tol", DEVICES)
-def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, tol: float) -> None:
-    """jvp in every argument at once (x, the values, the bias, the residual; through the ReLU),
-    and jacfwd against jacrev."""
+def _forward_mode_case(device: str, dtype: torch.dtype) -> tuple:
+    """The sparse function of (x, values, bias, residual), relu(conv + residual), its dense
+    float64 twin, the primals and random tangents for them."""
     x, weight, csr, bias, residual = _operands(device, dtype)
     index = csr.flat_index()
 
@@ -125,14 +125,50 @@ def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, to
     gen = torch.Generator().manual_seed(3)
     tangents = tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
                      for t in primals)
+    return sparse, dense, primals, tangents
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, tol: float) -> None:
+    """jvp in every argument at once (x, the values, the bias, the residual; through the ReLU),
+    and jacfwd against jacrev."""
+    sparse, dense, primals, tangents = _forward_mode_case(device, dtype)
     y, tangent = jvp(sparse, primals, tangents)
     y_ref, tangent_ref = jvp(dense, tuple(t.double() for t in primals),
                              tuple(t.double() for t in tangents))
     assert relative_error(y, y_ref) < tol and relative_error(tangent, tangent_ref) < tol
+    x, csr, bias = primals[0], _operands(device, dtype)[2], primals[2]
+
     def conv(t: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(t, csr, bias, stride=2, padding=1)
 
     assert relative_error(jacfwd(conv)(x[:1]), jacrev(conv)(x[:1]).double()) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_dual_tensors_of_forward_ad_carry_their_tangents(device: str, dtype: torch.dtype,
+                                                         tol: float, grad_mode: bool) -> None:
+    """torch.autograd.forward_ad's dual tensors (no torch.func transform: plain tensors with a
+    tangent, which need not require a gradient) through the op, with gradients on and off:
+    the result carries the tangent the dense function's has, none dropped by a shortcut that
+    runs the kernel alone."""
+    sparse, dense, primals, tangents = _forward_mode_case(device, dtype)
+    wide = tuple(t.double() for t in primals)
+    # (torch.func.jvp cannot run inside a dual level: the references first.) Each argument's
+    # tangent alone, then all of them.
+    singles = [jvp(dense, wide, tuple(t.double() if i == which else torch.zeros_like(t.double())
+                                      for i, t in enumerate(tangents)))[1]
+               for which in range(len(primals))]
+    tangent_ref = jvp(dense, wide, tuple(t.double() for t in tangents))[1]
+    with torch.set_grad_enabled(grad_mode), forward_ad.dual_level():
+        duals = [forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        for which, single in enumerate(singles):
+            args = [d if i == which else p for i, (p, d) in enumerate(zip(primals, duals))]
+            got = forward_ad.unpack_dual(sparse(*args)).tangent
+            assert got is not None and relative_error(got, single) < tol
+        got = forward_ad.unpack_dual(sparse(*duals)).tangent
+        assert got is not None and relative_error(got, tangent_ref) < tol
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 
-from torch_helpers import (check_release_geometries, reference_conv, relative_error,
+from torch_helpers import (SeenOps, check_release_geometries, reference_conv, relative_error,
                            sparse_weight, tolerance)
 from escoin_torch import csr as csr_lib
 from escoin_torch import sparse_conv2d
@@ -186,6 +186,69 @@ def _op_args(case: tuple, dtype: torch.dtype, relu: bool, requires_grad: bool) -
 def test_opcheck(case: tuple, relu: bool, requires_grad: bool) -> None:
     torch.library.opcheck(torch.ops.escoin.sparse_conv2d.default,
                           _op_args(case, torch.float32, relu, requires_grad))
+
+
+def test_autograd_kernel_skips_the_second_dispatch_only_where_nothing_else_must_run(
+        case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op's autograd kernel calls the CPU kernel at once where nothing would run between
+    (gradients off, or on with no tensor requiring one) and goes on down the dispatcher where
+    something must: a dispatch mode sees the op, a lazily negated x is negated first, and a
+    gradient is recorded (whose forward then takes the shortcut, with gradients off). Every way
+    gives F.conv2d's result."""
+    from escoin_torch import ops
+
+    shortcuts = []
+    kernel = ops._BACKENDS[torch._C.DispatchKey.CPU]
+
+    def counted(*args: object) -> torch.Tensor:
+        shortcuts.append(1)
+        return kernel(*args)
+    monkeypatch.setitem(ops._BACKENDS, torch._C.DispatchKey.CPU, counted)
+
+    x, csr, weight, bias = case
+    expected = reference_conv(x, weight, bias, stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                              groups=2)
+
+    def call(x: torch.Tensor, values: torch.Tensor = csr.values) -> torch.Tensor:
+        return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, values,
+                                              list(csr.shape), bias, [2, 1], [1, 2], [1, 2],
+                                              csr.groups, False)
+
+    results = []
+    with torch.no_grad():
+        results.append(call(x))
+    assert len(shortcuts) == 1
+    results.append(call(x))  # gradients on, nothing requires one
+    assert len(shortcuts) == 2
+    with torch.no_grad(), SeenOps() as mode:
+        results.append(call(x))
+    assert len(shortcuts) == 2 and "escoin.sparse_conv2d.default" in mode.names
+    with torch.no_grad():
+        negated = torch._neg_view(-x)
+        assert negated.is_neg()
+        results.append(call(negated))
+    assert len(shortcuts) == 2
+    recorded = call(x, csr.values.clone().requires_grad_())
+    assert len(shortcuts) == 3 and recorded.grad_fn is not None
+    results.append(recorded.detach())
+    for y in results:
+        assert relative_error(y, expected) < 1e-5
+
+
+def test_next_kernel_is_the_device_kernel_only_where_nothing_runs_between() -> None:
+    """The autograd kernel's shortcut per keyset: a CPU tensor's keys name the CPU kernel, the
+    keys of a CUDA tensor (built here without a GPU) the CUDA one; a dispatch mode's Python
+    key, a lazy negation or the meta device, none."""
+    from escoin_torch import ops
+
+    keys, key_set = torch._C.DispatchKey, torch._C.DispatchKeySet
+    cpu = torch._C._dispatch_keys(torch.randn(2))
+    assert ops.next_kernel(cpu) is ops._sparse_conv2d_cpu
+    cuda = key_set(keys.CUDA) | key_set(keys.ADInplaceOrView) | key_set(keys.AutogradCUDA)
+    assert ops.next_kernel(cuda) is ops._sparse_conv2d_cuda
+    assert ops.next_kernel(cpu | key_set(keys.Python)) is None
+    assert ops.next_kernel(torch._C._dispatch_keys(torch._neg_view(torch.randn(2)))) is None
+    assert ops.next_kernel(torch._C._dispatch_keys(torch.empty(2, device="meta"))) is None
 
 
 def test_opcheck_channels_last(case: tuple) -> None:

@@ -68,9 +68,10 @@ class TensorCache(Generic[T]):
             verify: bool = False) -> T:
         """The cached value for these tensors' current contents, built with ``build()`` if absent
         or stale. ``verify`` also compares the contents with a snapshot taken at build time."""
-        key = (tuple(_contents_key(t, t.untyped_storage()._cdata) for t in tensors), extra)
-        with self._lock:
-            entry = self._entries.get(key)
+        # (A list made into a tuple, plain loops below: this lookup runs on every call of the
+        # op, and generator expressions cost a few microseconds more there.)
+        key = (tuple([_contents_key(t, t.untyped_storage()._cdata) for t in tensors]), extra)
+        entry = self._entries.get(key)  # a dict read is atomic: no lock
         if entry is not None and entry.valid(tensors):
             return entry.value
         value = build()  # outside the lock: building may launch device work or take long
@@ -105,13 +106,19 @@ class _Entry:
 
     @property
     def expired(self) -> bool:
-        return any(stamp.expired for stamp in self.stamps)
+        for stamp in self.stamps:
+            if stamp.expired:
+                return True
+        return False
 
     def valid(self, tensors: Sequence[torch.Tensor]) -> bool:
         if self.expired:
             return False
-        return self.snapshot is None or all(torch.equal(old, new)
-                                            for old, new in zip(self.snapshot, tensors))
+        if self.snapshot is not None:
+            for old, new in zip(self.snapshot, tensors):
+                if not torch.equal(old, new):
+                    return False
+        return True
 
 
 def _contents_key(tensor: torch.Tensor, storage_id: int) -> Hashable:

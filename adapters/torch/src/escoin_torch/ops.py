@@ -15,10 +15,11 @@ import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import escoin
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from escoin_torch._cache import TensorCache
@@ -184,8 +185,9 @@ def _output_hw(in_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int
                padding: Sequence[int], dilation: Sequence[int]) -> List[int]:
     """Output height and width, as F.conv2d computes them (less than 1 where the padded input is
     smaller than the dilated kernel)."""
-    return [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-            zip(in_hw, kernel, stride, padding, dilation)]
+    # (Per axis rather than a comprehension over zip: it runs on every call.)
+    return [(in_hw[0] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+            (in_hw[1] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1]
 
 
 def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
@@ -205,9 +207,12 @@ def _plain_call(device_type: str, *tensors: Optional[torch.Tensor]) -> bool:
 def uninterposed(device_type: str, tensors: Sequence[torch.Tensor]) -> bool:
     """Whether nothing must see a call of the op on `tensors` (on `device_type`): not
     torch.compile, TorchScript, dispatch or function modes such as FakeTensorMode, functorch
-    transforms, autocast, nor a profiler, whose trace should name it."""
+    transforms, autocast, forward-mode AD's tangents, nor a profiler, whose trace should name
+    it."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False  # (first: the compiler cannot trace the checks below)
+    if has_tangent(tensors):
+        return False
     if torch.autograd._profiler_enabled() or torch.is_autocast_enabled(device_type):
         return False  # (autocast: the op's autocast kernel casts the inputs)
     internals = torch._C
@@ -222,8 +227,6 @@ def uninterposed(device_type: str, tensors: Sequence[torch.Tensor]) -> bool:
         return False
 
 
-@torch.library.custom_op("escoin::sparse_conv2d", mutates_args=(), device_types="cpu",
-                         schema=_SCHEMA)
 def _sparse_conv2d_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                        values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
                        stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -256,7 +259,6 @@ def _cpu_forward(host_filter: Optional[PreparedFilter], x: torch.Tensor,
     return _like_input_format(out, x)
 
 
-@_sparse_conv2d_cpu.register_kernel("cuda")
 def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                         values: torch.Tensor, weight_shape: List[int],
                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
@@ -299,7 +301,6 @@ def run_call(call: escoin.PreparedCall, x: torch.Tensor, out: torch.Tensor,
                  residual_ptr, relu)
 
 
-@_sparse_conv2d_cpu.register_fake
 def _sparse_conv2d_fake(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                         values: torch.Tensor, weight_shape: List[int],
                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
@@ -364,34 +365,13 @@ def _save(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, row_ptr: to
     ctx.geometry = geometry
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
-                   output: torch.Tensor) -> None:
-    (x, row_ptr, col_idx, values, weight_shape, _, stride, padding, dilation, groups, relu,
-     _) = inputs
-    _save(ctx, x, row_ptr, col_idx, values, output,
-          _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu))
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    """The op's gradients (_gradients), one per argument."""
-    needs = ctx.needs_input_grad
-    with_residual = len(needs) == 12  # else called without the residual argument
-    grad_x, grad_values, grad_bias, grad_residual = _gradients(
-        ctx.saved_tensors, ctx.geometry, grad,
-        (needs[0], needs[3], needs[5], with_residual and needs[11]))
-    grads = (grad_x, None, None, grad_values, None, grad_bias, None, None, None, None, None)
-    return grads + (grad_residual,) if with_residual else grads
-
-
-_sparse_conv2d_cpu.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _TransformableSparseConv2d(torch.autograd.Function):
-    """The op with the same derivatives, as an autograd.Function that torch.func transforms
-    accept. PyTorch runs a torch.library op's registered autograd as a Function without
-    setup_context, which functorch refuses (grad, vjp, jacrev); this one has it, a forward-mode
-    rule (jvp, jacfwd) and a vmap rule generated from those (per-sample gradients: vmap of grad;
-    hessian). Its arguments: x, row_ptr, col_idx, values, bias, residual, _ConvGeometry."""
+class _SparseConv2dFunction(torch.autograd.Function):
+    """The op's derivatives: what its autograd kernel records where a gradient is wanted, and
+    what torch.func transforms call (_call_op). It has a setup_context, which functorch needs
+    (grad, vjp, jacrev), a forward-mode rule (jvp, jacfwd, torch.autograd.forward_ad) and a vmap
+    rule generated from those (per-sample gradients: vmap of grad; hessian). Its arguments: x,
+    row_ptr, col_idx, values, bias, residual, _ConvGeometry; its forward calls the op again, with
+    gradients off."""
 
     generate_vmap_rule = True
 
@@ -399,9 +379,8 @@ class _TransformableSparseConv2d(torch.autograd.Function):
     def forward(x: torch.Tensor, row_ptr: torch.Tensor,  # type: ignore[override]
                 col_idx: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
                 residual: Optional[torch.Tensor], g: _ConvGeometry) -> torch.Tensor:
-        return torch.ops.escoin.sparse_conv2d(
-            x, row_ptr, col_idx, values, list(g.weight_shape), bias, list(g.stride),
-            list(g.padding), list(g.dilation), g.groups, g.relu, residual)
+        return _OP(x, row_ptr, col_idx, values, list(g.weight_shape), bias, list(g.stride),
+                   list(g.padding), list(g.dilation), g.groups, g.relu, residual)
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
@@ -429,10 +408,10 @@ class _TransformableSparseConv2d(torch.autograd.Function):
         linear = dataclasses.replace(g, relu=False)
         tangent = torch.zeros_like(output)
         if x_t is not None:
-            tangent = tangent + _TransformableSparseConv2d.apply(
+            tangent = tangent + _SparseConv2dFunction.apply(
                 x_t, row_ptr, col_idx, values, None, None, linear)
         if values_t is not None:
-            tangent = tangent + _TransformableSparseConv2d.apply(
+            tangent = tangent + _SparseConv2dFunction.apply(
                 x, row_ptr, col_idx, values_t, None, None, linear)
         if bias_t is not None:
             tangent = tangent + bias_t[None, :, None, None]
@@ -454,15 +433,72 @@ def _call_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
              values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
              stride: List[int], padding: List[int], dilation: List[int], groups: int,
              relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """torch.ops.escoin.sparse_conv2d, through _TransformableSparseConv2d where a torch.func
+    """torch.ops.escoin.sparse_conv2d, through _SparseConv2dFunction where a torch.func
     transform wraps one of the tensors (elsewhere the op itself, which torch.compile, export and
     TorchScript see)."""
     tensors = (x, row_ptr, col_idx, values, bias, residual)
     if not torch.compiler.is_compiling() and any(transformed(t) for t in tensors):
         geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
-        return _TransformableSparseConv2d.apply(*tensors, geometry)
+        return _SparseConv2dFunction.apply(*tensors, geometry)
     return torch.ops.escoin.sparse_conv2d(x, row_ptr, col_idx, values, weight_shape, bias,
                                           stride, padding, dilation, groups, relu, residual)
+
+
+# The op, defined with torch.library's low-level calls rather than torch.library.custom_op,
+# whose Python layers around each kernel (argument aliasing checks, a wrapper per device) and
+# whose autograd kernel (which dispatches a second time even with no gradient to record) cost
+# ~18 us of a ~48 us call on a 2-core CPU: torch.compile's default mode pays that per layer.
+_LIBRARY = torch.library.Library("escoin", "DEF")
+_LIBRARY.define("sparse_conv2d" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cpu, "CPU")
+_LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cuda, "CUDA")
+torch.library.register_fake("escoin::sparse_conv2d", _sparse_conv2d_fake, lib=_LIBRARY)
+_OP = torch.ops.escoin.sparse_conv2d.default
+
+# The kernel each dispatch key runs, for the autograd kernel's shortcut below.
+_BACKENDS = {torch._C.DispatchKey.CPU: _sparse_conv2d_cpu,
+             torch._C.DispatchKey.CUDA: _sparse_conv2d_cuda}
+# The dispatch keys that run after autograd's (ADInplaceOrView's and below).
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+# Those after ADInplaceOrView's: the first of them in a call's keyset is what would run next.
+_BELOW_IN_PLACE_OR_VIEW = torch._C._after_ADInplaceOrView_keyset
+
+
+def next_kernel(keyset: torch._C.DispatchKeySet) -> Optional[Callable[..., torch.Tensor]]:
+    """The CPU or CUDA kernel where dispatching a call of `keyset` on below autograd would reach
+    it next (nothing between: no dispatch mode, FakeTensor, functionalization, lazy negation);
+    else None."""
+    return _BACKENDS.get((keyset & _BELOW_IN_PLACE_OR_VIEW).highestPriorityTypeId())
+
+
+def has_tangent(args: Sequence[object]) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad) gives one of the tensors in `args` a
+    tangent, which the op's result must carry too."""
+    if forward_ad._current_level < 0:  # no dual level open: one read, on every call
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+               for t in args)
+
+
+def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> torch.Tensor:
+    """The op's autograd kernel. With a gradient to record or a tangent to carry:
+    _SparseConv2dFunction. Without either,
+    the kernel next_kernel names is called at once (custom_op's autograd kernel dispatches again:
+    ~11 us on a 2-core CPU); elsewhere the call goes on down the dispatcher."""
+    if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
+        (x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups,
+         relu, residual) = (*args, None)[:12]  # (the dispatcher drops a default residual)
+        geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
+        return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual,
+                                           geometry)
+    with torch._C._AutoDispatchBelowAutograd():
+        kernel = next_kernel(keyset)
+        if kernel is not None:
+            return kernel(*args)
+        return _OP.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+
+_LIBRARY.impl("sparse_conv2d", _sparse_conv2d_autograd, "Autograd", with_keyset=True)
 
 
 @torch.library.register_vmap("escoin::sparse_conv2d")
@@ -566,24 +602,28 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                   groups: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Checks every argument (message names it) and allocates the contiguous NCHW output."""
+    # (x's device and dtype read once, and plain comparisons: this runs on every call, where
+    # each tensor attribute read builds a Python object.)
     if x.dim() != 4:
         raise ValueError(f"escoin::sparse_conv2d: x must be (N, C, H, W), got shape "
                          f"{tuple(x.shape)}")
-    supported = SUPPORTED_DTYPES.get(x.device.type)
+    device, dtype = x.device, x.dtype
+    supported = SUPPORTED_DTYPES.get(device.type)
     if supported is None:
-        raise ValueError(f"escoin::sparse_conv2d: no escoin kernels for device {x.device}")
-    if x.dtype not in supported:
-        raise TypeError(f"escoin::sparse_conv2d: on {x.device.type} escoin computes in "
-                        f"{', '.join(str(d) for d in supported)}; x is {x.dtype}")
-    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"escoin::sparse_conv2d: x ({x.dtype}), values ({values.dtype}) and bias "
+        raise ValueError(f"escoin::sparse_conv2d: no escoin kernels for device {device}")
+    if dtype not in supported:
+        raise TypeError(f"escoin::sparse_conv2d: on {device.type} escoin computes in "
+                        f"{', '.join(str(d) for d in supported)}; x is {dtype}")
+    if values.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        raise TypeError(f"escoin::sparse_conv2d: x ({dtype}), values ({values.dtype}) and bias "
                         f"({None if bias is None else bias.dtype}) must have one dtype")
     if row_ptr.dtype != torch.int64 or col_idx.dtype != torch.int32:
         raise TypeError(f"escoin::sparse_conv2d: row_ptr must be int64 and col_idx int32, got "
                         f"{row_ptr.dtype} and {col_idx.dtype}")
-    others = [t for t in (row_ptr, col_idx, values, bias) if t is not None]
-    if any(t.device != x.device for t in others):
-        raise ValueError(f"escoin::sparse_conv2d: x is on {x.device} but the weight/bias are on "
+    if row_ptr.device != device or col_idx.device != device or values.device != device \
+            or (bias is not None and bias.device != device):
+        others = [t for t in (row_ptr, col_idx, values, bias) if t is not None]
+        raise ValueError(f"escoin::sparse_conv2d: x is on {device} but the weight/bias are on "
                          f"{sorted({str(t.device) for t in others})}")
     if len(weight_shape) != 4 or min(weight_shape) < 1 or groups < 1 \
             or weight_shape[0] % groups:
@@ -591,8 +631,9 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                          f"{groups} is not an (M, C/groups, kh, kw) shape with M divisible by "
                          "groups")
     m, c_group, kh, kw = weight_shape
-    if x.shape[1] != c_group * groups:
-        raise ValueError(f"escoin::sparse_conv2d: x has {x.shape[1]} channels, the weight "
+    n, c, h, w = x.shape
+    if c != c_group * groups:
+        raise ValueError(f"escoin::sparse_conv2d: x has {c} channels, the weight "
                          f"expects {c_group * groups} ({c_group} per group x {groups} groups)")
     if row_ptr.shape != (m + 1,) or col_idx.dim() != 1 or values.shape != col_idx.shape:
         raise ValueError(f"escoin::sparse_conv2d: CSR shapes row_ptr {tuple(row_ptr.shape)}, "
@@ -605,16 +646,16 @@ def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
             or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"escoin::sparse_conv2d: need stride >= 1, padding >= 0, dilation >= 1 "
                          f"as pairs; got {list(stride)}, {list(padding)}, {list(dilation)}")
-    out_hw = _output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+    out_hw = _output_hw((h, w), (kh, kw), stride, padding, dilation)
     if min(out_hw) < 1:
-        raise ValueError(f"escoin::sparse_conv2d: input {tuple(x.shape[2:])} padded by "
+        raise ValueError(f"escoin::sparse_conv2d: input {(h, w)} padded by "
                          f"{list(padding)} is smaller than the dilated kernel; output would be "
                          f"{out_hw}")
-    shape = (x.shape[0], m, out_hw[0], out_hw[1])
-    if residual is not None and (residual.shape != shape or residual.dtype != x.dtype
-                                 or residual.device != x.device):
-        raise ValueError(f"escoin::sparse_conv2d: residual must be a {x.dtype} tensor on "
-                         f"{x.device} of the output's shape {shape}, got {residual.dtype} on "
+    shape = (n, m, out_hw[0], out_hw[1])
+    if residual is not None and (residual.shape != shape or residual.dtype != dtype
+                                 or residual.device != device):
+        raise ValueError(f"escoin::sparse_conv2d: residual must be a {dtype} tensor on "
+                         f"{device} of the output's shape {shape}, got {residual.dtype} on "
                          f"{residual.device} of shape {tuple(residual.shape)}")
     return x.new_empty(shape)
 
