@@ -4,12 +4,13 @@ per forward of a whole pruned ResNet-50, escoin's against dense PyTorch's, then 
 call profiled.
 
     python3 benchmarks/host_overhead.py [--device cuda] [--calls 3000] [--no-network]
-                                        [--compile] [--channels 256] [--size 14]
+                                        [--compile [--graphs]] [--channels 256] [--size 14]
 
 --compile also times both under torch.compile's default mode (no CUDA graphs), which calls the
 escoin op through PyTorch's dispatcher on every layer, with gradients off and in inference mode,
-beside a call of the op itself. --channels and --size set the layer (on a CPU, 16 and 4 make
-its arithmetic small enough that host time shows).
+beside a call of the op itself; --graphs also in mode "reduce-overhead" (CUDA graphs, which
+replay the kernels without the host). --channels and --size set the layer (on a CPU, 16 and 4
+make its arithmetic small enough that host time shows).
 
 Only public escoin-torch calls: the script runs on older builds too, so that two builds can be
 timed side by side (PYTHONPATH=the other build's site). Eager PyTorch users at small batch pay
@@ -56,19 +57,20 @@ def grad_mode(mode: str) -> contextlib.AbstractContextManager:
 
 
 def compiled_pair(label: str, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, calls: int,
-                  device: torch.device, unit: str, scale: float) -> None:
-    """Prints the time of a call of torch.compile (default mode) of `dense` and of `sparse` on
-    x, with gradients off (as the rest of the script) and then in inference mode (where the
+                  device: torch.device, unit: str, scale: float, mode: str = "default") -> None:
+    """Prints the time of a call of torch.compile (in `mode`) of `dense` and of `sparse` on x,
+    with gradients off (as the rest of the script) and then in inference mode (where the
     dispatcher skips autograd's layer)."""
     torch.compiler.reset()
-    compiled = [torch.compile(dense), torch.compile(sparse)]
-    for mode in ("no grad", "inference mode"):
-        with grad_mode(mode):
+    compiled = [torch.compile(dense, mode=mode), torch.compile(sparse, mode=mode)]
+    for grads in ("no grad", "inference mode"):
+        with grad_mode(grads):
             for model in compiled:
-                model(x)  # compiles (once per mode)
+                for _ in range(3):  # compiles (once per grad mode); reduce-overhead records
+                    model(x)
             dense_time, sparse_time = (per_call_us(lambda: model(x), calls, device) / scale
                                        for model in compiled)
-        row = f"{label}, compiled, {mode}"
+        row = f"{label}, compiled{'' if mode == 'default' else ', ' + mode}, {grads}"
         print(f"{row:<66}{dense_time:>9.2f} {unit} dense"
               f"{sparse_time:>9.2f} {unit} escoin")
 
@@ -106,11 +108,15 @@ def main() -> None:
     parser.add_argument("--no-network", action="store_true", help="the layer only")
     parser.add_argument("--compile", action="store_true",
                         help="also under torch.compile (default mode)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="with --compile on a GPU, also mode='reduce-overhead' (CUDA graphs)")
     parser.add_argument("--channels", type=int, default=256,
                         help="the layer's input and output channels")
     parser.add_argument("--size", type=int, default=14, help="the layer's input height and width")
     args = parser.parse_args()
     device = torch.device(args.device)
+    compile_modes = ["default"] + (["reduce-overhead"] if args.graphs and device.type == "cuda"
+                                   else [])
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -131,7 +137,8 @@ def main() -> None:
           f"{per_call_us(lambda: sparse(x), args.calls, device):>9.1f} us SparseConv2d")
     if args.compile:
         op_call(sparse, x, args.calls, device)
-        compiled_pair(layer, dense, sparse, x, args.calls, device, "us", 1.0)
+        for mode in compile_modes:
+            compiled_pair(layer, dense, sparse, x, args.calls, device, "us", 1.0, mode)
 
     if not args.no_network:
         model = pruned_resnet50(device)
@@ -146,8 +153,9 @@ def main() -> None:
               f"{per_call_us(lambda: sparse_net(image), forwards, device) / 1e3:>12.2f} ms "
               "escoin")
         if args.compile:
-            compiled_pair("ResNet-50 at 90%, batch 1, a forward", dense_net, sparse_net, image,
-                          forwards, device, "ms", 1e3)
+            for mode in compile_modes:
+                compiled_pair("ResNet-50 at 90%, batch 1, a forward", dense_net, sparse_net,
+                              image, forwards, device, "ms", 1e3, mode)
 
     profile = cProfile.Profile()
     profile.enable()
