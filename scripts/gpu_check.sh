@@ -13,7 +13,10 @@
 # benchmarks/shared_load_ceiling_probe.cu and scripts/tensor_core_probes.sh; results go to $OUT
 # or benchmarks/results). The build is for
 # ESCOIN_CUDA_ARCHITECTURES (default 90); 80-virtual checks on a Hopper GPU the code that Ampere
-# and Ada GPUs run.
+# and Ada GPUs run. ESCOIN_WHEEL=path installs that wheel of escoin instead of building it here
+# (one built from this checkout for the GPU machine's Python, e.g. on a machine with nvcc:
+# ESCOIN_CUDA=ON ESCOIN_CUDA_ARCHITECTURES=90 python3.12 -m pip wheel --no-deps . -w DIR),
+# which spares the GPU machine's time the build.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -35,8 +38,12 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "== build"
-ESCOIN_CUDA=ON ESCOIN_CUDA_ARCHITECTURES="${ESCOIN_CUDA_ARCHITECTURES:-90}" \
-  python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
+if [ -n "${ESCOIN_WHEEL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --force-reinstall "$ESCOIN_WHEEL" 2>&1 | tail -3
+else
+  ESCOIN_CUDA=ON ESCOIN_CUDA_ARCHITECTURES="${ESCOIN_CUDA_ARCHITECTURES:-90}" \
+    python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
+fi
 python3 -m pip install -q --no-build-isolation --no-deps ./adapters/torch 2>&1 | tail -3 ||
   echo "escoin-torch did not install"
 python3 -m pip install -q --no-build-isolation --no-deps ./adapters/jax 2>&1 | tail -3 ||
