@@ -293,8 +293,10 @@ def run_call(call: escoin.PreparedCall, x: torch.Tensor, out: torch.Tensor,
     residual_ptr = 0 if residual is None else residual.data_ptr()
     if x.is_cuda:
         workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device=x.device)
+        # The current stream's handle as torch.compile's generated code reads it: a
+        # torch.cuda.Stream object built per call (torch.cuda.current_stream) costs more.
         call.run(x.data_ptr(), out.data_ptr(), workspace.data_ptr(), bias_ptr, residual_ptr,
-                 relu, torch.cuda.current_stream(x.device).cuda_stream)
+                 relu, torch._C._cuda_getCurrentRawStream(x.get_device()))
     else:
         call.run(x.data_ptr(), out.data_ptr(),
                  escoin.host_workspace(call.workspace_bytes).ctypes.data, bias_ptr,
