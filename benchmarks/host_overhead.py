@@ -6,11 +6,12 @@ call profiled.
     python3 benchmarks/host_overhead.py [--device cuda] [--calls 3000] [--no-network]
                                         [--compile [--graphs]] [--channels 256] [--size 14]
 
---compile also times both under torch.compile's default mode (no CUDA graphs), which calls the
-escoin op through PyTorch's dispatcher on every layer, with gradients off and in inference mode,
-beside a call of the op itself; --graphs also in mode "reduce-overhead" (CUDA graphs, which
-replay the kernels without the host). --channels and --size set the layer (on a CPU, 16 and 4
-make its arithmetic small enough that host time shows).
+A call of the op itself is timed too (what torch.compile's code calls per layer). --compile
+also times both under torch.compile's default mode (no CUDA graphs), which calls the escoin op
+through PyTorch's dispatcher on every layer, with gradients off and in inference mode; --graphs
+also in mode "reduce-overhead" (CUDA graphs, which replay the kernels without the host).
+--channels and --size set the layer (on a CPU, 16 and 4 make its arithmetic small enough that
+host time shows).
 
 Only public escoin-torch calls: the script runs on older builds too, so that two builds can be
 timed side by side (PYTHONPATH=the other build's site). Eager PyTorch users at small batch pay
@@ -135,8 +136,8 @@ def main() -> None:
     print(f"{layer:<46}"
           f"{per_call_us(lambda: dense(x), args.calls, device):>9.1f} us nn.Conv2d"
           f"{per_call_us(lambda: sparse(x), args.calls, device):>9.1f} us SparseConv2d")
+    op_call(sparse, x, args.calls, device)
     if args.compile:
-        op_call(sparse, x, args.calls, device)
         for mode in compile_modes:
             compiled_pair(layer, dense, sparse, x, args.calls, device, "us", 1.0, mode)
 
