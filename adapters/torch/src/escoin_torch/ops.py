@@ -484,9 +484,9 @@ def has_tangent(args: Sequence[object]) -> bool:
 
 def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> torch.Tensor:
     """The op's autograd kernel. With a gradient to record or a tangent to carry:
-    _SparseConv2dFunction. Without either,
-    the kernel next_kernel names is called at once (custom_op's autograd kernel dispatches again:
-    ~11 us on a 2-core CPU); elsewhere the call goes on down the dispatcher."""
+    _SparseConv2dFunction. Without either, the kernel next_kernel names is called at once
+    (custom_op's autograd kernel dispatches again: ~11 us on a 2-core CPU); elsewhere the call
+    goes on down the dispatcher."""
     if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
         (x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups,
          relu, residual) = (*args, None)[:12]  # (the dispatcher drops a default residual)
