@@ -106,7 +106,7 @@ def test_jacrev_matches_the_dense_jacobian(device: str, dtype: torch.dtype, tol:
 
 def _forward_mode_case(device: str, dtype: torch.dtype) -> tuple:
     """The sparse function of (x, values, bias, residual), relu(conv + residual), its dense
-    float64 twin, the primals and random tangents for them."""
+    float64 twin, the primals and random tangents for them, and the CSR weight."""
     x, weight, csr, bias, residual = _operands(device, dtype)
     index = csr.flat_index()
 
@@ -125,19 +125,19 @@ def _forward_mode_case(device: str, dtype: torch.dtype) -> tuple:
     gen = torch.Generator().manual_seed(3)
     tangents = tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
                      for t in primals)
-    return sparse, dense, primals, tangents
+    return sparse, dense, primals, tangents, csr
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)
 def test_forward_mode_matches_the_dense_conv(device: str, dtype: torch.dtype, tol: float) -> None:
     """jvp in every argument at once (x, the values, the bias, the residual; through the ReLU),
     and jacfwd against jacrev."""
-    sparse, dense, primals, tangents = _forward_mode_case(device, dtype)
+    sparse, dense, primals, tangents, csr = _forward_mode_case(device, dtype)
     y, tangent = jvp(sparse, primals, tangents)
     y_ref, tangent_ref = jvp(dense, tuple(t.double() for t in primals),
                              tuple(t.double() for t in tangents))
     assert relative_error(y, y_ref) < tol and relative_error(tangent, tangent_ref) < tol
-    x, csr, bias = primals[0], _operands(device, dtype)[2], primals[2]
+    x, bias = primals[0], primals[2]
 
     def conv(t: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(t, csr, bias, stride=2, padding=1)
@@ -153,7 +153,7 @@ def test_dual_tensors_of_forward_ad_carry_their_tangents(device: str, dtype: tor
     tangent, which need not require a gradient) through the op, with gradients on and off:
     the result carries the tangent the dense function's has, none dropped by a shortcut that
     runs the kernel alone."""
-    sparse, dense, primals, tangents = _forward_mode_case(device, dtype)
+    sparse, dense, primals, tangents, _ = _forward_mode_case(device, dtype)
     wide = tuple(t.double() for t in primals)
     # (torch.func.jvp cannot run inside a dual level: the references first.) Each argument's
     # tangent alone, then all of them.
