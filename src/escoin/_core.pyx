@@ -369,6 +369,23 @@ cdef class PreparedCall:
         """Whether run() may run: the filter has kept its per-geometry arrays since."""
         return self._current()
 
+    def native_arguments(self) -> tuple:
+        """What run() hands the core's entry besides the call's own addresses, for compiled
+        code that calls the entry itself through c_api() (escoin-torch's C++ kernel): the
+        descriptor's 16 fields in escoin_conv_desc_t's order, the escoin_dtype_t code, the
+        device (-1: the CPU), the addresses of row_ptr, offsets, values and the tile program,
+        and the workspace bytes. The addresses are the filter's and stay valid while `current`
+        is true and the filter is alive."""
+        if not self._current():
+            raise EscoinError("the filter's per-geometry arrays were freed since this call was "
+                              "prepared (SparseFilter.release_geometries): prepare it again")
+        d = self.desc
+        return ((d.batch, d.in_channels, d.in_height, d.in_width, d.out_channels, d.kernel_h,
+                 d.kernel_w, d.stride_h, d.stride_w, d.pad_top, d.pad_bottom, d.pad_left,
+                 d.pad_right, d.dilation_h, d.dilation_w, d.groups),
+                <int>self.dtype, self.device, <uintptr_t>self.row_ptr, <uintptr_t>self.offsets,
+                <uintptr_t>self.values, <uintptr_t>self.tile_program, self.workspace_bytes)
+
     def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
         """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an
         address (stream: a CUDA stream handle, 0 for the default stream; on the CPU it must

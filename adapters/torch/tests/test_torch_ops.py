@@ -245,7 +245,7 @@ def test_next_kernel_is_the_device_kernel_only_where_nothing_runs_between() -> N
     cpu = torch._C._dispatch_keys(torch.randn(2))
     assert ops.next_kernel(cpu) is ops._sparse_conv2d_cpu
     cuda = key_set(keys.CUDA) | key_set(keys.ADInplaceOrView) | key_set(keys.AutogradCUDA)
-    assert ops.next_kernel(cuda) is ops._sparse_conv2d_cuda
+    assert ops.next_kernel(cuda) is ops._cuda_kernel  # (the C++ one: test_torch_native.py)
     assert ops.next_kernel(cpu | key_set(keys.Python)) is None
     assert ops.next_kernel(torch._C._dispatch_keys(torch._neg_view(torch.randn(2)))) is None
     assert ops.next_kernel(torch._C._dispatch_keys(torch.empty(2, device="meta"))) is None

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import escoin
@@ -103,6 +105,8 @@ def release_geometries() -> int:
     graphs captured before must be captured again (torch.compile's "reduce-overhead" ones:
     ``torch.compiler.reset()`` and compile again), and no escoin call may run on another thread
     meanwhile."""
+    if _native is not None:
+        _native.forget()  # its calls hold the addresses freed below
     with _prepared_lock:
         prepared = list(_prepared)
     released = 0
@@ -164,7 +168,7 @@ def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
     device = x.device.type
     if _plain_call(device, x, weight.row_ptr, weight.col_idx, weight.values, bias, residual):
         if device == "cuda":
-            return _sparse_conv2d_cuda(*args)
+            return _cuda_kernel(*args)
         if device == "cpu":
             return _cpu_forward(host_filter, *args)
     return _call_op(*args)
@@ -276,9 +280,13 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     # Held until the launch is queued: its device arrays (float32 values whatever x's dtype)
     # live as long as the filter does.
     cached_filter = _filter(row_ptr, col_idx, values, weight_shape, groups)
+    call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     # _empty_output has checked every tensor (dtype, device, shape).
-    run_call(cached_filter.launch(shape, x.device.index, dtype, **geometry), x_c, out, bias_c,
-             residual_c, relu)
+    run_call(call, x_c, out, bias_c, residual_c, relu)
+    if _native is not None and x.is_contiguous() and not x.is_neg():
+        # Later calls with these tensors' contents and x's shape skip this function.
+        _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation,
+                         groups, call)
     return _like_input_format(out, x)
 
 
@@ -422,6 +430,21 @@ class _SparseConv2dFunction(torch.autograd.Function):
         return tangent * (output > 0) if g.relu else tangent
 
 
+def load_native_kernel() -> Optional[ModuleType]:
+    """escoin_torch._native (native_kernel.cpp: the op's CUDA kernel in C++ for calls it has
+    seen, which spares torch.compile's code the Python kernel's host time on every layer), or
+    None with a warning where it was not built or was built for another torch. Without it the
+    Python kernel runs every call: same results, more host time."""
+    try:
+        from escoin_torch import _native
+    except ImportError as error:
+        warnings.warn(f"escoin-torch's C++ kernel did not load ({error}); CUDA calls run the "
+                      "Python kernel (reinstall escoin-torch against this torch with pip install "
+                      "--no-build-isolation)", RuntimeWarning, stacklevel=2)
+        return None
+    return _native
+
+
 def transformed(tensor: object) -> bool:
     """Whether a torch.func transform (grad, vmap, ...) wraps `tensor`."""
     try:
@@ -452,14 +475,23 @@ def _call_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
 # ~18 us of a ~48 us call on a 2-core CPU: torch.compile's default mode pays that per layer.
 _LIBRARY = torch.library.Library("escoin", "DEF")
 _LIBRARY.define("sparse_conv2d" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_native = load_native_kernel()
 _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cpu, "CPU")
-_LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cuda, "CUDA")
+if _native is not None:
+    # Its import registered its C++ kernel for CUDA, which runs _sparse_conv2d_cuda on the calls
+    # it has not seen.
+    _native.set_api(escoin.c_api())
+    _native.set_python_kernel(_sparse_conv2d_cuda)
+    _cuda_kernel: Callable[..., torch.Tensor] = _native.sparse_conv2d_cuda
+else:
+    _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cuda, "CUDA")
+    _cuda_kernel = _sparse_conv2d_cuda
 torch.library.register_fake("escoin::sparse_conv2d", _sparse_conv2d_fake, lib=_LIBRARY)
 _OP = torch.ops.escoin.sparse_conv2d.default
 
 # The kernel each dispatch key runs, for the autograd kernel's shortcut below.
 _BACKENDS = {torch._C.DispatchKey.CPU: _sparse_conv2d_cpu,
-             torch._C.DispatchKey.CUDA: _sparse_conv2d_cuda}
+             torch._C.DispatchKey.CUDA: _cuda_kernel}
 # The dispatch keys that run after autograd's (ADInplaceOrView's and below).
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 # Those after ADInplaceOrView's: the first of them in a call's keyset is what would run next.

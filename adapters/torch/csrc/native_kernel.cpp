@@ -1,0 +1,328 @@
+// native_kernel.cpp -- escoin::sparse_conv2d's CUDA kernel in C++, for calls whose filter and
+// geometry it has seen.
+//
+// torch.compile's code calls the op once per layer on every forward. Its Python kernel (ops.py)
+// checks every argument, finds the filter built for the CSR tensors' contents and allocates
+// through Python: tens of microseconds of host time a call, more than a small layer's GPU time.
+// Here the first call of each (CSR contents, input geometry) still runs that Python kernel, which
+// checks the arguments, builds and uploads the filter, and hands its prepared call back
+// (remember); later calls with the same key go from the dispatcher straight to the core's CUDA
+// entry (through escoin.c_api(), as escoin-jax's handlers do: the process holds one core).
+//
+// The key is what makes a remembered call valid for a new one: the CSR tensors' storage,
+// offset, length and version counter (an in-place write bumps the version: a new key, so a new
+// filter), x's shape and dtype, the device and the geometry. A storage freed and another
+// allocated at its address is told apart by a weak reference to the old one. Calls the fast path
+// does not take (x not contiguous NCHW, a bias or residual of another shape, dtype or device,
+// inference tensors, an unseen key) run the Python kernel, which also raises any error.
+#include <torch/extension.h>
+
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+#include "escoin/escoin.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// One CSR tensor's contents, by identity: which storage, where in it, how long, which write.
+struct ContentsId {
+  const c10::StorageImpl* storage;
+  int64_t offset, numel, version;
+  bool operator==(const ContentsId& o) const {
+    return storage == o.storage && offset == o.offset && numel == o.numel &&
+           version == o.version;
+  }
+};
+
+struct CallKey {
+  std::array<ContentsId, 3> csr;  // row_ptr, col_idx, values
+  std::array<int64_t, 4> x_shape, weight_shape;
+  std::array<int64_t, 6> geometry;  // stride, padding, dilation (height, width each)
+  int64_t groups;
+  int device;
+  c10::ScalarType dtype;  // x's, the values' and the output's
+  bool operator==(const CallKey& o) const {
+    return csr == o.csr && x_shape == o.x_shape && weight_shape == o.weight_shape &&
+           geometry == o.geometry && groups == o.groups && device == o.device && dtype == o.dtype;
+  }
+};
+
+struct CallKeyHash {
+  size_t operator()(const CallKey& k) const {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the key's words
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    for (const ContentsId& c : k.csr) {
+      mix(reinterpret_cast<uintptr_t>(c.storage));
+      mix(uint64_t(c.offset));
+      mix(uint64_t(c.numel));
+      mix(uint64_t(c.version));
+    }
+    for (int64_t v : k.x_shape) mix(uint64_t(v));
+    for (int64_t v : k.weight_shape) mix(uint64_t(v));
+    for (int64_t v : k.geometry) mix(uint64_t(v));
+    mix(uint64_t(k.groups));
+    mix(uint64_t(k.device));
+    mix(uint64_t(k.dtype));
+    return size_t(h);
+  }
+};
+
+// What the core's CUDA entry needs beyond the call's tensors (escoin.PreparedCall's fields).
+struct PreparedCall {
+  escoin_conv_desc_t desc;
+  escoin_dtype_t dtype;
+  int device;
+  const int64_t* row_ptr;
+  const int32_t* offsets;
+  const void* values;
+  const void* tile_program;
+  size_t workspace_bytes;
+  std::array<int64_t, 4> output_shape;
+};
+
+struct Remembered {
+  PreparedCall call;
+  // The CSR tensors' storages: expired once freed, so that a new storage at a freed one's
+  // address never matches.
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  // The Python PreparedCall, which keeps the filter (and the arrays above) alive. Released only
+  // with the GIL held (remember, forget); the map is never destroyed, since at exit Python may
+  // be gone before static destructors run.
+  py::object owner;
+  bool alive() const {
+    for (const auto& s : storages) {
+      if (s.expired()) return false;
+    }
+    return true;
+  }
+};
+
+const escoin_api_t* g_api = nullptr;
+py::object* g_python_kernel = nullptr;  // ops.py's kernel, for every call not taken here
+std::mutex g_mutex;
+auto* g_calls = new std::unordered_map<CallKey, Remembered, CallKeyHash>();
+std::atomic<int64_t> g_fast_calls{0};  // calls run here (tests check the fast path is taken)
+
+// c10::Stream::native_handle (the cudaStream_t of a CUDA stream) is recent; with a torch that
+// lacks it every call runs the Python kernel, which reads the handle through torch._C.
+template <typename S, typename = void>
+struct HasNativeHandle : std::false_type {};
+template <typename S>
+struct HasNativeHandle<S, std::void_t<decltype(std::declval<const S&>().native_handle())>>
+    : std::true_type {};
+constexpr bool kStreamHandles = HasNativeHandle<c10::Stream>::value;
+
+template <typename S>
+void* current_stream_handle(const S& stream) {
+  if constexpr (HasNativeHandle<S>::value) {
+    return stream.native_handle();
+  } else {
+    return nullptr;
+  }
+}
+
+bool contents_id(const at::Tensor& t, ContentsId* out) {
+  if (!t.defined() || t.is_inference() || !t.has_storage()) return false;
+  *out = ContentsId{t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.numel(),
+                    int64_t(t._version())};
+  return true;
+}
+
+bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+              const at::Tensor& values, c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
+              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, CallKey* key) {
+  if (x.dim() != 4 || weight_shape.size() != 4 || stride.size() != 2 || padding.size() != 2 ||
+      dilation.size() != 2 || !x.is_cuda()) {
+    return false;
+  }
+  if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1]) ||
+      !contents_id(values, &key->csr[2])) {
+    return false;
+  }
+  for (int i = 0; i < 4; ++i) {
+    key->x_shape[i] = x.size(i);
+    key->weight_shape[i] = weight_shape[i];
+  }
+  for (int i = 0; i < 2; ++i) {
+    key->geometry[i] = stride[i];
+    key->geometry[2 + i] = padding[i];
+    key->geometry[4 + i] = dilation[i];
+  }
+  key->groups = groups;
+  key->device = x.get_device();
+  key->dtype = x.scalar_type();
+  return values.scalar_type() == key->dtype;
+}
+
+// A bias or residual the core can read as it is: contiguous (no neg bit), of `shape`, x's dtype
+// and device.
+bool plain_operand(const std::optional<at::Tensor>& t, const at::Tensor& x,
+                   c10::IntArrayRef shape) {
+  if (!t.has_value() || !t->defined()) return true;
+  return t->is_contiguous() && !t->is_neg() && t->sizes() == shape &&
+         t->scalar_type() == x.scalar_type() && t->device() == x.device();
+}
+
+const void* address_of(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
+}
+
+at::Tensor python_kernel(const at::Tensor& x, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, const at::Tensor& values,
+                         c10::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
+                         c10::IntArrayRef stride, c10::IntArrayRef padding,
+                         c10::IntArrayRef dilation, int64_t groups, bool relu,
+                         const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(g_python_kernel != nullptr,
+              "escoin_torch._native: the Python kernel was not handed over (import "
+              "escoin_torch.ops first)");
+  py::gil_scoped_acquire gil;
+  py::object y = (*g_python_kernel)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
+                                    stride.vec(), padding.vec(), dilation.vec(), groups, relu,
+                                    residual);
+  return y.cast<at::Tensor>();
+}
+
+// The op's CUDA kernel (same schema as ops.py's _SCHEMA).
+at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, const at::Tensor& values,
+                              c10::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
+                              c10::IntArrayRef stride, c10::IntArrayRef padding,
+                              c10::IntArrayRef dilation, int64_t groups, bool relu,
+                              const std::optional<at::Tensor>& residual) {
+  CallKey key;
+  std::optional<PreparedCall> found;
+  // (A lazily negated x, torch's neg bit, must be negated in memory first: the Python kernel.)
+  if (kStreamHandles && g_api != nullptr && x.is_contiguous() && !x.is_neg() &&
+      call_key(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation, groups,
+               &key)) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_calls->find(key);
+    if (it != g_calls->end() && it->second.alive()) found = it->second.call;
+  }
+  if (!found || !plain_operand(bias, x, {weight_shape[0]}) ||
+      !plain_operand(residual, x, found->output_shape)) {
+    return python_kernel(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
+                         dilation, groups, relu, residual);
+  }
+  // Output and workspace from torch's caching allocator, the launch on torch's current stream:
+  // stream-ordered, and legal inside CUDA graph capture.
+  at::Tensor y = at::empty(found->output_shape, x.options());
+  at::Tensor workspace =
+      at::empty({int64_t(found->workspace_bytes)}, x.options().dtype(at::kByte));
+  c10::impl::VirtualGuardImpl cuda(c10::DeviceType::CUDA);
+  void* stream = current_stream_handle(cuda.getStream(x.device()));
+  escoin_status_t status = g_api->conv2d_forward_cuda(
+      &found->desc, found->dtype, x.const_data_ptr(), found->row_ptr, found->offsets,
+      found->values, found->tile_program, address_of(bias), address_of(residual), relu ? 1 : 0,
+      y.data_ptr(), workspace.data_ptr(), found->workspace_bytes, found->device, stream);
+  TORCH_CHECK_VALUE(status == ESCOIN_SUCCESS, "escoin: ", g_api->last_error());
+  ++g_fast_calls;
+  return y;
+}
+
+// ops.py, after its kernel ran a call on contiguous NCHW x: `call` (an escoin.PreparedCall)
+// serves later calls with these tensors' contents and geometry.
+void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+              const at::Tensor& values, std::vector<int64_t> weight_shape,
+              std::vector<int64_t> stride, std::vector<int64_t> padding,
+              std::vector<int64_t> dilation, int64_t groups, py::object call) {
+  CallKey key;
+  if (!call_key(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation, groups,
+                &key)) {
+    return;
+  }
+  py::tuple fields = call.attr("native_arguments")();
+  py::tuple d = fields[0];
+  TORCH_CHECK(d.size() == 16 && fields.size() == 8,
+              "escoin_torch._native: escoin.PreparedCall.native_arguments() has another form "
+              "than this build expects");
+  Remembered entry;
+  auto field = [&d](int i) { return d[size_t(i)].cast<int64_t>(); };
+  entry.call.desc = escoin_conv_desc_t{field(0),  field(1),  field(2),  field(3),
+                                       field(4),  field(5),  field(6),  field(7),
+                                       field(8),  field(9),  field(10), field(11),
+                                       field(12), field(13), field(14), field(15)};
+  entry.call.dtype = escoin_dtype_t(fields[1].cast<int>());
+  entry.call.device = fields[2].cast<int>();
+  entry.call.row_ptr = reinterpret_cast<const int64_t*>(fields[3].cast<uintptr_t>());
+  entry.call.offsets = reinterpret_cast<const int32_t*>(fields[4].cast<uintptr_t>());
+  entry.call.values = reinterpret_cast<const void*>(fields[5].cast<uintptr_t>());
+  entry.call.tile_program = reinterpret_cast<const void*>(fields[6].cast<uintptr_t>());
+  entry.call.workspace_bytes = fields[7].cast<size_t>();
+  py::tuple shape = call.attr("output_shape");
+  for (size_t i = 0; i < 4; ++i) entry.call.output_shape[i] = shape[i].cast<int64_t>();
+  entry.storages = {row_ptr.storage().getWeakStorageImpl(),
+                    col_idx.storage().getWeakStorageImpl(),
+                    values.storage().getWeakStorageImpl()};
+  entry.owner = std::move(call);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  // Drop the calls of freed tensors and of earlier writes to these ones (their filters are
+  // stale for good), so the map grows with the live (weight, geometry) pairs only.
+  for (auto it = g_calls->begin(); it != g_calls->end();) {
+    bool same_tensors = true;
+    for (int i = 0; i < 3; ++i) {
+      same_tensors &= it->first.csr[i].storage == key.csr[i].storage;
+    }
+    bool stale = same_tensors && !(it->first.csr == key.csr);
+    it = (stale || !it->second.alive()) ? g_calls->erase(it) : std::next(it);
+  }
+  (*g_calls)[key] = std::move(entry);
+}
+
+// Forgets every remembered call (escoin_torch.release_geometries frees their arrays).
+void forget() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_calls->clear();
+}
+
+void set_api(py::capsule api) {
+  const auto* table = static_cast<const escoin_api_t*>(api.get_pointer());
+  TORCH_CHECK(table != nullptr && table->version >= ESCOIN_API_VERSION,
+              "escoin_torch._native: escoin's C API table is older than this build's (version ",
+              ESCOIN_API_VERSION, ")");
+  g_api = table;
+}
+
+void set_python_kernel(py::object kernel) {
+  // Leaked on purpose: called from kernels until the process ends.
+  delete g_python_kernel;
+  g_python_kernel = new py::object(std::move(kernel));
+}
+
+py::dict stats() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  py::dict out;
+  out["remembered"] = g_calls->size();
+  out["fast_calls"] = g_fast_calls.load();
+  out["stream_handles"] = kStreamHandles;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(escoin, CUDA, m) {
+  m.impl("sparse_conv2d", TORCH_FN(sparse_conv2d_cuda));
+}
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "escoin::sparse_conv2d's CUDA kernel in C++ for calls it has seen (ops.py)";
+  m.def("set_api", &set_api, "The core's entry table: escoin.c_api()");
+  m.def("set_python_kernel", &set_python_kernel, "ops.py's CUDA kernel, for the other calls");
+  m.def("remember", &remember, "A prepared call for later calls with these tensors' contents");
+  m.def("forget", &forget, "Forgets every remembered call");
+  m.def("stats", &stats, "Remembered calls and calls run here");
+  m.def("sparse_conv2d_cuda", &sparse_conv2d_cuda, "The kernel, callable without dispatch",
+        py::call_guard<py::gil_scoped_release>());
+}

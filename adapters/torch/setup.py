@@ -1,0 +1,14 @@
+"""escoin-torch's one compiled part: escoin_torch._native, the op's CUDA kernel in C++ for calls
+it has seen (csrc/native_kernel.cpp). Built against the installed torch and escoin (pip install
+--no-build-isolation), as every torch C++ extension must be: its binary interface is that torch
+version's. Metadata and the Python package are in pyproject.toml."""
+import escoin
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(
+    ext_modules=[CppExtension("escoin_torch._native", ["csrc/native_kernel.cpp"],
+                              include_dirs=[escoin.get_include()],
+                              extra_compile_args=["-O2", "-g0"])],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,246 @@
+"""The op's C++ CUDA kernel (csrc/native_kernel.cpp): built and registered; on a GPU, the calls it
+runs itself match float64 and those it must not run (unseen keys, rewritten or freed CSR
+tensors, other layouts, bad arguments) go to the Python kernel."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+
+from torch_helpers import reference_conv, relative_error, sparse_weight, tolerance
+import escoin_torch
+from escoin_torch import csr as csr_lib
+from escoin_torch import ops
+
+
+def test_the_cpp_kernel_is_built_and_is_the_ops_cuda_kernel() -> None:
+    """The extension loads (a build that silently fell back to the Python kernel fails here) and
+    the dispatcher's CUDA kernel for the op is its C++ function, not a Python one."""
+    assert ops._native is not None
+    dump = torch._C._dispatch_dump("escoin::sparse_conv2d")
+    cuda = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+    assert len(cuda) == 1 and "native_kernel.cpp" in cuda[0] and "unboxed" in cuda[0]
+    assert ops._BACKENDS[torch._C.DispatchKey.CUDA] is ops._native.sparse_conv2d_cuda
+
+
+def _fast_calls() -> int:
+    return ops._native.stats()["fast_calls"]
+
+
+def _poison_next_output(shape: tuple, dtype: torch.dtype) -> None:
+    """Frees a NaN-filled block of the output's size, which the caching allocator hands to the
+    next allocation of that size: elements a kernel leaves unwritten then show as NaN."""
+    torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    torch.cuda.synchronize()
+
+
+GEOMETRIES = [
+    dict(stride=1, padding=1, dilation=1, groups=1, kernel=3),
+    dict(stride=2, padding=1, dilation=1, groups=2, kernel=3),
+    dict(stride=1, padding=2, dilation=2, groups=1, kernel=3),
+    dict(stride=1, padding=0, dilation=1, groups=1, kernel=1),
+]
+
+
+def _case(g: dict, dtype: torch.dtype, seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    weight = sparse_weight((16, 8 // g["groups"], g["kernel"], g["kernel"]), 0.2, gen, dtype)
+    x = torch.randn(3, 8, 13, 11, generator=gen).to(dtype)
+    bias = torch.randn(16, generator=gen).to(dtype)
+    return weight, x, bias
+
+
+def _cuda_case(seed: int, g: dict = GEOMETRIES[0]) -> tuple:
+    """A float32 case's weight (on the CPU), its CSR, x and bias on the GPU."""
+    weight, x, bias = _case(g, torch.float32, seed)
+    return weight, csr_lib.from_dense(weight.cuda(), g["groups"]), x.cuda(), bias.cuda()
+
+
+def _op(x: torch.Tensor, csr: csr_lib.CSRWeight, bias: Optional[torch.Tensor], g: dict,
+        relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, csr.values,
+                                          list(csr.shape), bias, [g["stride"]] * 2,
+                                          [g["padding"]] * 2, [g["dilation"]] * 2, csr.groups,
+                                          relu, residual)
+
+
+def _expected(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g: dict,
+              relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    y = reference_conv(x, weight, bias, stride=g["stride"], padding=g["padding"],
+                       dilation=g["dilation"], groups=g["groups"])
+    if residual is not None:
+        y = y + residual.double().cpu()
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", GEOMETRIES)
+def test_repeated_calls_run_in_cpp_and_match_float64(g: dict, dtype: torch.dtype) -> None:
+    """The first call of a key runs the Python kernel, every later one the C++ kernel: each,
+    into a poisoned output, with and without bias, ReLU and residual, matches float64."""
+    weight, x, bias = _case(g, dtype, seed=21)
+    csr = csr_lib.from_dense(weight.cuda(), g["groups"])
+    x = x.cuda()
+    expected_shape = _expected(x, weight, None, g, False).shape
+    residual = torch.randn(expected_shape, generator=torch.Generator().manual_seed(3))
+    residual = residual.to(dtype).cuda()
+    first = True  # (the key is the filter's and x's, not the bias's, ReLU's or residual's)
+    for b, relu, r in [(bias.cuda(), False, None), (None, True, None),
+                       (bias.cuda(), True, residual)]:
+        for _ in range(2):
+            before = _fast_calls()
+            _poison_next_output(expected_shape, dtype)
+            with torch.no_grad():
+                y = _op(x, csr, b, g, relu, r)
+            torch.cuda.synchronize()
+            assert _fast_calls() - before == (0 if first else 1)
+            first = False
+            assert relative_error(y, _expected(x, weight, b, g, relu, r)) <= tolerance(dtype)
+
+
+@pytest.mark.cuda
+def test_a_write_to_the_values_is_seen() -> None:
+    """An in-place write bumps the values' version: the next call is a new key (the Python
+    kernel builds the new filter) and computes with the new weights; the one after is fast."""
+    g = GEOMETRIES[0]
+    weight, csr, x, bias = _cuda_case(22)
+    with torch.no_grad():
+        _op(x, csr, bias, g, False)
+        _op(x, csr, bias, g, False)
+        csr.values.mul_(-2.0)
+        before = _fast_calls()
+        y = _op(x, csr, bias, g, False)
+        assert _fast_calls() == before
+        assert relative_error(y, _expected(x, -2.0 * weight, bias, g, False)) <= 1e-5
+        y = _op(x, csr, bias, g, False)
+        assert _fast_calls() == before + 1
+        assert relative_error(y, _expected(x, -2.0 * weight, bias, g, False)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_new_tensors_where_freed_ones_were_are_not_mistaken_for_them() -> None:
+    """CSR tensors freed and new ones of the same sizes allocated (the caching allocator gives
+    them the freed blocks): the remembered call of the old ones does not serve the new ones."""
+    g = GEOMETRIES[0]
+    x = torch.randn(2, 8, 13, 11, device="cuda")
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(40 + seed)
+        weight = sparse_weight((16, 8, 3, 3), 0.2, gen)
+        weight.view(-1)[:200] = 0.0  # (the same nonzero count is likelier with a shared prefix)
+        csr = csr_lib.from_dense(weight.cuda())
+        with torch.no_grad():
+            for _ in range(2):
+                assert relative_error(_op(x, csr, None, g, False),
+                                      _expected(x, weight, None, g, False)) <= 1e-5
+        del csr
+
+
+@pytest.mark.cuda
+def test_calls_the_cpp_kernel_does_not_take_still_match() -> None:
+    """channels_last, strided and lazily negated inputs, a strided bias and a channels_last
+    residual go to the Python kernel (no fast call) and match float64."""
+    g = GEOMETRIES[1]
+    weight, csr, x, bias = _cuda_case(23, g)
+    residual = torch.randn_like(_op(x, csr, bias, g, False))
+    _op(x, csr, bias, g, False)  # the key is remembered: only the layouts keep the calls away
+    wide_bias = torch.stack([bias, bias], 1)[:, 0]
+    cases = [
+        (x.contiguous(memory_format=torch.channels_last), bias, None, x),
+        (torch.cat([x, x], 3)[..., : x.shape[3]], bias, None, x),
+        (torch._neg_view(-x), bias, None, x),
+        (x, wide_bias, None, x),
+        (x, bias, residual.contiguous(memory_format=torch.channels_last), x),
+    ]
+    with torch.no_grad():
+        for given, b, r, values in cases:
+            before = _fast_calls()
+            y = _op(given, csr, b, g, True, r)
+            assert _fast_calls() == before
+            assert relative_error(y, _expected(values, weight, bias, g, True, r)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_bad_arguments_after_a_remembered_call_get_the_python_kernels_errors() -> None:
+    g = GEOMETRIES[0]
+    weight, csr, x, bias = _cuda_case(24)
+    with torch.no_grad():
+        _op(x, csr, bias, g, False)
+        _op(x, csr, bias, g, False)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            _op(x, csr, bias[:-1], g, False)
+        with pytest.raises(TypeError, match="must have one dtype"):
+            _op(x, csr, bias.double(), g, False)
+        with pytest.raises(ValueError, match="residual must be"):
+            _op(x, csr, bias, g, False, torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_release_geometries_forgets_the_remembered_calls() -> None:
+    g = GEOMETRIES[0]
+    weight, csr, x, bias = _cuda_case(25)
+    with torch.no_grad():
+        _op(x, csr, bias, g, False)
+        assert ops._native.stats()["remembered"] > 0
+        escoin_torch.release_geometries()
+        assert ops._native.stats()["remembered"] == 0
+        for _ in range(2):
+            assert relative_error(_op(x, csr, bias, g, False),
+                                  _expected(x, weight, bias, g, False)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_the_cpp_kernel_runs_on_the_current_stream() -> None:
+    """x is written on a side stream behind a long kernel and the op called on that stream: a
+    kernel queued on another stream would read x before the write and miss the reference."""
+    g = GEOMETRIES[0]
+    weight, csr, x, bias = _cuda_case(26)
+    with torch.no_grad():
+        _op(x, csr, bias, g, False)
+        fresh = torch.randn_like(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        before = _fast_calls()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the write
+            x.copy_(fresh)
+            y = _op(x, csr, bias, g, False)
+        torch.cuda.synchronize()
+        assert _fast_calls() == before + 1
+        assert relative_error(y, _expected(fresh, weight, bias, g, False)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_the_cpp_kernel_in_cuda_graphs_and_under_torch_compile() -> None:
+    """Captured in a CUDA graph (replayed on new inputs) and called by torch.compile's code,
+    the C++ kernel runs and matches float64."""
+    layer = escoin_torch.SparseConv2d.from_dense(
+        torch.nn.Conv2d(8, 16, 3, padding=1)).cuda().eval()
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < 0.3)
+    static_x = torch.randn(2, 8, 12, 12, device="cuda")
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        layer(static_x)
+        compiled(static_x)
+        before = _fast_calls()
+        y = compiled(static_x)
+        assert _fast_calls() > before
+        assert relative_error(y, reference_conv(static_x, layer.weight, layer.bias,
+                                                padding=1)) <= 1e-5
+    g = GEOMETRIES[0]
+    weight, csr, _, bias = _cuda_case(27)
+    with torch.no_grad():
+        for _ in range(2):  # the key remembered before capture (its first call syncs)
+            _op(static_x, csr, bias, g, False)
+        before = _fast_calls()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = _op(static_x, csr, bias, g, False)
+        assert _fast_calls() == before + 1
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(static_y, _expected(static_x, weight, bias, g, False)) <= 1e-5
