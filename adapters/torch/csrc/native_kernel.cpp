@@ -323,6 +323,20 @@ PYBIND11_MODULE(_native, m) {
   m.def("remember", &remember, "A prepared call for later calls with these tensors' contents");
   m.def("forget", &forget, "Forgets every remembered call");
   m.def("stats", &stats, "Remembered calls and calls run here");
-  m.def("sparse_conv2d_cuda", &sparse_conv2d_cuda, "The kernel, callable without dispatch",
-        py::call_guard<py::gil_scoped_release>());
+  // (Lists for the int[] arguments: pybind11 has no caster for c10::IntArrayRef.)
+  m.def(
+      "sparse_conv2d_cuda",
+      [](const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+         const at::Tensor& values, std::vector<int64_t> weight_shape,
+         std::optional<at::Tensor> bias, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, bool relu,
+         std::optional<at::Tensor> residual) {
+        return sparse_conv2d_cuda(x, row_ptr, col_idx, values, weight_shape, bias, stride,
+                                  padding, dilation, groups, relu, residual);
+      },
+      "The kernel, callable without dispatch (the autograd kernel's shortcut)", py::arg("x"),
+      py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("weight_shape"),
+      py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("relu"), py::arg("residual") = py::none(),
+      py::call_guard<py::gil_scoped_release>());
 }

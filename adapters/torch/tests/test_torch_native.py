@@ -24,6 +24,17 @@ def test_the_cpp_kernel_is_built_and_is_the_ops_cuda_kernel() -> None:
     assert ops._BACKENDS[torch._C.DispatchKey.CUDA] is ops._native.sparse_conv2d_cuda
 
 
+def test_the_cpp_entry_takes_the_arguments_as_the_autograd_kernel_passes_them() -> None:
+    """The autograd kernel's shortcut calls the C++ function with the dispatcher's arguments:
+    lists for int[], the residual left out. (On the CPU it hands x to the Python kernel, which
+    computes it there, so the conversion is checked without a GPU.)"""
+    weight, x, bias = _case(GEOMETRIES[0], torch.float32, seed=20)
+    csr = csr_lib.from_dense(weight)
+    y = ops._native.sparse_conv2d_cuda(x, csr.row_ptr, csr.col_idx, csr.values, [16, 8, 3, 3],
+                                       bias, [1, 1], [1, 1], [1, 1], 1, True)
+    assert relative_error(y, torch.relu(reference_conv(x, weight, bias, padding=1))) <= 1e-5
+
+
 def _fast_calls() -> int:
     return ops._native.stats()["fast_calls"]
 
