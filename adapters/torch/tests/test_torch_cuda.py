@@ -172,12 +172,12 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
     from escoin_torch import ops
 
     direct_calls = []
-    kernel = ops._sparse_conv2d_cuda
+    kernel = ops._cuda_kernel
 
     def counted(*args: object) -> torch.Tensor:
         direct_calls.append(1)
         return kernel(*args)
-    monkeypatch.setattr(ops, "_sparse_conv2d_cuda", counted)
+    monkeypatch.setattr(ops, "_cuda_kernel", counted)
 
     layer = _layer().eval()
     x = torch.randn(4, 8, 17, 15, device="cuda")
