@@ -103,16 +103,22 @@ def test_a_call_refuses_to_run_after_its_filter_released_its_geometries() -> Non
 
 def test_native_arguments_are_what_run_hands_the_core() -> None:
     """native_arguments (for compiled callers of the C entry) gives the descriptor the geometry
-    derives, the dtype and device, the filter's own array addresses and the workspace size; and
-    refuses, as run does, once the filter released them."""
+    derives, the dtype and device, the filter's own array addresses, the workspace size and
+    where the filter's generation is in memory (which release_geometries moves on); and refuses,
+    as run does, once the filter released its arrays."""
     from escoin.geometry import descriptor
 
+    import ctypes
+
     filt, x, call = _small_call(stride=2, dilation=1)
-    desc, dtype, device, row_ptr, offsets, values, program, workspace = call.native_arguments()
+    (desc, dtype, device, row_ptr, offsets, values, program, workspace, generation_at,
+     generation) = call.native_arguments()
     assert desc == descriptor(x.shape, filt.shape, filt.groups, 2, 1, 1)
     assert (dtype, device, program, workspace) == (0, -1, 0, call.workspace_bytes)
     assert (row_ptr, offsets, values) == tuple(filt.host_pointers(x.shape, 2, 1, 1))
+    assert ctypes.c_int64.from_address(generation_at).value == generation
     filt.release_geometries()
+    assert ctypes.c_int64.from_address(generation_at).value == generation + 1
     with pytest.raises(EscoinError, match="release_geometries"):
         call.native_arguments()
 

@@ -374,8 +374,10 @@ cdef class PreparedCall:
         code that calls the entry itself through c_api() (escoin-torch's C++ kernel): the
         descriptor's 16 fields in escoin_conv_desc_t's order, the escoin_dtype_t code, the
         device (-1: the CPU), the addresses of row_ptr, offsets, values and the tile program,
-        and the workspace bytes. The addresses are the filter's and stay valid while `current`
-        is true and the filter is alive."""
+        the workspace bytes, and the address of the filter's generation (an int64) with the
+        value it must hold. The addresses are the filter's and stay valid while the filter is
+        alive and that int64 holds that value (`current`: release_geometries frees the arrays
+        and moves it on)."""
         if not self._current():
             raise EscoinError("the filter's per-geometry arrays were freed since this call was "
                               "prepared (SparseFilter.release_geometries): prepare it again")
@@ -384,7 +386,8 @@ cdef class PreparedCall:
                  d.kernel_w, d.stride_h, d.stride_w, d.pad_top, d.pad_bottom, d.pad_left,
                  d.pad_right, d.dilation_h, d.dilation_w, d.groups),
                 <int>self.dtype, self.device, <uintptr_t>self.row_ptr, <uintptr_t>self.offsets,
-                <uintptr_t>self.values, <uintptr_t>self.tile_program, self.workspace_bytes)
+                <uintptr_t>self.values, <uintptr_t>self.tile_program, self.workspace_bytes,
+                self.owner.generation_cell.ctypes.data, self.generation)
 
     def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
         """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an

@@ -71,8 +71,11 @@ class _CsrStore:
         self.device_programs: Dict[Tuple[str, int, tuple], Optional[DeviceBuffer]] = {}
         self.warned_of_geometries = False
         # Counts release_geometries calls: a prepared call (SparseFilter.prepare) holds the
-        # per-geometry arrays' addresses and refuses to run once this moved on.
+        # per-geometry arrays' addresses and refuses to run once this moved on. The cell holds
+        # the same count in memory, for compiled callers of a prepared call's arrays
+        # (PreparedCall.native_arguments), which check it without Python.
         self.generation = 0
+        self.generation_cell = np.zeros(1, np.int64)
 
     def offsets(self, desc: tuple) -> np.ndarray:
         key = _offsets_key(desc)
@@ -108,6 +111,7 @@ class _CsrStore:
             self.device_programs.clear()
             self.warned_of_geometries = False
             self.generation += 1
+            self.generation_cell[0] = self.generation
         return sum(held)
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:

@@ -35,14 +35,16 @@ namespace py = pybind11;
 
 namespace {
 
-// One CSR tensor's contents, by identity: which storage, where in it, how long, which write.
+// One CSR tensor's contents, by identity: which storage, where in it, how long, of which type
+// (a contiguous tensor: strides need no place), which write.
 struct ContentsId {
   const c10::StorageImpl* storage;
   int64_t offset, numel, version;
-  bool operator==(const ContentsId& o) const {
-    return storage == o.storage && offset == o.offset && numel == o.numel &&
-           version == o.version;
+  c10::ScalarType dtype;
+  bool same_memory(const ContentsId& o) const {
+    return storage == o.storage && offset == o.offset && numel == o.numel && dtype == o.dtype;
   }
+  bool operator==(const ContentsId& o) const { return same_memory(o) && version == o.version; }
 };
 
 struct CallKey {
@@ -67,6 +69,7 @@ struct CallKeyHash {
       mix(uint64_t(c.offset));
       mix(uint64_t(c.numel));
       mix(uint64_t(c.version));
+      mix(uint64_t(c.dtype));
     }
     for (int64_t v : k.x_shape) mix(uint64_t(v));
     for (int64_t v : k.weight_shape) mix(uint64_t(v));
@@ -89,6 +92,11 @@ struct PreparedCall {
   const void* tile_program;
   size_t workspace_bytes;
   std::array<int64_t, 4> output_shape;
+  // The filter's generation in memory and the value it held when the call was prepared: the
+  // filter's release_geometries (through escoin_torch or escoin itself) frees the arrays above
+  // and moves it on, so a moved one means "stale, never launch".
+  const int64_t* generation;
+  int64_t prepared_generation;
 };
 
 struct Remembered {
@@ -104,7 +112,7 @@ struct Remembered {
     for (const auto& s : storages) {
       if (s.expired()) return false;
     }
-    return true;
+    return *call.generation == call.prepared_generation;
   }
 };
 
@@ -133,9 +141,9 @@ void* current_stream_handle(const S& stream) {
 }
 
 bool contents_id(const at::Tensor& t, ContentsId* out) {
-  if (!t.defined() || t.is_inference() || !t.has_storage()) return false;
+  if (!t.defined() || t.is_inference() || !t.has_storage() || !t.is_contiguous()) return false;
   *out = ContentsId{t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.numel(),
-                    int64_t(t._version())};
+                    int64_t(t._version()), t.scalar_type()};
   return true;
 }
 
@@ -243,9 +251,16 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
                 &key)) {
     return;
   }
+  {
+    // Already there (a call whose bias or residual the fast path does not take comes here
+    // every time): nothing to do.
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto found = g_calls->find(key);
+    if (found != g_calls->end() && found->second.alive()) return;
+  }
   py::tuple fields = call.attr("native_arguments")();
   py::tuple d = fields[0];
-  TORCH_CHECK(d.size() == 16 && fields.size() == 8,
+  TORCH_CHECK(d.size() == 16 && fields.size() == 10,
               "escoin_torch._native: escoin.PreparedCall.native_arguments() has another form "
               "than this build expects");
   Remembered entry;
@@ -261,30 +276,44 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
   entry.call.values = reinterpret_cast<const void*>(fields[5].cast<uintptr_t>());
   entry.call.tile_program = reinterpret_cast<const void*>(fields[6].cast<uintptr_t>());
   entry.call.workspace_bytes = fields[7].cast<size_t>();
+  entry.call.generation = reinterpret_cast<const int64_t*>(fields[8].cast<uintptr_t>());
+  entry.call.prepared_generation = fields[9].cast<int64_t>();
   py::tuple shape = call.attr("output_shape");
   for (size_t i = 0; i < 4; ++i) entry.call.output_shape[i] = shape[i].cast<int64_t>();
   entry.storages = {row_ptr.storage().getWeakStorageImpl(),
                     col_idx.storage().getWeakStorageImpl(),
                     values.storage().getWeakStorageImpl()};
   entry.owner = std::move(call);
-  std::lock_guard<std::mutex> lock(g_mutex);
-  // Drop the calls of freed tensors and of earlier writes to these ones (their filters are
-  // stale for good), so the map grows with the live (weight, geometry) pairs only.
-  for (auto it = g_calls->begin(); it != g_calls->end();) {
-    bool same_tensors = true;
-    for (int i = 0; i < 3; ++i) {
-      same_tensors &= it->first.csr[i].storage == key.csr[i].storage;
+  // Entries dropped here release their Python objects only after the lock is let go: a
+  // release can run Python code (a filter's finalizer), which may hand the GIL to a thread
+  // waiting for this lock.
+  std::vector<Remembered> dropped;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    // Drop the calls of freed tensors and of earlier writes to these ones (their filters are
+    // stale for good), so the map grows with the live (weight, geometry) pairs only.
+    for (auto it = g_calls->begin(); it != g_calls->end();) {
+      bool same_tensors = true;
+      for (int i = 0; i < 3; ++i) same_tensors &= it->first.csr[i].same_memory(key.csr[i]);
+      if ((same_tensors && !(it->first.csr == key.csr)) || !it->second.alive()) {
+        dropped.push_back(std::move(it->second));
+        it = g_calls->erase(it);
+      } else {
+        ++it;
+      }
     }
-    bool stale = same_tensors && !(it->first.csr == key.csr);
-    it = (stale || !it->second.alive()) ? g_calls->erase(it) : std::next(it);
+    auto found = g_calls->find(key);
+    if (found != g_calls->end()) dropped.push_back(std::move(found->second));
+    (*g_calls)[key] = std::move(entry);
   }
-  (*g_calls)[key] = std::move(entry);
 }
 
 // Forgets every remembered call (escoin_torch.release_geometries frees their arrays).
 void forget() {
+  std::unordered_map<CallKey, Remembered, CallKeyHash> dropped;
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_calls->clear();
+  dropped.swap(*g_calls);
+  // (dropped is destroyed after the lock is released: declared before it)
 }
 
 void set_api(py::capsule api) {
@@ -302,9 +331,13 @@ void set_python_kernel(py::object kernel) {
 }
 
 py::dict stats() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  py::dict out;
-  out["remembered"] = g_calls->size();
+  size_t remembered;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    remembered = g_calls->size();
+  }
+  py::dict out;  // (built after the lock: an allocation may run Python's collector)
+  out["remembered"] = remembered;
   out["fast_calls"] = g_fast_calls.load();
   out["stream_handles"] = kStreamHandles;
   return out;

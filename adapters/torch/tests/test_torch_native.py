@@ -3,6 +3,7 @@ runs itself match float64 and those it must not run (unseen keys, rewritten or f
 tensors, other layouts, bad arguments) go to the Python kernel."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import pytest
@@ -257,3 +258,37 @@ def test_the_cpp_kernel_in_cuda_graphs_and_under_torch_compile() -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert relative_error(static_y, _expected(static_x, weight, bias, g, False)) <= 1e-5
+
+
+def _dense(csr: csr_lib.CSRWeight) -> torch.Tensor:
+    """The weight a CSR stands for, in float64 on the CPU."""
+    weight = torch.zeros(math.prod(csr.shape), dtype=torch.float64)
+    weight[csr.flat_index().cpu()] = csr.values.detach().double().cpu()
+    return weight.reshape(csr.shape)
+
+
+@pytest.mark.cuda
+def test_strided_views_and_filters_released_by_escoin_are_not_mistaken() -> None:
+    """Values that are views of one buffer at the same offset and length (one contiguous, one
+    strided) are not one key; and a remembered call whose filter escoin itself released
+    (SparseFilter.release_geometries, bypassing escoin_torch) is never launched: its arrays are
+    gone. Every call matches float64."""
+    g = GEOMETRIES[0]
+    _, csr, x, bias = _cuda_case(28)
+    nnz = csr.values.numel()
+    buffer = torch.randn(2 * nnz, device="cuda")
+    dense, strided = csr._replace(values=buffer[:nnz]), csr._replace(values=buffer[::2])
+    with torch.no_grad():
+        for _ in range(2):
+            assert relative_error(_op(x, dense, bias, g, False),
+                                  _expected(x, _dense(dense), bias, g, False)) <= 1e-5
+        before = _fast_calls()
+        assert relative_error(_op(x, strided, bias, g, False),
+                              _expected(x, _dense(strided), bias, g, False)) <= 1e-5
+        assert _fast_calls() == before
+        ops.filter_of(dense).filt.release_geometries()
+        for fast in (0, 1):
+            before = _fast_calls()
+            assert relative_error(_op(x, dense, bias, g, False),
+                                  _expected(x, _dense(dense), bias, g, False)) <= 1e-5
+            assert _fast_calls() == before + fast

@@ -114,6 +114,8 @@ def release_geometries() -> int:
         p.launches.clear()  # its pointers are to the arrays freed next
         released += p.filt.release_geometries()
         p.launches.clear()  # (and again: a call against the rule may have stored some between)
+    if _native is not None:
+        _native.forget()  # (likewise)
     return released
 
 
@@ -479,9 +481,13 @@ _native = load_native_kernel()
 _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cpu, "CPU")
 if _native is not None:
     # Its import registered its C++ kernel for CUDA, which runs _sparse_conv2d_cuda on the calls
-    # it has not seen.
-    _native.set_api(escoin.c_api())
+    # it has not seen (every call, if it cannot have the core's entries).
     _native.set_python_kernel(_sparse_conv2d_cuda)
+    try:
+        _native.set_api(escoin.c_api())
+    except RuntimeError as error:  # an escoin older than the extension
+        warnings.warn(f"escoin-torch's C++ kernel cannot call this escoin ({error}); CUDA calls "
+                      "run the Python kernel", RuntimeWarning, stacklevel=1)
     _cuda_kernel: Callable[..., torch.Tensor] = _native.sparse_conv2d_cuda
 else:
     _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cuda, "CUDA")
