@@ -103,6 +103,10 @@ class _CsrStore:
         the bytes they held. Device memory is freed by cudaFree, after the device's queued
         work."""
         with self.lock:
+            # The generation first: compiled callers check the cell before each launch, so it
+            # must have moved on before the arrays are freed.
+            self.generation += 1
+            self.generation_cell[0] = self.generation
             held = ([a.nbytes for a in self.host_offsets.values()]
                     + [b.nbytes for b in self.device_offsets.values()]
                     + [b.nbytes for b in self.device_programs.values() if b is not None])
@@ -110,8 +114,6 @@ class _CsrStore:
             self.device_offsets.clear()
             self.device_programs.clear()
             self.warned_of_geometries = False
-            self.generation += 1
-            self.generation_cell[0] = self.generation
         return sum(held)
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:

@@ -112,7 +112,8 @@ struct Remembered {
     for (const auto& s : storages) {
       if (s.expired()) return false;
     }
-    return *call.generation == call.prepared_generation;
+    // (An atomic read: escoin's release_geometries writes the cell under its own lock.)
+    return __atomic_load_n(call.generation, __ATOMIC_ACQUIRE) == call.prepared_generation;
   }
 };
 
@@ -141,7 +142,10 @@ void* current_stream_handle(const S& stream) {
 }
 
 bool contents_id(const at::Tensor& t, ContentsId* out) {
-  if (!t.defined() || t.is_inference() || !t.has_storage() || !t.is_contiguous()) return false;
+  if (!t.defined() || t.is_inference() || !t.has_storage() || !t.is_contiguous() ||
+      t.is_neg()) {
+    return false;  // (a neg-bit view shares its storage with the values it negates)
+  }
   *out = ContentsId{t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.numel(),
                     int64_t(t._version()), t.scalar_type()};
   return true;

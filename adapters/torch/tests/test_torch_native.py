@@ -36,6 +36,24 @@ def test_the_cpp_entry_takes_the_arguments_as_the_autograd_kernel_passes_them() 
     assert relative_error(y, torch.relu(reference_conv(x, weight, bias, padding=1))) <= 1e-5
 
 
+def test_an_escoin_whose_calls_it_cannot_read_leaves_the_python_kernel_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """remember failing (escoin and escoin-torch of different versions) warns once and stops
+    remembering, and the call it came from still returns its result."""
+    def refuses(*args: object) -> None:
+        raise RuntimeError("native_arguments() has another form")
+    monkeypatch.setattr(ops._native, "remember", refuses)
+    monkeypatch.setattr(ops, "_native_remembers", True)
+    weight, x, bias = _case(GEOMETRIES[0], torch.float32, seed=19)
+    csr = csr_lib.from_dense(weight)
+    args = (x, csr.row_ptr, csr.col_idx, csr.values, [16, 8, 3, 3], bias, [1, 1], [1, 1],
+            [1, 1], 1, False)
+    with pytest.warns(RuntimeWarning, match="cannot use this escoin"):
+        y = ops._sparse_conv2d_cuda(*args)  # (the Python kernel computes CPU tensors too)
+    assert not ops._native_remembers
+    assert relative_error(y, reference_conv(x, weight, bias, padding=1)) <= 1e-5
+
+
 def _fast_calls() -> int:
     return ops._native.stats()["fast_calls"]
 

@@ -285,11 +285,24 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     # _empty_output has checked every tensor (dtype, device, shape).
     run_call(call, x_c, out, bias_c, residual_c, relu)
-    if _native is not None and x.is_contiguous() and not x.is_neg():
+    if _native_remembers and x.is_contiguous() and not x.is_neg():
         # Later calls with these tensors' contents and x's shape skip this function.
-        _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation,
-                         groups, call)
+        try:
+            _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding,
+                             dilation, groups, call)
+        except RuntimeError as error:  # an escoin whose prepared calls it cannot read
+            _stop_remembering(error)
     return _like_input_format(out, x)
+
+
+def _stop_remembering(error: Exception) -> None:
+    """Leaves every later CUDA call to the Python kernel, with a warning: the C++ kernel cannot
+    use this escoin's prepared calls (escoin and escoin-torch built from different versions)."""
+    global _native_remembers
+    _native_remembers = False
+    warnings.warn(f"escoin-torch's C++ kernel cannot use this escoin ({error}); CUDA calls run "
+                  "the Python kernel (install escoin and escoin-torch of one version)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def run_call(call: escoin.PreparedCall, x: torch.Tensor, out: torch.Tensor,
@@ -483,14 +496,15 @@ if _native is not None:
     # Its import registered its C++ kernel for CUDA, which runs _sparse_conv2d_cuda on the calls
     # it has not seen (every call, if it cannot have the core's entries).
     _native.set_python_kernel(_sparse_conv2d_cuda)
+    _native_remembers = True
     try:
         _native.set_api(escoin.c_api())
     except RuntimeError as error:  # an escoin older than the extension
-        warnings.warn(f"escoin-torch's C++ kernel cannot call this escoin ({error}); CUDA calls "
-                      "run the Python kernel", RuntimeWarning, stacklevel=1)
+        _stop_remembering(error)
     _cuda_kernel: Callable[..., torch.Tensor] = _native.sparse_conv2d_cuda
 else:
     _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_cuda, "CUDA")
+    _native_remembers = False
     _cuda_kernel = _sparse_conv2d_cuda
 torch.library.register_fake("escoin::sparse_conv2d", _sparse_conv2d_fake, lib=_LIBRARY)
 _OP = torch.ops.escoin.sparse_conv2d.default
