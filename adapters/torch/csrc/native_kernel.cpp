@@ -154,8 +154,9 @@ bool contents_id(const at::Tensor& t, ContentsId* out) {
 bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
               const at::Tensor& values, c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
               c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, CallKey* key) {
+  // (x as the core reads it: contiguous NCHW, no neg bit, which the Python kernel resolves.)
   if (x.dim() != 4 || weight_shape.size() != 4 || stride.size() != 2 || padding.size() != 2 ||
-      dilation.size() != 2 || !x.is_cuda()) {
+      dilation.size() != 2 || !x.is_cuda() || !x.is_contiguous() || x.is_neg()) {
     return false;
   }
   if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1]) ||
@@ -215,8 +216,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
                               const std::optional<at::Tensor>& residual) {
   CallKey key;
   std::optional<PreparedCall> found;
-  // (A lazily negated x, torch's neg bit, must be negated in memory first: the Python kernel.)
-  if (kStreamHandles && g_api != nullptr && x.is_contiguous() && !x.is_neg() &&
+  if (kStreamHandles && g_api != nullptr &&
       call_key(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation, groups,
                &key)) {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -244,8 +244,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
   return y;
 }
 
-// ops.py, after its kernel ran a call on contiguous NCHW x: `call` (an escoin.PreparedCall)
-// serves later calls with these tensors' contents and geometry.
+// ops.py, after its kernel ran a call: `call` (an escoin.PreparedCall) serves later calls with
+// these tensors' contents and geometry (where call_key gives the call a key).
 void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
               const at::Tensor& values, std::vector<int64_t> weight_shape,
               std::vector<int64_t> stride, std::vector<int64_t> padding,

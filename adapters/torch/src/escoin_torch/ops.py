@@ -285,8 +285,9 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     # _empty_output has checked every tensor (dtype, device, shape).
     run_call(call, x_c, out, bias_c, residual_c, relu)
-    if _native_remembers and x.is_contiguous() and not x.is_neg():
-        # Later calls with these tensors' contents and x's shape skip this function.
+    if _native_remembers:
+        # Later calls with these tensors' contents and x's shape skip this function (where
+        # the C++ kernel can take them: contiguous NCHW x, no neg bit).
         try:
             _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding,
                              dilation, groups, call)
