@@ -1,5 +1,5 @@
 // native_kernel.cpp -- escoin::sparse_conv2d's CUDA kernel in C++, for calls whose filter and
-// geometry it has seen.
+// geometry it has seen, and the op's autograd kernel.
 //
 // torch.compile's code calls the op once per layer on every forward. Its Python kernel (ops.py)
 // checks every argument, finds the filter built for the CSR tensors' contents and allocates
@@ -15,6 +15,11 @@
 // allocated at its address is told apart by a weak reference to the old one. Calls the fast path
 // does not take (x not contiguous NCHW, a bias or residual of another shape, dtype or device,
 // inference tensors, an unseen key) run the Python kernel, which also raises any error.
+//
+// The autograd kernel runs first on every call outside inference mode (torch.no_grad included):
+// where no gradient is to be recorded and no tangent carried it goes on down the dispatcher at
+// once, so such a call enters Python nowhere on the fast path; elsewhere ops.py's _recorded
+// records the call through its autograd.Function.
 #include <torch/extension.h>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -119,9 +124,11 @@ struct Remembered {
 
 const escoin_api_t* g_api = nullptr;
 py::object* g_python_kernel = nullptr;  // ops.py's kernel, for every call not taken here
+py::object* g_recorder = nullptr;  // ops.py's _recorded, for calls with a gradient or tangent
 std::mutex g_mutex;
 auto* g_calls = new std::unordered_map<CallKey, Remembered, CallKeyHash>();
 std::atomic<int64_t> g_fast_calls{0};  // calls run here (tests check the fast path is taken)
+std::atomic<int64_t> g_recorded_calls{0};  // calls the autograd kernel handed to _recorded
 
 // c10::Stream::native_handle (the cudaStream_t of a CUDA stream) is recent; with a torch that
 // lacks it every call runs the Python kernel, which reads the handle through torch._C.
@@ -244,6 +251,49 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
   return y;
 }
 
+// Whether autograd must see a call with `t` among its tensors: a gradient to record (gradients
+// on and `t` requiring one) or a tangent to carry (forward-mode AD's one level, level 0: torch
+// does not nest them; torch.func's transforms wrap their tensors and never reach this kernel).
+bool autograd_sees(const at::Tensor& t, bool grad_mode) {
+  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(0).defined());
+}
+
+bool autograd_sees(const std::optional<at::Tensor>& t, bool grad_mode) {
+  return t.has_value() && autograd_sees(*t, grad_mode);
+}
+
+// The op's autograd kernel (all devices). In Python it cost a no_grad CUDA call 6-8 us of host
+// time on an H100's host (25-27 us a call against inference mode's 18-21, where autograd's key
+// is not dispatched), entering Python only to find nothing to record.
+at::Tensor sparse_conv2d_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
+                                  const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& values, c10::IntArrayRef weight_shape,
+                                  const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                  c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                  int64_t groups, bool relu,
+                                  const std::optional<at::Tensor>& residual) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  if (autograd_sees(x, grad_mode) || autograd_sees(row_ptr, grad_mode) ||
+      autograd_sees(col_idx, grad_mode) || autograd_sees(values, grad_mode) ||
+      autograd_sees(bias, grad_mode) || autograd_sees(residual, grad_mode)) {
+    TORCH_CHECK(g_recorder != nullptr,
+                "escoin_torch._native: the autograd recorder was not handed over (import "
+                "escoin_torch.ops first)");
+    ++g_recorded_calls;
+    py::gil_scoped_acquire gil;
+    py::object y = (*g_recorder)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
+                                 stride.vec(), padding.vec(), dilation.vec(), groups, relu,
+                                 residual);
+    return y.cast<at::Tensor>();
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("escoin::sparse_conv2d", "")
+                             .typed<decltype(sparse_conv2d_cuda)>();  // (the schema's)
+  at::AutoDispatchBelowAutograd below;
+  return op.redispatch(keys & c10::after_autograd_keyset, x, row_ptr, col_idx, values,
+                       weight_shape, bias, stride, padding, dilation, groups, relu, residual);
+}
+
 // ops.py, after its kernel ran a call: `call` (an escoin.PreparedCall) serves later calls with
 // these tensors' contents and geometry (where call_key gives the call a key).
 void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -334,6 +384,11 @@ void set_python_kernel(py::object kernel) {
   g_python_kernel = new py::object(std::move(kernel));
 }
 
+void set_recorder(py::object recorder) {
+  delete g_recorder;  // (leaked on purpose, as the Python kernel)
+  g_recorder = new py::object(std::move(recorder));
+}
+
 py::dict stats() {
   size_t remembered;
   {
@@ -343,6 +398,7 @@ py::dict stats() {
   py::dict out;  // (built after the lock: an allocation may run Python's collector)
   out["remembered"] = remembered;
   out["fast_calls"] = g_fast_calls.load();
+  out["recorded_calls"] = g_recorded_calls.load();
   out["stream_handles"] = kStreamHandles;
   return out;
 }
@@ -353,13 +409,19 @@ TORCH_LIBRARY_IMPL(escoin, CUDA, m) {
   m.impl("sparse_conv2d", TORCH_FN(sparse_conv2d_cuda));
 }
 
+TORCH_LIBRARY_IMPL(escoin, Autograd, m) {
+  m.impl("sparse_conv2d", TORCH_FN(sparse_conv2d_autograd));
+}
+
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "escoin::sparse_conv2d's CUDA kernel in C++ for calls it has seen (ops.py)";
+  m.doc() = "escoin::sparse_conv2d's CUDA kernel in C++ for calls it has seen, and its autograd "
+            "kernel (ops.py)";
   m.def("set_api", &set_api, "The core's entry table: escoin.c_api()");
   m.def("set_python_kernel", &set_python_kernel, "ops.py's CUDA kernel, for the other calls");
+  m.def("set_recorder", &set_recorder, "ops.py's _recorded, for calls autograd must see");
   m.def("remember", &remember, "A prepared call for later calls with these tensors' contents");
   m.def("forget", &forget, "Forgets every remembered call");
-  m.def("stats", &stats, "Remembered calls and calls run here");
+  m.def("stats", &stats, "Remembered calls, calls run here, calls handed to _recorded");
   // (Lists for the int[] arguments: pybind11 has no caster for c10::IntArrayRef.)
   m.def(
       "sparse_conv2d_cuda",
@@ -371,7 +433,7 @@ PYBIND11_MODULE(_native, m) {
         return sparse_conv2d_cuda(x, row_ptr, col_idx, values, weight_shape, bias, stride,
                                   padding, dilation, groups, relu, residual);
       },
-      "The kernel, callable without dispatch (the autograd kernel's shortcut)", py::arg("x"),
+      "The kernel, callable without dispatch (conv2d_with_filter's plain calls)", py::arg("x"),
       py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("weight_shape"),
       py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("relu"), py::arg("residual") = py::none(),

@@ -15,19 +15,21 @@ from escoin_torch import csr as csr_lib
 from escoin_torch import ops
 
 
-def test_the_cpp_kernel_is_built_and_is_the_ops_cuda_kernel() -> None:
-    """The extension loads (a build that silently fell back to the Python kernel fails here) and
-    the dispatcher's CUDA kernel for the op is its C++ function, not a Python one."""
+def test_the_cpp_kernels_are_built_and_are_the_ops_cuda_and_autograd_kernels() -> None:
+    """The extension loads (a build that silently fell back to the Python kernels fails here)
+    and the dispatcher's CUDA and autograd kernels for the op are its C++ functions, not Python
+    ones; conv2d_with_filter's plain CUDA calls take the C++ one too."""
     assert ops._native is not None
-    dump = torch._C._dispatch_dump("escoin::sparse_conv2d")
-    cuda = [line for line in dump.splitlines() if line.startswith("CUDA:")]
-    assert len(cuda) == 1 and "native_kernel.cpp" in cuda[0] and "unboxed" in cuda[0]
-    assert ops._BACKENDS[torch._C.DispatchKey.CUDA] is ops._native.sparse_conv2d_cuda
+    dump = torch._C._dispatch_dump("escoin::sparse_conv2d").splitlines()
+    for key in ("CUDA:", "Autograd[alias]:"):
+        kernel = [line for line in dump if line.startswith(key)]
+        assert len(kernel) == 1 and "native_kernel.cpp" in kernel[0] and "unboxed" in kernel[0]
+    assert ops._cuda_kernel is ops._native.sparse_conv2d_cuda
 
 
-def test_the_cpp_entry_takes_the_arguments_as_the_autograd_kernel_passes_them() -> None:
-    """The autograd kernel's shortcut calls the C++ function with the dispatcher's arguments:
-    lists for int[], the residual left out. (On the CPU it hands x to the Python kernel, which
+def test_the_cpp_entry_takes_the_arguments_as_the_plain_path_passes_them() -> None:
+    """conv2d_with_filter's plain calls call the C++ function with the op's arguments: lists
+    for int[], the residual left out. (On the CPU it hands x to the Python kernel, which
     computes it there, so the conversion is checked without a GPU.)"""
     weight, x, bias = _case(GEOMETRIES[0], torch.float32, seed=20)
     csr = csr_lib.from_dense(weight)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 
@@ -188,67 +189,80 @@ def test_opcheck(case: tuple, relu: bool, requires_grad: bool) -> None:
                           _op_args(case, torch.float32, relu, requires_grad))
 
 
-def test_autograd_kernel_skips_the_second_dispatch_only_where_nothing_else_must_run(
-        case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The op's autograd kernel calls the CPU kernel at once where nothing would run between
-    (gradients off, or on with no tensor requiring one) and goes on down the dispatcher where
-    something must: a dispatch mode sees the op, a lazily negated x is negated first, and a
-    gradient is recorded (whose forward then takes the shortcut, with gradients off). Every way
-    gives F.conv2d's result."""
-    from escoin_torch import ops
-
-    shortcuts = []
-    kernel = ops._BACKENDS[torch._C.DispatchKey.CPU]
-
-    def counted(*args: object) -> torch.Tensor:
-        shortcuts.append(1)
-        return kernel(*args)
-    monkeypatch.setitem(ops._BACKENDS, torch._C.DispatchKey.CPU, counted)
-
+def _calls_of(case: tuple) -> tuple:
+    """The case's op call, with x and the CSR values as arguments, and its float64 result."""
     x, csr, weight, bias = case
     expected = reference_conv(x, weight, bias, stride=(2, 1), padding=(1, 2), dilation=(1, 2),
                               groups=2)
 
-    def call(x: torch.Tensor, values: torch.Tensor = csr.values) -> torch.Tensor:
+    def call(x: torch.Tensor, values: torch.Tensor = csr.values,
+             bias: torch.Tensor = bias) -> torch.Tensor:
         return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, values,
                                               list(csr.shape), bias, [2, 1], [1, 2], [1, 2],
                                               csr.groups, False)
+    return call, expected
 
+
+def test_autograd_kernel_records_only_what_autograd_must_see(case: tuple) -> None:
+    """The op's autograd kernel (native_kernel.cpp's) hands a call to Python's _recorded only
+    where a gradient is to be recorded (gradients on and any one tensor requiring one) or a
+    tangent carried; elsewhere it goes on down the dispatcher, where a dispatch mode still sees
+    the op and a lazily negated x is negated first. Every way gives F.conv2d's result."""
+    from escoin_torch import ops
+
+    call, expected = _calls_of(case)
+    x, csr, _, bias = case
+    wants = csr.values.clone().requires_grad_()
+    recorded = lambda: ops._native.stats()["recorded_calls"]  # noqa: E731
+    start = recorded()
     results = []
     with torch.no_grad():
-        results.append(call(x))
-    assert len(shortcuts) == 1
+        results.append(call(x, wants))  # a tensor requires a gradient, gradients off
+        assert results[-1].grad_fn is None
     results.append(call(x))  # gradients on, nothing requires one
-    assert len(shortcuts) == 2
     with torch.no_grad(), SeenOps() as mode:
         results.append(call(x))
-    assert len(shortcuts) == 2 and "escoin.sparse_conv2d.default" in mode.names
+    assert "escoin.sparse_conv2d.default" in mode.names
     with torch.no_grad():
         negated = torch._neg_view(-x)
         assert negated.is_neg()
         results.append(call(negated))
-    assert len(shortcuts) == 2
-    recorded = call(x, csr.values.clone().requires_grad_())
-    assert len(shortcuts) == 3 and recorded.grad_fn is not None
-    results.append(recorded.detach())
+    assert recorded() == start
+    # Each tensor argument alone requiring a gradient is recorded, once (the recorded forward's
+    # own call of the op runs with gradients off).
+    for y in (call(x.clone().requires_grad_()), call(x, wants),
+              call(x, bias=bias.clone().requires_grad_())):
+        assert y.grad_fn is not None
+        results.append(y.detach())
+    assert recorded() == start + 3
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = call(forward_ad.make_dual(x, torch.randn_like(x)))
+        assert forward_ad.unpack_dual(dual).tangent is not None
+        results.append(forward_ad.unpack_dual(dual).primal)
+    assert recorded() == start + 4
     for y in results:
         assert relative_error(y, expected) < 1e-5
 
 
-def test_next_kernel_is_the_device_kernel_only_where_nothing_runs_between() -> None:
-    """The autograd kernel's shortcut per keyset: a CPU tensor's keys name the CPU kernel, the
-    keys of a CUDA tensor (built here without a GPU) the CUDA one; a dispatch mode's Python
-    key, a lazy negation or the meta device, none."""
+def test_the_python_autograd_kernel_serves_where_the_extension_did_not_load(case: tuple) -> None:
+    """_sparse_conv2d_autograd, registered only where escoin_torch._native did not load, called
+    with the keys the dispatcher would hand it: nothing to record goes on down the dispatcher to
+    the CPU kernel; a gradient is recorded."""
     from escoin_torch import ops
 
-    keys, key_set = torch._C.DispatchKey, torch._C.DispatchKeySet
-    cpu = torch._C._dispatch_keys(torch.randn(2))
-    assert ops.next_kernel(cpu) is ops._sparse_conv2d_cpu
-    cuda = key_set(keys.CUDA) | key_set(keys.ADInplaceOrView) | key_set(keys.AutogradCUDA)
-    assert ops.next_kernel(cuda) is ops._cuda_kernel  # (the C++ one: test_torch_native.py)
-    assert ops.next_kernel(cpu | key_set(keys.Python)) is None
-    assert ops.next_kernel(torch._C._dispatch_keys(torch._neg_view(torch.randn(2)))) is None
-    assert ops.next_kernel(torch._C._dispatch_keys(torch.empty(2, device="meta"))) is None
+    call, expected = _calls_of(case)
+    x, csr, _, bias = case
+    args = (x, csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), bias, [2, 1], [1, 2],
+            [1, 2], csr.groups, False)
+    key = torch._C.DispatchKey
+    keys = torch._C.DispatchKeySet(key.CPU) | torch._C.DispatchKeySet(key.AutogradCPU)
+    with torch.no_grad():
+        plain = ops._sparse_conv2d_autograd(keys, *args)
+    assert plain.grad_fn is None
+    wanted = ops._sparse_conv2d_autograd(keys, x.clone().requires_grad_(), *args[1:])
+    assert wanted.grad_fn is not None
+    for y in (plain, wanted.detach()):
+        assert relative_error(y, expected) < 1e-5
 
 
 def test_opcheck_channels_last(case: tuple) -> None:

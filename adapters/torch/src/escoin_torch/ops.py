@@ -510,22 +510,6 @@ else:
 torch.library.register_fake("escoin::sparse_conv2d", _sparse_conv2d_fake, lib=_LIBRARY)
 _OP = torch.ops.escoin.sparse_conv2d.default
 
-# The kernel each dispatch key runs, for the autograd kernel's shortcut below.
-_BACKENDS = {torch._C.DispatchKey.CPU: _sparse_conv2d_cpu,
-             torch._C.DispatchKey.CUDA: _cuda_kernel}
-# The dispatch keys that run after autograd's (ADInplaceOrView's and below).
-_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
-# Those after ADInplaceOrView's: the first of them in a call's keyset is what would run next.
-_BELOW_IN_PLACE_OR_VIEW = torch._C._after_ADInplaceOrView_keyset
-
-
-def next_kernel(keyset: torch._C.DispatchKeySet) -> Optional[Callable[..., torch.Tensor]]:
-    """The CPU or CUDA kernel where dispatching a call of `keyset` on below autograd would reach
-    it next (nothing between: no dispatch mode, FakeTensor, functionalization, lazy negation);
-    else None."""
-    return _BACKENDS.get((keyset & _BELOW_IN_PLACE_OR_VIEW).highestPriorityTypeId())
-
-
 def has_tangent(args: Sequence[object]) -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad) gives one of the tensors in `args` a
     tangent, which the op's result must carry too."""
@@ -535,25 +519,31 @@ def has_tangent(args: Sequence[object]) -> bool:
                for t in args)
 
 
+def _recorded(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+              values: torch.Tensor, weight_shape: List[int], bias: Optional[torch.Tensor],
+              stride: List[int], padding: List[int], dilation: List[int], groups: int,
+              relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A call of the op with a gradient to record or a tangent to carry, which the op's autograd
+    kernel (native_kernel.cpp's, or _sparse_conv2d_autograd) hands here:
+    _SparseConv2dFunction."""
+    geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
+    return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual, geometry)
+
+
 def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> torch.Tensor:
-    """The op's autograd kernel. With a gradient to record or a tangent to carry:
-    _SparseConv2dFunction. Without either, the kernel next_kernel names is called at once
-    (custom_op's autograd kernel dispatches again: ~11 us on a 2-core CPU); elsewhere the call
-    goes on down the dispatcher."""
+    """The op's autograd kernel where the C++ extension did not load (its own, in C++, spares
+    calls with nothing to record the entry into Python): _recorded where a gradient is to be
+    recorded or a tangent carried, elsewhere on down the dispatcher."""
     if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
-        (x, row_ptr, col_idx, values, weight_shape, bias, stride, padding, dilation, groups,
-         relu, residual) = (*args, None)[:12]  # (the dispatcher drops a default residual)
-        geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
-        return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual,
-                                           geometry)
+        return _recorded(*args)
     with torch._C._AutoDispatchBelowAutograd():
-        kernel = next_kernel(keyset)
-        if kernel is not None:
-            return kernel(*args)
-        return _OP.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-_LIBRARY.impl("sparse_conv2d", _sparse_conv2d_autograd, "Autograd", with_keyset=True)
+if _native is not None:
+    _native.set_recorder(_recorded)  # (its autograd kernel was registered by its import)
+else:
+    _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_autograd, "Autograd", with_keyset=True)
 
 
 @torch.library.register_vmap("escoin::sparse_conv2d")
