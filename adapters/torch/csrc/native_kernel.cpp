@@ -204,10 +204,10 @@ at::Tensor python_kernel(const at::Tensor& x, const at::Tensor& row_ptr,
                          c10::IntArrayRef stride, c10::IntArrayRef padding,
                          c10::IntArrayRef dilation, int64_t groups, bool relu,
                          const std::optional<at::Tensor>& residual) {
+  py::gil_scoped_acquire gil;  // (first: set_python_kernel writes the pointer under the GIL)
   TORCH_CHECK(g_python_kernel != nullptr,
               "escoin_torch._native: the Python kernel was not handed over (import "
               "escoin_torch.ops first)");
-  py::gil_scoped_acquire gil;
   py::object y = (*g_python_kernel)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
                                     stride.vec(), padding.vec(), dilation.vec(), groups, relu,
                                     residual);
@@ -253,7 +253,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
 
 // Whether autograd must see a call with `t` among its tensors: a gradient to record (gradients
 // on and `t` requiring one) or a tangent to carry (forward-mode AD's one level, level 0: torch
-// does not nest them; torch.func's transforms wrap their tensors and never reach this kernel).
+// does not nest them). torch.func's transforms reach the op through ops._call_op, which applies
+// _SparseConv2dFunction itself.
 bool autograd_sees(const at::Tensor& t, bool grad_mode) {
   return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(0).defined());
 }
@@ -276,11 +277,11 @@ at::Tensor sparse_conv2d_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
   if (autograd_sees(x, grad_mode) || autograd_sees(row_ptr, grad_mode) ||
       autograd_sees(col_idx, grad_mode) || autograd_sees(values, grad_mode) ||
       autograd_sees(bias, grad_mode) || autograd_sees(residual, grad_mode)) {
+    py::gil_scoped_acquire gil;  // (first: set_recorder writes the pointer under the GIL)
     TORCH_CHECK(g_recorder != nullptr,
                 "escoin_torch._native: the autograd recorder was not handed over (import "
                 "escoin_torch.ops first)");
     ++g_recorded_calls;
-    py::gil_scoped_acquire gil;
     py::object y = (*g_recorder)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
                                  stride.vec(), padding.vec(), dilation.vec(), groups, relu,
                                  residual);

@@ -4,6 +4,8 @@ tensors, other layouts, bad arguments) go to the Python kernel."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Callable, Optional
 
 import pytest
@@ -54,6 +56,73 @@ def test_an_escoin_whose_calls_it_cannot_read_leaves_the_python_kernel_with_a_wa
         y = ops._sparse_conv2d_cuda(*args)  # (the Python kernel computes CPU tensors too)
     assert not ops._native_remembers
     assert relative_error(y, reference_conv(x, weight, bias, padding=1)) <= 1e-5
+
+
+# Run in a fresh interpreter whose import of the extension fails (as where it was built for
+# another torch): escoin-torch must warn, register its Python kernels, and keep every behaviour.
+_WITHOUT_THE_EXTENSION = """
+import importlib.abc, sys, warnings
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "escoin_torch._native":
+            raise ImportError("blocked by the test")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from escoin_torch import csr as csr_lib, ops
+assert ops._native is None
+assert any("C++ kernel did not load" in str(w.message) for w in caught), caught
+assert "native_kernel.cpp" not in torch._C._dispatch_dump("escoin::sparse_conv2d")
+
+class Seen(TorchDispatchMode):
+    names = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+gen = torch.Generator().manual_seed(3)
+weight = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
+weight[torch.rand(weight.shape, generator=gen) < 0.7] = 0
+csr = csr_lib.from_dense(weight)
+x = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+call = lambda x: torch.ops.escoin.sparse_conv2d(
+    x, csr.row_ptr, csr.col_idx, csr.values, [8, 4, 3, 3], None, [1, 1], [1, 1], [1, 1], 1,
+    False)
+error = lambda got, want: float((got - want).norm() / want.norm())
+reference = F.conv2d(x, weight, padding=1)
+y = call(x)
+grad = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+got, = torch.autograd.grad(y, x, grad)
+want, = torch.autograd.grad(reference, x, grad)
+assert y.grad_fn is not None and error(got, want) < 1e-12
+with torch.no_grad(), Seen():
+    plain = call(x)
+assert plain.grad_fn is None and "escoin.sparse_conv2d.default" in Seen.names
+assert error(plain, reference.detach()) < 1e-12
+tangent = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+with torch.no_grad(), forward_ad.dual_level():
+    out = forward_ad.unpack_dual(call(forward_ad.make_dual(x.detach(), tangent))).tangent
+assert out is not None and error(out, F.conv2d(tangent, weight, padding=1)) < 1e-12
+print("every check held")
+"""
+
+
+def test_without_the_extension_the_python_kernels_serve_every_call() -> None:
+    """Where the extension does not load, escoin-torch warns and its Python autograd and CUDA
+    kernels are registered instead: gradients recorded, dispatch modes seeing no-grad calls and
+    tangents carried as with the C++ kernels (a fresh interpreter, float64 against F.conv2d)."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_THE_EXTENSION], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "every check held" in done.stdout
 
 
 def _fast_calls() -> int:

@@ -189,6 +189,11 @@ def test_opcheck(case: tuple, relu: bool, requires_grad: bool) -> None:
                           _op_args(case, torch.float32, relu, requires_grad))
 
 
+def _extension_loaded() -> bool:
+    from escoin_torch import ops
+    return ops._native is not None
+
+
 def _calls_of(case: tuple) -> tuple:
     """The case's op call, with x and the CSR values as arguments, and its float64 result."""
     x, csr, weight, bias = case
@@ -203,6 +208,7 @@ def _calls_of(case: tuple) -> tuple:
     return call, expected
 
 
+@pytest.mark.skipif(not _extension_loaded(), reason="escoin_torch._native did not load")
 def test_autograd_kernel_records_only_what_autograd_must_see(case: tuple) -> None:
     """The op's autograd kernel (native_kernel.cpp's) hands a call to Python's _recorded only
     where a gradient is to be recorded (gradients on and any one tensor requiring one) or a
@@ -244,25 +250,42 @@ def test_autograd_kernel_records_only_what_autograd_must_see(case: tuple) -> Non
         assert relative_error(y, expected) < 1e-5
 
 
-def test_the_python_autograd_kernel_serves_where_the_extension_did_not_load(case: tuple) -> None:
-    """_sparse_conv2d_autograd, registered only where escoin_torch._native did not load, called
-    with the keys the dispatcher would hand it: nothing to record goes on down the dispatcher to
-    the CPU kernel; a gradient is recorded."""
+def test_the_python_autograd_kernel_records_only_what_autograd_must_see(
+        case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_sparse_conv2d_autograd (registered where the extension did not load; a fresh
+    interpreter without it: test_torch_native.py), called with the keys the dispatcher would
+    hand it: _recorded only for a gradient to record or a tangent to carry, elsewhere on down
+    the dispatcher to the CPU kernel."""
     from escoin_torch import ops
 
-    call, expected = _calls_of(case)
+    recorded = []
+    record = ops._recorded
+
+    def counted(*args: object) -> torch.Tensor:
+        recorded.append(1)
+        return record(*args)
+    monkeypatch.setattr(ops, "_recorded", counted)
+    _, expected = _calls_of(case)
     x, csr, _, bias = case
     args = (x, csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), bias, [2, 1], [1, 2],
             [1, 2], csr.groups, False)
     key = torch._C.DispatchKey
     keys = torch._C.DispatchKeySet(key.CPU) | torch._C.DispatchKeySet(key.AutogradCPU)
+    kernel = ops._sparse_conv2d_autograd
+    wants = x.clone().requires_grad_()
     with torch.no_grad():
-        plain = ops._sparse_conv2d_autograd(keys, *args)
-    assert plain.grad_fn is None
-    wanted = ops._sparse_conv2d_autograd(keys, x.clone().requires_grad_(), *args[1:])
-    assert wanted.grad_fn is not None
-    for y in (plain, wanted.detach()):
-        assert relative_error(y, expected) < 1e-5
+        results = [kernel(keys, wants, *args[1:])]  # requires a gradient, gradients off
+    results.append(kernel(keys, *args))  # gradients on, nothing requires one
+    assert not recorded and all(y.grad_fn is None for y in results)
+    results.append(kernel(keys, wants, *args[1:]))
+    assert len(recorded) == 1 and results[-1].grad_fn is not None
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = kernel(keys, forward_ad.make_dual(x, torch.randn_like(x)), *args[1:])
+        assert forward_ad.unpack_dual(dual).tangent is not None
+        results.append(forward_ad.unpack_dual(dual).primal)
+    assert len(recorded) == 2
+    for y in results:
+        assert relative_error(y.detach(), expected) < 1e-5
 
 
 def test_opcheck_channels_last(case: tuple) -> None:

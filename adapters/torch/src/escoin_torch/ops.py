@@ -510,6 +510,7 @@ else:
 torch.library.register_fake("escoin::sparse_conv2d", _sparse_conv2d_fake, lib=_LIBRARY)
 _OP = torch.ops.escoin.sparse_conv2d.default
 
+
 def has_tangent(args: Sequence[object]) -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad) gives one of the tensors in `args` a
     tangent, which the op's result must carry too."""
@@ -540,9 +541,9 @@ def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> t
         return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-if _native is not None:
+if _native is not None and hasattr(_native, "set_recorder"):
     _native.set_recorder(_recorded)  # (its autograd kernel was registered by its import)
-else:
+else:  # no extension, or one built before it had an autograd kernel
     _LIBRARY.impl("sparse_conv2d", _sparse_conv2d_autograd, "Autograd", with_keyset=True)
 
 
