@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_helpers import (SeenOps, check_release_geometries, pruned_small_cnn, reference_conv,
-                           relative_error, sparse_conv)
+from torch_helpers import (SeenOps, check_release_geometries, count_calls, pruned_small_cnn,
+                           reference_conv, relative_error, sparse_conv)
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
@@ -171,13 +171,7 @@ def test_plain_inference_calls_skip_the_dispatch_and_modes_still_see_the_op(monk
     trace names the op), it goes through the op. Every way gives the same result."""
     from escoin_torch import ops
 
-    direct_calls = []
-    kernel = ops._cuda_kernel
-
-    def counted(*args: object) -> torch.Tensor:
-        direct_calls.append(1)
-        return kernel(*args)
-    monkeypatch.setattr(ops, "_cuda_kernel", counted)
+    direct_calls = count_calls(monkeypatch, ops, "_cuda_kernel")
 
     layer = _layer().eval()
     x = torch.randn(4, 8, 17, 15, device="cuda")

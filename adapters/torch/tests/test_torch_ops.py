@@ -7,8 +7,8 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 
-from torch_helpers import (SeenOps, check_release_geometries, reference_conv, relative_error,
-                           sparse_weight, tolerance)
+from torch_helpers import (SeenOps, check_release_geometries, count_calls, reference_conv,
+                           relative_error, sparse_weight, tolerance)
 from escoin_torch import csr as csr_lib
 from escoin_torch import sparse_conv2d
 
@@ -258,13 +258,7 @@ def test_the_python_autograd_kernel_records_only_what_autograd_must_see(
     the dispatcher to the CPU kernel."""
     from escoin_torch import ops
 
-    recorded = []
-    record = ops._recorded
-
-    def counted(*args: object) -> torch.Tensor:
-        recorded.append(1)
-        return record(*args)
-    monkeypatch.setattr(ops, "_recorded", counted)
+    recorded = count_calls(monkeypatch, ops, "_recorded")
     _, expected = _calls_of(case)
     x, csr, _, bias = case
     args = (x, csr.row_ptr, csr.col_idx, csr.values, list(csr.shape), bias, [2, 1], [1, 2],

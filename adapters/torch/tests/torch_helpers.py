@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +84,18 @@ def pruned_small_cnn(amount: float = 0.7) -> SmallCNN:
         if isinstance(module, nn.Conv2d):
             prune.l1_unstructured(module, "weight", amount=amount)
     return model
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list:
+    """Replaces module.name by a wrapper that appends to the returned list on every call."""
+    calls: list = []
+    function = getattr(module, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return function(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 class SeenOps(TorchDispatchMode):
