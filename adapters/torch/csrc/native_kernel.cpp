@@ -198,19 +198,20 @@ const void* address_of(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
-at::Tensor python_kernel(const at::Tensor& x, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, const at::Tensor& values,
-                         c10::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
-                         c10::IntArrayRef stride, c10::IntArrayRef padding,
-                         c10::IntArrayRef dilation, int64_t groups, bool relu,
-                         const std::optional<at::Tensor>& residual) {
-  py::gil_scoped_acquire gil;  // (first: set_python_kernel writes the pointer under the GIL)
-  TORCH_CHECK(g_python_kernel != nullptr,
-              "escoin_torch._native: the Python kernel was not handed over (import "
-              "escoin_torch.ops first)");
-  py::object y = (*g_python_kernel)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
-                                    stride.vec(), padding.vec(), dilation.vec(), groups, relu,
-                                    residual);
+// Calls ops.py's function in `*function` (handed over by set_python_kernel or set_recorder;
+// `name` says which for the error) with the op's arguments.
+at::Tensor call_python(py::object* const* function, const char* name, const at::Tensor& x,
+                       const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                       const at::Tensor& values, c10::IntArrayRef weight_shape,
+                       const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                       bool relu, const std::optional<at::Tensor>& residual) {
+  py::gil_scoped_acquire gil;  // (first: the setters write the pointers under the GIL)
+  TORCH_CHECK(*function != nullptr, "escoin_torch._native: ", name,
+              " was not handed over (import escoin_torch.ops first)");
+  py::object y = (**function)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
+                              stride.vec(), padding.vec(), dilation.vec(), groups, relu,
+                              residual);
   return y.cast<at::Tensor>();
 }
 
@@ -232,8 +233,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
   }
   if (!found || !plain_operand(bias, x, {weight_shape[0]}) ||
       !plain_operand(residual, x, found->output_shape)) {
-    return python_kernel(x, row_ptr, col_idx, values, weight_shape, bias, stride, padding,
-                         dilation, groups, relu, residual);
+    return call_python(&g_python_kernel, "the Python kernel", x, row_ptr, col_idx, values,
+                       weight_shape, bias, stride, padding, dilation, groups, relu, residual);
   }
   // Output and workspace from torch's caching allocator, the launch on torch's current stream:
   // stream-ordered, and legal inside CUDA graph capture.
@@ -277,15 +278,9 @@ at::Tensor sparse_conv2d_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
   if (autograd_sees(x, grad_mode) || autograd_sees(row_ptr, grad_mode) ||
       autograd_sees(col_idx, grad_mode) || autograd_sees(values, grad_mode) ||
       autograd_sees(bias, grad_mode) || autograd_sees(residual, grad_mode)) {
-    py::gil_scoped_acquire gil;  // (first: set_recorder writes the pointer under the GIL)
-    TORCH_CHECK(g_recorder != nullptr,
-                "escoin_torch._native: the autograd recorder was not handed over (import "
-                "escoin_torch.ops first)");
     ++g_recorded_calls;
-    py::object y = (*g_recorder)(x, row_ptr, col_idx, values, weight_shape.vec(), bias,
-                                 stride.vec(), padding.vec(), dilation.vec(), groups, relu,
-                                 residual);
-    return y.cast<at::Tensor>();
+    return call_python(&g_recorder, "the autograd recorder", x, row_ptr, col_idx, values,
+                       weight_shape, bias, stride, padding, dilation, groups, relu, residual);
   }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("escoin::sparse_conv2d", "")
