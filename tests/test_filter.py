@@ -70,6 +70,59 @@ def test_astype() -> None:
     np.testing.assert_array_equal(doubled.to_dense(), filt.to_dense().astype(np.float64))
 
 
+def test_with_values_computes_with_the_new_values_on_the_shared_pattern() -> None:
+    """A filter of new values on an old one's pattern computes with the new values (float64
+    reference), leaves the old filter as it was, and shares its stretched offsets."""
+    rng = np.random.default_rng(11)
+    weight = pruned((16, 6, 3, 3), 0.3, seed=11)
+    filt = escoin.SparseFilter.from_dense(weight)
+    x = rng.standard_normal((2, 6, 9, 8)).astype(np.float32)
+    before = escoin.conv2d(x, filt, padding=1)
+    values = rng.standard_normal(filt.nnz).astype(np.float32)
+    other = filt.with_values(values)
+    new_weight = np.zeros_like(weight)
+    new_weight[weight != 0] = values  # row-major order, as the CSR stores them
+    np.testing.assert_array_equal(other.to_dense(), new_weight)
+    expected = conv2d_reference(x.astype(np.float64), new_weight.astype(np.float64), None,
+                                (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert relative_error(escoin.conv2d(x, other, padding=1), expected) <= 1e-5
+    np.testing.assert_array_equal(escoin.conv2d(x, filt, padding=1), before)
+    assert np.shares_memory(escoin.stretch_offsets(filt, x.shape, padding=1),
+                            escoin.stretch_offsets(other, x.shape, padding=1))
+    values[:] = 0  # copied: the caller's array stays the caller's
+    assert relative_error(escoin.conv2d(x, other, padding=1), expected) <= 1e-5
+    halves = filt.with_values(values.astype(np.float16) + np.float16(1.5))
+    assert halves.dtype == np.float16 and halves.nnz == filt.nnz
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.ones(3, np.float32), r"1-d array of the filter's \d+ nonzeros, got shape \(3,\)"),
+    (np.ones((2, 2), np.float32), r"got shape \(2, 2\)"),
+    (None, "values"),
+])
+def test_with_values_refuses_what_is_not_one_value_per_nonzero(values, message) -> None:
+    filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=12))
+    if values is None:  # the right length in a dtype escoin does not compute
+        values = np.arange(filt.nnz)
+    with pytest.raises(escoin.EscoinError, match=message):
+        filt.with_values(values)
+
+
+def test_releasing_one_filter_of_a_pattern_releases_what_they_share() -> None:
+    """Filters of one pattern share the per-geometry arrays: released through either, a call
+    prepared with the other refuses to run (it would read freed offsets) until prepared again."""
+    filt = escoin.SparseFilter.from_dense(pruned((8, 4, 3, 3), 0.5, seed=13))
+    other = filt.with_values(np.arange(1, filt.nnz + 1, dtype=np.float32))
+    x = np.random.default_rng(13).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    call = filt.prepare(x.shape, padding=1)
+    assert other.release_geometries() == 4 * filt.nnz  # the shared int32 offsets
+    assert not call.current
+    y = np.full(call.output_shape, np.nan, np.float32)
+    ws = np.empty(call.workspace_bytes, np.uint8)
+    filt.prepare(x.shape, padding=1).run(x.ctypes.data, y.ctypes.data, ws.ctypes.data)
+    np.testing.assert_array_equal(y, escoin.conv2d(x, filt, padding=1))
+
+
 def test_stretch_offsets_are_cached_per_geometry() -> None:
     filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=7))
     a = escoin.stretch_offsets(filt, (1, 3, 10, 10), padding=1)

@@ -250,6 +250,12 @@ def check_program(out_channels: int, in_channels: int, kernel: int, stride: int,
             expected.setdefault(key, []).append(
                 (staged_offset(int(offsets[j]), plan, layout), float(filt.values[j])))
     assert {k: sorted(v) for k, v in decoded.items()} == {k: sorted(v) for k, v in expected.items()}
+    # Other values on the same pattern: the pattern's program with those weights written in at
+    # its weight slots is, byte for byte, the program built for them.
+    values = rng.standard_normal(filt.nnz).astype(np.float32)
+    built = escoin.SparseFilter.from_csr(filt.row_ptr, filt.col_idx, values, filt.shape, groups)
+    np.testing.assert_array_equal(filt.with_values(values)._store.program("tile", desc),
+                                  built._store.program("tile", desc))
     return plan
 
 
@@ -452,3 +458,25 @@ def test_program_buffer_too_small_is_refused() -> None:
     with pytest.raises(EscoinError, match="program has"):
         _core.program_build("tile", desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
                                  values.ctypes.data, program.ctypes.data, nbytes - 4)
+
+
+def test_weight_slots_are_checked_as_the_program_is() -> None:
+    """The slots' count must be the filter's nonzeros, and a geometry the staged kernel would
+    not run has no slots, as it has no program."""
+    filt = escoin.SparseFilter.from_dense(np.ones((32, 3, 3, 3), np.float32))
+    desc = descriptor((1, 3, 30, 30), filt.shape, 1, 1, 1, 1)
+    offsets = filt._store.offsets(desc)
+    slots = np.zeros(filt.nnz, np.int64)
+    with pytest.raises(EscoinError, match=f"slots has room for {filt.nnz - 1} entries, the "
+                                          f"filter has {filt.nnz} nonzeros"):
+        _core.tile_program_weight_slots(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                        slots.ctypes.data, filt.nnz - 1)
+    _core.tile_program_weight_slots(desc, filt.row_ptr.ctypes.data, offsets.ctypes.data,
+                                    slots.ctypes.data, filt.nnz)
+    assert len(set(slots.tolist())) == filt.nnz  # one word each (no column repeats in a row)
+    depthwise = escoin.SparseFilter.from_dense(np.ones((32, 1, 3, 3), np.float32), groups=32)
+    desc = descriptor((1, 32, 8, 8), depthwise.shape, 32, 1, 1, 1)
+    offsets = depthwise._store.offsets(desc)
+    with pytest.raises(EscoinError, match="does not pay"):
+        _core.tile_program_weight_slots(desc, depthwise.row_ptr.ctypes.data,
+                                        offsets.ctypes.data, slots.ctypes.data, depthwise.nnz)

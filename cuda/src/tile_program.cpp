@@ -20,6 +20,9 @@ struct Program {
   std::vector<int32_t> begins;   // tile_begin_words(plan)
   std::vector<int32_t> entries;  // rows: (shared offset, weight bits) pairs; row groups: offsets
   std::vector<float> weights;    // row groups: kStagedRowsPerWarp per entry
+  // Where each CSR entry's weight went (filled only where asked for): rows, the index in
+  // `entries` of its weight word; row groups, its index in `weights`.
+  std::vector<int64_t> weight_at;
   int64_t entry_count() const {
     return grouped ? int64_t(entries.size()) : int64_t(entries.size()) / 2;
   }
@@ -66,13 +69,14 @@ StagedPlace staged_place(const Geometry& g, int32_t offset) {
 // The rows form: per item, a counting sort of its rows' nonzeros by (chunk, row) (the CSR need
 // not be sorted by column).
 Program build_rows(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-                   const float* values) {
+                   const float* values, bool record_places) {
   const StagedPlan& s = g.staged;
   const int64_t items_per_group = s.items / g.d.groups;
   const int64_t keys = s.chunks * kStagedRows;  // (chunk, row of the item), chunk-major
   Program p;
   p.begins.reserve(size_t(tile_begin_words(s)));
   p.entries.resize(size_t(2 * (row_ptr[g.d.out_channels] - row_ptr[0])));
+  if (record_places) p.weight_at.resize(size_t(row_ptr[g.d.out_channels] - row_ptr[0]));
   std::vector<int64_t> next(size_t(keys) + 1);
   int64_t written = 0;
   for (int64_t item = 0; item < s.items; ++item) {
@@ -96,6 +100,7 @@ Program build_rows(const Geometry& g, const int64_t* row_ptr, const int32_t* off
         const int64_t at = written + next[size_t(place.chunk * kStagedRows + r)]++;
         p.entries[size_t(2 * at)] = place.shared;
         std::memcpy(&p.entries[size_t(2 * at + 1)], &values[j], sizeof(float));
+        if (record_places) p.weight_at[size_t(j - row_ptr[0])] = 2 * at + 1;
       }
     }
     written += next[size_t(keys - 1)];
@@ -112,7 +117,7 @@ Program build_rows(const Geometry& g, const int64_t* row_ptr, const int32_t* off
 // With `exact_only` it stops at the first entry that is not shared (the program is then
 // incomplete, and only its shared_patterns is meaningful): a random filter costs one item.
 Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-                         const float* values, bool exact_only) {
+                         const float* values, bool exact_only, bool record_places) {
   const StagedPlan& s = g.staged;
   const int64_t items_per_group = s.items / g.d.groups;
   struct Nonzero {
@@ -120,12 +125,14 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
     int32_t shared;
     int32_t row;  // of the warp
     float value;
+    int64_t entry;  // in the CSR
   };
   Program p;
   p.grouped = true;
   p.begins.reserve(size_t(tile_begin_words(s)));
   std::vector<std::vector<Nonzero>> warps(static_cast<size_t>(kStagedWarps));
   std::vector<size_t> taken(static_cast<size_t>(kStagedWarps));
+  if (record_places) p.weight_at.resize(size_t(row_ptr[g.d.out_channels] - row_ptr[0]));
   for (int64_t item = 0; item < s.items; ++item) {
     const int64_t group = item / items_per_group;
     const int64_t first = (item % items_per_group) * kStagedRows;
@@ -137,7 +144,7 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
         const int64_t m = group * g.group_out + first + w * kStagedRowsPerWarp + r;
         for (int64_t j = row_ptr[m]; j < row_ptr[m + 1]; ++j) {
           const StagedPlace place = staged_place(g, offsets[j]);
-          list.push_back(Nonzero{place.chunk, place.shared, int32_t(r), values[j]});
+          list.push_back(Nonzero{place.chunk, place.shared, int32_t(r), values[j], j});
         }
       }
       std::sort(list.begin(), list.end(), [](const Nonzero& a, const Nonzero& b) {
@@ -159,6 +166,9 @@ Program build_row_groups(const Geometry& g, const int64_t* row_ptr, const int32_
           for (; at < list.size() && list[at].chunk == chunk && list[at].shared == shared; ++at) {
             weights[list[at].row] += list[at].value;
             stored |= 1u << list[at].row;
+            if (record_places)
+              p.weight_at[size_t(list[at].entry - row_ptr[0])] =
+                  int64_t(p.entries.size()) * kStagedRowsPerWarp + list[at].row;
           }
           p.shared_patterns = p.shared_patterns && stored == every_row;
           if (exact_only && !p.shared_patterns) return p;
@@ -210,7 +220,8 @@ Choice choose_form(const Geometry& g, const int64_t* row_ptr, const int32_t* off
     fail_invalid("the filter has too many nonzeros for the staged CUDA kernel");
   const Form forced = forced_form();
   if (forced != Form::rows) {
-    Program groups = build_row_groups(g, row_ptr, offsets, values, forced == Form::chosen);
+    Program groups = build_row_groups(g, row_ptr, offsets, values, forced == Form::chosen,
+                                      false);
     if (forced == Form::groups ||
         (groups.shared_patterns && groups.entry_count() * 5 <= nonzeros * 3))
       return Choice{true, std::move(groups)};
@@ -218,10 +229,15 @@ Choice choose_form(const Geometry& g, const int64_t* row_ptr, const int32_t* off
   return Choice{false, Program{}};
 }
 
+// With `record_places`, the program's weight_at says where each CSR entry's weight went. The
+// form and every word but the weights depend on row_ptr and offsets only (choose_form reads
+// which rows store an entry, not its value).
 Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
-              const float* values) {
+              const float* values, bool record_places) {
   Choice choice = choose_form(g, row_ptr, offsets, values);
-  return choice.grouped ? std::move(choice.groups) : build_rows(g, row_ptr, offsets, values);
+  if (!choice.grouped) return build_rows(g, row_ptr, offsets, values, record_places);
+  if (!record_places) return std::move(choice.groups);
+  return build_row_groups(g, row_ptr, offsets, values, false, true);
 }
 
 // Whether the staged kernel is expected to beat the streaming one: one channel's segments must
@@ -229,6 +245,16 @@ Program build(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
 // (depthwise and narrow grouped filters keep the streaming kernel).
 bool staged_kernel_pays(const Geometry& g) {
   return g.staged.chunk_channels > 0 && g.group_out * 2 >= kStagedRows;
+}
+
+// A program builder's first check: the staged kernel must pay for the geometry (else callers
+// pass no program).
+void require_staged_kernel(const Geometry& g, const int64_t* row_ptr, const int32_t* offsets,
+                           const float* values) {
+  if (staged_kernel_pays(g)) return;
+  check_csr_for_geometry(g, row_ptr, offsets, values);
+  fail_invalid("the staged kernel does not pay for this filter and geometry "
+               "(escoin_tile_program_size gave 0 bytes); pass no tile program");
 }
 
 // The program's length in words, in either form, from its count of entries.
@@ -267,12 +293,8 @@ extern "C" escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* d
   return escoin::guarded([&] {
     escoin::require_pointer(program, "program");
     const escoin::Geometry g = escoin::make_geometry(desc);
-    if (!escoin::staged_kernel_pays(g)) {
-      escoin::check_csr_for_geometry(g, row_ptr, offsets, values);
-      escoin::fail_invalid("the staged kernel does not pay for this filter and geometry "
-                           "(escoin_tile_program_size gave 0 bytes); pass no tile program");
-    }
-    const escoin::Program p = escoin::build(g, row_ptr, offsets, values);
+    escoin::require_staged_kernel(g, row_ptr, offsets, values);
+    const escoin::Program p = escoin::build(g, row_ptr, offsets, values, false);
     const size_t words = escoin::program_words(g, p.grouped, p.entry_count());
     if (bytes < words * sizeof(int32_t))
       escoin::fail_invalid("program has ", bytes, " bytes, the tile program needs ",
@@ -291,5 +313,28 @@ extern "C" escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* d
       std::fill(out + entries_at + p.entry_count(), out + weights_at, 0);
       std::memcpy(out + weights_at, p.weights.data(), p.weights.size() * sizeof(float));
     }
+  });
+}
+
+extern "C" escoin_status_t escoin_tile_program_weight_slots(const escoin_conv_desc_t* desc,
+                                                            const int64_t* row_ptr,
+                                                            const int32_t* offsets,
+                                                            int64_t* slots, size_t count) {
+  return escoin::guarded([&] {
+    const escoin::Geometry g = escoin::make_geometry(desc);
+    escoin::require_pointer(row_ptr, "row_ptr");
+    // The form and the places depend on the pattern only: any values will do (the builder
+    // checks row_ptr before it reads them).
+    const std::vector<float> values(size_t(std::max<int64_t>(row_ptr[g.d.out_channels], 1)));
+    escoin::require_staged_kernel(g, row_ptr, offsets, values.data());
+    const escoin::Program p = escoin::build(g, row_ptr, offsets, values.data(), true);
+    if (count != p.weight_at.size())
+      escoin::fail_invalid("slots has room for ", count, " entries, the filter has ",
+                           p.weight_at.size(), " nonzeros");
+    if (count > 0) escoin::require_pointer(slots, "slots");
+    const int64_t entries_at = escoin::tile_entries_word(g.staged);
+    const int64_t first = p.grouped ? escoin::tile_weights_word(entries_at, p.entry_count())
+                                    : entries_at;
+    for (size_t j = 0; j < count; ++j) slots[j] = first + p.weight_at[j];
   });
 }

@@ -58,6 +58,10 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc,
                                               const int64_t* row_ptr, const int32_t* offsets,
                                               const float* values, void* program, size_t bytes)
+    escoin_status_t escoin_tile_program_weight_slots(const escoin_conv_desc_t* desc,
+                                                     const int64_t* row_ptr,
+                                                     const int32_t* offsets, int64_t* slots,
+                                                     size_t count)
     escoin_status_t escoin_mma_workspace_size(const escoin_conv_desc_t* desc, size_t* bytes)
     escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc,
                                             const int64_t* row_ptr, const int32_t* offsets,

@@ -185,6 +185,19 @@ cdef ProgramBuild program_build_entry(str kind) except NULL:
     return escoin_tile_program_build if kind == "tile" else escoin_mma_program_build
 
 
+def tile_program_weight_slots(tuple desc, object row_ptr, object offsets, object slots,
+                              size_t count) -> None:
+    """Writes into `slots` (count int64) the word of the tile program that holds each value."""
+    cdef escoin_conv_desc_t d = make_desc(desc)
+    cdef const int64_t* rp = <const int64_t*>ptr(row_ptr)
+    cdef const int32_t* off = <const int32_t*>ptr(offsets)
+    cdef int64_t* out = <int64_t*>ptr(slots)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_tile_program_weight_slots(&d, rp, off, out, count)
+    check(status)
+
+
 def program_build(str kind, tuple desc, object row_ptr, object offsets, object values,
                   object program, size_t nbytes) -> None:
     """Writes the program of program_size's kind into `nbytes` bytes at `program`."""

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import numbers
 import os
-import threading
-import warnings
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from escoin import _core
 from escoin._errors import EscoinError
-from escoin.cuda_arrays import DeviceBuffer
 from escoin.dtypes import compute_dtype, dtype_name, numpy_dtype
+from escoin.filter_caches import MANY_GEOMETRIES, CsrStore, DevicePointers
 from escoin.geometry import ints
 
 
@@ -20,21 +18,7 @@ from escoin.geometry import ints
 # (cuda/src/tile_program.hpp: kTileProgramMagic, kGroupedTileProgramMagic).
 TILE_FORMS = {0x45534336: "rows", 0x45534736: "row groups"}
 
-# A filter keeps what it derives per input geometry (stretched offsets, device copies, kernel
-# programs: ~4 to ~20 bytes a nonzero each) for as long as it lives, since every call of that
-# geometry reuses it. A model fed many input sizes grows these without bound; past this many
-# geometries a filter says so, once, and names SparseFilter.release_geometries.
-MANY_GEOMETRIES = 16
-
-
-class DevicePointers(NamedTuple):
-    """Device addresses of a filter's arrays for one geometry, as :func:`escoin.sconv` takes
-    them."""
-
-    row_ptr: int       # int64, out_channels + 1
-    offsets: int       # int32 stretched offsets, one per nonzero
-    values: int        # float32, one per nonzero
-    tile_program: int  # the staged kernel's program; 0 where that kernel would not pay
+__all__ = ["DevicePointers", "HostPointers", "MANY_GEOMETRIES", "SparseFilter", "TILE_FORMS"]
 
 
 class HostPointers(NamedTuple):
@@ -46,155 +30,17 @@ class HostPointers(NamedTuple):
     values: int   # the dtype's compute type (float64 for float64, else float32), one per nonzero
 
 
-class _CsrStore:
-    """The CSR arrays and every cache derived from them, shared by a filter and its device copies.
-
-    Caches (stretched offsets and tile programs per geometry, device copies per device, cast
-    values per dtype) are filled under a lock so two threads may use one filter.
-    """
-
-    def __init__(self, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray,
-                 shape: Tuple[int, int, int, int], groups: int) -> None:
-        # Read-only from here on: the kernels trust row_ptr[M] to be the length of the offsets
-        # derived from col_idx (a larger one read past them: a crash), and the caches below
-        # would not follow a changed array. A changed filter is a new filter.
-        self.row_ptr, self.col_idx, self.values = (_frozen(a) for a in (row_ptr, col_idx, values))
-        self.shape, self.groups = shape, groups
-        self.lock = threading.Lock()
-        self.host_offsets: Dict[tuple, np.ndarray] = {}
-        self.host_values: Dict[np.dtype, np.ndarray] = {values.dtype: self.values}
-        self.device_csr: Dict[int, Tuple[DeviceBuffer, DeviceBuffer]] = {}
-        self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
-        # Per (kind, device, geometry): the staged kernel's ("tile") and the tensor-core
-        # kernel's ("mma") programs, built when a call asks for that kernel. None: the kernel
-        # would not pay for that geometry or cannot run it, so there is no program.
-        self.device_programs: Dict[Tuple[str, int, tuple], Optional[DeviceBuffer]] = {}
-        self.warned_of_geometries = False
-        # Counts release_geometries calls: a prepared call (SparseFilter.prepare) holds the
-        # per-geometry arrays' addresses and refuses to run once this moved on. The cell holds
-        # the same count in memory, for compiled callers of a prepared call's arrays
-        # (PreparedCall.native_arguments), which check it without Python.
-        self.generation = 0
-        self.generation_cell = np.zeros(1, np.int64)
-
-    def offsets(self, desc: tuple) -> np.ndarray:
-        key = _offsets_key(desc)
-        warn = False
-        with self.lock:
-            found = self.host_offsets.get(key)
-            if found is None:
-                found = np.empty(self.col_idx.size, np.int32)
-                _core.stretch_offsets(desc, self.col_idx.ctypes.data, self.col_idx.size,
-                                      found.ctypes.data)
-                found = self.host_offsets[key] = _frozen(found)
-                warn = len(self.host_offsets) > MANY_GEOMETRIES and not self.warned_of_geometries
-                self.warned_of_geometries |= warn
-        if warn:
-            # (Python's default filter shows it once per escoin call site, not once a filter)
-            warnings.warn(f"an escoin filter now keeps offsets and programs for more than "
-                          f"{MANY_GEOMETRIES} input geometries (one per input size it was "
-                          f"called with); SparseFilter.release_geometries (escoin_torch."
-                          f"release_geometries for PyTorch models) frees them",
-                          RuntimeWarning, stacklevel=2)
-        return found
-
-    def release_geometries(self) -> int:
-        """Drops every per-geometry cache (host and device offsets, device programs); returns
-        the bytes they held. Device memory is freed by cudaFree, after the device's queued
-        work."""
-        with self.lock:
-            # The generation first: compiled callers check the cell before each launch, so it
-            # must have moved on before the arrays are freed.
-            self.generation += 1
-            self.generation_cell[0] = self.generation
-            held = ([a.nbytes for a in self.host_offsets.values()]
-                    + [b.nbytes for b in self.device_offsets.values()]
-                    + [b.nbytes for b in self.device_programs.values() if b is not None])
-            self.host_offsets.clear()
-            self.device_offsets.clear()
-            self.device_programs.clear()
-            self.warned_of_geometries = False
-        return sum(held)
-
-    def values_as(self, dtype: np.dtype) -> np.ndarray:
-        with self.lock:
-            found = self.host_values.get(dtype)
-            if found is None:
-                found = self.host_values[dtype] = _frozen(self.values.astype(dtype))
-            return found
-
-    def program(self, kind: str, desc: tuple) -> Optional[np.ndarray]:
-        """A CUDA kernel's program for this geometry (host bytes): the staged kernel's ("tile")
-        or the tensor-core kernel's ("mma"); None where that kernel would not pay or run."""
-        offsets = self.offsets(desc)
-        values32 = self.values_as(np.dtype(np.float32))
-        args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data, values32.ctypes.data)
-        nbytes = _core.program_size(kind, *args)
-        if nbytes == 0:
-            return None
-        program = np.empty(nbytes, np.uint8)
-        _core.program_build(kind, *args, program.ctypes.data, nbytes)
-        return program
-
-    def device_program(self, kind: str, device: int, desc: tuple) -> int:
-        """The device address of a CUDA kernel's program (`kind` as in program()) for desc on
-        `device`, built and uploaded once per device and geometry; 0 where there is none."""
-        key = (kind, device, _offsets_key(desc))
-        with self.lock:
-            missing = key not in self.device_programs
-        if missing:  # built outside the lock (offsets() takes it); a racing thread builds the same
-            host = self.program(kind, desc)
-            built = None if host is None else DeviceBuffer.from_host(host, device)
-            with self.lock:
-                self.device_programs.setdefault(key, built)
-        program = self.device_programs[key]
-        return 0 if program is None else program.ptr
-
-    def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
-        """The filter's device arrays for desc on `device`, uploaded once per device and geometry.
-        The tile program (~8 bytes per nonzero) is built once a batch the staged kernel runs
-        for asks (from _core.tile_min_batch() images: now 1, since the staged kernel beat the
-        streaming one at batch 1 too)."""
-        values32 = self.values_as(np.dtype(np.float32))
-        key = (device, _offsets_key(desc))
-        with self.lock:
-            csr = self.device_csr.get(device)
-            if csr is None:
-                csr = self.device_csr[device] = (DeviceBuffer.from_host(self.row_ptr, device),
-                                                 DeviceBuffer.from_host(values32, device))
-            offsets = self.device_offsets.get(key)
-        # Built outside the lock (offsets() takes it); a racing thread builds the same.
-        if offsets is None:
-            built = DeviceBuffer.from_host(self.offsets(desc), device)
-            with self.lock:
-                offsets = self.device_offsets.setdefault(key, built)
-        wants_program = desc[0] >= _core.tile_min_batch()
-        program = self.device_program("tile", device, desc) if wants_program else 0
-        return DevicePointers(csr[0].ptr, offsets.ptr, csr[1].ptr, program)
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    """A copy of a 1-d array in immutable memory (bytes): no array over it, nor the memory's
-    owner, can be made writeable, so what the CPU kernel trusts (a filter's own offsets, the
-    count in row_ptr) stays as escoin made it."""
-    return np.frombuffer(np.ascontiguousarray(array).tobytes(), array.dtype)
-
-
-def _offsets_key(desc: tuple) -> tuple:
-    # Offsets depend on everything but the batch (field 0) and the output channels (field 4).
-    return desc[1:4] + desc[5:]
-
-
 class SparseFilter:
     """A pruned conv weight of shape (M, C/groups, kh, kw) stored as CSR.
 
     Rows are output channels; columns index (c_local, kh, kw) within the channel's group. Build
     one with :meth:`from_dense` or :meth:`from_csr`; pass it to :func:`escoin.conv2d`. Its arrays
     (``row_ptr``, ``col_idx``, ``values``, the stretched offsets) are read-only: to change a
-    filter, build a new one (``from_csr`` with modified copies).
+    filter, build a new one (:meth:`with_values` where only the values change, ``from_csr``
+    with modified copies otherwise).
     """
 
-    def __init__(self, store: _CsrStore, device: Optional[int] = None) -> None:
+    def __init__(self, store: CsrStore, device: Optional[int] = None) -> None:
         self._store = store
         self._device = device
 
@@ -220,8 +66,8 @@ class SparseFilter:
         values = np.empty(nnz, computed)
         _core.csr_compress(dense.ctypes.data, computed.name, rows, cols, float(threshold),
                            row_ptr.ctypes.data, col_idx.ctypes.data, values.ctypes.data)
-        return cls(_CsrStore(row_ptr, col_idx, values.astype(stored, copy=False),
-                             _shape4(dense.shape), groups))
+        return cls(CsrStore.of(row_ptr, col_idx, values.astype(stored, copy=False),
+                               _shape4(dense.shape), groups))
 
     @classmethod
     def from_csr(cls, row_ptr: object, col_idx: object, values: object,
@@ -253,8 +99,8 @@ class SparseFilter:
         if repeated.any():
             at = int(np.argmax(repeated))
             raise EscoinError(f"col_idx repeats column {int(col_idx[at])} in row {int(rows[at])}")
-        return cls(_CsrStore(row_ptr, np.ascontiguousarray(col_idx),
-                             np.ascontiguousarray(values), shape, groups))
+        return cls(CsrStore.of(row_ptr, np.ascontiguousarray(col_idx),
+                               np.ascontiguousarray(values), shape, groups))
 
     # ---- description ----
     @property
@@ -296,7 +142,7 @@ class SparseFilter:
     def dtype(self) -> np.dtype:
         return self._store.values.dtype
 
-    # Views of the immutable arrays (_frozen), so that changing a returned array's flags or shape
+    # Views of the immutable arrays (filter_caches.frozen), so that changing a returned array's flags or shape
     # leaves the filter's untouched.
     @property
     def row_ptr(self) -> np.ndarray:
@@ -327,10 +173,27 @@ class SparseFilter:
         return dense.reshape(self.shape)
 
     def astype(self, dtype: Union[str, np.dtype, type]) -> "SparseFilter":
-        dtype = numpy_dtype(dtype)
-        s = self._store
-        return SparseFilter(_CsrStore(s.row_ptr, s.col_idx, s.values.astype(dtype), s.shape,
-                                      s.groups), self._device)
+        """This filter with its values in `dtype` (its pattern shared, as :meth:`with_values`
+        shares it)."""
+        return self.with_values(self._store.values.astype(numpy_dtype(dtype)))
+
+    def with_values(self, values: object) -> "SparseFilter":
+        """A filter of this one's nonzero pattern and new `values`: ``values[j]`` takes the
+        place of ``self.values[j]`` (the same length and order; any escoin dtype, copied).
+
+        What only the pattern decides is shared rather than derived again: the stretched
+        offsets of each input geometry, their device copies, and the layout of the staged
+        CUDA kernel's program. So where a training loop changes a layer's weights but not its
+        pattern, a new filter costs a copy of the values and, per geometry it is called with
+        on a GPU, a copy of that program with the new weights written in, instead of what
+        :meth:`from_csr` and a new program cost. Releasing either filter's geometries
+        (:meth:`release_geometries`) releases the shared arrays for both."""
+        array = np.array(values, copy=True)
+        if array.ndim != 1 or array.size != self.nnz:
+            raise EscoinError(f"values must be a 1-d array of the filter's {self.nnz} nonzeros, "
+                              f"got shape {array.shape}")
+        dtype_name(array.dtype, "values")
+        return SparseFilter(self._store.with_values(array), self._device)
 
     def cuda(self, device: int = 0) -> "SparseFilter":
         """This filter, living on CUDA device `device` (the CSR is uploaded on first use)."""
@@ -407,7 +270,9 @@ class SparseFilter:
         device copies, the CUDA kernels' programs) and returns the bytes that held; the CSR and
         its device copies stay. The next call of each geometry derives them again. For models
         fed many input sizes, whose filters would otherwise keep every size's arrays (a
-        RuntimeWarning says so past MANY_GEOMETRIES).
+        RuntimeWarning says so past MANY_GEOMETRIES). Filters sharing this one's pattern
+        (:meth:`with_values`, :meth:`astype`) share its offsets and program layouts: those are
+        released for them too (their own programs stay until they are released).
 
         Pointers from :meth:`device_pointers` and :meth:`host_pointers` are invalid afterwards,
         and so is any CUDA graph captured with this filter: capture it again. Queued kernels are

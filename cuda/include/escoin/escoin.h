@@ -198,6 +198,18 @@ escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const i
 escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                           const int32_t* offsets, const float* values,
                                           void* program, size_t bytes);
+/* Where escoin_tile_program_build puts each weight: slots[j] is the index of the 32-bit word that
+ * holds values[j] (as float32) in the program it builds for this row_ptr and these offsets, for
+ * every j < count, count being the filter's nonzeros (row_ptr[M]). Every other word of the
+ * program depends on row_ptr and the offsets only, so the program of new values on the same
+ * pattern is the old program with values[j] written at word slots[j]: callers whose weights
+ * change but keep their pattern (training) need not build it again. In the row-group form a
+ * word stays 0 where a row of the group has no entry; slots repeat only where a row repeats a
+ * column (that form adds such values, so a caller rewriting them must add them too). Checks as
+ * escoin_tile_program_build does, and fails where it would. */
+escoin_status_t escoin_tile_program_weight_slots(const escoin_conv_desc_t* desc,
+                                                 const int64_t* row_ptr, const int32_t* offsets,
+                                                 int64_t* slots, size_t count);
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). dtype FLOAT32, FLOAT16 or BFLOAT16
