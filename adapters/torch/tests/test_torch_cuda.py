@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_helpers import (SeenOps, check_release_geometries, count_calls, pruned_small_cnn,
-                           reference_conv, relative_error, sparse_conv)
+from torch_helpers import (SeenOps, check_release_geometries, check_training_steps_keep_the_pattern,
+                           count_calls, pruned_small_cnn, reference_conv, relative_error,
+                           sparse_conv)
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
@@ -231,3 +232,7 @@ def test_network_benchmark_on_cuda(tmp_path) -> None:
 
 def test_release_geometries_cuda() -> None:
     check_release_geometries("cuda")
+
+
+def test_training_steps_keep_the_pattern_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_training_steps_keep_the_pattern(monkeypatch, "cuda")

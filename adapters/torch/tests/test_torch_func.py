@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-from torch_helpers import SeenOps, relative_error, sparse_weight
+from torch_helpers import SeenOps, count_calls, relative_error, sparse_weight
+import escoin
 from escoin_torch import SparseConv2d, sparse_conv2d
 from escoin_torch import csr as csr_lib
 
@@ -224,6 +225,33 @@ def test_per_sample_gradients_of_a_layer(device: str, dtype: torch.dtype, tol: f
     assert relative_error(got["weight"][:, pattern], wanted["weight"][:, pattern]) < tol
     assert torch.all(got["weight"][:, ~pattern] == 0)
     assert relative_error(got["bias"], wanted["bias"]) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_grads_of_new_values_reuse_the_layers_filters(device: str, dtype: torch.dtype, tol: float,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """grad over functional_call with new weight values each call (a training loop in
+    torch.func): after the first call, the forward's and the input gradient's escoin filters
+    are derived from those of the layer's pattern, none built again; gradients match float64."""
+    layer, conv, x = _layer_and_dense(device, dtype)
+    builds = count_calls(monkeypatch, escoin.SparseFilter, "from_csr")
+    stored = conv.weight.detach() != 0
+
+    def loss(params: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, params, (x,)).square().sum()
+
+    for step in range(3):
+        if step == 1:
+            builds.clear()  # (the first call built the forward's and the transpose's)
+        weight = conv.weight.detach() * (1 + 0.1 * step)
+        got_params, got_x = grad(loss, argnums=(0, 1))({"weight": weight,
+                                                        "bias": conv.bias.detach()}, x)
+        dense = [t.detach().double().cpu().requires_grad_() for t in (weight, x)]
+        F.conv2d(dense[1], dense[0], conv.bias.detach().double().cpu(),
+                 **GEOMETRY).square().sum().backward()
+        assert relative_error(got_x, dense[1].grad) < tol
+        assert relative_error(got_params["weight"][stored], dense[0].grad[stored.cpu()]) < tol
+    assert not builds
 
 
 def _dense_calls(layer: SparseConv2d, monkeypatch: pytest.MonkeyPatch) -> list:

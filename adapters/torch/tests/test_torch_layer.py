@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from torch_helpers import (SeenOps, pruned_small_cnn, reference_conv, relative_error, sparse_conv,
-                           tolerance)
+from torch_helpers import (SeenOps, check_training_steps_keep_the_pattern, pruned_small_cnn,
+                           reference_conv, relative_error, sparse_conv, tolerance)
 from escoin_torch import SparseConv2d, sparsify
 from escoin_torch import csr as csr_lib
 
@@ -232,6 +232,10 @@ def test_sparse_training_step_keeps_pattern() -> None:
         optimizer.step()
     assert torch.all(layer.weight[zeros] == 0)
     assert relative_error(layer.eval()(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+
+
+def test_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_training_steps_keep_the_pattern(monkeypatch, "cpu")
 
 
 @pytest.mark.parametrize("sparse_training", [False, True])

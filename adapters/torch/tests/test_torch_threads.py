@@ -150,3 +150,17 @@ def test_two_threads_one_layer_own_streams_cuda() -> None:
     _run_threads(work)
     torch.cuda.synchronize()
     _check(layer, inputs, outputs)
+
+
+def test_the_cache_holds_about_what_is_alive() -> None:
+    """Entries of tensors that died are purged in amortised passes: many short-lived tensors
+    (a training step's CSR values) leave at most about twice the live entries behind."""
+    cache: TensorCache[object] = TensorCache()
+    alive = [torch.randn(2) for _ in range(100)]
+    for i, t in enumerate(alive):
+        cache.get((t,), i, object)
+    for i in range(2000):
+        cache.get((torch.randn(2),), i, object)  # the tensor dies at once
+    assert len(cache) <= 2 * max(TensorCache.FIRST_PURGE, 2 * len(alive))
+    for i, t in enumerate(alive):  # the live ones are still there
+        cache.get((t,), i, lambda: pytest.fail("a live entry was purged"))

@@ -130,7 +130,74 @@ def check_release_geometries(device: str) -> None:
         for prepared in list(escoin_torch.ops._prepared):
             store = prepared.filt._store
             assert not prepared.launches
-            assert not (store.host_offsets or store.device_offsets or store.device_programs)
+            pattern = store.pattern
+            assert not (pattern.host_offsets or pattern.device_offsets or pattern.tile_layouts
+                        or store.device_programs)
         assert escoin_torch.release_geometries() == 0
         for x, want in zip(xs, expected):
             assert relative_error(layer(x), want) < 1e-5
+
+
+def check_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """Sparse-training steps change the weight's values but not its pattern: the layer gathers
+    the new values at its pattern (no compression) and the op derives each new filter, forward
+    and for the input gradient, from its pattern's first (no from_csr); outputs and gradients
+    match float64. A step that prunes a stored weight or grows a zero one compresses again."""
+    import escoin
+
+    from escoin_torch import csr as csr_lib
+
+    layer = SparseConv2d.from_dense(sparse_conv(8, 32, 3, padding=1), sparse_training=True)
+    layer = layer.to(device).train()
+    # (no momentum: a weight pruned below then stays pruned, its gradient being 0)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(22)).to(device)
+    x.requires_grad_(True)
+
+    def step_matches_float64() -> None:
+        optimizer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(23)).to(device)
+        (y * grad).sum().backward()
+        x64 = x.detach().double().cpu().requires_grad_(True)
+        w64 = layer.weight.detach().double().cpu().requires_grad_(True)
+        y64 = F.conv2d(x64, w64, layer.bias.detach().double().cpu(), padding=1)
+        (y64 * grad.double().cpu()).sum().backward()
+        stored = layer.weight.detach().cpu() != 0
+        assert relative_error(y, y64) < 1e-5
+        assert relative_error(x.grad, x64.grad) < 1e-5
+        assert relative_error(layer.weight.grad.cpu()[stored], w64.grad[stored]) < 1e-5
+        assert torch.all(layer.weight.grad.cpu()[~stored] == 0)
+        optimizer.step()
+
+    step_matches_float64()  # builds the pattern's filters (forward and transposed)
+    first = layer.csr
+    compressions = count_calls(monkeypatch, csr_lib, "compress")
+    builds = count_calls(monkeypatch, escoin.SparseFilter, "from_csr")
+    for _ in range(3):
+        step_matches_float64()
+    assert not compressions and not builds
+    csr = layer.csr
+    assert csr.row_ptr is first.row_ptr and csr.col_idx is first.col_idx
+    fresh = csr_lib.from_dense(layer.weight.detach())
+    assert torch.equal(csr.row_ptr, fresh.row_ptr) and torch.equal(csr.col_idx, fresh.col_idx)
+    assert torch.equal(csr.values, fresh.values)
+    compressions.clear()  # (from_dense's own)
+    flat = layer.weight.data.view(-1)
+
+    def prune() -> None:
+        flat[int(torch.nonzero(flat)[-1])] = 0.0
+
+    def grow() -> None:
+        flat[int(torch.nonzero(flat == 0)[0])] = 1.5
+
+    for changes, nnz in (((prune,), first.nnz - 1), ((grow,), first.nnz),
+                         ((prune, grow), first.nnz)):  # (the last: as many nonzeros, moved)
+        with torch.no_grad():
+            for change in changes:
+                change()
+            layer.weight.add_(0.0)  # (a write the version counter sees, as an optimiser's)
+        step_matches_float64()
+        assert layer.csr.nnz == nnz
+    assert len(compressions) == 3

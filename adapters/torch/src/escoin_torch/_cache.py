@@ -56,13 +56,19 @@ class TensorStamp:
 class TensorCache(Generic[T]):
     """A thread-safe map from (tensors, extra hashable data) to a derived value.
 
-    Entries whose tensors died are purged whenever a new entry is inserted, so the cache does not
-    grow with the number of tensors that ever passed through, only with the number alive.
+    Entries whose tensors died are purged by an insertion that finds the cache twice as large as
+    after the last purge (and at least FIRST_PURGE entries), so the cache does not grow with the
+    number of tensors that ever passed through, only with the number alive (at most about twice
+    it), and a purge's pass over the entries costs each insertion O(1). (A purge at every
+    insertion made a training step's new CSR values cost a pass over every layer's entries.)
     """
+
+    FIRST_PURGE = 64
 
     def __init__(self) -> None:
         self._entries: Dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
+        self._purge_at = self.FIRST_PURGE
 
     def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, build: Callable[[], T],
             verify: bool = False) -> T:
@@ -77,8 +83,10 @@ class TensorCache(Generic[T]):
         value = build()  # outside the lock: building may launch device work or take long
         snapshot = [t.detach().clone() for t in tensors] if verify else None
         with self._lock:
-            for stale in [k for k, e in self._entries.items() if e.expired]:
-                del self._entries[stale]
+            if len(self._entries) >= self._purge_at:
+                for stale in [k for k, e in self._entries.items() if e.expired]:
+                    del self._entries[stale]
+                self._purge_at = max(self.FIRST_PURGE, 2 * len(self._entries))
             raced = self._entries.get(key)
             if raced is not None and raced.valid(tensors):
                 # Another thread built the same meanwhile: every caller gets the value the cache

@@ -81,6 +81,23 @@ def flat_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: WeightShape)
     return rows * (shape[1] * shape[2] * shape[3]) + col_idx.long()
 
 
+class Transposition(NamedTuple):
+    """The pattern of a CSR weight's transpose (:func:`transpose`), which depends on the forward
+    pattern alone: the transposed values are ``values[order]``."""
+
+    row_ptr: torch.Tensor  # int64, C + 1
+    col_idx: torch.Tensor  # int32, nnz
+    order: torch.Tensor    # int64, nnz: the forward entry each transposed entry takes
+    shape: WeightShape
+    groups: int
+
+    def of(self, values: torch.Tensor) -> CSRWeight:
+        """The transposed CSR of a weight with this pattern and `values` (differentiable in
+        them: a gather)."""
+        return CSRWeight(self.row_ptr, self.col_idx, values[self.order], self.shape,
+                         self.groups)
+
+
 def transpose(csr: CSRWeight) -> CSRWeight:
     """The filter of the input gradient: per group, channels swapped and the kernel flipped.
 
@@ -89,6 +106,11 @@ def transpose(csr: CSRWeight) -> CSRWeight:
     Only the nonzeros move, so the transposed conv is as sparse as the forward one. Pure tensor
     ops with static sizes, so it also traces inside a compiled backward.
     """
+    return transposition(csr).of(csr.values)
+
+
+def transposition(csr: CSRWeight) -> Transposition:
+    """The pattern of :func:`transpose`'s result, and where its values come from."""
     m_total, c_group, kh, kw = csr.shape
     m_group = m_total // csr.groups
     cols = csr.col_idx.long()
@@ -101,5 +123,5 @@ def transpose(csr: CSRWeight) -> CSRWeight:
     counts = torch.zeros(csr.groups * c_group, dtype=torch.int64, device=cols.device)
     counts.scatter_add_(0, new_rows, torch.ones_like(new_rows))
     row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return CSRWeight(row_ptr, new_cols[order].to(torch.int32), csr.values[order],
-                     (csr.groups * c_group, m_group, kh, kw), csr.groups)
+    return Transposition(row_ptr, new_cols[order].to(torch.int32), order,
+                         (csr.groups * c_group, m_group, kh, kw), csr.groups)

@@ -22,7 +22,7 @@ from torch import nn
 
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
-from escoin_torch.csr import CSRWeight
+from escoin_torch.csr import CSRWeight, host_numpy
 from escoin_torch.eager import EagerCalls
 from escoin_torch.ops import (PreparedFilter, conv2d_with_filter, filter_of, has_kernels_for,
                               transformed)
@@ -58,7 +58,9 @@ class SparseConv2d(nn.Conv2d):
     ``relu=True`` fuses a ReLU into the convolution (on both paths, so they stay comparable).
 
     The CSR is rebuilt lazily when the weight's memory or version counter changes (a cheap check
-    per call, not a recompression). Under ``torch.compile`` that check cannot be traced: the CSR
+    per call, not a recompression); where the changed weight keeps the CSR's pattern (an
+    optimiser step of sparse training) only the values are gathered again, on the weight's
+    device, and escoin's filters follow with the pattern's offsets and programs reused. Under ``torch.compile`` that check cannot be traced: the CSR
     in use is the one built before compiling (by :meth:`from_dense`, :func:`escoin_torch.sparsify`
     or one eager forward); after changing weights of a compiled model call
     :meth:`refresh_csr` (or run one eager forward) before using it again.
@@ -156,9 +158,14 @@ class SparseConv2d(nn.Conv2d):
         # Built outside the lock: compression is a host round trip, and replicas on other
         # devices (which share the lock) should not wait for it. Two threads missing at once
         # both build the same CSR; either result is correct.
-        csr, host_filter = csr_lib.compress(weight, self.groups)
-        state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
-                            PreparedFilter(host_filter) if weight.device.type == "cpu" else None)
+        refreshed = None if again or state is None else _same_pattern(state, weight)
+        if refreshed is not None:
+            state = refreshed
+        else:
+            csr, host_filter = csr_lib.compress(weight, self.groups)
+            state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
+                                PreparedFilter(host_filter) if weight.device.type == "cpu"
+                                else None)
         with self._csr_lock:
             for device in [d for d, s in self._compressed.items() if s.stamp.expired]:
                 del self._compressed[device]  # e.g. a DataParallel replica's weight that died
@@ -216,8 +223,9 @@ class SparseConv2d(nn.Conv2d):
         weight, which must hold every nonzero of it. Where there is no such CSR yet, where the
         transform maps the weight itself (vmap over weights) or where the weight has a nonzero
         outside that pattern, the layer runs dense: exact, and differentiable as nn.Conv2d is.
-        Each call builds an escoin filter for the gathered values (and each backward one for
-        their transpose): a host round trip per layer and call."""
+        Each call's escoin filter (and each backward's, for the transpose) is the pattern's first
+        one with the gathered values (escoin's with_values): a copy of the values to the host
+        per layer and call, not a new filter."""
         weight = self.weight
         state = self._compressed.get(weight.device)
         if state is None or weight.dtype != state.csr.values.dtype or _mapped(weight):
@@ -286,6 +294,28 @@ class SparseConv2d(nn.Conv2d):
         if self.inference_path != "sparse":
             extras.append(f"inference_path={self.inference_path!r}")
         return ", ".join([super().extra_repr()] + extras)
+
+
+def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compressed]:
+    """Where the weight's nonzeros are exactly those of `state`'s CSR (what an optimiser step of
+    sparse training leaves), the CSR compressing it would give, from the pattern's own tensors
+    and a gather of the new values: one count on the weight's device (a synchronisation) in
+    place of compressing on the host. Elsewhere (weights pruned or grown) None. The unchanged
+    row_ptr and col_idx tensors let the op derive the new filter from the last one's pattern
+    (ops._filter)."""
+    flat = weight.detach().reshape(-1)
+    values = flat[state.flat_index]
+    # Escoin stores w where w != 0 (a NaN too), as count_nonzero counts: every value at the
+    # pattern is stored and the weight has no other, so the stored set is the pattern. One
+    # pass over the weight, one synchronisation.
+    nnz = state.csr.nnz
+    counts = torch.stack([torch.count_nonzero(flat), torch.count_nonzero(values)])
+    if counts.tolist() != [nnz, nnz]:
+        return None
+    host_filter = (None if state.host_filter is None
+                   else PreparedFilter(state.host_filter.filt.with_values(host_numpy(values))))
+    return _Compressed(state.csr._replace(values=values), state.flat_index, TensorStamp(weight),
+                       host_filter)
 
 
 class _AttachToWeight(torch.autograd.Function):

@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from escoin_torch._cache import TensorCache
-from escoin_torch.csr import CSRWeight, host_numpy, transpose
+from escoin_torch.csr import CSRWeight, Transposition, host_numpy, transpose, transposition
 
 __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
 
@@ -95,6 +95,12 @@ _filters: TensorCache[PreparedFilter] = TensorCache()
 # The input-gradient CSR per forward CSR, so eval-mode input gradients (saliency, adversarial
 # examples) transpose the weight once per weight version rather than once per backward.
 _transposes: TensorCache[CSRWeight] = TensorCache()
+# Per pattern (row_ptr, col_idx): its first filter, and its transpose's pattern. A training step
+# changes a CSR's values and keeps its pattern (escoin_torch.layer), so the next step's filter
+# is the first one's with_values (the stretched offsets and program layouts shared, nothing
+# derived again) and its transpose a gather of the new values.
+_patterns: TensorCache[PreparedFilter] = TensorCache()
+_transpositions: TensorCache[Transposition] = TensorCache()
 
 
 def release_geometries() -> int:
@@ -615,13 +621,33 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride:
 
 
 def _transposed(csr: CSRWeight) -> CSRWeight:
-    tensors = (csr.row_ptr, csr.col_idx, csr.values)
-    # Traced tensors (torch.compile's fake/functional tensors) have no stable identity, and a
-    # double backward needs the transposed values attached to the autograd graph: compute then.
-    if torch.is_grad_enabled() or any(type(t) is not torch.Tensor for t in tensors):
+    # The pattern's transposition is cached per pattern tensors: under torch.func's gradient
+    # transforms those are wrapped (the values they hold unchanged), and traced tensors
+    # (torch.compile's) or ones a vmap level maps have no stable identity: computed then.
+    row_ptr, col_idx = _unwrapped(csr.row_ptr), _unwrapped(csr.col_idx)
+    if row_ptr is None or col_idx is None:
         return transpose(csr)
-    return _transposes.get(tensors, (csr.shape, csr.groups), lambda: transpose(csr),
-                           verify=csr.values.device.type == "cpu")
+    on_host = csr.values.device.type == "cpu"
+    pattern = _transpositions.get(
+        (row_ptr, col_idx), (csr.shape, csr.groups),
+        lambda: transposition(csr._replace(row_ptr=row_ptr, col_idx=col_idx)), verify=on_host)
+    # A double backward needs the transposed values attached to the autograd graph.
+    plain = (csr.row_ptr, csr.col_idx, csr.values)
+    if torch.is_grad_enabled() or any(type(t) is not torch.Tensor or transformed(t)
+                                      for t in plain):
+        return pattern.of(csr.values)
+    return _transposes.get(plain, (csr.shape, csr.groups), lambda: pattern.of(csr.values),
+                           verify=on_host)
+
+
+def _unwrapped(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """`tensor` without torch.func's gradient wrappers (the same values); None where it is
+    traced (a torch.compile fake or functional tensor) or a vmap level maps it."""
+    while transformed(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return None
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor if type(tensor) is torch.Tensor else None
 
 
 def filter_of(csr: CSRWeight) -> PreparedFilter:
@@ -631,16 +657,28 @@ def filter_of(csr: CSRWeight) -> PreparedFilter:
 
 def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
             weight_shape: Sequence[int], groups: int) -> PreparedFilter:
-    """The escoin filter for these CSR tensors, on their device; built once per contents."""
+    """The escoin filter for these CSR tensors, on their device; built once per contents, from
+    the first filter of their pattern where there is one (new values of a training step)."""
+    on_host = values.device.type == "cpu"
+
+    def on_device(filt: escoin.SparseFilter) -> PreparedFilter:
+        return PreparedFilter(filt if on_host else filt.cuda(values.device.index))
+
     def build() -> PreparedFilter:
-        filt = escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
-                                            host_numpy(values), tuple(weight_shape),
-                                            groups=groups)
-        return PreparedFilter(filt.cuda(values.device.index) if values.device.type == "cuda"
-                              else filt)
+        fresh: List[PreparedFilter] = []
+
+        def first_of_pattern() -> PreparedFilter:
+            fresh.append(on_device(escoin.SparseFilter.from_csr(
+                row_ptr.cpu().numpy(), col_idx.cpu().numpy(), host_numpy(values),
+                tuple(weight_shape), groups=groups)))
+            return fresh[0]
+
+        first = _patterns.get((row_ptr, col_idx), (tuple(weight_shape), groups),
+                              first_of_pattern, verify=on_host)
+        return fresh[0] if fresh else on_device(first.filt.with_values(host_numpy(values)))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
-                        verify=values.device.type == "cpu")
+                        verify=on_host)
 
 
 def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,

@@ -1,0 +1,96 @@
+"""What a training step costs when a pruned network trains sparse (``sparse_training=True``:
+escoin's op forward and for the input gradient, only the stored nonzeros updated) against the
+same network training dense, and how much of the sparse step is the host rebuilding escoin's
+filters after each optimiser step.
+
+    python3 benchmarks/sparse_training.py [--net resnet50] [--batch 32] [--size 224]
+                                          [--steps 10] [--sparsity 0.9] [--device cuda]
+
+Each step is forward, cross-entropy loss, backward and an SGD step with momentum (which writes
+every weight in place, as any optimiser does). Reported per step, medians over --steps timed
+steps after two untimed ones: dense (PyTorch's default precision), sparse, and sparse without
+the optimiser step (forward and backward only: the weights do not change, so no layer rebuilds
+its filters; the difference to the full sparse step is the optimiser's step plus the rebuilds).
+Only public escoin-torch calls, so that two builds can be timed side by side (PYTHONPATH=the
+other build's site).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import escoin_torch
+from escoin_torch.bench import models
+from escoin_torch.bench.prune import prune_convs
+
+
+def step_ms(step: Callable[[], object], steps: int, device: torch.device) -> List[float]:
+    """Times of `steps` calls of `step` (after two untimed ones), milliseconds each,
+    synchronised around each call so queued GPU work is counted."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                  update: bool = True) -> Callable[[], object]:
+    """One step; with `update` False, no optimiser step (the weights stay as they are)."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> object:
+        optimiser.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        if update:
+            optimiser.step()
+        return loss
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", default="resnet50", choices=["resnet50", "vgg16", "alexnet",
+                                                                "lenet5"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dense = prune_convs(models.build(args.net), args.sparsity, "random").to(device).train()
+    sparse, report = escoin_torch.sparsify(copy.deepcopy(dense))
+    for layer in sparse.modules():
+        if isinstance(layer, escoin_torch.SparseConv2d):
+            layer.sparse_training = True
+    x = torch.randn(models.input_shape(args.net, args.batch, args.size), device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    print(f"{args.net}, batch {args.batch}, {args.sparsity:.0%} random, {device}, "
+          f"{sum(r.path == 'sparse' for r in report)} sparse layers")
+    rows = [(name, step_ms(training_step(model, x, labels, update), args.steps, device))
+            for name, model, update in (("dense", dense, True), ("sparse", sparse, True),
+                                        ("sparse, weights unchanged", sparse, False))]
+    for name, times in rows:
+        print(f"{name:26s} {statistics.median(times):9.2f} ms a step "
+              f"(min {min(times):.2f}, max {max(times):.2f})")
+
+
+if __name__ == "__main__":
+    main()
