@@ -2,7 +2,7 @@
 # On a CUDA machine: build escoin from this checkout, run every test (GPU ones included), then the
 # GPU layer benchmark; prints the benchmark table last. Usage:
 #   bash scripts/gpu_check.sh [--quick] [--gpu-tests] [--sanitize] [--networks] [--half] [--probes]
-#                             [--blocks] [--no-layers] [--graphs-only]
+#                             [--blocks] [--no-layers] [--graphs-only] [--training]
 # (--quick: 90% sparsity only; --blocks: the layer and network benchmarks also on filters pruned
 # in blocks of four output channels, which the staged kernel's row-group form runs; --no-layers:
 # no layer benchmark; --graphs-only: the network benchmark with CUDA graphs only; --gpu-tests:
@@ -11,7 +11,8 @@
 # --networks: also the whole-network benchmark; --half: also the 16-bit layer benchmark
 # (benchmarks/gpu_half.py); --probes: also the probes of what a loop can reach,
 # benchmarks/shared_load_ceiling_probe.cu and scripts/tensor_core_probes.sh; results go to $OUT
-# or benchmarks/results). The build is for
+# or benchmarks/results; --training: also a sparse-training step of ResNet-50 against a dense
+# one, benchmarks/sparse_training.py). The build is for
 # ESCOIN_CUDA_ARCHITECTURES (default 90); 80-virtual checks on a Hopper GPU the code that Ampere
 # and Ada GPUs run. ESCOIN_WHEEL=path installs that wheel of escoin instead of building it here
 # (one built from this checkout for the GPU machine's Python, e.g. on a machine with nvcc:
@@ -22,11 +23,13 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-quick=0; sanitize=0; networks=0; half=0; probes=0; blocks=(1); layers=1; graphs=both; only=()
+quick=0; sanitize=0; networks=0; half=0; probes=0; training=0; blocks=(1); layers=1; graphs=both
+only=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;; --sanitize) sanitize=1 ;; --networks) networks=1 ;; --half) half=1 ;;
-    --probes) probes=1 ;; --blocks) blocks=(1 4) ;; --no-layers) layers=0 ;;
+    --probes) probes=1 ;; --training) training=1 ;; --blocks) blocks=(1 4) ;;
+    --no-layers) layers=0 ;;
     --graphs-only) graphs=on ;;
     --gpu-tests) only=(-m cuda) ;;
   esac
@@ -94,6 +97,10 @@ if [ "$probes" = 1 ]; then
   echo "== tensor-core probes"
   OUT="$out" bash scripts/tensor_core_probes.sh 2>&1 | grep -v "^$" | tail -60 ||
     echo "PROBES FAILED"
+fi
+if [ "$training" = 1 ]; then
+  echo "== sparse training (ResNet-50 at 90%, batch 32)"
+  python3 benchmarks/sparse_training.py --steps 5 2>/dev/null || echo "TRAINING BENCHMARK FAILED"
 fi
 if [ "$layers" = 0 ]; then exit 0; fi
 echo "== layer benchmark"
