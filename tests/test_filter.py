@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -100,7 +101,8 @@ def test_with_values_computes_with_the_new_values_on_the_shared_pattern() -> Non
     (np.ones((2, 2), np.float32), r"got shape \(2, 2\)"),
     (None, "values"),
 ])
-def test_with_values_refuses_what_is_not_one_value_per_nonzero(values, message) -> None:
+def test_with_values_refuses_what_is_not_one_value_per_nonzero(values: Optional[np.ndarray],
+                                                                message: str) -> None:
     filt = escoin.SparseFilter.from_dense(pruned((4, 3, 3, 3), 0.5, seed=12))
     if values is None:  # the right length in a dtype escoin does not compute
         values = np.arange(filt.nnz)

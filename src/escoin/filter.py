@@ -142,8 +142,8 @@ class SparseFilter:
     def dtype(self) -> np.dtype:
         return self._store.values.dtype
 
-    # Views of the immutable arrays (filter_caches.frozen), so that changing a returned array's flags or shape
-    # leaves the filter's untouched.
+    # Views of the immutable arrays (filter_caches.frozen), so that changing a returned array's
+    # flags or shape leaves the filter's untouched.
     @property
     def row_ptr(self) -> np.ndarray:
         return self._store.row_ptr.view()
@@ -275,7 +275,8 @@ class SparseFilter:
         released for them too (their own programs stay until they are released).
 
         Pointers from :meth:`device_pointers` and :meth:`host_pointers` are invalid afterwards,
-        and so is any CUDA graph captured with this filter: capture it again. Queued kernels are
+        and so is any CUDA graph captured with this filter or one sharing its pattern: capture
+        it again. Queued kernels are
         safe (device memory is freed after the device's queued work), but no other thread may
         be in a call with this filter meanwhile."""
         return self._store.release_geometries()

@@ -15,6 +15,7 @@ Both fill their caches under a lock, so two threads may use one filter.
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -63,7 +64,8 @@ class Pattern:
         self.host_offsets: Dict[tuple, np.ndarray] = {}
         self.device_row_ptr: Dict[int, DeviceBuffer] = {}
         self.device_offsets: Dict[Tuple[int, tuple], DeviceBuffer] = {}
-        # None: the staged kernel would not pay for that geometry, so there is no program.
+        # Per geometry and forced form (ESCOIN_TILE_FORM, read by the builder); None: the
+        # staged kernel would not pay for that geometry, so there is no program.
         self.tile_layouts: Dict[tuple, Optional[TileLayout]] = {}
         self.warned_of_geometries = False
         # Counts release_geometries calls: a prepared call (SparseFilter.prepare) holds the
@@ -114,24 +116,23 @@ class Pattern:
         """desc's tile program layout, built once (with `values32`, any values of the pattern:
         every word but the weights depends on the pattern alone); None where the staged kernel
         would not pay."""
-        key = offsets_key(desc)
+        key = (offsets_key(desc), os.environ.get("ESCOIN_TILE_FORM"))
         with self.lock:
-            missing = key not in self.tile_layouts
-        if missing:  # built outside the lock (offsets() takes it); a racing thread builds the same
-            offsets = self.offsets(desc)
-            args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data)
-            nbytes = _core.program_size("tile", *args, values32.ctypes.data)
-            layout = None
-            if nbytes:
-                program = np.empty(nbytes, np.uint8)
-                _core.program_build("tile", *args, values32.ctypes.data, program.ctypes.data,
-                                    nbytes)
-                slots = np.empty(self.col_idx.size, np.int64)
-                _core.tile_program_weight_slots(*args, slots.ctypes.data, slots.size)
-                layout = TileLayout(program, slots)
-            with self.lock:
-                self.tile_layouts.setdefault(key, layout)
-        return self.tile_layouts[key]
+            if key in self.tile_layouts:
+                return self.tile_layouts[key]
+        # Built outside the lock (offsets() takes it); a racing thread builds the same.
+        offsets = self.offsets(desc)
+        args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data)
+        nbytes = _core.program_size("tile", *args, values32.ctypes.data)
+        layout = None
+        if nbytes:
+            program = np.empty(nbytes, np.uint8)
+            _core.program_build("tile", *args, values32.ctypes.data, program.ctypes.data, nbytes)
+            slots = np.empty(self.col_idx.size, np.int64)
+            _core.tile_program_weight_slots(*args, slots.ctypes.data, slots.size)
+            layout = TileLayout(program, slots)
+        with self.lock:
+            return self.tile_layouts.setdefault(key, layout)
 
     def release_geometries(self) -> int:
         """Drops every per-geometry cache; returns the bytes they held. Device memory is freed
@@ -180,23 +181,41 @@ class CsrStore:
         return CsrStore(self.pattern, values, derived=True)
 
     # The pattern's, for the filter and for prepared calls (which check the generation).
-    row_ptr = property(lambda self: self.pattern.row_ptr)
-    col_idx = property(lambda self: self.pattern.col_idx)
-    shape = property(lambda self: self.pattern.shape)
-    groups = property(lambda self: self.pattern.groups)
-    generation = property(lambda self: self.pattern.generation)
-    generation_cell = property(lambda self: self.pattern.generation_cell)
+    @property
+    def row_ptr(self) -> np.ndarray:
+        return self.pattern.row_ptr
+
+    @property
+    def col_idx(self) -> np.ndarray:
+        return self.pattern.col_idx
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return self.pattern.shape
+
+    @property
+    def groups(self) -> int:
+        return self.pattern.groups
+
+    @property
+    def generation(self) -> int:
+        return self.pattern.generation
+
+    @property
+    def generation_cell(self) -> np.ndarray:
+        return self.pattern.generation_cell
 
     def offsets(self, desc: tuple) -> np.ndarray:
         return self.pattern.offsets(desc)
 
     def release_geometries(self) -> int:
-        """Drops this store's programs and the pattern's per-geometry caches (shared with the
-        filters of other values on it); returns the bytes they held."""
+        """Drops the pattern's per-geometry caches (shared with the filters of other values on
+        it) and this store's programs; returns the bytes they held."""
+        released = self.pattern.release_geometries()  # (first: it moves the generation on)
         with self.lock:
             held = [b.nbytes for b in self.device_programs.values() if b is not None]
             self.device_programs.clear()
-        return sum(held) + self.pattern.release_geometries()
+        return released + sum(held)
 
     def values_as(self, dtype: np.dtype) -> np.ndarray:
         with self.lock:

@@ -195,6 +195,23 @@ def test_csr_follows_weight_changes(monkeypatch) -> None:
     assert relative_error(y, reference_conv(x, layer.weight, layer.bias)) < 1e-12
 
 
+@pytest.mark.parametrize("channels", [8, 2])
+def test_a_weight_of_another_shape_is_compressed_anew(channels: int) -> None:
+    """A weight of another shape put in the layer's place (output channels added or pruned
+    away), whose nonzeros the old pattern's indices might still reach: compressed anew, not
+    gathered at the old pattern."""
+    layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3, bias=False)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    layer(x)
+    other = torch.zeros(channels, 3, 3, 3)
+    rows = min(channels, 4)
+    other[:rows] = layer.weight.detach()[:rows]
+    layer.weight = nn.Parameter(other)
+    y = layer(x)
+    assert y.shape == (2, channels, 4, 4)
+    assert relative_error(y, reference_conv(x, other, None)) < 1e-5
+
+
 def test_fused_relu_both_paths() -> None:
     layer = SparseConv2d.from_dense(sparse_conv(3, 4, 3), relu=True)
     x = torch.randn(2, 3, 6, 6)
@@ -236,6 +253,24 @@ def test_sparse_training_step_keeps_pattern() -> None:
 
 def test_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     check_training_steps_keep_the_pattern(monkeypatch, "cpu")
+
+
+def test_training_steps_leave_no_filters_behind() -> None:
+    """Each step's filters (forward and transposed) replace the last step's in the op's caches:
+    they do not pile up with the steps (each would keep its arrays, on a GPU device memory)."""
+    from escoin_torch import ops
+
+    layer = SparseConv2d.from_dense(sparse_conv(8, 32, 3, padding=1), sparse_training=True)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    sizes = []
+    for step in range(30):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+        if step in (4, 29):
+            sizes.append((len(ops._filters), len(ops._transposes)))
+    assert sizes[1][0] <= sizes[0][0] + 2 and sizes[1][1] <= sizes[0][1] + 2, sizes
 
 
 @pytest.mark.parametrize("sparse_training", [False, True])

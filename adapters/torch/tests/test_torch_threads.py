@@ -164,3 +164,18 @@ def test_the_cache_holds_about_what_is_alive() -> None:
     assert len(cache) <= 2 * max(TensorCache.FIRST_PURGE, 2 * len(alive))
     for i, t in enumerate(alive):  # the live ones are still there
         cache.get((t,), i, lambda: pytest.fail("a live entry was purged"))
+
+
+def test_an_entry_of_a_group_replaces_the_groups_last() -> None:
+    """With one_per, a new entry replaces the last one whose leading tensors are the same (a
+    training step's CSR values, the last step's), though its tensors are still alive; other
+    groups keep theirs."""
+    cache: TensorCache[object] = TensorCache()
+    pattern, other = torch.arange(5), torch.arange(6)
+    old, new = torch.randn(4), torch.randn(4)
+    kept = cache.get((other, old), "extra", object, one_per=1)
+    first = cache.get((pattern, old), "extra", object, one_per=1)
+    cache.get((pattern, new), "extra", object, one_per=1)
+    assert len(cache) == 2
+    assert cache.get((pattern, old), "extra", object, one_per=1) is not first  # built again
+    assert cache.get((other, old), "extra", object, one_per=1) is kept

@@ -200,9 +200,10 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
                                           void* program, size_t bytes);
 /* Where escoin_tile_program_build puts each weight: slots[j] is the index of the 32-bit word that
  * holds values[j] (as float32) in the program it builds for this row_ptr and these offsets, for
- * every j < count, count being the filter's nonzeros (row_ptr[M]). Every other word of the
- * program depends on row_ptr and the offsets only, so the program of new values on the same
- * pattern is the old program with values[j] written at word slots[j]: callers whose weights
+ * every j < count, count being the filter's nonzeros (row_ptr[M]; row_ptr[0] must be 0). Every
+ * other word of the program depends on row_ptr, the offsets and ESCOIN_TILE_FORM only, so the
+ * program of new values on the same pattern (built under the same ESCOIN_TILE_FORM) is the old
+ * program with values[j] written at word slots[j]: callers whose weights
  * change but keep their pattern (training) need not build it again. In the row-group form a
  * word stays 0 where a row of the group has no entry; slots repeat only where a row repeats a
  * column (that form adds such values, so a caller rewriting them must add them too). Checks as

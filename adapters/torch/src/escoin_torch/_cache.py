@@ -61,6 +61,10 @@ class TensorCache(Generic[T]):
     number of tensors that ever passed through, only with the number alive (at most about twice
     it), and a purge's pass over the entries costs each insertion O(1). (A purge at every
     insertion made a training step's new CSR values cost a pass over every layer's entries.)
+    Callers whose entries go stale as a group, with tensors still alive, say so (``one_per``):
+    a training step's CSR values replace the last step's, whose filter would otherwise keep its
+    device memory until a purge (and, through the transposed values it keeps alive, other
+    caches' entries too).
     """
 
     FIRST_PURGE = 64
@@ -69,11 +73,14 @@ class TensorCache(Generic[T]):
         self._entries: Dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
         self._purge_at = self.FIRST_PURGE
+        self._latest: Dict[Hashable, Hashable] = {}  # a group's (one_per) entry
 
     def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, build: Callable[[], T],
-            verify: bool = False) -> T:
+            verify: bool = False, one_per: int = 0) -> T:
         """The cached value for these tensors' current contents, built with ``build()`` if absent
-        or stale. ``verify`` also compares the contents with a snapshot taken at build time."""
+        or stale. ``verify`` also compares the contents with a snapshot taken at build time.
+        With ``one_per`` k, an entry built replaces the one built last whose first k tensors
+        (and extra) are the same: one entry per CSR pattern, say, the latest values'."""
         # (A list made into a tuple, plain loops below: this lookup runs on every call of the
         # op, and generator expressions cost a few microseconds more there.)
         key = (tuple([_contents_key(t, t.untyped_storage()._cdata) for t in tensors]), extra)
@@ -86,6 +93,7 @@ class TensorCache(Generic[T]):
             if len(self._entries) >= self._purge_at:
                 for stale in [k for k, e in self._entries.items() if e.expired]:
                     del self._entries[stale]
+                self._latest = {g: k for g, k in self._latest.items() if k in self._entries}
                 self._purge_at = max(self.FIRST_PURGE, 2 * len(self._entries))
             raced = self._entries.get(key)
             if raced is not None and raced.valid(tensors):
@@ -95,6 +103,12 @@ class TensorCache(Generic[T]):
                 # go, maybe before the kernel reading them was launched.)
                 return raced.value
             self._entries[key] = _Entry([TensorStamp(t) for t in tensors], snapshot, value)
+            if one_per:
+                group = (key[0][:one_per], extra)
+                replaced = self._latest.get(group)
+                if replaced is not None and replaced != key:
+                    self._entries.pop(replaced, None)
+                self._latest[group] = key
         return value
 
     def clear(self) -> None:

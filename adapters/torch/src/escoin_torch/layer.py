@@ -60,10 +60,11 @@ class SparseConv2d(nn.Conv2d):
     The CSR is rebuilt lazily when the weight's memory or version counter changes (a cheap check
     per call, not a recompression); where the changed weight keeps the CSR's pattern (an
     optimiser step of sparse training) only the values are gathered again, on the weight's
-    device, and escoin's filters follow with the pattern's offsets and programs reused. Under ``torch.compile`` that check cannot be traced: the CSR
-    in use is the one built before compiling (by :meth:`from_dense`, :func:`escoin_torch.sparsify`
-    or one eager forward); after changing weights of a compiled model call
-    :meth:`refresh_csr` (or run one eager forward) before using it again.
+    device, and escoin's filters follow with the pattern's offsets and programs reused. Under
+    ``torch.compile`` that check cannot be traced: the CSR in use is the one built before
+    compiling (by :meth:`from_dense`, :func:`escoin_torch.sparsify` or one eager forward);
+    after changing weights of a compiled model call :meth:`refresh_csr` (or run one eager
+    forward) before using it again.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
@@ -300,9 +301,11 @@ def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compres
     """Where the weight's nonzeros are exactly those of `state`'s CSR (what an optimiser step of
     sparse training leaves), the CSR compressing it would give, from the pattern's own tensors
     and a gather of the new values: one count on the weight's device (a synchronisation) in
-    place of compressing on the host. Elsewhere (weights pruned or grown) None. The unchanged
-    row_ptr and col_idx tensors let the op derive the new filter from the last one's pattern
-    (ops._filter)."""
+    place of compressing on the host. Elsewhere (weights pruned or grown, a weight of another
+    shape or dtype put in its place) None. The unchanged row_ptr and col_idx tensors let the op
+    derive the new filter from the last one's pattern (ops._filter)."""
+    if tuple(weight.shape) != state.csr.shape or weight.dtype != state.csr.values.dtype:
+        return None
     flat = weight.detach().reshape(-1)
     values = flat[state.flat_index]
     # Escoin stores w where w != 0 (a NaN too), as count_nonzero counts: every value at the
@@ -322,8 +325,9 @@ class _AttachToWeight(torch.autograd.Function):
     """Returns the cached CSR values unchanged, but routes their gradient into the dense weight.
 
     Gathering ``weight.reshape(-1)[flat_index]`` on every call would work too, but it creates new
-    values each call and so a new escoin filter (a host round trip) each call. The cached values
-    equal that gather because the CSR is rebuilt whenever the weight changes.
+    values each call and so a new escoin filter each call (derived from the pattern's, a copy
+    of the values to the host). The cached values equal that gather because the CSR follows
+    every change of the weight.
     """
 
     @staticmethod

@@ -90,16 +90,18 @@ class PreparedFilter:
 
 
 # The filter per CSR contents (and hence per device): building one costs a host copy of the CSR
-# and, on CUDA, an upload; both must stay out of the steady state and of graph capture.
+# and, on CUDA, an upload; both must stay out of the steady state and of graph capture. One per
+# pattern (row_ptr, col_idx): a training step's values replace the last step's.
 _filters: TensorCache[PreparedFilter] = TensorCache()
 # The input-gradient CSR per forward CSR, so eval-mode input gradients (saliency, adversarial
 # examples) transpose the weight once per weight version rather than once per backward.
 _transposes: TensorCache[CSRWeight] = TensorCache()
-# Per pattern (row_ptr, col_idx): its first filter, and its transpose's pattern. A training step
-# changes a CSR's values and keeps its pattern (escoin_torch.layer), so the next step's filter
-# is the first one's with_values (the stretched offsets and program layouts shared, nothing
-# derived again) and its transpose a gather of the new values.
-_patterns: TensorCache[PreparedFilter] = TensorCache()
+# Per pattern (row_ptr, col_idx): a filter of its first values, in host memory only, and its
+# transpose's pattern. A training step changes a CSR's values and keeps its pattern
+# (escoin_torch.layer), so the next step's filter is that one's with_values (the stretched
+# offsets and program layouts shared, nothing derived again) and its transpose a gather of the
+# new values.
+_patterns: TensorCache[escoin.SparseFilter] = TensorCache()
 _transpositions: TensorCache[Transposition] = TensorCache()
 
 
@@ -637,7 +639,7 @@ def _transposed(csr: CSRWeight) -> CSRWeight:
                                       for t in plain):
         return pattern.of(csr.values)
     return _transposes.get(plain, (csr.shape, csr.groups), lambda: pattern.of(csr.values),
-                           verify=on_host)
+                           verify=on_host, one_per=2)
 
 
 def _unwrapped(tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -665,20 +667,22 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
         return PreparedFilter(filt if on_host else filt.cuda(values.device.index))
 
     def build() -> PreparedFilter:
-        fresh: List[PreparedFilter] = []
+        fresh: List[escoin.SparseFilter] = []
 
-        def first_of_pattern() -> PreparedFilter:
-            fresh.append(on_device(escoin.SparseFilter.from_csr(
+        def first_of_pattern() -> escoin.SparseFilter:
+            fresh.append(escoin.SparseFilter.from_csr(
                 row_ptr.cpu().numpy(), col_idx.cpu().numpy(), host_numpy(values),
-                tuple(weight_shape), groups=groups)))
-            return fresh[0]
+                tuple(weight_shape), groups=groups))
+            # What later values derive from: its pattern, and values in host memory only (the
+            # filter the calls run keeps its device arrays, and goes when its values do).
+            return fresh[0].with_values(fresh[0].values)
 
-        first = _patterns.get((row_ptr, col_idx), (tuple(weight_shape), groups),
-                              first_of_pattern, verify=on_host)
-        return fresh[0] if fresh else on_device(first.filt.with_values(host_numpy(values)))
+        base = _patterns.get((row_ptr, col_idx), (tuple(weight_shape), groups),
+                             first_of_pattern, verify=on_host)
+        return on_device(fresh[0] if fresh else base.with_values(host_numpy(values)))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
-                        verify=on_host)
+                        verify=on_host, one_per=2)
 
 
 def _empty_output(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
