@@ -175,6 +175,25 @@ def test_sees_in_place_and_data_writes(case: tuple) -> None:
     assert relative_error(sparse_conv2d(x, csr), expected) < 1e-5
 
 
+@pytest.mark.parametrize("in_order", [True, False])
+def test_new_values_on_one_pattern_each_compute_their_own(case: tuple, in_order: bool) -> None:
+    """Calls with one CSR's row_ptr and col_idx and new values each time (training steps): each
+    computes with its values (float64 reference), also where a row lists its columns out of
+    order (escoin's filter sorts them, so the values must follow)."""
+    x, csr, weight, _ = case
+    if not in_order:  # each row's entries reversed
+        rows = torch.repeat_interleave(torch.arange(csr.shape[0]), csr.row_ptr.diff())
+        order = torch.argsort(rows * csr.col_idx.numel() - torch.arange(csr.col_idx.numel()))
+        csr = csr._replace(col_idx=csr.col_idx[order], values=csr.values[order])
+    gen = torch.Generator().manual_seed(31)
+    for _ in range(3):
+        values = torch.randn(csr.values.shape, generator=gen, dtype=csr.values.dtype)
+        dense = torch.zeros(weight.numel(), dtype=torch.float64)
+        dense[csr.flat_index()] = values.double()
+        expected = reference_conv(x, dense.view_as(weight), None, groups=2)
+        assert relative_error(sparse_conv2d(x, csr._replace(values=values)), expected) < 1e-5
+
+
 def _op_args(case: tuple, dtype: torch.dtype, relu: bool, requires_grad: bool) -> tuple:
     x, csr, _, bias = case
     t = lambda v: v.to(dtype).detach().requires_grad_(requires_grad)  # noqa: E731

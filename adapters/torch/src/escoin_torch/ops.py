@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import escoin
+import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -666,20 +667,28 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     def on_device(filt: escoin.SparseFilter) -> PreparedFilter:
         return PreparedFilter(filt if on_host else filt.cuda(values.device.index))
 
+    def from_csr() -> escoin.SparseFilter:
+        return escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
+                                            host_numpy(values), tuple(weight_shape),
+                                            groups=groups)
+
     def build() -> PreparedFilter:
         fresh: List[escoin.SparseFilter] = []
 
-        def first_of_pattern() -> escoin.SparseFilter:
-            fresh.append(escoin.SparseFilter.from_csr(
-                row_ptr.cpu().numpy(), col_idx.cpu().numpy(), host_numpy(values),
-                tuple(weight_shape), groups=groups))
+        def first_of_pattern() -> Optional[escoin.SparseFilter]:
+            fresh.append(from_csr())
             # What later values derive from: its pattern, and values in host memory only (the
-            # filter the calls run keeps its device arrays, and goes when its values do).
-            return fresh[0].with_values(fresh[0].values)
+            # filter the calls run keeps its device arrays, and goes when its values do). Not
+            # where a row's columns were out of order: from_csr sorted them, and with_values
+            # takes values in the filter's order.
+            in_order = np.array_equal(fresh[0].col_idx, col_idx.cpu().numpy())
+            return fresh[0].with_values(fresh[0].values) if in_order else None
 
         base = _patterns.get((row_ptr, col_idx), (tuple(weight_shape), groups),
                              first_of_pattern, verify=on_host)
-        return on_device(fresh[0] if fresh else base.with_values(host_numpy(values)))
+        if fresh or base is None:
+            return on_device(fresh[0] if fresh else from_csr())
+        return on_device(base.with_values(host_numpy(values)))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
                         verify=on_host, one_per=2)
