@@ -114,7 +114,7 @@ def test_groups_must_divide_out_channels() -> None:
 
 
 def test_negative_threshold() -> None:
-    with pytest.raises(EscoinError, match="threshold must be >= 0"):
+    with pytest.raises(EscoinError, match="threshold must be a real number >= 0"):
         escoin.SparseFilter.from_dense(np.ones((4, 3, 3, 3), np.float32), threshold=-1.0)
 
 

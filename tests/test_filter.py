@@ -64,6 +64,76 @@ def test_save_load_round_trip(tmp_path, dtype) -> None:
     np.testing.assert_array_equal(escoin.conv2d(x, loaded), escoin.conv2d(x, filt))
 
 
+def test_save_and_load_take_the_same_path_without_its_suffix(tmp_path) -> None:
+    """save appends .npz where the path lacks it (np.savez does), and load finds it there."""
+    filt = escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.4, seed=14))
+    filt.save(tmp_path / "layer")
+    assert (tmp_path / "layer.npz").exists()
+    np.testing.assert_array_equal(escoin.SparseFilter.load(tmp_path / "layer").to_dense(),
+                                  filt.to_dense())
+
+
+def _filter_file(path, **changes) -> None:
+    """A filter file as save writes it, with `changes` to its arrays."""
+    filt = escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.4, seed=15))
+    arrays = dict(row_ptr=filt.row_ptr, col_idx=filt.col_idx, values=filt.values,
+                  values_dtype=np.array("float32"), shape=np.array(filt.shape, np.int64),
+                  groups=np.array(1, np.int64), format=np.array("escoin-csr-1"))
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("contents, message", [
+    (b"", "is not an escoin filter file"),
+    (b"\x00garbage" * 10, "is not an escoin filter file"),
+    ("truncated", "is not an escoin filter file"),
+    ("one array", "holds one array"),
+    (dict(values=np.ones(1, np.float16), values_dtype=np.array("bfloat16")),
+     "tags its values bfloat16 but stores float16"),
+    (dict(values_dtype=np.array("float16")), "tags its values float16 but stores float32"),
+    (dict(shape=np.ones((2, 2), np.int64)), "holds a shape of"),
+    (dict(groups=np.ones(1, np.int64)), "holds a shape of"),
+    (dict(shape=np.array([4.0, 2.5, 3, 3])), "holds a shape of"),
+])
+def test_a_corrupt_filter_file_is_refused_by_name(tmp_path, contents: object,
+                                                  message: str) -> None:
+    """Whatever a damaged or foreign file holds, load says which file and what is wrong, and
+    never reinterprets stored values under a tag they do not match."""
+    path = tmp_path / "bad.npz"
+    if isinstance(contents, dict):
+        _filter_file(path, **contents)
+    elif contents == "truncated":
+        _filter_file(path)
+        path.write_bytes(path.read_bytes()[:100])
+    elif contents == "one array":
+        np.save(path, np.ones(3))
+        path = tmp_path / "bad.npz.npy"
+    else:
+        path.write_bytes(contents)
+    with pytest.raises(escoin.EscoinError, match=message):
+        escoin.SparseFilter.load(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: escoin.SparseFilter.from_csr([0, 0], [], np.array([], np.float32),
+                                          (1, 2**40, 2**40, 1)), "too large"),
+    (lambda: escoin.SparseFilter.from_dense(np.ones((2, 2, 1, 1), np.float32), threshold=None),
+     "threshold must be a real number"),
+    (lambda: escoin.SparseFilter.from_dense(np.ones((2, 2, 1, 1), np.float32),
+                                            threshold=np.array([0.5])),
+     "threshold must be a real number"),
+    (lambda: escoin.SparseFilter.from_dense(np.ones((2, 2, 1, 1), np.float32)).astype(None),
+     "got None"),
+    (lambda: escoin.host_workspace(-5), "nbytes must be a non-negative int"),
+    (lambda: escoin.conv2d(np.ones((1, 2, 3, 3), np.float32),
+                           escoin.SparseFilter.from_dense(np.ones((2, 2, 1, 1), np.float32)),
+                           stream=5), "stream must be None or 0 for a NumPy x"),
+])
+def test_bad_arguments_are_named(make, message: str) -> None:
+    with pytest.raises(escoin.EscoinError, match=message):
+        make()
+
+
 def test_astype() -> None:
     filt = escoin.SparseFilter.from_dense(pruned((3, 3, 3, 3), 0.5, seed=6))
     doubled = filt.astype(np.float64)

@@ -2,6 +2,7 @@
 on the CPU (NumPy arrays) or on a GPU (CUDA arrays), plus the raw-pointer call sconv."""
 from __future__ import annotations
 
+import numbers
 import threading
 from typing import Optional, Sequence, Tuple, Union
 
@@ -88,6 +89,9 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
                             stream_handle(stream), residual, bool(tensor_cores))
     if isinstance(x, np.ndarray):
+        if stream is not None and stream_handle(stream) != 0:
+            raise EscoinError(f"stream must be None or 0 for a NumPy x (the CPU call runs now), "
+                              f"got {stream!r}")
         return _conv2d_cpu(x, filt, bias, stride, padding, dilation, relu, out, workspace,
                            residual)
     raise EscoinError(f"x must be a NumPy array or a CUDA array (__cuda_array_interface__ or "
@@ -156,6 +160,8 @@ def host_workspace(nbytes: int) -> np.ndarray:
     """This thread's reusable host workspace, at least `nbytes` bytes: what conv2d uses on the
     CPU when no workspace is given, for callers of ``sconv(..., device="cpu")`` too. It grows and
     never shrinks; the next CPU call of the same thread may overwrite it."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
+        raise EscoinError(f"nbytes must be a non-negative int, got {nbytes!r}")
     if _thread_workspace.buffer.nbytes < nbytes:
         _thread_workspace.buffer = np.empty(nbytes, np.uint8)
     return _thread_workspace.buffer
@@ -313,6 +319,10 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
     call checks every offset against the geometry unless ``offsets_trusted=True``, which only
     offsets from ``host_pointers`` of an unchanged filter may claim (their check costs as much as
     the convolution on small planes); wrong offsets are then undefined behaviour.
+
+    Pointers carry no lengths, so no check can see an array shorter than the call reads: row_ptr
+    must hold M + 1 entries (M from weight_shape) and offsets and values row_ptr[M] each (as a
+    filter's own arrays do); a row_ptr[M] past them is read past them, the check included.
 
     The workspace needs :func:`workspace_size` bytes for this geometry and dtype (with
     ``tensor_cores=True`` where mma_program_ptr is given).

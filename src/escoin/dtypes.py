@@ -24,6 +24,8 @@ def dtype_name(dtype: object, name: str = "dtype") -> str:
     checked to be one escoin computes with; `name` is used in the error message."""
     if isinstance(dtype, str) and dtype in CPU_DTYPES:
         return dtype
+    if dtype is None:  # (NumPy reads None as float64: no default is meant here)
+        raise EscoinError(f"{name} must be float32, float64, float16 or bfloat16, got None")
     try:
         found = np.dtype(dtype).name
     except TypeError:

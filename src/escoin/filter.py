@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import zipfile
 from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -54,8 +55,9 @@ class SparseFilter:
                               f"{dense.shape}")
         stored = dense.dtype
         groups = _check_groups(groups, dense.shape[0])
-        if not (threshold >= 0):
-            raise EscoinError(f"threshold must be >= 0, got {threshold!r}")
+        if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                or not threshold >= 0):
+            raise EscoinError(f"threshold must be a real number >= 0, got {threshold!r}")
         # A 16-bit weight is compressed widened (exactly) to float32, its values stored back.
         computed = compute_dtype(dtype_name(stored, "weight"))
         dense = np.ascontiguousarray(dense, computed)
@@ -336,7 +338,8 @@ class SparseFilter:
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the CSR arrays, shape and groups to an .npz file (bfloat16 values as their bits:
-        .npz has no bfloat16 type)."""
+        .npz has no bfloat16 type); ".npz" is appended to a path without it, as NumPy does, and
+        :meth:`load` finds the file by the same path."""
         s = self._store
         bfloat16 = s.values.dtype.name == "bfloat16"
         np.savez(path, row_ptr=s.row_ptr, col_idx=s.col_idx,
@@ -347,8 +350,21 @@ class SparseFilter:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SparseFilter":
-        """Reads a filter written by :meth:`save`, validating it."""
-        with np.load(path, allow_pickle=False) as data:
+        """Reads a filter written by :meth:`save` (at the path given to save), validating it."""
+        path = os.fspath(path)
+        if not os.path.exists(path) and os.path.exists(path + ".npz"):
+            path += ".npz"  # (save's np.savez appended it)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
+                              f"SparseFilter.save): {error}") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
+                              f"SparseFilter.save): it holds one array")
+        with data:
             if "format" not in data or str(data["format"]) != "escoin-csr-1":
                 raise EscoinError(f"{path} is not an escoin filter file")
             missing = [key for key in ("row_ptr", "col_idx", "values", "shape", "groups")
@@ -356,17 +372,40 @@ class SparseFilter:
             if missing:
                 raise EscoinError(f"{path} lacks the arrays {missing}: not a whole escoin "
                                   "filter file")
-            values = data["values"]
-            if "values_dtype" in data and str(data["values_dtype"]) == "bfloat16":
-                values = values.view(numpy_dtype("bfloat16"))
+            values = _stored_values(data, path)
+            shape, groups = data["shape"], data["groups"]
+            if (shape.shape != (4,) or groups.shape != ()
+                    or not all(np.issubdtype(a.dtype, np.integer) for a in (shape, groups))):
+                raise EscoinError(f"{path} holds a shape of {shape.shape} {shape.dtype} and "
+                                  f"groups of {groups.shape} {groups.dtype}: escoin writes 4 "
+                                  "integers and one integer")
             return cls.from_csr(data["row_ptr"], data["col_idx"], values,
-                                tuple(int(v) for v in data["shape"]), int(data["groups"]))
+                                tuple(int(v) for v in shape), int(groups))
+
+
+def _stored_values(data: "np.lib.npyio.NpzFile", path: str) -> np.ndarray:
+    """A filter file's values in their dtype: bfloat16 is stored as its bits (uint16), tagged;
+    a tag that does not match what is stored is a corrupt file, not a dtype to reinterpret."""
+    values = data["values"]
+    tag = str(data["values_dtype"]) if "values_dtype" in data else values.dtype.name
+    if tag == "bfloat16":
+        if values.dtype != np.uint16:
+            raise EscoinError(f"{path} tags its values bfloat16 but stores {values.dtype} "
+                              "(save writes bfloat16 as uint16 bits)")
+        return values.view(numpy_dtype("bfloat16"))
+    if tag != values.dtype.name:
+        raise EscoinError(f"{path} tags its values {tag} but stores {values.dtype}")
+    return values
 
 
 def _shape4(shape: object) -> Tuple[int, int, int, int]:
     items = ints(shape, "shape", 4, "(M, C/groups, kh, kw)")
     if min(items) < 1:
         raise EscoinError(f"shape must be 4 positive ints (M, C/groups, kh, kw), got {shape!r}")
+    # A row's columns are int32 (col_idx), and the rows an int64 count.
+    if items[1] * items[2] * items[3] > np.iinfo(np.int32).max or items[0] >= 2**62:
+        raise EscoinError(f"shape {tuple(items)} is too large: a row's C/groups * kh * kw "
+                          f"columns must fit int32 (col_idx)")
     return items  # type: ignore[return-value]
 
 
