@@ -356,9 +356,9 @@ class SparseFilter:
             path += ".npz"  # (save's np.savez appended it)
         try:
             data = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            if isinstance(error, FileNotFoundError):
-                raise
             raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
                               f"SparseFilter.save): {error}") from None
         if not isinstance(data, np.lib.npyio.NpzFile):

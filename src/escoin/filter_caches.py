@@ -121,18 +121,29 @@ class Pattern:
             if key in self.tile_layouts:
                 return self.tile_layouts[key]
         # Built outside the lock (offsets() takes it); a racing thread builds the same.
-        offsets = self.offsets(desc)
-        args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data)
-        nbytes = _core.program_size("tile", *args, values32.ctypes.data)
+        program = self.program("tile", desc, values32)
         layout = None
-        if nbytes:
-            program = np.empty(nbytes, np.uint8)
-            _core.program_build("tile", *args, values32.ctypes.data, program.ctypes.data, nbytes)
+        if program is not None:
             slots = np.empty(self.col_idx.size, np.int64)
-            _core.tile_program_weight_slots(*args, slots.ctypes.data, slots.size)
+            _core.tile_program_weight_slots(desc, self.row_ptr.ctypes.data,
+                                            self.offsets(desc).ctypes.data, slots.ctypes.data,
+                                            slots.size)
             layout = TileLayout(program, slots)
         with self.lock:
             return self.tile_layouts.setdefault(key, layout)
+
+    def program(self, kind: str, desc: tuple, values32: np.ndarray) -> Optional[np.ndarray]:
+        """A CUDA kernel's program for desc and these float32 values (host bytes): the staged
+        kernel's ("tile") or the tensor-core kernel's ("mma"); None where that kernel would not
+        pay or run."""
+        args = (desc, self.row_ptr.ctypes.data, self.offsets(desc).ctypes.data,
+                values32.ctypes.data)
+        nbytes = _core.program_size(kind, *args)
+        if nbytes == 0:
+            return None
+        program = np.empty(nbytes, np.uint8)
+        _core.program_build(kind, *args, program.ctypes.data, nbytes)
+        return program
 
     def release_geometries(self) -> int:
         """Drops every per-geometry cache; returns the bytes they held. Device memory is freed
@@ -235,14 +246,7 @@ class CsrStore:
             program = layout.program.copy()
             program.view(np.float32)[layout.slots] = values32
             return program
-        offsets = self.offsets(desc)
-        args = (desc, self.row_ptr.ctypes.data, offsets.ctypes.data, values32.ctypes.data)
-        nbytes = _core.program_size(kind, *args)
-        if nbytes == 0:
-            return None
-        program = np.empty(nbytes, np.uint8)
-        _core.program_build(kind, *args, program.ctypes.data, nbytes)
-        return program
+        return self.pattern.program(kind, desc, values32)
 
     def device_program(self, kind: str, device: int, desc: tuple) -> int:
         """The device address of a CUDA kernel's program (`kind` as in program()) for desc on
