@@ -7,6 +7,7 @@ from hypothesis import given, settings
 
 import escoin
 from escoin import EscoinError
+from escoin.geometry import descriptor
 from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
 from reference import conv2d_reference, relative_error
 
@@ -82,6 +83,17 @@ def test_prepare_names_a_bad_argument() -> None:
         filt.prepare(x.shape, dtype="float64", device=0)
 
 
+def test_prepare_names_bad_values() -> None:
+    """values are a CUDA call's: a host call or host memory is refused by name, before any
+    device is touched (so this runs without one)."""
+    filt, x, _ = _small_call()
+    with pytest.raises(EscoinError, match="values must be None for a call on the cpu"):
+        filt.prepare(x.shape, padding=1, values=filt.values)
+    for values in (filt.values, list(filt.values), 3.0):
+        with pytest.raises(EscoinError, match="values must be a CUDA array"):
+            filt.prepare(x.shape, padding=1, device=0, values=values)
+
+
 def test_a_call_refuses_to_run_after_its_filter_released_its_geometries() -> None:
     """release_geometries frees the arrays a prepared call points at: the call says so instead
     of reading freed memory, and a call prepared again computes as before."""
@@ -146,3 +158,70 @@ def test_a_prepared_cuda_call_matches_the_reference(case: ConvCase) -> None:
     stream.synchronize()
     expected = _expected(case, residual.cpu().double().numpy())
     assert relative_error(y.cpu().numpy(), expected) <= 1e-5
+
+
+def _new_values_case(case: ConvCase, torch):
+    """A filter of the case's weight, other values on its pattern (never zero: the pattern
+    stays), the dense weight they make, and those values as a CUDA tensor."""
+    filt = escoin.SparseFilter.from_dense(case.weight.astype(np.float32), groups=case.groups)
+    rng = np.random.default_rng(filt.nnz)
+    values = (rng.standard_normal(filt.nnz) + 3.0).astype(np.float32)
+    weight = filt.with_values(values).to_dense().astype(np.float64)
+    return filt, weight, torch.from_numpy(values).cuda()
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None)
+@given(case=staged_conv_cases() | conv_cases())
+def test_a_call_on_device_values_computes_with_them(case: ConvCase) -> None:
+    """prepare(values=...): the call computes with the caller's device values, through the
+    program written for them on the stream (staged cases) or the values alone (the rest), and
+    the filter's own values never reach the device."""
+    torch = pytest.importorskip("torch")
+    filt, weight, values = _new_values_case(case, torch)
+    stream = torch.cuda.Stream()
+    call = filt.cuda(0).prepare(case.x.shape, case.stride, case.padding, case.dilation,
+                                values=values, stream=stream)
+    x = torch.from_numpy(case.x.astype(np.float32)).cuda()
+    bias = None if case.bias is None else torch.from_numpy(case.bias.astype(np.float32)).cuda()
+    y = torch.full(call.output_shape, float("nan"), device="cuda")
+    workspace = torch.empty(call.workspace_bytes, dtype=torch.uint8, device="cuda")
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), 0, case.relu, stream.cuda_stream)
+    stream.synchronize()
+    expected = conv2d_reference(case.x, weight, case.bias, case.stride, case.pads,
+                                case.dilation, case.groups, case.relu)
+    assert relative_error(y.cpu().numpy(), expected) <= 1e-5
+    assert not filt._store.device_values
+
+
+@pytest.mark.cuda
+def test_the_program_written_on_the_device_is_the_one_built_on_the_host() -> None:
+    """Byte for byte, for values other than those the pattern's layout was built with."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((48, 40, 3, 3)) * (rng.random((48, 40, 3, 3)) < 0.2)
+    case = ConvCase(rng.standard_normal((8, 40, 14, 14)), weight, None, (1, 1), (1, 1),
+                    (1, 1, 1, 1), (1, 1), 1, False)
+    filt, _, values = _new_values_case(case, torch)
+    desc = descriptor(case.x.shape, filt.shape, 1, 1, 1, 1)
+    program = filt._store.program_of_device_values(0, desc, values.data_ptr(), 0)
+    assert program is not None
+    written = np.empty(program.nbytes, np.uint8)
+    escoin._core.cuda_stream_synchronize(0, 0)
+    escoin._core.cuda_memcpy(0, written.ctypes.data, program.ptr, program.nbytes, 1)
+    built = filt.with_values(values.cpu().numpy())._store.program("tile", desc)
+    np.testing.assert_array_equal(written, built)
+
+
+@pytest.mark.cuda
+def test_prepare_names_bad_device_values() -> None:
+    torch = pytest.importorskip("torch")
+    filt, x, _ = _small_call()
+    good = torch.ones(filt.nnz, device="cuda")
+    for bad, what in ((good[:-1], "shape"), (good.double(), "float64"),
+                      (torch.ones(2 * filt.nnz, device="cuda")[::2], "not contiguous")):
+        with pytest.raises(EscoinError, match=f"values must be a contiguous 1-d float32.*{what}"):
+            filt.prepare(x.shape, padding=1, device=0, values=bad)

@@ -31,4 +31,8 @@ escoin_status_t escoin_cuda_memcpy(int, void*, const void*, size_t, int) {
 }
 escoin_status_t escoin_cuda_stream_synchronize(int, void*) { return not_compiled(); }
 escoin_status_t escoin_cuda_pointer_device(const void*, int*) { return not_compiled(); }
+escoin_status_t escoin_tile_program_write_weights(void*, const void*, size_t, const int64_t*,
+                                                  const float*, int64_t, int, void*) {
+  return not_compiled();
+}
 }

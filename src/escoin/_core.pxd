@@ -62,6 +62,10 @@ cdef extern from "escoin/escoin.h" nogil:
                                                      const int64_t* row_ptr,
                                                      const int32_t* offsets, int64_t* slots,
                                                      size_t count)
+    escoin_status_t escoin_tile_program_write_weights(void* program, const void* layout,
+                                                      size_t bytes, const int64_t* slots,
+                                                      const float* values, int64_t count,
+                                                      int device, void* stream)
     escoin_status_t escoin_mma_workspace_size(const escoin_conv_desc_t* desc, size_t* bytes)
     escoin_status_t escoin_mma_program_size(const escoin_conv_desc_t* desc,
                                             const int64_t* row_ptr, const int32_t* offsets,

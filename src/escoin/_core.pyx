@@ -198,6 +198,22 @@ def tile_program_weight_slots(tuple desc, object row_ptr, object offsets, object
     check(status)
 
 
+def tile_program_write_weights(object program, object layout, size_t nbytes, object slots,
+                               object values, int64_t count, int device,
+                               object stream) -> None:
+    """Queues on `stream` the tile program of `values` (device float32, count of them) at
+    `program`: the layout's nbytes with each value at its slot (all device memory)."""
+    cdef void* out = ptr(program)
+    cdef const void* src = ptr(layout)
+    cdef const int64_t* at = <const int64_t*>ptr(slots)
+    cdef const float* v = <const float*>ptr(values)
+    cdef void* queue = ptr(stream)
+    cdef escoin_status_t status
+    with nogil:
+        status = escoin_tile_program_write_weights(out, src, nbytes, at, v, count, device, queue)
+    check(status)
+
+
 def program_build(str kind, tuple desc, object row_ptr, object offsets, object values,
                   object program, size_t nbytes) -> None:
     """Writes the program of program_size's kind into `nbytes` bytes at `program`."""
@@ -345,7 +361,8 @@ cdef class PreparedCall:
     does not change from call to call derived and validated once (the descriptor, the filter's
     arrays, the workspace size): run() passes the data pointers straight to the core's entry.
     Built by ``SparseFilter.prepare``; `owner` is the filter's store, whose `generation` changes
-    when its per-geometry arrays are freed (release_geometries), after which run() refuses."""
+    when its per-geometry arrays are freed (release_geometries), after which run() refuses;
+    `borrowed` holds what else the call's addresses point into."""
 
     cdef escoin_conv_desc_t desc
     cdef escoin_dtype_t dtype
@@ -358,10 +375,11 @@ cdef class PreparedCall:
     cdef readonly tuple output_shape
     cdef object owner
     cdef object generation
+    cdef object borrowed
 
     def __init__(self, tuple desc, str dtype, int device, object row_ptr, object offsets,
                  object values, object tile_program, size_t workspace_bytes,
-                 tuple output_shape, object owner):
+                 tuple output_shape, object owner, object borrowed=None):
         self.desc = make_desc(desc)
         self.dtype = dtype_code(dtype)
         self.device = device
@@ -373,6 +391,9 @@ cdef class PreparedCall:
         self.output_shape = output_shape
         self.owner = owner
         self.generation = owner.generation
+        # Memory the call reads that is not the filter's (values a caller passed to prepare and
+        # the program written for them), kept alive as long as the call is.
+        self.borrowed = borrowed
 
     cdef bint _current(self):
         return self.owner.generation == self.generation

@@ -10,6 +10,7 @@ import numpy as np
 
 from escoin import _core
 from escoin._errors import EscoinError
+from escoin.cuda_arrays import cuda_view, is_cuda_array, stream_handle
 from escoin.dtypes import compute_dtype, dtype_name, numpy_dtype
 from escoin.filter_caches import MANY_GEOMETRIES, CsrStore, DevicePointers
 from escoin.geometry import ints
@@ -229,7 +230,8 @@ class SparseFilter:
 
     def prepare(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
                 dilation: object = 1, dtype: object = "float32",
-                device: Union[int, str, None] = None) -> "_core.PreparedCall":
+                device: Union[int, str, None] = None, values: object = None,
+                stream: object = None) -> "_core.PreparedCall":
         """A call of this filter on inputs of `input_shape` in `dtype` with this geometry, on
         CUDA device `device` (default: the filter's device, or the CPU for a host filter) or
         with ``device="cpu"`` on the host, derived and validated once, for callers that repeat
@@ -242,7 +244,19 @@ class SparseFilter:
         that device (host memory with ``device="cpu"``), y and residual contiguous NCHW of
         output_shape, x contiguous NCHW of input_shape, all in `dtype` but the workspace; the
         CUDA call is queued on `stream`, the CPU call runs now. After
-        :meth:`release_geometries` the call refuses to run: prepare it again."""
+        :meth:`release_geometries` the call refuses to run: prepare it again.
+
+        ``values`` (CUDA calls only): a CUDA array (``__cuda_array_interface__`` or DLPack) of
+        the filter's nnz float32 values on `device`, contiguous, in the order of
+        :attr:`values`, which the call computes with instead of the filter's own (those never
+        reach the device). For values that change while the pattern stays (a training step's):
+        the staged kernel's program for them is written on the device, queued on `stream`
+        (None: the legacy default stream), so the call costs no host copy of the values and no
+        synchronisation once the pattern's layout for this geometry is on the device (the first
+        such call uploads it). The call reads `values` in place and keeps the array alive:
+        values written later need a new prepare, since the program holds the old ones. The
+        program's memory is allocated on `stream` and freed on it when the call goes, so runs on
+        other streams must be ordered after `stream`'s work, and before that free."""
         from escoin.geometry import descriptor
 
         name = dtype_name(dtype)
@@ -253,6 +267,10 @@ class SparseFilter:
         output_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
         workspace_bytes = _core.workspace_size(desc, name)
         if device == "cpu":
+            if values is not None:
+                raise EscoinError("values must be None for a call on the cpu: a host call "
+                                  "computes with the filter's own values (with_values makes a "
+                                  "filter of others)")
             arrays = self.host_pointers(input_shape, stride, padding, dilation, dtype=name)
             return _core.PreparedCall(desc, name, -1, arrays.row_ptr, arrays.offsets,
                                       arrays.values, 0, workspace_bytes, output_shape,
@@ -262,10 +280,37 @@ class SparseFilter:
         if name == "float64":
             raise EscoinError("dtype float64 runs on the CPU only (device='cpu'); CUDA computes "
                               "float32, float16 and bfloat16")
+        if values is not None:
+            return self._prepare_with_values(desc, name, int(device), values, stream,
+                                             workspace_bytes, output_shape)
         pointers = self._store.device_arrays(int(device), desc)  # (desc validated above)
         return _core.PreparedCall(desc, name, int(device), pointers.row_ptr, pointers.offsets,
                                   pointers.values, pointers.tile_program, workspace_bytes,
                                   output_shape, self._store)
+
+    def _prepare_with_values(self, desc: tuple, dtype: str, device: int, values: object,
+                             stream: object, workspace_bytes: int,
+                             output_shape: Tuple[int, ...]) -> "_core.PreparedCall":
+        """prepare's CUDA call on the caller's device `values` (prepare's docstring)."""
+        queue = stream_handle(stream)
+        if not is_cuda_array(values):
+            raise EscoinError(f"values must be a CUDA array (__cuda_array_interface__ or "
+                              f"__dlpack__) on device {device}, got {type(values).__name__}")
+        view = cuda_view(values, "values", queue)
+        if view.shape != (self.nnz,) or view.dtype != np.float32 or not view.contiguous:
+            raise EscoinError(f"values must be a contiguous 1-d float32 array of the filter's "
+                              f"{self.nnz} nonzeros, got shape {view.shape} of {view.dtype}"
+                              f"{'' if view.contiguous else ', not contiguous'}")
+        if self.nnz and view.device != device:
+            raise EscoinError(f"values must be on CUDA device {device}, got device "
+                              f"{view.device}")
+        row_ptr, offsets = self._store.pattern.device_arrays(device, desc)
+        program = None
+        if desc[0] >= _core.tile_min_batch():
+            program = self._store.program_of_device_values(device, desc, view.ptr, queue)
+        return _core.PreparedCall(desc, dtype, device, row_ptr, offsets, view.ptr,
+                                  0 if program is None else program.ptr, workspace_bytes,
+                                  output_shape, self._store, borrowed=(view, program))
 
     def release_geometries(self) -> int:
         """Frees what the filter keeps per input geometry (the stretched offsets and their

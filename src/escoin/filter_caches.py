@@ -7,7 +7,8 @@ pattern) share what the pattern alone decides:
 
 * :class:`Pattern`: row_ptr, col_idx, shape, groups, the stretched offsets per geometry and their
   device copies, row_ptr's device copies, and the tile programs' layouts (a program with the
-  words that hold its weights) where a filter of new values asked for one;
+  words that hold its weights) where a filter of new values asked for one, on the host or, for
+  values a caller keeps on a device (``SparseFilter.prepare(values=...)``), uploaded;
 * :class:`CsrStore`: one filter's values (cast per dtype, copied per device) and its programs,
   over a Pattern.
 
@@ -50,6 +51,14 @@ class TileLayout(NamedTuple):
     slots: np.ndarray    # int64, one per nonzero
 
 
+class DeviceTileLayout(NamedTuple):
+    """A TileLayout uploaded to one device, from which the program of values on that device is
+    written there (_core.tile_program_write_weights)."""
+
+    program: DeviceBuffer
+    slots: DeviceBuffer
+
+
 class Pattern:
     """A filter's nonzero pattern and what is derived from it alone (module docstring)."""
 
@@ -67,6 +76,7 @@ class Pattern:
         # Per geometry and forced form (ESCOIN_TILE_FORM, read by the builder); None: the
         # staged kernel would not pay for that geometry, so there is no program.
         self.tile_layouts: Dict[tuple, Optional[TileLayout]] = {}
+        self.device_tile_layouts: Dict[tuple, Optional[DeviceTileLayout]] = {}
         self.warned_of_geometries = False
         # Counts release_geometries calls: a prepared call (SparseFilter.prepare) holds the
         # per-geometry arrays' addresses and refuses to run once this moved on. The cell holds
@@ -132,6 +142,21 @@ class Pattern:
         with self.lock:
             return self.tile_layouts.setdefault(key, layout)
 
+    def device_tile_layout(self, device: int, desc: tuple,
+                           values32: np.ndarray) -> Optional[DeviceTileLayout]:
+        """desc's tile layout (tile_layout, `values32` as there) on `device`, uploaded once."""
+        key = (device, offsets_key(desc), os.environ.get("ESCOIN_TILE_FORM"))
+        with self.lock:
+            if key in self.device_tile_layouts:
+                return self.device_tile_layouts[key]
+        # Built outside the lock (tile_layout takes it); a racing thread builds the same.
+        layout = self.tile_layout(desc, values32)
+        built = None if layout is None else DeviceTileLayout(
+            DeviceBuffer.from_host(layout.program, device),
+            DeviceBuffer.from_host(layout.slots, device))
+        with self.lock:
+            return self.device_tile_layouts.setdefault(key, built)
+
     def program(self, kind: str, desc: tuple, values32: np.ndarray) -> Optional[np.ndarray]:
         """A CUDA kernel's program for desc and these float32 values (host bytes): the staged
         kernel's ("tile") or the tensor-core kernel's ("mma"); None where that kernel would not
@@ -155,11 +180,13 @@ class Pattern:
             self.generation_cell[0] = self.generation
             held = ([a.nbytes for a in self.host_offsets.values()]
                     + [b.nbytes for b in self.device_offsets.values()]
-                    + [t.program.nbytes + t.slots.nbytes for t in self.tile_layouts.values()
+                    + [t.program.nbytes + t.slots.nbytes
+                       for t in [*self.tile_layouts.values(), *self.device_tile_layouts.values()]
                        if t is not None])
             self.host_offsets.clear()
             self.device_offsets.clear()
             self.tile_layouts.clear()
+            self.device_tile_layouts.clear()
             self.warned_of_geometries = False
         return sum(held)
 
@@ -261,6 +288,23 @@ class CsrStore:
                 self.device_programs.setdefault(key, built)
         program = self.device_programs[key]
         return 0 if program is None else program.ptr
+
+    def program_of_device_values(self, device: int, desc: tuple, values: int,
+                                 stream: int) -> Optional[DeviceBuffer]:
+        """The staged kernel's program for desc and the float32 values at device address
+        `values` (one per nonzero, in this pattern's order), written on `stream` into memory
+        allocated (and, when the buffer goes, freed) on it; None where that kernel would not
+        pay. No host copy of the values, no synchronisation once the pattern's layout is on the
+        device."""
+        layout = self.pattern.device_tile_layout(device, desc,
+                                                 self.values_as(np.dtype(np.float32)))
+        if layout is None:
+            return None
+        program = DeviceBuffer(layout.program.nbytes, device, stream)
+        _core.tile_program_write_weights(program.ptr, layout.program.ptr, program.nbytes,
+                                         layout.slots.ptr, values, self.col_idx.size, device,
+                                         stream)
+        return program
 
     def device_arrays(self, device: int, desc: tuple) -> DevicePointers:
         """The filter's device arrays for desc on `device`, uploaded once per device and geometry.

@@ -175,9 +175,17 @@ def check_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch, devic
     first = layer.csr
     compressions = count_calls(monkeypatch, csr_lib, "compress")
     builds = count_calls(monkeypatch, escoin.SparseFilter, "from_csr")
+    host_copies = count_calls(monkeypatch, escoin.SparseFilter, "with_values")
+    on_device = count_calls(monkeypatch, escoin.SparseFilter, "_prepare_with_values")
     for _ in range(3):
         step_matches_float64()
     assert not compressions and not builds
+    # On a GPU the new values stay there: each step's two calls (forward, input gradient) are
+    # prepared on them, and no filter of host values is made.
+    if device == "cuda":
+        assert (len(host_copies), len(on_device)) == (0, 6)
+    else:
+        assert len(host_copies) >= 6 and not on_device
     csr = layer.csr
     assert csr.row_ptr is first.row_ptr and csr.col_idx is first.col_idx
     fresh = csr_lib.from_dense(layer.weight.detach())

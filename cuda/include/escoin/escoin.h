@@ -211,6 +211,16 @@ escoin_status_t escoin_tile_program_build(const escoin_conv_desc_t* desc, const 
 escoin_status_t escoin_tile_program_weight_slots(const escoin_conv_desc_t* desc,
                                                  const int64_t* row_ptr, const int32_t* offsets,
                                                  int64_t* slots, size_t count);
+/* The program of new values on the device, as the note above describes: copies `bytes` bytes of
+ * `layout` (a program escoin_tile_program_build wrote for this pattern and geometry, uploaded) to
+ * `program` and stores values[j] (float32) at 32-bit word slots[j] for every j < count (slots
+ * from escoin_tile_program_weight_slots, uploaded). All four are device memory of `device`;
+ * `program` is 16-byte aligned and does not overlap `layout`. Queued on `stream` (a
+ * cudaStream_t, NULL for the legacy default stream): a forward queued after it on that stream
+ * reads the new program. Slots are trusted: each below bytes / 4. */
+escoin_status_t escoin_tile_program_write_weights(void* program, const void* layout, size_t bytes,
+                                                  const int64_t* slots, const float* values,
+                                                  int64_t count, int device, void* stream);
 
 /* The CUDA entry: all pointers are device memory of `device`; work is queued on `stream`
  * (a cudaStream_t, NULL for the legacy default stream). dtype FLOAT32, FLOAT16 or BFLOAT16

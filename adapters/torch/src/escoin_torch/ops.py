@@ -72,6 +72,10 @@ class PreparedFilter:
 
     filt: escoin.SparseFilter
     launches: Dict[tuple, escoin.PreparedCall] = field(default_factory=dict)
+    # CUDA values the calls compute with in place of filt's own (filt is then the first filter
+    # of their pattern): a training step's new values, which thus never go to the host
+    # (SparseFilter.prepare's `values`).
+    values: Optional["CudaValues"] = None
 
     def __post_init__(self) -> None:
         with _prepared_lock:
@@ -84,8 +88,11 @@ class PreparedFilter:
         key = (shape, device, dtype, stride, padding, dilation)
         found = self.launches.get(key)
         if found is None or not found.current:  # (not current: its filter freed its arrays)
+            # The program for `values` is written on the current stream, ahead of the launch.
+            on_values = {} if self.values is None else dict(
+                values=self.values, stream=torch._C._cuda_getCurrentRawStream(device))
             found = self.filt.prepare(shape, stride, padding, dilation, dtype=dtype,
-                                      device=device)
+                                      device=device, **on_values)
             self.launches[key] = found
         return found
 
@@ -99,11 +106,27 @@ _filters: TensorCache[PreparedFilter] = TensorCache()
 _transposes: TensorCache[CSRWeight] = TensorCache()
 # Per pattern (row_ptr, col_idx): a filter of its first values, in host memory only, and its
 # transpose's pattern. A training step changes a CSR's values and keeps its pattern
-# (escoin_torch.layer), so the next step's filter is that one's with_values (the stretched
-# offsets and program layouts shared, nothing derived again) and its transpose a gather of the
-# new values.
+# (escoin_torch.layer), so the next step's filter is that one's with_values on the host, or
+# on a GPU that one computing with the new values where they are (the stretched offsets and
+# program layouts shared, nothing derived again, no copy to the host), and its transpose a
+# gather of the new values.
 _patterns: TensorCache[escoin.SparseFilter] = TensorCache()
 _transpositions: TensorCache[Transposition] = TensorCache()
+
+
+class CudaValues:
+    """A CUDA values tensor as float32, for SparseFilter.prepare, through the CUDA array
+    interface. Where that is the tensor itself, without a reference to it: the op's caches key
+    on it and never keep it alive (a filter of it is found only while it lives), and a reference
+    from its calls would keep every training step's values, filters and calls. A converted copy
+    (16-bit weights) is held: only these calls use it."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        converted = values.detach().to(torch.float32).contiguous()
+        self.copy = None if converted.data_ptr() == values.data_ptr() else converted
+        self.__cuda_array_interface__ = {
+            "shape": (converted.numel(),), "typestr": "<f4", "strides": None, "version": 3,
+            "data": (converted.data_ptr(), False), "stream": None}
 
 
 def release_geometries() -> int:
@@ -688,7 +711,9 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                              first_of_pattern, verify=on_host)
         if fresh or base is None:
             return on_device(fresh[0] if fresh else from_csr())
-        return on_device(base.with_values(host_numpy(values)))
+        if on_host:
+            return PreparedFilter(base.with_values(host_numpy(values)))
+        return PreparedFilter(base.cuda(values.device.index), values=CudaValues(values))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
                         verify=on_host, one_per=2)
