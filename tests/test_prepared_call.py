@@ -214,6 +214,13 @@ def test_the_program_written_on_the_device_is_the_one_built_on_the_host() -> Non
     escoin._core.cuda_memcpy(0, written.ctypes.data, program.ptr, program.nbytes, 1)
     built = filt.with_values(values.cpu().numpy())._store.program("tile", desc)
     np.testing.assert_array_equal(written, built)
+    # The uploaded layout is the pattern's, per geometry: released with the rest, after which
+    # a call prepared on device values refuses to run.
+    call = filt.cuda(0).prepare(case.x.shape, padding=1, values=values)
+    layout = filt._store.pattern.device_tile_layouts
+    assert len(layout) == 1
+    assert filt.release_geometries() >= 2 * (program.nbytes + 8 * filt.nnz)  # host and device
+    assert not layout and not call.current
 
 
 @pytest.mark.cuda

@@ -7,6 +7,7 @@ import torch
 from torch_helpers import (SeenOps, check_release_geometries, check_training_steps_keep_the_pattern,
                            count_calls, pruned_small_cnn, reference_conv, relative_error,
                            sparse_conv)
+import escoin_torch
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
 from escoin_torch import csr as csr_lib
@@ -236,3 +237,33 @@ def test_release_geometries_cuda() -> None:
 
 def test_training_steps_keep_the_pattern_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     check_training_steps_keep_the_pattern(monkeypatch, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_training_steps_keep_what_they_hold_bounded(dtype: torch.dtype) -> None:
+    """Each step's filters compute with that step's values on the device; the op's caches, the
+    C++ kernel's remembered calls and the device memory the filters hold stay as they were after
+    the first steps, however many steps follow (a filter holding its values, or a call holding
+    its filter, would keep every step's)."""
+    from escoin_torch import ops
+
+    layer = SparseConv2d.from_dense(sparse_conv(8, 32, 3, padding=1), sparse_training=True)
+    layer = layer.to("cuda", dtype).train()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x = torch.randn(4, 8, 12, 12, device="cuda", dtype=dtype)
+
+    def steps(count: int) -> tuple:
+        for _ in range(count):
+            optimizer.zero_grad()
+            layer(x).square().mean().backward()
+            optimizer.step()
+        torch.cuda.synchronize()
+        remembered = ops._native.stats()["remembered"] if ops._native is not None else 0
+        return len(ops._filters), remembered, torch.cuda.memory_allocated()
+
+    escoin_torch.release_geometries()  # (other tests' remembered calls forgotten)
+    filters, remembered, memory = steps(3)
+    assert remembered > 0 or ops._native is None
+    # (other tests' dead entries may be purged meanwhile: the op's cache only shrinks)
+    later = steps(12)
+    assert later[0] <= filters and later[1:] == (remembered, memory)

@@ -132,7 +132,7 @@ def check_release_geometries(device: str) -> None:
             assert not prepared.launches
             pattern = store.pattern
             assert not (pattern.host_offsets or pattern.device_offsets or pattern.tile_layouts
-                        or store.device_programs)
+                        or pattern.device_tile_layouts or store.device_programs)
         assert escoin_torch.release_geometries() == 0
         for x, want in zip(xs, expected):
             assert relative_error(layer(x), want) < 1e-5
