@@ -10,7 +10,9 @@ Each step is forward, cross-entropy loss, backward and an SGD step with momentum
 every weight in place, as any optimiser does). Reported per step, medians over --steps timed
 steps after two untimed ones: dense (PyTorch's default precision), sparse, and sparse without
 the optimiser step (forward and backward only: the weights do not change, so no layer rebuilds
-its filters; the difference to the full sparse step is the optimiser's step plus the rebuilds).
+its filters; the difference to the full sparse step is the optimiser's step plus the rebuilds),
+and sparse with ``escoin_torch.refresh_csrs`` after each optimiser step (every layer's pattern
+checked at once, one synchronisation, instead of one per layer in its forward).
 Only public escoin-torch calls, so that two builds can be timed side by side (PYTHONPATH=the
 other build's site).
 """
@@ -49,8 +51,9 @@ def step_ms(step: Callable[[], object], steps: int, device: torch.device) -> Lis
 
 
 def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
-                  update: bool = True) -> Callable[[], object]:
-    """One step; with `update` False, no optimiser step (the weights stay as they are)."""
+                  update: bool = True, refresh: bool = False) -> Callable[[], object]:
+    """One step; with `update` False, no optimiser step (the weights stay as they are); with
+    `refresh`, escoin_torch.refresh_csrs after the optimiser step."""
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def step() -> object:
@@ -59,6 +62,8 @@ def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
         loss.backward()
         if update:
             optimiser.step()
+        if refresh:
+            escoin_torch.refresh_csrs(model)
         return loss
     return step
 
@@ -84,9 +89,13 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.batch,), device=device)
     print(f"{args.net}, batch {args.batch}, {args.sparsity:.0%} random, {device}, "
           f"{sum(r.path == 'sparse' for r in report)} sparse layers")
-    rows = [(name, step_ms(training_step(model, x, labels, update), args.steps, device))
-            for name, model, update in (("dense", dense, True), ("sparse", sparse, True),
-                                        ("sparse, weights unchanged", sparse, False))]
+    cases = [("dense", dense, True, False), ("sparse", sparse, True, False),
+             ("sparse, weights unchanged", sparse, False, False)]
+    if hasattr(escoin_torch, "refresh_csrs"):  # (builds before it have none)
+        cases.insert(2, ("sparse, refresh_csrs", sparse, True, True))
+    rows = [(name, step_ms(training_step(model, x, labels, update, refresh), args.steps,
+                           device))
+            for name, model, update, refresh in cases]
     for name, times in rows:
         print(f"{name:26s} {statistics.median(times):9.2f} ms a step "
               f"(min {min(times):.2f}, max {max(times):.2f})")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_helpers import (SeenOps, check_release_geometries, check_training_steps_keep_the_pattern,
-                           count_calls, pruned_small_cnn, reference_conv, relative_error,
-                           sparse_conv)
+from torch_helpers import (SeenOps, check_refresh_csrs, check_release_geometries,
+                           check_training_steps_keep_the_pattern, count_calls, pruned_small_cnn,
+                           reference_conv, relative_error, sparse_conv)
 import escoin_torch
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
@@ -237,6 +237,10 @@ def test_release_geometries_cuda() -> None:
 
 def test_training_steps_keep_the_pattern_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     check_training_steps_keep_the_pattern(monkeypatch, "cuda")
+
+
+def test_refresh_csrs_checks_every_layer_at_once_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_refresh_csrs(monkeypatch, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from torch_helpers import (SeenOps, check_training_steps_keep_the_pattern, pruned_small_cnn,
-                           reference_conv, relative_error, sparse_conv, tolerance)
+from torch_helpers import (SeenOps, check_refresh_csrs, check_training_steps_keep_the_pattern,
+                           pruned_small_cnn, reference_conv, relative_error, sparse_conv, tolerance)
 from escoin_torch import SparseConv2d, sparsify
 from escoin_torch import csr as csr_lib
 
@@ -253,6 +253,10 @@ def test_sparse_training_step_keeps_pattern() -> None:
 
 def test_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     check_training_steps_keep_the_pattern(monkeypatch, "cpu")
+
+
+def test_refresh_csrs_checks_every_layer_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_refresh_csrs(monkeypatch, "cpu")
 
 
 def test_training_steps_leave_no_filters_behind() -> None:

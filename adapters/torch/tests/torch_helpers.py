@@ -209,3 +209,47 @@ def check_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch, devic
         step_matches_float64()
         assert layer.csr.nnz == nnz
     assert len(compressions) == 3
+
+
+def check_refresh_csrs(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """escoin_torch.refresh_csrs after an optimiser step checks every layer's pattern at once, so
+    the step's forwards check none; a layer whose weight lost a stored value compresses again
+    there; outputs match float64 throughout."""
+    import escoin_torch
+    from escoin_torch import layer as layer_module
+
+    model = nn.Sequential(*[SparseConv2d.from_dense(sparse_conv(8, 8, 3, padding=1),
+                                                    sparse_training=True) for _ in range(3)])
+    model = model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer.register_step_post_hook(lambda *_: escoin_torch.refresh_csrs(model))
+    x = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(31)).to(device)
+    checks = count_calls(monkeypatch, layer_module, "_check_pattern")
+
+    def step() -> None:
+        checks.clear()
+        optimizer.zero_grad()
+        y = model(x)
+        y.square().mean().backward()
+        assert not checks  # the last step's hook left every CSR current
+        y64 = x.double().cpu()
+        for layer in model:
+            y64 = F.conv2d(y64, layer.weight.detach().double().cpu(),
+                           layer.bias.detach().double().cpu(), padding=1)
+        assert relative_error(y, y64) < 1e-5
+        optimizer.step()
+        assert len(checks) == 3  # all in the hook, together
+
+    step()
+    first = [layer.csr for layer in model]
+    step()
+    step()
+    assert all(layer.csr.row_ptr is csr.row_ptr for layer, csr in zip(model, first))
+    assert escoin_torch.refresh_csrs(model) == 0  # nothing changed since the hook
+    with torch.no_grad():  # a stored value pruned: that layer compresses again
+        flat = model[1].weight.view(-1)
+        flat[int(torch.nonzero(flat)[0])] = 0.0
+    assert escoin_torch.refresh_csrs(model) == 1
+    assert model[1].csr.nnz == first[1].nnz - 1
+    assert model[0].csr.row_ptr is first[0].row_ptr
+    step()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from escoin_torch.eager import EagerCalls
 from escoin_torch.ops import (PreparedFilter, conv2d_with_filter, filter_of, has_kernels_for,
                               transformed)
 
-__all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names"]
+__all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names", "refresh_csrs"]
 
 Path = Literal["sparse", "dense"]
 _IntOrPair = Union[int, Tuple[int, int]]
@@ -167,11 +167,15 @@ class SparseConv2d(nn.Conv2d):
             state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
                                 PreparedFilter(host_filter) if weight.device.type == "cpu"
                                 else None)
-        with self._csr_lock:
-            for device in [d for d, s in self._compressed.items() if s.stamp.expired]:
-                del self._compressed[device]  # e.g. a DataParallel replica's weight that died
-            self._compressed[weight.device] = state
+        self._keep(weight.device, state)
         return state
+
+    def _keep(self, device: torch.device, state: _Compressed) -> None:
+        """Makes `state` the CSR of the weight on `device`."""
+        with self._csr_lock:
+            for old in [d for d, s in self._compressed.items() if s.stamp.expired]:
+                del self._compressed[old]  # e.g. a DataParallel replica's weight that died
+            self._compressed[device] = state
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The convolution, plus ``residual`` (a tensor of the output's shape, e.g. a residual
@@ -297,28 +301,87 @@ class SparseConv2d(nn.Conv2d):
         return ", ".join([super().extra_repr()] + extras)
 
 
-def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compressed]:
-    """Where the weight's nonzeros are exactly those of `state`'s CSR (what an optimiser step of
-    sparse training leaves), the CSR compressing it would give, from the pattern's own tensors
-    and a gather of the new values: one count on the weight's device (a synchronisation) in
-    place of compressing on the host. Elsewhere (weights pruned or grown, a weight of another
-    shape or dtype put in its place) None. The unchanged row_ptr and col_idx tensors let the op
-    derive the new filter from the last one's pattern (ops._filter)."""
+class _PatternCheck(NamedTuple):
+    """A changed weight gathered at its CSR's pattern, and the counts that say whether that
+    gather is the CSR compressing the weight would give (_same_pattern)."""
+
+    state: _Compressed
+    weight: torch.Tensor
+    values: torch.Tensor  # weight.reshape(-1)[state.flat_index]
+    counts: torch.Tensor  # the weight's nonzeros and the gathered ones, on the weight's device
+
+    def holds(self, counts: List[int]) -> bool:
+        return counts == [self.state.csr.nnz] * 2
+
+    def refreshed(self) -> _Compressed:
+        """The new state: the pattern's own tensors and the gathered values. The unchanged
+        row_ptr and col_idx tensors let the op derive the new filter from the last one's
+        pattern (ops._filter)."""
+        state, values = self.state, self.values
+        host_filter = (None if state.host_filter is None else
+                       PreparedFilter(state.host_filter.filt.with_values(host_numpy(values))))
+        return _Compressed(state.csr._replace(values=values), state.flat_index,
+                           TensorStamp(self.weight), host_filter)
+
+
+def _check_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_PatternCheck]:
+    """The check, queued on the weight's device (nothing waits for it); None where the weight
+    cannot have the state's pattern (another shape or dtype put in its place)."""
     if tuple(weight.shape) != state.csr.shape or weight.dtype != state.csr.values.dtype:
         return None
     flat = weight.detach().reshape(-1)
     values = flat[state.flat_index]
     # Escoin stores w where w != 0 (a NaN too), as count_nonzero counts: every value at the
-    # pattern is stored and the weight has no other, so the stored set is the pattern. One
-    # pass over the weight, one synchronisation.
-    nnz = state.csr.nnz
+    # pattern is stored and the weight has no other, so the stored set is the pattern.
     counts = torch.stack([torch.count_nonzero(flat), torch.count_nonzero(values)])
-    if counts.tolist() != [nnz, nnz]:
-        return None
-    host_filter = (None if state.host_filter is None
-                   else PreparedFilter(state.host_filter.filt.with_values(host_numpy(values))))
-    return _Compressed(state.csr._replace(values=values), state.flat_index, TensorStamp(weight),
-                       host_filter)
+    return _PatternCheck(state, weight, values, counts)
+
+
+def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compressed]:
+    """Where the weight's nonzeros are exactly those of `state`'s CSR (what an optimiser step of
+    sparse training leaves), the CSR compressing it would give, from the pattern's own tensors
+    and a gather of the new values: one pass over the weight and one synchronisation in place
+    of compressing on the host. Elsewhere (weights pruned or grown, a weight of another shape or
+    dtype put in its place) None."""
+    check = _check_pattern(state, weight)
+    return check.refreshed() if check is not None and check.holds(check.counts.tolist()) else None
+
+
+def refresh_csrs(module: nn.Module) -> int:
+    """Brings the CSR of every :class:`SparseConv2d` in `module` that has one up to date with
+    its weight, with one synchronisation per device for all the layers whose weights kept their
+    pattern, where each layer's forward would check its own (one synchronisation a layer, which
+    makes the host wait for the GPU's queue before each layer). For sparse training on a GPU:
+    call it after each optimiser step, e.g.
+    ``optimizer.register_step_post_hook(lambda *_: escoin_torch.refresh_csrs(model))``.
+    Layers whose weights were pruned, grown or replaced compress again, as their forwards would
+    have. Returns the number of layers whose CSR changed."""
+    checks: List[Tuple[SparseConv2d, _PatternCheck]] = []
+    refreshed = 0
+    for layer in module.modules():
+        if not isinstance(layer, SparseConv2d) or transformed(layer.weight):
+            continue
+        weight = layer.weight
+        with layer._csr_lock:
+            state = layer._compressed.get(weight.device)
+        if state is None or state.stamp.matches(weight):
+            continue
+        check = _check_pattern(state, weight)
+        if check is None:
+            layer._current(again=True)
+            refreshed += 1
+        else:
+            checks.append((layer, check))
+    for device in {check.counts.device for _, check in checks}:
+        mine = [(layer, check) for layer, check in checks if check.counts.device == device]
+        counts = torch.stack([check.counts for _, check in mine]).tolist()
+        for (layer, check), found in zip(mine, counts):
+            if check.holds(found):
+                layer._keep(check.weight.device, check.refreshed())
+            else:
+                layer._current(again=True)
+            refreshed += 1
+    return refreshed
 
 
 class _AttachToWeight(torch.autograd.Function):
