@@ -229,8 +229,8 @@ class SparseConv2d(nn.Conv2d):
         transform maps the weight itself (vmap over weights) or where the weight has a nonzero
         outside that pattern, the layer runs dense: exact, and differentiable as nn.Conv2d is.
         Each call's escoin filter (and each backward's, for the transpose) is the pattern's first
-        one with the gathered values (escoin's with_values): a copy of the values to the host
-        per layer and call, not a new filter."""
+        one with the gathered values, not a new filter: on a GPU prepared on the values there,
+        on the CPU escoin's with_values."""
         weight = self.weight
         state = self._compressed.get(weight.device)
         if state is None or weight.dtype != state.csr.values.dtype or _mapped(weight):
