@@ -388,8 +388,8 @@ class _AttachToWeight(torch.autograd.Function):
     """Returns the cached CSR values unchanged, but routes their gradient into the dense weight.
 
     Gathering ``weight.reshape(-1)[flat_index]`` on every call would work too, but it creates new
-    values each call and so a new escoin filter each call (derived from the pattern's, a copy
-    of the values to the host). The cached values equal that gather because the CSR follows
+    values each call and so a new escoin filter each call (derived from the pattern's: a copy
+    of the values on the CPU, a program written on a GPU). The cached values equal that gather because the CSR follows
     every change of the weight.
     """
 
