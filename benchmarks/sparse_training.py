@@ -5,6 +5,7 @@ filters after each optimiser step.
 
     python3 benchmarks/sparse_training.py [--net resnet50] [--batch 32] [--size 224]
                                           [--steps 10] [--sparsity 0.9] [--device cuda]
+                                          [--profile]
 
 Each step is forward, cross-entropy loss, backward and an SGD step with momentum (which writes
 every weight in place, as any optimiser does). Reported per step, medians over --steps timed
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
@@ -33,21 +36,25 @@ from escoin_torch.bench import models
 from escoin_torch.bench.prune import prune_convs
 
 
-def step_ms(step: Callable[[], object], steps: int, device: torch.device) -> List[float]:
+def step_ms(step: Callable[[], object], steps: int,
+            device: torch.device) -> Tuple[List[float], List[float]]:
     """Times of `steps` calls of `step` (after two untimed ones), milliseconds each,
-    synchronised around each call so queued GPU work is counted."""
+    synchronised around each call so queued GPU work is counted; and the host's part of each:
+    until `step` returned, its GPU work queued (where that is most of the step, the host's
+    work bounds the step, not the GPU's)."""
     for _ in range(2):
         step()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
+        host.append((time.perf_counter() - start) * 1e3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return times, host
 
 
 def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
@@ -77,6 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="also cProfile three steps of the last sparse row with updates")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -96,9 +105,17 @@ def main() -> None:
     rows = [(name, step_ms(training_step(model, x, labels, update, refresh), args.steps,
                            device))
             for name, model, update, refresh in cases]
-    for name, times in rows:
+    for name, (times, host) in rows:
         print(f"{name:26s} {statistics.median(times):9.2f} ms a step "
-              f"(min {min(times):.2f}, max {max(times):.2f})")
+              f"(min {min(times):.2f}, max {max(times):.2f}; host {statistics.median(host):.2f})")
+    if args.profile:
+        name, model, update, refresh = cases[-2]
+        step = training_step(model, x, labels, update, refresh)
+        step()
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [step() for _ in range(3)])
+        print(f"-- the host's time in 3 steps of {name!r}, by own time")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":
