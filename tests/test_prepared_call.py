@@ -195,6 +195,10 @@ def test_a_call_on_device_values_computes_with_them(case: ConvCase) -> None:
                                 case.dilation, case.groups, case.relu)
     assert relative_error(y.cpu().numpy(), expected) <= 1e-5
     assert not filt._store.device_values
+    # Bound to its stream: its program was written there.
+    assert call.stream == stream.cuda_stream
+    with pytest.raises(EscoinError, match="stream must be .*the stream this call was prepared"):
+        call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(), 0, 0, False, 0)
 
 
 @pytest.mark.cuda

@@ -362,7 +362,8 @@ cdef class PreparedCall:
     arrays, the workspace size): run() passes the data pointers straight to the core's entry.
     Built by ``SparseFilter.prepare``; `owner` is the filter's store, whose `generation` changes
     when its per-geometry arrays are freed (release_geometries), after which run() refuses;
-    `borrowed` holds what else the call's addresses point into."""
+    `borrowed` holds what else the call's addresses point into, and a call with a `stream`
+    runs on that stream only (prepare(values=...): its program is written and freed there)."""
 
     cdef escoin_conv_desc_t desc
     cdef escoin_dtype_t dtype
@@ -376,10 +377,12 @@ cdef class PreparedCall:
     cdef object owner
     cdef object generation
     cdef object borrowed
+    # The stream a call on borrowed memory runs on (None: any): its program was written there.
+    cdef readonly object stream
 
     def __init__(self, tuple desc, str dtype, int device, object row_ptr, object offsets,
                  object values, object tile_program, size_t workspace_bytes,
-                 tuple output_shape, object owner, object borrowed=None):
+                 tuple output_shape, object owner, object borrowed=None, object stream=None):
         self.desc = make_desc(desc)
         self.dtype = dtype_code(dtype)
         self.device = device
@@ -394,6 +397,7 @@ cdef class PreparedCall:
         # Memory the call reads that is not the filter's (values a caller passed to prepare and
         # the program written for them), kept alive as long as the call is.
         self.borrowed = borrowed
+        self.stream = stream
 
     cdef bint _current(self):
         return self.owner.generation == self.generation
@@ -409,9 +413,11 @@ cdef class PreparedCall:
         descriptor's 16 fields in escoin_conv_desc_t's order, the escoin_dtype_t code, the
         device (-1: the CPU), the addresses of row_ptr, offsets, values and the tile program,
         the workspace bytes, and the address of the filter's generation (an int64) with the
-        value it must hold. The addresses are the filter's and stay valid while the filter is
-        alive and that int64 holds that value (`current`: release_geometries frees the arrays
-        and moves it on)."""
+        value it must hold. The addresses stay valid while this call object is alive (it holds
+        the filter's store and what it borrowed) and that int64 holds that value (`current`:
+        release_geometries frees the arrays and moves it on); values borrowed from a caller
+        (prepare(values=...)) stay valid as long as the caller keeps them. A call with a
+        `stream` must be launched on that stream only."""
         if not self._current():
             raise EscoinError("the filter's per-geometry arrays were freed since this call was "
                               "prepared (SparseFilter.release_geometries): prepare it again")
@@ -436,6 +442,10 @@ cdef class PreparedCall:
         cdef const void* pb = <const void*>address(bias, "bias")
         cdef const void* pres = <const void*>address(residual, "residual")
         cdef void* ps = <void*>address(stream, "stream")
+        if self.stream is not None and <uintptr_t>ps != <uintptr_t>self.stream:
+            raise EscoinError("stream must be %d, the stream this call was prepared on (its "
+                              "program was written there, for the device values it was "
+                              "prepared with), got %r" % (self.stream, stream))
         cdef int r = relu
         cdef escoin_status_t status
         if self.device < 0:

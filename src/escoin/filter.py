@@ -255,8 +255,9 @@ class SparseFilter:
         synchronisation once the pattern's layout for this geometry is on the device (the first
         such call uploads it). The call reads `values` in place and keeps the array alive:
         values written later need a new prepare, since the program holds the old ones. The
-        program's memory is allocated on `stream` and freed on it when the call goes, so runs on
-        other streams must be ordered after `stream`'s work, and before that free."""
+        program's memory is allocated on `stream` and freed on it when the call goes, so the call
+        is bound to `stream` (``call.stream``): run() on another stream is an EscoinError (it
+        would not be ordered after the program's write, nor the free after it)."""
         from escoin.geometry import descriptor
 
         name = dtype_name(dtype)
@@ -310,7 +311,8 @@ class SparseFilter:
             program = self._store.program_of_device_values(device, desc, view.ptr, queue)
         return _core.PreparedCall(desc, dtype, device, row_ptr, offsets, view.ptr,
                                   0 if program is None else program.ptr, workspace_bytes,
-                                  output_shape, self._store, borrowed=(view, program))
+                                  output_shape, self._store, borrowed=(view, program),
+                                  stream=queue)
 
     def release_geometries(self) -> int:
         """Frees what the filter keeps per input geometry (the stretched offsets and their

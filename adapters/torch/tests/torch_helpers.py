@@ -253,3 +253,7 @@ def check_refresh_csrs(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     assert model[1].csr.nnz == first[1].nnz - 1
     assert model[0].csr.row_ptr is first[0].row_ptr
     step()
+    model[2].sparse_training = False  # its forwards run dense: refresh_csrs leaves it to them
+    with torch.no_grad():
+        model[2].weight.mul_(2.0)
+    assert escoin_torch.refresh_csrs(model) == 0

@@ -66,8 +66,10 @@ class EagerCalls:
         stride, padding, dilation = (tuple(_pair(v, name)) for v, name in (
             (layer.stride, "stride"), (layer.padding, "padding"), (layer.dilation, "dilation")))
         device = "cpu" if x.device.type == "cpu" else x.device.index
-        self._calls[key] = prepared().launch(tuple(x.shape), device, escoin_dtype_name(x.dtype),
-                                           stride, padding, dilation)
+        call = prepared().launch(tuple(x.shape), device, escoin_dtype_name(x.dtype), stride,
+                                 padding, dilation)
+        if call.stream is None:  # (a call on device values is bound to its stream: not kept)
+            self._calls[key] = call
 
 
 def _key(layer: torch.nn.Conv2d, x: torch.Tensor) -> tuple:

@@ -177,11 +177,15 @@ class SparseConv2d(nn.Conv2d):
                 del self._compressed[old]  # e.g. a DataParallel replica's weight that died
             self._compressed[device] = state
 
+    @property
+    def runs_sparse(self) -> bool:
+        """Whether forward runs escoin (sparse_forward) in the layer's current mode."""
+        return self.sparse_training if self.training else self.inference_path == "sparse"
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The convolution, plus ``residual`` (a tensor of the output's shape, e.g. a residual
         block's shortcut) if given, then the ReLU if the layer has one."""
-        use_sparse = self.sparse_training if self.training else self.inference_path == "sparse"
-        path = self.sparse_forward if use_sparse else self.dense_forward
+        path = self.sparse_forward if self.runs_sparse else self.dense_forward
         return path(x) if residual is None else path(x, residual)
 
     def dense_forward(self, x: torch.Tensor,
@@ -355,11 +359,13 @@ def refresh_csrs(module: nn.Module) -> int:
     call it after each optimiser step, e.g.
     ``optimizer.register_step_post_hook(lambda *_: escoin_torch.refresh_csrs(model))``.
     Layers whose weights were pruned, grown or replaced compress again, as their forwards would
-    have. Returns the number of layers whose CSR changed."""
+    have; layers whose next forward runs dense (training without sparse_training, or
+    inference_path "dense") are left to it. Returns the number of layers whose CSR changed."""
     checks: List[Tuple[SparseConv2d, _PatternCheck]] = []
     refreshed = 0
     for layer in module.modules():
-        if not isinstance(layer, SparseConv2d) or transformed(layer.weight):
+        if not isinstance(layer, SparseConv2d) or not layer.runs_sparse \
+                or transformed(layer.weight):
             continue
         weight = layer.weight
         with layer._csr_lock:

@@ -85,12 +85,16 @@ class PreparedFilter:
                padding: tuple, dilation: tuple) -> escoin.PreparedCall:
         """The call for x of `shape` in `dtype` on CUDA device `device` (an index), or on the
         host where `device` is "cpu"."""
-        key = (shape, device, dtype, stride, padding, dilation)
+        key: tuple = (shape, device, dtype, stride, padding, dilation)
+        on_values = {}
+        if self.values is not None:
+            # The program for `values` is written on the current stream, ahead of the launch,
+            # and the call is bound to that stream: one call per stream.
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            on_values = dict(values=self.values, stream=stream)
+            key += (stream,)
         found = self.launches.get(key)
         if found is None or not found.current:  # (not current: its filter freed its arrays)
-            # The program for `values` is written on the current stream, ahead of the launch.
-            on_values = {} if self.values is None else dict(
-                values=self.values, stream=torch._C._cuda_getCurrentRawStream(device))
             found = self.filt.prepare(shape, stride, padding, dilation, dtype=dtype,
                                       device=device, **on_values)
             self.launches[key] = found
@@ -317,7 +321,9 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     # _empty_output has checked every tensor (dtype, device, shape).
     run_call(call, x_c, out, bias_c, residual_c, relu)
-    if _native_remembers:
+    # (Not a call on device values: it is bound to its stream, which the C++ kernel's keys
+    # leave out. Such values are a training step's, which its calls use once or twice.)
+    if _native_remembers and call.stream is None:
         # Later calls with these tensors' contents and x's shape skip this function (where
         # the C++ kernel can take them: contiguous NCHW x, no neg bit).
         try:
