@@ -11,6 +11,7 @@ kernel's epilogue (``relu(conv2d(x) + residual)``, as a residual network's block
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
 import warnings
@@ -116,6 +117,13 @@ _transposes: TensorCache[CSRWeight] = TensorCache()
 # gather of the new values.
 _patterns: TensorCache[escoin.SparseFilter] = TensorCache()
 _transpositions: TensorCache[Transposition] = TensorCache()
+# Set while the op records a call for autograd (_recorded) and while a backward computes the
+# input gradient: such values are a training step's, which serve a call or two. Only they make
+# a filter of a known pattern that computes with the values where they are on the GPU
+# (CudaValues): its calls are bound to their stream, so neither the C++ kernel nor the eager
+# path keeps them. Other new values (inference after a write to the weight) make a filter of
+# host values, once, whose calls those paths keep.
+_training_values = contextvars.ContextVar("escoin_training_values", default=False)
 
 
 class CudaValues:
@@ -566,7 +574,12 @@ def _recorded(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     kernel (native_kernel.cpp's, or _sparse_conv2d_autograd) hands here:
     _SparseConv2dFunction."""
     geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
-    return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual, geometry)
+    token = _training_values.set(True)  # (its values: a training step's, as a rule)
+    try:
+        return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual,
+                                           geometry)
+    finally:
+        _training_values.reset(token)
 
 
 def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> torch.Tensor:
@@ -648,8 +661,13 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride:
     if any(v != 0 for v in residual):
         grad = F.pad(grad, residual)
     flipped = _transposed(csr)
-    return _call_op(grad, flipped.row_ptr, flipped.col_idx, flipped.values, list(flipped.shape),
-                    None, [1, 1], common, list(dilation), flipped.groups, False, None)
+    token = _training_values.set(True)  # (the transposed values of one backward)
+    try:
+        return _call_op(grad, flipped.row_ptr, flipped.col_idx, flipped.values,
+                        list(flipped.shape), None, [1, 1], common, list(dilation),
+                        flipped.groups, False, None)
+    finally:
+        _training_values.reset(token)
 
 
 def _transposed(csr: CSRWeight) -> CSRWeight:
@@ -717,8 +735,8 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                              first_of_pattern, verify=on_host)
         if fresh or base is None:
             return on_device(fresh[0] if fresh else from_csr())
-        if on_host:
-            return PreparedFilter(base.with_values(host_numpy(values)))
+        if on_host or not _training_values.get():
+            return on_device(base.with_values(host_numpy(values)))
         return PreparedFilter(base.cuda(values.device.index), values=CudaValues(values))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
