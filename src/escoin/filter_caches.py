@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -114,48 +114,38 @@ class Pattern:
             if row_ptr is None:
                 row_ptr = self.device_row_ptr[device] = DeviceBuffer.from_host(self.row_ptr,
                                                                                device)
-            offsets = self.device_offsets.get(key)
-        # Built outside the lock (offsets() takes it); a racing thread builds the same.
-        if offsets is None:
-            built = DeviceBuffer.from_host(self.offsets(desc), device)
-            with self.lock:
-                offsets = self.device_offsets.setdefault(key, built)
+        offsets = built_once(self.lock, self.device_offsets, key,
+                             lambda: DeviceBuffer.from_host(self.offsets(desc), device))
         return row_ptr.ptr, offsets.ptr
 
     def tile_layout(self, desc: tuple, values32: np.ndarray) -> Optional[TileLayout]:
         """desc's tile program layout, built once (with `values32`, any values of the pattern:
         every word but the weights depends on the pattern alone); None where the staged kernel
         would not pay."""
-        key = (offsets_key(desc), os.environ.get("ESCOIN_TILE_FORM"))
-        with self.lock:
-            if key in self.tile_layouts:
-                return self.tile_layouts[key]
-        # Built outside the lock (offsets() takes it); a racing thread builds the same.
-        program = self.program("tile", desc, values32)
-        layout = None
-        if program is not None:
+        def build() -> Optional[TileLayout]:
+            program = self.program("tile", desc, values32)
+            if program is None:
+                return None
             slots = np.empty(self.col_idx.size, np.int64)
             _core.tile_program_weight_slots(desc, self.row_ptr.ctypes.data,
                                             self.offsets(desc).ctypes.data, slots.ctypes.data,
                                             slots.size)
-            layout = TileLayout(program, slots)
-        with self.lock:
-            return self.tile_layouts.setdefault(key, layout)
+            return TileLayout(program, slots)
+
+        key = (offsets_key(desc), os.environ.get("ESCOIN_TILE_FORM"))
+        return built_once(self.lock, self.tile_layouts, key, build)
 
     def device_tile_layout(self, device: int, desc: tuple,
                            values32: np.ndarray) -> Optional[DeviceTileLayout]:
         """desc's tile layout (tile_layout, `values32` as there) on `device`, uploaded once."""
+        def build() -> Optional[DeviceTileLayout]:
+            layout = self.tile_layout(desc, values32)
+            return None if layout is None else DeviceTileLayout(
+                DeviceBuffer.from_host(layout.program, device),
+                DeviceBuffer.from_host(layout.slots, device))
+
         key = (device, offsets_key(desc), os.environ.get("ESCOIN_TILE_FORM"))
-        with self.lock:
-            if key in self.device_tile_layouts:
-                return self.device_tile_layouts[key]
-        # Built outside the lock (tile_layout takes it); a racing thread builds the same.
-        layout = self.tile_layout(desc, values32)
-        built = None if layout is None else DeviceTileLayout(
-            DeviceBuffer.from_host(layout.program, device),
-            DeviceBuffer.from_host(layout.slots, device))
-        with self.lock:
-            return self.device_tile_layouts.setdefault(key, built)
+        return built_once(self.lock, self.device_tile_layouts, key, build)
 
     def program(self, kind: str, desc: tuple, values32: np.ndarray) -> Optional[np.ndarray]:
         """A CUDA kernel's program for desc and these float32 values (host bytes): the staged
@@ -278,15 +268,12 @@ class CsrStore:
     def device_program(self, kind: str, device: int, desc: tuple) -> int:
         """The device address of a CUDA kernel's program (`kind` as in program()) for desc on
         `device`, built and uploaded once per device and geometry; 0 where there is none."""
-        key = (kind, device, offsets_key(desc))
-        with self.lock:
-            missing = key not in self.device_programs
-        if missing:  # built outside the lock (offsets() takes it); a racing thread builds the same
+        def build() -> Optional[DeviceBuffer]:
             host = self.program(kind, desc)
-            built = None if host is None else DeviceBuffer.from_host(host, device)
-            with self.lock:
-                self.device_programs.setdefault(key, built)
-        program = self.device_programs[key]
+            return None if host is None else DeviceBuffer.from_host(host, device)
+
+        program = built_once(self.lock, self.device_programs, (kind, device, offsets_key(desc)),
+                             build)
         return 0 if program is None else program.ptr
 
     def program_of_device_values(self, device: int, desc: tuple, values: int,
@@ -320,6 +307,19 @@ class CsrStore:
         wants_program = desc[0] >= _core.tile_min_batch()
         program = self.device_program("tile", device, desc) if wants_program else 0
         return DevicePointers(row_ptr, offsets, values.ptr, program)
+
+
+def built_once(lock: threading.Lock, table: Dict[Any, Any], key: Any,
+               build: Callable[[], Any]) -> Any:
+    """table[key], built by build() where missing (None too is kept: "nothing to build"). Built
+    outside the lock, since builders take it themselves (offsets(), tile_layout()); threads
+    racing to a missing key both build, and every one gets the value stored first."""
+    with lock:
+        if key in table:
+            return table[key]
+    built = build()
+    with lock:
+        return table.setdefault(key, built)
 
 
 def frozen(array: np.ndarray) -> np.ndarray:
