@@ -1,6 +1,7 @@
 """SparseFilter: compression, description, conversion, persistence."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Optional
 
@@ -283,13 +284,22 @@ def test_c_api_table_and_header_for_compiled_adapters() -> None:
     get.argtypes = (ctypes.py_object, ctypes.c_char_p)
     table = get(capsule, b"escoin.c_api")
     # escoin_api_t starts with its version, then last_error: const char* (*)(void).
-    assert ctypes.c_int32.from_address(table).value >= 1
+    assert ctypes.c_int32.from_address(table).value >= 2
     last_error = ctypes.CFUNCTYPE(ctypes.c_char_p).from_address(
         table + ctypes.sizeof(ctypes.c_void_p))
     with pytest.raises(escoin.EscoinError, match="larger than the padded input"):
         escoin.output_shape((1, 2, 2, 2), escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.5)))
     # This thread's last failure in the core, read through the table.
     assert b"larger than the padded input" in last_error()
+    # Version 2's entry, the eighth pointer: a null program is refused (or, in a build without
+    # CUDA, the entry says so), never written to.
+    pointer = ctypes.sizeof(ctypes.c_void_p)
+    write_weights = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p).from_address(
+            table + 8 * pointer)
+    assert write_weights(None, None, 0, None, None, 0, 0, None) != 0
+    assert re.search(rb"program|without CUDA", last_error())
 
 
 def test_release_geometries_frees_what_each_geometry_derived() -> None:

@@ -227,6 +227,53 @@ def test_the_program_written_on_the_device_is_the_one_built_on_the_host() -> Non
     assert not layout and not call.current
 
 
+def test_prepare_for_values_names_a_device_that_is_not_a_cuda_one() -> None:
+    filt, x, _ = _small_call()
+    for device in (None, "cpu", -1):
+        with pytest.raises(EscoinError, match="device must be a CUDA device index"):
+            filt.prepare_for_values(x.shape, padding=1, device=device)
+
+
+@pytest.mark.cuda
+def test_a_call_prepared_for_values_is_what_a_caller_completes_per_launch() -> None:
+    """prepare_for_values: no values nor program of its own (run() refuses), and a layout from
+    which the program of any values is what prepare(values=...) writes, byte for byte; a launch
+    through the core's entry with that program and those values computes with them."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((32, 24, 3, 3)) * (rng.random((32, 24, 3, 3)) < 0.2)
+    case = ConvCase(rng.standard_normal((4, 24, 12, 12)), weight, None, (1, 1), (1, 1),
+                    (1, 1, 1, 1), (1, 1), 1, False)
+    filt, dense, values = _new_values_case(case, torch)
+    template = filt.cuda(0).prepare_for_values(case.x.shape, padding=1)
+    fields = template.native_arguments()
+    assert fields[5] == 0 and fields[6] == 0  # values, tile program
+    layout, nbytes, slots, count = template.native_program_layout()
+    assert count == filt.nnz and layout != 0 and slots != 0 and nbytes > 0
+    program = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    escoin._core.tile_program_write_weights(program.data_ptr(), layout, nbytes, slots,
+                                            values.data_ptr(), count, 0, 0)
+    desc = descriptor(case.x.shape, filt.shape, 1, 1, 1, 1)
+    built = filt.with_values(values.cpu().numpy())._store.program("tile", desc)
+    np.testing.assert_array_equal(program.cpu().numpy(), built)
+    x = torch.from_numpy(case.x.astype(np.float32)).cuda()
+    y = torch.full(template.output_shape, float("nan"), device="cuda")
+    workspace = torch.empty(template.workspace_bytes, dtype=torch.uint8, device="cuda")
+    escoin.sconv(x.data_ptr(), y.data_ptr(), fields[3], fields[4], values.data_ptr(), 0,
+                 workspace.data_ptr(), template.workspace_bytes, case.x.shape, filt.shape,
+                 padding=1, device=0, tile_program_ptr=program.data_ptr())
+    expected = conv2d_reference(case.x, dense, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, False)
+    assert relative_error(y.cpu().numpy(), expected) <= 1e-5
+    with pytest.raises(EscoinError, match="this call has no values"):
+        template.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(), 0, 0, False, 0)
+    with pytest.raises(EscoinError, match="only a call of SparseFilter.prepare_for_values"):
+        filt.cuda(0).prepare(case.x.shape, padding=1).native_program_layout()
+    filt.release_geometries()
+    assert not template.current
+    with pytest.raises(EscoinError, match="freed since this call was prepared"):
+        template.native_program_layout()
+
+
 @pytest.mark.cuda
 def test_prepare_names_bad_device_values() -> None:
     torch = pytest.importorskip("torch")

@@ -12,6 +12,7 @@ extern "C" const escoin_api_t* escoin_api(void) {
       &escoin_conv2d_forward_cpu_trusted,
       &escoin_conv2d_forward_cuda,
       &escoin_cuda_pointer_device,
+      &escoin_tile_program_write_weights,
   };
   return &table;
 }

@@ -363,7 +363,9 @@ cdef class PreparedCall:
     Built by ``SparseFilter.prepare``; `owner` is the filter's store, whose `generation` changes
     when its per-geometry arrays are freed (release_geometries), after which run() refuses;
     `borrowed` holds what else the call's addresses point into, and a call with a `stream`
-    runs on that stream only (prepare(values=...): its program is written and freed there)."""
+    runs on that stream only (prepare(values=...): its program is written and freed there).
+    A call with a `program_layout` (prepare_for_values) has no values of its own: compiled
+    code passes them per launch, and run() refuses."""
 
     cdef escoin_conv_desc_t desc
     cdef escoin_dtype_t dtype
@@ -379,10 +381,13 @@ cdef class PreparedCall:
     cdef object borrowed
     # The stream a call on borrowed memory runs on (None: any): its program was written there.
     cdef readonly object stream
+    # (layout address, bytes, slots address, count) for a call whose values come per launch.
+    cdef object program_layout
 
     def __init__(self, tuple desc, str dtype, int device, object row_ptr, object offsets,
                  object values, object tile_program, size_t workspace_bytes,
-                 tuple output_shape, object owner, object borrowed=None, object stream=None):
+                 tuple output_shape, object owner, object borrowed=None, object stream=None,
+                 object program_layout=None):
         self.desc = make_desc(desc)
         self.dtype = dtype_code(dtype)
         self.device = device
@@ -398,6 +403,7 @@ cdef class PreparedCall:
         # the program written for them), kept alive as long as the call is.
         self.borrowed = borrowed
         self.stream = stream
+        self.program_layout = program_layout
 
     cdef bint _current(self):
         return self.owner.generation == self.generation
@@ -416,7 +422,8 @@ cdef class PreparedCall:
         value it must hold. The addresses stay valid while this call object is alive (it holds
         the filter's store and what it borrowed) and that int64 holds that value (`current`:
         release_geometries frees the arrays and moves it on); values borrowed from a caller
-        (prepare(values=...)) stay valid as long as the caller keeps them. A call with a
+        (prepare(values=...)) stay valid as long as the caller keeps them; a call of
+        prepare_for_values gives 0 for the values and the program. A call with a
         `stream` must be launched on that stream only."""
         if not self._current():
             raise EscoinError("the filter's per-geometry arrays were freed since this call was "
@@ -429,6 +436,21 @@ cdef class PreparedCall:
                 <uintptr_t>self.values, <uintptr_t>self.tile_program, self.workspace_bytes,
                 self.owner.generation_cell.ctypes.data, self.generation)
 
+    def native_program_layout(self) -> tuple:
+        """For a call of prepare_for_values, where the program of each launch's values comes
+        from: the addresses of the uploaded layout and of the slots (int64, one per nonzero),
+        the layout's bytes and the count of nonzeros, as escoin_tile_program_write_weights
+        takes them: (layout, bytes, slots, count). (0, 0, 0, count) where the staged kernel
+        does not run this geometry: the launch then takes no program. Valid as long as
+        native_arguments' are."""
+        if self.program_layout is None:
+            raise EscoinError("this call computes with its filter's values; only a call of "
+                              "SparseFilter.prepare_for_values has a program layout")
+        if not self._current():
+            raise EscoinError("the filter's per-geometry arrays were freed since this call was "
+                              "prepared (SparseFilter.release_geometries): prepare it again")
+        return self.program_layout
+
     def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
         """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an
         address (stream: a CUDA stream handle, 0 for the default stream; on the CPU it must
@@ -436,6 +458,10 @@ cdef class PreparedCall:
         if not self._current():
             raise EscoinError("the filter's per-geometry arrays were freed since this call was "
                               "prepared (SparseFilter.release_geometries): prepare it again")
+        if self.program_layout is not None:
+            raise EscoinError("this call has no values (SparseFilter.prepare_for_values: "
+                              "compiled code passes them per launch); run() needs a call of "
+                              "prepare, with values= for values on the device")
         cdef const void* px = <const void*>address(x, "x")
         cdef void* py = <void*>address(y, "y")
         cdef void* pws = <void*>address(workspace, "workspace")

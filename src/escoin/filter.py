@@ -23,6 +23,16 @@ TILE_FORMS = {0x45534336: "rows", 0x45534736: "row groups"}
 __all__ = ["DevicePointers", "HostPointers", "MANY_GEOMETRIES", "SparseFilter", "TILE_FORMS"]
 
 
+def cuda_device(device: object, dtype: str) -> int:
+    """`device` as a CUDA device index for a call in `dtype` (escoin's name), checked."""
+    if isinstance(device, bool) or not isinstance(device, numbers.Integral) or device < 0:
+        raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
+    if dtype == "float64":
+        raise EscoinError("dtype float64 runs on the CPU only (device='cpu'); CUDA computes "
+                          "float32, float16 and bfloat16")
+    return int(device)
+
+
 class HostPointers(NamedTuple):
     """Host addresses of a filter's arrays for one geometry and dtype, as
     ``escoin.sconv(..., device="cpu")`` takes them."""
@@ -258,15 +268,11 @@ class SparseFilter:
         program's memory is allocated on `stream` and freed on it when the call goes, so the call
         is bound to `stream` (``call.stream``): run() on another stream is an EscoinError (it
         would not be ordered after the program's write, nor the free after it)."""
-        from escoin.geometry import descriptor
-
         name = dtype_name(dtype)
         if device is None:
             device = "cpu" if self._device is None else self._device
-        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
-        layout = _core.conv_layout(desc)  # validates the geometry before anything is uploaded
-        output_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
-        workspace_bytes = _core.workspace_size(desc, name)
+        desc, output_shape, workspace_bytes = self._call_geometry(input_shape, stride, padding,
+                                                                  dilation, name)
         if device == "cpu":
             if values is not None:
                 raise EscoinError("values must be None for a call on the cpu: a host call "
@@ -276,18 +282,54 @@ class SparseFilter:
             return _core.PreparedCall(desc, name, -1, arrays.row_ptr, arrays.offsets,
                                       arrays.values, 0, workspace_bytes, output_shape,
                                       self._store)
-        if isinstance(device, bool) or not isinstance(device, numbers.Integral) or device < 0:
-            raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
-        if name == "float64":
-            raise EscoinError("dtype float64 runs on the CPU only (device='cpu'); CUDA computes "
-                              "float32, float16 and bfloat16")
+        device = cuda_device(device, name)
         if values is not None:
-            return self._prepare_with_values(desc, name, int(device), values, stream,
+            return self._prepare_with_values(desc, name, device, values, stream,
                                              workspace_bytes, output_shape)
-        pointers = self._store.device_arrays(int(device), desc)  # (desc validated above)
-        return _core.PreparedCall(desc, name, int(device), pointers.row_ptr, pointers.offsets,
+        pointers = self._store.device_arrays(device, desc)  # (desc validated above)
+        return _core.PreparedCall(desc, name, device, pointers.row_ptr, pointers.offsets,
                                   pointers.values, pointers.tile_program, workspace_bytes,
                                   output_shape, self._store)
+
+    def prepare_for_values(self, input_shape: Tuple[int, ...], stride: object = 1,
+                           padding: object = 0, dilation: object = 1, dtype: object = "float32",
+                           device: Optional[int] = None) -> "_core.PreparedCall":
+        """A CUDA call of this filter's pattern on inputs of `input_shape`, for compiled code
+        that passes each launch's values itself (escoin-torch's C++ training path, through
+        :func:`escoin.c_api`): what ``prepare(values=...)`` derives once per geometry, without
+        values. ``native_arguments()`` gives 0 for the values and the program, and
+        ``native_program_layout()`` what each launch's program is written from: a launch passes
+        float32 values of this pattern in the order of :attr:`values` and, where the layout is
+        not 0, the program ``escoin_tile_program_write_weights`` wrote for them, queued ahead of
+        it on the launch's stream. run() refuses (the call has no values). The first such call
+        of a geometry uploads the pattern's layout for it, kept until
+        :meth:`release_geometries`, after which the call is stale (``current`` is False)."""
+        name = dtype_name(dtype)
+        if device is None:
+            device = self._device
+        if device is None or isinstance(device, str):
+            raise EscoinError(f"device must be a CUDA device index (prepare_for_values prepares "
+                              f"CUDA calls only), got {device!r}")
+        device = cuda_device(device, name)
+        desc, output_shape, workspace_bytes = self._call_geometry(input_shape, stride, padding,
+                                                                  dilation, name)
+        row_ptr, offsets = self._store.pattern.device_arrays(device, desc)
+        layout = (self._store.device_tile_layout(device, desc)
+                  if desc[0] >= _core.tile_min_batch() else None)
+        program_layout = ((0, 0, 0, self.nnz) if layout is None else
+                          (layout.program.ptr, layout.program.nbytes, layout.slots.ptr, self.nnz))
+        return _core.PreparedCall(desc, name, device, row_ptr, offsets, 0, 0, workspace_bytes,
+                                  output_shape, self._store, program_layout=program_layout)
+
+    def _call_geometry(self, input_shape: Tuple[int, ...], stride: object, padding: object,
+                       dilation: object, dtype: str) -> Tuple[tuple, Tuple[int, ...], int]:
+        """A call's descriptor (validated), output shape and workspace bytes."""
+        from escoin.geometry import descriptor
+
+        desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
+        layout = _core.conv_layout(desc)  # validates the geometry before anything is uploaded
+        output_shape = (desc[0], desc[4], layout["out_height"], layout["out_width"])
+        return desc, output_shape, _core.workspace_size(desc, dtype)
 
     def _prepare_with_values(self, desc: tuple, dtype: str, device: int, values: object,
                              stream: object, workspace_bytes: int,

@@ -276,6 +276,11 @@ class CsrStore:
                              build)
         return 0 if program is None else program.ptr
 
+    def device_tile_layout(self, device: int, desc: tuple) -> Optional[DeviceTileLayout]:
+        """The pattern's tile layout for desc on `device` (None where the staged kernel would
+        not pay), uploaded once."""
+        return self.pattern.device_tile_layout(device, desc, self.values_as(np.dtype(np.float32)))
+
     def program_of_device_values(self, device: int, desc: tuple, values: int,
                                  stream: int) -> Optional[DeviceBuffer]:
         """The staged kernel's program for desc and the float32 values at device address
@@ -283,8 +288,7 @@ class CsrStore:
         allocated (and, when the buffer goes, freed) on it; None where that kernel would not
         pay. No host copy of the values, no synchronisation once the pattern's layout is on the
         device."""
-        layout = self.pattern.device_tile_layout(device, desc,
-                                                 self.values_as(np.dtype(np.float32)))
+        layout = self.device_tile_layout(device, desc)
         if layout is None:
             return None
         program = DeviceBuffer(layout.program.nbytes, device, stream)

@@ -315,7 +315,8 @@ escoin_status_t escoin_cuda_pointer_device(const void* ptr, int* device);
  * package hands out its address (escoin.c_api(): a PyCapsule named "escoin.c_api"). version is
  * ESCOIN_API_VERSION; entries are only ever added at the end, so a table of a later version
  * serves callers compiled for an earlier one (check version >= the one you were compiled for). */
-#define ESCOIN_API_VERSION 1
+/* Version 2 added tile_program_write_weights. */
+#define ESCOIN_API_VERSION 2
 typedef struct {
   int32_t version;
   const char* (*last_error)(void);
@@ -341,6 +342,9 @@ typedef struct {
                                          void* workspace, size_t workspace_bytes, int device,
                                          void* stream);
   escoin_status_t (*cuda_pointer_device)(const void* ptr, int* device);
+  escoin_status_t (*tile_program_write_weights)(void* program, const void* layout, size_t bytes,
+                                                const int64_t* slots, const float* values,
+                                                int64_t count, int device, void* stream);
 } escoin_api_t;
 
 /* This build's table (static storage; never NULL). */
