@@ -1,5 +1,6 @@
 """escoin-torch's one compiled part: escoin_torch._native, the op's CUDA kernel in C++ for calls
-it has seen (csrc/native_kernel.cpp). Built against the installed torch and escoin (pip install
+it has seen (csrc/native_kernel.cpp) and a training step's calls recorded for autograd in C++
+(csrc/native_training.cpp). Built against the installed torch and escoin (pip install
 --no-build-isolation), as every torch C++ extension must be: its binary interface is that torch
 version's. Metadata and the Python package are in pyproject.toml."""
 import escoin
@@ -7,7 +8,9 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 setup(
-    ext_modules=[CppExtension("escoin_torch._native", ["csrc/native_kernel.cpp"],
+    ext_modules=[CppExtension("escoin_torch._native",
+                              ["csrc/native_kernel.cpp", "csrc/native_training.cpp"],
+                              depends=["csrc/native_calls.h"],
                               include_dirs=[escoin.get_include()],
                               extra_compile_args=["-O2", "-g0"])],
     cmdclass={"build_ext": BuildExtension},

@@ -18,91 +18,50 @@
 //
 // The autograd kernel runs first on every call outside inference mode (torch.no_grad included):
 // where no gradient is to be recorded and no tangent carried it goes on down the dispatcher at
-// once, so such a call enters Python nowhere on the fast path; elsewhere ops.py's _recorded
-// records the call through its autograd.Function.
-#include <torch/extension.h>
-
-#include <c10/core/impl/VirtualGuardImpl.h>
-
-#include <array>
+// once, so such a call enters Python nowhere on the fast path; elsewhere native_training.cpp
+// records the call where it can (a training step's calls on a known pattern), and ops.py's
+// _recorded, through its autograd.Function, the rest.
 #include <atomic>
-#include <cstdint>
 #include <memory>
 #include <mutex>
-#include <optional>
-#include <type_traits>
 #include <unordered_map>
-#include <vector>
 
-#include "escoin/escoin.h"
+#include "native_calls.h"
 
-namespace py = pybind11;
+namespace escoin_native {
+
+const escoin_api_t* g_api = nullptr;
+
+PreparedCall prepared_call_of(const py::object& call) {
+  py::tuple fields = call.attr("native_arguments")();
+  py::tuple d = fields[0];
+  TORCH_CHECK(d.size() == 16 && fields.size() == 10,
+              "escoin_torch._native: escoin.PreparedCall.native_arguments() has another form "
+              "than this build expects");
+  PreparedCall out;
+  auto field = [&d](int i) { return d[size_t(i)].cast<int64_t>(); };
+  out.desc = escoin_conv_desc_t{field(0),  field(1),  field(2),  field(3), field(4),  field(5),
+                                field(6),  field(7),  field(8),  field(9), field(10), field(11),
+                                field(12), field(13), field(14), field(15)};
+  out.dtype = escoin_dtype_t(fields[1].cast<int>());
+  out.device = fields[2].cast<int>();
+  out.row_ptr = reinterpret_cast<const int64_t*>(fields[3].cast<uintptr_t>());
+  out.offsets = reinterpret_cast<const int32_t*>(fields[4].cast<uintptr_t>());
+  out.values = reinterpret_cast<const void*>(fields[5].cast<uintptr_t>());
+  out.tile_program = reinterpret_cast<const void*>(fields[6].cast<uintptr_t>());
+  out.workspace_bytes = fields[7].cast<size_t>();
+  out.generation = reinterpret_cast<const int64_t*>(fields[8].cast<uintptr_t>());
+  out.prepared_generation = fields[9].cast<int64_t>();
+  py::tuple shape = call.attr("output_shape");
+  for (size_t i = 0; i < 4; ++i) out.output_shape[i] = shape[i].cast<int64_t>();
+  return out;
+}
+
+}  // namespace escoin_native
 
 namespace {
 
-// One CSR tensor's contents, by identity: which storage, where in it, how long, of which type
-// (a contiguous tensor: strides need no place), which write.
-struct ContentsId {
-  const c10::StorageImpl* storage;
-  int64_t offset, numel, version;
-  c10::ScalarType dtype;
-  bool same_memory(const ContentsId& o) const {
-    return storage == o.storage && offset == o.offset && numel == o.numel && dtype == o.dtype;
-  }
-  bool operator==(const ContentsId& o) const { return same_memory(o) && version == o.version; }
-};
-
-struct CallKey {
-  std::array<ContentsId, 3> csr;  // row_ptr, col_idx, values
-  std::array<int64_t, 4> x_shape, weight_shape;
-  std::array<int64_t, 6> geometry;  // stride, padding, dilation (height, width each)
-  int64_t groups;
-  int device;
-  c10::ScalarType dtype;  // x's, the values' and the output's
-  bool operator==(const CallKey& o) const {
-    return csr == o.csr && x_shape == o.x_shape && weight_shape == o.weight_shape &&
-           geometry == o.geometry && groups == o.groups && device == o.device && dtype == o.dtype;
-  }
-};
-
-struct CallKeyHash {
-  size_t operator()(const CallKey& k) const {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a over the key's words
-    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
-    for (const ContentsId& c : k.csr) {
-      mix(reinterpret_cast<uintptr_t>(c.storage));
-      mix(uint64_t(c.offset));
-      mix(uint64_t(c.numel));
-      mix(uint64_t(c.version));
-      mix(uint64_t(c.dtype));
-    }
-    for (int64_t v : k.x_shape) mix(uint64_t(v));
-    for (int64_t v : k.weight_shape) mix(uint64_t(v));
-    for (int64_t v : k.geometry) mix(uint64_t(v));
-    mix(uint64_t(k.groups));
-    mix(uint64_t(k.device));
-    mix(uint64_t(k.dtype));
-    return size_t(h);
-  }
-};
-
-// What the core's CUDA entry needs beyond the call's tensors (escoin.PreparedCall's fields).
-struct PreparedCall {
-  escoin_conv_desc_t desc;
-  escoin_dtype_t dtype;
-  int device;
-  const int64_t* row_ptr;
-  const int32_t* offsets;
-  const void* values;
-  const void* tile_program;
-  size_t workspace_bytes;
-  std::array<int64_t, 4> output_shape;
-  // The filter's generation in memory and the value it held when the call was prepared: the
-  // filter's release_geometries (through escoin_torch or escoin itself) frees the arrays above
-  // and moves it on, so a moved one means "stale, never launch".
-  const int64_t* generation;
-  int64_t prepared_generation;
-};
+using namespace escoin_native;
 
 struct Remembered {
   PreparedCall call;
@@ -113,90 +72,15 @@ struct Remembered {
   // with the GIL held (remember, forget); the map is never destroyed, since at exit Python may
   // be gone before static destructors run.
   py::object owner;
-  bool alive() const {
-    for (const auto& s : storages) {
-      if (s.expired()) return false;
-    }
-    // (An atomic read: escoin's release_geometries writes the cell under its own lock.)
-    return __atomic_load_n(call.generation, __ATOMIC_ACQUIRE) == call.prepared_generation;
-  }
+  bool alive() const { return !any_expired(storages) && call.current(); }
 };
 
-const escoin_api_t* g_api = nullptr;
 py::object* g_python_kernel = nullptr;  // ops.py's kernel, for every call not taken here
 py::object* g_recorder = nullptr;  // ops.py's _recorded, for calls with a gradient or tangent
 std::mutex g_mutex;
 auto* g_calls = new std::unordered_map<CallKey, Remembered, CallKeyHash>();
 std::atomic<int64_t> g_fast_calls{0};  // calls run here (tests check the fast path is taken)
 std::atomic<int64_t> g_recorded_calls{0};  // calls the autograd kernel handed to _recorded
-
-// c10::Stream::native_handle (the cudaStream_t of a CUDA stream) is recent; with a torch that
-// lacks it every call runs the Python kernel, which reads the handle through torch._C.
-template <typename S, typename = void>
-struct HasNativeHandle : std::false_type {};
-template <typename S>
-struct HasNativeHandle<S, std::void_t<decltype(std::declval<const S&>().native_handle())>>
-    : std::true_type {};
-constexpr bool kStreamHandles = HasNativeHandle<c10::Stream>::value;
-
-template <typename S>
-void* current_stream_handle(const S& stream) {
-  if constexpr (HasNativeHandle<S>::value) {
-    return stream.native_handle();
-  } else {
-    return nullptr;
-  }
-}
-
-bool contents_id(const at::Tensor& t, ContentsId* out) {
-  if (!t.defined() || t.is_inference() || !t.has_storage() || !t.is_contiguous() ||
-      t.is_neg()) {
-    return false;  // (a neg-bit view shares its storage with the values it negates)
-  }
-  *out = ContentsId{t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.numel(),
-                    int64_t(t._version()), t.scalar_type()};
-  return true;
-}
-
-bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-              const at::Tensor& values, c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
-              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, CallKey* key) {
-  // (x as the core reads it: contiguous NCHW, no neg bit, which the Python kernel resolves.)
-  if (x.dim() != 4 || weight_shape.size() != 4 || stride.size() != 2 || padding.size() != 2 ||
-      dilation.size() != 2 || !x.is_cuda() || !x.is_contiguous() || x.is_neg()) {
-    return false;
-  }
-  if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1]) ||
-      !contents_id(values, &key->csr[2])) {
-    return false;
-  }
-  for (int i = 0; i < 4; ++i) {
-    key->x_shape[i] = x.size(i);
-    key->weight_shape[i] = weight_shape[i];
-  }
-  for (int i = 0; i < 2; ++i) {
-    key->geometry[i] = stride[i];
-    key->geometry[2 + i] = padding[i];
-    key->geometry[4 + i] = dilation[i];
-  }
-  key->groups = groups;
-  key->device = x.get_device();
-  key->dtype = x.scalar_type();
-  return values.scalar_type() == key->dtype;
-}
-
-// A bias or residual the core can read as it is: contiguous (no neg bit), of `shape`, x's dtype
-// and device.
-bool plain_operand(const std::optional<at::Tensor>& t, const at::Tensor& x,
-                   c10::IntArrayRef shape) {
-  if (!t.has_value() || !t->defined()) return true;
-  return t->is_contiguous() && !t->is_neg() && t->sizes() == shape &&
-         t->scalar_type() == x.scalar_type() && t->device() == x.device();
-}
-
-const void* address_of(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
-}
 
 // Calls ops.py's function in `*function` (handed over by set_python_kernel or set_recorder;
 // `name` says which for the error) with the op's arguments.
@@ -241,8 +125,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
   at::Tensor y = at::empty(found->output_shape, x.options());
   at::Tensor workspace =
       at::empty({int64_t(found->workspace_bytes)}, x.options().dtype(at::kByte));
-  c10::impl::VirtualGuardImpl cuda(c10::DeviceType::CUDA);
-  void* stream = current_stream_handle(cuda.getStream(x.device()));
+  void* stream = current_stream_of(x);
   escoin_status_t status = g_api->conv2d_forward_cuda(
       &found->desc, found->dtype, x.const_data_ptr(), found->row_ptr, found->offsets,
       found->values, found->tile_program, address_of(bias), address_of(residual), relu ? 1 : 0,
@@ -278,6 +161,10 @@ at::Tensor sparse_conv2d_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
   if (autograd_sees(x, grad_mode) || autograd_sees(row_ptr, grad_mode) ||
       autograd_sees(col_idx, grad_mode) || autograd_sees(values, grad_mode) ||
       autograd_sees(bias, grad_mode) || autograd_sees(residual, grad_mode)) {
+    std::optional<at::Tensor> y = record_natively(x, row_ptr, col_idx, values, weight_shape,
+                                                  bias, stride, padding, dilation, groups,
+                                                  relu, residual);
+    if (y.has_value()) return *y;
     ++g_recorded_calls;
     return call_python(&g_recorder, "the autograd recorder", x, row_ptr, col_idx, values,
                        weight_shape, bias, stride, padding, dilation, groups, relu, residual);
@@ -308,28 +195,8 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
     auto found = g_calls->find(key);
     if (found != g_calls->end() && found->second.alive()) return;
   }
-  py::tuple fields = call.attr("native_arguments")();
-  py::tuple d = fields[0];
-  TORCH_CHECK(d.size() == 16 && fields.size() == 10,
-              "escoin_torch._native: escoin.PreparedCall.native_arguments() has another form "
-              "than this build expects");
   Remembered entry;
-  auto field = [&d](int i) { return d[size_t(i)].cast<int64_t>(); };
-  entry.call.desc = escoin_conv_desc_t{field(0),  field(1),  field(2),  field(3),
-                                       field(4),  field(5),  field(6),  field(7),
-                                       field(8),  field(9),  field(10), field(11),
-                                       field(12), field(13), field(14), field(15)};
-  entry.call.dtype = escoin_dtype_t(fields[1].cast<int>());
-  entry.call.device = fields[2].cast<int>();
-  entry.call.row_ptr = reinterpret_cast<const int64_t*>(fields[3].cast<uintptr_t>());
-  entry.call.offsets = reinterpret_cast<const int32_t*>(fields[4].cast<uintptr_t>());
-  entry.call.values = reinterpret_cast<const void*>(fields[5].cast<uintptr_t>());
-  entry.call.tile_program = reinterpret_cast<const void*>(fields[6].cast<uintptr_t>());
-  entry.call.workspace_bytes = fields[7].cast<size_t>();
-  entry.call.generation = reinterpret_cast<const int64_t*>(fields[8].cast<uintptr_t>());
-  entry.call.prepared_generation = fields[9].cast<int64_t>();
-  py::tuple shape = call.attr("output_shape");
-  for (size_t i = 0; i < 4; ++i) entry.call.output_shape[i] = shape[i].cast<int64_t>();
+  entry.call = prepared_call_of(call);
   entry.storages = {row_ptr.storage().getWeakStorageImpl(),
                     col_idx.storage().getWeakStorageImpl(),
                     values.storage().getWeakStorageImpl()};
@@ -360,6 +227,7 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
 
 // Forgets every remembered call (escoin_torch.release_geometries frees their arrays).
 void forget() {
+  forget_training();
   std::unordered_map<CallKey, Remembered, CallKeyHash> dropped;
   std::lock_guard<std::mutex> lock(g_mutex);
   dropped.swap(*g_calls);
@@ -368,9 +236,9 @@ void forget() {
 
 void set_api(py::capsule api) {
   const auto* table = static_cast<const escoin_api_t*>(api.get_pointer());
-  TORCH_CHECK(table != nullptr && table->version >= ESCOIN_API_VERSION,
-              "escoin_torch._native: escoin's C API table is older than this build's (version ",
-              ESCOIN_API_VERSION, ")");
+  // (Version 1 serves the calls run here; native_training.cpp needs version 2's entry.)
+  TORCH_CHECK(table != nullptr && table->version >= 1,
+              "escoin_torch._native: escoin's C API table is missing");
   g_api = table;
 }
 
@@ -418,6 +286,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("remember", &remember, "A prepared call for later calls with these tensors' contents");
   m.def("forget", &forget, "Forgets every remembered call");
   m.def("stats", &stats, "Remembered calls, calls run here, calls handed to _recorded");
+  define_training(m);
   // (Lists for the int[] arguments: pybind11 has no caster for c10::IntArrayRef.)
   m.def(
       "sparse_conv2d_cuda",

@@ -269,7 +269,9 @@ def test_training_steps_keep_what_they_hold_bounded(dtype: torch.dtype) -> None:
         remembered = ops._native.stats()["remembered"] if ops._native is not None else 0
         # escoin's own device memory (programs, uploaded arrays) is in its DeviceBuffers
         buffers = sum(isinstance(o, DeviceBuffer) for o in gc.get_objects())
-        return len(ops._filters), remembered, buffers, torch.cuda.memory_allocated()
+        trained = ops._native.training_stats() if ops._native_trains else {}
+        return (len(ops._filters), remembered, trained.get("patterns"),
+                trained.get("transpositions"), buffers, torch.cuda.memory_allocated())
 
     # Other tests' entries go first (a purge of their dead ones during the steps would free
     # their buffers), and their remembered calls with them.
@@ -283,9 +285,19 @@ def test_training_steps_keep_what_they_hold_bounded(dtype: torch.dtype) -> None:
 def test_training_calls_on_two_streams_match_float64() -> None:
     """A training step's filter computes with device values through a program written on the
     stream of its first call; calls on another stream get their own (a call is bound to the
-    stream its program was written on), with and without gradients."""
+    stream its program was written on), with and without gradients. (The Python path's filters:
+    the C++ training path, which would take the calls with gradients, is switched off; its own
+    streams are test_torch_native_training's.)"""
     from escoin_torch import ops
 
+    native = escoin_torch.set_native_training(False)
+    try:
+        _check_training_calls_on_two_streams(ops)
+    finally:
+        escoin_torch.set_native_training(native)
+
+
+def _check_training_calls_on_two_streams(ops: object) -> None:
     layer = SparseConv2d.from_dense(sparse_conv(8, 32, 3, padding=1), sparse_training=True)
     layer = layer.cuda().train()
     optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2)

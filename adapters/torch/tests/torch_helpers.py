@@ -177,12 +177,20 @@ def check_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch, devic
     builds = count_calls(monkeypatch, escoin.SparseFilter, "from_csr")
     host_copies = count_calls(monkeypatch, escoin.SparseFilter, "with_values")
     on_device = count_calls(monkeypatch, escoin.SparseFilter, "_prepare_with_values")
+    native = native_training_stats()
     for _ in range(3):
         step_matches_float64()
     assert not compressions and not builds
-    # On a GPU the new values stay there: each step's two calls (forward, input gradient) are
-    # prepared on them, and no filter of host values is made.
-    if device == "cuda":
+    # On a GPU the new values stay there and no filter of host values is made: each step's two
+    # calls (forward, input gradient) are prepared on them, or where the C++ training path is
+    # built (it learnt the pattern in the first step), run there with their programs written
+    # on the device, forward and backward.
+    if device == "cuda" and native is not None:
+        now = native_training_stats()
+        assert (len(host_copies), len(on_device)) == (0, 0)
+        assert now["native_forwards"] - native["native_forwards"] == 3
+        assert now["native_backwards"] - native["native_backwards"] == 3
+    elif device == "cuda":
         assert (len(host_copies), len(on_device)) == (0, 6)
     else:
         assert len(host_copies) >= 6 and not on_device
@@ -209,6 +217,17 @@ def check_training_steps_keep_the_pattern(monkeypatch: pytest.MonkeyPatch, devic
         step_matches_float64()
         assert layer.csr.nnz == nnz
     assert len(compressions) == 3
+
+
+def native_training_stats() -> Optional[dict]:
+    """The C++ training path's counts (escoin_torch._native.training_stats), None where it is
+    not built or switched off."""
+    from escoin_torch import ops
+
+    if ops._native is None or not ops._native_trains:
+        return None
+    stats = ops._native.training_stats()
+    return stats if stats["enabled"] else None
 
 
 def check_refresh_csrs(monkeypatch: pytest.MonkeyPatch, device: str) -> None:

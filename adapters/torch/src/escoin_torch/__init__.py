@@ -10,6 +10,8 @@
   the structure escoin's GPU kernel runs 1.75x faster than unstructured sparsity (an H100, 90%).
 * :func:`refresh_csrs` brings a model's CSRs up to date after an optimiser step of sparse
   training, with one synchronisation for all its layers.
+* :func:`set_native_training` switches the C++ path of sparse training's calls (on by default)
+  off, for comparison or debugging.
 * :func:`release_geometries` frees the arrays escoin keeps per input size (for models fed many).
 * :mod:`escoin_torch.seed` is the API of the seed port (``import escoin_torch.seed as sp``).
 
@@ -20,7 +22,8 @@ from escoin_torch.convert import LayerReport, LayerTiming, calibrate, sparsify
 from escoin_torch.csr import CSRWeight
 from escoin_torch.fuse import fuse_for_inference
 from escoin_torch.layer import SparseConv2d, refresh_csrs
-from escoin_torch.ops import SUPPORTED_DTYPES, release_geometries, sparse_conv2d
+from escoin_torch.ops import (SUPPORTED_DTYPES, release_geometries, set_native_training,
+                              sparse_conv2d)
 from escoin_torch.seed import SparseConv2D, SparseModel, Sparse_modes, set_mode
 from escoin_torch.timing import PathTimes, time_paths
 
@@ -29,4 +32,5 @@ __version__ = "0.1.0"
 __all__ = ["CSRWeight", "LayerReport", "LayerTiming", "PathTimes", "SUPPORTED_DTYPES",
            "SparseConv2D", "SparseConv2d", "SparseModel", "Sparse_modes", "block_prune",
            "calibrate", "fuse_for_inference", "global_block_prune", "refresh_csrs",
-           "release_geometries", "set_mode", "sparse_conv2d", "sparsify", "time_paths"]
+           "release_geometries", "set_mode", "set_native_training", "sparse_conv2d", "sparsify",
+           "time_paths"]

@@ -90,6 +90,9 @@ class Transposition(NamedTuple):
     order: torch.Tensor    # int64, nnz: the forward entry each transposed entry takes
     shape: WeightShape
     groups: int
+    # int64, nnz: each forward entry's place in the flattened dense forward weight (where the
+    # weight gradient's values are)
+    flat_index: torch.Tensor
 
     def of(self, values: torch.Tensor) -> CSRWeight:
         """The transposed CSR of a weight with this pattern and `values` (differentiable in
@@ -114,7 +117,8 @@ def transposition(csr: CSRWeight) -> Transposition:
     m_total, c_group, kh, kw = csr.shape
     m_group = m_total // csr.groups
     cols = csr.col_idx.long()
-    rows = flat_index(csr.row_ptr, csr.col_idx, csr.shape) // (c_group * kh * kw)
+    flat = flat_index(csr.row_ptr, csr.col_idx, csr.shape)
+    rows = flat // (c_group * kh * kw)
     group, m_local = rows // m_group, rows % m_group
     c_local, r, s = cols // (kh * kw), (cols // kw) % kh, cols % kw
     new_rows = group * c_group + c_local
@@ -124,4 +128,4 @@ def transposition(csr: CSRWeight) -> Transposition:
     counts.scatter_add_(0, new_rows, torch.ones_like(new_rows))
     row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     return Transposition(row_ptr, new_cols[order].to(torch.int32), order,
-                         (csr.groups * c_group, m_group, kh, kw), csr.groups)
+                         (csr.groups * c_group, m_group, kh, kw), csr.groups, flat)

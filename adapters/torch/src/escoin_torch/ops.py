@@ -163,6 +163,20 @@ def release_geometries() -> int:
     return released
 
 
+def set_native_training(enabled: bool) -> bool:
+    """Whether a training step's calls on a pattern escoin-torch has seen run in C++
+    (``_native``'s training path, the default: recorded for autograd and differentiated
+    there, each call's program written on the GPU, no Python on the way) or through this
+    module's autograd.Function and Python kernel (the path of every other call: the same
+    kernels and results, ~0.8 ms more host time per layer and step). Returns the previous
+    setting; False, and nothing to switch, where the C++ path is not built."""
+    if _native is None or not _native_trains:
+        return False
+    previous = bool(_native.training_stats()["enabled"])
+    _native.set_training_calls(bool(enabled))
+    return previous
+
+
 def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
                   stride: Union[int, Sequence[int]] = 1,
                   padding: Union[int, Sequence[int], str] = 0,
@@ -329,24 +343,32 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     call = cached_filter.launch(shape, x.device.index, dtype, **geometry)
     # _empty_output has checked every tensor (dtype, device, shape).
     run_call(call, x_c, out, bias_c, residual_c, relu)
-    # (Not a call on device values: it is bound to its stream, which the C++ kernel's keys
-    # leave out. Such values are a training step's, which its calls use once or twice.)
-    if _native_remembers and call.stream is None:
-        # Later calls with these tensors' contents and x's shape skip this function (where
-        # the C++ kernel can take them: contiguous NCHW x, no neg bit).
-        try:
+    try:
+        if _native_trains and _training_values.get():
+            # A training step's call: the C++ training path takes the next steps' calls on
+            # this pattern and geometry, each with its own values.
+            device = x.device.index
+            _native.remember_pattern(x, row_ptr, col_idx, weight_shape, stride, padding,
+                                     dilation, groups, lambda: cached_filter.filt
+                                     .prepare_for_values(shape, dtype=dtype, device=device,
+                                                         **geometry))
+        if _native_remembers and call.stream is None:
+            # Later calls with these tensors' contents and x's shape skip this function (where
+            # the C++ kernel can take them: contiguous NCHW x, no neg bit).
             _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding,
                              dilation, groups, call)
-        except RuntimeError as error:  # an escoin whose prepared calls it cannot read
-            _stop_remembering(error)
+    except RuntimeError as error:  # an escoin whose prepared calls it cannot read
+        _stop_remembering(error)
     return _like_input_format(out, x)
 
 
 def _stop_remembering(error: Exception) -> None:
     """Leaves every later CUDA call to the Python kernel, with a warning: the C++ kernel cannot
     use this escoin's prepared calls (escoin and escoin-torch built from different versions)."""
-    global _native_remembers
-    _native_remembers = False
+    global _native_remembers, _native_trains
+    _native_remembers = _native_trains = False
+    if hasattr(_native, "set_training_calls"):
+        _native.set_training_calls(False)
     warnings.warn(f"escoin-torch's C++ kernel cannot use this escoin ({error}); CUDA calls run "
                   "the Python kernel (install escoin and escoin-torch of one version)",
                   RuntimeWarning, stacklevel=3)
@@ -413,20 +435,39 @@ def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
     x, row_ptr, col_idx, values, output = saved
     g = geometry
     csr = CSRWeight(row_ptr, col_idx, values, g.weight_shape, g.groups)
+    pattern = _transposition_of(csr)
     if g.relu:
         grad = grad * (output > 0)
     grad_x = grad_values = grad_bias = None
     if needs[0]:
-        grad_x = _input_grad(grad, csr, x.shape, g.stride, g.padding, g.dilation)
+        grad_x = _input_grad(grad, csr, pattern, x.shape, g.stride, g.padding, g.dilation)
     if needs[1]:
         # The dense weight gradient is one cuDNN/oneDNN call; only its entries on the pattern
         # are kept. A sparse (SDDMM-style) kernel would be cheaper but escoin has none.
         dense = torch.nn.grad.conv2d_weight(x, g.weight_shape, grad, g.stride, g.padding,
                                             g.dilation, g.groups)
-        grad_values = dense.reshape(-1)[csr.flat_index()]
+        index = csr.flat_index() if pattern is None else pattern.flat_index
+        grad_values = dense.reshape(-1)[index]
     if needs[2]:
         grad_bias = grad.sum((0, 2, 3))
+    if _native_trains and pattern is not None and values.is_cuda \
+            and _unwrapped(row_ptr) is row_ptr and _unwrapped(col_idx) is col_idx:
+        # The C++ training path computes the next backwards of this pattern itself.
+        _native.remember_transposition(row_ptr, col_idx, pattern.row_ptr, pattern.col_idx,
+                                       pattern.order, pattern.flat_index)
     return grad_x, grad_values, grad_bias, grad if needs[3] else None
+
+
+def _backward_of_native_call(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                             values: torch.Tensor, output: Optional[torch.Tensor],
+                             weight_shape: List[int], stride: List[int], padding: List[int],
+                             dilation: List[int], groups: int, relu: bool, grad: torch.Tensor,
+                             needs: Tuple[bool, bool, bool, bool]) -> tuple:
+    """The gradients (x, values, bias, residual) of a call the C++ training path
+    (native_training.cpp) recorded, where it leaves them here: a backward that records its own
+    graph (a double backward), or one whose input gradient's pattern it does not know yet."""
+    geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
+    return _gradients((x, row_ptr, col_idx, values, output), geometry, grad, needs)
 
 
 def _save(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, row_ptr: torch.Tensor,
@@ -592,6 +633,11 @@ def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> t
         return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+# Whether the C++ training path (native_training.cpp) is there to be told of patterns.
+_native_trains = (_native_remembers and hasattr(_native, "remember_pattern")
+                  and hasattr(escoin.SparseFilter, "prepare_for_values"))
+if _native_trains:
+    _native.set_backward(_backward_of_native_call)
 if _native is not None and hasattr(_native, "set_recorder"):
     _native.set_recorder(_recorded)  # (its autograd kernel was registered by its import)
 else:  # no extension, or one built before it had an autograd kernel
@@ -639,8 +685,9 @@ torch.library.register_autocast("escoin::sparse_conv2d", "cpu", torch.float32)
 torch.library.register_autocast("escoin::sparse_conv2d", "cuda", torch.float32)
 
 
-def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride: Tuple[int, int],
-                padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+def _input_grad(grad: torch.Tensor, csr: CSRWeight, pattern: Optional[Transposition],
+                x_shape: torch.Size, stride: Tuple[int, int], padding: Tuple[int, int],
+                dilation: Tuple[int, int]) -> torch.Tensor:
     """``conv_transpose2d(grad, W)`` as a stride-1 sparse conv: zeros inserted between grad
     elements (stride), the result padded (or cropped, when padding exceeds the kernel extent) so
     that the output is exactly (H, W), and the transposed, flipped CSR weight."""
@@ -660,7 +707,7 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride:
                 sides[0][0] - common[0], sides[0][1] - common[0])
     if any(v != 0 for v in residual):
         grad = F.pad(grad, residual)
-    flipped = _transposed(csr)
+    flipped = _transposed(csr, pattern)
     token = _training_values.set(True)  # (the transposed values of one backward)
     try:
         return _call_op(grad, flipped.row_ptr, flipped.col_idx, flipped.values,
@@ -670,17 +717,25 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, x_shape: torch.Size, stride:
         _training_values.reset(token)
 
 
-def _transposed(csr: CSRWeight) -> CSRWeight:
-    # The pattern's transposition is cached per pattern tensors: under torch.func's gradient
-    # transforms those are wrapped (the values they hold unchanged), and traced tensors
-    # (torch.compile's) or ones a vmap level maps have no stable identity: computed then.
+def _transposition_of(csr: CSRWeight) -> Optional[Transposition]:
+    """The pattern of csr's transpose, cached per pattern tensors: under torch.func's gradient
+    transforms those are wrapped (the values they hold unchanged). None where they are traced
+    (torch.compile's) or a vmap level maps them: no stable identity."""
     row_ptr, col_idx = _unwrapped(csr.row_ptr), _unwrapped(csr.col_idx)
     if row_ptr is None or col_idx is None:
+        return None
+    return _transpositions.get(
+        (row_ptr, col_idx), (csr.shape, csr.groups),
+        lambda: transposition(csr._replace(row_ptr=row_ptr, col_idx=col_idx)),
+        verify=csr.values.device.type == "cpu")
+
+
+def _transposed(csr: CSRWeight, pattern: Optional[Transposition]) -> CSRWeight:
+    """The transposed CSR of csr, whose transposition's pattern is `pattern`
+    (_transposition_of; None: computed here)."""
+    if pattern is None:
         return transpose(csr)
     on_host = csr.values.device.type == "cpu"
-    pattern = _transpositions.get(
-        (row_ptr, col_idx), (csr.shape, csr.groups),
-        lambda: transposition(csr._replace(row_ptr=row_ptr, col_idx=col_idx)), verify=on_host)
     # A double backward needs the transposed values attached to the autograd graph.
     plain = (csr.row_ptr, csr.col_idx, csr.values)
     if torch.is_grad_enabled() or any(type(t) is not torch.Tensor or transformed(t)

@@ -1,0 +1,252 @@
+"""The C++ training path (csrc/native_training.cpp): a training step's calls on a known pattern
+recorded and differentiated without Python, checked against float64 and against the Python path
+it stands in for, and the cases it leaves to that path."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_helpers import relative_error, sparse_conv
+import escoin_torch
+from escoin_torch import SparseConv2d, ops
+
+pytestmark = pytest.mark.cuda
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, relu, residual)
+GEOMETRIES = [
+    (8, 32, 3, 1, 1, 1, 1, True, True, False),
+    (16, 32, 3, 2, 1, 1, 1, False, True, True),
+    (12, 24, 3, 1, 2, 2, 3, True, False, False),
+    (32, 16, 1, 1, 0, 1, 1, False, False, True),
+    (8, 16, 5, 2, 0, 1, 2, True, True, False),
+    (8, 16, 3, 3, 4, 1, 1, True, False, False),  # padding past the kernel: the gradient crops
+]
+
+
+def _stats() -> dict:
+    return ops._native.training_stats()
+
+
+@pytest.fixture
+def native_training(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The C++ training path on (True) or off (False: the Python path it stands in for)."""
+    if ops._native is None or not ops._native_trains:
+        pytest.skip("escoin-torch's C++ training path is not built")
+    on = getattr(request, "param", True)
+    escoin_torch.set_native_training(on)
+    try:
+        yield on
+    finally:
+        escoin_torch.set_native_training(True)
+
+
+def _layer(geometry: tuple, dtype: torch.dtype = torch.float32) -> SparseConv2d:
+    c_in, c_out, k, stride, padding, dilation, groups, bias, relu, _ = geometry
+    conv = sparse_conv(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation,
+                       groups=groups, bias=bias)
+    layer = SparseConv2d.from_dense(conv, relu=relu, sparse_training=True)
+    return layer.to("cuda", dtype).train()
+
+
+def _inputs(layer: SparseConv2d, geometry: tuple, dtype: torch.dtype, seed: int) -> tuple:
+    generator = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(4, layer.in_channels, 13, 11, device="cuda", dtype=dtype,
+                    generator=generator)
+    with torch.no_grad():
+        shape = F.conv2d(x.float(), layer.weight.float(), None, layer.stride, layer.padding,
+                         layer.dilation, layer.groups).shape
+    residual = (torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+                if geometry[-1] else None)
+    upstream = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    return x, residual, upstream
+
+
+def _step(layer: SparseConv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
+          upstream: torch.Tensor) -> tuple:
+    """One forward and backward: the output and the gradients of x, weight, bias, residual."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_()
+    residual = None if residual is None else residual.detach().requires_grad_()
+    y = layer(x) if residual is None else layer(x, residual)
+    (y * upstream).sum().backward()
+    return (y.detach(), x.grad, layer.weight.grad,
+            None if layer.bias is None else layer.bias.grad,
+            None if residual is None else residual.grad)
+
+
+def _float64_step(layer: SparseConv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
+                  upstream: torch.Tensor) -> tuple:
+    """_step's results from F.conv2d in float64, the weight gradient kept at the pattern."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
+    r64 = None if residual is None else residual.detach().double().requires_grad_()
+    y = F.conv2d(x64, w64, b64, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if r64 is not None:
+        y = y + r64
+    if layer.relu:
+        y = F.relu(y)
+    (y * upstream.double()).sum().backward()
+    mask = layer.weight.detach() != 0
+    return (y.detach(), x64.grad, w64.grad * mask, None if b64 is None else b64.grad,
+            None if r64 is None else r64.grad)
+
+
+def _optimiser_step(layer: SparseConv2d) -> None:
+    """A step that keeps the pattern (SGD on the weight's stored entries only: the weight's
+    gradient is zero elsewhere), and the CSRs brought up to date."""
+    with torch.no_grad():
+        layer.weight.sub_(0.05 * layer.weight.grad)
+        if layer.bias is not None:
+            layer.bias.sub_(0.05 * layer.bias.grad)
+    escoin_torch.refresh_csrs(layer)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_steps_after_the_first_run_in_cpp_and_match_float64(native_training: bool,
+                                                            geometry: tuple,
+                                                            dtype: torch.dtype) -> None:
+    """The first step runs the Python path, which tells the C++ one the pattern; every later
+    step's forward and backward run there, on that step's values, and agree with float64."""
+    layer = _layer(geometry, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for seed in range(4):
+        x, residual, upstream = _inputs(layer, geometry, dtype, seed)
+        before = _stats()
+        results = _step(layer, x, residual, upstream)
+        after = _stats()
+        native = seed > 0  # (the first step's Python path taught it the pattern)
+        assert after["native_forwards"] - before["native_forwards"] == int(native)
+        assert after["native_backwards"] - before["native_backwards"] == int(native)
+        expected = _float64_step(layer, x, residual, upstream)
+        for name, got, want in zip(("y", "x", "weight", "bias", "residual"), results,
+                                   expected):
+            assert (got is None) == (want is None), name
+            if got is not None:
+                assert got.dtype == dtype, name
+                assert relative_error(got, want) < tolerance, name
+        _optimiser_step(layer)
+
+
+@pytest.mark.parametrize("native_training", [False], indirect=True)
+def test_the_switch_leaves_every_call_to_the_python_path(native_training: bool) -> None:
+    layer = _layer(GEOMETRIES[0])
+    before = _stats()
+    for seed in range(3):
+        _step(layer, *_inputs(layer, GEOMETRIES[0], torch.float32, seed))
+        _optimiser_step(layer)
+    assert _stats()["native_forwards"] == before["native_forwards"]
+
+
+def test_the_cpp_path_computes_what_the_python_path_does(native_training: bool) -> None:
+    """Two runs of the same steps from the same start, the C++ path off and on: the same
+    outputs and gradients (the same kernels on the same values, in another order of host
+    work)."""
+    runs = []
+    for on in (False, True):
+        escoin_torch.set_native_training(on)
+        layer = _layer(GEOMETRIES[1])
+        results = []
+        for seed in range(3):
+            results.append(_step(layer, *_inputs(layer, GEOMETRIES[1], torch.float32, seed)))
+            _optimiser_step(layer)
+        runs.append(results)
+    for python_step, native_step in zip(*runs):
+        for got, want in zip(native_step, python_step):
+            if want is not None:
+                assert relative_error(got, want) < 1e-6
+
+
+def test_a_double_backward_is_left_to_the_python_path(native_training: bool) -> None:
+    """A backward that records its own graph (create_graph) gets ops.py's differentiable
+    gradients: the gradient of a gradient's norm matches float64."""
+    geometry = GEOMETRIES[2]  # (no ReLU: its mask would make the second derivative zero)
+    layer = _layer(geometry)
+    x, _, upstream = _inputs(layer, geometry, torch.float32, 0)
+    _step(layer, x, None, upstream)
+    _optimiser_step(layer)
+    before = _stats()
+    x = x.detach().requires_grad_()
+    (grad_x,) = torch.autograd.grad((layer(x).square() * upstream).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad_x.square().sum(), x)
+    assert _stats()["native_forwards"] > before["native_forwards"]
+    assert _stats()["python_backwards"] > before["python_backwards"]
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, layer.weight.detach().double(), layer.bias.detach().double(),
+                   layer.stride, layer.padding, layer.dilation, layer.groups)
+    (g64,) = torch.autograd.grad((y64.square() * upstream.double()).sum(), x64,
+                                 create_graph=True)
+    (second64,) = torch.autograd.grad(g64.square().sum(), x64)
+    assert relative_error(grad_x, g64) < 1e-5
+    assert relative_error(second, second64) < 1e-5
+
+
+def test_calls_on_two_streams_each_write_their_program_there(native_training: bool) -> None:
+    """A call's program is written on the stream it runs on: calls on two side streams, each
+    with its own values, both match float64."""
+    geometry = GEOMETRIES[0]
+    layer = _layer(geometry)
+    _step(layer, *_inputs(layer, geometry, torch.float32, 0))
+    _optimiser_step(layer)
+    x, _, upstream = _inputs(layer, geometry, torch.float32, 1)
+    expected = _float64_step(layer, x, None, upstream)[0]
+    before = _stats()["native_forwards"]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outputs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs.append(layer(x.detach().requires_grad_()))
+        torch.cuda.current_stream().wait_stream(stream)
+    assert _stats()["native_forwards"] - before == (2 if native_training else 0)
+    for y in outputs:
+        assert relative_error(y, expected) < 1e-5
+
+
+def test_after_release_geometries_the_next_step_teaches_it_again(native_training: bool) -> None:
+    layer = _layer(GEOMETRIES[2])
+    for seed in range(2):
+        _step(layer, *_inputs(layer, GEOMETRIES[2], torch.float32, seed))
+        _optimiser_step(layer)
+    escoin_torch.release_geometries()
+    assert _stats()["patterns"] == 0 and _stats()["transpositions"] == 0
+    for seed, native in ((2, False), (3, True)):
+        x, residual, upstream = _inputs(layer, GEOMETRIES[2], torch.float32, seed)
+        before = _stats()["native_forwards"]
+        results = _step(layer, x, residual, upstream)
+        assert _stats()["native_forwards"] - before == int(native)
+        expected = _float64_step(layer, x, residual, upstream)
+        for got, want in zip(results, expected):
+            if want is not None:
+                assert relative_error(got, want) < 1e-5
+        _optimiser_step(layer)
+
+
+def test_calls_under_a_dispatch_mode_are_left_to_the_python_path(native_training: bool) -> None:
+    """A TorchDispatchMode must see the op's calls: a known pattern's call under one is not
+    taken by the C++ path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer(GEOMETRIES[0])
+    x, residual, upstream = _inputs(layer, GEOMETRIES[0], torch.float32, 0)
+    _step(layer, x, residual, upstream)
+    _optimiser_step(layer)
+    before = _stats()["native_forwards"]
+    with Seen() as seen:
+        layer(x.requires_grad_())
+    assert _stats()["native_forwards"] == before
+    assert any("escoin.sparse_conv2d" in name for name in seen.ops)
