@@ -291,15 +291,22 @@ std::optional<Gradients> native_gradients(const variable_list& saved, const Trai
   return out;
 }
 
+// The op's call as a C++ autograd function. bias and residual are optional arguments, which
+// autograd leaves out of its inputs where absent: a gradient's edge is counted over the
+// present ones (x 0, values 1, then bias and residual where given).
 struct NativeSparseConv2d : public torch::autograd::Function<NativeSparseConv2d> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
-                            const at::Tensor& bias, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual,
                             const at::Tensor& row_ptr, const at::Tensor& col_idx,
                             const TrainingGeometry& g, const PatternCall& call) {
-    at::Tensor y = launch_on_values(call, x, values, bias, residual, g.relu);
+    const at::Tensor b = bias.value_or(at::Tensor()), r = residual.value_or(at::Tensor());
+    at::Tensor y = launch_on_values(call, x, values, b, r, g.relu);
     // (The output only for the ReLU's mask, as ops.py's _save.)
     ctx->save_for_backward({x, values, row_ptr, col_idx, g.relu ? y : at::Tensor()});
     ctx->saved_data["geometry"] = g.as_list();
+    ctx->saved_data["has_bias"] = b.defined();
+    ctx->saved_data["has_residual"] = r.defined();
     return y;
   }
 
@@ -307,8 +314,12 @@ struct NativeSparseConv2d : public torch::autograd::Function<NativeSparseConv2d>
     const variable_list saved = ctx->get_saved_variables();
     const TrainingGeometry g =
         TrainingGeometry::of(ctx->saved_data["geometry"].toIntVector());
-    const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                    ctx->needs_input_grad(2), ctx->needs_input_grad(3)};
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const std::array<bool, 4> needs{
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(2),
+        has_residual && ctx->needs_input_grad(has_bias ? 3 : 2)};
     std::optional<Gradients> out;
     // A backward that records its own graph (create_graph) needs ops.py's differentiable one.
     if (!at::GradMode::is_enabled()) out = native_gradients(saved, g, grads[0], needs);
@@ -447,8 +458,8 @@ std::optional<at::Tensor> record_natively(const at::Tensor& x, const at::Tensor&
       g_api->version < 2) {
     return std::nullopt;
   }
-  const at::Tensor b = bias.value_or(at::Tensor()), r = residual.value_or(at::Tensor());
-  if (!plain_tensor(x) || !plain_tensor(values) || !plain_tensor(b) || !plain_tensor(r) ||
+  if (!plain_tensor(x) || !plain_tensor(values) || !plain_tensor(bias.value_or(at::Tensor())) ||
+      !plain_tensor(residual.value_or(at::Tensor())) ||
       c10::impl::TorchDispatchModeTLS::stack_len() != 0 ||
       c10::impl::tls_is_dispatch_key_included(
           c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
@@ -476,7 +487,12 @@ std::optional<at::Tensor> record_natively(const at::Tensor& x, const at::Tensor&
                      {dilation[0], dilation[1]},
                      groups,
                      relu};
-  return NativeSparseConv2d::apply(x, values, b, r, row_ptr, col_idx, g, *found);
+  // (Absent ones as nullopt: an undefined tensor among autograd's inputs has no device.)
+  auto present = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t : std::nullopt;
+  };
+  return NativeSparseConv2d::apply(x, values, present(bias), present(residual), row_ptr,
+                                   col_idx, g, *found);
 }
 
 void forget_training() {
