@@ -122,7 +122,8 @@ _transpositions: TensorCache[Transposition] = TensorCache()
 # a filter of a known pattern that computes with the values where they are on the GPU
 # (CudaValues): its calls are bound to their stream, so neither the C++ kernel nor the eager
 # path keeps them. Other new values (inference after a write to the weight) make a filter of
-# host values, once, whose calls those paths keep.
+# host values, once, whose calls those paths keep. A training call also tells the C++ training
+# path (native_training.cpp) its pattern and geometry, so that it takes the next steps' calls.
 _training_values = contextvars.ContextVar("escoin_training_values", default=False)
 
 
