@@ -14,9 +14,9 @@ the optimiser step (forward and backward only: the weights do not change, so no 
 its filters; the difference to the full sparse step is the optimiser's step plus the rebuilds),
 and sparse with ``escoin_torch.refresh_csrs`` after each optimiser step (every layer's pattern
 checked at once, one synchronisation, instead of one per layer in its forward). Where
-escoin-torch has its C++ training path, the refresh_csrs row runs again with it switched off
-(``escoin_torch.set_native_training(False)``: ops.py's autograd.Function and Python kernel, the
-path before it). Only public escoin-torch calls, so that two builds can be timed side by side
+escoin-torch has its C++ training path, the sparse rows run with it switched on
+(``escoin_torch.set_native_training(True)``), and the refresh_csrs row runs again with it off
+(ops.py's autograd.Function and Python kernel, the path before it). Only public escoin-torch calls, so that two builds can be timed side by side
 (PYTHONPATH=the other build's site).
 """
 from __future__ import annotations
@@ -105,22 +105,25 @@ def main() -> None:
              ("sparse, weights unchanged", sparse, False, False, True)]
     if hasattr(escoin_torch, "refresh_csrs"):  # (builds before it have none)
         cases.insert(2, ("sparse, refresh_csrs", sparse, True, True, True))
-    if device.type == "cuda" and hasattr(escoin_torch, "set_native_training") \
-            and escoin_torch.set_native_training(True):
+    native = device.type == "cuda" and hasattr(escoin_torch, "set_native_training")
+    if native:
+        escoin_torch.set_native_training(True)
+        native = escoin_torch.set_native_training(True)  # (True: the C++ path is built)
+    if native:
         cases.insert(3, ("sparse, refresh, Python", sparse, True, True, False))
     rows = []
-    for name, model, update, refresh, native in cases:
-        if hasattr(escoin_torch, "set_native_training"):
-            escoin_torch.set_native_training(native)
+    for name, model, update, refresh, native_row in cases:
+        if native:
+            escoin_torch.set_native_training(native_row)
         rows.append((name, step_ms(training_step(model, x, labels, update, refresh),
                                    args.steps, device)))
     for name, (times, host) in rows:
         print(f"{name:26s} {statistics.median(times):9.2f} ms a step "
               f"(min {min(times):.2f}, max {max(times):.2f}; host {statistics.median(host):.2f})")
     if args.profile:
-        name, model, update, refresh, native = cases[2]
-        if hasattr(escoin_torch, "set_native_training"):
-            escoin_torch.set_native_training(native)
+        name, model, update, refresh, native_row = cases[2]
+        if native:
+            escoin_torch.set_native_training(native_row)
         step = training_step(model, x, labels, update, refresh)
         step()
         profile = cProfile.Profile()

@@ -36,11 +36,11 @@ def native_training(request: pytest.FixtureRequest) -> Iterator[bool]:
     if ops._native is None or not ops._native_trains:
         pytest.skip("escoin-torch's C++ training path is not built")
     on = getattr(request, "param", True)
-    escoin_torch.set_native_training(on)
+    previous = escoin_torch.set_native_training(on)
     try:
         yield on
     finally:
-        escoin_torch.set_native_training(True)
+        escoin_torch.set_native_training(previous)
 
 
 def _layer(geometry: tuple, dtype: torch.dtype = torch.float32) -> SparseConv2d:
