@@ -16,8 +16,8 @@ and sparse with ``escoin_torch.refresh_csrs`` after each optimiser step (every l
 checked at once, one synchronisation, instead of one per layer in its forward). Where
 escoin-torch has its C++ training path, the sparse rows run with it switched on
 (``escoin_torch.set_native_training(True)``), and the refresh_csrs row runs again with it off
-(ops.py's autograd.Function and Python kernel, the path before it). Only public escoin-torch calls, so that two builds can be timed side by side
-(PYTHONPATH=the other build's site).
+(ops.py's autograd.Function and Python kernel, the path before it). Only public escoin-torch
+calls, so that two builds can be timed side by side (PYTHONPATH=the other build's site).
 """
 from __future__ import annotations
 

@@ -128,20 +128,21 @@ inline bool contents_id(const at::Tensor& t, ContentsId* out) {
   return true;
 }
 
-inline bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-              const at::Tensor& values, c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
-              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, CallKey* key) {
-  // (x as the core reads it: contiguous NCHW, no neg bit, which the Python kernel resolves.)
-  if (x.dim() != 4 || weight_shape.size() != 4 || stride.size() != 2 || padding.size() != 2 ||
-      dilation.size() != 2 || !x.is_cuda() || !x.is_contiguous() || x.is_neg()) {
+// A pattern's key for x of `x_shape` in `dtype` on CUDA device `device`: the call key with the
+// values left out (their contents zero), which native_training.cpp's patterns are known by.
+inline bool pattern_key(c10::IntArrayRef x_shape, c10::ScalarType dtype, int device,
+                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                        c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                        CallKey* key) {
+  if (x_shape.size() != 4 || weight_shape.size() != 4 || stride.size() != 2 ||
+      padding.size() != 2 || dilation.size() != 2) {
     return false;
   }
-  if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1]) ||
-      !contents_id(values, &key->csr[2])) {
-    return false;
-  }
+  *key = CallKey{};
+  if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1])) return false;
   for (int i = 0; i < 4; ++i) {
-    key->x_shape[i] = x.size(i);
+    key->x_shape[i] = x_shape[i];
     key->weight_shape[i] = weight_shape[i];
   }
   for (int i = 0; i < 2; ++i) {
@@ -150,9 +151,20 @@ inline bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
     key->geometry[4 + i] = dilation[i];
   }
   key->groups = groups;
-  key->device = x.get_device();
-  key->dtype = x.scalar_type();
-  return values.scalar_type() == key->dtype;
+  key->device = device;
+  key->dtype = dtype;
+  return true;
+}
+
+inline bool call_key(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& values, c10::IntArrayRef weight_shape,
+                     c10::IntArrayRef stride, c10::IntArrayRef padding,
+                     c10::IntArrayRef dilation, int64_t groups, CallKey* key) {
+  // (x as the core reads it: contiguous NCHW, no neg bit, which the Python kernel resolves.)
+  if (x.dim() != 4 || !x.is_cuda() || !x.is_contiguous() || x.is_neg()) return false;
+  return pattern_key(x.sizes(), x.scalar_type(), x.get_device(), row_ptr, col_idx,
+                     weight_shape, stride, padding, dilation, groups, key) &&
+         contents_id(values, &key->csr[2]) && values.scalar_type() == key->dtype;
 }
 
 // A bias or residual the core can read as it is: contiguous (no neg bit), of `shape`, x's dtype

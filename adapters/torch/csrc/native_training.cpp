@@ -111,33 +111,6 @@ struct TrainingGeometry {
   }
 };
 
-// A pattern's key: a call key whose values are left out (zero).
-bool pattern_key(c10::IntArrayRef x_shape, c10::ScalarType dtype, int device,
-                 const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                 c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
-                 c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                 CallKey* key) {
-  if (x_shape.size() != 4 || weight_shape.size() != 4 || stride.size() != 2 ||
-      padding.size() != 2 || dilation.size() != 2) {
-    return false;
-  }
-  *key = CallKey{};
-  if (!contents_id(row_ptr, &key->csr[0]) || !contents_id(col_idx, &key->csr[1])) return false;
-  for (int i = 0; i < 4; ++i) {
-    key->x_shape[i] = x_shape[i];
-    key->weight_shape[i] = weight_shape[i];
-  }
-  for (int i = 0; i < 2; ++i) {
-    key->geometry[i] = stride[i];
-    key->geometry[2 + i] = padding[i];
-    key->geometry[4 + i] = dilation[i];
-  }
-  key->groups = groups;
-  key->device = device;
-  key->dtype = dtype;
-  return true;
-}
-
 std::optional<PatternCall> find_pattern(const CallKey& key) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_patterns->find(key);
@@ -365,9 +338,9 @@ void remember_pattern(const at::Tensor& x, const at::Tensor& row_ptr, const at::
                       std::vector<int64_t> padding, std::vector<int64_t> dilation,
                       int64_t groups, const py::object& prepare) {
   CallKey key;
-  if (!g_enabled.load(std::memory_order_relaxed) || !x.is_cuda() || !pattern_key(x.sizes(), x.scalar_type(), x.get_device(), row_ptr,
-                                   col_idx, weight_shape, stride, padding, dilation, groups,
-                                   &key) ||
+  if (!g_enabled.load(std::memory_order_relaxed) || !x.is_cuda() ||
+      !pattern_key(x.sizes(), x.scalar_type(), x.get_device(), row_ptr, col_idx, weight_shape,
+                   stride, padding, dilation, groups, &key) ||
       find_pattern(key)) {
     return;
   }
@@ -472,11 +445,10 @@ std::optional<at::Tensor> record_natively(const at::Tensor& x, const at::Tensor&
   if (!call_key(x, row_ptr, col_idx, values, weight_shape, stride, padding, dilation, groups,
                 &key) ||
       values.device() != x.device() || values.dim() != 1 ||
-      values.numel() != col_idx.numel() ||
-      !pattern_key(x.sizes(), x.scalar_type(), x.get_device(), row_ptr, col_idx, weight_shape,
-                   stride, padding, dilation, groups, &key)) {
+      values.numel() != col_idx.numel()) {
     return std::nullopt;
   }
+  key.csr[2] = ContentsId{};  // (the pattern's key: its values left out)
   std::optional<PatternCall> found = find_pattern(key);
   if (!found || found->count != values.numel() || found->count == 0 ||
       !plain_operand(bias, x, {weight_shape[0]}) ||
