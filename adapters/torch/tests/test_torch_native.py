@@ -48,14 +48,54 @@ def test_an_escoin_whose_calls_it_cannot_read_leaves_the_python_kernel_with_a_wa
         raise RuntimeError("native_arguments() has another form")
     monkeypatch.setattr(ops._native, "remember", refuses)
     monkeypatch.setattr(ops, "_native_remembers", True)
+    monkeypatch.setattr(ops, "_native_trains", ops._native_trains)  # (put back afterwards)
+    native = escoin_torch.set_native_training(False)
+    monkeypatch.setattr(ops._native, "set_training_calls", lambda on: None)
     weight, x, bias = _case(GEOMETRIES[0], torch.float32, seed=19)
     csr = csr_lib.from_dense(weight)
     args = (x, csr.row_ptr, csr.col_idx, csr.values, [16, 8, 3, 3], bias, [1, 1], [1, 1],
             [1, 1], 1, False)
     with pytest.warns(RuntimeWarning, match="cannot use this escoin"):
         y = ops._sparse_conv2d_cuda(*args)  # (the Python kernel computes CPU tensors too)
-    assert not ops._native_remembers
+    assert not ops._native_remembers and not ops._native_trains
     assert relative_error(y, reference_conv(x, weight, bias, padding=1)) <= 1e-5
+    monkeypatch.undo()
+    escoin_torch.set_native_training(native)
+
+
+def test_the_cpp_training_path_is_off_by_default_and_leaves_cpu_calls_alone() -> None:
+    """set_native_training switches it and returns the previous setting; switched on, a CPU
+    training step is still the Python path's (the C++ path takes CUDA calls only), and its
+    gradients match float64."""
+    assert ops._native_trains
+    assert escoin_torch.set_native_training(True) is False  # (off until switched on)
+    try:
+        assert escoin_torch.set_native_training(True) is True
+        before = ops._native.training_stats()
+        weight, x, bias = _case(GEOMETRIES[1], torch.float32, seed=21)
+        layer = escoin_torch.SparseConv2d(8, 16, 3, stride=2, padding=1, groups=2)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        layer.sparse_training = True
+        layer.train()
+        for _ in range(2):  # (the second: the pattern known, were it a GPU's)
+            layer.zero_grad()
+            x.grad = None
+            y = layer(x.requires_grad_())
+            y.square().sum().backward()
+        after = ops._native.training_stats()
+        assert after["native_forwards"] == before["native_forwards"]
+        assert after["patterns"] == before["patterns"]
+        x64 = x.detach().double().requires_grad_()
+        w64 = weight.double().requires_grad_()
+        y64 = torch.nn.functional.conv2d(x64, w64, bias.double(), 2, 1, 1, 2)
+        y64.square().sum().backward()
+        assert relative_error(y, y64) <= 1e-5
+        assert relative_error(x.grad, x64.grad) <= 1e-5
+        assert relative_error(layer.weight.grad, w64.grad * (weight != 0)) <= 1e-5
+    finally:
+        escoin_torch.set_native_training(False)
 
 
 # Run in a fresh interpreter whose import of the extension fails (as where it was built for
