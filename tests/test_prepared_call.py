@@ -201,14 +201,20 @@ def test_a_call_on_device_values_computes_with_them(case: ConvCase) -> None:
         call.run(x.data_ptr(), y.data_ptr(), workspace.data_ptr(), 0, 0, False, 0)
 
 
+def _padded_3x3_case(seed: int, out_channels: int, x_shape: tuple) -> ConvCase:
+    """A 3x3 convolution padded by 1 at stride 1, its weight 80% pruned at random."""
+    rng = np.random.default_rng(seed)
+    shape = (out_channels, x_shape[1], 3, 3)
+    weight = rng.standard_normal(shape) * (rng.random(shape) < 0.2)
+    return ConvCase(rng.standard_normal(x_shape), weight, None, (1, 1), (1, 1), (1, 1, 1, 1),
+                    (1, 1), 1, False)
+
+
 @pytest.mark.cuda
 def test_the_program_written_on_the_device_is_the_one_built_on_the_host() -> None:
     """Byte for byte, for values other than those the pattern's layout was built with."""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(5)
-    weight = rng.standard_normal((48, 40, 3, 3)) * (rng.random((48, 40, 3, 3)) < 0.2)
-    case = ConvCase(rng.standard_normal((8, 40, 14, 14)), weight, None, (1, 1), (1, 1),
-                    (1, 1, 1, 1), (1, 1), 1, False)
+    case = _padded_3x3_case(seed=5, out_channels=48, x_shape=(8, 40, 14, 14))
     filt, _, values = _new_values_case(case, torch)
     desc = descriptor(case.x.shape, filt.shape, 1, 1, 1, 1)
     program = filt._store.program_of_device_values(0, desc, values.data_ptr(), 0)
@@ -240,10 +246,7 @@ def test_a_call_prepared_for_values_is_what_a_caller_completes_per_launch() -> N
     which the program of any values is what prepare(values=...) writes, byte for byte; a launch
     through the core's entry with that program and those values computes with them."""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(6)
-    weight = rng.standard_normal((32, 24, 3, 3)) * (rng.random((32, 24, 3, 3)) < 0.2)
-    case = ConvCase(rng.standard_normal((4, 24, 12, 12)), weight, None, (1, 1), (1, 1),
-                    (1, 1, 1, 1), (1, 1), 1, False)
+    case = _padded_3x3_case(seed=6, out_channels=32, x_shape=(4, 24, 12, 12))
     filt, dense, values = _new_values_case(case, torch)
     template = filt.cuda(0).prepare_for_values(case.x.shape, padding=1)
     fields = template.native_arguments()
