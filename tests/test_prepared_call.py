@@ -233,6 +233,17 @@ def test_the_program_written_on_the_device_is_the_one_built_on_the_host() -> Non
     assert not layout and not call.current
 
 
+def test_a_prepared_call_is_not_built_from_addresses() -> None:
+    """Its CPU run() trusts the offsets escoin derived: the class itself refuses to be built
+    from a caller's (a bad offset would read out of bounds), pointing to prepare and sconv."""
+    filt, x, _ = _small_call()
+    call = filt.prepare(x.shape, padding=1)
+    fields = call.native_arguments()
+    with pytest.raises(EscoinError, match="made by SparseFilter.prepare.*sconv"):
+        escoin.PreparedCall(fields[0], "float32", -1, fields[3], fields[4], fields[5], 0,
+                            call.workspace_bytes, call.output_shape, filt._store)
+
+
 def test_prepare_for_values_names_a_device_that_is_not_a_cuda_one() -> None:
     filt, x, _ = _small_call()
     for device in (None, "cpu", -1):

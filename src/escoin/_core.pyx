@@ -384,26 +384,12 @@ cdef class PreparedCall:
     # (layout address, bytes, slots address, count) for a call whose values come per launch.
     cdef object program_layout
 
-    def __init__(self, tuple desc, str dtype, int device, object row_ptr, object offsets,
-                 object values, object tile_program, size_t workspace_bytes,
-                 tuple output_shape, object owner, object borrowed=None, object stream=None,
-                 object program_layout=None):
-        self.desc = make_desc(desc)
-        self.dtype = dtype_code(dtype)
-        self.device = device
-        self.row_ptr = <const int64_t*>ptr(row_ptr)
-        self.offsets = <const int32_t*>ptr(offsets)
-        self.values = ptr(values)
-        self.tile_program = ptr(tile_program)
-        self.workspace_bytes = workspace_bytes
-        self.output_shape = output_shape
-        self.owner = owner
-        self.generation = owner.generation
-        # Memory the call reads that is not the filter's (values a caller passed to prepare and
-        # the program written for them), kept alive as long as the call is.
-        self.borrowed = borrowed
-        self.stream = stream
-        self.program_layout = program_layout
+    def __init__(self, *args, **kwargs):
+        # Its CPU run() skips the core's check of the offsets, which only escoin's own arrays
+        # may: built from a caller's addresses it could read out of bounds.
+        raise EscoinError("PreparedCall is made by SparseFilter.prepare or prepare_for_values "
+                          "(its run() trusts the filter's arrays escoin derived), not from "
+                          "addresses; escoin.sconv takes a caller's arrays and checks them")
 
     cdef bint _current(self):
         return self.owner.generation == self.generation
@@ -490,3 +476,29 @@ cdef class PreparedCall:
                     self.tile_program, pb, pres, r, py, pws, self.workspace_bytes, self.device,
                     ps)
         check(status)
+
+
+def prepared_call(tuple desc, str dtype, int device, object row_ptr, object offsets,
+                  object values, object tile_program, size_t workspace_bytes,
+                  tuple output_shape, object owner, object borrowed=None, object stream=None,
+                  object program_layout=None) -> PreparedCall:
+    """A PreparedCall of arrays escoin derived for this geometry (SparseFilter.prepare's and
+    prepare_for_values'; PreparedCall's own constructor refuses)."""
+    cdef PreparedCall call = PreparedCall.__new__(PreparedCall)
+    call.desc = make_desc(desc)
+    call.dtype = dtype_code(dtype)
+    call.device = device
+    call.row_ptr = <const int64_t*>ptr(row_ptr)
+    call.offsets = <const int32_t*>ptr(offsets)
+    call.values = ptr(values)
+    call.tile_program = ptr(tile_program)
+    call.workspace_bytes = workspace_bytes
+    call.output_shape = output_shape
+    call.owner = owner
+    call.generation = owner.generation
+    # Memory the call reads that is not the filter's (values a caller passed to prepare and
+    # the program written for them), kept alive as long as the call is.
+    call.borrowed = borrowed
+    call.stream = stream
+    call.program_layout = program_layout
+    return call

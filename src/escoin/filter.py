@@ -279,7 +279,7 @@ class SparseFilter:
                                   "computes with the filter's own values (with_values makes a "
                                   "filter of others)")
             arrays = self.host_pointers(input_shape, stride, padding, dilation, dtype=name)
-            return _core.PreparedCall(desc, name, -1, arrays.row_ptr, arrays.offsets,
+            return _core.prepared_call(desc, name, -1, arrays.row_ptr, arrays.offsets,
                                       arrays.values, 0, workspace_bytes, output_shape,
                                       self._store)
         device = cuda_device(device, name)
@@ -287,7 +287,7 @@ class SparseFilter:
             return self._prepare_with_values(desc, name, device, values, stream,
                                              workspace_bytes, output_shape)
         pointers = self._store.device_arrays(device, desc)  # (desc validated above)
-        return _core.PreparedCall(desc, name, device, pointers.row_ptr, pointers.offsets,
+        return _core.prepared_call(desc, name, device, pointers.row_ptr, pointers.offsets,
                                   pointers.values, pointers.tile_program, workspace_bytes,
                                   output_shape, self._store)
 
@@ -318,7 +318,7 @@ class SparseFilter:
                   if desc[0] >= _core.tile_min_batch() else None)
         program_layout = ((0, 0, 0, self.nnz) if layout is None else
                           (layout.program.ptr, layout.program.nbytes, layout.slots.ptr, self.nnz))
-        return _core.PreparedCall(desc, name, device, row_ptr, offsets, 0, 0, workspace_bytes,
+        return _core.prepared_call(desc, name, device, row_ptr, offsets, 0, 0, workspace_bytes,
                                   output_shape, self._store, program_layout=program_layout)
 
     def _call_geometry(self, input_shape: Tuple[int, ...], stride: object, padding: object,
@@ -351,7 +351,7 @@ class SparseFilter:
         program = None
         if desc[0] >= _core.tile_min_batch():
             program = self._store.program_of_device_values(device, desc, view.ptr, queue)
-        return _core.PreparedCall(desc, dtype, device, row_ptr, offsets, view.ptr,
+        return _core.prepared_call(desc, dtype, device, row_ptr, offsets, view.ptr,
                                   0 if program is None else program.ptr, workspace_bytes,
                                   output_shape, self._store, borrowed=(view, program),
                                   stream=queue)
