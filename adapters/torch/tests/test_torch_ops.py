@@ -331,6 +331,25 @@ def test_gradcheck(geometry: dict, relu: bool) -> None:
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
 
+def test_gradgradcheck() -> None:
+    """Second derivatives through the op's recorded calls (the plain autograd.Function where no
+    functorch transform is active): the backward is itself differentiable in x and the
+    values."""
+    gen = torch.Generator().manual_seed(4)
+    weight = sparse_weight((4, 3, 3, 3), 0.4, gen, torch.float64)
+    csr = csr_lib.from_dense(weight)
+    x = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    values = csr.values.clone().requires_grad_()
+
+    def fn(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.ops.escoin.sparse_conv2d(x, csr.row_ptr, csr.col_idx, values,
+                                              list(csr.shape), None, stride=[2, 1],
+                                              padding=[1, 2], dilation=[1, 1], groups=1,
+                                              relu=False)
+
+    assert torch.autograd.gradgradcheck(fn, (x, values))
+
+
 def test_gradients_match_dense_conv(case: tuple) -> None:
     """Against F.conv2d's autograd; the weight gradient is compared at the stored entries only."""
     x, csr, weight, bias = case

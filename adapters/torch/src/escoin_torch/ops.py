@@ -536,6 +536,24 @@ class _SparseConv2dFunction(torch.autograd.Function):
         return tangent * (output > 0) if g.relu else tangent
 
 
+class _SparseConv2dRecorded(torch.autograd.Function):
+    """_SparseConv2dFunction without setup_context, for calls with a gradient to record and
+    no functorch transform nor tangent (those need setup_context): torch's apply then skips
+    binding each call's arguments to the forward's signature (inspect.signature), a third of
+    the Python path's host time on a small CPU call."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
+                x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                values: torch.Tensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], g: _ConvGeometry) -> torch.Tensor:
+        output = _SparseConv2dFunction.forward(x, row_ptr, col_idx, values, bias, residual, g)
+        _save(ctx, x, row_ptr, col_idx, values, output, g)
+        return output
+
+    backward = staticmethod(_SparseConv2dFunction.backward)
+
+
 def load_native_kernel() -> Optional[ModuleType]:
     """escoin_torch._native (native_kernel.cpp: the op's CUDA kernel in C++ for calls it has
     seen, which spares torch.compile's code the Python kernel's host time on every layer), or
@@ -616,12 +634,13 @@ def _recorded(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
               relu: bool, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A call of the op with a gradient to record or a tangent to carry, which the op's autograd
     kernel (native_kernel.cpp's, or _sparse_conv2d_autograd) hands here:
-    _SparseConv2dFunction."""
+    _SparseConv2dFunction, or its plain form where nothing needs its setup_context."""
     geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
+    function = (_SparseConv2dFunction if torch._C._are_functorch_transforms_active()
+                or has_tangent((x, values, bias, residual)) else _SparseConv2dRecorded)
     token = _training_values.set(True)  # (its values: a training step's, as a rule)
     try:
-        return _SparseConv2dFunction.apply(x, row_ptr, col_idx, values, bias, residual,
-                                           geometry)
+        return function.apply(x, row_ptr, col_idx, values, bias, residual, geometry)
     finally:
         _training_values.reset(token)
 
