@@ -278,7 +278,7 @@ class SparseFilter:
                 raise EscoinError("values must be None for a call on the cpu: a host call "
                                   "computes with the filter's own values (with_values makes a "
                                   "filter of others)")
-            arrays = self.host_pointers(input_shape, stride, padding, dilation, dtype=name)
+            arrays = self._host_pointers(desc, name)  # (desc validated above)
             return _core.prepared_call(desc, name, -1, arrays.row_ptr, arrays.offsets,
                                       arrays.values, 0, workspace_bytes, output_shape,
                                       self._store)
@@ -383,8 +383,12 @@ class SparseFilter:
 
         desc = descriptor(input_shape, self.shape, self.groups, stride, padding, dilation)
         _core.conv_layout(desc)  # validates the geometry before the offsets are derived
+        return self._host_pointers(desc, dtype_name(dtype))
+
+    def _host_pointers(self, desc: tuple, dtype: str) -> HostPointers:
+        """host_pointers for a validated descriptor and escoin's name of the dtype."""
         offsets = self._store.offsets(desc)
-        values = self._store.values_as(compute_dtype(dtype_name(dtype)))
+        values = self._store.values_as(compute_dtype(dtype))
         return HostPointers(self.row_ptr.ctypes.data, offsets.ctypes.data, values.ctypes.data)
 
     def tile_program(self, input_shape: Tuple[int, ...], stride: object = 1, padding: object = 0,
