@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_helpers import relative_error, sparse_conv
+from torch_helpers import SeenOps, relative_error, sparse_conv
 import escoin_torch
 from escoin_torch import SparseConv2d, ops
 
@@ -230,23 +230,12 @@ def test_after_release_geometries_the_next_step_teaches_it_again(native_training
 def test_calls_under_a_dispatch_mode_are_left_to_the_python_path(native_training: bool) -> None:
     """A TorchDispatchMode must see the op's calls: a known pattern's call under one is not
     taken by the C++ path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     layer = _layer(GEOMETRIES[0])
     x, residual, upstream = _inputs(layer, GEOMETRIES[0], torch.float32, 0)
     _step(layer, x, residual, upstream)
     _optimiser_step(layer)
     before = _stats()["native_forwards"]
-    with Seen() as seen:
+    with SeenOps() as seen:
         layer(x.requires_grad_())
     assert _stats()["native_forwards"] == before
-    assert any("escoin.sparse_conv2d" in name for name in seen.ops)
+    assert any("escoin.sparse_conv2d" in name for name in seen.names)
