@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -178,6 +179,29 @@ inline bool plain_operand(const std::optional<at::Tensor>& t, const at::Tensor& 
 
 inline const void* address_of(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
+}
+
+// Puts `entry` into `*map` at `key` (replacing one there) and drops, under `*mutex`, every entry
+// `dead` names dead beside the added key, so a map grows with its live entries only. Dropped
+// entries release their Python objects after the lock is let go: a release can run Python code
+// (a filter's finalizer), which may hand the GIL to a thread waiting for this lock.
+template <typename Map, typename Entry>
+void insert_purging(std::mutex* mutex, Map* map, typename Map::key_type key, Entry entry,
+                    bool (*dead)(const typename Map::key_type&, const Entry&,
+                                 const typename Map::key_type&)) {
+  std::vector<Entry> dropped;  // (declared before the lock, so destroyed after its release)
+  std::lock_guard<std::mutex> lock(*mutex);
+  for (auto it = map->begin(); it != map->end();) {
+    if (dead(it->first, it->second, key)) {
+      dropped.push_back(std::move(it->second));
+      it = map->erase(it);
+    } else {
+      ++it;
+    }
+  }
+  auto found = map->find(key);
+  if (found != map->end()) dropped.push_back(std::move(found->second));
+  (*map)[key] = std::move(entry);
 }
 
 // y's stream: torch's current stream on x's device (its cudaStream_t; null where torch lacks

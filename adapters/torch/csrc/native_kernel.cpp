@@ -201,28 +201,14 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
                     col_idx.storage().getWeakStorageImpl(),
                     values.storage().getWeakStorageImpl()};
   entry.owner = std::move(call);
-  // Entries dropped here release their Python objects only after the lock is let go: a
-  // release can run Python code (a filter's finalizer), which may hand the GIL to a thread
-  // waiting for this lock.
-  std::vector<Remembered> dropped;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    // Drop the calls of freed tensors and of earlier writes to these ones (their filters are
-    // stale for good), so the map grows with the live (weight, geometry) pairs only.
-    for (auto it = g_calls->begin(); it != g_calls->end();) {
-      bool same_tensors = true;
-      for (int i = 0; i < 3; ++i) same_tensors &= it->first.csr[i].same_memory(key.csr[i]);
-      if ((same_tensors && !(it->first.csr == key.csr)) || !it->second.alive()) {
-        dropped.push_back(std::move(it->second));
-        it = g_calls->erase(it);
-      } else {
-        ++it;
-      }
-    }
-    auto found = g_calls->find(key);
-    if (found != g_calls->end()) dropped.push_back(std::move(found->second));
-    (*g_calls)[key] = std::move(entry);
-  }
+  // Drop the calls of freed tensors and of earlier writes to these ones (their filters are
+  // stale for good), so the map grows with the live (weight, geometry) pairs only.
+  insert_purging(&g_mutex, g_calls, key, std::move(entry),
+                 +[](const CallKey& k, const Remembered& e, const CallKey& added) {
+                   bool same_tensors = true;
+                   for (int i = 0; i < 3; ++i) same_tensors &= k.csr[i].same_memory(added.csr[i]);
+                   return (same_tensors && !(k.csr == added.csr)) || !e.alive();
+                 });
 }
 
 // Forgets every remembered call (escoin_torch.release_geometries frees their arrays).

@@ -309,27 +309,6 @@ struct NativeSparseConv2d : public torch::autograd::Function<NativeSparseConv2d>
   }
 };
 
-template <typename Map, typename Entry>
-void insert_purging(Map* map, typename Map::key_type key, Entry entry,
-                    bool (*dead)(const typename Map::key_type&, const Entry&,
-                                 const typename Map::key_type&)) {
-  // Entries dropped here release their Python objects after the lock is let go (as
-  // native_kernel.cpp's remember does): a release can run Python code.
-  std::vector<Entry> dropped;
-  std::lock_guard<std::mutex> lock(g_mutex);
-  for (auto it = map->begin(); it != map->end();) {
-    if (dead(it->first, it->second, key)) {
-      dropped.push_back(std::move(it->second));
-      it = map->erase(it);
-    } else {
-      ++it;
-    }
-  }
-  auto found = map->find(key);
-  if (found != map->end()) dropped.push_back(std::move(found->second));
-  (*map)[key] = std::move(entry);
-}
-
 // ops.py, after its kernel ran a training call on device values: the pattern's call for this
 // input geometry (prepare(): a SparseFilter.prepare_for_values call), asked for only where
 // none is known.
@@ -360,7 +339,7 @@ void remember_pattern(const at::Tensor& x, const at::Tensor& row_ptr, const at::
   entry.owner = std::move(call);
   // Drop the patterns of freed tensors, of earlier writes to these ones and of released
   // geometries, so the map grows with the live (pattern, geometry) pairs only.
-  insert_purging(g_patterns, key, std::move(entry),
+  insert_purging(&g_mutex, g_patterns, key, std::move(entry),
                  +[](const CallKey& k, const KnownPattern& e, const CallKey& added) {
                    const bool rewritten = k.csr[0].same_memory(added.csr[0]) &&
                                           k.csr[1].same_memory(added.csr[1]) &&
@@ -390,7 +369,7 @@ void remember_transposition(const at::Tensor& row_ptr, const at::Tensor& col_idx
                            flat_index.contiguous(),
                            {row_ptr.storage().getWeakStorageImpl(),
                             col_idx.storage().getWeakStorageImpl()}};
-  insert_purging(g_transpositions, id, std::move(entry),
+  insert_purging(&g_mutex, g_transpositions, id, std::move(entry),
                  +[](const PatternId& k, const KnownTransposition& e, const PatternId& added) {
                    const bool rewritten = k.row_ptr.same_memory(added.row_ptr) &&
                                           k.col_idx.same_memory(added.col_idx) &&
