@@ -23,6 +23,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
@@ -64,21 +65,46 @@ struct KnownTransposition {
   std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;  // the forward pattern's
 };
 
+// A forward pattern as a weight of one shape and group count (ops.py's _transpositions key:
+// the same tensors read as another weight transpose otherwise).
 struct PatternId {
   ContentsId row_ptr, col_idx;
+  std::array<int64_t, 4> weight_shape;
+  int64_t groups;
   bool operator==(const PatternId& o) const {
-    return row_ptr == o.row_ptr && col_idx == o.col_idx;
+    return row_ptr == o.row_ptr && col_idx == o.col_idx && weight_shape == o.weight_shape &&
+           groups == o.groups;
+  }
+  // Both tensors' memory again, written since (their transposition is stale for good).
+  bool rewritten_by(const PatternId& o) const {
+    return row_ptr.same_memory(o.row_ptr) && col_idx.same_memory(o.col_idx) &&
+           !(row_ptr == o.row_ptr && col_idx == o.col_idx);
   }
 };
 
 struct PatternIdHash {
   size_t operator()(const PatternId& p) const {
-    CallKey key{};  // (the call key's hash over the two contents, the rest zero)
+    CallKey key{};  // (the call key's hash over the same fields, the rest zero)
     key.csr[0] = p.row_ptr;
     key.csr[1] = p.col_idx;
+    key.weight_shape = p.weight_shape;
+    key.groups = p.groups;
     return CallKeyHash()(key);
   }
 };
+
+// The id of a pattern (row_ptr, col_idx) as a weight of `weight_shape` in `groups` groups;
+// false where a tensor cannot have one (contents_id).
+bool pattern_id(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                c10::IntArrayRef weight_shape, int64_t groups, PatternId* out) {
+  if (weight_shape.size() != 4 || !contents_id(row_ptr, &out->row_ptr) ||
+      !contents_id(col_idx, &out->col_idx)) {
+    return false;
+  }
+  std::copy(weight_shape.begin(), weight_shape.end(), out->weight_shape.begin());
+  out->groups = groups;
+  return true;
+}
 
 std::mutex g_mutex;
 // Both maps are never destroyed (their Python objects may outlive the interpreter at exit).
@@ -119,11 +145,11 @@ std::optional<PatternCall> find_pattern(const CallKey& key) {
 }
 
 std::optional<KnownTransposition> find_transposition(const at::Tensor& row_ptr,
-                                                     const at::Tensor& col_idx) {
+                                                     const at::Tensor& col_idx,
+                                                     c10::IntArrayRef weight_shape,
+                                                     int64_t groups) {
   PatternId id;
-  if (!contents_id(row_ptr, &id.row_ptr) || !contents_id(col_idx, &id.col_idx)) {
-    return std::nullopt;
-  }
+  if (!pattern_id(row_ptr, col_idx, weight_shape, groups, &id)) return std::nullopt;
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_transpositions->find(id);
   if (it == g_transpositions->end() || any_expired(it->second.storages)) return std::nullopt;
@@ -204,7 +230,8 @@ std::optional<Gradients> native_gradients(const variable_list& saved, const Trai
   const at::Tensor &x = saved[0], &values = saved[1], &row_ptr = saved[2],
                    &col_idx = saved[3], &output = saved[4];
   if (!plain_tensor(grad) || grad.dim() != 4) return std::nullopt;
-  std::optional<KnownTransposition> t = find_transposition(row_ptr, col_idx);
+  std::optional<KnownTransposition> t =
+      find_transposition(row_ptr, col_idx, g.weight_shape, g.groups);
   if (!t) return std::nullopt;
   // The input gradient: conv_transpose2d(grad, W) as a stride-1 sparse conv of the transposed
   // weight over grad spread by the stride (zeros between its elements) and padded (or
@@ -350,12 +377,13 @@ void remember_pattern(const at::Tensor& x, const at::Tensor& row_ptr, const at::
 
 // ops.py, after a backward it computed: the input gradient's pattern for this forward pattern.
 void remember_transposition(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                            std::vector<int64_t> weight_shape, int64_t groups,
                             const at::Tensor& flipped_row_ptr, const at::Tensor& flipped_col_idx,
                             const at::Tensor& order, const at::Tensor& flat_index) {
   PatternId id;
   if (!g_enabled.load(std::memory_order_relaxed) || !row_ptr.is_cuda() ||
-      !contents_id(row_ptr, &id.row_ptr) ||
-      !contents_id(col_idx, &id.col_idx) || find_transposition(row_ptr, col_idx)) {
+      !pattern_id(row_ptr, col_idx, weight_shape, groups, &id) ||
+      find_transposition(row_ptr, col_idx, weight_shape, groups)) {
     return;
   }
   TORCH_CHECK_VALUE(order.scalar_type() == at::kLong && flat_index.scalar_type() == at::kLong &&
@@ -371,10 +399,7 @@ void remember_transposition(const at::Tensor& row_ptr, const at::Tensor& col_idx
                             col_idx.storage().getWeakStorageImpl()}};
   insert_purging(&g_mutex, g_transpositions, id, std::move(entry),
                  +[](const PatternId& k, const KnownTransposition& e, const PatternId& added) {
-                   const bool rewritten = k.row_ptr.same_memory(added.row_ptr) &&
-                                          k.col_idx.same_memory(added.col_idx) &&
-                                          !(k == added);
-                   return rewritten || any_expired(e.storages);
+                   return k.rewritten_by(added) || any_expired(e.storages);
                  });
 }
 

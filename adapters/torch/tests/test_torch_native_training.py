@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from torch_helpers import SeenOps, relative_error, sparse_conv
 import escoin_torch
-from escoin_torch import SparseConv2d, ops
+from escoin_torch import SparseConv2d, ops, sparse_conv2d
+from escoin_torch import csr as csr_lib
 
 pytestmark = pytest.mark.cuda
 
@@ -239,3 +240,62 @@ def test_calls_under_a_dispatch_mode_are_left_to_the_python_path(native_training
         layer(x.requires_grad_())
     assert _stats()["native_forwards"] == before
     assert any("escoin.sparse_conv2d" in name for name in seen.names)
+
+
+def _op_steps(csr: csr_lib.CSRWeight, seeds: range) -> Iterator[tuple]:
+    """Op calls on `csr`'s pattern as a training loop makes them, new values each: per step,
+    the C++ path's recorded calls in it and the errors of y, x's and the values' gradients
+    against float64."""
+    for seed in seeds:
+        generator = torch.Generator("cuda").manual_seed(seed)
+        x = torch.randn(2, csr.shape[1], 9, 10, device="cuda", generator=generator)
+        values = torch.randn(csr.values.shape, device="cuda", generator=generator)
+        upstream = torch.randn(2, csr.shape[0], 9 + 3 - csr.shape[2], 10 + 3 - csr.shape[3],
+                               device="cuda", generator=generator)  # (y's shape: padding 1)
+        before = _stats()["native_forwards"]
+        x.requires_grad_()
+        values.requires_grad_()
+        y = sparse_conv2d(x, csr._replace(values=values), padding=(1, 1))
+        (y * upstream).sum().backward()
+        recorded = _stats()["native_forwards"] - before
+        x64 = x.detach().double().requires_grad_()
+        dense = torch.zeros(csr.shape, device="cuda", dtype=torch.float64)
+        dense.view(-1)[csr.flat_index()] = values.detach().double()
+        w64 = dense.requires_grad_()
+        y64 = F.conv2d(x64, w64, None, 1, (1, 1))
+        (y64 * upstream.double()).sum().backward()
+        yield recorded, [relative_error(y, y64), relative_error(x.grad, x64.grad),
+                         relative_error(values.grad, w64.grad.view(-1)[csr.flat_index()])]
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_rows_listing_their_columns_out_of_order_stay_on_the_python_path(
+        native_training: bool, in_order: bool) -> None:
+    """escoin's filter sorts each row's columns, so a step's new values (in the tensors'
+    order) cannot go to the C++ path's program as they come where a row was out of order:
+    such a pattern's steps all run the Python path, and every step matches float64."""
+    weight = sparse_conv(8, 16, 3).weight.detach().cuda()
+    csr = csr_lib.from_dense(weight)
+    if not in_order:  # each row's entries reversed
+        rows = torch.repeat_interleave(torch.arange(16, device="cuda"), csr.row_ptr.diff())
+        order = torch.argsort(rows * csr.nnz - torch.arange(csr.nnz, device="cuda"))
+        csr = csr._replace(col_idx=csr.col_idx[order], values=csr.values[order])
+    steps = list(_op_steps(csr, range(4)))
+    assert [recorded for recorded, _ in steps] == ([0, 1, 1, 1] if in_order else [0] * 4)
+    for _, errors in steps:
+        assert max(errors) < 1e-5, errors
+
+
+def test_one_pattern_read_as_two_weight_shapes_has_a_transposition_each(
+        native_training: bool) -> None:
+    """The same row_ptr and col_idx as a 3x3 and as a 1x9 weight (the same number of columns a
+    row) transpose differently: steps alternating between the two each get their own input
+    gradient pattern."""
+    weight = sparse_conv(8, 16, 3).weight.detach().cuda()
+    square = csr_lib.from_dense(weight)
+    wide = square._replace(shape=(16, 8, 1, 9))
+    for round_ in range(3):
+        for csr in (square, wide):
+            for recorded, errors in _op_steps(csr, range(round_, round_ + 1)):
+                assert recorded == int(round_ > 0)  # (the first round taught it both)
+                assert max(errors) < 1e-5, (csr.shape, errors)

@@ -77,6 +77,10 @@ class PreparedFilter:
     # of their pattern): a training step's new values, which thus never go to the host
     # (SparseFilter.prepare's `values`).
     values: Optional["CudaValues"] = None
+    # Whether filt lists each row's entries as the CSR tensors do (from_csr sorts a row's
+    # columns): only then can a call take new values in the tensors' order
+    # (prepare_for_values, the C++ training path).
+    in_tensor_order: bool = True
 
     def __post_init__(self) -> None:
         with _prepared_lock:
@@ -347,7 +351,7 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
     # _empty_output has checked every tensor (dtype, device, shape).
     run_call(call, x_c, out, bias_c, residual_c, relu)
     try:
-        if _native_trains and _training_values.get():
+        if _native_trains and _training_values.get() and cached_filter.in_tensor_order:
             # A training step's call: the C++ training path takes the next steps' calls on
             # this pattern and geometry, each with its own values.
             device = x.device.index
@@ -456,8 +460,9 @@ def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
     if _native_trains and pattern is not None and values.is_cuda \
             and _unwrapped(row_ptr) is row_ptr and _unwrapped(col_idx) is col_idx:
         # The C++ training path computes the next backwards of this pattern itself.
-        _native.remember_transposition(row_ptr, col_idx, pattern.row_ptr, pattern.col_idx,
-                                       pattern.order, pattern.flat_index)
+        _native.remember_transposition(row_ptr, col_idx, list(g.weight_shape), g.groups,
+                                       pattern.row_ptr, pattern.col_idx, pattern.order,
+                                       pattern.flat_index)
     return grad_x, grad_values, grad_bias, grad if needs[3] else None
 
 
@@ -788,8 +793,9 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     the first filter of their pattern where there is one (new values of a training step)."""
     on_host = values.device.type == "cpu"
 
-    def on_device(filt: escoin.SparseFilter) -> PreparedFilter:
-        return PreparedFilter(filt if on_host else filt.cuda(values.device.index))
+    def on_device(filt: escoin.SparseFilter, in_tensor_order: bool) -> PreparedFilter:
+        return PreparedFilter(filt if on_host else filt.cuda(values.device.index),
+                              in_tensor_order=in_tensor_order)
 
     def from_csr() -> escoin.SparseFilter:
         return escoin.SparseFilter.from_csr(row_ptr.cpu().numpy(), col_idx.cpu().numpy(),
@@ -810,10 +816,11 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
 
         base = _patterns.get((row_ptr, col_idx), (tuple(weight_shape), groups),
                              first_of_pattern, verify=on_host)
+        # (A pattern has a base only where its rows were in order.)
         if fresh or base is None:
-            return on_device(fresh[0] if fresh else from_csr())
+            return on_device(fresh[0] if fresh else from_csr(), base is not None)
         if on_host or not _training_values.get():
-            return on_device(base.with_values(host_numpy(values)))
+            return on_device(base.with_values(host_numpy(values)), True)
         return PreparedFilter(base.cuda(values.device.index), values=CudaValues(values))
 
     return _filters.get((row_ptr, col_idx, values), (tuple(weight_shape), groups), build,
