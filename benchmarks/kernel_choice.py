@@ -5,7 +5,8 @@ dispatcher's choices (the staged kernel at every batch, where its tile program i
     python benchmarks/kernel_choice.py --batches 8 16 32 --sparsities 0.8 0.9
 
 Layers without a tile program (fewer than 16 output channels per group, rows too wide for
-shared memory) run the streaming kernel only and are listed as such. Times are CUDA-graph medians (gpu_timing.time_ms).
+shared memory) run the streaming kernel only and are listed as such. Times are CUDA-graph
+medians (gpu_timing.time_ms).
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def main() -> None:
           f"{'difference':>12}")
     for r in rows:
         staged = ("no program" if r["staged"] is None else
-                  f"{r['staged']:9.4f}{r['streaming'] / r['staged']:9.2f}x{r['difference']:12.1e}")
-        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['streaming']:>11.4f} {staged}")
+                  f"{r['staged']:9.4f}{r['streaming'] / r['staged']:9.2f}x"
+                  f"{r['difference']:12.1e}")
+        print(f"{r['layer']:<13}{r['batch']:>3}{r['sparsity']:>5.2f}{r['streaming']:>11.4f}"
+              f" {staged}")
     for sp in args.sparsities:
         for n in args.batches:
             sel = [r for r in rows if r["sparsity"] == sp and r["batch"] == n and r["staged"]]

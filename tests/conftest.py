@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import reference.py and geometry_strategies.py
+# (tests import reference.py and geometry_strategies.py)
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

@@ -41,7 +41,8 @@ def conv2d_reference(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """||actual - expected|| / ||expected||; NaN anywhere in actual (e.g. unwritten poison) is inf."""
+    """||actual - expected|| / ||expected||; NaN anywhere in actual (e.g. unwritten poison) is
+    inf."""
     actual = np.asarray(actual, np.float64)
     if not np.all(np.isfinite(actual)):
         return float("inf")

@@ -332,7 +332,8 @@ def test_out_of_wrong_shape_on_gpu(dev) -> None:
     torch = pytest.importorskip("torch")
     filt = escoin.SparseFilter.from_dense(np.ones((2, 2, 3, 3), np.float32))
     x = torch.ones(1, 2, 5, 5, device="cuda")
-    with pytest.raises(EscoinError, match=r"out must be a C-contiguous float32 CUDA array of shape"):
+    with pytest.raises(EscoinError,
+                       match=r"out must be a C-contiguous float32 CUDA array of shape"):
         escoin.conv2d(x, filt, out=torch.empty(1, 2, 5, 5, device="cuda"))
 
 

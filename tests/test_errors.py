@@ -260,7 +260,8 @@ def test_cpu_workspace_too_small(filt, x) -> None:
 
 
 def test_device_pointers_need_a_device(filt, x) -> None:
-    with pytest.raises(EscoinError, match="device must be given for a filter that lives on the cpu"):
+    with pytest.raises(EscoinError,
+                       match="device must be given for a filter that lives on the cpu"):
         filt.device_pointers(x.shape, padding=1)
 
 

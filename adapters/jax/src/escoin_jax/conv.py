@@ -111,11 +111,11 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
 
     x is (N, C, H, W) or one image (C, H, W): float32, float16 or bfloat16, and float64 too on
     the CPU; 16-bit types are computed in float32 and each output rounded once. bias (M values)
-    and residual (the output's shape) take x's dtype. Works under ``jax.jit``, ``jax.vmap`` (of any of x, bias and
-    residual: where x and residual are mapped alike and bias is not, every mapped image joins
-    one call's batch), ``jax.grad``, ``jax.jvp`` and their compositions with respect to x, bias
-    and residual (the derivative with respect to x is computed densely by XLA, in float32 for
-    16-bit types); the filter itself is a constant.
+    and residual (the output's shape) take x's dtype. Works under ``jax.jit``, ``jax.vmap`` (of
+    any of x, bias and residual: where x and residual are mapped alike and bias is not, every
+    mapped image joins one call's batch), ``jax.grad``, ``jax.jvp`` and their compositions with
+    respect to x, bias and residual (the derivative with respect to x is computed densely by
+    XLA, in float32 for 16-bit types); the filter itself is a constant.
     """
     if data_format == "NHWC":
         x = jnp.asarray(x)

@@ -399,8 +399,8 @@ class _AttachToWeight(torch.autograd.Function):
 
     Gathering ``weight.reshape(-1)[flat_index]`` on every call would work too, but it creates new
     values each call and so a new escoin filter each call (derived from the pattern's: a copy
-    of the values on the CPU, a program written on a GPU). The cached values equal that gather because the CSR follows
-    every change of the weight.
+    of the values on the CPU, a program written on a GPU). The cached values equal that gather
+    because the CSR follows every change of the weight.
     """
 
     @staticmethod
