@@ -144,12 +144,7 @@ std::optional<PatternCall> find_pattern(const CallKey& key) {
   return it->second.call;
 }
 
-std::optional<KnownTransposition> find_transposition(const at::Tensor& row_ptr,
-                                                     const at::Tensor& col_idx,
-                                                     c10::IntArrayRef weight_shape,
-                                                     int64_t groups) {
-  PatternId id;
-  if (!pattern_id(row_ptr, col_idx, weight_shape, groups, &id)) return std::nullopt;
+std::optional<KnownTransposition> find_transposition(const PatternId& id) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_transpositions->find(id);
   if (it == g_transpositions->end() || any_expired(it->second.storages)) return std::nullopt;
@@ -230,8 +225,9 @@ std::optional<Gradients> native_gradients(const variable_list& saved, const Trai
   const at::Tensor &x = saved[0], &values = saved[1], &row_ptr = saved[2],
                    &col_idx = saved[3], &output = saved[4];
   if (!plain_tensor(grad) || grad.dim() != 4) return std::nullopt;
-  std::optional<KnownTransposition> t =
-      find_transposition(row_ptr, col_idx, g.weight_shape, g.groups);
+  PatternId id;
+  if (!pattern_id(row_ptr, col_idx, g.weight_shape, g.groups, &id)) return std::nullopt;
+  std::optional<KnownTransposition> t = find_transposition(id);
   if (!t) return std::nullopt;
   // The input gradient: conv_transpose2d(grad, W) as a stride-1 sparse conv of the transposed
   // weight over grad spread by the stride (zeros between its elements) and padded (or
@@ -382,8 +378,7 @@ void remember_transposition(const at::Tensor& row_ptr, const at::Tensor& col_idx
                             const at::Tensor& order, const at::Tensor& flat_index) {
   PatternId id;
   if (!g_enabled.load(std::memory_order_relaxed) || !row_ptr.is_cuda() ||
-      !pattern_id(row_ptr, col_idx, weight_shape, groups, &id) ||
-      find_transposition(row_ptr, col_idx, weight_shape, groups)) {
+      !pattern_id(row_ptr, col_idx, weight_shape, groups, &id) || find_transposition(id)) {
     return;
   }
   TORCH_CHECK_VALUE(order.scalar_type() == at::kLong && flat_index.scalar_type() == at::kLong &&
