@@ -36,6 +36,17 @@ struct ContentsId {
   bool operator==(const ContentsId& o) const { return same_memory(o) && version == o.version; }
 };
 
+// Whether the first `n` CSR tensors of `added` are in the memory of `known`'s and were written
+// since: what was known of `known`'s contents is then stale for good.
+inline bool rewritten(const ContentsId* known, const ContentsId* added, int n) {
+  bool same_memory = true, same_contents = true;
+  for (int i = 0; i < n; ++i) {
+    same_memory &= known[i].same_memory(added[i]);
+    same_contents &= known[i] == added[i];
+  }
+  return same_memory && !same_contents;
+}
+
 struct CallKey {
   std::array<ContentsId, 3> csr;  // row_ptr, col_idx, values
   std::array<int64_t, 4> x_shape, weight_shape;

@@ -205,9 +205,7 @@ void remember(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& 
   // stale for good), so the map grows with the live (weight, geometry) pairs only.
   insert_purging(&g_mutex, g_calls, key, std::move(entry),
                  +[](const CallKey& k, const Remembered& e, const CallKey& added) {
-                   bool same_tensors = true;
-                   for (int i = 0; i < 3; ++i) same_tensors &= k.csr[i].same_memory(added.csr[i]);
-                   return (same_tensors && !(k.csr == added.csr)) || !e.alive();
+                   return rewritten(k.csr.data(), added.csr.data(), 3) || !e.alive();
                  });
 }
 

@@ -68,25 +68,19 @@ struct KnownTransposition {
 // A forward pattern as a weight of one shape and group count (ops.py's _transpositions key:
 // the same tensors read as another weight transpose otherwise).
 struct PatternId {
-  ContentsId row_ptr, col_idx;
+  std::array<ContentsId, 2> csr;  // row_ptr, col_idx
   std::array<int64_t, 4> weight_shape;
   int64_t groups;
   bool operator==(const PatternId& o) const {
-    return row_ptr == o.row_ptr && col_idx == o.col_idx && weight_shape == o.weight_shape &&
-           groups == o.groups;
-  }
-  // Both tensors' memory again, written since (their transposition is stale for good).
-  bool rewritten_by(const PatternId& o) const {
-    return row_ptr.same_memory(o.row_ptr) && col_idx.same_memory(o.col_idx) &&
-           !(row_ptr == o.row_ptr && col_idx == o.col_idx);
+    return csr == o.csr && weight_shape == o.weight_shape && groups == o.groups;
   }
 };
 
 struct PatternIdHash {
   size_t operator()(const PatternId& p) const {
     CallKey key{};  // (the call key's hash over the same fields, the rest zero)
-    key.csr[0] = p.row_ptr;
-    key.csr[1] = p.col_idx;
+    key.csr[0] = p.csr[0];
+    key.csr[1] = p.csr[1];
     key.weight_shape = p.weight_shape;
     key.groups = p.groups;
     return CallKeyHash()(key);
@@ -97,8 +91,8 @@ struct PatternIdHash {
 // false where a tensor cannot have one (contents_id).
 bool pattern_id(const at::Tensor& row_ptr, const at::Tensor& col_idx,
                 c10::IntArrayRef weight_shape, int64_t groups, PatternId* out) {
-  if (weight_shape.size() != 4 || !contents_id(row_ptr, &out->row_ptr) ||
-      !contents_id(col_idx, &out->col_idx)) {
+  if (weight_shape.size() != 4 || !contents_id(row_ptr, &out->csr[0]) ||
+      !contents_id(col_idx, &out->csr[1])) {
     return false;
   }
   std::copy(weight_shape.begin(), weight_shape.end(), out->weight_shape.begin());
@@ -364,10 +358,8 @@ void remember_pattern(const at::Tensor& x, const at::Tensor& row_ptr, const at::
   // geometries, so the map grows with the live (pattern, geometry) pairs only.
   insert_purging(&g_mutex, g_patterns, key, std::move(entry),
                  +[](const CallKey& k, const KnownPattern& e, const CallKey& added) {
-                   const bool rewritten = k.csr[0].same_memory(added.csr[0]) &&
-                                          k.csr[1].same_memory(added.csr[1]) &&
-                                          !(k.csr == added.csr);
-                   return rewritten || !e.alive();
+                   // (a pattern key's values are left out: row_ptr and col_idx decide)
+                   return rewritten(k.csr.data(), added.csr.data(), 2) || !e.alive();
                  });
 }
 
@@ -394,7 +386,8 @@ void remember_transposition(const at::Tensor& row_ptr, const at::Tensor& col_idx
                             col_idx.storage().getWeakStorageImpl()}};
   insert_purging(&g_mutex, g_transpositions, id, std::move(entry),
                  +[](const PatternId& k, const KnownTransposition& e, const PatternId& added) {
-                   return k.rewritten_by(added) || any_expired(e.storages);
+                   return rewritten(k.csr.data(), added.csr.data(), 2) ||
+                          any_expired(e.storages);
                  });
 }
 
