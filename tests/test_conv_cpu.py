@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import escoin
 from escoin import _core
@@ -16,23 +16,38 @@ TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
 
 def run_case(case: ConvCase, dtype: type, with_residual: bool = False) -> float:
     """escoin's relative error on the case; with_residual adds a random array of the output's
-    shape before the ReLU (y = relu(conv + bias + residual))."""
+    shape before the ReLU (y = relu(conv + bias + residual)). Every operand is in `dtype`, and
+    the float64 reference computes from those values: the error is escoin's own, not the
+    rounding of float64 inputs (which a sum that cancels to near zero magnifies)."""
     filt = escoin.SparseFilter.from_dense(case.weight.astype(dtype), groups=case.groups)
     shape = escoin.output_shape(case.x.shape, filt, case.stride, case.padding, case.dilation)
-    residual = (np.random.default_rng(case.x.size).standard_normal(shape) if with_residual
-                else None)
-    expected = conv2d_reference(case.x, filt.to_dense(), case.bias, case.stride, case.pads,
+    residual = (np.random.default_rng(case.x.size).standard_normal(shape).astype(dtype)
+                if with_residual else None)
+    x = case.x.astype(dtype)
+    bias = None if case.bias is None else case.bias.astype(dtype)
+    expected = conv2d_reference(x, filt.to_dense(), bias, case.stride, case.pads,
                                 case.dilation, case.groups, case.relu, residual)
     out = np.full(expected.shape, np.nan, dtype)  # poison: an unwritten element stays NaN
-    result = escoin.conv2d(case.x.astype(dtype), filt, case.bias, stride=case.stride,
+    result = escoin.conv2d(x, filt, bias, stride=case.stride,
                            padding=case.padding, dilation=case.dilation, relu=case.relu, out=out,
                            residual=residual)
     assert result is out
     return relative_error(out, expected)
 
 
+# A case hypothesis found: one output left by the ReLU, 0.0014 from -0.597 * -1.309 - 0.780.
+# Its float64 inputs rounded to float32 move it by 1.7e-5 relative; escoin's error on the
+# float32 inputs is 5.4e-6.
+CANCELLING = ConvCase(
+    x=np.array([[[[0.93702226, 1.24257235, 1.04710721, 0.77800248, -1.30941573]],
+                 [[0.75630245, -2.86961555, 1.77374148, 0.89334666, 0.0941185]]]]),
+    weight=np.array([[[[-0.59698707]], [[0.0]]]]), bias=np.array([-0.78027718]), stride=(1, 1),
+    padding=(0, 0), pads=(0, 0, 0, 0), dilation=(1, 1), groups=1, relu=True)
+
+
 @settings(max_examples=120, deadline=None)
 @given(case=conv_cases())
+@example(case=CANCELLING)
 def test_random_geometry_float32(case: ConvCase) -> None:
     assert run_case(case, np.float32) <= TOLERANCE[np.float32]
 
