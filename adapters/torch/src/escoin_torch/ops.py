@@ -366,6 +366,9 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
                              dilation, groups, call)
     except RuntimeError as error:  # an escoin whose prepared calls it cannot read
         _stop_remembering(error)
+    # An EscoinError (a ValueError) from prepare_for_values passes through: its arguments are
+    # the launch's that just ran, so only the CUDA runtime can refuse it (out of memory for the
+    # pattern's layout), and that is an error the caller must see, not a version mismatch.
     return _like_input_format(out, x)
 
 
