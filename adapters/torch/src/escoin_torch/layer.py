@@ -215,7 +215,8 @@ class SparseConv2d(nn.Conv2d):
             if y is not None:
                 return y
         csr = state.csr
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        training = torch.is_grad_enabled() and self.weight.requires_grad
+        if training:
             # (The plain form where no functorch transform is active: torch binds the
             # arguments of a Function with a setup_context against its forward's signature on
             # every call.)
@@ -224,7 +225,11 @@ class SparseConv2d(nn.Conv2d):
             csr = csr._replace(values=attach.apply(csr.values, self.weight, state.flat_index))
         y = conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride, self.padding,
                                self.dilation, self.relu, residual)
-        if not torch.compiler.is_compiling():
+        # Only an inference call is remembered: the fast path takes no call that records a
+        # gradient, and a training step's state (new values each step) would prepare a call of
+        # host values for nothing, where the C++ training path has already run this one on the
+        # device's values.
+        if not training and not torch.compiler.is_compiling():
             state.eager.remember(self, x, lambda: state.host_filter or filter_of(state.csr))
         return y
 
