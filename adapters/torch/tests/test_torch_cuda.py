@@ -9,7 +9,7 @@ from escoin.cuda_arrays import DeviceBuffer
 
 from torch_helpers import (SeenOps, check_refresh_csrs, check_release_geometries,
                            check_training_steps_keep_the_pattern, count_calls, pruned_small_cnn,
-                           reference_conv, relative_error, sparse_conv)
+                           reference_conv, relative_error, sparse_conv, strict_fp32_cudnn)
 import escoin_torch
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
@@ -122,9 +122,7 @@ def test_backward_cuda() -> None:
     layer = SparseConv2d.from_dense(sparse_conv(4, 6, 3, padding=1), sparse_training=True)
     layer = layer.cuda().train()
     x = torch.randn(2, 4, 9, 9, device="cuda", requires_grad=True)
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                     deterministic=cudnn.deterministic, allow_tf32=False):
+    with strict_fp32_cudnn():
         layer(x).square().sum().backward()
     x_ref = x.detach().double().cpu().requires_grad_()
     w_ref = layer.weight.detach().double().cpu().requires_grad_()
@@ -239,7 +237,8 @@ def test_release_geometries_cuda() -> None:
 
 
 def test_training_steps_keep_the_pattern_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    check_training_steps_keep_the_pattern(monkeypatch, "cuda")
+    with strict_fp32_cudnn():
+        check_training_steps_keep_the_pattern(monkeypatch, "cuda")
 
 
 def test_refresh_csrs_checks_every_layer_at_once_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_helpers import SeenOps, relative_error, sparse_conv
+from torch_helpers import SeenOps, relative_error, sparse_conv, strict_fp32_cudnn
 import escoin_torch
 from escoin_torch import SparseConv2d, ops, sparse_conv2d
 from escoin_torch import csr as csr_lib
@@ -39,7 +39,8 @@ def native_training(request: pytest.FixtureRequest) -> Iterator[bool]:
     on = getattr(request, "param", True)
     previous = escoin_torch.set_native_training(on)
     try:
-        yield on
+        with strict_fp32_cudnn():  # (the weight gradients are held to float64 at 1e-5)
+            yield on
     finally:
         escoin_torch.set_native_training(previous)
 

@@ -3,7 +3,8 @@ relative-norm check. (A uniquely named module, not conftest.py, so that importin
 up another test suite's conftest when several run in one pytest session.)"""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -31,6 +32,19 @@ def tolerance(dtype: torch.dtype) -> float:
     rounding boundary."""
     return {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2.0 ** -10,
             torch.bfloat16: 2.0 ** -7}[dtype]
+
+
+@contextlib.contextmanager
+def strict_fp32_cudnn() -> Iterator[None]:
+    """cuDNN without TF32, the other flags as they are. A weight gradient is one dense cuDNN call
+    (escoin has no sparse kernel for it), which follows PyTorch's TF32 setting, on by default:
+    ~1e-3 relative error where cuDNN picks a tensor-core algorithm, which it may for one shape
+    and not another, and from one run to the next. A float32 gradient held to float64 at 1e-5
+    is computed under this."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
 
 
 def sparse_weight(shape: tuple, density: float, generator: Optional[torch.Generator] = None,
