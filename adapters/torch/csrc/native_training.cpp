@@ -106,9 +106,9 @@ auto* g_patterns = new std::unordered_map<CallKey, KnownPattern, CallKeyHash>();
 auto* g_transpositions =
     new std::unordered_map<PatternId, KnownTransposition, PatternIdHash>();
 py::object* g_backward = nullptr;  // ops.py's _backward_of_native_call
-// Off until switched on (escoin_torch.set_native_training): this path has not yet passed its
-// tests on a GPU.
-std::atomic<bool> g_enabled{false};
+// On unless switched off (escoin_torch.set_native_training(False)), which sends every training
+// call through ops.py's autograd.Function (the same kernels, more host time).
+std::atomic<bool> g_enabled{true};
 std::atomic<int64_t> g_native_forwards{0};   // calls recorded here
 std::atomic<int64_t> g_native_backwards{0};  // their backwards computed here
 std::atomic<int64_t> g_python_backwards{0};  // their backwards handed to ops.py

@@ -63,14 +63,14 @@ def test_an_escoin_whose_calls_it_cannot_read_leaves_the_python_kernel_with_a_wa
     escoin_torch.set_native_training(native)
 
 
-def test_the_cpp_training_path_is_off_by_default_and_leaves_cpu_calls_alone() -> None:
+def test_the_cpp_training_path_is_on_by_default_and_leaves_cpu_calls_alone() -> None:
     """set_native_training switches it and returns the previous setting; switched on, a CPU
     training step is still the Python path's (the C++ path takes CUDA calls only), and its
     gradients match float64."""
     assert ops._native_trains
-    assert escoin_torch.set_native_training(True) is False  # (off until switched on)
+    assert escoin_torch.set_native_training(False) is True  # (on until switched off)
+    assert escoin_torch.set_native_training(True) is False
     try:
-        assert escoin_torch.set_native_training(True) is True
         before = ops._native.training_stats()
         weight, x, bias = _case(GEOMETRIES[1], torch.float32, seed=21)
         layer = escoin_torch.SparseConv2d(8, 16, 3, stride=2, padding=1, groups=2)
@@ -95,7 +95,7 @@ def test_the_cpp_training_path_is_off_by_default_and_leaves_cpu_calls_alone() ->
         assert relative_error(x.grad, x64.grad) <= 1e-5
         assert relative_error(layer.weight.grad, w64.grad * (weight != 0)) <= 1e-5
     finally:
-        escoin_torch.set_native_training(False)
+        escoin_torch.set_native_training(True)
 
 
 # Run in a fresh interpreter whose import of the extension fails (as where it was built for

@@ -10,8 +10,8 @@
   the structure escoin's GPU kernel runs 1.75x faster than unstructured sparsity (an H100, 90%).
 * :func:`refresh_csrs` brings a model's CSRs up to date after an optimiser step of sparse
   training, with one synchronisation for all its layers.
-* :func:`set_native_training` switches on the C++ path of sparse training's calls (off by
-  default until it has passed its tests on a GPU).
+* :func:`set_native_training` switches the C++ path of sparse training's CUDA calls (on by
+  default) off and on.
 * :func:`release_geometries` frees the arrays escoin keeps per input size (for models fed many).
 * :mod:`escoin_torch.seed` is the API of the seed port (``import escoin_torch.seed as sp``).
 

@@ -173,10 +173,9 @@ def set_native_training(enabled: bool) -> bool:
     (``_native``'s training path: recorded for autograd and differentiated there, each call's
     program written on the GPU, no Python on the way) or through this module's
     autograd.Function and Python kernel (the path of every other call: the same kernels and
-    results, ~0.8 ms more host time per layer and step). Off by default in this version: the
-    C++ path has not yet passed its tests on a GPU. Switched on, it learns each pattern from the
-    next training step (which runs the Python path) and takes the steps after. Returns the
-    previous setting; False, and nothing to switch, where the C++ path is not built."""
+    results, more host time per layer and step). On by default: it learns each pattern from the
+    first training step on it (which runs the Python path) and takes the steps after. Returns
+    the previous setting; False, and nothing to switch, where the C++ path is not built."""
     if _native is None or not _native_trains:
         return False
     previous = bool(_native.training_stats()["enabled"])
