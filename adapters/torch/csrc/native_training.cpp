@@ -159,6 +159,14 @@ bool plain_tensor(const at::Tensor& t) {
          !t._fw_grad(0).defined();
 }
 
+// Whether a dispatch mode or functorch transform is active, which must see each operation:
+// the calls made here go to the core directly, so such a call, or backward, is left to ops.py.
+bool intercepted() {
+  return c10::impl::TorchDispatchModeTLS::stack_len() != 0 ||
+         c10::impl::tls_is_dispatch_key_included(
+             c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
 void check(escoin_status_t status) {
   TORCH_CHECK_VALUE(status == ESCOIN_SUCCESS, "escoin: ", g_api->last_error());
 }
@@ -202,7 +210,7 @@ Gradients python_gradients(const variable_list& saved, const TrainingGeometry& g
   const at::Tensor& output = saved[4];
   auto list = [](const auto& a) { return std::vector<int64_t>(a.begin(), a.end()); };
   py::tuple result = (*g_backward)(
-      saved[0], saved[2], saved[3], saved[1], output.defined() ? py::cast(output) : py::none(),
+      saved[0], saved[1], saved[2], saved[3], output.defined() ? py::cast(output) : py::none(),
       list(g.weight_shape), list(g.stride), list(g.padding), list(g.dilation), g.groups,
       g.relu, grad, py::make_tuple(needs[0], needs[1], needs[2], needs[3]));
   Gradients out;
@@ -216,9 +224,9 @@ Gradients python_gradients(const variable_list& saved, const TrainingGeometry& g
 // queued) elsewhere.
 std::optional<Gradients> native_gradients(const variable_list& saved, const TrainingGeometry& g,
                                           at::Tensor grad, const std::array<bool, 4>& needs) {
-  const at::Tensor &x = saved[0], &values = saved[1], &row_ptr = saved[2],
-                   &col_idx = saved[3], &output = saved[4];
-  if (!plain_tensor(grad) || grad.dim() != 4) return std::nullopt;
+  const at::Tensor &x = saved[0], &row_ptr = saved[1], &col_idx = saved[2],
+                   &values = saved[3], &output = saved[4];
+  if (!plain_tensor(grad) || grad.dim() != 4 || intercepted()) return std::nullopt;
   PatternId id;
   if (!pattern_id(row_ptr, col_idx, g.weight_shape, g.groups, &id)) return std::nullopt;
   std::optional<KnownTransposition> t = find_transposition(id);
@@ -294,8 +302,10 @@ struct NativeSparseConv2d : public torch::autograd::Function<NativeSparseConv2d>
                             const TrainingGeometry& g, const PatternCall& call) {
     const at::Tensor b = bias.value_or(at::Tensor()), r = residual.value_or(at::Tensor());
     at::Tensor y = launch_on_values(call, x, values, b, r, g.relu);
-    // (The output only for the ReLU's mask, as ops.py's _save.)
-    ctx->save_for_backward({x, values, row_ptr, col_idx, g.relu ? y : at::Tensor()});
+    // What ops.py's _save saves, in its order (the output only for the ReLU's mask): a
+    // forward that non-reentrant checkpointing runs again in the backward may take the other
+    // path, and hands its saved tensors to this node's slots by position.
+    ctx->save_for_backward({x, row_ptr, col_idx, values, g.relu ? y : at::Tensor()});
     ctx->saved_data["geometry"] = g.as_list();
     ctx->saved_data["has_bias"] = b.defined();
     ctx->saved_data["has_residual"] = r.defined();
@@ -427,10 +437,7 @@ std::optional<at::Tensor> record_natively(const at::Tensor& x, const at::Tensor&
     return std::nullopt;
   }
   if (!plain_tensor(x) || !plain_tensor(values) || !plain_tensor(bias.value_or(at::Tensor())) ||
-      !plain_tensor(residual.value_or(at::Tensor())) ||
-      c10::impl::TorchDispatchModeTLS::stack_len() != 0 ||
-      c10::impl::tls_is_dispatch_key_included(
-          c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+      !plain_tensor(residual.value_or(at::Tensor())) || intercepted()) {
     return std::nullopt;
   }
   CallKey key;

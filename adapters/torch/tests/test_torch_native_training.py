@@ -243,6 +243,58 @@ def test_calls_under_a_dispatch_mode_are_left_to_the_python_path(native_training
     assert any("escoin.sparse_conv2d" in name for name in seen.names)
 
 
+def test_a_backward_under_a_dispatch_mode_is_left_to_the_python_path(
+        native_training: bool) -> None:
+    """A mode entered around the backward alone must see its calls too: the recorded call's
+    backward is then ops.py's, whose input gradient calls the op through the dispatcher."""
+    layer = _layer(GEOMETRIES[0])
+    x, residual, upstream = _inputs(layer, GEOMETRIES[0], torch.float32, 0)
+    _step(layer, x, residual, upstream)
+    _optimiser_step(layer)
+    before = _stats()
+    y = layer(x.detach().requires_grad_())
+    with SeenOps() as seen:
+        (y * upstream).sum().backward()
+    after = _stats()
+    assert after["native_forwards"] - before["native_forwards"] == 1
+    assert after["native_backwards"] == before["native_backwards"]
+    assert after["python_backwards"] - before["python_backwards"] == 1
+    assert any("escoin.sparse_conv2d" in name for name in seen.names)
+
+
+@pytest.mark.parametrize("release_between", [False, True])
+def test_checkpointed_steps_recompute_on_either_path(native_training: bool,
+                                                     release_between: bool) -> None:
+    """Non-reentrant activation checkpointing runs the forward again in the backward and hands
+    what it saves to the first forward's node by position, so both paths save the same tensors
+    in the same order. The first step's forward runs the Python path (which teaches the C++
+    one) and its recomputation the C++ path; with release_geometries between a later step's
+    forward and backward, the forward runs the C++ path and the recomputation Python. Every
+    step matches float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    geometry = GEOMETRIES[0]  # (bias and ReLU: the output is saved too)
+    layer = _layer(geometry)
+    for seed in range(3):
+        x, _, upstream = _inputs(layer, geometry, torch.float32, seed)
+        x = x.detach().requires_grad_()
+        before = _stats()["native_forwards"]
+        y = checkpoint(layer, x, use_reentrant=False)
+        if release_between and seed == 2:
+            escoin_torch.release_geometries()
+        (y * upstream).sum().backward()
+        # (recorded in C++: the first step's recomputation; later steps' forwards, and their
+        # recomputations unless the pattern was released between)
+        expected_native = 1 if seed == 0 or (release_between and seed == 2) else 2
+        assert _stats()["native_forwards"] - before == expected_native
+        expected = _float64_step(layer, x, None, upstream)
+        results = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+        for name, got, want in zip(("y", "x", "weight", "bias"), results, expected):
+            assert relative_error(got, want) < 1e-5, name
+        _optimiser_step(layer)
+        layer.zero_grad()
+
+
 def _op_steps(csr: csr_lib.CSRWeight, seeds: range) -> Iterator[tuple]:
     """Op calls on `csr`'s pattern as a training loop makes them, new values each: per step,
     the C++ path's recorded calls in it and the errors of y, x's and the values' gradients
