@@ -77,6 +77,24 @@ def test_padding_too_large_for_32_bit_offsets(filt) -> None:
         escoin.conv2d(np.ones((1, 3, 4, 4), np.float32), filt, padding=40000)
 
 
+@pytest.mark.parametrize("call", [
+    # Padded extents near 2^32 on both axes: their product passes int64.
+    lambda: escoin.conv2d(np.ones((1, 1, 2, 2), np.float32),
+                          escoin.SparseFilter.from_dense(np.ones((1, 1, 1, 1), np.float32)),
+                          padding=2 ** 31 - 1),
+    lambda: escoin.conv2d(np.ones((1, 1, 2, 2), np.float32),
+                          escoin.SparseFilter.from_dense(np.ones((1, 1, 3, 3), np.float32)),
+                          padding="same", dilation=2 ** 31 - 1),
+    lambda: escoin.workspace_size((1, 1, 2, 2),
+                                  escoin.SparseFilter.from_dense(np.ones((1, 1, 3, 3),
+                                                                         np.float32)),
+                                  padding="same", dilation=1_600_000_000),
+])
+def test_planes_past_int64_are_refused(call) -> None:
+    with pytest.raises(EscoinError, match="32-bit offsets"):
+        call()
+
+
 def test_out_wrong_shape(filt, x) -> None:
     with pytest.raises(EscoinError, match=r"out must be a NumPy array of shape \(2, 4, 6, 6\)"):
         escoin.conv2d(x, filt, out=np.empty((2, 4, 8, 8), np.float32))

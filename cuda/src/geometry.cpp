@@ -2,6 +2,7 @@
 #include "geometry.hpp"
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <utility>
 
@@ -21,6 +22,17 @@ int64_t out_extent(int64_t in, int64_t padded, int64_t dilation, int64_t kernel,
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether the product of `factors` (each >= 1) is at most `limit` (>= 1), found without forming
+// a product past it: padded extents near 2^32 on both axes multiply past int64.
+bool product_at_most(std::initializer_list<int64_t> factors, int64_t limit) {
+  int64_t product = 1;
+  for (const int64_t factor : factors) {
+    if (factor > limit / product) return false;
+    product *= factor;
+  }
+  return true;
+}
 
 // The batch-1 grid the staged plan cuts its chunks small enough to reach: about a block per SM.
 constexpr int64_t kSmallGridBlocks = 128;
@@ -382,17 +394,26 @@ Geometry make_geometry(const escoin_conv_desc_t* desc) {
   // the other phases are not stretched at all.
   L.phases_h = d.kernel_h == 1 || d.dilation_h % d.stride_h == 0 ? 1 : d.stride_h;
   L.phases_w = d.kernel_w == 1 || d.dilation_w % d.stride_w == 0 ? 1 : d.stride_w;
+  g.group_in = d.in_channels / d.groups;
+  g.group_out = d.out_channels / d.groups;
+  // A group of one image is addressed by 32-bit offsets. Checked on the factors first: their
+  // product can pass int64 (it would wrap, to a channel stride of 0 or below).
+  const int64_t most_per_channel = std::numeric_limits<int32_t>::max() / g.group_in;
+  auto fail_too_large = [&] {
+    fail_invalid("one group of one image needs ", g.group_in, " x ", L.phases_h, " x ",
+                 L.phases_w, " x ", L.plane_h, " x ", L.plane_w,
+                 " stretched elements (channels x phase planes x plane rows x plane columns),"
+                 " over the 2^31 that 32-bit offsets address; split the input spatially or use"
+                 " more groups");
+  };
+  if (!product_at_most({L.phases_h, L.phases_w, L.plane_h, L.plane_w}, most_per_channel))
+    fail_too_large();
   // Rounded up to 4 elements so that every channel, group and image starts 16-byte aligned:
   // the staged CUDA kernel copies the input into shared memory in 16-byte units (bulk copies).
   L.channel_stride = ceil_div(L.phases_h * L.phases_w * L.plane_h * L.plane_w, 4) * 4;
-  g.group_in = d.in_channels / d.groups;
-  g.group_out = d.out_channels / d.groups;
+  if (L.channel_stride > most_per_channel) fail_too_large();
   g.window = g.group_in * d.kernel_h * d.kernel_w;
   g.out_plane = L.out_height * L.out_width;
-  if (L.channel_stride > std::numeric_limits<int32_t>::max() / g.group_in)
-    fail_invalid("one group of one image needs ", g.group_in, " x ", L.channel_stride,
-                 " stretched elements, over the 2^31 that 32-bit offsets address; split the"
-                 " input spatially or use more groups");
   if (g.window > std::numeric_limits<int32_t>::max())
     fail_invalid("the filter window (C/groups*kh*kw = ", g.window, ") exceeds 2^31 - 1");
   g.group_span = g.group_in * L.channel_stride;
