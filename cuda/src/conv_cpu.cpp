@@ -101,6 +101,8 @@ escoin_status_t forward_entry(const escoin_conv_desc_t* desc, escoin_dtype_t dty
       check_row_ptr(g, row_ptr, offsets, values);
     else
       check_csr_for_geometry(g, row_ptr, offsets, values);
+    check_filter_not_overwritten(g, dtype, row_ptr, offsets, values, row_ptr[g.d.out_channels],
+                                 y, workspace, escoin::workspace_bytes(g, dtype));
     // (check_forward_operands has rejected any other dtype.)
     using Run = void (*)(const Geometry&, const void*, const int64_t*, const int32_t*,
                          const void*, const void*, const void*, bool, void*, void*);

@@ -200,6 +200,9 @@ extern "C" escoin_status_t escoin_conv2d_forward_cuda(
                            static_cast<int>(dtype));
     escoin::check_forward_operands(g, dtype, x, row_ptr, "row_ptr", y, bias, residual,
                                    workspace, workspace_bytes, escoin::workspace_bytes(g, dtype));
+    // (nnz lies in device memory: row_ptr's own extent only.)
+    escoin::check_filter_not_overwritten(g, dtype, row_ptr, offsets, values, 0, y, workspace,
+                                         escoin::workspace_bytes(g, dtype));
     if (g.d.batch == 0) return;
     escoin::DeviceScope scope(device);  // (first: a bad device index is named before anything)
     escoin::check_alignment(escoin::element_size(dtype),

@@ -20,6 +20,13 @@ size_t y_bytes(const Geometry& g, size_t element_bytes) {
   return size_t(g.d.batch * g.d.out_channels * g.out_plane) * element_bytes;
 }
 
+// A caller's array as the checks see it: where it starts, how many bytes, and its name.
+struct Operand {
+  const void* pointer;
+  size_t bytes;
+  const char* name;
+};
+
 }  // namespace
 
 bool output_overlaps_input(const Geometry& g, size_t element_bytes, const void* x,
@@ -49,17 +56,31 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
     fail_invalid("bias must not overlap y (pass a separate array of out_channels values)");
   if (residual && memory_overlaps(residual, y_size, y, y_size))
     fail_invalid("residual must not overlap y (pass a separate array of y's shape)");
-  struct Operand {
-    const void* pointer;
-    size_t bytes;
-    const char* name;
-  };
   const Operand operands[] = {{x, x_bytes(g, element_bytes), "x"}, {y, y_size, "y"},
                               {bias, bias_size, "bias"}, {residual, y_size, "residual"}};
   for (const Operand& o : operands)
     if (o.pointer && memory_overlaps(workspace, needed, o.pointer, o.bytes))
       fail_invalid("workspace must not overlap ", o.name, " (the call writes ", needed,
                    " bytes of it while it uses ", o.name, ")");
+}
+
+void check_filter_not_overwritten(const Geometry& g, escoin_dtype_t dtype,
+                                  const int64_t* row_ptr, const int32_t* offsets,
+                                  const void* values, int64_t nnz, const void* y,
+                                  const void* workspace, size_t needed) {
+  if (g.d.batch == 0) return;
+  const size_t value_bytes = dtype == ESCOIN_FLOAT64 ? sizeof(double) : sizeof(float);
+  const Operand filter[] = {
+      {row_ptr, size_t(g.d.out_channels + 1) * sizeof(int64_t), "row_ptr"},
+      {offsets, size_t(nnz) * sizeof(int32_t), "offsets"},
+      {values, size_t(nnz) * value_bytes, "values"}};
+  const Operand written[] = {{y, y_bytes(g, element_size(dtype)), "y"},
+                             {workspace, needed, "workspace"}};
+  for (const Operand& w : written)
+    for (const Operand& f : filter)
+      if (f.pointer && f.bytes > 0 && memory_overlaps(w.pointer, w.bytes, f.pointer, f.bytes))
+        fail_invalid(w.name, " must not overlap ", f.name, " (the call writes ", w.name,
+                     " while it still reads the filter's arrays)");
 }
 
 void check_alignment(size_t bytes,

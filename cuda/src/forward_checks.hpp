@@ -33,6 +33,15 @@ void check_forward_operands(const Geometry& g, escoin_dtype_t dtype, const void*
                             const void* bias, const void* residual, const void* workspace,
                             size_t workspace_size, size_t needed);
 
+// The filter's arrays not overlapping y or the workspace's `needed` bytes, which the call writes
+// while it reads the filter (an offset overwritten mid-call would send reads anywhere): row_ptr's
+// out_channels + 1 entries, and offsets and values where nnz (row_ptr[out_channels]) is known,
+// as in host memory; 0 where it is not (the CUDA entry's row_ptr is in device memory).
+void check_filter_not_overwritten(const Geometry& g, escoin_dtype_t dtype,
+                                  const int64_t* row_ptr, const int32_t* offsets,
+                                  const void* values, int64_t nnz, const void* y,
+                                  const void* workspace, size_t needed);
+
 // Each non-null pointer a multiple of `bytes` (an element's size), as the GPU's loads and
 // stores of the elements need (a misaligned one would fault the device, and the fault would
 // stick to the caller's CUDA context); each is named in the error.

@@ -145,7 +145,11 @@ escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int
  * x: (N, C, H, W); y: (N, M, OH, OW); bias: M values or NULL; residual: an (N, M, OH, OW) array
  * added to the output before the ReLU (a residual network's shortcut), or NULL. y may overlap x
  * (the kernels then copy x first); bias and residual must not overlap y, and the workspace's
- * bytes the call needs may overlap none of x, y, bias and residual (each is an error).
+ * bytes the call needs may overlap none of x, y, bias and residual (each is an error). Neither y
+ * nor those workspace bytes may overlap the filter's arrays, which the call reads while it
+ * writes them: an error for row_ptr, offsets and values on the CPU entries, for row_ptr on the
+ * CUDA entry (the others' extent, nnz, lies in device memory there: the caller's to keep apart,
+ * as the tile program's).
  * relu: nonzero applies max(0, .) last: y = relu(conv(x) + bias + residual). Only the stored
  * nonzeros multiply x: an element of x that only zero weights would read is never read, so a
  * NaN or infinity there does not reach y (a dense convolution's 0 * NaN would).
