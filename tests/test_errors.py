@@ -318,6 +318,36 @@ def test_cpu_entry_rejects_a_residual_overlapping_y(filt, x) -> None:
                               target, ws.ctypes.data, nbytes)
 
 
+@pytest.mark.parametrize("array", ["row_ptr", "offsets", "values"])
+@pytest.mark.parametrize("written", ["y", "workspace"])
+@pytest.mark.parametrize("trusted", [False, True])
+def test_cpu_entry_rejects_a_filter_array_the_call_writes(filt, x, array: str, written: str,
+                                                          trusted: bool) -> None:
+    """The call reads the filter's arrays while it writes y and the workspace: an offset that y
+    overwrote mid-call would send reads anywhere (it crashed), a value the stretch overwrote
+    gave a wrong answer. Each filter array placed inside y or the workspace is refused, on the
+    entry that checks the offsets and on the one that trusts them."""
+    from escoin import _core
+
+    desc = escoin.geometry.descriptor(x.shape, filt.shape, 1)
+    nbytes = _core.workspace_size(desc, "float32")
+    filter_arrays = {"row_ptr": filt.row_ptr, "offsets": escoin.stretch_offsets(filt, x.shape),
+                     "values": filt.values}
+    y = np.zeros((2, 4, 6, 6), np.float32)
+    ws = np.zeros(nbytes, np.uint8)
+    host = y if written == "y" else ws
+    source = filter_arrays[array]
+    assert source.nbytes <= host.nbytes
+    inside = host.reshape(-1).view(np.uint8)[-source.nbytes:].view(source.dtype)
+    inside[:] = source  # the right contents, in the wrong place
+    filter_arrays[array] = inside
+    with pytest.raises(EscoinError, match=f"{written} must not overlap {array}"):
+        _core.forward_cpu(desc, "float32", x.ctypes.data, filter_arrays["row_ptr"].ctypes.data,
+                          filter_arrays["offsets"].ctypes.data,
+                          filter_arrays["values"].ctypes.data, 0, 0, False, y.ctypes.data,
+                          ws.ctypes.data, nbytes, offsets_trusted=trusted)
+
+
 @pytest.mark.parametrize("residual, message", [
     (np.zeros((2, 4, 6, 5), np.float32), r"residual must have the output's shape \(2, 4, 6, 6\)"),
     (np.zeros((2, 4, 6, 6), np.int32), "residual must be floating point"),
@@ -401,3 +431,36 @@ def test_a_filter_file_missing_arrays_is_named(tmp_path) -> None:
     np.savez(path, format=np.array("escoin-csr-1"), row_ptr=np.zeros(2, np.int64))
     with pytest.raises(EscoinError, match="lacks the arrays .*'col_idx'"):
         escoin.SparseFilter.load(path)
+
+
+class _FakeCudaArray:
+    """An object whose __cuda_array_interface__ is the dict given (no device memory behind it)."""
+
+    def __init__(self, interface: dict) -> None:
+        self.__cuda_array_interface__ = interface
+
+
+class _RefusingDLPack:
+    """A DLPack producer on a CUDA device whose export fails."""
+
+    def __dlpack__(self, stream: object = None) -> object:
+        raise BufferError("cannot export this tensor")
+
+    def __dlpack_device__(self) -> tuple:
+        return (2, 0)  # kDLCUDA
+
+
+@pytest.mark.parametrize("x, message", [
+    (_FakeCudaArray({"shape": (1, 1, 2, 2), "data": (0, False), "version": 3}),
+     "x has a malformed __cuda_array_interface__ .KeyError: 'typestr'"),
+    (_FakeCudaArray({"shape": (1, 1, 2, 2), "typestr": "zz", "data": (0, False)}),
+     "x has a malformed __cuda_array_interface__ .TypeError"),
+    (_FakeCudaArray({"shape": ("a",), "typestr": "<f4", "data": (0, False)}),
+     "x has a malformed __cuda_array_interface__ .ValueError"),
+    (_RefusingDLPack(), r"x.__dlpack__\(\) raised BufferError: cannot export"),
+])
+def test_a_broken_device_array_is_named(x: object, message: str) -> None:
+    """A producer's malformed interface or failing export is reported as the argument's."""
+    filt = escoin.SparseFilter.from_dense(np.ones((2, 1, 1, 1), np.float32))
+    with pytest.raises(EscoinError, match=message):
+        escoin.conv2d(x, filt)
