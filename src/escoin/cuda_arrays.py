@@ -40,9 +40,9 @@ def is_cuda_array(obj: object) -> bool:
     if hasattr(obj, "__dlpack_device__"):
         try:
             device_type, _ = obj.__dlpack_device__()
+            return int(device_type) in (_DL_CUDA, _DL_CUDA_MANAGED)
         except Exception:  # a producer that cannot say is not a CUDA array to us
             return False
-        return int(device_type) in (_DL_CUDA, _DL_CUDA_MANAGED)
     return False
 
 
@@ -159,11 +159,18 @@ _DL_CUDA, _DL_CUDA_MANAGED = 2, 13
 
 def _from_cai(obj: object, name: str) -> CudaView:
     cai = obj.__cuda_array_interface__
-    shape = tuple(int(v) for v in cai["shape"])
-    dtype = np.dtype(cai["typestr"])
-    ptr = int(cai["data"][0])
-    strides = cai.get("strides")
-    contiguous = strides is None or _c_contiguous(shape, tuple(strides), dtype.itemsize)
+    try:
+        shape = tuple(int(v) for v in cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        ptr = int(cai["data"][0])
+        strides = cai.get("strides")
+        contiguous = strides is None or _c_contiguous(shape, tuple(int(v) for v in strides),
+                                                      dtype.itemsize)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise EscoinError(f"{name} has a malformed __cuda_array_interface__ "
+                          f"({type(error).__name__}: {error}); expected a dict with 'shape', "
+                          "'typestr' and 'data' (pointer, read-only), as its version 3 "
+                          "describes") from None
     device = _core.cuda_pointer_device(ptr) if ptr else 0
     return CudaView(ptr, shape, dtype, device, contiguous, obj)
 
@@ -192,9 +199,13 @@ def _from_dlpack(obj: object, name: str, stream: int) -> CudaView:
     # The legacy (unversioned) capsule: every producer still offers it. We only read the tensor
     # and leave the capsule unconsumed, so its destructor releases the producer's reference.
     try:
-        capsule = obj.__dlpack__(stream=stream if stream else 1)
-    except TypeError:
-        capsule = obj.__dlpack__()
+        try:
+            capsule = obj.__dlpack__(stream=stream if stream else 1)
+        except TypeError:  # a producer without the stream argument
+            capsule = obj.__dlpack__()
+    except Exception as error:  # noqa: BLE001 -- named as the argument's, the producer's chained
+        raise EscoinError(f"{name}.__dlpack__() raised {type(error).__name__}: {error}"
+                          ) from error
     tensor = _DLTensor.from_address(_get_capsule_pointer(capsule, b"dltensor"))
     if tensor.device.device_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
         raise EscoinError(f"{name} is a DLPack tensor on device type {tensor.device.device_type},"
