@@ -90,6 +90,10 @@ def _filter_file(path, **changes) -> None:
     (b"\x00garbage" * 10, "is not an escoin filter file"),
     ("truncated", "is not an escoin filter file"),
     ("one array", "holds one array"),
+    # Damage inside one member, which an .npz reads only when asked for it.
+    ("flipped value byte", "is not an escoin filter file"),
+    ("garbled header", "is not an escoin filter file"),
+    (dict(values=np.array([1.0, 2.0], dtype=object)), "is not an escoin filter file"),
     (dict(values=np.ones(1, np.float16), values_dtype=np.array("bfloat16")),
      "tags its values bfloat16 but stores float16"),
     (dict(values_dtype=np.array("float16")), "tags its values float16 but stores float32"),
@@ -107,6 +111,14 @@ def test_a_corrupt_filter_file_is_refused_by_name(tmp_path, contents: object,
     elif contents == "truncated":
         _filter_file(path)
         path.write_bytes(path.read_bytes()[:100])
+    elif contents in ("flipped value byte", "garbled header"):
+        _filter_file(path)
+        data = bytearray(path.read_bytes())
+        # (np.savez stores its members uncompressed: their bytes lie in the file as they are.)
+        values = escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.4, seed=15)).values
+        at = data.index(values.tobytes() if contents == "flipped value byte" else b"'descr'")
+        data[at + 1] ^= 0x5A
+        path.write_bytes(bytes(data))
     elif contents == "one array":
         np.save(path, np.ones(3))
         path = tmp_path / "bad.npz.npy"

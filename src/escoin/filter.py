@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 import os
 import zipfile
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -458,25 +458,34 @@ class SparseFilter:
             raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
                               f"SparseFilter.save): it holds one array")
         with data:
-            if "format" not in data or str(data["format"]) != "escoin-csr-1":
-                raise EscoinError(f"{path} is not an escoin filter file")
-            missing = [key for key in ("row_ptr", "col_idx", "values", "shape", "groups")
-                       if key not in data]
-            if missing:
-                raise EscoinError(f"{path} lacks the arrays {missing}: not a whole escoin "
-                                  "filter file")
-            values = _stored_values(data, path)
-            shape, groups = data["shape"], data["groups"]
-            if (shape.shape != (4,) or groups.shape != ()
-                    or not all(np.issubdtype(a.dtype, np.integer) for a in (shape, groups))):
-                raise EscoinError(f"{path} holds a shape of {shape.shape} {shape.dtype} and "
-                                  f"groups of {groups.shape} {groups.dtype}: escoin writes 4 "
-                                  "integers and one integer")
-            return cls.from_csr(data["row_ptr"], data["col_idx"], values,
-                                tuple(int(v) for v in shape), int(groups))
+            # Every member read now: an .npz reads each when asked, and a damaged one (a bad
+            # CRC, a garbled header, an object array) fails there, with whatever error the
+            # reading raises.
+            try:
+                arrays = {key: data[key] for key in data.files}
+            except Exception as error:
+                raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
+                                  f"SparseFilter.save): {type(error).__name__}: {error}"
+                                  ) from None
+        if "format" not in arrays or str(arrays["format"]) != "escoin-csr-1":
+            raise EscoinError(f"{path} is not an escoin filter file")
+        missing = [key for key in ("row_ptr", "col_idx", "values", "shape", "groups")
+                   if key not in arrays]
+        if missing:
+            raise EscoinError(f"{path} lacks the arrays {missing}: not a whole escoin "
+                              "filter file")
+        values = _stored_values(arrays, path)
+        shape, groups = arrays["shape"], arrays["groups"]
+        if (shape.shape != (4,) or groups.shape != ()
+                or not all(np.issubdtype(a.dtype, np.integer) for a in (shape, groups))):
+            raise EscoinError(f"{path} holds a shape of {shape.shape} {shape.dtype} and "
+                              f"groups of {groups.shape} {groups.dtype}: escoin writes 4 "
+                              "integers and one integer")
+        return cls.from_csr(arrays["row_ptr"], arrays["col_idx"], values,
+                            tuple(int(v) for v in shape), int(groups))
 
 
-def _stored_values(data: "np.lib.npyio.NpzFile", path: str) -> np.ndarray:
+def _stored_values(data: Dict[str, np.ndarray], path: str) -> np.ndarray:
     """A filter file's values in their dtype: bfloat16 is stored as its bits (uint16), tagged;
     a tag that does not match what is stored is a corrupt file, not a dtype to reinterpret."""
     values = data["values"]
