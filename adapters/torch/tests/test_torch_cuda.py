@@ -5,6 +5,7 @@ import gc
 
 import pytest
 import torch
+import torch.nn.functional as F
 from escoin.cuda_arrays import DeviceBuffer
 
 from torch_helpers import (SeenOps, check_refresh_csrs, check_release_geometries,
@@ -239,6 +240,43 @@ def test_release_geometries_cuda() -> None:
 def test_training_steps_keep_the_pattern_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     with strict_fp32_cudnn():
         check_training_steps_keep_the_pattern(monkeypatch, "cuda")
+
+
+def test_reentrant_checkpointing_makes_no_host_filters_cuda(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reentrant checkpointing runs each step's forward first under no_grad, the layers in
+    training mode: that pass computes with the step's values on the device, as the step's
+    training calls do, and makes no filter of host values (each was a synchronisation a layer
+    and step); the checkpointed steps still match float64."""
+    import escoin
+    from torch.utils.checkpoint import checkpoint
+
+    model = torch.nn.Sequential(
+        SparseConv2d.from_dense(sparse_conv(8, 16, 3, padding=1), sparse_training=True),
+        torch.nn.ReLU(),
+        SparseConv2d.from_dense(sparse_conv(16, 8, 3, padding=1), sparse_training=True))
+    model = model.cuda().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 8, 10, 10, device="cuda", requires_grad=True)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        y = checkpoint(model, x, use_reentrant=True)
+        with torch.no_grad():
+            w0, w1 = (model[i].weight.double() for i in (0, 2))
+            y64 = F.conv2d(F.relu(F.conv2d(x.double(), w0, model[0].bias.double(), padding=1)),
+                           w1, model[2].bias.double(), padding=1)
+        assert relative_error(y, y64) < 1e-5
+        y.square().mean().backward()
+        optimizer.step()
+        escoin_torch.refresh_csrs(model)
+
+    with strict_fp32_cudnn():
+        step()  # the patterns' first filters
+        host_copies = count_calls(monkeypatch, escoin.SparseFilter, "with_values")
+        for _ in range(3):
+            step()
+    assert not host_copies
 
 
 def test_refresh_csrs_checks_every_layer_at_once_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ from escoin_torch._cache import TensorStamp
 from escoin_torch.csr import CSRWeight, host_numpy
 from escoin_torch.eager import EagerCalls
 from escoin_torch.ops import (PreparedFilter, conv2d_with_filter, filter_of, has_kernels_for,
-                              transformed)
+                              training_values, transformed)
 
 __all__ = ["SparseConv2d", "folded", "has_hooks", "pruned_names", "refresh_csrs"]
 
@@ -223,6 +223,15 @@ class SparseConv2d(nn.Conv2d):
             attach = (_AttachToWeight if torch._C._are_functorch_transforms_active()
                       else _AttachToWeightPlain)
             csr = csr._replace(values=attach.apply(csr.values, self.weight, state.flat_index))
+        if not training and self.training and not torch.compiler.is_compiling():
+            # A sparse-training layer's forward that records no gradient (reentrant
+            # checkpointing's first pass, a look at the outputs under no_grad between steps):
+            # its values are a step's, new after each optimiser step, so on a GPU it computes
+            # with them where they are, as a training call does, instead of making a filter of
+            # host values (a synchronisation a layer and step) and remembering its call.
+            with training_values():
+                return conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
+                                          self.padding, self.dilation, self.relu, residual)
         y = conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride, self.padding,
                                self.dilation, self.relu, residual)
         # Only an inference call is remembered: the fast path takes no call that records a

@@ -11,6 +11,7 @@ kernel's epilogue (``relu(conv2d(x) + residual)``, as a residual network's block
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import threading
@@ -18,7 +19,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import escoin
 import numpy as np
@@ -129,6 +130,16 @@ _transpositions: TensorCache[Transposition] = TensorCache()
 # host values, once, whose calls those paths keep. A training call also tells the C++ training
 # path (native_training.cpp) its pattern and geometry, so that it takes the next steps' calls.
 _training_values = contextvars.ContextVar("escoin_training_values", default=False)
+
+
+@contextlib.contextmanager
+def training_values() -> Iterator[None]:
+    """Marks the op's calls in the block as a training step's (see _training_values)."""
+    token = _training_values.set(True)
+    try:
+        yield
+    finally:
+        _training_values.reset(token)
 
 
 class CudaValues:
@@ -645,11 +656,8 @@ def _recorded(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     geometry = _ConvGeometry.of(weight_shape, stride, padding, dilation, groups, relu)
     function = (_SparseConv2dFunction if torch._C._are_functorch_transforms_active()
                 or has_tangent((x, values, bias, residual)) else _SparseConv2dRecorded)
-    token = _training_values.set(True)  # (its values: a training step's, as a rule)
-    try:
+    with training_values():  # (its values: a training step's, as a rule)
         return function.apply(x, row_ptr, col_idx, values, bias, residual, geometry)
-    finally:
-        _training_values.reset(token)
 
 
 def _sparse_conv2d_autograd(keyset: torch._C.DispatchKeySet, *args: object) -> torch.Tensor:
@@ -737,13 +745,10 @@ def _input_grad(grad: torch.Tensor, csr: CSRWeight, pattern: Optional[Transposit
     if any(v != 0 for v in residual):
         grad = F.pad(grad, residual)
     flipped = _transposed(csr, pattern)
-    token = _training_values.set(True)  # (the transposed values of one backward)
-    try:
+    with training_values():  # (the transposed values of one backward)
         return _call_op(grad, flipped.row_ptr, flipped.col_idx, flipped.values,
                         list(flipped.shape), None, [1, 1], common, list(dilation),
                         flipped.groups, False, None)
-    finally:
-        _training_values.reset(token)
 
 
 def _transposition_of(csr: CSRWeight) -> Optional[Transposition]:
