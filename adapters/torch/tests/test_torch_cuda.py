@@ -279,6 +279,48 @@ def test_reentrant_checkpointing_makes_no_host_filters_cuda(
     assert not host_copies
 
 
+def test_a_captured_training_step_trains_on_each_replays_weights() -> None:
+    """A whole training step captured in a CUDA graph (forward, backward, optimiser step), as
+    torch.cuda.graph's whole-network recipe does it: every replay updates the weights in place,
+    unseen by their version counters, and each replay's forward must compute with the weights
+    the previous replay left (not with the values the layers held at capture)."""
+    model = torch.nn.Sequential(
+        SparseConv2d.from_dense(sparse_conv(8, 16, 3, padding=1), sparse_training=True),
+        torch.nn.ReLU(),
+        SparseConv2d.from_dense(sparse_conv(16, 8, 3, padding=1), sparse_training=True))
+    model = model.cuda().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # (at 0.5 the loss diverges)
+    x = torch.randn(2, 8, 10, 10, device="cuda")
+    target = torch.randn(2, 8, 10, 10, device="cuda")
+
+    def step() -> torch.Tensor:
+        y = model(x)
+        F.mse_loss(y, target).backward()
+        optimizer.step()
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the patterns' filters, the optimiser's state
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+            escoin_torch.refresh_csrs(model)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        y = step()
+    for _ in range(3):
+        w0, b0, w1, b1 = (t.detach().double().clone() for t in (
+            model[0].weight, model[0].bias, model[2].weight, model[2].bias))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = F.conv2d(F.relu(F.conv2d(x.double(), w0, b0, padding=1)), w1, b1, padding=1)
+        assert relative_error(y, expected) < 1e-5
+    assert not torch.equal(model[0].weight.double(), w0)  # the replays did train
+
+
 def test_refresh_csrs_checks_every_layer_at_once_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     check_refresh_csrs(monkeypatch, "cuda")
 

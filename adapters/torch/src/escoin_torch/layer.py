@@ -216,7 +216,13 @@ class SparseConv2d(nn.Conv2d):
                 return y
         csr = state.csr
         training = torch.is_grad_enabled() and self.weight.requires_grad
-        if training:
+        if training and self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A training step captured in a CUDA graph: each replay's optimiser step writes the
+            # weight in place, which its version counter does not see (nothing runs on the host
+            # between replays), so the values are gathered from the weight inside the graph,
+            # and each replay computes with the weight its previous one left.
+            csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
+        elif training:
             # (The plain form where no functorch transform is active: torch binds the
             # arguments of a Function with a setup_context against its forward's signature on
             # every call.)
