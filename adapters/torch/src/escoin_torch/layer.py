@@ -142,7 +142,10 @@ class SparseConv2d(nn.Conv2d):
         """Compresses the current weight again and returns its CSR (a CSR per device is kept:
         see the module docstring). Forwards recompress by themselves when the weight is
         replaced or written in place, but not after writes the version counter does not see
-        (through ``.data`` or NumPy): call this after those. The CSR is derived from the
+        (through ``.data`` or NumPy, or by the replay of a CUDA graph that writes the weight:
+        a captured training step gathers its values inside the graph, but an inference graph
+        keeps the values it was captured with): call this after those, and capture inference
+        graphs again. The CSR is derived from the
         weight: change the weight, not the CSR (eager CPU inference computes from the layer's
         own escoin filter, which writes into these tensors do not reach)."""
         return self._current(again=True).csr
