@@ -11,6 +11,7 @@ from torch import nn
 
 from torch_helpers import (SeenOps, check_refresh_csrs, check_training_steps_keep_the_pattern,
                            pruned_small_cnn, reference_conv, relative_error, sparse_conv, tolerance)
+import escoin_torch
 from escoin_torch import SparseConv2d, sparsify
 from escoin_torch import csr as csr_lib
 
@@ -119,6 +120,73 @@ def test_writes_the_version_counter_misses() -> None:
     layer.weight.data.sub_(0.1 * layer.weight.data.sign())  # zeros stay zeros
     layer.eval()
     assert relative_error(layer(x), reference_conv(x, layer.weight, layer.bias)) < 1e-5
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=0.1, fused=True),
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+    lambda params: torch.optim.Adam(params, lr=0.1)])
+@pytest.mark.parametrize("sparse_training", [False, True])
+def test_optimiser_steps_reach_the_csr(optimizer, sparse_training: bool) -> None:
+    """Fused optimisers write the weight in place without bumping its version counter; each
+    step's next forward still computes with the stepped weight (the layer in eval mode between
+    steps, or training sparse)."""
+    layer = SparseConv2d.from_dense(sparse_conv(8, 16, 3, padding=1),
+                                    sparse_training=sparse_training)
+    layer.train(sparse_training)
+    x = torch.randn(2, 8, 10, 10)
+    layer(x)
+    step = optimizer(layer.parameters())
+    for _ in range(3):
+        step.zero_grad()
+        layer(x).square().sum().backward()
+        before = layer.weight.detach().clone()
+        step.step()
+        assert not torch.equal(layer.weight, before)
+        expected = reference_conv(x, layer.weight, layer.bias, padding=1)
+        assert relative_error(layer(x), expected) < 1e-5
+
+
+def test_refresh_csrs_after_writes_the_version_counters_miss() -> None:
+    """vector_to_parameters from a reused buffer sets each parameter's .data to a view of it:
+    a later write into the buffer keeps storage, offset and version. refresh_csrs with
+    unseen_writes checks every layer anyway."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    model = nn.Sequential(SparseConv2d.from_dense(sparse_conv(3, 8, 3, padding=1)),
+                          SparseConv2d.from_dense(sparse_conv(8, 4, 3, padding=1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    vector = parameters_to_vector(model.parameters()).detach().clone()
+    vector_to_parameters(vector, model.parameters())
+    model(x)
+    vector.mul_(-0.5)  # the weights' zeros stay zeros
+
+    def expected() -> torch.Tensor:
+        hidden = reference_conv(x, model[0].weight, model[0].bias, padding=1)
+        return reference_conv(hidden, model[1].weight, model[1].bias, padding=1)
+
+    assert escoin_torch.refresh_csrs(model) == 0  # the counters say nothing changed
+    assert escoin_torch.refresh_csrs(model, unseen_writes=True) == 2
+    assert relative_error(model(x), expected()) < 1e-5
+
+
+def test_models_made_under_inference_mode() -> None:
+    """Tensors made under torch.inference_mode keep no version counter, which the layer's
+    stamps read: converting, fusing, copying and loading a model there work as nn.Conv2d's do,
+    and its outputs match float64."""
+    from escoin_torch import fuse_for_inference
+
+    dense = nn.Sequential(sparse_conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          sparse_conv(8, 4, 3, padding=1)).eval()
+    dense[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        expected = dense.double()(x.double())
+        dense.float()
+        model, _ = sparsify(dense)
+        for made in (model, fuse_for_inference(model), copy.deepcopy(model),
+                     torch.load(_saved(model), weights_only=False)):
+            assert relative_error(made(x), expected) < 1e-5
 
 
 @pytest.mark.parametrize("make", [copy.deepcopy, lambda m: m.half(),

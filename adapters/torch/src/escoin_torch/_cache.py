@@ -10,7 +10,8 @@ that happens to reuse a freed address (common with the CUDA caching allocator) i
 for the old one.
 
 Writes that bypass the version counter (through ``tensor.data``, as ``gradcheck`` perturbs its
-inputs, or through NumPy/DLPack aliases) are invisible to such keys. Where comparing contents is
+inputs, or through NumPy/DLPack aliases), and in-place writes to inference tensors (made under
+``torch.inference_mode``, which keep no version counter) are invisible to such keys. Where comparing contents is
 cheap (host memory: O(nnz) next to the O(nnz * output) convolution) callers ask for
 ``verify=True`` and a hit is also checked against a snapshot; on a GPU that check would cost a
 synchronisation per call and is not made.
@@ -144,5 +145,11 @@ class _Entry:
 
 
 def _contents_key(tensor: torch.Tensor, storage_id: int) -> Hashable:
+    try:
+        version = tensor._version
+    except RuntimeError:
+        # An inference tensor (made under torch.inference_mode) has no version counter: its
+        # contents are taken as written once, as a write through .data is not seen either.
+        version = None
     return (storage_id, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-            tensor.dtype, tensor.device, tensor._version)
+            tensor.dtype, tensor.device, version)

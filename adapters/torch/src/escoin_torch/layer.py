@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Literal, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
@@ -179,6 +180,8 @@ class SparseConv2d(nn.Conv2d):
             for old in [d for d, s in self._compressed.items() if s.stamp.expired]:
                 del self._compressed[old]  # e.g. a DataParallel replica's weight that died
             self._compressed[device] = state
+        # (for _after_optimizer_step: a weight whose CSR follows its version counter)
+        self.weight._escoin_compressed = True
 
     @property
     def runs_sparse(self) -> bool:
@@ -378,7 +381,21 @@ def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compres
     return check.refreshed() if check is not None and check.holds(check.counts.tolist()) else None
 
 
-def refresh_csrs(module: nn.Module) -> int:
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Every optimiser's step, registered once for all (torch.optim's global post-step hook):
+    marks the weights it stepped that a SparseConv2d compressed as written. Fused optimisers
+    (``fused=True``) write parameters in place without bumping their version counters, which
+    is how a layer sees a weight change; the CSR then kept the old values, silently."""
+    stepped = [p for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None and getattr(p, "_escoin_compressed", False)]
+    if stepped:
+        torch.autograd.graph.increment_version(stepped)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def refresh_csrs(module: nn.Module, unseen_writes: bool = False) -> int:
     """Brings the CSR of every :class:`SparseConv2d` in `module` that has one up to date with
     its weight, with one synchronisation per device for all the layers whose weights kept their
     pattern, where each layer's forward would check its own (one synchronisation a layer, which
@@ -387,7 +404,11 @@ def refresh_csrs(module: nn.Module) -> int:
     ``optimizer.register_step_post_hook(lambda *_: escoin_torch.refresh_csrs(model))``.
     Layers whose weights were pruned, grown or replaced compress again, as their forwards would
     have; layers whose next forward runs dense (training without sparse_training, or
-    inference_path "dense") are left to it. Returns the number of layers whose CSR changed."""
+    inference_path "dense") are left to it. A layer knows its weight changed by its version
+    counter; ``unseen_writes=True`` also checks the layers whose counters say unchanged, after
+    writes that bypass them (``torch.distributed`` collectives into the parameters,
+    ``torch.nn.utils.vector_to_parameters``, ``.data`` or NumPy). Returns the number of layers
+    whose CSR was compressed again or took new values."""
     checks: List[Tuple[SparseConv2d, _PatternCheck]] = []
     refreshed = 0
     for layer in module.modules():
@@ -397,7 +418,7 @@ def refresh_csrs(module: nn.Module) -> int:
         weight = layer.weight
         with layer._csr_lock:
             state = layer._compressed.get(weight.device)
-        if state is None or state.stamp.matches(weight):
+        if state is None or (state.stamp.matches(weight) and not unseen_writes):
             continue
         check = _check_pattern(state, weight)
         if check is None:
