@@ -241,6 +241,34 @@ def test_leaves_residual_adds_it_may_not_fuse() -> None:
         assert relative_error(fused(x), expected) < 1e-5
 
 
+class WritesThroughOutAndOps(nn.Module):
+    """Shortcuts written in place between the convolution and the add through an ``out=``
+    argument and through an ATen operator overload: both adds must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = sparse_conv(8, 8, 3, padding=1), sparse_conv(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        out = self.conv1(x)
+        torch.mul(x, 2.0, out=x)
+        x = torch.relu(out + x)
+        out = self.conv2(x)
+        torch.ops.aten.mul_.Scalar(x, 3.0)
+        return torch.relu(out + x)
+
+
+def test_leaves_residual_adds_written_through_out_or_operator_overloads() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(2, 8, 10, 10)
+    _, expected, fused = _pruned_and_fused(WritesThroughOutAndOps(), x)
+    calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+    assert [len(calls[f"conv{i}"].args) for i in (1, 2)] == [1, 1]
+    with torch.no_grad():
+        assert relative_error(fused(x), expected) < 1e-5
+
+
 class PreActivation(nn.Module):
     """A BatchNorm after a residual add: bn(conv(x) + shortcut) scales the shortcut too, so once
     the add is the layer's residual the BatchNorm must not be folded into the layer (fusing the

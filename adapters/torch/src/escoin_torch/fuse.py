@@ -168,10 +168,13 @@ def _writes_between(traced: fx.GraphModule, first: fx.Node, last: fx.Node) -> bo
     while node is not last:
         if node.op == "call_module":
             writes = getattr(traced.get_submodule(node.target), "inplace", False) is True
+        elif isinstance(node.target, torch._ops.OpOverload):  # torch.ops.aten.mul_.Tensor
+            writes = node.target._schema.is_mutable
         elif node.op in ("call_method", "call_function"):
             name = node.target if node.op == "call_method" else getattr(node.target, "__name__",
                                                                         "")
             writes = (node.target in _WRITING_FUNCTIONS or node.kwargs.get("inplace") is True
+                      or "out" in node.kwargs  # torch.mul(a, b, out=a)
                       or (name.endswith("_") and not name.endswith("__")))
         else:
             writes = False
