@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from torch_helpers import (SeenOps, check_refresh_csrs, check_training_steps_keep_the_pattern,
-                           pruned_small_cnn, reference_conv, relative_error, sparse_conv, tolerance)
+                           count_calls, pruned_small_cnn, reference_conv, relative_error,
+                           sparse_conv, tolerance)
 import escoin_torch
 from escoin_torch import SparseConv2d, sparsify
 from escoin_torch import csr as csr_lib
@@ -145,6 +146,29 @@ def test_optimiser_steps_reach_the_csr(optimizer, sparse_training: bool) -> None
         assert not torch.equal(layer.weight, before)
         expected = reference_conv(x, layer.weight, layer.bias, padding=1)
         assert relative_error(layer(x), expected) < 1e-5
+
+
+def test_refresh_csrs_as_a_fused_optimisers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sparse-training recipe with a fused optimiser: its own post-step hook
+    (refresh_csrs) sees the fused step's write, so the next forward checks no pattern."""
+    from escoin_torch import layer as layer_module
+
+    model = nn.Sequential(*[SparseConv2d.from_dense(sparse_conv(8, 8, 3, padding=1),
+                                                    sparse_training=True) for _ in range(2)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    optimizer.register_step_post_hook(lambda *_: escoin_torch.refresh_csrs(model))
+    x = torch.randn(2, 8, 9, 9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        checks = count_calls(monkeypatch, layer_module, "_check_pattern")
+        y = model(x)
+        assert not checks  # the last step's hook left every CSR current
+        hidden = reference_conv(x, model[0].weight, model[0].bias, padding=1)
+        assert relative_error(y, reference_conv(hidden, model[1].weight, model[1].bias,
+                                                padding=1)) < 1e-5
+        y.square().mean().backward()
+        optimizer.step()
+        assert len(checks) == 2  # in the hook
 
 
 def test_refresh_csrs_after_writes_the_version_counters_miss() -> None:
@@ -374,6 +398,9 @@ def test_unbatched_and_same_padding() -> None:
     layer = SparseConv2d.from_dense(conv).eval()
     x = torch.randn(3, 9, 8)
     assert relative_error(layer(x), conv(x)) < 1e-5
+    # A residual that is a number (added as torch adds it), and x by nn.Conv2d's argument name.
+    assert relative_error(layer(x, 1.5), conv(x) + 1.5) < 1e-5
+    assert relative_error(layer(input=x), conv(x)) < 1e-5
 
 
 def test_deepcopy_and_pickle() -> None:

@@ -101,13 +101,15 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
         raise ValueError("graphs=True times CUDA graphs: example_input must be on a CUDA device")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseConv2d)]
     # Each layer's x and residual (fuse_for_inference's layers add one), as the model passes them.
-    inputs: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    # (A residual may be a Python number, which the layer adds as torch would.)
+    inputs: Dict[str, Tuple[torch.Tensor, Any]] = {}
 
     def capture(name: str) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["input"]
             residual = args[1] if len(args) > 1 else kwargs.get("residual")
-            inputs.setdefault(name, (args[0].detach(),
-                                     None if residual is None else residual.detach()))
+            inputs.setdefault(name, (x.detach(), residual.detach()
+                                     if isinstance(residual, torch.Tensor) else residual))
         return hook
 
     handles = [m.register_forward_pre_hook(capture(name), with_kwargs=True) for name, m in layers]

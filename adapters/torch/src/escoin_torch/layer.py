@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Literal, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from escoin_torch import csr as csr_lib
 from escoin_torch._cache import TensorStamp
@@ -180,7 +180,7 @@ class SparseConv2d(nn.Conv2d):
             for old in [d for d, s in self._compressed.items() if s.stamp.expired]:
                 del self._compressed[old]  # e.g. a DataParallel replica's weight that died
             self._compressed[device] = state
-        # (for _after_optimizer_step: a weight whose CSR follows its version counter)
+        # (for _before_optimizer_step: a weight whose CSR follows its version counter)
         self.weight._escoin_compressed = True
 
     @property
@@ -188,11 +188,12 @@ class SparseConv2d(nn.Conv2d):
         """Whether forward runs escoin (sparse_forward) in the layer's current mode."""
         return self.sparse_training if self.training else self.inference_path == "sparse"
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,  # (nn.Conv2d's name: callers may pass it by name)
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The convolution, plus ``residual`` (a tensor of the output's shape, e.g. a residual
         block's shortcut) if given, then the ReLU if the layer has one."""
         path = self.sparse_forward if self.runs_sparse else self.dense_forward
-        return path(x) if residual is None else path(x, residual)
+        return path(input) if residual is None else path(input, residual)
 
     def dense_forward(self, x: torch.Tensor,
                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -381,18 +382,21 @@ def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compres
     return check.refreshed() if check is not None and check.holds(check.counts.tolist()) else None
 
 
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Every optimiser's step, registered once for all (torch.optim's global post-step hook):
-    marks the weights it stepped that a SparseConv2d compressed as written. Fused optimisers
-    (``fused=True``) write parameters in place without bumping their version counters, which
-    is how a layer sees a weight change; the CSR then kept the old values, silently."""
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Every optimiser's step, registered once for all (torch.optim's global pre-step hook):
+    marks the weights it is about to step that a SparseConv2d compressed as written. Fused
+    optimisers (``fused=True``) write parameters in place without bumping their version
+    counters, which is how a layer sees a weight change: the CSR kept the old values, silently.
+    Marked before the step, not after it: torch runs an optimiser's own post-step hooks
+    (refresh_csrs, in the sparse-training recipe) before the global ones, and they must see the
+    write, or each layer's next forward would check its pattern again."""
     stepped = [p for group in optimizer.param_groups for p in group["params"]
                if p.grad is not None and getattr(p, "_escoin_compressed", False)]
     if stepped:
         torch.autograd.graph.increment_version(stepped)
 
 
-register_optimizer_step_post_hook(_after_optimizer_step)
+register_optimizer_step_pre_hook(_before_optimizer_step)
 
 
 def refresh_csrs(module: nn.Module, unseen_writes: bool = False) -> int:

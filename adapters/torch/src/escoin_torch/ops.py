@@ -223,8 +223,8 @@ def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
     layer's 340 us at 26k nonzeros). None: that cache."""
     if x.dim() == 3:
         return conv2d_with_filter(x.unsqueeze(0), weight, host_filter, bias, stride, padding,
-                                  dilation, relu,
-                                  None if residual is None else residual.unsqueeze(0)).squeeze(0)
+                                  dilation, relu, residual.unsqueeze(0)
+                                  if isinstance(residual, torch.Tensor) else residual).squeeze(0)
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d expects a (N, C, H, W) or (C, H, W) input, got shape "
                          f"{tuple(x.shape)}")
