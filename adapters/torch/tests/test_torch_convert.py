@@ -56,6 +56,23 @@ def test_thresholds_filter_and_padding_mode() -> None:
     assert [type(m) for m in converted] == [SparseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated in favor of:FutureWarning")
+def test_weights_computed_by_norm_hooks_stay_dense() -> None:
+    """weight_norm and spectral_norm (the hook forms) compute the weight at each forward from
+    other parameters: such a layer stays dense, its report says why, and the model still runs
+    as before."""
+    model = nn.Sequential(nn.utils.weight_norm(sparse_conv(3, 4, 3, density=0.2)),
+                          nn.utils.spectral_norm(sparse_conv(4, 4, 3, density=0.2))).eval()
+    x = torch.randn(1, 3, 8, 8)  # (eval: spectral_norm's power iteration stands still)
+    with torch.no_grad():
+        expected = model(x)
+    converted, report = sparsify(model)
+    assert [r.path for r in report] == ["dense", "dense"]
+    assert all("pre-hook" in r.reason for r in report)
+    with torch.no_grad():
+        assert relative_error(converted(x), expected) < 1e-5
+
+
 def test_hooks_inplace_shared_and_device_kept() -> None:
     shared = sparse_conv(3, 3, 3, padding=1)
     model = nn.Sequential(shared, nn.ReLU(), shared)

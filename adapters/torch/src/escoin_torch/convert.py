@@ -148,6 +148,11 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 def _reason_to_keep_dense(name: str, conv: nn.Conv2d, weight: torch.Tensor, density: float,
                           min_sparsity: float,
                           filter_fn: Optional[Callable[[str, nn.Conv2d], bool]]) -> str:
+    if "weight" not in conv._parameters and "weight" not in pruned_names(conv):
+        # torch.nn.utils.weight_norm / spectral_norm: a pre-hook computes the weight from other
+        # parameters at each forward, which a compressed copy would not follow.
+        return ("its weight is computed by a forward pre-hook (torch.nn.utils.weight_norm or "
+                "spectral_norm: remove_weight_norm / remove_spectral_norm first)")
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (escoin pads with zeros only)"
     if not has_kernels_for(weight):
