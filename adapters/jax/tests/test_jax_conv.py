@@ -2,8 +2,6 @@
 under jit, vmap and grad; clear errors for bad input, from Python and from the handler."""
 from __future__ import annotations
 
-from typing import Optional
-
 import escoin
 import escoin_jax
 import jax
@@ -239,8 +237,14 @@ def test_one_image_and_an_empty_batch() -> None:
     (lambda f, x, b: escoin_jax.conv2d(x, f.to_dense(), b), "filt must be an escoin.SparseFilter"),
     (lambda f, x, b: escoin_jax.conv2d(x, f, b, stride=0), "stride must be >= 1"),
     (lambda f, x, b: escoin_jax.conv2d(x[0, 0], f, b, data_format="NHWC"), r"\(N, H, W, C\)"),
-    (lambda f, x, b: escoin_jax.conv2d(x, f, b, residual=x[0], data_format="NHWC"),
-     "residual must have x's 4 dimensions"),
+    # A residual's shape is named in the caller's layout: channels last, or one image.
+    (lambda f, x, b: escoin_jax.conv2d(jnp.transpose(x, (0, 2, 3, 1)), f, b, residual=x[0],
+                                       data_format="NHWC"),
+     r"residual must have the output's shape \(3, \d+, \d+, 12\), got \(6, 10, 9\)"),
+    (lambda f, x, b: escoin_jax.conv2d(x[0], f, b, residual=x),
+     r"residual must have the output's shape \(12, \d+, \d+\), got \(3, 6, 10, 9\)"),
+    (lambda f, x, b: jax.jit(lambda x_, f_: escoin_jax.conv2d(x_, f_))(x, f),
+     "under jax.jit close over it or mark it static"),
 ])
 def test_bad_arguments_are_named(call, message: str) -> None:
     filt, _, x, bias = sample_layer()

@@ -117,27 +117,29 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     respect to x, bias and residual (the derivative with respect to x is computed densely by
     XLA, in float32 for 16-bit types); the filter itself is a constant.
     """
+    if not isinstance(filt, escoin.SparseFilter):
+        raise escoin.EscoinError(
+            f"filt must be an escoin.SparseFilter, got {type(filt).__name__} (the filter is a "
+            "constant of the program: under jax.jit close over it or mark it static)")
     if data_format == "NHWC":
         x = jnp.asarray(x)
         if x.ndim not in (3, 4):
             raise escoin.EscoinError(f"x must have 3 or 4 dimensions (N, H, W, C), got {x.shape}")
-        if residual is not None and jnp.ndim(residual) != x.ndim:
-            raise escoin.EscoinError(f"residual must have x's {x.ndim} dimensions (channels "
-                                     f"last), got shape {jnp.shape(residual)}")
         lead = tuple(range(x.ndim - 3))  # the batch axis, if any
         to_nchw, to_nhwc = lead + (x.ndim - 1, x.ndim - 3, x.ndim - 2), lead + (
             x.ndim - 2, x.ndim - 1, x.ndim - 3)
-        y = conv2d(jnp.transpose(x, to_nchw), filt, bias, stride, padding, dilation, relu,
+        x = jnp.transpose(x, to_nchw)
+        _check_residual(residual, x, filt, stride, padding, dilation, to_nhwc)
+        y = conv2d(x, filt, bias, stride, padding, dilation, relu,
                    None if residual is None else jnp.transpose(jnp.asarray(residual), to_nchw))
         return jnp.transpose(y, to_nhwc)
     if data_format != "NCHW":
         raise escoin.EscoinError(f"data_format must be 'NCHW' or 'NHWC', got {data_format!r}")
-    if not isinstance(filt, escoin.SparseFilter):
-        raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     x = jnp.asarray(x)
     if np.dtype(x.dtype) not in _DTYPES:
         raise escoin.EscoinError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.ndim == 3:
+        _check_residual(residual, x, filt, stride, padding, dilation, (0, 1, 2))
         return conv2d(x[None], filt, bias, stride, padding, dilation, relu,
                       None if residual is None else jnp.asarray(residual)[None])[0]
     if x.ndim != 4:
@@ -164,6 +166,21 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     ensure_registered()
     return _sparse_conv(plan, _Options(bool(relu), bias is not None, residual is not None), x,
                         bias, residual)
+
+
+def _check_residual(residual: Optional[jax.Array], x: jax.Array, filt: escoin.SparseFilter,
+                    stride: IntPair, padding: Padding, dilation: IntPair,
+                    order: Tuple[int, ...]) -> None:
+    """The residual's shape against the output's, both as the caller lays them out: x is
+    NCHW or one CHW image, and `order` takes the output's axes to the caller's layout."""
+    if residual is None:
+        return
+    out = escoin.output_shape((1,) * (4 - x.ndim) + tuple(x.shape), filt, stride, padding,
+                              dilation)[4 - x.ndim:]
+    expected = tuple(out[axis] for axis in order)
+    if tuple(jnp.shape(residual)) != expected:
+        raise escoin.EscoinError(f"residual must have the output's shape {expected}, got "
+                                 f"{tuple(jnp.shape(residual))}")
 
 
 @dataclasses.dataclass(frozen=True)
