@@ -1,10 +1,13 @@
 """conv2d on CuPy arrays: escoin's CUDA forward with CuPy's stream and memory pool."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import escoin
 from escoin.geometry import IntPair, Padding
+
+if TYPE_CHECKING:  # (for the annotations: escoin-cupy imports CuPy only where it runs)
+    import cupy
 
 
 def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] = None,
