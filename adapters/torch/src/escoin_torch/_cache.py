@@ -11,10 +11,10 @@ for the old one.
 
 Writes that bypass the version counter (through ``tensor.data``, as ``gradcheck`` perturbs its
 inputs, or through NumPy/DLPack aliases), and in-place writes to inference tensors (made under
-``torch.inference_mode``, which keep no version counter) are invisible to such keys. Where comparing contents is
-cheap (host memory: O(nnz) next to the O(nnz * output) convolution) callers ask for
-``verify=True`` and a hit is also checked against a snapshot; on a GPU that check would cost a
-synchronisation per call and is not made.
+``torch.inference_mode``, which keep no version counter) are invisible to such keys. Where
+comparing contents is cheap (host memory: O(nnz) next to the O(nnz * output) convolution)
+callers ask for ``verify=True`` and a hit is also checked against a snapshot; on a GPU that
+check would cost a synchronisation per call and is not made.
 """
 from __future__ import annotations
 

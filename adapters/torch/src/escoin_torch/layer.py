@@ -12,6 +12,7 @@ threads (DataParallel's, or a server's) may call one layer concurrently.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, NamedTuple, Optional, Tuple, Union
@@ -236,22 +237,20 @@ class SparseConv2d(nn.Conv2d):
             attach = (_AttachToWeight if torch._C._are_functorch_transforms_active()
                       else _AttachToWeightPlain)
             csr = csr._replace(values=attach.apply(csr.values, self.weight, state.flat_index))
-        if not training and self.training and not torch.compiler.is_compiling():
-            # A sparse-training layer's forward that records no gradient (reentrant
-            # checkpointing's first pass, a look at the outputs under no_grad between steps):
-            # its values are a step's, new after each optimiser step, so on a GPU it computes
-            # with them where they are, as a training call does, instead of making a filter of
-            # host values (a synchronisation a layer and step) and remembering its call.
-            with training_values():
-                return conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
-                                          self.padding, self.dilation, self.relu, residual)
-        y = conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride, self.padding,
-                               self.dilation, self.relu, residual)
+        # A sparse-training layer's forward that records no gradient (reentrant checkpointing's
+        # first pass, a look at the outputs under no_grad between steps) has a step's values,
+        # new after each optimiser step: on a GPU it computes with them where they are, as a
+        # training call does, not with a filter of host values (a synchronisation a layer and
+        # step).
+        step_values = not training and self.training and not torch.compiler.is_compiling()
+        with training_values() if step_values else contextlib.nullcontext():
+            y = conv2d_with_filter(x, csr, state.host_filter, self.bias, self.stride,
+                                   self.padding, self.dilation, self.relu, residual)
         # Only an inference call is remembered: the fast path takes no call that records a
         # gradient, and a training step's state (new values each step) would prepare a call of
         # host values for nothing, where the C++ training path has already run this one on the
         # device's values.
-        if not training and not torch.compiler.is_compiling():
+        if not training and not step_values and not torch.compiler.is_compiling():
             state.eager.remember(self, x, lambda: state.host_filter or filter_of(state.csr))
         return y
 
