@@ -464,3 +464,9 @@ def test_a_broken_device_array_is_named(x: object, message: str) -> None:
     filt = escoin.SparseFilter.from_dense(np.ones((2, 1, 1, 1), np.float32))
     with pytest.raises(EscoinError, match=message):
         escoin.conv2d(x, filt)
+
+
+def test_a_flag_without_one_truth_value_is_named(filt, x) -> None:
+    """relu given an array of several values: named, not NumPy's ambiguity error."""
+    with pytest.raises(EscoinError, match="relu must be a bool, got ndarray"):
+        escoin.conv2d(x, filt, relu=np.array([1, 0]))
