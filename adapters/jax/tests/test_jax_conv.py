@@ -245,6 +245,7 @@ def test_one_image_and_an_empty_batch() -> None:
      r"residual must have the output's shape \(12, \d+, \d+\), got \(3, 6, 10, 9\)"),
     (lambda f, x, b: jax.jit(lambda x_, f_: escoin_jax.conv2d(x_, f_))(x, f),
      "under jax.jit close over it or mark it static"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b * 1j), "bias must be real, got complex64"),
 ])
 def test_bad_arguments_are_named(call, message: str) -> None:
     filt, _, x, bias = sample_layer()

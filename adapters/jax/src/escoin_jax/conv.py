@@ -151,6 +151,9 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     compute = np.dtype(np.float64 if x.dtype == jnp.float64 else np.float32)
     plan = _plan(filt, desc + (key_padding,), compute)
     out_shape = (x.shape[0], desc[4]) + plan.out_hw
+    for name, value in (("bias", bias), ("residual", residual)):
+        if value is not None and jnp.iscomplexobj(value):  # (a cast would drop its imaginary part)
+            raise escoin.EscoinError(f"{name} must be real, got {jnp.result_type(value)}")
     if bias is not None:
         bias = jnp.asarray(bias, x.dtype)
         if bias.shape != (desc[4],):
