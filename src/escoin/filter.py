@@ -447,16 +447,18 @@ class SparseFilter:
         path = os.fspath(path)
         if not os.path.exists(path) and os.path.exists(path + ".npz"):
             path += ".npz"  # (save's np.savez appended it)
+        def not_a_filter_file(why: str) -> EscoinError:
+            return EscoinError(f"{path} is not an escoin filter file (an .npz written by "
+                               f"SparseFilter.save): {why}")
+
         try:
             data = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
-                              f"SparseFilter.save): {error}") from None
+            raise not_a_filter_file(str(error)) from None
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
-                              f"SparseFilter.save): it holds one array")
+            raise not_a_filter_file("it holds one array")
         with data:
             # Every member read now: an .npz reads each when asked, and a damaged one (a bad
             # CRC, a garbled header, an object array) fails there, with whatever error the
@@ -464,9 +466,7 @@ class SparseFilter:
             try:
                 arrays = {key: data[key] for key in data.files}
             except Exception as error:
-                raise EscoinError(f"{path} is not an escoin filter file (an .npz written by "
-                                  f"SparseFilter.save): {type(error).__name__}: {error}"
-                                  ) from None
+                raise not_a_filter_file(f"{type(error).__name__}: {error}") from None
         if "format" not in arrays or str(arrays["format"]) != "escoin-csr-1":
             raise EscoinError(f"{path} is not an escoin filter file")
         missing = [key for key in ("row_ptr", "col_idx", "values", "shape", "groups")
