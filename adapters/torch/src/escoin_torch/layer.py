@@ -250,7 +250,7 @@ class SparseConv2d(nn.Conv2d):
         # gradient, and a training step's state (new values each step) would prepare a call of
         # host values for nothing, where the C++ training path has already run this one on the
         # device's values.
-        if not training and not step_values and not torch.compiler.is_compiling():
+        if not training and not self.training and not torch.compiler.is_compiling():
             state.eager.remember(self, x, lambda: state.host_filter or filter_of(state.csr))
         return y
 
