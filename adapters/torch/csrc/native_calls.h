@@ -192,6 +192,20 @@ inline const void* address_of(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
+// Moves out of `*map` (into `*dropped`) every entry `dead(key, entry)` names: the caller holds
+// the map's lock and releases `*dropped` after letting it go (see insert_purging).
+template <typename Map, typename Dead>
+void move_out_dead(Map* map, std::vector<typename Map::mapped_type>* dropped, Dead dead) {
+  for (auto it = map->begin(); it != map->end();) {
+    if (dead(it->first, it->second)) {
+      dropped->push_back(std::move(it->second));
+      it = map->erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 // Puts `entry` into `*map` at `key` (replacing one there) and drops, under `*mutex`, every entry
 // `dead` names dead beside the added key, so a map grows with its live entries only. Dropped
 // entries release their Python objects after the lock is let go: a release can run Python code
@@ -202,17 +216,24 @@ void insert_purging(std::mutex* mutex, Map* map, typename Map::key_type key, Ent
                                  const typename Map::key_type&)) {
   std::vector<Entry> dropped;  // (declared before the lock, so destroyed after its release)
   std::lock_guard<std::mutex> lock(*mutex);
-  for (auto it = map->begin(); it != map->end();) {
-    if (dead(it->first, it->second, key)) {
-      dropped.push_back(std::move(it->second));
-      it = map->erase(it);
-    } else {
-      ++it;
-    }
-  }
+  move_out_dead(map, &dropped,
+                [&](const auto& k, const Entry& e) { return dead(k, e, key); });
   auto found = map->find(key);
   if (found != map->end()) dropped.push_back(std::move(found->second));
   (*map)[key] = std::move(entry);
+}
+
+// Drops, under `*mutex`, every entry of `*map` whose key names `storage` among its CSR tensors'
+// (a key's `csr` array): that storage's tensor is being freed (forget_storage).
+template <typename Map>
+void drop_storage(std::mutex* mutex, Map* map, const c10::StorageImpl* storage) {
+  std::vector<typename Map::mapped_type> dropped;  // (destroyed after the lock's release)
+  std::lock_guard<std::mutex> lock(*mutex);
+  move_out_dead(map, &dropped, [storage](const auto& key, const auto&) {
+    for (const ContentsId& c : key.csr)
+      if (c.storage == storage) return true;
+    return false;
+  });
 }
 
 // y's stream: torch's current stream on x's device (its cudaStream_t; null where torch lacks
@@ -241,5 +262,8 @@ void define_training(py::module& m);
 
 // Forgets native_training.cpp's patterns (escoin_torch.release_geometries frees their arrays).
 void forget_training();
+
+// Forgets native_training.cpp's patterns and transpositions of tensors in `storage`.
+void forget_training_storage(const c10::StorageImpl* storage);
 
 }  // namespace escoin_native

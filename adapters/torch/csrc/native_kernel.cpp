@@ -218,6 +218,15 @@ void forget() {
   // (dropped is destroyed after the lock is released: declared before it)
 }
 
+// Forgets every remembered call and pattern of a tensor whose storage is at `address`
+// (ops.py calls it as such a tensor is freed: what they hold would otherwise stay in memory
+// until the next insert purged it).
+void forget_storage(uintptr_t address) {
+  const auto* storage = reinterpret_cast<const c10::StorageImpl*>(address);
+  forget_training_storage(storage);
+  drop_storage(&g_mutex, g_calls, storage);
+}
+
 void set_api(py::capsule api) {
   const auto* table = static_cast<const escoin_api_t*>(api.get_pointer());
   // (Version 1 serves the calls run here; native_training.cpp needs version 2's entry.)
@@ -269,6 +278,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("set_recorder", &set_recorder, "ops.py's _recorded, for calls autograd must see");
   m.def("remember", &remember, "A prepared call for later calls with these tensors' contents");
   m.def("forget", &forget, "Forgets every remembered call");
+  m.def("forget_storage", &forget_storage,
+        "Forgets the calls and patterns of the tensors in the storage at this address");
   m.def("stats", &stats, "Remembered calls, calls run here, calls handed to _recorded");
   define_training(m);
   // (Lists for the int[] arguments: pybind11 has no caster for c10::IntArrayRef.)

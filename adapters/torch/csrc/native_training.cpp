@@ -478,6 +478,11 @@ void forget_training() {
   // (both are destroyed after the lock is released: declared before it)
 }
 
+void forget_training_storage(const c10::StorageImpl* storage) {
+  drop_storage(&g_mutex, g_patterns, storage);
+  drop_storage(&g_mutex, g_transpositions, storage);
+}
+
 void define_training(py::module& m) {
   m.def("remember_pattern", &remember_pattern,
         "A pattern's call for one input geometry (prepare(): SparseFilter.prepare_for_values), "

@@ -369,6 +369,49 @@ def test_training_steps_leave_no_filters_behind() -> None:
     assert sizes[1][0] <= sizes[0][0] + 2 and sizes[1][1] <= sizes[0][1] + 2, sizes
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_deleted_model_leaves_nothing_derived_behind(device: str) -> None:
+    """What escoin-torch derived from a model's CSRs (filters with their arrays, on a GPU device
+    memory; transposed CSRs and patterns) goes when the model is deleted, with no later call
+    needed: the op's caches, the live filters and on a GPU torch's allocated memory come back
+    to where they were."""
+    import gc
+    from escoin_torch import ops
+
+    caches = (ops._filters, ops._transposes, ops._patterns, ops._transpositions)
+
+    def held() -> tuple:
+        gc.collect()
+        return (tuple(len(c) for c in caches), len(ops._prepared),
+                torch.cuda.memory_allocated() if device == "cuda" else 0)
+
+    before = held()
+    model = nn.Sequential(sparse_conv(8, 16, 3, padding=1), nn.ReLU(),
+                          sparse_conv(16, 8, 1)).to(device)
+    model, _ = sparsify(model, inplace=True)
+    for layer in model.modules():
+        if isinstance(layer, SparseConv2d):
+            layer.sparse_training = True
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 8, 9, 9, device=device, requires_grad=True)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    # The functional form, whose filters the op's caches keep on either device:
+    csr = csr_lib.from_dense(sparse_conv(8, 4, 3).weight.detach().to(device))
+    csr = csr._replace(values=csr.values.clone().requires_grad_())
+    escoin_torch.sparse_conv2d(x, csr, padding=1).square().mean().backward()
+    grown = held()
+    assert all(g > b for g, b in zip(grown[0], before[0])) and grown[1] > before[1]
+    del model, optimizer, layer, csr
+    x.grad = None
+    assert held() == before
+
+
 @pytest.mark.parametrize("sparse_training", [False, True])
 def test_autocast_runs_the_layer_in_float32(sparse_training: bool) -> None:
     """Under autocast a float32 layer meets the 16-bit activations of the layers before it: the

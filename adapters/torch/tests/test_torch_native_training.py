@@ -229,6 +229,40 @@ def test_after_release_geometries_the_next_step_teaches_it_again(native_training
         _optimiser_step(layer)
 
 
+def test_a_deleted_layer_leaves_nothing_in_the_cpp_maps(native_training: bool) -> None:
+    """What the C++ kernel and training path learnt of a layer (its patterns, transposition and
+    remembered calls, which hold device memory) goes as the layer is deleted, not at the next
+    call that learns something; a live layer's entries stay."""
+    import gc
+    gc.collect()
+    kept = _layer(GEOMETRIES[0])
+    before = (_stats(), ops._native.stats()["remembered"], torch.cuda.memory_allocated())
+    layer = _layer(GEOMETRIES[3])
+    for seed in range(2):
+        _step(layer, *_inputs(layer, GEOMETRIES[3], torch.float32, seed))
+        _optimiser_step(layer)
+    layer.eval()
+    x, residual, _ = _inputs(layer, GEOMETRIES[3], torch.float32, 9)
+    with torch.no_grad():
+        for _ in range(2):  # (the first call is remembered, the second runs in C++)
+            layer(x, residual)
+    del x, residual
+    learnt = _stats()
+    assert learnt["patterns"] > before[0]["patterns"]
+    assert learnt["transpositions"] > before[0]["transpositions"]
+    assert ops._native.stats()["remembered"] > before[1]
+    del layer
+    gc.collect()
+    after = _stats()
+    assert after["patterns"] == before[0]["patterns"]
+    assert after["transpositions"] == before[0]["transpositions"]
+    assert ops._native.stats()["remembered"] == before[1]
+    assert torch.cuda.memory_allocated() == before[2]
+    x, residual, upstream = _inputs(kept, GEOMETRIES[0], torch.float32, 0)
+    assert relative_error(_step(kept, x, residual, upstream)[0],
+                          _float64_step(kept, x, residual, upstream)[0]) < 1e-5
+
+
 def test_calls_under_a_dispatch_mode_are_left_to_the_python_path(native_training: bool) -> None:
     """A TorchDispatchMode must see the op's calls: a known pattern's call under one is not
     taken by the C++ path."""

@@ -7,7 +7,9 @@ storage identity, view geometry and the autograd version counter (bumped by ever
 
 Keys never keep tensors alive: a ``StorageWeakRef`` tells when the storage died, so a new tensor
 that happens to reuse a freed address (common with the CUDA caching allocator) is never mistaken
-for the old one.
+for the old one. An entry also leaves as soon as one of its tensors is freed (``when_freed``), so
+deleting a model frees what was derived from it (a filter's device arrays) without waiting for
+later calls.
 
 Writes that bypass the version counter (through ``tensor.data``, as ``gradcheck`` perturbs its
 inputs, or through NumPy/DLPack aliases), and in-place writes to inference tensors (made under
@@ -19,12 +21,32 @@ check would cost a synchronisation per call and is not made.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Generic, Hashable, List, Optional, Sequence, TypeVar
+import weakref
+from typing import Callable, Dict, Generic, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 T = TypeVar("T")
+
+
+def when_freed(watched: Dict[int, weakref.finalize], tensor: torch.Tensor,
+               callback: Callable[[int], None]) -> None:
+    """Calls ``callback(storage_id)`` as ``tensor`` is freed, its storage (``storage_id``: the
+    ``_cdata`` of its untyped storage then) still alive, unless ``watched`` (a map of the
+    tensors being watched, by id) has it watched already. A tensor's entry leaves ``watched`` as
+    it is freed, before its id can name another object. Not called at exit."""
+    tensor_id = id(tensor)
+    if tensor_id in watched:
+        return
+
+    def freed(storage_id: int) -> None:
+        watched.pop(tensor_id, None)  # (two threads may have watched it at once)
+        callback(storage_id)
+
+    finalizer = weakref.finalize(tensor, freed, tensor.untyped_storage()._cdata)
+    finalizer.atexit = False
+    watched[tensor_id] = finalizer
 
 
 class TensorStamp:
@@ -75,6 +97,8 @@ class TensorCache(Generic[T]):
         self._lock = threading.Lock()
         self._purge_at = self.FIRST_PURGE
         self._latest: Dict[Hashable, Hashable] = {}  # a group's (one_per) entry
+        self._watched: Dict[int, weakref.finalize] = {}  # the keys' tensors (when_freed)
+        self._freed: List[int] = []  # storages of freed tensors whose entries must go
 
     def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, build: Callable[[], T],
             verify: bool = False, one_per: int = 0) -> T:
@@ -90,6 +114,14 @@ class TensorCache(Generic[T]):
             return entry.value
         value = build()  # outside the lock: building may launch device work or take long
         snapshot = [t.detach().clone() for t in tensors] if verify else None
+        try:
+            return self._insert(key, tensors, extra, value, snapshot, one_per)
+        finally:
+            self._drop_freed()  # (those freed while the lock was held)
+
+    def _insert(self, key: Tuple[tuple, Hashable], tensors: Sequence[torch.Tensor],
+                extra: Hashable, value: T, snapshot: Optional[List[torch.Tensor]],
+                one_per: int) -> T:
         with self._lock:
             if len(self._entries) >= self._purge_at:
                 for stale in [k for k, e in self._entries.items() if e.expired]:
@@ -104,6 +136,8 @@ class TensorCache(Generic[T]):
                 # go, maybe before the kernel reading them was launched.)
                 return raced.value
             self._entries[key] = _Entry([TensorStamp(t) for t in tensors], snapshot, value)
+            for t in tensors:
+                when_freed(self._watched, t, self._tensor_freed)
             if one_per:
                 group = (key[0][:one_per], extra)
                 replaced = self._latest.get(group)
@@ -111,6 +145,28 @@ class TensorCache(Generic[T]):
                     self._entries.pop(replaced, None)
                 self._latest[group] = key
         return value
+
+    def _tensor_freed(self, storage_id: int) -> None:
+        self._freed.append(storage_id)
+        self._drop_freed()
+
+    def _drop_freed(self) -> None:
+        """Drops the entries of the tensors freed so far. A tensor may be freed with the lock
+        held (by another thread, or by this one: dropping an entry frees what its value held,
+        and the collector can run anywhere); the holder then drops them as it leaves get() (or,
+        where it was already leaving, the next get() or freed tensor does)."""
+        if not self._freed or not self._lock.acquire(blocking=False):
+            return
+        dropped = []  # (released after the lock: their tensors' finalizers come back here)
+        try:
+            while self._freed:
+                storage_id = self._freed.pop()
+                for key in [k for k in self._entries
+                            if any(contents[0] == storage_id for contents in k[0])]:
+                    dropped.append(self._entries.pop(key))
+        finally:
+            self._lock.release()
+        del dropped
 
     def clear(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from escoin_torch._cache import TensorCache
+from escoin_torch._cache import TensorCache, when_freed
 from escoin_torch.csr import CSRWeight, Transposition, host_numpy, transpose, transposition
 
 __all__ = ["sparse_conv2d", "SUPPORTED_DTYPES"]
@@ -369,17 +369,33 @@ def _sparse_conv2d_cuda(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
                                      dilation, groups, lambda: cached_filter.filt
                                      .prepare_for_values(shape, dtype=dtype, device=device,
                                                          **geometry))
+            _forget_when_freed(row_ptr, col_idx)
         if _native_remembers and call.stream is None:
             # Later calls with these tensors' contents and x's shape skip this function (where
             # the C++ kernel can take them: contiguous NCHW x, no neg bit).
             _native.remember(x, row_ptr, col_idx, values, weight_shape, stride, padding,
                              dilation, groups, call)
+            _forget_when_freed(row_ptr, col_idx, values)
     except RuntimeError as error:  # an escoin whose prepared calls it cannot read
         _stop_remembering(error)
     # An EscoinError (a ValueError) from prepare_for_values passes through: its arguments are
     # the launch's that just ran, so only the CUDA runtime can refuse it (out of memory for the
     # pattern's layout), and that is an error the caller must see, not a version mismatch.
     return _like_input_format(out, x)
+
+
+# The CSR tensors whose freeing _native hears of (_forget_when_freed), by id.
+_forgetting: Dict[int, weakref.finalize] = {}
+
+
+def _forget_when_freed(*tensors: torch.Tensor) -> None:
+    """Has the C++ kernel and training path forget what they learnt of these CSR tensors when
+    each is freed: their entries hold the filter's device arrays (and a pattern's transposition),
+    which would otherwise stay in memory after the model is deleted, until the next call learnt
+    something. A view that outlives its tensor in the same storage only has its calls learnt
+    again."""
+    for tensor in tensors:
+        when_freed(_forgetting, tensor, _native.forget_storage)
 
 
 def _stop_remembering(error: Exception) -> None:
@@ -476,6 +492,7 @@ def _gradients(saved: tuple, geometry: _ConvGeometry, grad: torch.Tensor,
         _native.remember_transposition(row_ptr, col_idx, list(g.weight_shape), g.groups,
                                        pattern.row_ptr, pattern.col_idx, pattern.order,
                                        pattern.flat_index)
+        _forget_when_freed(row_ptr, col_idx)
     return grad_x, grad_values, grad_bias, grad if needs[3] else None
 
 
