@@ -228,6 +228,33 @@ def test_per_sample_gradients_of_a_layer(device: str, dtype: torch.dtype, tol: f
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)
+def test_transforms_of_a_layer_whose_weight_requires_grad(device: str, dtype: torch.dtype,
+                                                         tol: float,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmap, jacfwd and hessian of the layer itself (its weight requiring a gradient, as a
+    model's does), and jacfwd through its weight, run escoin and match the dense layer's: the
+    attachment of the cached values to the weight has a vmap rule and a tangent."""
+    layer, conv, x = _layer_and_dense(device, dtype)
+    assert layer.weight.requires_grad
+    calls = _dense_calls(layer, monkeypatch)
+    dense = conv.double()
+    xs, small = x.reshape(5, 1, 6, 9, 9), x[:1, :, :5, :5]
+    assert relative_error(vmap(layer)(xs), vmap(dense)(xs.double())) < tol
+    assert relative_error(jacfwd(lambda t: layer(t).sum((0, 1)))(x[:1]),
+                          jacfwd(lambda t: dense(t).sum((0, 1)))(x[:1].double())) < tol
+    assert relative_error(hessian(lambda t: layer(t).pow(2).sum())(small),
+                          hessian(lambda t: dense(t).pow(2).sum())(small.double())) < tol
+    through_weight = jacfwd(lambda w: functional_call(layer, {"weight": w}, (x[:1],)).sum())
+    got = through_weight(layer.weight.detach())
+    wanted = jacfwd(lambda w: functional_call(dense, {"weight": w}, (x[:1].double(),)).sum())(
+        dense.weight.detach())
+    pattern = conv.weight != 0
+    assert relative_error(got[pattern], wanted[pattern]) < tol
+    assert torch.all(got[~pattern] == 0)
+    assert not calls
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
 def test_grads_of_new_values_reuse_the_layers_filters(device: str, dtype: torch.dtype, tol: float,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """grad over functional_call with new weight values each call (a training loop in

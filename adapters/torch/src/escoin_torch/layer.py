@@ -448,7 +448,13 @@ class _AttachToWeight(torch.autograd.Function):
     values each call and so a new escoin filter each call (derived from the pattern's: a copy
     of the values on the CPU, a program written on a GPU). The cached values equal that gather
     because the CSR follows every change of the weight.
+
+    Under torch.func's transforms (vmap over a layer whose weight requires a gradient, jacfwd,
+    hessian) torch derives the vmap rule from forward and backward, and the forward-mode
+    tangent is the weight's tangent gathered the same way.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(values: torch.Tensor, weight: torch.Tensor,
@@ -459,7 +465,14 @@ class _AttachToWeight(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         _, weight, flat_index = inputs
         ctx.save_for_backward(flat_index)
+        ctx.save_for_forward(flat_index)
         ctx.weight_shape = weight.shape
+
+    @staticmethod
+    def jvp(ctx: Any, values_tangent: Optional[torch.Tensor],
+            weight_tangent: Optional[torch.Tensor], _: None) -> Optional[torch.Tensor]:
+        (flat_index,) = ctx.saved_tensors
+        return None if weight_tangent is None else weight_tangent.reshape(-1)[flat_index]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
