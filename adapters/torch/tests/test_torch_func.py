@@ -3,6 +3,7 @@ and per-sample gradients (vmap of grad over torch.func.functional_call), against
 references."""
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import pytest
@@ -237,7 +238,7 @@ def test_transforms_of_a_layer_whose_weight_requires_grad(device: str, dtype: to
     layer, conv, x = _layer_and_dense(device, dtype)
     assert layer.weight.requires_grad
     calls = _dense_calls(layer, monkeypatch)
-    dense = conv.double()
+    dense = copy.deepcopy(conv).double()  # (conv.double() would convert the layer's too)
     xs, small = x.reshape(5, 1, 6, 9, 9), x[:1, :, :5, :5]
     assert relative_error(vmap(layer)(xs), vmap(dense)(xs.double())) < tol
     assert relative_error(jacfwd(lambda t: layer(t).sum((0, 1)))(x[:1]),
