@@ -105,6 +105,16 @@ def test_out_wrong_dtype(filt, x) -> None:
         escoin.conv2d(x, filt, out=np.empty((2, 4, 6, 6), np.float64))
 
 
+def test_out_of_the_other_byte_order_is_named(filt, x) -> None:
+    """A big-endian x computes (converted first), but its output must be in native order: the
+    error says so, where 'dtype float32' alone reads the same for both."""
+    swapped = x.astype(x.dtype.newbyteorder("S"))
+    np.testing.assert_allclose(escoin.conv2d(swapped, filt), escoin.conv2d(x, filt))
+    with pytest.raises(EscoinError, match="dtype float32 in native byte order, got .* "
+                                          "\\(byte order '[<>]'\\)"):
+        escoin.conv2d(swapped, filt, out=np.empty((2, 4, 6, 6), swapped.dtype))
+
+
 def test_out_not_contiguous(filt, x) -> None:
     out = np.empty((2, 4, 6, 12), np.float32)[..., ::2]
     with pytest.raises(EscoinError, match="out must be C-contiguous"):
@@ -206,6 +216,10 @@ def test_sconv_on_host_pointers_names_what_it_cannot_take(filt, x) -> None:
         escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu", dtype="int8")
     with pytest.raises(EscoinError, match="x must not be NULL"):
         escoin.sconv(0, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape, device="cpu")
+    # A host pointer with device left out (the CUDA path, which finds x's device from it):
+    with pytest.raises(EscoinError, match=r"x_ptr must be CUDA device memory where device is "
+                                          r"not given \(device='cpu' for host memory\)"):
+        escoin.sconv(x.ctypes.data, 0, 0, 0, 0, 0, 0, 0, x.shape, filt.shape)
 
 
 def test_cpu_entry_rejects_tampered_offsets(filt, x) -> None:

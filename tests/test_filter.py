@@ -75,6 +75,26 @@ def test_save_and_load_take_the_same_path_without_its_suffix(tmp_path) -> None:
                                   filt.to_dense())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, "bfloat16"])
+def test_a_filter_pickles_and_copies_as_its_csr(dtype) -> None:
+    """pickle, deepcopy and copy give an equal filter (arrays, shape, groups, device) that
+    computes the same outputs: a filter can go to spawned workers and into copied objects."""
+    import copy
+    import pickle
+
+    dtype = escoin.dtypes.numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    weight = pruned((6, 2, 3, 3), 0.4, seed=16).astype(dtype)
+    filt = escoin.SparseFilter.from_dense(weight, groups=3)
+    x = np.random.default_rng(17).standard_normal((2, 6, 7, 7)).astype(dtype)
+    want = escoin.conv2d(x, filt)
+    for copied in (pickle.loads(pickle.dumps(filt)), copy.deepcopy(filt), copy.copy(filt)):
+        assert (copied.shape, copied.groups, copied.dtype, copied.device) == (
+            filt.shape, filt.groups, filt.dtype, filt.device)
+        for name in ("row_ptr", "col_idx", "values"):
+            np.testing.assert_array_equal(getattr(copied, name), getattr(filt, name))
+        np.testing.assert_array_equal(escoin.conv2d(x, copied), want)
+
+
 def _filter_file(path, **changes) -> None:
     """A filter file as save writes it, with `changes` to its arrays."""
     filt = escoin.SparseFilter.from_dense(pruned((4, 2, 3, 3), 0.4, seed=15))
@@ -87,9 +107,9 @@ def _filter_file(path, **changes) -> None:
 
 @pytest.mark.parametrize("contents, message", [
     (b"", "is not an escoin filter file"),
-    (b"\x00garbage" * 10, "is not an escoin filter file"),
+    (b"\x00garbage" * 10, r"is not an escoin filter file \(.*\): it is not an .npz archive$"),
     ("truncated", "is not an escoin filter file"),
-    ("one array", "holds one array"),
+    ("one array", "it is not an .npz archive"),  # (an .npy file)
     # Damage inside one member, which an .npz reads only when asked for it.
     ("flipped value byte", "is not an escoin filter file"),
     ("garbled header", "is not an escoin filter file"),

@@ -134,7 +134,9 @@ def _conv2d_cpu(x: np.ndarray, filt: SparseFilter, bias: Optional[object], strid
         y = out
         if not isinstance(y, np.ndarray) or y.shape != result_shape or y.dtype != x.dtype:
             raise EscoinError(f"out must be a NumPy array of shape {result_shape} and dtype "
-                              f"{x.dtype}, got {_describe(y)}")
+                              f"{x.dtype} in native byte order, got {_describe(y)}"
+                              + (f" (byte order {y.dtype.byteorder!r})"
+                                 if isinstance(y, np.ndarray) and not y.dtype.isnative else ""))
         if not y.flags.c_contiguous or not y.flags.writeable:
             raise EscoinError("out must be C-contiguous and writeable")
     # A strided NumPy input is copied once: the kernels read it as dense NCHW.
@@ -359,7 +361,11 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
                           offsets_trusted=offsets_trusted)
         return
     if device is None:
-        device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
+        try:
+            device = _core.cuda_pointer_device(x_ptr) if x_ptr else 0
+        except EscoinError as error:
+            raise EscoinError(f"x_ptr must be CUDA device memory where device is not given "
+                              f"(device='cpu' for host memory): {error}") from None
     elif isinstance(device, str):
         raise EscoinError(f"device must be a CUDA device index or 'cpu', got {device!r}")
     if mma_program_ptr:

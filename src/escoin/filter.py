@@ -208,6 +208,12 @@ class SparseFilter:
         dtype_name(array.dtype, "values")
         return SparseFilter(self._store.with_values(array), self._device)
 
+    def __reduce__(self) -> tuple:
+        """Pickled and copied as its CSR arrays, shape, groups and device: the copy derives its
+        per-geometry arrays (stretched offsets, device copies, programs) again on first use."""
+        s = self._store
+        return (_rebuilt, (s.row_ptr, s.col_idx, s.values, s.shape, s.groups, self._device))
+
     def cuda(self, device: int = 0) -> "SparseFilter":
         """This filter, living on CUDA device `device` (the CSR is uploaded on first use)."""
         from escoin.info import cuda_device_count
@@ -451,14 +457,15 @@ class SparseFilter:
             return EscoinError(f"{path} is not an escoin filter file (an .npz written by "
                                f"SparseFilter.save): {why}")
 
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            # (np.load would take it for a pickle and suggest allow_pickle, which load has not)
+            raise not_a_filter_file("it is not an .npz archive")
         try:
             data = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise not_a_filter_file(str(error)) from None
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise not_a_filter_file("it holds one array")
         with data:
             # Every member read now: an .npz reads each when asked, and a damaged one (a bad
             # CRC, a garbled header, an object array) fails there, with whatever error the
@@ -529,3 +536,11 @@ def _as_1d(array: object, dtype: type, name: str) -> np.ndarray:
     if not np.array_equal(converted, result):
         raise EscoinError(f"{name} has values outside the {np.dtype(dtype).name} range")
     return np.ascontiguousarray(converted)
+
+
+def _rebuilt(row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray,
+             shape: Tuple[int, int, int, int], groups: int,
+             device: Optional[int]) -> SparseFilter:
+    """A pickled SparseFilter (its __reduce__), checked as from_csr checks any CSR."""
+    filt = SparseFilter.from_csr(row_ptr, col_idx, values, shape, groups)
+    return filt if device is None else filt.cuda(device)
