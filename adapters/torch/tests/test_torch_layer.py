@@ -7,6 +7,7 @@ import io
 import escoin
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torch_helpers import (SeenOps, check_refresh_csrs, check_training_steps_keep_the_pattern,
@@ -367,6 +368,52 @@ def test_training_steps_leave_no_filters_behind() -> None:
         if step in (4, 29):
             sizes.append((len(ops._filters), len(ops._transposes)))
     assert sizes[1][0] <= sizes[0][0] + 2 and sizes[1][1] <= sizes[0][1] + 2, sizes
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_validation_under_inference_mode_between_training_steps(device: str) -> None:
+    """A sparse-training loop that validates under torch.inference_mode (eval() there
+    compresses the weight again) goes on training afterwards, and its steps match float64."""
+    torch.manual_seed(31)
+    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1), sparse_training=True)
+    layer = layer.to(device)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    x = torch.randn(2, 4, 7, 7, device=device)
+    for _ in range(3):
+        layer.train()
+        optimizer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        want = F.conv2d(x.double(), layer.weight.detach().double(), layer.bias.detach().double(),
+                        padding=1)
+        assert relative_error(y, want) < 1e-5
+        optimizer.step()
+        with torch.inference_mode():
+            layer.eval()
+            layer(x)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_dual_weight_carries_its_tangent(requires_grad: bool) -> None:
+    """Forward-mode AD through the weight (a dual tensor put in by functional_call) gives the
+    dense layer's tangent on the pattern: weight and bias tangents both reach the output."""
+    import torch.autograd.forward_ad as forward_ad
+    from torch.func import functional_call
+
+    torch.manual_seed(32)
+    conv = sparse_conv(4, 6, 3, padding=1).double()
+    layer = SparseConv2d.from_dense(conv).eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    weight_tangent = torch.randn_like(conv.weight) * (conv.weight != 0)
+    bias_tangent = torch.randn_like(conv.bias)
+    with forward_ad.dual_level():
+        weight = forward_ad.make_dual(conv.weight.detach().requires_grad_(requires_grad),
+                                      weight_tangent)
+        bias = forward_ad.make_dual(conv.bias.detach(), bias_tangent)
+        params = {"weight": weight, "bias": bias}
+        got = forward_ad.unpack_dual(functional_call(layer, params, (x,))).tangent
+        want = forward_ad.unpack_dual(functional_call(conv, params, (x,))).tangent
+    assert got is not None and relative_error(got, want) < 1e-12
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -163,15 +164,18 @@ class SparseConv2d(nn.Conv2d):
             return state
         # Built outside the lock: compression is a host round trip, and replicas on other
         # devices (which share the lock) should not wait for it. Two threads missing at once
-        # both build the same CSR; either result is correct.
-        refreshed = None if again or state is None else _same_pattern(state, weight)
-        if refreshed is not None:
-            state = refreshed
-        else:
-            csr, host_filter = csr_lib.compress(weight, self.groups)
-            state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
-                                PreparedFilter(host_filter) if weight.device.type == "cpu"
-                                else None)
+        # both build the same CSR; either result is correct. Built as normal tensors under
+        # torch.inference_mode too (a validation pass between training steps): the CSR serves
+        # the training forwards after it, which save flat_index for the backward.
+        with torch.inference_mode(False):
+            refreshed = None if again or state is None else _same_pattern(state, weight)
+            if refreshed is not None:
+                state = refreshed
+            else:
+                csr, host_filter = csr_lib.compress(weight, self.groups)
+                state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
+                                    PreparedFilter(host_filter) if weight.device.type == "cpu"
+                                    else None)
         self._keep(weight.device, state)
         return state
 
@@ -229,6 +233,11 @@ class SparseConv2d(nn.Conv2d):
             # weight in place, which its version counter does not see (nothing runs on the host
             # between replays), so the values are gathered from the weight inside the graph,
             # and each replay computes with the weight its previous one left.
+            csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
+        elif forward_ad._current_level >= 0 and \
+                forward_ad.unpack_dual(self.weight).tangent is not None:
+            # A weight carrying a forward-mode tangent (a dual tensor, e.g. through
+            # functional_call): the values gathered from it carry their part of the tangent.
             csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
         elif training:
             # (The plain form where no functorch transform is active: torch binds the
