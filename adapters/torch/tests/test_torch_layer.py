@@ -552,6 +552,43 @@ def test_compile_fullgraph_backward_cpu() -> None:
     assert relative_error(gx, x.grad) < 1e-5
 
 
+def test_compiled_sparse_training_follows_the_optimiser() -> None:
+    """A compiled sparse-training layer (no refresh_csrs hook) computes each step with the
+    weight the last optimiser step left, and its output and weight gradient match float64."""
+    torch.manual_seed(33)
+    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1), sparse_training=True)
+    mask = layer.weight.detach() != 0
+    compiled = torch.compile(layer, fullgraph=True)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 8, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        y = compiled(x)
+        y.square().sum().backward()
+        weight = layer.weight.detach().double().requires_grad_()
+        want = F.conv2d(x.double(), weight, layer.bias.detach().double(), padding=1)
+        want.square().sum().backward()
+        assert relative_error(y, want) < 1e-5
+        assert relative_error(layer.weight.grad, weight.grad * mask) < 1e-5
+        optimizer.step()
+
+
+@pytest.mark.parametrize("trace", ["compile", "export"])
+def test_a_new_weight_parameter_is_what_tracing_sees(trace: str) -> None:
+    """layer.weight = nn.Parameter(...) compresses the new weight at once, so a model compiled
+    or exported next computes with it (tracing cannot compress)."""
+    torch.manual_seed(34)
+    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    layer(x)
+    new = layer.weight.detach() * 3
+    new[0] = 0
+    layer.weight = nn.Parameter(new)
+    traced = (torch.compile(layer, fullgraph=True) if trace == "compile"
+              else torch.export.export(layer, (x,)).module())
+    assert relative_error(traced(x), reference_conv(x, new, layer.bias, padding=1)) < 1e-5
+
+
 def test_compile_and_export_need_a_csr() -> None:
     layer = SparseConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 5, 5)

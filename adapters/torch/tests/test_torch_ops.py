@@ -1,6 +1,7 @@
 """The op against F.conv2d (float64 reference), its memory formats, errors, opcheck, gradcheck."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -155,8 +156,37 @@ def test_clear_errors_geometry(case: tuple) -> None:
         sparse_conv2d(x, csr, padding="same", stride=2)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         sparse_conv2d(x[None], csr)
-    with pytest.raises(ValueError, match="stride >= 1"):
+    with pytest.raises(ValueError, match="stride must be at least 1, got 0"):
         sparse_conv2d(x, csr, stride=0)
+
+
+@pytest.mark.parametrize("arguments, error, match", [
+    # (stride 0 beside a residual once divided by zero, reading the residual's shape)
+    (dict(stride=0, residual=torch.zeros(2, 6, 9, 7)), ValueError, "stride must be at least 1"),
+    (dict(dilation=(1, 0)), ValueError, "dilation must be at least 1"),
+    (dict(padding=-1), ValueError, "padding must be at least 0"),
+    (dict(stride=1.0), TypeError, "stride must be an int or a pair of ints, got 1.0"),
+    (dict(stride=True), TypeError, "stride must be an int or a pair of ints"),
+    (dict(padding=(1, 1, 1)), TypeError, "padding must be an int or a pair of ints"),
+])
+def test_geometry_arguments_are_named(case: tuple, arguments: dict, error: type,
+                                      match: str) -> None:
+    x, csr, _, _ = case
+    with pytest.raises(error, match=match):
+        sparse_conv2d(x, csr, **arguments)
+
+
+def test_a_dense_weight_is_named(case: tuple) -> None:
+    x, _, weight, _ = case
+    with pytest.raises(TypeError, match="weight must be a CSRWeight .* got Parameter"):
+        sparse_conv2d(x, torch.nn.Parameter(weight))
+
+
+def test_numpy_integers_are_geometry_too(case: tuple) -> None:
+    x, csr, weight, _ = case
+    got = sparse_conv2d(x, csr, stride=np.int64(2), padding=(np.int32(1), 1))
+    assert relative_error(got, reference_conv(x, weight, None, stride=2, padding=1,
+                                              groups=2)) < 1e-5
 
 
 def test_sees_in_place_and_data_writes(case: tuple) -> None:

@@ -63,8 +63,9 @@ class EagerCalls:
         found = self._calls.get(key)
         if found is not None and found.current:
             return
-        stride, padding, dilation = (tuple(_pair(v, name)) for v, name in (
-            (layer.stride, "stride"), (layer.padding, "padding"), (layer.dilation, "dilation")))
+        stride, padding, dilation = (tuple(_pair(v, name, least)) for v, name, least in (
+            (layer.stride, "stride", 1), (layer.padding, "padding", 0),
+            (layer.dilation, "dilation", 1)))
         device = "cpu" if x.device.type == "cpu" else x.device.index
         call = prepared().launch(tuple(x.shape), device, escoin_dtype_name(x.dtype), stride,
                                  padding, dilation)

@@ -228,11 +228,12 @@ class SparseConv2d(nn.Conv2d):
                 return y
         csr = state.csr
         training = torch.is_grad_enabled() and self.weight.requires_grad
-        if training and self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            # A training step captured in a CUDA graph: each replay's optimiser step writes the
-            # weight in place, which its version counter does not see (nothing runs on the host
-            # between replays), so the values are gathered from the weight inside the graph,
-            # and each replay computes with the weight its previous one left.
+        if training and (torch.compiler.is_compiling() or (
+                self.weight.is_cuda and torch.cuda.is_current_stream_capturing())):
+            # A training step compiled, or captured in a CUDA graph: the optimiser's steps write
+            # the weight in place between calls that do not run the eager stamp check (or no
+            # host code at all, between replays), so the values are gathered from the weight
+            # inside the graph, and each call computes with the weight the last step left.
             csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
         elif forward_ad._current_level >= 0 and \
                 forward_ad.unpack_dual(self.weight).tangent is not None:
@@ -324,6 +325,17 @@ class SparseConv2d(nn.Conv2d):
         state["_was_compressed"] = bool(self._compressed)
         state.pop("_csr_lock", None)
         return state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A new weight Parameter (layer.weight = nn.Parameter(...)) is compressed at once where
+        # the layer had a CSR, so that a model compiled or exported next computes with it
+        # (tracing cannot compress). The same Parameter put back, as torch.func's
+        # functional_call does, finds its CSR current: nothing is derived again.
+        if name == "weight" and isinstance(value, nn.Parameter) and \
+                self.__dict__.get("_compressed") and not torch.compiler.is_compiling() and \
+                has_kernels_for(value):
+            self._current()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         compressed = bool(state.pop("_was_compressed", False))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import numbers
 import threading
 import warnings
 import weakref
@@ -228,11 +229,14 @@ def conv2d_with_filter(x: torch.Tensor, weight: CSRWeight,
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d expects a (N, C, H, W) or (C, H, W) input, got shape "
                          f"{tuple(x.shape)}")
-    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if not isinstance(weight, CSRWeight):
+        raise TypeError(f"weight must be a CSRWeight (escoin_torch.csr.from_dense of a dense "
+                        f"weight, or a SparseConv2d's .csr), got {type(weight).__name__}")
+    stride_, dilation_ = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
     if isinstance(padding, str):
         x, padding_ = _explicit_padding(x, padding, weight.shape[2:], stride_, dilation_)
     else:
-        padding_ = _pair(padding, "padding")
+        padding_ = _pair(padding, "padding", 0)
     if residual is not None and not _fits_output(residual, x, weight, stride_, padding_,
                                                  dilation_):
         # A residual that broadcasts, of another dtype or device, or not a tensor: added as
@@ -945,10 +949,20 @@ def _explicit_padding(x: torch.Tensor, padding: str, kernel: Sequence[int],
     return x, [t // 2 for t in total]
 
 
-def _pair(value: Union[int, Sequence[int]], name: str) -> List[int]:
-    if isinstance(value, int):
-        return [value, value]
-    items = list(value)
-    if len(items) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return [int(v) for v in items]
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _pair(value: Union[int, Sequence[int]], name: str, least: int) -> List[int]:
+    """An int or pair argument as a pair, each at least `least` (F.conv2d's ranges: stride and
+    dilation from 1, padding from 0), else an error naming it."""
+    if _is_integer(value):
+        items = [int(value), int(value)]
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+            _is_integer(v) for v in value):
+        items = [int(v) for v in value]
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if items[0] < least or items[1] < least:
+        raise ValueError(f"{name} must be at least {least}, got {value!r}")
+    return items
