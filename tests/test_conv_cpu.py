@@ -82,6 +82,39 @@ def test_network_sized_layer_float32() -> None:
     assert relative_error(y, expected) <= 1e-5
 
 
+# A parent that ran escoin's CPU kernels (on OpenMP threads where built with them), then a
+# child forked from it that runs them again: GNU OpenMP's pool does not survive fork(), so
+# without the core's fork handler the child hangs in its first parallel region.
+_FORKED_CHILD = """
+import multiprocessing, numpy as np, escoin
+rng = np.random.default_rng(7)
+weight = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+weight[rng.random(weight.shape) < 0.9] = 0
+filt = escoin.SparseFilter.from_dense(weight)
+x = rng.standard_normal((4, 32, 28, 28)).astype(np.float32)
+def child(_):
+    return escoin.conv2d(x, filt, padding=1), escoin.build_info()["openmp_threads"]
+parent = escoin.conv2d(x, filt, padding=1)
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    y, threads = pool.map_async(child, [0]).get(timeout=120)[0]
+assert np.array_equal(y, parent) and threads == 1, threads
+print("the child computed on one thread")
+"""
+
+
+def test_a_forked_child_computes_on_one_thread() -> None:
+    """A process forked after escoin ran its CPU kernels computes the same result, on one
+    thread (it hung in its first call before the core's fork handler), and reports so."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORKED_CHILD], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the child computed" in done.stdout
+
+
 def test_unbatched_input_like_torch() -> None:
     rng = np.random.default_rng(2)
     weight = rng.standard_normal((4, 3, 3, 3))

@@ -66,6 +66,8 @@ def test_run_names_a_bad_address() -> None:
                 call.run(**{**good, name: bad})
     with pytest.raises(EscoinError, match="stream must be 0 for a call prepared for the CPU"):
         call.run(**good, stream=7)
+    with pytest.raises(EscoinError, match="^relu must be a bool, got ndarray"):
+        call.run(**good, relu=np.array([True, False]))
 
 
 def test_prepare_names_a_bad_argument() -> None:

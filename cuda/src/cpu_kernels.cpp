@@ -18,6 +18,7 @@
 
 #include "cpu_kernels.hpp"
 #include "cpu_stretch.hpp"
+#include "cpu_threads.hpp"
 #include "cpu_vectors.hpp"
 #include "forward_checks.hpp"
 
@@ -117,7 +118,7 @@ void run_tiles(const CpuConvArgs<S>& a) {
 
   if (a.x_in_place) copy_last_tile(g, a.x_in_place, a.workspace, (tiles - 1) * TILE, TILE);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (cpu_threads_usable())
   for (int64_t item = 0; item < items; ++item) {
     const int64_t block = item % channel_blocks;
     const int64_t tile = (item / channel_blocks) % tiles;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_threads.hpp"
 #include "cpu_vectors.hpp"
 #include "stretch.hpp"
 
@@ -29,7 +30,7 @@ void stretch_input(const Geometry& g, const S* x, Compute<S>* ws) {
     const int64_t ahead = column - first_column;
     return ahead <= 0 ? 0 : (ahead + rows.stride_w - 1) / rows.stride_w;
   };
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cpu_threads_usable())
   for (int64_t r = 0; r < rows.rows; ++r) {
     const StretchRow row = rows.row(r);
     C* dst = ws + rows.destination(r);

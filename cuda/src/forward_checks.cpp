@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_threads.hpp"
 #include "error.hpp"
 #include "fast_divide.cuh"
 
@@ -142,7 +143,8 @@ void check_csr_for_geometry(const Geometry& g, const int64_t* row_ptr, const int
   // Counted without branches on every core; only a filter that fails is searched again, in
   // order, for the first offset to name (the count says there is one).
   int64_t failures = 0;
-#pragma omp parallel for reduction(+ : failures) schedule(static) if (nnz > (1 << 15))
+#pragma omp parallel for reduction(+ : failures) schedule(static) \
+    if (nnz > (1 << 15) && cpu_threads_usable())
   for (int64_t j = 0; j < nnz; ++j) failures += not_a_tap(j);
   if (failures == 0) return;
   int64_t first_bad = 0;

@@ -1,5 +1,6 @@
 // info.cpp -- what this build contains: version, CUDA architectures, OpenMP, kernel limits.
 #include "escoin/escoin.h"
+#include "cpu_threads.hpp"
 #include "geometry.hpp"
 
 #ifdef _OPENMP
@@ -38,7 +39,7 @@ int escoin_tile_min_batch(void) { return int(escoin::kTileMinBatch); }
 
 int escoin_openmp_max_threads(void) {
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  return escoin::cpu_threads_usable() ? omp_get_max_threads() : 1;
 #else
   return 1;
 #endif

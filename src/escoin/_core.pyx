@@ -344,6 +344,16 @@ def c_api() -> object:
     return PyCapsule_New(<void*>escoin_api(), b"escoin.c_api", NULL)
 
 
+def as_flag(object value, str name) -> bool:
+    """A yes/no argument as a bool, named in the error where it has no single truth value (an
+    array of several elements)."""
+    try:
+        return bool(value)
+    except (TypeError, ValueError) as error:
+        raise EscoinError("%s must be a bool, got %s: %s"
+                          % (name, type(value).__name__, error)) from None
+
+
 cdef uintptr_t address(object value, str name) except? 0:
     """A pointer argument as an address: an int (not a bool) in [0, 2^64), else EscoinError
     naming the argument."""
@@ -437,7 +447,7 @@ cdef class PreparedCall:
                               "prepared (SparseFilter.release_geometries): prepare it again")
         return self.program_layout
 
-    def run(self, x, y, workspace, bias=0, residual=0, bint relu=False, stream=0) -> None:
+    def run(self, x, y, workspace, bias=0, residual=0, relu=False, stream=0) -> None:
         """y = conv2d(x) (+ residual) (+ bias), then the ReLU if `relu`; every argument an
         address (stream: a CUDA stream handle, 0 for the default stream; on the CPU it must
         be 0)."""
@@ -458,7 +468,7 @@ cdef class PreparedCall:
             raise EscoinError("stream must be %d, the stream this call was prepared on (its "
                               "program was written there, for the device values it was "
                               "prepared with), got %r" % (self.stream, stream))
-        cdef int r = relu
+        cdef int r = as_flag(relu, "relu")
         cdef escoin_status_t status
         if self.device < 0:
             if ps != NULL:

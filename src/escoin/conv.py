@@ -24,15 +24,6 @@ def _require_filter(filt: object) -> None:
         raise EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
 
 
-def _flag(value: object, name: str) -> bool:
-    """A yes/no argument as a bool, named in the error where it has no single truth value (an
-    array of several elements)."""
-    try:
-        return bool(value)
-    except (TypeError, ValueError) as error:
-        raise EscoinError(f"{name} must be a bool, got {type(value).__name__}: {error}") from None
-
-
 def _filter_descriptor(input_shape: Sequence[int], filt: SparseFilter, stride: IntPair,
                        padding: Padding, dilation: IntPair) -> tuple:
     """The C descriptor of filt applied to an NCHW input shape; filt checked to be a filter."""
@@ -94,10 +85,11 @@ def conv2d(x: object, filt: SparseFilter, bias: Optional[object] = None, stride:
     CPU computes in strict float32 either way.
     """
     _require_filter(filt)  # (before x is read as the filter's input)
-    relu = _flag(relu, "relu")
+    relu = _core.as_flag(relu, "relu")
     if is_cuda_array(x):
         return _conv2d_cuda(x, filt, bias, stride, padding, dilation, relu, out, workspace,
-                            stream_handle(stream), residual, _flag(tensor_cores, "tensor_cores"))
+                            stream_handle(stream), residual,
+                            _core.as_flag(tensor_cores, "tensor_cores"))
     if isinstance(x, np.ndarray):
         if stream is not None and stream_handle(stream) != 0:
             raise EscoinError(f"stream must be None or 0 for a NumPy x (the CPU call runs now), "
@@ -349,7 +341,8 @@ def sconv(x_ptr: int, y_ptr: int, row_ptr_ptr: int, offsets_ptr: int, values_ptr
             raise EscoinError(f"{name} must be a non-negative int pointer, got {value!r}")
     if not _is_below(workspace_bytes, 2 ** 63):
         raise EscoinError(f"workspace_bytes must be a non-negative int, got {workspace_bytes!r}")
-    relu, offsets_trusted = _flag(relu, "relu"), _flag(offsets_trusted, "offsets_trusted")
+    relu = _core.as_flag(relu, "relu")
+    offsets_trusted = _core.as_flag(offsets_trusted, "offsets_trusted")
     name = dtype_name(dtype)
     if device == "cpu":
         if stream or tile_program_ptr or mma_program_ptr:

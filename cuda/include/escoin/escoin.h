@@ -97,7 +97,9 @@ const char* escoin_version(void);
  * "80-real,86-real,89-real,90". */
 int escoin_cuda_compiled(void);
 const char* escoin_cuda_architectures(void);
-/* 1 if the CPU kernels were built with OpenMP; the number of threads they would use. */
+/* 1 if the CPU kernels were built with OpenMP; the number of threads they would use. In a
+ * process forked after the library was loaded that is 1: GNU OpenMP's thread pool does not
+ * survive fork(), so there the CPU entries run on the calling thread (instead of hanging). */
 int escoin_openmp_enabled(void);
 int escoin_openmp_max_threads(void);
 /* The CPU kernel variant forward calls run: "avx512", "avx2" or "portable", the widest this
