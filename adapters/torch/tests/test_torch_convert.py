@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torch_helpers import SmallCNN, pruned_small_cnn, relative_error, sparse_conv
@@ -84,8 +85,34 @@ def test_hooks_inplace_shared_and_device_kept() -> None:
     assert model[0].weight is shared.weight and model[0].weight.device == shared.weight.device
     model.eval()(torch.randn(1, 3, 5, 5))
     assert len(seen) == 2
-    handle.remove()  # removal by the old handle is not guaranteed; the copy stays registered
-    assert len(model[0]._forward_hooks) == 1
+    handle.remove()  # the caller's handle removes the hook from the new layer
+    model(torch.randn(1, 3, 5, 5))
+    assert len(seen) == 2 and not model[0]._forward_hooks
+
+
+def test_a_pruned_convs_hooks_keep_their_handles_and_lose_pruning() -> None:
+    """sparsify folds a prune reparametrisation (its pre-hook goes) and keeps the user's hooks,
+    which their handles still remove; the converted layer computes the pruned weight."""
+    from torch.nn.utils import prune
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    prune.l1_unstructured(conv, "weight", amount=0.8)
+    calls = []
+    pre = conv.register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    post = conv.register_forward_hook(lambda m, a, o: calls.append("post"))
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 6, 6)
+    want = F.conv2d(x, conv.weight.detach(), conv.bias.detach(), padding=1)
+    sparsify(model, inplace=True)
+    layer = model[0]
+    assert type(layer) is SparseConv2d
+    assert not any(isinstance(h, prune.BasePruningMethod)
+                   for h in layer._forward_pre_hooks.values())
+    assert relative_error(layer.eval()(x), want) < 1e-5 and calls == ["pre", "post"]
+    pre.remove()
+    post.remove()
+    layer(x)
+    assert calls == ["pre", "post"]
 
 
 def test_sparsify_single_conv_model() -> None:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 import torch
 from torch import nn
 
-from escoin_torch.layer import Path, SparseConv2d, folded, pruned_names
+from escoin_torch.layer import Path, SparseConv2d, _copy_hooks, folded, pruned_names
 from escoin_torch.ops import has_kernels_for
 from escoin_torch.timing import time_paths
 
@@ -69,7 +69,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5,
         if reason:
             report.append(LayerReport(name, tuple(weight.shape), density, "dense", reason))
             continue
-        replacements[id(module)] = SparseConv2d.from_dense(module)
+        replacements[id(module)] = layer = SparseConv2d.from_dense(module)
+        _copy_hooks(module, layer, share=True)  # (the caller's handles reach the new layer)
         report.append(LayerReport(name, tuple(weight.shape), density, "sparse"))
     if id(model) in replacements:
         return replacements[id(model)], report

@@ -563,17 +563,19 @@ def has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
-def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Copies every hook registry of ``source`` into ``target``, minus pruning's pre-hooks
-    (the pruning is folded into the weight)."""
+def _copy_hooks(source: nn.Module, target: nn.Module, share: bool = False) -> None:
+    """Puts every hook registry of ``source`` into ``target``, minus pruning's pre-hooks (the
+    pruning is folded into the weight): copies, or with ``share`` the registries themselves
+    (pruning's hooks removed from them), so that the handles a caller holds still remove their
+    hooks from ``target`` (sparsify, whose ``source`` leaves the model)."""
     from torch.nn.utils import prune
 
     for name in _HOOK_DICTS:
         if not hasattr(source, name):
             continue  # registries this torch version does not have
-        hooks = getattr(source, name).copy()
+        hooks = getattr(source, name) if share else getattr(source, name).copy()
         if name == "_forward_pre_hooks":
-            hooks = type(hooks)((k, h) for k, h in hooks.items()
-                                if not isinstance(h, prune.BasePruningMethod))
+            for key in [k for k, h in hooks.items() if isinstance(h, prune.BasePruningMethod)]:
+                del hooks[key]
         setattr(target, name, hooks)
     target._is_full_backward_hook = source._is_full_backward_hook
