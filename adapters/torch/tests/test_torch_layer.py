@@ -596,6 +596,32 @@ def test_compile_and_export_need_a_csr() -> None:
         torch.compile(layer, fullgraph=True)(x)
     with pytest.raises(Exception, match="no CSR for its weight on cpu yet"):
         torch.export.export(layer, (x,))
+    # torch.compile's default mode falls back to the eager forward, which builds the CSR
+    # (the compiler does not trace into escoin's host code, which it cannot).
+    try:
+        assert relative_error(torch.compile(layer)(x),
+                              reference_conv(x, layer.weight, layer.bias)) < 1e-5
+    finally:
+        torch.compiler.reset()  # (the fallback leaves the forward's code marked to run eagerly)
+
+
+def test_fx_symbolic_trace_keeps_the_layer_a_leaf() -> None:
+    """torch.fx.symbolic_trace of a sparsified model calls each SparseConv2d as a module (as it
+    does nn.Conv2d), residual and all, and the traced module computes the same."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = SparseConv2d.from_dense(sparse_conv(4, 4, 3, padding=1), relu=True)
+            self.b = SparseConv2d.from_dense(sparse_conv(4, 4, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x), x)
+
+    block = Block().eval()
+    traced = torch.fx.symbolic_trace(block)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["a", "b"]
+    x = torch.randn(2, 4, 6, 6)
+    assert relative_error(traced(x), block(x)) < 1e-6
 
 
 def test_a_layer_with_a_csr_gets_one_for_its_moved_weight() -> None:

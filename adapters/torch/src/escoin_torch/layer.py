@@ -162,22 +162,29 @@ class SparseConv2d(nn.Conv2d):
             state = self._compressed.get(weight.device)
         if not again and state is not None and state.stamp.matches(weight):
             return state
-        # Built outside the lock: compression is a host round trip, and replicas on other
-        # devices (which share the lock) should not wait for it. Two threads missing at once
-        # both build the same CSR; either result is correct. Built as normal tensors under
-        # torch.inference_mode too (a validation pass between training steps): the CSR serves
-        # the training forwards after it, which save flat_index for the backward.
-        with torch.inference_mode(False):
-            refreshed = None if again or state is None else _same_pattern(state, weight)
-            if refreshed is not None:
-                state = refreshed
-            else:
-                csr, host_filter = csr_lib.compress(weight, self.groups)
-                state = _Compressed(csr, csr.flat_index(), TensorStamp(weight),
-                                    PreparedFilter(host_filter) if weight.device.type == "cpu"
-                                    else None)
+        state = self._build(weight, None if again else state)
         self._keep(weight.device, state)
         return state
+
+    # Run as plain Python under torch.compile too: where a compiled forward falls back to eager
+    # (torch.compile's default mode, a layer with no CSR yet), the compiler would otherwise
+    # trace into escoin's host code (NumPy buffers), which it cannot.
+    @torch.compiler.disable
+    def _build(self, weight: torch.Tensor, previous: Optional[_Compressed]) -> _Compressed:
+        """The state of `weight`: `previous`'s pattern with the new values where the weight kept
+        it, else compressed anew. Built outside the lock: compression is a host round trip, and
+        replicas on other devices (which share the lock) should not wait for it. Two threads
+        missing at once both build the same CSR; either result is correct. Built as normal
+        tensors under torch.inference_mode too (a validation pass between training steps): the
+        CSR serves the training forwards after it, which save flat_index for the backward."""
+        with torch.inference_mode(False):
+            refreshed = None if previous is None else _same_pattern(previous, weight)
+            if refreshed is not None:
+                return refreshed
+            csr, host_filter = csr_lib.compress(weight, self.groups)
+            return _Compressed(csr, csr.flat_index(), TensorStamp(weight),
+                               PreparedFilter(host_filter) if weight.device.type == "cpu"
+                               else None)
 
     def _keep(self, device: torch.device, state: _Compressed) -> None:
         """Makes `state` the CSR of the weight on `device`."""
@@ -197,6 +204,12 @@ class SparseConv2d(nn.Conv2d):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The convolution, plus ``residual`` (a tensor of the output's shape, e.g. a residual
         block's shortcut) if given, then the ReLU if the layer has one."""
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: the layer is a leaf of the graph, as nn.Conv2d is (its
+            # CSR cannot be built from a proxy), called as a module when the graph runs.
+            tracer = input.tracer
+            args = (input,) if residual is None else (input, residual)
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         path = self.sparse_forward if self.runs_sparse else self.dense_forward
         return path(input) if residual is None else path(input, residual)
 
