@@ -115,6 +115,43 @@ def test_a_pruned_convs_hooks_keep_their_handles_and_lose_pruning() -> None:
     assert calls == ["pre", "post"]
 
 
+@pytest.mark.parametrize("same_mask", [True, False])
+def test_a_tied_pruned_weight_stays_tied_where_the_masks_agree(same_mask: bool) -> None:
+    """Two convs sharing one weight, each pruned by a mask: where the masks agree the converted
+    layers share one folded Parameter and fine-tune as the pruned model does; where they
+    differ a warning says each layer trains its own."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(35)
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    model[2].weight = shared.weight  # tied
+    mask = (torch.rand(shared.weight.shape) < 0.2).float()
+    prune.custom_from_mask(model[0], "weight", mask)
+    prune.custom_from_mask(model[2], "weight",
+                           mask if same_mask else (torch.rand(mask.shape) < 0.2).float())
+    if not same_mask:
+        with pytest.warns(RuntimeWarning, match="under another mask"):
+            converted, _ = sparsify(model)
+        assert converted[0].weight is not converted[2].weight
+        return
+    converted, _ = sparsify(model)
+    assert converted[0].weight is converted[2].weight
+    assert len(list(converted.parameters())) == len(list(model.parameters()))
+    x = torch.randn(2, 4, 6, 6)
+    for net in (model, converted):
+        net.train()
+        for layer in net.modules():
+            if isinstance(layer, SparseConv2d):
+                layer.sparse_training = True
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    assert relative_error(converted.eval()(x), model.eval()(x)) < 1e-5
+
+
 def test_sparsify_single_conv_model() -> None:
     conv = sparse_conv(3, 4, 3)
     converted, report = sparsify(conv)

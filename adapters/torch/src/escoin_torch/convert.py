@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
@@ -60,6 +61,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5,
         model = _deepcopy(model)
     report: List[LayerReport] = []
     replacements: Dict[int, SparseConv2d] = {}
+    folded_from: Dict[int, List[nn.Parameter]] = {}  # (_tie_folded)
     for name, module in model.named_modules():
         if type(module) is not nn.Conv2d:
             continue
@@ -70,6 +72,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5,
             report.append(LayerReport(name, tuple(weight.shape), density, "dense", reason))
             continue
         replacements[id(module)] = layer = SparseConv2d.from_dense(module)
+        _tie_folded(name, module, layer, folded_from)
         _copy_hooks(module, layer, share=True)  # (the caller's handles reach the new layer)
         report.append(LayerReport(name, tuple(weight.shape), density, "sparse"))
     if id(model) in replacements:
@@ -128,6 +131,27 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
         results.append(LayerTiming(name, times.sparse_s * 1e3, times.dense_s * 1e3,
                                    times.faster))
     return results
+
+
+def _tie_folded(name: str, module: nn.Module, layer: SparseConv2d,
+                folded_from: Dict[int, List[nn.Parameter]]) -> None:
+    """Keeps a pruned Parameter that several convs share (tied weights) one Parameter once
+    folded: `layer` takes the Parameter an earlier conv's folding of the same ``_orig`` made,
+    where the masks agree. Where they differ the folded tensors differ too, and each layer then
+    trains its own (a warning says so). `folded_from`: the folded Parameters per ``_orig``."""
+    for tensor_name in sorted(pruned_names(module)):
+        original = getattr(module, tensor_name + "_orig")
+        new = getattr(layer, tensor_name)
+        earlier = folded_from.setdefault(id(original), [])
+        same = next((p for p in earlier if p.shape == new.shape and torch.equal(p, new)), None)
+        if same is not None:
+            setattr(layer, tensor_name, same)
+            continue
+        if earlier:
+            warnings.warn(f"sparsify: {name}.{tensor_name} shares its pruned parameter with "
+                          "another conv under another mask; their converted layers train "
+                          "separate tensors", RuntimeWarning, stacklevel=3)
+        earlier.append(new)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
