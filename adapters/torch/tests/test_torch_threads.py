@@ -166,6 +166,22 @@ def test_the_cache_holds_about_what_is_alive() -> None:
         cache.get((t,), i, lambda: pytest.fail("a live entry was purged"))
 
 
+def test_entries_leave_as_their_tensors_are_freed() -> None:
+    """An entry goes as soon as one of its tensors is freed, no later insertion needed; one
+    whose value holds the tensor of another entry takes that one along (the second tensor is
+    freed while the first entry is dropped), and an entry whose tensors live stays."""
+    cache: TensorCache[object] = TensorCache()
+    kept, short, inner = torch.arange(3), torch.arange(4), torch.arange(5)
+    cache.get((kept,), "kept", object)
+    cache.get((inner,), "inner", object)
+    cache.get((short,), "outer", lambda: [inner])  # (the value alone keeps `inner` alive)
+    del inner
+    assert len(cache) == 3
+    del short
+    assert len(cache) == 1
+    cache.get((kept,), "kept", lambda: pytest.fail("a live entry was dropped"))
+
+
 def test_an_entry_of_a_group_replaces_the_groups_last() -> None:
     """With one_per, a new entry replaces the last one whose leading tensors are the same (a
     training step's CSR values, the last step's), though its tensors are still alive; other
