@@ -241,17 +241,15 @@ class SparseConv2d(nn.Conv2d):
                 return y
         csr = state.csr
         training = torch.is_grad_enabled() and self.weight.requires_grad
-        if training and (torch.compiler.is_compiling() or (
-                self.weight.is_cuda and torch.cuda.is_current_stream_capturing())):
-            # A training step compiled, or captured in a CUDA graph: the optimiser's steps write
-            # the weight in place between calls that do not run the eager stamp check (or no
-            # host code at all, between replays), so the values are gathered from the weight
-            # inside the graph, and each call computes with the weight the last step left.
-            csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
-        elif forward_ad._current_level >= 0 and \
-                forward_ad.unpack_dual(self.weight).tangent is not None:
-            # A weight carrying a forward-mode tangent (a dual tensor, e.g. through
-            # functional_call): the values gathered from it carry their part of the tangent.
+        # The values gathered from the weight itself: by a training step compiled or captured
+        # in a CUDA graph (the optimiser's steps write the weight in place between calls that
+        # run no eager stamp check, or no host code at all between replays: each call computes
+        # with the weight the last step left), and from a weight carrying a forward-mode
+        # tangent (a dual tensor, e.g. through functional_call), which the gather carries.
+        in_graph = training and (torch.compiler.is_compiling() or (
+            self.weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if in_graph or (forward_ad._current_level >= 0 and
+                        forward_ad.unpack_dual(self.weight).tangent is not None):
             csr = csr._replace(values=self.weight.reshape(-1)[state.flat_index])
         elif training:
             # (The plain form where no functorch transform is active: torch binds the
