@@ -4,6 +4,7 @@ per-filter caches are filled under locks, and nothing else is shared."""
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import threading
 from typing import Callable, List
@@ -174,7 +175,8 @@ def test_entries_leave_as_their_tensors_are_freed() -> None:
     kept, short, inner = torch.arange(3), torch.arange(4), torch.arange(5)
     cache.get((kept,), "kept", object)
     cache.get((inner,), "inner", object)
-    cache.get((short,), "outer", lambda: [inner])  # (the value alone keeps `inner` alive)
+    # (The value, [inner], alone keeps `inner` alive.)
+    cache.get((short,), "outer", functools.partial(list, (inner,)))
     del inner
     assert len(cache) == 3
     del short
