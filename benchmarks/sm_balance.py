@@ -1,8 +1,9 @@
 """How evenly a staged kernel's work falls on the SMs: for each suite layer and batch, ncu's
-cycles each SM was active (mean, least, most) against the kernel's elapsed cycles, beside the
-launch's grid and waves. A kernel whose mean SM is busy for much less of its time than its
-busiest one loses the difference to the split of its work across blocks, which no launch shape
-of the same split recovers.
+cycles each SM was active (mean, least, most) against the kernel's elapsed cycles, and the
+instructions the busiest SM executed over the mean SM's, beside the launch's grid and waves.
+A kernel whose mean SM is busy for much less of its time than its busiest one, or whose
+busiest SM has much more work than the mean, loses the difference to the split of its work
+across blocks, which no launch shape of the same split recovers.
 
     python benchmarks/sm_balance.py --layers vgg.c3_2 rn.l3.3x3 --batches 1 32
 
@@ -22,7 +23,7 @@ from suite import LAYERS  # noqa: E402
 
 METRICS = ["gpu__time_duration.sum", "launch__grid_size", "launch__waves_per_multiprocessor",
            "sm__cycles_active.avg", "sm__cycles_active.min", "sm__cycles_active.max",
-           "sm__cycles_elapsed.max"]
+           "sm__cycles_elapsed.max", "sm__inst_executed.avg", "sm__inst_executed.max"]
 
 
 def profile(layer: str, batch: int, kernel: str) -> Dict[str, float]:
@@ -51,8 +52,9 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--kernel", default="staged", help="ncu kernel-name regex")
     args = parser.parse_args()
-    print("| layer | batch | blocks | waves | time us | mean SM busy % | least % | most % |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | batch | blocks | waves | time us | mean SM busy % | least % | most % "
+          "| most work / mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         for layer in args.layers:
             m = profile(layer, batch, args.kernel)
@@ -61,7 +63,8 @@ def main() -> None:
             print(f"| {layer} | {batch} | {m['launch__grid_size']:.0f} | "
                   f"{m['launch__waves_per_multiprocessor']:.2f} | "
                   f"{m['gpu__time_duration.sum'] / 1e3:.1f} | "
-                  + " | ".join(f"{b:.0f}" for b in busy) + " |", flush=True)
+                  + " | ".join(f"{b:.0f}" for b in busy) + " | "
+                  f"{m['sm__inst_executed.max'] / m['sm__inst_executed.avg']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
