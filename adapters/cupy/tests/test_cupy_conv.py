@@ -84,3 +84,5 @@ def test_bad_input_is_named() -> None:
         escoin_cupy.conv2d(cp.ones((1, 2, 5, 5), cp.float64), filt)
     with pytest.raises(escoin.EscoinError, match="x has 3 channels"):
         escoin_cupy.conv2d(cp.ones((1, 3, 5, 5), cp.float32), filt)
+    with pytest.raises(escoin.EscoinError, match=r"x must have 3 or 4 dimensions .* \(5, 5\)"):
+        escoin_cupy.conv2d(cp.ones((5, 5), cp.float32), filt)

@@ -246,11 +246,41 @@ def test_one_image_and_an_empty_batch() -> None:
     (lambda f, x, b: jax.jit(lambda x_, f_: escoin_jax.conv2d(x_, f_))(x, f),
      "under jax.jit close over it or mark it static"),
     (lambda f, x, b: escoin_jax.conv2d(x, f, b * 1j), "bias must be real, got complex64"),
+    (lambda f, x, b: escoin_jax.conv2d(x, f, b, relu=np.array([True, False])),
+     "relu must be a bool, got ndarray"),
+    (lambda f, x, b: jax.jit(lambda x_, r: escoin_jax.conv2d(x_, f, relu=r))(x, True),
+     "relu must be a Python bool, got a traced value"),
+    # An empty plane is named in the shape the caller passed.
+    (lambda f, x, b: escoin_jax.conv2d(x[:, :, :0], f, b),
+     r"at least one channel, row and column, got shape \(3, 6, 0, 9\)"),
+    (lambda f, x, b: escoin_jax.conv2d(x[0, :, :, :0], f, b),
+     r"at least one channel, row and column, got shape \(6, 10, 0\)"),
+    (lambda f, x, b: escoin_jax.conv2d(jnp.transpose(x, (0, 2, 3, 1))[:, :, :0], f, b,
+                                       data_format="NHWC"),
+     r"at least one channel, row and column, got shape \(3, 10, 0, 6\)"),
 ])
 def test_bad_arguments_are_named(call, message: str) -> None:
     filt, _, x, bias = sample_layer()
     with pytest.raises(escoin.EscoinError, match=message):
         call(filt, jnp.asarray(x), jnp.asarray(bias))
+
+
+def check_eager_calls_copy_the_filter_once(device: jax.Device) -> None:
+    """An eager call on arrays already on `device` copies nothing to it after the filter's
+    first call there (the filter's arrays are kept on the device), and computes the same."""
+    filt, _, x, bias = sample_layer()
+    x, bias = jax.device_put(x, device), jax.device_put(bias, device)
+    first = escoin_jax.conv2d(x, filt, bias, padding=1)
+    with jax.transfer_guard("disallow"):
+        again = escoin_jax.conv2d(x, filt, bias, padding=1)
+        no_bias = escoin_jax.conv2d(x, filt, padding=1)  # (an empty operand in its place)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert relative_error(np.asarray(no_bias) + np.asarray(bias)[:, None, None],
+                          np.asarray(first, np.float64)) <= 1e-6
+
+
+def test_eager_calls_copy_the_filter_once() -> None:
+    check_eager_calls_copy_the_filter_once(CPU)
 
 
 # The CPU handler checks the CSR it is given (the CUDA one trusts its device arrays, as the
@@ -319,6 +349,11 @@ def test_random_geometry_on_the_gpu(case: ConvCase) -> None:
 def test_16bit_types_on_the_gpu_round_once(dtype: str, case: ConvCase) -> None:
     gpu = jax.devices("gpu")[0]
     assert run_case(case, dtype, residual=True, device=gpu) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_eager_calls_on_the_gpu_copy_the_filter_once() -> None:
+    check_eager_calls_copy_the_filter_once(jax.devices("gpu")[0])
 
 
 @pytest.mark.cuda

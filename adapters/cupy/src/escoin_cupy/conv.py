@@ -35,6 +35,8 @@ def conv2d(x: "cupy.ndarray", filt: escoin.SparseFilter, bias: Optional[object] 
         raise escoin.EscoinError(f"filt must be an escoin.SparseFilter, got {type(filt).__name__}")
     if x.dtype not in (cupy.float32, cupy.float16):
         raise escoin.EscoinError(f"x must be float32 or float16, got {x.dtype}")
+    if x.ndim not in (3, 4):
+        raise escoin.EscoinError(f"x must have 3 or 4 dimensions (N, C, H, W), got {x.shape}")
     with x.device:
         stream = cupy.cuda.get_current_stream() if stream is None else stream
         with stream:

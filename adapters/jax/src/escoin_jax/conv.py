@@ -36,6 +36,25 @@ class _Plan:
     offsets: np.ndarray
     values: np.ndarray  # in the compute type
     program: np.ndarray  # the staged CUDA kernel's, as bytes; empty where it would not pay
+    # Copies of the arrays above on each device an eager call ran on, with an empty array per
+    # dtype (the FFI call's absent bias or residual), made at the first such call.
+    on_device: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def operands(self, x: jax.Array) -> tuple:
+        """The filter's arrays and an empty array of x's dtype, as the FFI call takes them:
+        NumPy arrays where x is traced (they become constants of the program, copied to the
+        device once), else copies already on x's device (from NumPy, an eager call would copy
+        every array to the device on each call)."""
+        arrays = (self.row_ptr, self.offsets, self.values, self.program)
+        devices = None if isinstance(x, jax.core.Tracer) else x.devices()
+        if devices is None or len(devices) != 1:
+            return arrays + (np.empty(0, x.dtype),)
+        key = (next(iter(devices)), np.dtype(x.dtype))
+        found = self.on_device.get(key)
+        if found is None:
+            found = self.on_device.setdefault(
+                key, tuple(jax.device_put(a, key[0]) for a in arrays + (np.empty(0, x.dtype),)))
+        return found
 
     def attributes(self, relu: bool) -> dict:
         # The descriptor's fields after x's shape, in its order (escoin_conv_desc_t).
@@ -121,10 +140,15 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
         raise escoin.EscoinError(
             f"filt must be an escoin.SparseFilter, got {type(filt).__name__} (the filter is a "
             "constant of the program: under jax.jit close over it or mark it static)")
+    if isinstance(relu, jax.core.Tracer):
+        raise escoin.EscoinError("relu must be a Python bool, got a traced value: under jax.jit "
+                                 "close over it or mark it static")
+    relu = escoin._core.as_flag(relu, "relu")
     if data_format == "NHWC":
         x = jnp.asarray(x)
         if x.ndim not in (3, 4):
             raise escoin.EscoinError(f"x must have 3 or 4 dimensions (N, H, W, C), got {x.shape}")
+        _check_extent(x, x.shape[-1], x.shape[-3:-1])
         lead = tuple(range(x.ndim - 3))  # the batch axis, if any
         to_nchw, to_nhwc = lead + (x.ndim - 1, x.ndim - 3, x.ndim - 2), lead + (
             x.ndim - 2, x.ndim - 1, x.ndim - 3)
@@ -138,6 +162,8 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
     x = jnp.asarray(x)
     if np.dtype(x.dtype) not in _DTYPES:
         raise escoin.EscoinError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.ndim in (3, 4):
+        _check_extent(x, x.shape[-3], x.shape[-2:])
     if x.ndim == 3:
         _check_residual(residual, x, filt, stride, padding, dilation, (0, 1, 2))
         return conv2d(x[None], filt, bias, stride, padding, dilation, relu,
@@ -167,8 +193,16 @@ def conv2d(x: jax.Array, filt: escoin.SparseFilter, bias: Optional[jax.Array] = 
         empty = jnp.zeros(out_shape, x.dtype)
         return empty if residual is None else empty + residual
     ensure_registered()
-    return _sparse_conv(plan, _Options(bool(relu), bias is not None, residual is not None), x,
+    return _sparse_conv(plan, _Options(relu, bias is not None, residual is not None), x,
                         bias, residual)
+
+
+def _check_extent(x: jax.Array, channels: int, plane: Tuple[int, ...]) -> None:
+    """At least one channel, row and column, named in the shape the caller passed (the checks
+    after it see x made NCHW and batched)."""
+    if min(channels, *plane) < 1:
+        raise escoin.EscoinError(f"x must have at least one channel, row and column, got shape "
+                                 f"{tuple(x.shape)}")
 
 
 def _check_residual(residual: Optional[jax.Array], x: jax.Array, filt: escoin.SparseFilter,
@@ -197,15 +231,14 @@ class _Options:
 
 def _ffi_call(plan: _Plan, options: _Options, x: jax.Array, bias: Optional[jax.Array],
               residual: Optional[jax.Array]) -> jax.Array:
-    empty = jnp.zeros((0,), x.dtype)
+    row_ptr, offsets, values, program, empty = plan.operands(x)
     out = jax.ShapeDtypeStruct((x.shape[0], plan.desc[4]) + plan.out_hw, x.dtype)
     # expand_dims: under vmap every operand gets the mapped axes in front, of size 1 where it is
     # not mapped; the handler reads x, bias and residual per block of them, and the filter's
     # arrays (never mapped) by their element counts.
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
-    return call(x, plan.row_ptr, plan.offsets, plan.values, plan.program,
-                empty if bias is None else bias, empty if residual is None else residual,
-                **plan.attributes(options.relu))
+    return call(x, row_ptr, offsets, values, program, empty if bias is None else bias,
+                empty if residual is None else residual, **plan.attributes(options.relu))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
