@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from escoin.cuda_arrays import DeviceBuffer
 
-from torch_helpers import (SeenOps, check_refresh_csrs, check_release_geometries,
-                           check_training_steps_keep_the_pattern, count_calls, pruned_small_cnn,
-                           reference_conv, relative_error, sparse_conv, strict_fp32_cudnn)
+from torch_helpers import (SeenOps, check_compiled_sparse_training, check_refresh_csrs,
+                           check_release_geometries, check_training_steps_keep_the_pattern,
+                           count_calls, pruned_small_cnn, reference_conv, relative_error,
+                           sparse_conv, strict_fp32_cudnn)
 import escoin_torch
 from escoin_torch import SparseConv2d, calibrate, sparse_conv2d, sparsify
 from escoin_torch.timing import GRAPH_CALLS, time_call
@@ -115,6 +116,11 @@ def test_compile_fullgraph_cuda(mode: str) -> None:
         for _ in range(3):
             y = compiled(x)
     assert relative_error(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_sparse_training_cuda(mode: str) -> None:
+    check_compiled_sparse_training("cuda", mode)
 
 
 def test_backward_cuda() -> None:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_helpers import (SeenOps, check_refresh_csrs, check_training_steps_keep_the_pattern,
-                           count_calls, pruned_small_cnn, reference_conv, relative_error,
-                           sparse_conv, tolerance)
+from torch_helpers import (SeenOps, check_compiled_sparse_training, check_refresh_csrs,
+                           check_training_steps_keep_the_pattern, count_calls, pruned_small_cnn,
+                           reference_conv, relative_error, sparse_conv, tolerance)
 import escoin_torch
 from escoin_torch import SparseConv2d, sparsify
 from escoin_torch import csr as csr_lib
@@ -553,24 +553,7 @@ def test_compile_fullgraph_backward_cpu() -> None:
 
 
 def test_compiled_sparse_training_follows_the_optimiser() -> None:
-    """A compiled sparse-training layer (no refresh_csrs hook) computes each step with the
-    weight the last optimiser step left, and its output and weight gradient match float64."""
-    torch.manual_seed(33)
-    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1), sparse_training=True)
-    mask = layer.weight.detach() != 0
-    compiled = torch.compile(layer, fullgraph=True)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    x = torch.randn(2, 4, 8, 8)
-    for _ in range(3):
-        optimizer.zero_grad()
-        y = compiled(x)
-        y.square().sum().backward()
-        weight = layer.weight.detach().double().requires_grad_()
-        want = F.conv2d(x.double(), weight, layer.bias.detach().double(), padding=1)
-        want.square().sum().backward()
-        assert relative_error(y, want) < 1e-5
-        assert relative_error(layer.weight.grad, weight.grad * mask) < 1e-5
-        optimizer.step()
+    check_compiled_sparse_training("cpu", mode=None)
 
 
 @pytest.mark.parametrize("trace", ["compile", "export"])

@@ -290,3 +290,26 @@ def check_refresh_csrs(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     with torch.no_grad():
         model[2].weight.mul_(2.0)
     assert escoin_torch.refresh_csrs(model) == 0
+
+
+def check_compiled_sparse_training(device: str, mode: Optional[str]) -> None:
+    """A compiled sparse-training layer (no refresh_csrs hook) computes each step with the
+    weight the last optimiser step left, and its output and weight gradient match float64."""
+    torch.manual_seed(33)
+    layer = SparseConv2d.from_dense(sparse_conv(4, 8, 3, padding=1), sparse_training=True)
+    layer = layer.to(device)
+    mask = layer.weight.detach() != 0
+    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    for _ in range(3):
+        optimizer.zero_grad()
+        with strict_fp32_cudnn():
+            y = compiled(x)
+            y.square().sum().backward()
+        weight = layer.weight.detach().double().requires_grad_()
+        want = F.conv2d(x.double(), weight, layer.bias.detach().double(), padding=1)
+        want.square().sum().backward()
+        assert relative_error(y, want) < 1e-5
+        assert relative_error(layer.weight.grad, weight.grad * mask) < 1e-5
+        optimizer.step()

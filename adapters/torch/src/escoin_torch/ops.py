@@ -847,7 +847,9 @@ def _filter(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
         # (A pattern has a base only where its rows were in order.)
         if fresh or base is None:
             return on_device(fresh[0] if fresh else from_csr(), base is not None)
-        if on_host or not _training_values.get():
+        # (A CUDA graph being captured cannot copy the values to the host: its calls, a
+        # compiled "reduce-overhead" training step's, compute with them where they are.)
+        if on_host or not (_training_values.get() or torch.cuda.is_current_stream_capturing()):
             return on_device(base.with_values(host_numpy(values)), True)
         return PreparedFilter(base.cuda(values.device.index), values=CudaValues(values))
 
