@@ -256,6 +256,32 @@ def test_transforms_of_a_layer_whose_weight_requires_grad(device: str, dtype: to
 
 
 @pytest.mark.parametrize("device, dtype, tol", DEVICES)
+@pytest.mark.parametrize("warmed", [False, True])
+def test_transforms_through_a_frozen_layer(device: str, dtype: torch.dtype, tol: float,
+                                           warmed: bool) -> None:
+    """grad, jacrev, jvp and hessian with respect to a head after a frozen sparse layer, whose
+    call sees only plain tensors inside the transform (a frozen backbone): the same as through
+    the dense layer (the call crashed, its detached copies wrapped by the transform), also
+    after an eager call remembered the layer's fast path."""
+    layer, conv, x = _layer_and_dense(device, dtype)
+    layer.eval().requires_grad_(False)
+    if warmed:
+        layer(x)
+    dense = copy.deepcopy(conv).double().requires_grad_(False)
+    head = torch.randn(8 * 5 * 5, dtype=dtype, device=device)
+
+    def loss(model: nn.Module, x: torch.Tensor):
+        return lambda w: (model(x).flatten(1) @ w).square().sum()
+
+    for transform in (grad, jacrev, hessian):
+        assert relative_error(transform(loss(layer, x))(head),
+                              transform(loss(dense, x.double()))(head.double())) < tol
+    _, tangent = jvp(loss(layer, x), (head,), (head,))
+    _, wanted = jvp(loss(dense, x.double()), (head.double(),), (head.double(),))
+    assert relative_error(tangent, wanted) < tol
+
+
+@pytest.mark.parametrize("device, dtype, tol", DEVICES)
 def test_grads_of_new_values_reuse_the_layers_filters(device: str, dtype: torch.dtype, tol: float,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """grad over functional_call with new weight values each call (a training loop in

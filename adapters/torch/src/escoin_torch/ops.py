@@ -304,10 +304,10 @@ def uninterposed(device_type: str, tensors: Sequence[torch.Tensor]) -> bool:
     try:
         if internals._len_torch_dispatch_stack() or internals._is_torch_function_mode_enabled():
             return False
-        # Tensors are wrapped inside a transform: with none active (no functorch level) the
-        # per-tensor checks (~0.7 us each) are skipped.
-        return (internals._functorch.maybe_current_level() is None
-                or not any(transformed(t) for t in tensors))
+        # Inside a functorch transform even a call on plain tensors goes through the
+        # dispatcher: the transform wraps what the call makes of them (a detached copy, the
+        # output), which has no storage for the kernel to write.
+        return internals._functorch.maybe_current_level() is None
     except AttributeError:  # a torch without these internals: keep the dispatch
         return False
 
