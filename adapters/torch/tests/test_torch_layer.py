@@ -27,6 +27,20 @@ def test_from_dense_matches_and_shares_parameters() -> None:
                                                    padding=1, groups=2)) < 1e-5
 
 
+def test_from_dense_of_a_sparse_layer_keeps_its_settings() -> None:
+    """A SparseConv2d converted again computes what it computed: its relu, sparse_training and
+    inference_path carry over (they were reset to the defaults), unless given."""
+    source = SparseConv2d.from_dense(sparse_conv(4, 6, 3, padding=1), relu=True,
+                                     sparse_training=True, inference_path="dense").eval()
+    again = SparseConv2d.from_dense(source).eval()
+    assert (again.relu, again.sparse_training, again.inference_path) == (True, True, "dense")
+    x = torch.randn(2, 4, 7, 7)
+    assert relative_error(again(x), source(x)) < 1e-6
+    plain = SparseConv2d.from_dense(source, relu=False, sparse_training=False,
+                                    inference_path="sparse")
+    assert (plain.relu, plain.sparse_training, plain.inference_path) == (False, False, "sparse")
+
+
 def test_constructor_like_conv2d_and_padding_mode_error() -> None:
     layer = SparseConv2d(3, 4, (3, 5), stride=(1, 2), padding=1, bias=False)
     assert isinstance(layer, nn.Conv2d) and layer.bias is None
@@ -192,6 +206,13 @@ def test_refresh_csrs_after_writes_the_version_counters_miss() -> None:
 
     assert escoin_torch.refresh_csrs(model) == 0  # the counters say nothing changed
     assert escoin_torch.refresh_csrs(model, unseen_writes=True) == 2
+    assert relative_error(model(x), expected()) < 1e-5
+    # Checked again with nothing written: no layer takes new values (each keeps its CSR).
+    csrs = [layer.csr for layer in model]
+    assert escoin_torch.refresh_csrs(model, unseen_writes=True) == 0
+    assert all(layer.csr is csr for layer, csr in zip(model, csrs))
+    vector[:model[0].weight.numel()].mul_(2.0)  # the first layer's weight only
+    assert escoin_torch.refresh_csrs(model, unseen_writes=True) == 1
     assert relative_error(model(x), expected()) < 1e-5
 
 

@@ -100,18 +100,27 @@ class SparseConv2d(nn.Conv2d):
         self._inference_path = path
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, relu: bool = False, sparse_training: bool = False,
-                   inference_path: Path = "sparse") -> "SparseConv2d":
+    def from_dense(cls, conv: nn.Conv2d, *, relu: Optional[bool] = None,
+                   sparse_training: Optional[bool] = None,
+                   inference_path: Optional[Path] = None) -> "SparseConv2d":
         """A SparseConv2d computing what ``conv`` computes, sharing its parameters.
 
         The Parameter objects are shared (not copied), so optimiser state and memory stay as
         they were. A ``torch.nn.utils.prune`` reparametrisation is folded instead: the new layer
         owns a plain ``weight`` equal to ``weight_orig * weight_mask``. Hooks are copied (except
-        pruning's), as are the training flag; the CSR is built right away.
+        pruning's), as are the training flag; the CSR is built right away. ``relu``,
+        ``sparse_training`` and ``inference_path`` left out are ``conv``'s where it is a
+        SparseConv2d, else False, False and ``"sparse"``.
         """
         if type(conv) is not nn.Conv2d and not isinstance(conv, SparseConv2d):
             raise TypeError(f"from_dense converts an nn.Conv2d, got {type(conv).__name__} (a "
                             "subclass may compute something else in forward)")
+        source = conv if isinstance(conv, SparseConv2d) else None
+        relu = (source is not None and source.relu) if relu is None else relu
+        if sparse_training is None:
+            sparse_training = source is not None and source.sparse_training
+        if inference_path is None:
+            inference_path = "sparse" if source is None else source.inference_path
         layer = cls(in_channels=conv.in_channels, out_channels=conv.out_channels,
                     kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
@@ -374,10 +383,17 @@ class _PatternCheck(NamedTuple):
     state: _Compressed
     weight: torch.Tensor
     values: torch.Tensor  # weight.reshape(-1)[state.flat_index]
-    counts: torch.Tensor  # the weight's nonzeros and the gathered ones, on the weight's device
+    # On the weight's device: the weight's nonzeros and the gathered ones, then, where asked
+    # for, how many gathered values differ from the CSR's
+    counts: torch.Tensor
 
     def holds(self, counts: List[int]) -> bool:
-        return counts == [self.state.csr.nnz] * 2
+        return counts[:2] == [self.state.csr.nnz] * 2
+
+    @staticmethod
+    def unchanged(counts: List[int]) -> bool:
+        """Whether the counts say no value differs from the CSR's (where they were compared)."""
+        return len(counts) == 3 and counts[2] == 0
 
     def refreshed(self) -> _Compressed:
         """The new state: the pattern's own tensors and the gathered values. The unchanged
@@ -390,17 +406,21 @@ class _PatternCheck(NamedTuple):
                            TensorStamp(self.weight), host_filter)
 
 
-def _check_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_PatternCheck]:
+def _check_pattern(state: _Compressed, weight: torch.Tensor,
+                   compare: bool = False) -> Optional[_PatternCheck]:
     """The check, queued on the weight's device (nothing waits for it); None where the weight
-    cannot have the state's pattern (another shape or dtype put in its place)."""
+    cannot have the state's pattern (another shape or dtype put in its place). `compare` also
+    counts the gathered values that differ from the CSR's (a NaN counts as differing)."""
     if tuple(weight.shape) != state.csr.shape or weight.dtype != state.csr.values.dtype:
         return None
     flat = weight.detach().reshape(-1)
     values = flat[state.flat_index]
     # Escoin stores w where w != 0 (a NaN too), as count_nonzero counts: every value at the
     # pattern is stored and the weight has no other, so the stored set is the pattern.
-    counts = torch.stack([torch.count_nonzero(flat), torch.count_nonzero(values)])
-    return _PatternCheck(state, weight, values, counts)
+    counts = [torch.count_nonzero(flat), torch.count_nonzero(values)]
+    if compare:
+        counts.append(torch.count_nonzero(values != state.csr.values))
+    return _PatternCheck(state, weight, values, torch.stack(counts))
 
 
 def _same_pattern(state: _Compressed, weight: torch.Tensor) -> Optional[_Compressed]:
@@ -453,9 +473,12 @@ def refresh_csrs(module: nn.Module, unseen_writes: bool = False) -> int:
         weight = layer.weight
         with layer._csr_lock:
             state = layer._compressed.get(weight.device)
-        if state is None or (state.stamp.matches(weight) and not unseen_writes):
+        stamped = state is not None and state.stamp.matches(weight)
+        if state is None or (stamped and not unseen_writes):
             continue
-        check = _check_pattern(state, weight)
+        # (Where the counter says unchanged, an unseen write may have left the values as they
+        # were: compared, so that such a layer keeps its state and is not counted.)
+        check = _check_pattern(state, weight, compare=stamped)
         if check is None:
             layer._current(again=True)
             refreshed += 1
@@ -463,8 +486,13 @@ def refresh_csrs(module: nn.Module, unseen_writes: bool = False) -> int:
             checks.append((layer, check))
     for device in {check.counts.device for _, check in checks}:
         mine = [(layer, check) for layer, check in checks if check.counts.device == device]
-        counts = torch.stack([check.counts for _, check in mine]).tolist()
-        for (layer, check), found in zip(mine, counts):
+        # (One transfer for the device's layers: their counts of two or three, end to end.)
+        counts, start = torch.cat([check.counts for _, check in mine]).tolist(), 0
+        for layer, check in mine:
+            found = counts[start:start + len(check.counts)]
+            start += len(found)
+            if check.holds(found) and check.unchanged(found):
+                continue
             if check.holds(found):
                 layer._keep(check.weight.device, check.refreshed())
             else:
