@@ -176,6 +176,28 @@ def test_calibrate(have_tqdm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     assert relative_error(model(x), expected) < 1e-5
 
 
+def test_calibrate_leaves_a_training_model_as_it_was() -> None:
+    """calibrate on a model in train mode runs its example forward as eval mode would (it
+    updated BatchNorm's running statistics, and the layers got their training inputs) and
+    leaves every module's mode as it was."""
+    model = nn.Sequential(sparse_conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Dropout(0.5), sparse_conv(8, 4, 3, padding=1))
+    model, _ = sparsify(model)
+    model[3].eval()  # one module's own mode, kept too
+    bn_state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    calibrate(model, torch.randn(2, 3, 9, 9), repeats=1, warmup=0)
+    assert all(torch.equal(v, bn_state[k]) for k, v in model[1].state_dict().items())
+    assert [m.training for m in model] == [True, True, True, False, True]
+
+
+def test_timing_arguments_are_named() -> None:
+    model, _ = sparsify(pruned_small_cnn(0.8).eval())
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        calibrate(model, torch.randn(1, 3, 16, 16), repeats=0)
+    with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
+        time_call(lambda: None, torch.device("cpu"), warmup=-1)
+
+
 def test_calibrate_in_graphs_needs_cuda() -> None:
     model, _ = sparsify(pruned_small_cnn(0.8).eval())
     with pytest.raises(ValueError, match="example_input must be on a CUDA device"):

@@ -117,12 +117,18 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
         return hook
 
     handles = [m.register_forward_pre_hook(capture(name), with_kwargs=True) for name, m in layers]
+    # The example forward in eval mode, whatever the model's: the inputs eval mode gives the
+    # layers (BatchNorm's running statistics, no dropout), which it leaves as they were.
+    training = {module: module.training for module in model.modules()}
     try:
         with torch.no_grad():
+            model.eval()
             model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
         for handle in handles:
             handle.remove()
+        for module, mode in training.items():
+            module.training = mode
     results = []
     for name, layer in _progress([(n, m) for n, m in layers if n in inputs], "calibrating"):
         x, residual = inputs[name]

@@ -45,9 +45,10 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 20,
     this one (the larger of the call's host and GPU time, where one call alone between two
     events shows its launch latency and its kernels).
     """
-    if repeats < 1 or back_to_back < 1:
-        raise ValueError(f"repeats and back_to_back must be >= 1, got {repeats} and "
-                         f"{back_to_back}")
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0),
+                               ("back_to_back", back_to_back, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     if graphs:
         if device.type != "cuda":
             raise ValueError(f"graphs=True times CUDA graphs, but the device is {device}")
