@@ -98,7 +98,9 @@ def calibrate(model: nn.Module, example_input: Any, repeats: int = 20,
     will run: eagerly by default (on a GPU calls back to back, each costing the larger of its
     host and GPU time, as in an eager forward), or with ``graphs=True`` (CUDA) inside CUDA
     graphs, as a model captured with ``torch.cuda.graph`` or compiled with
-    ``mode="reduce-overhead"`` runs, without the host's cost.
+    ``mode="reduce-overhead"`` runs, without the host's cost. The example forward runs in eval
+    mode, whose path this sets (BatchNorm's running statistics are left alone), and every
+    module's mode is left as it was.
     """
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     if graphs and not (isinstance(first, torch.Tensor) and first.device.type == "cuda"):
