@@ -484,3 +484,15 @@ def test_a_flag_without_one_truth_value_is_named(filt, x) -> None:
     """relu given an array of several values: named, not NumPy's ambiguity error."""
     with pytest.raises(EscoinError, match="relu must be a bool, got ndarray"):
         escoin.conv2d(x, filt, relu=np.array([1, 0]))
+
+
+def test_a_filter_moved_to_cuda_says_where_escoin_has_no_cuda(
+        filt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a build without CUDA, SparseFilter.cuda names the build as the reason, not only the
+    empty device range."""
+    import escoin.info
+
+    monkeypatch.setattr(escoin.info, "build_info", lambda: {"cuda": False})
+    monkeypatch.setattr(escoin.info, "cuda_device_count", lambda: 0)
+    with pytest.raises(EscoinError, match=r"in \[0, 0\), got 0 \(escoin was built without CUDA"):
+        filt.cuda(0)

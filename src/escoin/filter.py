@@ -216,11 +216,14 @@ class SparseFilter:
 
     def cuda(self, device: int = 0) -> "SparseFilter":
         """This filter, living on CUDA device `device` (the CSR is uploaded on first use)."""
-        from escoin.info import cuda_device_count
+        from escoin.info import build_info, cuda_device_count
 
         count = cuda_device_count()
         if not isinstance(device, int) or not 0 <= device < count:
-            raise EscoinError(f"device must be a CUDA device index in [0, {count}), got {device!r}")
+            why = ("" if build_info()["cuda"] else
+                   " (escoin was built without CUDA; rebuild with nvcc available, ESCOIN_CUDA=ON)")
+            raise EscoinError(f"device must be a CUDA device index in [0, {count}), got "
+                              f"{device!r}{why}")
         return SparseFilter(self._store, device)
 
     def cpu(self) -> "SparseFilter":
