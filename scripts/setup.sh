@@ -11,7 +11,7 @@ python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.
 # JAX (its CPU build unless one is installed) for the JAX adapter, which is built against
 # the installed escoin's header and jaxlib's XLA FFI headers, so after both; escoin-torch's C++
 # kernel likewise against escoin's header and the installed torch.
-python3 -c "import jax" 2>/dev/null || python3 -m pip install -q "jax>=0.4.35"
+python3 -c "import jax" 2>/dev/null || python3 -m pip install -q "jax>=0.6"
 python3 -m pip install -q --no-build-isolation ./ ./adapters/cupy
 python3 -m pip install -q --no-build-isolation ./adapters/torch ./adapters/jax
 python3 -c "import escoin; print('escoin', escoin.build_info(), 'GPU usable:', escoin.cuda_available())"
