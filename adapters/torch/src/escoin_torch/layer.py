@@ -491,12 +491,12 @@ def refresh_csrs(module: nn.Module, unseen_writes: bool = False) -> int:
         for layer, check in mine:
             found = counts[start:start + len(check.counts)]
             start += len(found)
-            if check.holds(found) and check.unchanged(found):
-                continue
-            if check.holds(found):
-                layer._keep(check.weight.device, check.refreshed())
-            else:
+            if not check.holds(found):
                 layer._current(again=True)
+            elif check.unchanged(found):
+                continue
+            else:
+                layer._keep(check.weight.device, check.refreshed())
             refreshed += 1
     return refreshed
 
