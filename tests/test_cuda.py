@@ -601,3 +601,46 @@ def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stri
     out = dev.full(expected.shape, np.nan)
     escoin.conv2d(dev.put(x.astype(np.float32)), filt, stride=stride, padding=padding, out=out)
     assert relative_error(dev.get(out), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2.0 ** -10),
+                                              ("bfloat16", 2.0 ** -7)])
+@pytest.mark.parametrize("batch, channels, size, groups", [(1, 64, 224, 1), (32, 128, 28, 1),
+                                                            (4, 64, 56, 4)])
+def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, size: int, groups: int,
+                                     dtype: str, tolerance: float) -> None:
+    """Unsplit grids whose jobs are not a multiple of the GPU's SMs (VGG's conv1_2 at batch 1,
+    ResNet's conv2 3x3 at batch 32, images two a block, and a grouped layer: 400, 448 and 432
+    jobs for an H100's 132 SMs):
+    whole rounds of jobs run a block each, the rest split, their partial sums added and finished
+    by a second kernel (StagedLaunch's uneven form). Right with bias, residual and ReLU in each
+    output type, and bitwise the same on every run through a reused workspace poisoned with
+    0xff bytes (NaN): nothing reads a partial sum this call did not write."""
+    torch = pytest.importorskip("torch")
+    kind = getattr(torch, dtype)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    shape = (channels, channels // groups, 3, 3)
+    layer = descriptor((batch, channels, size, size), shape, groups, 1, 1)
+    if escoin._core.staged_launch(layer, sms, 4)["tail_splits"] == 0:  # 4 blocks an SM: Hopper
+        pytest.skip(f"on {sms} SMs this layer's blocks fill every SM evenly")
+    rng = np.random.default_rng(size + channels)
+    rounded = lambda a: torch.from_numpy(a.astype(np.float32)).to(kind)  # noqa: E731
+    weight = rounded(rng.standard_normal(shape) * (rng.random(shape) < 0.1))
+    x, bias = rounded(rng.standard_normal((batch, channels, size, size))), rounded(
+        rng.standard_normal(channels))
+    residual = rounded(rng.standard_normal((batch, channels, size, size)))
+    filt = escoin.SparseFilter.from_dense(weight.float().numpy(), groups=groups)
+    nbytes = escoin.workspace_size(tuple(x.shape), filt, padding=1)
+    workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+    runs = []
+    for _ in range(3):
+        out = torch.full(tuple(residual.shape), float("nan"), dtype=kind, device="cuda")
+        escoin.conv2d(x.cuda(), filt, bias.cuda(), padding=1, relu=True, out=out,
+                      workspace=workspace, residual=residual.cuda())
+        runs.append(out.float().cpu().numpy())
+    as64 = lambda t: t.double().numpy()  # noqa: E731
+    expected = conv2d_reference(as64(x), as64(weight), as64(bias), (1, 1), (1, 1, 1, 1), (1, 1),
+                                groups, relu=True, residual=as64(residual))
+    assert relative_error(runs[0], expected) <= tolerance
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])

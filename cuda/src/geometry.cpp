@@ -244,9 +244,19 @@ int64_t staged_tiles(const Geometry& g, int64_t positions) {
   return tiles_of(g.staged.layout, positions);
 }
 
-StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
-  resident_blocks = std::max<int64_t>(resident_blocks, 1);
-  StagedLaunch launch{1, g.staged.positions, 1};
+int64_t staged_jobs(const Geometry& g, const StagedLaunch& launch) {
+  return staged_blocks_per_split(g, launch.positions, launch.images);
+}
+
+int64_t tail_block_outputs(const StagedLaunch& launch) {
+  return launch.images * kStagedRows * 32 * launch.positions;
+}
+
+StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm) {
+  sms = std::max<int64_t>(sms, 1);
+  blocks_per_sm = std::max<int64_t>(blocks_per_sm, 1);
+  const int64_t resident_blocks = sms * blocks_per_sm;
+  StagedLaunch launch{1, g.staged.positions, 1, 0, 0};
   while (launch.images < g.d.batch && launch.images < g.staged.images) launch.images *= 2;
   const SplitChoice plan = best_splits(g, resident_blocks, launch.positions, launch.images);
   launch.splits = plan.splits;
@@ -254,7 +264,36 @@ StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks) {
     const int64_t half_positions = (launch.positions + 1) / 2;  // 7 halves to 4
     const SplitChoice half = best_splits(g, resident_blocks, half_positions, launch.images);
     if (half.cost <= plan.cost && half.splits <= plan.splits)
-      launch = {launch.images, half_positions, half.splits};
+      launch = {launch.images, half_positions, half.splits, 0, 0};
+  }
+  // The uneven form: whole rounds of jobs over the SMs, the tail split. Only where the even form
+  // does not split: its lead jobs then run as they would have, and only the tail's partial sums
+  // are added. (Measured on an H100 with split lead jobs, vgg.c2_2 at batch 1: the staged kernel
+  // 43.3 -> 38.9 us, but adding every job's partial sums in the layout the tail's take cost
+  // 22.3 us against the even form's reduction's 5.9; docs/performance.md.)
+  const int64_t jobs = staged_jobs(g, launch), chunks = g.staged.chunks;
+  const int64_t rounds = jobs / sms, tail = jobs - rounds * sms;
+  if (launch.splits > 1 || rounds == 0 || tail == 0 || g.partial_elements == 0 ||
+      jobs > std::numeric_limits<int32_t>::max() / kGpuMaxSplits ||
+      chunks > std::numeric_limits<int32_t>::max() / kGpuMaxSplits)
+    return launch;
+  int64_t best = ceil_div(jobs, sms) * chunks;
+  const StagedLaunch even = launch;
+  for (int64_t tail_splits = 2; tail_splits <= std::min(kGpuMaxSplits, chunks); ++tail_splits) {
+    const int64_t tail_blocks = tail * tail_splits;
+    if (tail_blocks * tail_block_outputs(even) > g.partial_elements) break;  // more take more
+    // Within one wave, no SM with fewer blocks than the even form gives every SM: fewer blocks
+    // hide less of each other's latency.
+    const int64_t blocks = rounds * sms + tail_blocks;
+    if (rounds < blocks_per_sm && (ceil_div(blocks, sms) > blocks_per_sm ||
+                                   blocks / sms < std::min(blocks_per_sm, jobs / sms)))
+      continue;
+    const int64_t cost = rounds * chunks + ceil_div(tail_blocks, sms) *
+                                               ceil_div(chunks, tail_splits) + 1;
+    if (cost < best) {
+      best = cost;
+      launch = {even.images, even.positions, 1, rounds * sms, tail_splits};
+    }
   }
   return launch;
 }

@@ -118,17 +118,40 @@ struct Geometry {
 //   of the plan's segments (with whole channels: the channels from its first position, or with
 //   tensor copies from its first position's row), so it
 //   runs the same program on more, smaller blocks;
-// - splits of the chunks, 1..gpu_staged_splits.
+// - splits of the chunks, 1..gpu_staged_splits (in the even form below);
+// - how the jobs go to blocks. A job is a tile x an item (kStagedRows output channels) x a block
+//   of images, all its chunks; jobs are numbered tile fastest, then item, then image block.
+//   In the even form (tail_splits 0) every job runs in `splits` blocks, each an even share of
+//   its chunks (a grid of tiles x items * splits x image blocks). In the uneven form (splits 1)
+//   the first lead_jobs jobs, whole rounds of the SMs, run in a block each and the others (the
+//   tail) in tail_splits blocks each, whose partial sums a second kernel adds. (The even form's
+//   grid leaves some SMs a block more than others where its blocks are not a multiple of the
+//   SMs: at batch 1 the VGG layers' busiest SM had 1.13-1.30x the mean SM's work, "How evenly
+//   the SMs are busy" in docs/performance.md.)
 struct StagedLaunch {
-  int64_t images, positions, splits;
+  int64_t images, positions, splits, lead_jobs, tail_splits;
 };
-// The launch for a GPU that holds `resident_blocks` staged blocks at once (a wave). Splits: the
-// count whose grid runs the fewest chunks per block slot, waves x chunks per block, plus one for
-// splitting at all (the fewest splits on a tie, since each split adds partial sums to write and
-// add). Positions: P/2 (7: 4) instead of P where that costs no more chunks per slot and no more
-// splits (measured on an H100 at batch 1: 10-16% faster on planes that one tile covers, where
-// the blocks were few; halving again, or where it adds waves or splits, was slower).
-StagedLaunch staged_launch(const Geometry& g, int64_t resident_blocks);
+// The launch for a GPU of `sms` SMs that each hold `blocks_per_sm` staged blocks at once. First
+// the even form: splits, the count whose grid runs the fewest chunks per block slot (a wave is
+// sms x blocks_per_sm blocks), waves x chunks per block, plus one for splitting at all (the
+// fewest splits on a tie, since each split adds partial sums to write and add); positions, P/2
+// (7: 4) instead of P where that costs no more chunks per slot and no more splits (measured on
+// an H100 at batch 1: 10-16% faster on planes that one tile covers, where the blocks were few;
+// halving again, or where it adds waves or splits, was slower). Then, where the even form does
+// not split, the uneven form if its busiest SM runs fewer chunk rounds (the SMs are
+// throughput-bound: an SM's time follows the rounds of all its blocks; one more for the partial
+// sums), within the workspace's room for the tail's partial sums, and in one wave that leaves no
+// SM fewer blocks than the even form gave every SM.
+StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm);
+
+// The jobs of a launch: tiles x items x image blocks.
+int64_t staged_jobs(const Geometry& g, const StagedLaunch& launch);
+
+// The partial sums of one tail block of the uneven form: its job's images x kStagedRows output
+// channels x its tile's positions, in that order (position fastest), padding included. That form
+// keeps them in the workspace's partial-sum area as [tail block][these], where the even form
+// keeps [split][image][channel][plane].
+int64_t tail_block_outputs(const StagedLaunch& launch);
 
 // Tiles of 32 * positions the staged kernel cuts its output plane (out_height x plane_w positions
 // of its layout) into.

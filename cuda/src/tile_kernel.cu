@@ -47,7 +47,14 @@ struct StagedParams {
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
-  float* partial;  // splits > 1: partial sums [split][image][channel][out_plane]
+  // Partial sums: in the even form a split's at [split][image][channel][plane]; in the uneven
+  // form a tail block's at [tail block][tail_block_outputs] (a tail job's blocks are adjacent).
+  float* partial;
+  // How jobs go to blocks (StagedLaunch): with tail_splits 0 (the even form) the grid is tiles x
+  // items * splits x image blocks; else one row, the first lead_jobs jobs in a block each, then
+  // the others (the tail) in tail_splits blocks each.
+  int tiles, items, lead_jobs, tail_splits;
+  FastDivisor by_tiles, by_items, by_tail_splits;  // a job's tile and item; a tail job's split
   int relu;
   const float* residual;  // Output::residual (with 16-bit outputs, of their type)
   int tensor_copy;  // chunks copied from x by the kernel's tensor map (StagedPlan::tensor_copy)
@@ -297,8 +304,74 @@ __device__ __forceinline__ void finish_tile(const float (&acc)[kRowsPerWarp][IMA
                       [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
+// A block's part of one job (StagedLaunch): its tile's first position q0, its item, its first
+// image n0, the chunks [chunk_begin, chunk_end), and the partial-sum slot (its split) its sums go
+// to, or -1 where the block has the whole job and finishes its sums into y.
+struct JobPart {
+  int q0, item, n0, chunk_begin, chunk_end, slot;
+};
+
+// Job `job` (jobs are numbered tile fastest, then item, then image block) for tiles of
+// tile_positions positions and blocks of `images` images: its q0, item and n0.
+__device__ __forceinline__ JobPart job_at(int job, int tile_positions, int images,
+                                          const StagedParams& p) {
+  const int rest = int(p.by_tiles.divide(uint32_t(job)));
+  const int image_block = int(p.by_items.divide(uint32_t(rest)));
+  return JobPart{(job - rest * p.tiles) * tile_positions, rest - image_block * p.items,
+                 image_block * images, 0, 0, -1};
+}
+
+// The block's part: in the even form its tile, item, split and image block from the grid's
+// three axes; in the uneven form a lead job, or a tail job and its split, from its place in the
+// row.
+template <int IMAGES, int POSITIONS>
+__device__ __forceinline__ JobPart block_part(const StagedParams& p) {
+  if (p.tail_splits == 0) {
+    const int item = int(p.by_splits.divide(blockIdx.y));
+    const int split = int(blockIdx.y) - item * p.splits;
+    // chunks * splits < 2^31 (tile_kernel_fits)
+    return JobPart{int(blockIdx.x) * 32 * POSITIONS,
+                   item,
+                   int(blockIdx.z) * IMAGES,
+                   int(p.by_splits.divide(uint32_t(p.chunks * split))),
+                   int(p.by_splits.divide(uint32_t(p.chunks * (split + 1)))),
+                   p.splits > 1 ? split : -1};
+  }
+  const int tail_block = int(blockIdx.x) - p.lead_jobs;
+  if (tail_block < 0) {
+    JobPart part = job_at(int(blockIdx.x), 32 * POSITIONS, IMAGES, p);
+    part.chunk_end = p.chunks;
+    return part;
+  }
+  const int tail_job = int(p.by_tail_splits.divide(uint32_t(tail_block)));
+  const int split = tail_block - tail_job * p.tail_splits;
+  JobPart part = job_at(p.lead_jobs + tail_job, 32 * POSITIONS, IMAGES, p);
+  // chunks * tail_splits < 2^31 (staged_launch)
+  part.chunk_begin = int(p.by_tail_splits.divide(uint32_t(p.chunks * split)));
+  part.chunk_end = int(p.by_tail_splits.divide(uint32_t(p.chunks * (split + 1))));
+  part.slot = split;
+  return part;
+}
+
+// A tail block's sums in the uneven form, into its partial sums (tail_block_outputs' order:
+// image, then output channel, then position): every position, padding included, in coalesced
+// stores.
+template <int IMAGES, int POSITIONS>
+__device__ __forceinline__ void write_tail_sums(
+    const float (&acc)[kRowsPerWarp][IMAGES][POSITIONS], float* job_sums, int warp, int lane) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int b = 0; b < IMAGES; ++b)
+#pragma unroll
+      for (int i = 0; i < POSITIONS; ++i)
+        job_sums[(b * kRows + warp * kRowsPerWarp + r) * 32 * POSITIONS + lane + 32 * i] =
+            acc[r][b][i];
+}
+
 // Block (x: a tile of 32 * POSITIONS positions, y: an item (kRows output channels of one group)
-// times a split of its chunks, z: IMAGES images), kWarps warps. Thread `lane` of a warp computes
+// times a split of its chunks, z: IMAGES images; in the uneven form one row of lead jobs' and
+// tail jobs' splits' blocks: block_part), kWarps warps. Thread `lane` of a warp computes
 // positions q0 + lane + 32 * i of each image for its warp's kRowsPerWarp channels; an entry's
 // loads are consecutive across the warp's lanes, so shared memory serves them without bank
 // conflicts. (Blocks of two items, sharing each chunk between 64 channels, paid 5-15% on large
@@ -324,14 +397,9 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   auto* landed =
       reinterpret_cast<uint64_t*>(tile + kStagedSharedFloats + kEntryFloats<SHARED_ENTRIES>);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int q0 = int(blockIdx.x) * 32 * POSITIONS;
-  const int item = int(p.by_splits.divide(blockIdx.y));
-  const int split = int(blockIdx.y) - item * p.splits;
+  const JobPart part = block_part<IMAGES, POSITIONS>(p);
+  const int q0 = part.q0, item = part.item, n0 = part.n0;
   const int group = int(p.by_items_per_group.divide(uint32_t(item)));
-  const int n0 = int(blockIdx.z) * IMAGES;
-  // chunks * splits < 2^31 (tile_kernel_fits)
-  const int chunk_begin = int(p.by_splits.divide(uint32_t(p.chunks * split)));
-  const int chunk_end = int(p.by_splits.divide(uint32_t(p.chunks * (split + 1))));
   const int32_t* begins = program + kTileHeaderWords;
   const auto* entries = reinterpret_cast<const int2*>(program + p.entries_word);
   const float* in = input + group * p.group_span;
@@ -365,7 +433,7 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const auto* group_offsets_in = program + p.entries_word;
   const auto* group_weights_in = reinterpret_cast<const float4*>(
       program + (p.entries_word + (grouped ? __ldg(program + 3) : 0) + 3) / 4 * 4);
-  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+  for (int chunk = part.chunk_begin; chunk < part.chunk_end; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and, at first, the barrier initialised)
     stage_chunk<IMAGES>(input, in, tile, n0, chunk, q0, p, landed, &x_map, group * p.group_in,
                         row0);
@@ -509,10 +577,19 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
   const int first_out = group * p.group_out + first_channel;  // in all of y's channels
-  // Split sums are finished by the reduction kernel; the others here, in y's type.
-  if (p.splits > 1) {
-    write_sums<false>(acc, p.partial + split * (int64_t(p.batch) * p.out_channels * p.out_plane),
-                      plane_offset, first_out, channels, n0, p, [](float sum, int) { return sum; });
+  // Split sums are finished by a second kernel (the even form's reduction, or the uneven form's
+  // finish); a whole job's here, in y's type.
+  if (part.slot >= 0) {
+    constexpr int kTailBlockOutputs = IMAGES * kRows * 32 * POSITIONS;  // tail_block_outputs
+    if (p.tail_splits > 0)
+      write_tail_sums(
+          acc, p.partial + int64_t(int(blockIdx.x) - p.lead_jobs) * kTailBlockOutputs, warp,
+          lane);
+    else
+      write_sums<false>(acc, p.partial + part.slot * (int64_t(p.batch) * p.out_channels *
+                                                      p.out_plane),
+                        plane_offset, first_out, channels, n0, p,
+                        [](float sum, int) { return sum; });
     return;
   }
   if (NARROW_Y && p.out_type == ESCOIN_BFLOAT16)
@@ -520,6 +597,45 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
                 reinterpret_cast<__nv_bfloat16*>(y), plane_offset, first_out, channels, n0, p);
   else
     finish_tile(acc, bias, y, plane_offset, first_out, channels, n0, p);
+}
+
+// Finishes the tail jobs of the uneven form (StagedLaunch::tail_splits > 0): each output of such
+// a job is the sum of its blocks' partial sums in split order (deterministic, as the even form's
+// reduction adds them), then the epilogue, written as a T. Block (x: 256 of a job's outputs in
+// tail_block_outputs' order, y: a tail job); a job's tile is tile_positions positions of
+// `images` images.
+template <typename T>
+__global__ void finish_tail_jobs_kernel(const float* __restrict__ partial,
+                                        const T* __restrict__ bias,
+                                        const T* __restrict__ residual, int relu,
+                                        T* __restrict__ y, int tile_positions, int images,
+                                        StagedParams p) {
+  wait_for_previous_grid();  // the partial sums
+  const int job_outputs = images * kRows * tile_positions;
+  const int e = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (e >= job_outputs) return;
+  const JobPart job = job_at(p.lead_jobs + int(blockIdx.y), tile_positions, images, p);
+  const int row_image = e / tile_positions, row = row_image % kRows;
+  const int q = job.q0 + e - row_image * tile_positions, n = job.n0 + row_image / kRows;
+  const int group = int(p.by_items_per_group.divide(uint32_t(job.item)));
+  const int channel = (job.item - group * p.items_per_group) * kRows + row;  // in the group
+  const int oh = int(p.by_plane_w.divide(uint32_t(q))), ow = q - oh * p.plane_w;
+  if (q >= p.plane_q || ow >= p.out_width || channel >= p.group_out || n >= p.batch) return;
+  const int64_t m = int64_t(group) * p.group_out + channel;
+  const int64_t i = (int64_t(n) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+  // Every load issued before the first add: at batch 1 these outputs are few and wait on
+  // latency.
+  const float* sums = partial + int64_t(blockIdx.y) * p.tail_splits * job_outputs + e;
+  float part[kGpuMaxSplits];
+#pragma unroll
+  for (int k = 0; k < int(kGpuMaxSplits); ++k)
+    part[k] = k < p.tail_splits ? __ldg(sums + int64_t(k) * job_outputs) : 0.f;
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < int(kGpuMaxSplits); ++k)
+    if (k < p.tail_splits) sum += part[k];
+  const float b = bias ? to_float(__ldg(bias + m)) : 0.f;
+  y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
 }
 
 template <bool NARROW_Y>
@@ -584,8 +700,8 @@ int blocks_per_sm() {
 
 // What the staged kernels need to know of the current GPU.
 struct DeviceShape {
-  int64_t resident_blocks;  // blocks of the kernel it holds at once: SMs x blocks per SM
-  bool shared_entries;      // whether the SHARED_ENTRIES form runs (see prepare_device)
+  int64_t sms, blocks_per_sm;  // its SMs, and the blocks of the kernel each holds at once
+  bool shared_entries;         // whether the SHARED_ENTRIES form runs (see prepare_device)
 };
 
 // The current GPU's shape for the staged kernels, worked out once per device. Each warp's entries
@@ -596,7 +712,8 @@ struct DeviceShape {
 // anyway, and leaves the kernels at 48 KB, so that the tests can run it on a GPU that would take
 // the other (scripts/gpu_check.sh does).
 DeviceShape prepare_device() {
-  static std::atomic<int64_t> known[64] = {};  // resident_blocks * 2 + shared_entries
+  // (sms * 256 + blocks_per_sm) * 2 + shared_entries
+  static std::atomic<int64_t> known[64] = {};
   const int64_t found = once_per_device(known, [](int device) -> int64_t {
     int sms = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
@@ -605,10 +722,10 @@ DeviceShape prepare_device() {
     const int plain = blocks_per_sm<false>();
     const int with_entries = shuffled && shuffled[0] == '1' ? 0 : blocks_per_sm<true>();
     const bool shared_entries = with_entries >= plain;
-    return std::max<int64_t>(1, int64_t(sms) * (shared_entries ? with_entries : plain)) * 2 +
-           (shared_entries ? 1 : 0);
+    const int per_sm = std::clamp(shared_entries ? with_entries : plain, 1, 255);
+    return (std::max<int64_t>(1, sms) * 256 + per_sm) * 2 + (shared_entries ? 1 : 0);
   });
-  return DeviceShape{found / 2, found % 2 == 1};
+  return DeviceShape{found / 512, found / 2 % 256, found % 2 == 1};
 }
 
 }  // namespace
@@ -669,15 +786,26 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.by_segments_per_image = FastDivisor::of(s.whole_channels ? 1 : s.chunk_channels * s.phases);
   p.by_last_segments_per_image = FastDivisor::of(s.whole_channels ? 1 : last_channels * s.phases);
   const DeviceShape device = prepare_device();
-  const StagedLaunch shape = staged_launch(g, device.resident_blocks);
+  const StagedLaunch shape = staged_launch(g, device.sms, device.blocks_per_sm);
   p.splits = int(shape.splits);
   p.by_splits = FastDivisor::of(shape.splits);
+  p.tiles = int(staged_tiles(g, shape.positions));
+  p.items = int(s.items);
+  p.by_tiles = FastDivisor::of(p.tiles);
+  p.by_items = FastDivisor::of(p.items);
+  p.lead_jobs = int(shape.lead_jobs);
+  p.tail_splits = int(shape.tail_splits);
+  p.by_tail_splits = FastDivisor::of(std::max<int64_t>(shape.tail_splits, 1));
   // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
   p.segment_copied =
       int(s.whole_channels ? s.segment : s.segment - 32 * (s.positions - shape.positions));
   const size_t index = kernel_index(shape);
-  const dim3 grid(unsigned(staged_tiles(g, shape.positions)), unsigned(s.items * p.splits),
-                  unsigned((g.d.batch + shape.images - 1) / shape.images));
+  const int64_t jobs = staged_jobs(g, shape);
+  const dim3 grid =
+      shape.tail_splits > 0
+          ? dim3(unsigned(shape.lead_jobs + (jobs - shape.lead_jobs) * shape.tail_splits))
+          : dim3(unsigned(p.tiles), unsigned(s.items * p.splits),
+                 unsigned((g.d.batch + shape.images - 1) / shape.images));
   // A 1x1 filter gives each row ~6 entries a chunk at 90% sparsity (one tap per channel where a
   // 3x3 filter gives nine): its warps read their rows' entries as one run. Read so, the longer
   // rows of larger filters were 1-5% slower (each row's part of each 32 entries ends where it
@@ -695,7 +823,20 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   else
     launch(staged_kernel<true>(shared, one_run, index), static_cast<const __half*>(out.bias),
            static_cast<__half*>(out.y));
-  if (p.splits > 1) launch_reduce_splits(g, p.partial, p.splits, out, stream);
+  if (p.splits > 1 && shape.tail_splits == 0)
+    launch_reduce_splits(g, p.partial, p.splits, out, stream);
+  if (shape.tail_splits > 0) {
+    const int tile_positions = int(32 * shape.positions), images = int(shape.images);
+    const dim3 finish_grid(unsigned((images * kRows * tile_positions + 255) / 256),
+                           unsigned(jobs - shape.lead_jobs));
+    with_element_type(out.dtype, [&](auto element) {
+      using T = decltype(element);
+      launch_dependent(&finish_tail_jobs_kernel<T>, finish_grid, dim3(256), 0, stream,
+                       "finish_tail_jobs_kernel", p.partial, static_cast<const T*>(out.bias),
+                       static_cast<const T*>(out.residual), out.relu, static_cast<T*>(out.y),
+                       tile_positions, images, p);
+    });
+  }
 }
 
 }  // namespace escoin

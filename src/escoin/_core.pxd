@@ -52,6 +52,8 @@ cdef extern from "escoin/escoin.h" nogil:
     escoin_status_t escoin_stretch_offsets(const escoin_conv_desc_t* desc, const int32_t* col_idx,
                                            int64_t nnz, int32_t* offsets)
     int escoin_tile_min_batch()
+    escoin_status_t escoin_staged_launch(const escoin_conv_desc_t* desc, int64_t sms,
+                                         int64_t blocks_per_sm, int64_t* launch)
     escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc,
                                              const int64_t* row_ptr, const int32_t* offsets,
                                              const float* values, size_t* bytes)
