@@ -605,42 +605,51 @@ def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stri
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2.0 ** -10),
                                               ("bfloat16", 2.0 ** -7)])
-@pytest.mark.parametrize("batch, channels, size, groups", [(1, 64, 224, 1), (32, 128, 28, 1),
-                                                            (4, 64, 56, 4)])
-def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, size: int, groups: int,
+@pytest.mark.parametrize("batch, channels, out_channels, size, kernel, stride, groups", [
+    (1, 64, 64, 224, 3, 1, 1), (32, 128, 128, 28, 3, 1, 1), (4, 64, 64, 56, 3, 1, 4),
+    (5, 64, 128, 40, 1, 1, 1), (3, 64, 24, 112, 1, 2, 1)])
+def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, out_channels: int,
+                                     size: int, kernel: int, stride: int, groups: int,
                                      dtype: str, tolerance: float) -> None:
-    """Unsplit grids whose jobs are not a multiple of the GPU's SMs (VGG's conv1_2 at batch 1,
-    ResNet's conv2 3x3 at batch 32, images two a block, and a grouped layer: 400, 448 and 432
-    jobs for an H100's 132 SMs):
-    whole rounds of jobs run a block each, the rest split, their partial sums added and finished
-    by a second kernel (StagedLaunch's uneven form). Right with bias, residual and ReLU in each
-    output type, and bitwise the same on every run through a reused workspace poisoned with
-    0xff bytes (NaN): nothing reads a partial sum this call did not write."""
+    """Unsplit grids whose jobs are not a multiple of the GPU's SMs (for an H100's 132 SMs:
+    VGG's conv1_2 at batch 1, 400 jobs; ResNet's conv2 3x3 at batch 32, images two a block, 448;
+    a grouped layer, 432; a 1x1 layer at batch 5 (x read in place in float32), its last block of
+    two images half past the batch, 300; a 1x1 layer at stride 2 with 24 output channels, 294):
+    whole rounds of jobs run a block each, the rest split, their partial sums added and
+    finished by a second kernel (StagedLaunch's uneven form). Right with bias, residual and ReLU
+    in each output type, and bitwise the same on every run through a reused workspace poisoned
+    with 0xff bytes (NaN): nothing reads a partial sum this call did not write."""
     torch = pytest.importorskip("torch")
     kind = getattr(torch, dtype)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    shape = (channels, channels // groups, 3, 3)
-    layer = descriptor((batch, channels, size, size), shape, groups, 1, 1)
-    if escoin._core.staged_launch(layer, sms, 4)["tail_splits"] == 0:  # 4 blocks an SM: Hopper
+    device = torch.cuda.current_device()
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("the uneven launch checked here is the one for Hopper's 4 blocks an SM")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    shape = (out_channels, channels // groups, kernel, kernel)
+    padding = kernel // 2
+    layer = descriptor((batch, channels, size, size), shape, groups, stride, padding)
+    if escoin._core.staged_launch(layer, sms, 4)["tail_splits"] == 0:
         pytest.skip(f"on {sms} SMs this layer's blocks fill every SM evenly")
-    rng = np.random.default_rng(size + channels)
+    rng = np.random.default_rng(size + channels + out_channels)
     rounded = lambda a: torch.from_numpy(a.astype(np.float32)).to(kind)  # noqa: E731
     weight = rounded(rng.standard_normal(shape) * (rng.random(shape) < 0.1))
-    x, bias = rounded(rng.standard_normal((batch, channels, size, size))), rounded(
-        rng.standard_normal(channels))
-    residual = rounded(rng.standard_normal((batch, channels, size, size)))
     filt = escoin.SparseFilter.from_dense(weight.float().numpy(), groups=groups)
-    nbytes = escoin.workspace_size(tuple(x.shape), filt, padding=1)
+    x, bias = rounded(rng.standard_normal((batch, channels, size, size))), rounded(
+        rng.standard_normal(out_channels))
+    out_shape = escoin.output_shape(tuple(x.shape), filt, stride, padding)
+    residual = rounded(rng.standard_normal(out_shape))
+    nbytes = escoin.workspace_size(tuple(x.shape), filt, stride, padding)
     workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
     runs = []
     for _ in range(3):
-        out = torch.full(tuple(residual.shape), float("nan"), dtype=kind, device="cuda")
-        escoin.conv2d(x.cuda(), filt, bias.cuda(), padding=1, relu=True, out=out,
-                      workspace=workspace, residual=residual.cuda())
+        out = torch.full(out_shape, float("nan"), dtype=kind, device="cuda")
+        escoin.conv2d(x.cuda(), filt, bias.cuda(), stride=stride, padding=padding, relu=True,
+                      out=out, workspace=workspace, residual=residual.cuda())
         runs.append(out.float().cpu().numpy())
     as64 = lambda t: t.double().numpy()  # noqa: E731
-    expected = conv2d_reference(as64(x), as64(weight), as64(bias), (1, 1), (1, 1, 1, 1), (1, 1),
-                                groups, relu=True, residual=as64(residual))
+    expected = conv2d_reference(as64(x), as64(weight), as64(bias), (stride, stride),
+                                (padding,) * 4, (1, 1), groups, relu=True,
+                                residual=as64(residual))
     assert relative_error(runs[0], expected) <= tolerance
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_array_equal(runs[0], runs[2])

@@ -17,14 +17,29 @@ H100 = (132, 4)  # SMs, and staged blocks an SM holds
 
 
 def desc(batch: int, channels: int, out_channels: int, size: int, kernel: int = 3,
-         stride: int = 1, padding: int = 1) -> tuple:
+         stride: int = 1, padding: int = 1, groups: int = 1) -> tuple:
     return (batch, channels, size, size, out_channels, kernel, kernel, stride, stride,
-            padding, padding, padding, padding, 1, 1, 1)
+            padding, padding, padding, padding, 1, 1, groups)
 
 
 def blocks(launch: dict) -> int:
     """The uneven form's blocks: a block per lead job, tail_splits per tail job."""
     return launch["lead_jobs"] + (launch["jobs"] - launch["lead_jobs"]) * launch["tail_splits"]
+
+
+def check_limits(launch: dict, sms: int, per_sm: int) -> None:
+    """Splits within the kernel's limit; the uneven form only where the even one is unsplit and
+    leaves an SM short, its lead jobs whole rounds of the SMs, its tail's every split at least
+    one chunk, and within one wave where the even form is one."""
+    assert 1 <= launch["splits"] <= min(MAX_SPLITS, launch["chunks"])
+    if launch["tail_splits"] == 0:
+        return
+    rounds = launch["jobs"] // sms
+    assert launch["splits"] == 1 and launch["jobs"] % sms != 0
+    assert 2 <= launch["tail_splits"] <= min(MAX_SPLITS, launch["chunks"])
+    assert launch["lead_jobs"] == rounds * sms > 0
+    if rounds < per_sm:
+        assert math.ceil(blocks(launch) / sms) <= per_sm
 
 
 @pytest.mark.parametrize("layer", [desc(1, 64, 64, 224), desc(32, 128, 128, 28),
@@ -34,12 +49,9 @@ def test_unsplit_grids_short_of_whole_rounds_split_their_tail(layer: tuple) -> N
     give an H100's 132 SMs 3-4 blocks each in the even form, unsplit: a block more on some SMs
     than on the rest. The uneven form runs three whole rounds of jobs and splits the few jobs
     left over, within the blocks an SM holds at once."""
-    sms, per_sm = H100
-    launch = _core.staged_launch(layer, sms, per_sm)
-    assert launch["splits"] == 1 and 2 <= launch["tail_splits"] <= MAX_SPLITS
-    assert launch["lead_jobs"] == launch["jobs"] // sms * sms
-    assert launch["jobs"] // sms <= blocks(launch) // sms
-    assert math.ceil(blocks(launch) / sms) <= per_sm
+    launch = _core.staged_launch(layer, *H100)
+    assert launch["tail_splits"] >= 2
+    check_limits(launch, *H100)
 
 
 @pytest.mark.parametrize("layer", [desc(1, 128, 128, 112), desc(1, 512, 512, 28),
@@ -60,28 +72,40 @@ def test_large_batches_keep_the_even_form(layer: tuple) -> None:
     assert launch["tail_splits"] == 0 and launch["splits"] == 1
 
 
+def test_every_gpu_shape_keeps_the_limits() -> None:
+    """Layers of the suite's kinds (3x3, 1x1, stride 2, grouped, small and large batches) on
+    every GPU of 1-200 SMs and 1-8 blocks an SM: the limits hold, and the uneven form is
+    actually among the launches checked."""
+    layers = [desc(1, 64, 64, 224), desc(5, 64, 128, 40, 1, 1, 0), desc(3, 64, 24, 112, 1, 2, 0),
+              desc(4, 64, 64, 56, groups=4), desc(32, 128, 128, 28), desc(1, 256, 256, 56)]
+    uneven = 0
+    for layer in layers:
+        for sms in range(1, 201):
+            for per_sm in range(1, 9):
+                launch = _core.staged_launch(layer, sms, per_sm)
+                check_limits(launch, sms, per_sm)
+                uneven += launch["tail_splits"] > 0
+    assert uneven >= 500
+
+
 @settings(max_examples=60, deadline=None)
 @given(batch=st.integers(1, 40), channels=st.integers(1, 300), out_channels=st.integers(16, 300),
        size=st.integers(3, 120), kernel=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
        sms=st.integers(1, 200), per_sm=st.integers(1, 8))
 def test_every_launch_keeps_its_limits(batch: int, channels: int, out_channels: int, size: int,
                                        kernel: int, stride: int, sms: int, per_sm: int) -> None:
-    """Whatever the geometry and GPU: splits within the kernel's limit; the uneven form only
-    where the even one is unsplit and leaves an SM short, its lead jobs whole rounds of the
-    SMs, and within one wave where the even form was."""
+    """Whatever the geometry and GPU, the limits of check_limits hold."""
     layer = desc(batch, channels, out_channels, size, kernel, stride, kernel // 2)
-    launch = _core.staged_launch(layer, sms, per_sm)
-    assert 1 <= launch["splits"] <= MAX_SPLITS
-    if launch["tail_splits"] > 0:
-        assert launch["splits"] == 1 and launch["jobs"] % sms != 0
-        assert 2 <= launch["tail_splits"] <= MAX_SPLITS
-        assert launch["lead_jobs"] == launch["jobs"] // sms * sms > 0
-        if launch["jobs"] // sms < per_sm:  # one wave, no SM left fewer blocks than before
-            assert launch["jobs"] // sms <= blocks(launch) // sms
-            assert math.ceil(blocks(launch) / sms) <= per_sm
+    check_limits(_core.staged_launch(layer, sms, per_sm), sms, per_sm)
 
 
-@pytest.mark.parametrize("sms, per_sm, name", [(0, 4, "sms"), (132, 0, "blocks_per_sm")])
-def test_a_gpu_without_sms_or_blocks_is_refused(sms: int, per_sm: int, name: str) -> None:
-    with pytest.raises(EscoinError, match=f"{name} must be at least 1, got 0"):
+@pytest.mark.parametrize("sms, per_sm, message", [
+    (0, 4, r"sms must be in \[1, 65536\], got 0"),
+    (2**62, 4, r"sms must be in \[1, 65536\], got 4611686018427387904"),
+    (132, 0, r"blocks_per_sm must be in \[1, 255\], got 0"),
+    (132, 2**32, r"blocks_per_sm must be in \[1, 255\], got 4294967296")])
+def test_a_gpu_shape_out_of_range_is_refused(sms: int, per_sm: int, message: str) -> None:
+    """Out-of-range shapes are named, not multiplied: 2^62 SMs x 4 wrapped the product of the
+    two to 0, which the launch then divided by."""
+    with pytest.raises(EscoinError, match=message):
         _core.staged_launch(desc(1, 64, 64, 56), sms, per_sm)

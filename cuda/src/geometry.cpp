@@ -282,12 +282,9 @@ StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm
   for (int64_t tail_splits = 2; tail_splits <= std::min(kGpuMaxSplits, chunks); ++tail_splits) {
     const int64_t tail_blocks = tail * tail_splits;
     if (tail_blocks * tail_block_outputs(even) > g.partial_elements) break;  // more take more
-    // Within one wave, no SM with fewer blocks than the even form gives every SM: fewer blocks
-    // hide less of each other's latency.
+    // Where the even form is one wave, so is this: no SM gets more blocks than it holds.
     const int64_t blocks = rounds * sms + tail_blocks;
-    if (rounds < blocks_per_sm && (ceil_div(blocks, sms) > blocks_per_sm ||
-                                   blocks / sms < std::min(blocks_per_sm, jobs / sms)))
-      continue;
+    if (rounds < blocks_per_sm && ceil_div(blocks, sms) > blocks_per_sm) continue;
     const int64_t cost = rounds * chunks + ceil_div(tail_blocks, sms) *
                                                ceil_div(chunks, tail_splits) + 1;
     if (cost < best) {

@@ -140,8 +140,8 @@ struct StagedLaunch {
 // halving again, or where it adds waves or splits, was slower). Then, where the even form does
 // not split, the uneven form if its busiest SM runs fewer chunk rounds (the SMs are
 // throughput-bound: an SM's time follows the rounds of all its blocks; one more for the partial
-// sums), within the workspace's room for the tail's partial sums, and in one wave that leaves no
-// SM fewer blocks than the even form gave every SM.
+// sums), within the workspace's room for the tail's partial sums, and in one wave where the even
+// form is one.
 StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm);
 
 // The jobs of a launch: tiles x items x image blocks.

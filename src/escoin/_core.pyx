@@ -153,14 +153,14 @@ def tile_min_batch() -> int:
 def staged_launch(tuple desc, int64_t sms, int64_t blocks_per_sm) -> dict:
     """How the CUDA forward launches the staged kernel for desc on a GPU of `sms` SMs holding
     `blocks_per_sm` of its blocks each (escoin_staged_launch): images, positions, splits,
-    lead_jobs, tail_splits and jobs, by name."""
+    lead_jobs, tail_splits, jobs and chunks, by name."""
     cdef escoin_conv_desc_t d = make_desc(desc)
-    cdef int64_t launch[6]
+    cdef int64_t launch[7]
     cdef escoin_status_t status
     with nogil:
         status = escoin_staged_launch(&d, sms, blocks_per_sm, launch)
     check(status)
-    names = ("images", "positions", "splits", "lead_jobs", "tail_splits", "jobs")
+    names = ("images", "positions", "splits", "lead_jobs", "tail_splits", "jobs", "chunks")
     return {name: launch[i] for i, name in enumerate(names)}
 
 

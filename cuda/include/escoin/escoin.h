@@ -199,15 +199,17 @@ escoin_status_t escoin_conv2d_forward_cpu_trusted(const escoin_conv_desc_t* desc
  * tile program is passed); below it a tile program is not read, so callers need not build one. */
 int escoin_tile_min_batch(void);
 /* How the CUDA forward launches the staged kernel for this geometry on a GPU of `sms` SMs that
- * each hold `blocks_per_sm` of its blocks at once (an H100: 132 and 4), as six numbers in launch:
- * images and positions per thread of a block, splits, lead_jobs, tail_splits and jobs. A job is
- * a tile of positions x 32 output channels x a block of images. With tail_splits 0 every job
- * runs in `splits` blocks (an even share of its input channels each); else the first lead_jobs
- * jobs run in `splits` blocks each and the others in tail_splits (shorter) blocks each, so that
- * no SM gets a block more than the others where the blocks are not a multiple of the SMs. Host
- * only, for tests and benchmarks; fails where the staged kernel has no plan for the geometry. */
+ * each hold `blocks_per_sm` of its blocks at once (an H100: 132 and 4; sms at most 65536,
+ * blocks_per_sm at most 255), as seven numbers in launch: images and positions per thread of a
+ * block, splits, lead_jobs, tail_splits, jobs and chunks. A job is a tile of positions x 32
+ * output channels x a block of images, in `chunks` chunks of input channels. With tail_splits
+ * 0 every job runs in `splits` blocks (an even share of its chunks each); else (splits 1) the
+ * first lead_jobs jobs, whole rounds of the SMs, run in a block each and the others in
+ * tail_splits blocks each, which evens out the SMs' work where the jobs are not a multiple of
+ * the SMs. Host only, for tests and benchmarks; fails where the staged kernel has no plan for
+ * the geometry. */
 escoin_status_t escoin_staged_launch(const escoin_conv_desc_t* desc, int64_t sms,
-                                     int64_t blocks_per_sm, int64_t launch[6]);
+                                     int64_t blocks_per_sm, int64_t launch[7]);
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
                                          const int32_t* offsets, const float* values,
                                          size_t* bytes);
