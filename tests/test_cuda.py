@@ -607,18 +607,19 @@ def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stri
                                               ("bfloat16", 2.0 ** -7)])
 @pytest.mark.parametrize("batch, channels, out_channels, size, kernel, stride, groups", [
     (1, 64, 64, 224, 3, 1, 1), (32, 128, 128, 28, 3, 1, 1), (4, 64, 64, 56, 3, 1, 4),
-    (5, 64, 128, 40, 1, 1, 1), (3, 64, 24, 112, 1, 2, 1)])
+    (5, 64, 128, 40, 1, 1, 1), (3, 64, 128, 112, 1, 2, 1), (3, 64, 24, 112, 1, 1, 1)])
 def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, out_channels: int,
                                      size: int, kernel: int, stride: int, groups: int,
                                      dtype: str, tolerance: float) -> None:
     """Unsplit grids whose jobs are not a multiple of the GPU's SMs (for an H100's 132 SMs:
     VGG's conv1_2 at batch 1, 400 jobs; ResNet's conv2 3x3 at batch 32, images two a block, 448;
     a grouped layer, 432; a 1x1 layer at batch 5 (x read in place in float32), its last block of
-    two images half past the batch, 300; a 1x1 layer at stride 2 with 24 output channels, 294):
-    whole rounds of jobs run a block each, the rest split, their partial sums added and
-    finished by a second kernel (StagedLaunch's uneven form). Right with bias, residual and ReLU
-    in each output type, and bitwise the same on every run through a reused workspace poisoned
-    with 0xff bytes (NaN): nothing reads a partial sum this call did not write."""
+    two images half past the batch, 300; a 1x1 layer at stride 2, 300; one of 24 output
+    channels, 294): whole rounds of jobs run a block each, the rest split, their partial sums
+    added and finished by a second kernel (StagedLaunch's uneven form). Right with bias,
+    residual and ReLU in each output type, and bitwise the same on every run through a reused
+    workspace poisoned with 0xff bytes (NaN): nothing reads a partial sum this call did not
+    write."""
     torch = pytest.importorskip("torch")
     kind = getattr(torch, dtype)
     device = torch.cuda.current_device()
