@@ -34,8 +34,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
     float sum = 0.f;
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) sum += part[s];
-    const float b = bias ? to_float(__ldg(bias + (i / out_plane) % out_channels)) : 0.f;
-    y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
+    write_finished(sum, y, i, bias, (i / out_plane) % out_channels, residual, relu);
   }
 }
 

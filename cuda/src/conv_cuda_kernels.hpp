@@ -45,6 +45,15 @@ __device__ __forceinline__ float with_residual(float sum, const T* residual, int
   return residual ? sum + to_float(__ldg(residual + i)) : sum;
 }
 
+// A split output's finished sum into y[i] (of element type T): plus channel m's bias (bias may
+// be null) and the residual's element i, then the ReLU, rounded once to T.
+template <typename T>
+__device__ __forceinline__ void write_finished(float sum, T* y, int64_t i, const T* bias,
+                                               int64_t m, const T* residual, int relu) {
+  const float b = bias ? to_float(__ldg(bias + m)) : 0.f;
+  y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
+}
+
 // Where split partial sums go: after the stretched input and its slack in the workspace.
 inline float* partial_sums(const Geometry& g, float* ws) {
   return ws + stretched_input_elements(g) + g.tail_slack;

@@ -304,6 +304,26 @@ __device__ __forceinline__ void finish_tile(const float (&acc)[kRowsPerWarp][IMA
                       [&](float sum, int r) { return sum + channel_bias[r]; });
 }
 
+// Where stretched position q goes in an output plane (oh * out_width + ow), or -1 past the plane
+// or in a stretched row's padding.
+__device__ __forceinline__ int plane_offset_of(int q, const StagedParams& p) {
+  const int oh = int(p.by_plane_w.divide(uint32_t(q)));
+  const int ow = q - oh * p.plane_w;
+  return q < p.plane_q && ow < p.out_width ? oh * p.out_width + ow : -1;
+}
+
+// The chunks [begin, end) of split `split` of `splits` (by_splits divides by splits): an even
+// share, the same for every job. chunks * splits < 2^31 (tile_kernel_fits; staged_launch for the
+// tail's splits).
+struct ChunkRange {
+  int begin, end;
+};
+__device__ __forceinline__ ChunkRange split_chunks(int split, const FastDivisor& by_splits,
+                                                   const StagedParams& p) {
+  return ChunkRange{int(by_splits.divide(uint32_t(p.chunks * split))),
+                    int(by_splits.divide(uint32_t(p.chunks * (split + 1))))};
+}
+
 // A block's part of one job (StagedLaunch): its tile's first position q0, its item, its first
 // image n0, the chunks [chunk_begin, chunk_end), and the partial-sum slot (its split) its sums go
 // to, or -1 where the block has the whole job and finishes its sums into y.
@@ -329,13 +349,9 @@ __device__ __forceinline__ JobPart block_part(const StagedParams& p) {
   if (p.tail_splits == 0) {
     const int item = int(p.by_splits.divide(blockIdx.y));
     const int split = int(blockIdx.y) - item * p.splits;
-    // chunks * splits < 2^31 (tile_kernel_fits)
-    return JobPart{int(blockIdx.x) * 32 * POSITIONS,
-                   item,
-                   int(blockIdx.z) * IMAGES,
-                   int(p.by_splits.divide(uint32_t(p.chunks * split))),
-                   int(p.by_splits.divide(uint32_t(p.chunks * (split + 1)))),
-                   p.splits > 1 ? split : -1};
+    const ChunkRange chunks = split_chunks(split, p.by_splits, p);
+    return JobPart{int(blockIdx.x) * 32 * POSITIONS, item, int(blockIdx.z) * IMAGES,
+                   chunks.begin, chunks.end, p.splits > 1 ? split : -1};
   }
   const int tail_block = int(blockIdx.x) - p.lead_jobs;
   if (tail_block < 0) {
@@ -346,9 +362,9 @@ __device__ __forceinline__ JobPart block_part(const StagedParams& p) {
   const int tail_job = int(p.by_tail_splits.divide(uint32_t(tail_block)));
   const int split = tail_block - tail_job * p.tail_splits;
   JobPart part = job_at(p.lead_jobs + tail_job, 32 * POSITIONS, IMAGES, p);
-  // chunks * tail_splits < 2^31 (staged_launch)
-  part.chunk_begin = int(p.by_tail_splits.divide(uint32_t(p.chunks * split)));
-  part.chunk_end = int(p.by_tail_splits.divide(uint32_t(p.chunks * (split + 1))));
+  const ChunkRange chunks = split_chunks(split, p.by_tail_splits, p);
+  part.chunk_begin = chunks.begin;
+  part.chunk_end = chunks.end;
   part.slot = split;
   return part;
 }
@@ -564,16 +580,12 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
     }
   }
 
-  // Where each of the thread's positions goes in an output plane, or -1 past the plane or in a
-  // stretched row's padding: worked out once, not per channel and image.
+  // Where each of the thread's positions goes in an output plane: worked out once, not per
+  // channel and image.
   int plane_offset[POSITIONS];
 #pragma unroll
-  for (int i = 0; i < POSITIONS; ++i) {
-    const int q = q0 + lane + 32 * i;  // < 2^31: plane_q <= INT32_MAX / 2 (tile_kernel_fits)
-    const int oh = int(p.by_plane_w.divide(uint32_t(q)));
-    const int ow = q - oh * p.plane_w;
-    plane_offset[i] = q < p.plane_q && ow < p.out_width ? oh * p.out_width + ow : -1;
-  }
+  for (int i = 0; i < POSITIONS; ++i)  // q < 2^31: plane_q <= INT32_MAX / 2 (tile_kernel_fits)
+    plane_offset[i] = plane_offset_of(q0 + lane + 32 * i, p);
   const int first_channel = (item - group * p.items_per_group) * kRows + warp * kRowsPerWarp;
   const int channels = min(kRowsPerWarp, p.group_out - first_channel);  // the warp's, here
   const int first_out = group * p.group_out + first_channel;  // in all of y's channels
@@ -619,10 +631,10 @@ __global__ void finish_tail_jobs_kernel(const float* __restrict__ partial,
   const int q = job.q0 + e - row_image * tile_positions, n = job.n0 + row_image / kRows;
   const int group = int(p.by_items_per_group.divide(uint32_t(job.item)));
   const int channel = (job.item - group * p.items_per_group) * kRows + row;  // in the group
-  const int oh = int(p.by_plane_w.divide(uint32_t(q))), ow = q - oh * p.plane_w;
-  if (q >= p.plane_q || ow >= p.out_width || channel >= p.group_out || n >= p.batch) return;
+  const int offset = plane_offset_of(q, p);
+  if (offset < 0 || channel >= p.group_out || n >= p.batch) return;
   const int64_t m = int64_t(group) * p.group_out + channel;
-  const int64_t i = (int64_t(n) * p.out_channels + m) * p.out_plane + oh * p.out_width + ow;
+  const int64_t i = (int64_t(n) * p.out_channels + m) * p.out_plane + offset;
   // Every load issued before the first add: at batch 1 these outputs are few and wait on
   // latency.
   const float* sums = partial + int64_t(blockIdx.y) * p.tail_splits * job_outputs + e;
@@ -634,8 +646,7 @@ __global__ void finish_tail_jobs_kernel(const float* __restrict__ partial,
 #pragma unroll
   for (int k = 0; k < int(kGpuMaxSplits); ++k)
     if (k < p.tail_splits) sum += part[k];
-  const float b = bias ? to_float(__ldg(bias + m)) : 0.f;
-  y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
+  write_finished(sum, y, i, bias, m, residual, relu);
 }
 
 template <bool NARROW_Y>
