@@ -607,19 +607,27 @@ def test_a_stride_past_the_input(dev, size: int, kernel: int, padding: int, stri
                                               ("bfloat16", 2.0 ** -7)])
 @pytest.mark.parametrize("batch, channels, out_channels, size, kernel, stride, groups", [
     (1, 64, 64, 224, 3, 1, 1), (32, 128, 128, 28, 3, 1, 1), (4, 64, 64, 56, 3, 1, 4),
-    (5, 64, 128, 40, 1, 1, 1), (3, 64, 128, 112, 1, 2, 1), (3, 64, 24, 112, 1, 1, 1)])
+    (5, 64, 128, 40, 1, 1, 1), (3, 64, 128, 112, 1, 2, 1), (3, 64, 24, 112, 1, 1, 1),
+    (1, 128, 128, 112, 3, 1, 1), (1, 512, 512, 28, 3, 1, 1), (1, 512, 2048, 7, 1, 1, 1),
+    (1, 135, 75, 36, 3, 2, 3), (3, 68, 54, 29, 3, 1, 2), (3, 27, 79, 34, 3, 1, 1)])
 def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, out_channels: int,
                                      size: int, kernel: int, stride: int, groups: int,
                                      dtype: str, tolerance: float) -> None:
-    """Unsplit grids whose jobs are not a multiple of the GPU's SMs (for an H100's 132 SMs:
-    VGG's conv1_2 at batch 1, 400 jobs; ResNet's conv2 3x3 at batch 32, images two a block, 448;
-    a grouped layer, 432; a 1x1 layer at batch 5 (x read in place in float32), its last block of
-    two images half past the batch, 300; a 1x1 layer at stride 2, 300; one of 24 output
-    channels, 294): whole rounds of jobs run a block each, the rest split, their partial sums
-    added and finished by a second kernel (StagedLaunch's uneven form). Right with bias,
-    residual and ReLU in each output type, and bitwise the same on every run through a reused
-    workspace poisoned with 0xff bytes (NaN): nothing reads a partial sum this call did not
-    write."""
+    """Grids whose blocks are not a multiple of the GPU's SMs run their first jobs as the even
+    form does, as far as whole rounds of the SMs, and the rest (the tail) in more blocks, whose
+    partial sums a second kernel adds and finishes (StagedLaunch's uneven form). For an H100's
+    132 SMs, unsplit: VGG's conv1_2 at batch 1, 400 jobs; ResNet's conv2 3x3 at batch 32, images
+    two a block, 448; a grouped layer, 432; a 1x1 layer at batch 5 (x read in place in float32),
+    its last block of two images half past the batch, 300; a 1x1 layer at stride 2, 300; one of
+    24 output channels, 294. Split (the reduction adds the lead jobs' splits and the tail's,
+    found by their place in y): VGG's conv2_2 and conv4_2 at batch 1 (2 and 4 splits, the tail
+    in 8 and 6); ResNet's conv4 1x1 at batch 1 (5, 10); groups of 25 output channels at stride
+    2 (8, 15); groups of 27 at batch 3, the tail in the last image (6, 12); 79 output channels
+    at batch 3 (5, 9).
+    Right with residual and ReLU in each output type, with a bias in the 16-bit ones and none
+    in float32 (whose finish then never looks up an output's channel), and bitwise the same on
+    every run through a reused workspace poisoned with 0xff bytes (NaN): nothing reads a partial
+    sum this call did not write."""
     torch = pytest.importorskip("torch")
     kind = getattr(torch, dtype)
     device = torch.cuda.current_device()
@@ -635,8 +643,8 @@ def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, out_channel
     rounded = lambda a: torch.from_numpy(a.astype(np.float32)).to(kind)  # noqa: E731
     weight = rounded(rng.standard_normal(shape) * (rng.random(shape) < 0.1))
     filt = escoin.SparseFilter.from_dense(weight.float().numpy(), groups=groups)
-    x, bias = rounded(rng.standard_normal((batch, channels, size, size))), rounded(
-        rng.standard_normal(out_channels))
+    x = rounded(rng.standard_normal((batch, channels, size, size)))
+    bias = None if dtype == "float32" else rounded(rng.standard_normal(out_channels))
     out_shape = escoin.output_shape(tuple(x.shape), filt, stride, padding)
     residual = rounded(rng.standard_normal(out_shape))
     nbytes = escoin.workspace_size(tuple(x.shape), filt, stride, padding)
@@ -644,10 +652,11 @@ def test_uneven_launch_on_a_full_gpu(dev, batch: int, channels: int, out_channel
     runs = []
     for _ in range(3):
         out = torch.full(out_shape, float("nan"), dtype=kind, device="cuda")
-        escoin.conv2d(x.cuda(), filt, bias.cuda(), stride=stride, padding=padding, relu=True,
-                      out=out, workspace=workspace, residual=residual.cuda())
+        escoin.conv2d(x.cuda(), filt, None if bias is None else bias.cuda(), stride=stride,
+                      padding=padding, relu=True, out=out, workspace=workspace,
+                      residual=residual.cuda())
         runs.append(out.float().cpu().numpy())
-    as64 = lambda t: t.double().numpy()  # noqa: E731
+    as64 = lambda t: None if t is None else t.double().numpy()  # noqa: E731
     expected = conv2d_reference(as64(x), as64(weight), as64(bias), (stride, stride),
                                 (padding,) * 4, (1, 1), groups, relu=True,
                                 residual=as64(residual))

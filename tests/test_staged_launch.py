@@ -1,7 +1,7 @@
 """How the staged CUDA kernel's launch deals jobs to blocks (escoin_staged_launch), on the host:
-the uneven form, where the first jobs fill whole rounds of the SMs and the rest (the tail) run
-split, is chosen where the unsplit even form would leave some SMs a block more than others,
-and keeps to its limits everywhere."""
+the uneven form, where the first jobs' blocks fill whole rounds of the SMs and the rest (the
+tail) run in more, shorter blocks, is chosen where the even form would leave some SMs a block
+more than others, and keeps to its limits everywhere."""
 from __future__ import annotations
 
 import math
@@ -23,21 +23,26 @@ def desc(batch: int, channels: int, out_channels: int, size: int, kernel: int = 
 
 
 def blocks(launch: dict) -> int:
-    """The uneven form's blocks: a block per lead job, tail_splits per tail job."""
-    return launch["lead_jobs"] + (launch["jobs"] - launch["lead_jobs"]) * launch["tail_splits"]
+    """The uneven form's blocks: `splits` per lead job, tail_splits per tail job."""
+    tail_jobs = launch["jobs"] - launch["lead_jobs"]
+    return launch["lead_jobs"] * launch["splits"] + tail_jobs * launch["tail_splits"]
 
 
 def check_limits(launch: dict, sms: int, per_sm: int) -> None:
-    """Splits within the kernel's limit; the uneven form only where the even one is unsplit and
-    leaves an SM short, its lead jobs whole rounds of the SMs, its tail's every split at least
-    one chunk, and within one wave where the even form is one."""
+    """Splits within the kernel's limit; the uneven form only where the even one leaves an SM
+    short, its lead jobs' blocks as many whole rounds of the SMs as the even form fills (split
+    only in blocks of one image), its tail split finer than the lead jobs with every split at
+    least one chunk, and within one wave where the even form is one."""
     assert 1 <= launch["splits"] <= min(MAX_SPLITS, launch["chunks"])
     if launch["tail_splits"] == 0:
         return
-    rounds = launch["jobs"] // sms
-    assert launch["splits"] == 1 and launch["jobs"] % sms != 0
-    assert 2 <= launch["tail_splits"] <= min(MAX_SPLITS, launch["chunks"])
-    assert launch["lead_jobs"] == rounds * sms > 0
+    even_blocks = launch["jobs"] * launch["splits"]
+    rounds = even_blocks // sms
+    assert even_blocks % sms != 0
+    assert launch["splits"] < launch["tail_splits"] <= min(MAX_SPLITS, launch["chunks"])
+    assert launch["lead_jobs"] == rounds * sms // launch["splits"] > 0
+    if launch["splits"] > 1:  # the reduction finds the tail's outputs by their place in y
+        assert launch["images"] == 1
     if rounds < per_sm:
         assert math.ceil(blocks(launch) / sms) <= per_sm
 
@@ -54,14 +59,24 @@ def test_unsplit_grids_short_of_whole_rounds_split_their_tail(layer: tuple) -> N
     check_limits(launch, *H100)
 
 
-@pytest.mark.parametrize("layer", [desc(1, 128, 128, 112), desc(1, 512, 512, 28),
-                                   desc(1, 512, 512, 7)])
-def test_split_grids_keep_the_even_form(layer: tuple) -> None:
-    """VGG's conv2_2 and conv4_2 and ResNet's conv4 3x3 at batch 1 split every job (2-16 ways):
-    uneven, their lead jobs' partial sums would all go through the tail's finishing kernel,
-    which cost 22 us on conv2_2 against the even form's 6 us reduction (measured on an H100)."""
+@pytest.mark.parametrize("layer, splits, tail_splits", [
+    (desc(1, 128, 128, 112), 2, 8), (desc(1, 512, 512, 28), 4, 6)])
+def test_split_grids_split_their_tail_finer(layer: tuple, splits: int,
+                                            tail_splits: int) -> None:
+    """VGG's conv2_2 and conv4_2 at batch 1 split every job (204 jobs in 2 blocks, 112 in 4):
+    408 and 448 blocks, a block more on some of an H100's SMs than on the rest. The uneven form
+    keeps the jobs whose blocks fill three whole rounds split as they were, and splits the few
+    after them finer: conv2_2's 6 into 8 (one chunk each), conv4_2's 13 into 6 (as far as the
+    workspace's partial-sum area, sized for the even form's 4 splits, has room)."""
     launch = _core.staged_launch(layer, *H100)
-    assert launch["splits"] > 1 and launch["tail_splits"] == 0
+    assert (launch["splits"], launch["tail_splits"]) == (splits, tail_splits)
+    check_limits(launch, *H100)
+
+
+def test_a_tail_that_cannot_split_finer_keeps_the_even_form() -> None:
+    """ResNet's conv4 3x3 at batch 1 runs its 16 chunks in 16 splits: no finer split exists."""
+    launch = _core.staged_launch(desc(1, 512, 512, 7), *H100)
+    assert launch["splits"] == 16 and launch["tail_splits"] == 0
 
 
 @pytest.mark.parametrize("layer", [desc(32, 128, 128, 112), desc(32, 256, 256, 56)])

@@ -18,8 +18,9 @@ namespace {
 
 // Adds the SPLITS partial sums of each output in split order (deterministic), then the
 // epilogue in float32, and writes the output as a T (element_type.cuh). The split count is a
-// template parameter so that a thread issues all its loads before the first add: at batch 1 a
-// layer's outputs are few and this kernel waits on load latency.
+// template parameter so that a thread issues only its own loads, all before the first add
+// (sum_in_split_order): at batch 1 a layer's outputs are few and this kernel waits on load
+// latency.
 template <int SPLITS, typename T>
 __global__ void reduce_splits_kernel(const float* __restrict__ partial,
                                      const T* __restrict__ bias, const T* __restrict__ residual,
@@ -27,25 +28,50 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial,
                                      int64_t out_channels, int64_t out_plane) {
   wait_for_previous_grid();  // the partial sums
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
+       i += int64_t(gridDim.x) * blockDim.x)
+    write_finished(sum_in_split_order(partial + i, outputs, SPLITS), y, i, bias,
+                   [&] { return (i / out_plane) % out_channels; }, residual, relu);
+}
+
+// The same where the uneven staged launch has a tail (SplitTail): a tail job's outputs are added
+// from the tail's sums. A kernel of its own, so that the reduction without a tail runs the code
+// it ran before (with the tail's test and parameters in it, layers without a tail took 3-4%
+// longer at batch 1 on an H200). The tail is looked for only from its first output in y on: this
+// kernel is short of issue slots at batch 1, and a test of every output's job doubled its time.
+template <int SPLITS, typename T>
+__global__ void reduce_splits_and_tail_kernel(const float* __restrict__ partial,
+                                              const T* __restrict__ bias,
+                                              const T* __restrict__ residual, int relu,
+                                              T* __restrict__ y, int64_t outputs,
+                                              int64_t out_channels, int64_t out_plane,
+                                              SplitTail tail) {
+  wait_for_previous_grid();  // the partial sums
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < outputs;
        i += int64_t(gridDim.x) * blockDim.x) {
-    float part[SPLITS];
-#pragma unroll
-    for (int s = 0; s < SPLITS; ++s) part[s] = __ldg(partial + s * outputs + i);
-    float sum = 0.f;
-#pragma unroll
-    for (int s = 0; s < SPLITS; ++s) sum += part[s];
-    write_finished(sum, y, i, bias, (i / out_plane) % out_channels, residual, relu);
+    const int64_t place = i >= tail.first ? tail_place(tail, int(i)) : -1;
+    const float sum =
+        place < 0 ? sum_in_split_order(partial + i, outputs, SPLITS)
+                  : sum_in_split_order(tail.sums + place, tail.job_outputs, tail.tail_splits);
+    write_finished(sum, y, i, bias, [&] { return (i / out_plane) % out_channels; }, residual,
+                   relu);
   }
 }
 
-// reduce_splits_kernel<1 + i, T> at index i, for every split count up to kGpuMaxSplits.
+// Each kernel above for split counts 1 + i at index i, up to kGpuMaxSplits.
 template <typename T, int... I>
 constexpr auto reduce_kernels(std::integer_sequence<int, I...>) {
   return std::array{&reduce_splits_kernel<I + 1, T>...};
 }
+template <typename T, int... I>
+constexpr auto reduce_and_tail_kernels(std::integer_sequence<int, I...>) {
+  return std::array{&reduce_splits_and_tail_kernel<I + 1, T>...};
+}
 template <typename T>
 constexpr auto kReduceKernels =
     reduce_kernels<T>(std::make_integer_sequence<int, int(kGpuMaxSplits)>{});
+template <typename T>
+constexpr auto kReduceAndTailKernels =
+    reduce_and_tail_kernels<T>(std::make_integer_sequence<int, int(kGpuMaxSplits)>{});
 
 // ---- the direct sparse convolution ----
 
@@ -170,17 +196,23 @@ void launch_conv(const Geometry& g, const float* input, float* ws, const int64_t
 }  // namespace
 
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const Output& out, cudaStream_t stream) {
+                          const Output& out, cudaStream_t stream, const SplitTail& tail) {
   const int64_t outputs = g.d.batch * g.d.out_channels * g.out_plane;
   if (splits < 1 || splits > kGpuMaxSplits)
     fail_invalid("splits must be in [1, ", kGpuMaxSplits, "], got ", splits);
   const dim3 grid(grid_limit((outputs + 255) / 256, 1 << 20));
   with_element_type(out.dtype, [&](auto element) {
     using T = decltype(element);
-    launch_dependent(kReduceKernels<T>[size_t(splits - 1)], grid, dim3(256), 0, stream,
-                     "reduce_splits_kernel", partial, static_cast<const T*>(out.bias),
-                     static_cast<const T*>(out.residual), out.relu, static_cast<T*>(out.y),
-                     outputs, g.d.out_channels, g.out_plane);
+    const auto* bias = static_cast<const T*>(out.bias);
+    const auto* residual = static_cast<const T*>(out.residual);
+    if (tail.sums)
+      launch_dependent(kReduceAndTailKernels<T>[size_t(splits - 1)], grid, dim3(256), 0, stream,
+                       "reduce_splits_and_tail_kernel", partial, bias, residual, out.relu,
+                       static_cast<T*>(out.y), outputs, g.d.out_channels, g.out_plane, tail);
+    else
+      launch_dependent(kReduceKernels<T>[size_t(splits - 1)], grid, dim3(256), 0, stream,
+                       "reduce_splits_kernel", partial, bias, residual, out.relu,
+                       static_cast<T*>(out.y), outputs, g.d.out_channels, g.out_plane);
   });
 }
 

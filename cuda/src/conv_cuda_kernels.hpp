@@ -8,6 +8,7 @@
 
 #include "element_type.cuh"
 #include "escoin/escoin.h"
+#include "fast_divide.cuh"
 #include "geometry.hpp"
 
 namespace escoin {
@@ -45,13 +46,65 @@ __device__ __forceinline__ float with_residual(float sum, const T* residual, int
   return residual ? sum + to_float(__ldg(residual + i)) : sum;
 }
 
-// A split output's finished sum into y[i] (of element type T): plus channel m's bias (bias may
-// be null) and the residual's element i, then the ReLU, rounded once to T.
-template <typename T>
+// A split output's finished sum into y[i] (of element type T): plus its output channel's bias
+// (bias may be null; channel() gives the channel, called only where there is a bias: a
+// division per output for nothing made the reduction up to twice as long) and the residual's
+// element i, then the ReLU, rounded once to T.
+template <typename T, typename Channel>
 __device__ __forceinline__ void write_finished(float sum, T* y, int64_t i, const T* bias,
-                                               int64_t m, const T* residual, int relu) {
-  const float b = bias ? to_float(__ldg(bias + m)) : 0.f;
+                                               Channel channel, const T* residual, int relu) {
+  const float b = bias ? to_float(__ldg(bias + channel())) : 0.f;
   y[i] = from_float<T>(bias_relu(with_residual(sum, residual, i), b, relu));
+}
+
+// The sum of `count` partial sums (at most kGpuMaxSplits) `stride` apart from `first`, added in
+// split order (deterministic). Every load is issued before the first add: at batch 1 a layer's
+// outputs are few and the adding waits on load latency. A count known at compile time leaves
+// only its own loads.
+__device__ __forceinline__ float sum_in_split_order(const float* first, int64_t stride,
+                                                    int count) {
+  float part[kGpuMaxSplits];
+#pragma unroll
+  for (int k = 0; k < int(kGpuMaxSplits); ++k)
+    part[k] = k < count ? __ldg(first + k * stride) : 0.f;
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < int(kGpuMaxSplits); ++k)
+    if (k < count) sum += part[k];
+  return sum;
+}
+
+// The uneven staged launch's tail where its lead jobs split (StagedLaunch; blocks of one image
+// there): the reduction adds the lead jobs' partial sums and, for the tail jobs' outputs, the
+// tail's instead (sums null: no tail). Jobs are numbered tile fastest, then by their row: image
+// x items + item, which with one image a block follows y's order of planes. So the tail's
+// outputs are the planes of rows past the tail's first (from y's element past_first_row on),
+// and that row's planes (from first on) from its first tile's place in the plane on.
+struct SplitTail {
+  const float* sums;  // [tail block][job_outputs]: kStagedRows channels x tile positions
+  int64_t first, past_first_row;
+  int first_offset, lead_jobs, tail_splits, job_outputs, tiles, items, items_per_group;
+  int tile_positions, plane_w, out_plane, out_width;
+  FastDivisor by_out_plane, by_out_channels, by_group_out, by_out_width, by_tile_positions;
+};
+
+// Where the tail's partial sums of y's element i (i >= t.first) start, or -1 where it is not a
+// tail job's. (y's elements fit 32 bits where there is a tail: staged_launch.)
+__device__ __forceinline__ int64_t tail_place(const SplitTail& t, int i) {
+  const int plane = int(t.by_out_plane.divide(uint32_t(i)));  // image x out_channels + channel
+  const int offset = i - plane * t.out_plane;
+  if (i < t.past_first_row && offset < t.first_offset) return -1;
+  const int n = int(t.by_out_channels.divide(uint32_t(plane)));
+  const int m = plane - n * int(t.by_out_channels.divisor);
+  const int group = int(t.by_group_out.divide(uint32_t(m)));
+  const int channel = m - group * int(t.by_group_out.divisor);  // in the group
+  const int row = n * t.items + group * t.items_per_group + channel / int(kStagedRows);
+  const int oh = int(t.by_out_width.divide(uint32_t(offset)));
+  const int q = oh * t.plane_w + offset - oh * t.out_width;  // its stretched position
+  const int tile = int(t.by_tile_positions.divide(uint32_t(q)));
+  const int tail_job = row * t.tiles + tile - t.lead_jobs;
+  const int e = channel % int(kStagedRows) * t.tile_positions + q - tile * t.tile_positions;
+  return int64_t(tail_job) * t.tail_splits * t.job_outputs + e;
 }
 
 // Where split partial sums go: after the stretched input and its slack in the workspace.
@@ -70,9 +123,9 @@ void launch_stretch(const Geometry& g, bool for_staged_kernel, const void* x,
 void launch_split_stretch(const Geometry& g, const float* x, float* ws, cudaStream_t stream);
 
 // Adds `splits` partial sums per output in split order (deterministic), then the epilogue, and
-// writes y in its dtype.
+// writes y in its dtype; a tail job's outputs, where `tail` has one, from the tail's sums.
 void launch_reduce_splits(const Geometry& g, const float* partial, int64_t splits,
-                          const Output& out, cudaStream_t stream);
+                          const Output& out, cudaStream_t stream, const SplitTail& tail = {});
 
 // Whether the staged kernel can run g: a channel fits in shared memory and the grid holds it.
 bool tile_kernel_fits(const Geometry& g);

@@ -252,6 +252,10 @@ int64_t tail_block_outputs(const StagedLaunch& launch) {
   return launch.images * kStagedRows * 32 * launch.positions;
 }
 
+int64_t tail_partial_offset(const Geometry& g, const StagedLaunch& launch) {
+  return launch.splits > 1 ? launch.splits * g.d.batch * g.d.out_channels * g.out_plane : 0;
+}
+
 StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm) {
   sms = std::max<int64_t>(sms, 1);
   blocks_per_sm = std::max<int64_t>(blocks_per_sm, 1);
@@ -266,30 +270,45 @@ StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm
     if (half.cost <= plan.cost && half.splits <= plan.splits)
       launch = {launch.images, half_positions, half.splits, 0, 0};
   }
-  // The uneven form: whole rounds of jobs over the SMs, the tail split. Only where the even form
-  // does not split: its lead jobs then run as they would have, and only the tail's partial sums
-  // are added. (Measured on an H100 with split lead jobs, vgg.c2_2 at batch 1: the staged kernel
-  // 43.3 -> 38.9 us, but adding every job's partial sums in the layout the tail's take cost
-  // 22.3 us against the even form's reduction's 5.9; docs/performance.md.)
+  // The uneven form: the even form's blocks as far as they fill whole rounds of the SMs (the lead
+  // jobs), the jobs after them (the tail) in more, shorter blocks. A tail block is never longer
+  // than a lead one: a whole job where the even form split it left an SM running it alone
+  // (vgg.c2_2 at batch 1 on an H100, 1.40x slower). The split lead jobs' partial sums stay in the
+  // even form's layout, which the reduction adds on a flat index (adding them in the tail's
+  // layout, each output's place worked out from its job's, cost 22.3 us on vgg.c2_2 against the
+  // reduction's 5.9; docs/performance.md).
   const int64_t jobs = staged_jobs(g, launch), chunks = g.staged.chunks;
-  const int64_t rounds = jobs / sms, tail = jobs - rounds * sms;
-  if (launch.splits > 1 || rounds == 0 || tail == 0 || g.partial_elements == 0 ||
+  const int64_t splits = launch.splits, even_blocks = jobs * splits;
+  const int64_t rounds = even_blocks / sms, lead_jobs = rounds * sms / splits;
+  const int64_t tail_room = g.partial_elements - tail_partial_offset(g, launch);
+  // Split lead jobs need blocks of one image, whose jobs follow y's order (the reduction finds
+  // the tail's outputs by their place in y), and a y of 32-bit indices.
+  const bool finds_tail = launch.images == 1 &&
+                          g.d.batch * g.d.out_channels * g.out_plane <=
+                              std::numeric_limits<int32_t>::max();
+  if (lead_jobs == 0 || even_blocks % sms == 0 || tail_room <= 0 ||
+      (splits > 1 && !finds_tail) ||
       jobs > std::numeric_limits<int32_t>::max() / kGpuMaxSplits ||
       chunks > std::numeric_limits<int32_t>::max() / kGpuMaxSplits)
     return launch;
-  int64_t best = ceil_div(jobs, sms) * chunks;
+  const int64_t tail_jobs = jobs - lead_jobs;
+  const int64_t gap = rounds * sms - lead_jobs * splits;  // the last lead round's slots left
+  const int64_t lead_block_rounds = ceil_div(chunks, splits);
+  int64_t best = ceil_div(even_blocks, sms) * lead_block_rounds + (splits > 1 ? 1 : 0);
   const StagedLaunch even = launch;
-  for (int64_t tail_splits = 2; tail_splits <= std::min(kGpuMaxSplits, chunks); ++tail_splits) {
-    const int64_t tail_blocks = tail * tail_splits;
-    if (tail_blocks * tail_block_outputs(even) > g.partial_elements) break;  // more take more
+  for (int64_t tail_splits = splits + 1; tail_splits <= std::min(kGpuMaxSplits, chunks);
+       ++tail_splits) {
+    const int64_t tail_blocks = tail_jobs * tail_splits;
+    if (tail_blocks * tail_block_outputs(even) > tail_room) break;  // more take more
     // Where the even form is one wave, so is this: no SM gets more blocks than it holds.
-    const int64_t blocks = rounds * sms + tail_blocks;
+    const int64_t blocks = lead_jobs * splits + tail_blocks;
     if (rounds < blocks_per_sm && ceil_div(blocks, sms) > blocks_per_sm) continue;
-    const int64_t cost = rounds * chunks + ceil_div(tail_blocks, sms) *
-                                               ceil_div(chunks, tail_splits) + 1;
+    const int64_t cost = rounds * lead_block_rounds +
+                         ceil_div(std::max<int64_t>(tail_blocks - gap, 0), sms) *
+                             ceil_div(chunks, tail_splits) + 1;
     if (cost < best) {
       best = cost;
-      launch = {even.images, even.positions, 1, rounds * sms, tail_splits};
+      launch = {even.images, even.positions, splits, lead_jobs, tail_splits};
     }
   }
   return launch;

@@ -122,12 +122,13 @@ struct Geometry {
 // - how the jobs go to blocks. A job is a tile x an item (kStagedRows output channels) x a block
 //   of images, all its chunks; jobs are numbered tile fastest, then item, then image block.
 //   In the even form (tail_splits 0) every job runs in `splits` blocks, each an even share of
-//   its chunks (a grid of tiles x items * splits x image blocks). In the uneven form (splits 1)
-//   the first lead_jobs jobs, whole rounds of the SMs, run in a block each and the others (the
-//   tail) in tail_splits blocks each, whose partial sums a second kernel adds. (The even form's
-//   grid leaves some SMs a block more than others where its blocks are not a multiple of the
-//   SMs: at batch 1 the VGG layers' busiest SM had 1.13-1.30x the mean SM's work, "How evenly
-//   the SMs are busy" in docs/performance.md.)
+//   its chunks (a grid of tiles x items * splits x image blocks). In the uneven form the first
+//   lead_jobs jobs run so too, as far as their blocks fill whole rounds of the SMs, and the
+//   others (the tail) in tail_splits > splits blocks each, shorter ones. Split lead jobs' partial
+//   sums go where the even form's do; the tail's follow them (tail_partial_offset). (The even
+//   form's grid leaves some SMs a block more than others where its blocks are not a multiple of
+//   the SMs: at batch 1 the VGG layers' busiest SM had 1.13-1.30x the mean SM's work, "How
+//   evenly the SMs are busy" in docs/performance.md.)
 struct StagedLaunch {
   int64_t images, positions, splits, lead_jobs, tail_splits;
 };
@@ -137,11 +138,10 @@ struct StagedLaunch {
 // fewest splits on a tie, since each split adds partial sums to write and add); positions, P/2
 // (7: 4) instead of P where that costs no more chunks per slot and no more splits (measured on
 // an H100 at batch 1: 10-16% faster on planes that one tile covers, where the blocks were few;
-// halving again, or where it adds waves or splits, was slower). Then, where the even form does
-// not split, the uneven form if its busiest SM runs fewer chunk rounds (the SMs are
-// throughput-bound: an SM's time follows the rounds of all its blocks; one more for the partial
-// sums), within the workspace's room for the tail's partial sums, and in one wave where the even
-// form is one.
+// halving again, or where it adds waves or splits, was slower). Then the uneven form with the
+// same splits if its busiest SM runs fewer chunk rounds (the SMs are throughput-bound: an SM's
+// time follows the rounds of all its blocks; one more for the partial sums), within the
+// workspace's room for the partial sums, and in one wave where the even form is one.
 StagedLaunch staged_launch(const Geometry& g, int64_t sms, int64_t blocks_per_sm);
 
 // The jobs of a launch: tiles x items x image blocks.
@@ -152,6 +152,11 @@ int64_t staged_jobs(const Geometry& g, const StagedLaunch& launch);
 // keeps them in the workspace's partial-sum area as [tail block][these], where the even form
 // keeps [split][image][channel][plane].
 int64_t tail_block_outputs(const StagedLaunch& launch);
+
+// Where the tail's partial sums start in the partial-sum area: after the split lead jobs' (as
+// many as the even form's, `splits` x batch x out_channels x out_plane), or at its start where
+// the lead jobs are unsplit.
+int64_t tail_partial_offset(const Geometry& g, const StagedLaunch& launch);
 
 // Tiles of 32 * positions the staged kernel cuts its output plane (out_height x plane_w positions
 // of its layout) into.

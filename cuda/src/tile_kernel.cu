@@ -47,13 +47,15 @@ struct StagedParams {
   int channel_stride;  // fits 32 bits: a group's channels do (make_geometry)
   int64_t image_stride, group_span, entries_word;
   int64_t readable;  // elements of the input from its start that may be read
-  // Partial sums: in the even form a split's at [split][image][channel][plane]; in the uneven
-  // form a tail block's at [tail block][tail_block_outputs] (a tail job's blocks are adjacent).
+  // Partial sums: a split's at [split][image][channel][plane] (the even form's, and the uneven
+  // form's lead jobs'); a tail block's at tail_partial[tail block][tail_block_outputs] (a tail
+  // job's blocks are adjacent).
   float* partial;
+  float* tail_partial;
   // How jobs go to blocks (StagedLaunch): with tail_splits 0 (the even form) the grid is tiles x
-  // items * splits x image blocks; else one row, the first lead_jobs jobs in a block each, then
-  // the others (the tail) in tail_splits blocks each.
-  int tiles, items, lead_jobs, tail_splits;
+  // items * splits x image blocks; else one row, the first lead_jobs jobs in `splits` blocks each
+  // (lead_blocks in all), then the others (the tail) in tail_splits blocks each.
+  int tiles, items, lead_jobs, lead_blocks, tail_splits;
   FastDivisor by_tiles, by_items, by_tail_splits;  // a job's tile and item; a tail job's split
   int relu;
   const float* residual;  // Output::residual (with 16-bit outputs, of their type)
@@ -342,8 +344,8 @@ __device__ __forceinline__ JobPart job_at(int job, int tile_positions, int image
 }
 
 // The block's part: in the even form its tile, item, split and image block from the grid's
-// three axes; in the uneven form a lead job, or a tail job and its split, from its place in the
-// row.
+// three axes; in the uneven form a lead job and its split, or a tail job and its split, from its
+// place in the row. (A lead job's unsplit block finishes into y: slot -1.)
 template <int IMAGES, int POSITIONS>
 __device__ __forceinline__ JobPart block_part(const StagedParams& p) {
   if (p.tail_splits == 0) {
@@ -353,10 +355,15 @@ __device__ __forceinline__ JobPart block_part(const StagedParams& p) {
     return JobPart{int(blockIdx.x) * 32 * POSITIONS, item, int(blockIdx.z) * IMAGES,
                    chunks.begin, chunks.end, p.splits > 1 ? split : -1};
   }
-  const int tail_block = int(blockIdx.x) - p.lead_jobs;
+  const int tail_block = int(blockIdx.x) - p.lead_blocks;
   if (tail_block < 0) {
-    JobPart part = job_at(int(blockIdx.x), 32 * POSITIONS, IMAGES, p);
-    part.chunk_end = p.chunks;
+    const int job = int(p.by_splits.divide(blockIdx.x));
+    const int split = int(blockIdx.x) - job * p.splits;
+    JobPart part = job_at(job, 32 * POSITIONS, IMAGES, p);
+    const ChunkRange chunks = split_chunks(split, p.by_splits, p);
+    part.chunk_begin = chunks.begin;
+    part.chunk_end = chunks.end;
+    part.slot = p.splits > 1 ? split : -1;
     return part;
   }
   const int tail_job = int(p.by_tail_splits.divide(uint32_t(tail_block)));
@@ -593,10 +600,10 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
   // finish); a whole job's here, in y's type.
   if (part.slot >= 0) {
     constexpr int kTailBlockOutputs = IMAGES * kRows * 32 * POSITIONS;  // tail_block_outputs
-    if (p.tail_splits > 0)
+    if (p.tail_splits > 0 && int(blockIdx.x) >= p.lead_blocks)
       write_tail_sums(
-          acc, p.partial + int64_t(int(blockIdx.x) - p.lead_jobs) * kTailBlockOutputs, warp,
-          lane);
+          acc, p.tail_partial + int64_t(int(blockIdx.x) - p.lead_blocks) * kTailBlockOutputs,
+          warp, lane);
     else
       write_sums<false>(acc, p.partial + part.slot * (int64_t(p.batch) * p.out_channels *
                                                       p.out_plane),
@@ -611,11 +618,12 @@ staged_conv_kernel(const float* __restrict__ input, const int32_t* __restrict__ 
     finish_tile(acc, bias, y, plane_offset, first_out, channels, n0, p);
 }
 
-// Finishes the tail jobs of the uneven form (StagedLaunch::tail_splits > 0): each output of such
-// a job is the sum of its blocks' partial sums in split order (deterministic, as the even form's
-// reduction adds them), then the epilogue, written as a T. Block (x: 256 of a job's outputs in
-// tail_block_outputs' order, y: a tail job); a job's tile is tile_positions positions of
-// `images` images.
+// Finishes the tail jobs of the uneven form where its lead jobs are unsplit (StagedLaunch::
+// tail_splits > 0, splits 1; split lead jobs leave the tail to the reduction: SplitTail): each
+// output of such a job is the sum of its blocks' partial sums (`partial`: the tail's) in split
+// order (deterministic, as the even form's reduction adds them), then the epilogue, written as
+// a T. Block (x: 256 of a job's outputs in tail_block_outputs' order, y: a tail job); a job's
+// tile is tile_positions positions of `images` images.
 template <typename T>
 __global__ void finish_tail_jobs_kernel(const float* __restrict__ partial,
                                         const T* __restrict__ bias,
@@ -635,18 +643,9 @@ __global__ void finish_tail_jobs_kernel(const float* __restrict__ partial,
   if (offset < 0 || channel >= p.group_out || n >= p.batch) return;
   const int64_t m = int64_t(group) * p.group_out + channel;
   const int64_t i = (int64_t(n) * p.out_channels + m) * p.out_plane + offset;
-  // Every load issued before the first add: at batch 1 these outputs are few and wait on
-  // latency.
   const float* sums = partial + int64_t(blockIdx.y) * p.tail_splits * job_outputs + e;
-  float part[kGpuMaxSplits];
-#pragma unroll
-  for (int k = 0; k < int(kGpuMaxSplits); ++k)
-    part[k] = k < p.tail_splits ? __ldg(sums + int64_t(k) * job_outputs) : 0.f;
-  float sum = 0.f;
-#pragma unroll
-  for (int k = 0; k < int(kGpuMaxSplits); ++k)
-    if (k < p.tail_splits) sum += part[k];
-  write_finished(sum, y, i, bias, m, residual, relu);
+  write_finished(sum_in_split_order(sums, job_outputs, p.tail_splits), y, i, bias,
+                 [m] { return m; }, residual, relu);
 }
 
 template <bool NARROW_Y>
@@ -739,6 +738,40 @@ DeviceShape prepare_device() {
   return DeviceShape{found / 512, found / 2 % 256, found % 2 == 1};
 }
 
+// The uneven launch's tail for the reduction, where its lead jobs split (SplitTail).
+SplitTail split_tail(const Geometry& g, const StagedLaunch& shape, const StagedParams& p) {
+  SplitTail t{};
+  t.sums = p.tail_partial;
+  t.lead_jobs = p.lead_jobs;
+  t.tail_splits = p.tail_splits;
+  t.job_outputs = int(tail_block_outputs(shape));
+  t.tiles = p.tiles;
+  t.items = p.items;
+  t.items_per_group = p.items_per_group;
+  t.tile_positions = int(32 * shape.positions);
+  t.plane_w = p.plane_w;
+  t.out_plane = p.out_plane;
+  t.out_width = p.out_width;
+  // The tail's first job: its row's image and channels (its planes), and its first tile's first
+  // position's place in the plane (past the row's last place where that position is padding).
+  const int row = p.lead_jobs / p.tiles, item = row % p.items;
+  const int group = item / p.items_per_group;
+  const int64_t first_channel = group * g.group_out + (item % p.items_per_group) * kRows;
+  const int64_t past_channel = std::min(first_channel + kRows, (group + 1) * g.group_out);
+  const int64_t first_plane = row / p.items * g.d.out_channels;
+  t.first = (first_plane + first_channel) * p.out_plane;
+  t.past_first_row = (first_plane + past_channel) * p.out_plane;
+  const int first_q = (p.lead_jobs - row * p.tiles) * t.tile_positions;
+  const int first_oh = first_q / p.plane_w;
+  t.first_offset = first_oh * p.out_width + std::min(first_q - first_oh * p.plane_w, p.out_width);
+  t.by_out_plane = FastDivisor::of(p.out_plane);
+  t.by_out_channels = FastDivisor::of(g.d.out_channels);
+  t.by_group_out = FastDivisor::of(g.group_out);
+  t.by_out_width = FastDivisor::of(p.out_width);
+  t.by_tile_positions = FastDivisor::of(t.tile_positions);
+  return t;
+}
+
 }  // namespace
 
 bool tile_kernel_fits(const Geometry& g) {
@@ -805,7 +838,9 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   p.by_tiles = FastDivisor::of(p.tiles);
   p.by_items = FastDivisor::of(p.items);
   p.lead_jobs = int(shape.lead_jobs);
+  p.lead_blocks = int(shape.lead_jobs * shape.splits);
   p.tail_splits = int(shape.tail_splits);
+  p.tail_partial = p.partial + tail_partial_offset(g, shape);
   p.by_tail_splits = FastDivisor::of(std::max<int64_t>(shape.tail_splits, 1));
   // Whole channels are copied whole whatever the tile; segments as far as the tile reads.
   p.segment_copied =
@@ -814,7 +849,7 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   const int64_t jobs = staged_jobs(g, shape);
   const dim3 grid =
       shape.tail_splits > 0
-          ? dim3(unsigned(shape.lead_jobs + (jobs - shape.lead_jobs) * shape.tail_splits))
+          ? dim3(unsigned(p.lead_blocks + (jobs - shape.lead_jobs) * shape.tail_splits))
           : dim3(unsigned(p.tiles), unsigned(s.items * p.splits),
                  unsigned((g.d.batch + shape.images - 1) / shape.images));
   // A 1x1 filter gives each row ~6 entries a chunk at 90% sparsity (one tap per channel where a
@@ -834,16 +869,17 @@ void launch_tile_conv(const Geometry& g, const float* input, int64_t slack, floa
   else
     launch(staged_kernel<true>(shared, one_run, index), static_cast<const __half*>(out.bias),
            static_cast<__half*>(out.y));
-  if (p.splits > 1 && shape.tail_splits == 0)
-    launch_reduce_splits(g, p.partial, p.splits, out, stream);
-  if (shape.tail_splits > 0) {
+  if (p.splits > 1)
+    launch_reduce_splits(g, p.partial, p.splits, out, stream,
+                         shape.tail_splits > 0 ? split_tail(g, shape, p) : SplitTail{});
+  else if (shape.tail_splits > 0) {
     const int tile_positions = int(32 * shape.positions), images = int(shape.images);
     const dim3 finish_grid(unsigned((images * kRows * tile_positions + 255) / 256),
                            unsigned(jobs - shape.lead_jobs));
     with_element_type(out.dtype, [&](auto element) {
       using T = decltype(element);
       launch_dependent(&finish_tail_jobs_kernel<T>, finish_grid, dim3(256), 0, stream,
-                       "finish_tail_jobs_kernel", p.partial, static_cast<const T*>(out.bias),
+                       "finish_tail_jobs_kernel", p.tail_partial, static_cast<const T*>(out.bias),
                        static_cast<const T*>(out.residual), out.relu, static_cast<T*>(out.y),
                        tile_positions, images, p);
     });

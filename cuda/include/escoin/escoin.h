@@ -203,11 +203,11 @@ int escoin_tile_min_batch(void);
  * blocks_per_sm at most 255), as seven numbers in launch: images and positions per thread of a
  * block, splits, lead_jobs, tail_splits, jobs and chunks. A job is a tile of positions x 32
  * output channels x a block of images, in `chunks` chunks of input channels. With tail_splits
- * 0 every job runs in `splits` blocks (an even share of its chunks each); else (splits 1) the
- * first lead_jobs jobs, whole rounds of the SMs, run in a block each and the others in
- * tail_splits blocks each, which evens out the SMs' work where the jobs are not a multiple of
- * the SMs. Host only, for tests and benchmarks; fails where the staged kernel has no plan for
- * the geometry. */
+ * 0 every job runs in `splits` blocks (an even share of its chunks each); else the first
+ * lead_jobs jobs run so, their blocks within whole rounds of the SMs, and the others in
+ * tail_splits (more than splits) blocks each, which evens out the SMs' work where the even
+ * form's blocks are not a multiple of the SMs. Host only, for tests and benchmarks; fails where
+ * the staged kernel has no plan for the geometry. */
 escoin_status_t escoin_staged_launch(const escoin_conv_desc_t* desc, int64_t sms,
                                      int64_t blocks_per_sm, int64_t launch[7]);
 escoin_status_t escoin_tile_program_size(const escoin_conv_desc_t* desc, const int64_t* row_ptr,
