@@ -89,18 +89,19 @@ def test_large_batches_keep_the_even_form(layer: tuple) -> None:
 
 def test_every_gpu_shape_keeps_the_limits() -> None:
     """Layers of the suite's kinds (3x3, 1x1, stride 2, grouped, small and large batches) on
-    every GPU of 1-200 SMs and 1-8 blocks an SM: the limits hold, and the uneven form is
-    actually among the launches checked."""
+    every GPU of 1-200 SMs and 1-8 blocks an SM: the limits hold, and the uneven form, with
+    split lead jobs too, is actually among the launches checked."""
     layers = [desc(1, 64, 64, 224), desc(5, 64, 128, 40, 1, 1, 0), desc(3, 64, 24, 112, 1, 2, 0),
               desc(4, 64, 64, 56, groups=4), desc(32, 128, 128, 28), desc(1, 256, 256, 56)]
-    uneven = 0
+    uneven = split_lead = 0
     for layer in layers:
         for sms in range(1, 201):
             for per_sm in range(1, 9):
                 launch = _core.staged_launch(layer, sms, per_sm)
                 check_limits(launch, sms, per_sm)
                 uneven += launch["tail_splits"] > 0
-    assert uneven >= 500
+                split_lead += launch["tail_splits"] > 0 and launch["splits"] > 1
+    assert uneven >= 500 and split_lead >= 100
 
 
 @settings(max_examples=60, deadline=None)
