@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-# (tests import reference.py and geometry_strategies.py)
+# (tests import geometry_strategies.py, gpu_helpers.py and benchmark_modules.py)
 sys.path.insert(0, os.path.dirname(__file__))
 
 

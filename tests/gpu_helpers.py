@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import escoin
-from geometry_strategies import ConvCase
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase
 
 
 class DeviceArrays:

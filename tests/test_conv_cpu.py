@@ -8,8 +8,9 @@ from hypothesis import example, given, settings, strategies as st
 import escoin
 from escoin import _core
 from escoin.geometry import descriptor
-from geometry_strategies import PHASE_PLANE_CASES, ConvCase, conv_cases, phase_plane_case
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
+from geometry_strategies import PHASE_PLANE_CASES, phase_plane_case
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
 

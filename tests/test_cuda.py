@@ -8,11 +8,11 @@ from hypothesis import given, settings
 
 import escoin
 from escoin import EscoinError
-from geometry_strategies import (PHASE_PLANE_CASES, ConvCase, conv_cases, phase_plane_case,
-                                 staged_conv_cases)
 from escoin.geometry import descriptor
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
+from geometry_strategies import PHASE_PLANE_CASES, phase_plane_case, staged_conv_cases
 from gpu_helpers import DeviceArrays, gpu_error
-from reference import conv2d_reference, relative_error
 
 pytestmark = pytest.mark.cuda
 

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 import escoin
 from escoin import EscoinError
 from escoin.geometry import descriptor
-from geometry_strategies import ConvCase, tensor_core_conv_cases
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase
+from geometry_strategies import tensor_core_conv_cases
 from gpu_helpers import DeviceArrays, gpu_error
-from reference import conv2d_reference, relative_error
 
 pytestmark = pytest.mark.cuda
 

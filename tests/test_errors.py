@@ -396,7 +396,7 @@ def test_workspace_overlapping_an_operand_is_refused(filt, x) -> None:
 def test_a_stride_past_the_input_costs_no_more_than_one_output(filt, x, stride: int) -> None:
     """Any stride past the input's last window start gives one output along its axis: the
     workspace stays the input's size (it was stride^2 phase planes: 1.2 GB at 10,000)."""
-    from reference import conv2d_reference, relative_error
+    from escoin.testing import conv2d_reference, relative_error
 
     assert escoin.workspace_size(x.shape, filt, stride=stride, padding=1) <= \
         escoin.workspace_size(x.shape, filt, stride=3, padding=1)

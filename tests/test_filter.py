@@ -10,7 +10,7 @@ import pytest
 
 import escoin
 from escoin.filter import MANY_GEOMETRIES
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
 
 
 def pruned(shape, density, seed=0, dtype=np.float32) -> np.ndarray:

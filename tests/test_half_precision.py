@@ -15,8 +15,9 @@ from hypothesis import given, settings
 import escoin
 from escoin import _core
 from escoin.geometry import descriptor
-from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
+from geometry_strategies import staged_conv_cases
 
 try:  # NumPy's bfloat16 (the dtype JAX uses); the torch adapter's tests cover bfloat16 without it
     import ml_dtypes

@@ -14,7 +14,8 @@ import escoin
 from benchmark_modules import benchmark_module
 from escoin import _core
 from escoin.geometry import descriptor
-from geometry_strategies import ConvCase, tensor_core_conv_cases
+from escoin.testing.strategies import ConvCase
+from geometry_strategies import tensor_core_conv_cases
 
 MAGIC, HEADER_WORDS = 0x45534D31, 4
 ROWS, POSITIONS, STEP_WORDS, SHARED_WORDS = 32, 128, 24, 24576  # mma_program.hpp: kMma*

@@ -10,7 +10,7 @@ import pytest
 
 import escoin
 from escoin import EscoinError
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
 
 torch = pytest.importorskip("torch")
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 import escoin
 from escoin import EscoinError
 from escoin.geometry import descriptor
-from geometry_strategies import ConvCase, conv_cases, staged_conv_cases
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
+from geometry_strategies import staged_conv_cases
 
 
 def _expected(case: ConvCase, residual=None) -> np.ndarray:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import escoin
 from escoin import EscoinError, _core
 from escoin.geometry import descriptor
-from geometry_strategies import kept_mask
+from escoin.testing.strategies import kept_mask
 
 # cuda/src/tile_program.hpp, restated: the decoder must not trust the library's view
 MAGIC, GROUPED_MAGIC, HEADER_WORDS = 0x45534336, 0x45534736, 4

@@ -1,15 +1,12 @@
-"""escoin-cupy's tests need CuPy and a CUDA device; the float64 reference and the geometry
-strategies are shared from the repository's tests/."""
+"""escoin-cupy's tests need CuPy and a CUDA device (the float64 reference and the geometry
+strategies are escoin's: escoin.testing)."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 _HERE = Path(__file__).parent
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(_HERE)), "..", "tests"))
 
 
 def _cupy_device() -> str:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 
 import escoin
-from geometry_strategies import ConvCase, conv_cases
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
 
 pytestmark = pytest.mark.cuda
 

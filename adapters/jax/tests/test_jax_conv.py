@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from jax import lax
 
-from geometry_strategies import ConvCase, conv_cases
-from reference import conv2d_reference, relative_error
+from escoin.testing import conv2d_reference, relative_error
+from escoin.testing.strategies import ConvCase, conv_cases
 
 # Relative-norm error allowed against float64: float32 sums; one rounding of a 16-bit output.
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}

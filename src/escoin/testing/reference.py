@@ -1,4 +1,5 @@
-"""A float64 NumPy reference for torch.nn.functional.conv2d (plus ReLU), independent of escoin."""
+"""A float64 NumPy reference for torch.nn.functional.conv2d (plus bias, residual and ReLU): direct
+summation over the taps, sharing no code with escoin's kernels."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
