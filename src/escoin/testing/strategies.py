@@ -47,7 +47,7 @@ def kept_mask(rng: np.random.Generator, groups: int, per_group_out: int,
 
 @st.composite
 def conv_cases(draw: st.DrawFn, max_batch: int = 5) -> ConvCase:
-    """Non-square inputs and kernels, stride 1-3, dilation 1-3, padding ints/pairs/'same'/'valid',
+    """Non-square inputs and kernels, stride 1-3, dilation 1-3, padding pairs/'same'/'valid',
     groups including depthwise, batch 0..max_batch, density 0..1 (empty rows, all-zero filters)."""
     # 1x1 filters often: their warps read the entries of their rows as one run
     kernel = draw(st.just((1, 1)) | st.tuples(st.integers(1, 5), st.integers(1, 5)))
